@@ -1,0 +1,17 @@
+"""crmsync: keep a sales team's call data and its CRM in step, both ways."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def main() -> None:
+    """Console-script entry: answers --version before importing anything heavy."""
+    import sys
+
+    if sys.argv[1:] == ["--version"]:
+        sys.stdout.write(__version__ + "\n")
+        return
+    from crmsync.cli import main as cli_main
+
+    cli_main()

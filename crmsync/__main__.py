@@ -1,0 +1,3 @@
+from crmsync import main
+
+main()

@@ -1,0 +1,220 @@
+"""The application context: config, store, secrets and providers, built once per command.
+
+The CLI makes one ``App`` and hands it to the library; tests make one with an emulator's
+transport. Everything here is lazy, so ``crmsync --help`` never opens the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from crmsync.config import Config, Paths, load_config, resolve_paths
+from crmsync.errors import ConfigError, LockHeldError, UsageError
+
+if TYPE_CHECKING:
+    from crmsync.mapping import Mapping
+    from crmsync.metrics import Metrics
+    from crmsync.providers.base import Provider
+    from crmsync.store import CrmConnection, Store
+
+TransportFactory = Callable[[str], httpx.BaseTransport | None]  # connection name -> transport
+
+
+class App:
+    """Config + store + secrets + provider factory for one command run."""
+
+    def __init__(
+        self,
+        *,
+        config: str | None = None,
+        db: str | None = None,
+        transport: TransportFactory | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.env = dict(os.environ) if env is None else env
+        self.paths: Paths = resolve_paths(config=config, db=db, env=self.env)
+        self._config_named = bool(config or self.env.get("CRMSYNC_CONFIG"))
+        self.transport = transport
+        self._providers: dict[str, Provider] = {}
+
+    # -- lazily built parts ---------------------------------------------------------------------
+    @cached_property
+    def config(self) -> Config:
+        cfg = load_config(self.paths.config_file, required=self._config_named)
+        if cfg.db and not (self.env.get("CRMSYNC_DB")) and self.paths.db.endswith("crmsync.db"):
+            # The config file's db applies only when neither the flag nor the environment set one.
+            self.paths.db = cfg.db
+        return cfg
+
+    @cached_property
+    def store(self) -> Store:
+        from crmsync.store import Store
+
+        _ = self.config  # the config may name the db
+        return Store.open(self.paths.db)
+
+    @cached_property
+    def secrets(self) -> Any:
+        from crmsync.credentials import SecretStore
+
+        return SecretStore(lock_dir=self.paths.locks_dir, env=self.env)
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        from crmsync.metrics import Metrics
+
+        return Metrics()
+
+    # -- connections ----------------------------------------------------------------------------
+    def connection(self, name: str | None) -> CrmConnection:
+        """The named connection, or the only one when no name is given."""
+        if name:
+            conn = self.store.connection(name)
+            if conn is None:
+                known = ", ".join(c.name for c in self.store.connections()) or "none"
+                raise ConfigError(f"no connection named {name!r} (configured: {known})")
+            return conn
+        conns = self.store.connections()
+        if not conns:
+            raise ConfigError("no connection is configured; run `crmsync connect PROVIDER --name NAME` first")
+        if len(conns) > 1:
+            raise UsageError(
+                "several connections are configured; pick one with -c/--connection: " + ", ".join(c.name for c in conns)
+            )
+        return conns[0]
+
+    def connections(self, names: list[str] | None) -> list[CrmConnection]:
+        """The named connections, or all of them when none is named."""
+        if names:
+            return [self.connection(n) for n in names]
+        conns = self.store.connections()
+        if not conns:
+            raise ConfigError("no connection is configured; run `crmsync connect PROVIDER --name NAME` first")
+        return conns
+
+    # -- HTTP and providers ----------------------------------------------------------------------
+    def http_client(self, provider_cls: type[Provider], name: str, base_url: str, auth: Any) -> Any:
+        """The connection's HttpClient with the provider's limits and the config's overrides."""
+        from crmsync.http import HttpClient, RateLimit
+
+        settings = self.config.connection(name)
+        limits: dict[str, Any] = dict(provider_cls.default_rate_limits)
+        if settings.rate_limit and "default" in limits:
+            limits["default"] = RateLimit(settings.rate_limit, limits["default"].per_seconds)
+        if settings.search_rate_limit and "search" in limits:
+            limits["search"] = RateLimit(settings.search_rate_limit, 1.0)
+        return HttpClient(
+            provider=provider_cls.name,
+            connection=name,
+            base_url=base_url,
+            limits=limits,
+            concurrency=settings.concurrency or provider_cls.default_concurrency,
+            timeout=settings.timeout_seconds,
+            deadline=settings.deadline_seconds,
+            auth=auth,
+            policy=provider_cls.policy_class(),
+            transport=self.transport(name) if self.transport else None,
+            observer=self.metrics.observe_request,
+        )
+
+    def token_client(self, name: str) -> httpx.Client:
+        """A plain client for OAuth token endpoints, through the same transport as the API."""
+        transport = self.transport(name) if self.transport else None
+        return httpx.Client(timeout=30.0, transport=transport)
+
+    def provider(self, conn: CrmConnection) -> Provider:
+        """The provider instance for a connection (one per App)."""
+        if conn.name in self._providers:
+            return self._providers[conn.name]
+        from crmsync.providers import get_provider
+        from crmsync.providers.base import ProviderContext
+
+        cls = get_provider(conn.provider)
+        auth = cls.make_auth(
+            connection=conn.name,
+            settings=conn.settings,
+            secrets=self.secrets,
+            token_client=self.token_client(conn.name),
+        )
+        base_url = conn.settings.get("api_base_url") or conn.base_url
+        http = self.http_client(cls, conn.name, base_url, auth)
+        ctx = ProviderContext(
+            connection=conn.name,
+            base_url=base_url,
+            settings=dict(conn.settings),
+            http=http,
+            secrets=self.secrets,
+            options=self.config.connection(conn.name).model_dump(),
+        )
+        provider = cls(ctx)
+        self._providers[conn.name] = provider
+        return provider
+
+    def mapping_path(self, conn: CrmConnection) -> Path:
+        override = self.config.connection(conn.name).mapping
+        return override or (self.paths.mappings_dir / f"{safe_name(conn.name)}.yaml")
+
+    def mapping(self, conn: CrmConnection) -> Mapping:
+        from crmsync.mapping import Mapping
+
+        region = self.config.connection(conn.name).default_region or self.config.default_region
+        return Mapping.load(conn.provider, self.mapping_path(conn), default_region=region)
+
+    def close(self) -> None:
+        for provider in self._providers.values():
+            with contextlib.suppress(Exception):
+                provider.close()
+        self._providers.clear()
+        if "store" in self.__dict__:
+            self.store.close()
+
+    # -- the run lock ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def run_lock(self, connection: str, *, timeout: float | None = None) -> Iterator[None]:
+        """One pull/push/backfill per connection at a time; waits up to ``timeout`` seconds."""
+        from filelock import FileLock, Timeout
+
+        wait = self.config.lock_timeout if timeout is None else timeout
+        if self.store.url.startswith("postgresql"):
+            from crmsync.scaleout import advisory_lock
+
+            with advisory_lock(self.store, connection, timeout=wait):
+                yield
+            return
+        self.paths.locks_dir.mkdir(parents=True, exist_ok=True)
+        base = self.paths.locks_dir / f"{safe_name(self.paths.db)}.{safe_name(connection)}"
+        lock = FileLock(f"{base}.lock")
+        owner = Path(f"{base}.owner")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                lock.acquire(timeout=min(0.2, max(0.0, deadline - time.monotonic())) if wait else 0)
+                break
+            except Timeout:
+                if time.monotonic() >= deadline:
+                    holder = owner.read_text().strip() if owner.exists() else "unknown"
+                    raise LockHeldError(
+                        f"connection {connection!r} is busy: another crmsync run holds its lock (pid {holder})",
+                        hint="try again later, or pass --lock-timeout SECONDS to wait",
+                    ) from None
+        try:
+            owner.write_text(f"{os.getpid()} on {socket.gethostname()}")
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                owner.unlink()
+            lock.release()
+
+
+def safe_name(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", value).strip("_")[:80] or "default"

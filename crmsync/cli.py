@@ -1,0 +1,480 @@
+"""The command line: parse, call one library function, render (a rich table or --json).
+
+Exit codes are decided at one boundary (``main``): every ``CrmsyncError`` becomes one line on
+stderr and its exit code; a traceback always means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from crmsync import __version__
+from crmsync.errors import CrmsyncError, ExitCode, UsageError
+
+EXIT_CODES = """Exit codes: 0 success · 1 partial failure (some records failed, the rest done) ·
+2 usage or bad input · 3 authentication/configuration · 75 temporary failure (CRM unavailable or
+rate-limited past the deadline, lock held: try again later) · 130 interrupted."""
+
+app = typer.Typer(
+    name="crmsync",
+    help=f"Keep a sales team's call data and its CRM (HubSpot, Zoho CRM, Odoo) in step, both ways.\n\n{EXIT_CODES}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+@dataclass
+class Globals:
+    json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    config: str | None = None
+    db: str | None = None
+    log_format: str = "text"
+    _app: Any = None
+
+    def app(self) -> Any:
+        """The library's App, built on first use."""
+        if self._app is None:
+            from crmsync.app import App
+
+            self._app = App(config=self.config, db=self.db)
+        return self._app
+
+
+STATE = Globals()
+
+
+def _setup_logging(g: Globals) -> None:
+    from crmsync.redact import RedactingFilter
+
+    level = logging.DEBUG if g.verbose else logging.ERROR if g.quiet else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    if g.log_format == "json":
+
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps({"ts": datetime.now(UTC).isoformat(), "level": record.levelname.lower(),
+                                   "logger": record.name, "message": record.getMessage()})
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("crmsync: %(levelname)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger("crmsync")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@app.callback()
+def _globals(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine output on stdout (logs stay on stderr).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors (for cron).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs on stderr.")] = False,
+    config: Annotated[str | None, typer.Option("--config", help="Config file (env CRMSYNC_CONFIG).", show_default=False)] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Store: a path or SQLAlchemy URL (env CRMSYNC_DB).", show_default=False)] = None,
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json (structured logs on stderr).")] = "text",
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+    STATE.json, STATE.quiet, STATE.verbose, STATE.config, STATE.db = json_out, quiet, verbose, config, db
+    STATE.log_format = log_format
+    _setup_logging(STATE)
+
+
+# -- rendering helpers ------------------------------------------------------------------------
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    no_color = bool(os.environ.get("NO_COLOR"))
+    return Console(stderr=stderr, no_color=no_color, highlight=False, soft_wrap=False,
+                   width=None if sys.stdout.isatty() else 100)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    if not STATE.quiet and not STATE.json:
+        console().print(message)
+
+
+def tty() -> bool:
+    return sys.stderr.isatty() and not STATE.quiet and not STATE.json
+
+
+def parse_when(value: str | None, *, name: str) -> datetime | None:
+    """ISO 8601 (a date or a datetime; naive means UTC) or a relative age like 15m, 2h, 1d."""
+    if not value:
+        return None
+    from crmsync.timeutil import parse_age
+
+    age = parse_age(value)
+    if age is not None:
+        return datetime.now(UTC) - age
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{name}: {value!r} is neither an ISO 8601 date/time nor an age like 15m, 2h, 1d") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def split_objects(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    aliases = {"contact": "contacts", "company": "companies", "deal": "deals", "call": "calls", "task": "tasks",
+               "accounts": "companies", "partners": "contacts", "leads": "deals", "opportunities": "deals"}
+    out = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        if part:
+            out.append(aliases.get(part, part))
+    return out
+
+
+ConnOpt = Annotated[str | None, typer.Option("--connection", "-c", help="Connection name (optional when only one exists).")]
+ConnsOpt = Annotated[list[str] | None, typer.Option("--connection", "-c", help="Connection name (repeatable; default: all).")]
+LockOpt = Annotated[float | None, typer.Option("--lock-timeout", help="Seconds to wait for another run on the connection (default 0).")]
+MetricsOpt = Annotated[Path | None, typer.Option("--metrics-file", help="Write Prometheus metrics here (textfile collector).")]
+
+
+def finish(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+def _write_metrics(app_: Any, path: Path | None) -> None:
+    target = path or app_.config.metrics_file
+    if target:
+        app_.metrics.write(Path(target))
+
+
+def _prune(app_: Any) -> None:
+    app_.store.prune(older_than_days=app_.config.log_retention_days)
+
+
+# -- connect ----------------------------------------------------------------------------------
+@app.command()
+def connect(
+    provider: Annotated[str, typer.Argument(help="hubspot, zoho or odoo.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="A name for this connection, e.g. prod.")],
+    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL (an emulator, proxy or regional host).")] = None,
+    token_stdin: Annotated[bool, typer.Option("--token-stdin", help="Read the token/secret from stdin, not a prompt.")] = False,
+    oauth: Annotated[bool, typer.Option("--oauth", help="HubSpot: OAuth 2.0 instead of a private-app token.")] = False,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="OAuth client id.")] = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the authorisation URL instead of opening a browser.")] = False,
+    dc: Annotated[str | None, typer.Option("--dc", help="Zoho data centre: us, eu, in, au, jp, ca, sa, cn.")] = None,
+    grant_code: Annotated[str | None, typer.Option("--grant-code", help="Zoho: a Self Client grant code (headless).")] = None,
+    database: Annotated[str | None, typer.Option("--db-name", "--database", help="Odoo: database name.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Odoo: login.")] = None,
+    transport: Annotated[str | None, typer.Option("--transport", help="Odoo: jsonrpc or json2 (default: by version).")] = None,
+    scopes: Annotated[str | None, typer.Option("--scopes", help="OAuth scopes to request (space/comma separated).")] = None,
+) -> None:
+    """Create or renew a connection; secrets go to the OS keyring.
+
+    Example: crmsync connect hubspot --name prod   (prompts for the private-app token)
+    """
+    from crmsync.sync.connect import connect as do_connect
+
+    options = {"token_stdin": token_stdin, "oauth": oauth, "client_id": client_id, "no_browser": no_browser, "dc": dc,
+               "grant_code": grant_code, "db": database, "user": user, "transport": transport, "scopes": scopes}
+    conn = do_connect(STATE.app(), provider=provider, name=name, base_url=base_url,
+                      options={k: v for k, v in options.items() if v not in (None, False)}, io=CliIO(token_stdin))
+    if STATE.json:
+        emit_json({"connection": conn.name, "provider": conn.provider, "account": conn.account_id,
+                   "base_url": conn.base_url, "scopes": conn.scopes})
+    else:
+        info(f"connected [bold]{conn.name}[/bold] ({conn.provider}, account {conn.account_id})")
+
+
+class CliIO:
+    """ConnectIO for a terminal (hidden prompts) or a script (--token-stdin)."""
+
+    def __init__(self, from_stdin: bool) -> None:
+        self.from_stdin = from_stdin
+        self.interactive = sys.stdin.isatty() and not from_stdin
+
+    def secret(self, prompt: str) -> str:
+        if self.from_stdin:
+            line = sys.stdin.readline()
+            if not line.strip():
+                raise UsageError(f"--token-stdin: no {prompt.lower()} on stdin")
+            return line.strip()
+        if not sys.stdin.isatty():
+            raise UsageError(f"{prompt} is needed: run in a terminal or pass --token-stdin")
+        import getpass
+
+        return getpass.getpass(f"{prompt}: ")
+
+    def ask(self, prompt: str) -> str:
+        if not sys.stdin.isatty():
+            line = sys.stdin.readline()
+            return line.strip()
+        return input(f"{prompt}: ")
+
+    def info(self, message: str) -> None:
+        sys.stderr.write(message + "\n")
+
+    def open_url(self, url: str) -> bool:
+        import webbrowser
+
+        try:
+            return bool(webbrowser.open(url))
+        except webbrowser.Error:
+            return False
+
+
+# -- pull / backfill --------------------------------------------------------------------------
+def _progress() -> Any:
+    """A rich progress display on a TTY, else None (cron and pipes get nothing)."""
+    if not tty():
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console(stderr=True), transient=True)
+    tasks: dict[str, Any] = {}
+
+    def update(conn: str, obj: str, done: int, total: int | None) -> None:
+        key = f"{conn}/{obj}"
+        if key not in tasks:
+            tasks[key] = prog.add_task(key, total=total)
+        prog.update(tasks[key], completed=done, total=total)
+
+    return prog, update
+
+
+def _render_pull(results: list[Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=None, box=None, pad_edge=False)
+    for col in ("connection", "object", "read", "created", "updated", "archived", "unchanged", "error"):
+        table.add_column(col, justify="right" if col not in ("connection", "object", "error") else "left")
+    for r in results:
+        for o in r.objects:
+            table.add_row(r.connection, o.object, str(o.read), str(o.created), str(o.updated), str(o.archived),
+                          str(o.unchanged), (o.error or "")[:60])
+        if r.error:
+            table.add_row(r.connection, "-", "", "", "", "", "", r.error[:60])
+    console().print(table)
+    for r in results:
+        console().print(f"{r.connection}: {r.requests} requests, {r.retries} retries, {r.rate_limited} rate-limited, "
+                        f"{r.duration:.1f}s")
+
+
+@app.command()
+def pull(
+    connection: ConnsOpt = None,
+    objects: Annotated[str | None, typer.Option("--object", help="contacts,companies,deals,calls (default: all).")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Re-read changes since this ISO time (ignores the cursor).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Ignore the cursor and re-read everything.")] = False,
+    reconcile: Annotated[bool, typer.Option("--reconcile", help="Also compare id sets and mark vanished records.")] = False,
+    lock_timeout: LockOpt = None,
+    metrics_file: MetricsOpt = None,
+) -> None:
+    """Pull changes from the CRM into the local store (incremental, resumable).
+
+    Example (cron, every 5 minutes): crmsync --quiet pull --metrics-file /var/lib/node_exporter/crmsync.prom
+    """
+    from crmsync.sync.pull import pull as do_pull
+
+    a = STATE.app()
+    prog, update = _progress()
+    try:
+        if prog:
+            prog.start()
+        results = do_pull(a, connections=connection, objects=split_objects(objects), since=parse_when(since, name="--since"),
+                          full=full, reconcile=reconcile, lock_timeout=lock_timeout, progress=update)
+    finally:
+        if prog:
+            prog.stop()
+        _write_metrics(a, metrics_file)
+    _prune(a)
+    if STATE.json:
+        emit_json({"results": [r.as_dict() for r in results]})
+    elif not STATE.quiet:
+        _render_pull(results)
+    for r in results:
+        if r.error and not STATE.json:
+            sys.stderr.write(f"crmsync: {r.connection}: {r.error}\n")
+    finish(max((r.exit_code for r in results), default=0))
+
+
+@app.command()
+def backfill(
+    connection: ConnOpt = None,
+    objects: Annotated[str | None, typer.Option("--object", help="contacts,companies,deals,calls (default: all).")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Only history from this date.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Only history up to this date.")] = None,
+    lock_timeout: LockOpt = None,
+    metrics_file: MetricsOpt = None,
+) -> None:
+    """Import the full history, checkpointed; re-run after a kill to continue where it stopped.
+
+    Example: crmsync backfill -c prod --object contacts,companies
+    """
+    from crmsync.sync.pull import backfill as do_backfill
+
+    a = STATE.app()
+    prog, update = _progress()
+    try:
+        if prog:
+            prog.start()
+        result = do_backfill(a, connection=connection, objects=split_objects(objects), since=parse_when(since, name="--since"),
+                             until=parse_when(until, name="--until"), lock_timeout=lock_timeout, progress=update)
+    finally:
+        if prog:
+            prog.stop()
+        _write_metrics(a, metrics_file)
+    if STATE.json:
+        emit_json(result.as_dict())
+    elif not STATE.quiet:
+        _render_pull([result])
+    if result.error and not STATE.json:
+        sys.stderr.write(f"crmsync: {result.connection}: {result.error}\n")
+    finish(result.exit_code)
+
+
+# -- push -------------------------------------------------------------------------------------
+@app.command()
+def push(
+    source: Annotated[str | None, typer.Argument(help="Outcomes file (JSONL, CSV, JSON array) or - for stdin.")] = None,
+    connection: ConnOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl, csv or json.")] = "auto",
+    strict: Annotated[bool, typer.Option("--strict", help="Any invalid record aborts before anything is queued (exit 2).")] = False,
+    rejects: Annotated[Path | None, typer.Option("--rejects", help="Write invalid records here (JSONL, with the error).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan from the local mirror; no CRM request.")] = False,
+    update: Annotated[bool, typer.Option("--update", help="Send changed content of already-delivered ids as updates.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Resend outcomes that failed before.")] = False,
+    status_id: Annotated[str | None, typer.Option("--status", help="Print the receipt of one outcome id and exit.")] = None,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the CallOutcome JSON Schema and exit.")] = False,
+    lock_timeout: LockOpt = None,
+    metrics_file: MetricsOpt = None,
+) -> None:
+    """Push call outcomes into the CRM, exactly once, however often it is re-run.
+
+    Example: my-dialer-export | crmsync push - -c prod --json > receipts.jsonl
+    """
+    if schema:
+        from crmsync.model import CallOutcome
+
+        emit_json(CallOutcome.model_json_schema())
+        return
+    from crmsync.sync import push as pushmod
+
+    a = STATE.app()
+    if status_id:
+        r = pushmod.receipt(a, connection, status_id)
+        if STATE.json:
+            emit_json(r.as_dict())
+        else:
+            ids = ", ".join(f"{k} {v}" for k, v in r.remote_ids.items()) or "-"
+            console().print(f"{r.id}: {r.status}; {ids}" + (f"; error: {r.error}" if r.error else ""))
+        finish(0 if r.status in ("created", "updated") else ExitCode.PARTIAL)
+        return
+    if source is None and not retry_failed:
+        raise UsageError("push needs an input file (or - for stdin); see crmsync push --help")
+    sink = (lambda r: emit_json(r.as_dict())) if STATE.json else None
+    prog = None
+    progress_cb = None
+    if tty() and not dry_run:
+        from rich.progress import Progress
+
+        prog = Progress(console=console(stderr=True), transient=True)
+        task = prog.add_task("delivering", total=None)
+        progress_cb = lambda done, total: prog.update(task, completed=done, total=total)  # noqa: E731
+        prog.start()
+    try:
+        summary = pushmod.push(a, source=source, connection=connection, fmt=fmt, strict=strict, rejects=rejects,
+                               dry_run=dry_run, update=update, retry_failed=retry_failed, lock_timeout=lock_timeout,
+                               sink=sink, progress=progress_cb)
+    finally:
+        if prog:
+            prog.stop()
+        if not dry_run:
+            _write_metrics(a, metrics_file)
+    if STATE.json:
+        emit_json({"summary": summary.as_dict()})
+    elif not STATE.quiet:
+        _render_push(summary)
+    if summary.error:
+        sys.stderr.write(f"crmsync: {summary.error}\n")
+    finish(summary.exit_code)
+
+
+def _render_push(s: Any) -> None:
+    if s.dry_run:
+        from rich.table import Table
+
+        table = Table(box=None)
+        actions = sorted({a for d in s.plan_counts.values() for a in d})
+        table.add_column("object")
+        for act in actions:
+            table.add_column(act, justify="right")
+        for obj, d in s.plan_counts.items():
+            table.add_row(obj, *[str(d.get(act, 0)) for act in actions])
+        console().print(f"plan for {s.read} outcomes ({s.rejected} invalid), no CRM request made:")
+        console().print(table)
+        return
+    console().print(
+        f"{s.connection}: read {s.read}, queued {s.queued}, created {s.created}, updated {s.updated}, "
+        f"already sent {s.already}, conflicts {s.conflicts}, rejected {s.rejected}, failed {s.failed}, "
+        f"pending {s.pending}; {s.requests} requests, {s.rate_limited} rate-limited, {s.duration:.1f}s"
+    )
+
+
+# -- the rest lives in crmsync/commands (status, map, log, metrics, demo, sandbox, webhook) ----
+def _register() -> None:
+    from crmsync.commands import demo, sandbox, status
+
+    for module in (status, demo, sandbox):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point: the one place errors become exit codes."""
+    from typer.exceptions import Abort, Exit, TyperException
+
+    try:
+        rv = app(standalone_mode=False)
+    except CrmsyncError as exc:
+        from crmsync.redact import redact
+
+        sys.stderr.write(f"crmsync: error: {redact(str(exc))}\n")
+        sys.exit(int(exc.exit_code))
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except Abort:
+        sys.stderr.write("crmsync: interrupted\n")
+        sys.exit(ExitCode.INTERRUPTED)
+    except TyperException as exc:
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            sys.stderr.write(f"crmsync: error: {exc}\n")
+        sys.exit(ExitCode.USAGE)
+    except KeyboardInterrupt:
+        sys.stderr.write("crmsync: interrupted\n")
+        sys.exit(ExitCode.INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else 0)

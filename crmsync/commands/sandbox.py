@@ -1,0 +1,81 @@
+"""`crmsync sandbox serve`: an emulator on loopback for your own offline trials."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+from crmsync.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    sandbox_app = typer.Typer(help="Local emulators of the CRMs' APIs.", no_args_is_help=True)
+    app.add_typer(sandbox_app, name="sandbox")
+
+    @sandbox_app.command("serve")
+    def serve(
+        provider: Annotated[str, typer.Argument(help="hubspot, zoho or odoo.")],
+        host: Annotated[str, typer.Option("--host", help="Interface (loopback by default).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one.")] = 0,
+        seed: Annotated[int, typer.Option("--seed", help="Seed for the generated data.")] = 0,
+        contacts: Annotated[int, typer.Option("--contacts", help="Seeded contacts.")] = 100,
+        companies: Annotated[int, typer.Option("--companies", help="Seeded companies.")] = 25,
+        deals: Annotated[int, typer.Option("--deals", help="Seeded deals.")] = 10,
+        latency_ms: Annotated[float, typer.Option("--latency-ms", help="Added latency per request.")] = 0.0,
+        rate_limit: Annotated[str | None, typer.Option("--rate-limit", help="N/SECONDS, e.g. 100/10 (429 above it).")] = None,
+        error_rate: Annotated[float, typer.Option("--error-rate", help="Share of requests answered 5xx.")] = 0.0,
+        drop_rate: Annotated[float, typer.Option("--drop-rate", help="Share of connections dropped.")] = 0.0,
+        partial_rate: Annotated[float, typer.Option("--partial-rate", help="Share of batch items that fail (207).")] = 0.0,
+        token_ttl: Annotated[float | None, typer.Option("--token-ttl", help="OAuth access-token lifetime in seconds.")] = None,
+    ) -> None:
+        """Serve an emulator until interrupted; the first line of stdout is its base URL.
+
+        Example: crmsync sandbox serve hubspot --port 0 --contacts 1000 --latency-ms 150 --rate-limit 100/10
+        """
+        from crmsync.emulators.base import Faults
+
+        limits = {}
+        if rate_limit:
+            try:
+                n, _, per = rate_limit.partition("/")
+                limits["default"] = (int(n), float(per or 1))
+            except ValueError:
+                raise UsageError("--rate-limit takes N/SECONDS, e.g. 100/10") from None
+        faults = Faults(latency_ms=latency_ms, rate_limits=limits, error_rate=error_rate, drop_rate=drop_rate,
+                        partial_rate=partial_rate, token_ttl=token_ttl, seed=seed)
+        emulator, creds = build(provider, seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
+        server = emulator.serve(host, port)
+        sys.stdout.write(server.url + "\n")
+        for key, value in creds.items():
+            sys.stdout.write(f"{key}={value}\n")
+        sys.stdout.flush()
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+
+
+def build(provider: str, *, seed: int, contacts: int, companies: int, deals: int, faults: object) -> tuple[object, dict[str, str]]:
+    """An emulator and the credentials a connection to it needs (fake, for the sandbox only)."""
+    name = provider.lower()
+    if name == "hubspot":
+        from crmsync.emulators.hubspot import build_hubspot
+
+        emu = build_hubspot(seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
+        return emu, {"token": emu.private_app_token}
+    if name == "zoho":
+        from crmsync.emulators.zoho import build_zoho
+
+        emu = build_zoho(seed=seed, contacts=contacts, accounts=companies, deals=deals, faults=faults)
+        return emu, {"client_id": emu.client_id, "client_secret": emu.client_secret}
+    if name == "odoo":
+        from crmsync.emulators.odoo import build_odoo
+
+        emu = build_odoo(seed=seed, partners=contacts, companies=companies, leads=deals, faults=faults)
+        return emu, {"db": emu.db, "login": emu.login, "api_key": emu.api_key}
+    raise UsageError(f"unknown provider {provider!r}; choose one of: hubspot, odoo, zoho")

@@ -1,0 +1,160 @@
+"""`crmsync status`, `crmsync log` and `crmsync metrics`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from crmsync.errors import ExitCode
+
+
+def render_status(doc: dict[str, Any]) -> None:
+    """The dashboard: one block per connection, readable at 80 columns."""
+    from rich.table import Table
+
+    from crmsync.cli import console
+    from crmsync.timeutil import human_age
+
+    out = console()
+    for c in doc["connections"]:
+        auth = c["auth"]
+        exp = f", token until {auth['token_expires_at']}" if auth.get("token_expires_at") else ""
+        out.print(f"[bold]{c['name']}[/bold]  {c['provider']}  account {c['account'] or '-'}  auth {auth['state']}{exp}")
+        table = Table(box=None, pad_edge=False, show_edge=False)
+        for col, just in (("object", "left"), ("stored", "right"), ("archived", "right"), ("last pull", "right"), ("cursor", "left")):
+            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        for obj, o in c["objects"].items():
+            cursor = o["cursor"] or {}
+            cur = ", ".join(f"{k}={v}" for k, v in list(cursor.items())[:2])[:28] if cursor else "-"
+            table.add_row(obj, str(o["stored"]), str(o["archived"]), human_age(o["last_pull_age_seconds"]), cur)
+        out.print(table)
+        ob = c["outbox"]
+        line = f"outbox: {ob['pending']} pending, {ob['failed']} failed, {ob['delivered_today']} delivered today"
+        if ob["top_error"]:
+            line += f" (most common error: {ob['top_error'][:50]})"
+        out.print(line)
+        wh = c["webhook"]
+        out.print(f"webhook events pending: {wh['pending']}" + (f" (oldest {human_age(wh['oldest_pending_age_seconds'])})" if wh["pending"] else "")
+                  + f"   conflicts open: {c['conflicts_open']}")
+        if c["rate_limit"]:
+            rl = c["rate_limit"]
+            quota = rl.get("quota") or {}
+            q = ", ".join(f"{k} {v}" for k, v in quota.items())
+            out.print(f"last {rl['command']}: {rl['requests']} requests, {rl['retries']} retries, {rl['rate_limited']} rate-limited"
+                      + (f"; quota: {q}" if q else ""))
+        out.print("")
+
+
+def register(app: typer.Typer) -> None:
+    from crmsync.cli import STATE, emit_json
+
+    @app.command()
+    def status(
+        connection: Annotated[list[str] | None, typer.Option("--connection", "-c", help="Connection (repeatable; default all).")] = None,
+        check: Annotated[bool, typer.Option("--check", help="Health check: exit 0 healthy, 1 problems, 3 auth problems.")] = False,
+        max_age: Annotated[str, typer.Option("--max-age", help="With --check: a pull older than this is stale.")] = "",
+        live: Annotated[bool, typer.Option("--live", help="With --check: also call each CRM (auth, reachability, scopes).")] = False,
+    ) -> None:
+        """Show each connection's sync state; --check makes it a monitoring probe.
+
+        Example: crmsync status --check --max-age 15m --live || alert "crmsync unhealthy"
+        """
+        from datetime import timedelta
+
+        from crmsync.sync.status import check as do_check
+        from crmsync.sync.status import gather
+        from crmsync.timeutil import parse_age
+
+        app_ = STATE.app()
+        doc = gather(app_, connection)
+        if not check:
+            if STATE.json:
+                emit_json(doc)
+            else:
+                render_status(doc)
+            return
+        age = parse_age(max_age) if max_age else timedelta(minutes=app_.config.max_age_minutes)
+        if age is None:
+            from crmsync.errors import UsageError
+
+            raise UsageError(f"--max-age {max_age!r}: use an age like 15m, 2h or 1d")
+        problems = do_check(app_, doc, max_age=age, live=live)
+        if STATE.json:
+            emit_json({"healthy": not problems, "problems": [p.__dict__ for p in problems]})
+        else:
+            for p in problems:
+                sys.stdout.write(p.message + "\n")
+            if not problems and not STATE.quiet:
+                sys.stdout.write("healthy\n")
+        if problems:
+            raise typer.Exit(ExitCode.AUTH if any(p.auth for p in problems) else ExitCode.PARTIAL)
+
+    @app.command("log")
+    def log_cmd(
+        connection: Annotated[str | None, typer.Option("--connection", "-c", help="Only this connection.")] = None,
+        obj: Annotated[str | None, typer.Option("--object", help="Only this object type (contact, deal, …).")] = None,
+        record: Annotated[str | None, typer.Option("--record", help="Only this remote record id.")] = None,
+        since: Annotated[str, typer.Option("--since", help="How far back (age like 1d, or ISO time).")] = "7d",
+        limit: Annotated[int, typer.Option("--limit", help="At most this many rows.")] = 50,
+    ) -> None:
+        """The audit log: runs, and per record what changed, when, by which command and mapping.
+
+        Example: crmsync log -c prod --object contact --record 12345 --since 30d
+        """
+        from crmsync.cli import console, parse_when, split_objects
+
+        app_ = STATE.app()
+        when = parse_when(since, name="--since")
+        objects = split_objects(obj)
+        if record or objects:
+            changes = app_.store.changes(connection=connection, obj=objects[0] if objects else None, remote_id=record, since=when, limit=limit)
+            runs = {r.id: r for r in app_.store.runs(connection, since=when, limit=1000)}
+            rows = []
+            for ch in changes:
+                run = runs.get(ch.run_id) if ch.run_id else None
+                rows.append({"at": ch.at.isoformat(timespec="seconds"), "connection": ch.connection, "object": ch.object,
+                             "record": ch.remote_id, "action": ch.action, "changes": ch.changes,
+                             "command": run.command if run else None, "mapping": run.mapping_hash[:12] if run and run.mapping_hash else None})
+            if STATE.json:
+                emit_json({"changes": rows})
+                return
+            from rich.table import Table
+
+            table = Table(box=None)
+            for col in ("at", "object", "record", "action", "command", "fields"):
+                table.add_column(col)
+            for r in rows:
+                fields = ", ".join(f"{k}: {v[0]!r}→{v[1]!r}" for k, v in r["changes"].items() if isinstance(v, list))[:60]
+                table.add_row(r["at"], r["object"], r["record"], r["action"], r["command"] or "-", fields)
+            console().print(table)
+            return
+        runs_list = app_.store.runs(connection, since=when, limit=limit)
+        rows = [{"id": r.id, "connection": r.connection, "command": r.command, "status": r.status,
+                 "started_at": r.started_at.isoformat(timespec="seconds"),
+                 "finished_at": r.finished_at.isoformat(timespec="seconds") if r.finished_at else None,
+                 "counts": {k: v for k, v in (r.counts or {}).items() if not k.startswith("_")},
+                 "requests": r.requests, "rate_limited": r.rate_limited, "error": r.error,
+                 "mapping": r.mapping_hash[:12] if r.mapping_hash else None, "pid": r.pid, "host": r.host} for r in runs_list]
+        if STATE.json:
+            emit_json({"runs": rows})
+            return
+        from rich.table import Table
+
+        table = Table(box=None)
+        for col in ("id", "started", "connection", "command", "status", "requests", "error"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["id"]), r["started_at"], r["connection"], r["command"], r["status"], str(r["requests"]), (r["error"] or "")[:40])
+        console().print(table)
+
+    @app.command()
+    def metrics() -> None:
+        """Print current values from the store in the Prometheus text format.
+
+        Example: crmsync metrics > /var/lib/node_exporter/textfile/crmsync.prom
+        """
+        from crmsync.sync.status import store_metrics
+
+        sys.stdout.write(store_metrics(STATE.app()))

@@ -1,0 +1,357 @@
+"""One HTTP client per connection: rate limits, concurrency, retries, refresh, redaction, metrics.
+
+The retry decision is made here once (STYLE habit 4): providers never sleep. A response is
+sorted into ok / retry / refresh / fatal by a ``ResponsePolicy`` that a provider may subclass to
+read its own headers and bodies (HubSpot's rate-limit headers, Zoho's ``INVALID_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
+
+from crmsync.errors import AuthError, FatalProviderError, RetriableError
+from crmsync.redact import redact
+
+log = logging.getLogger("crmsync.http")
+
+RETRIABLE_STATUS = frozenset({429, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``requests`` in any ``per_seconds`` window (a rolling window, as CRMs count)."""
+
+    requests: int
+    per_seconds: float
+
+    def bucket(self) -> TokenBucket:
+        # A burst of c plus a refill of (requests - c) per window can never exceed the window's
+        # allowance, whichever window the CRM looks at.
+        capacity = max(1, self.requests // 20)
+        return TokenBucket(rate=(self.requests - capacity) / self.per_seconds, capacity=capacity)
+
+
+class Bucket(Protocol):
+    def acquire(self) -> None: ...
+    def pause(self, seconds: float) -> None: ...
+
+
+class TokenBucket:
+    """A thread-safe token bucket; ``pause`` holds every caller back (after a 429)."""
+
+    def __init__(self, *, rate: float, capacity: int) -> None:
+        self.rate, self.capacity = rate, capacity
+        self.tokens = float(capacity)
+        self.updated = time.monotonic()
+        self.not_before = 0.0
+        self.lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if now >= self.not_before and self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                wait = max(self.not_before - now, (1 - self.tokens) / self.rate if self.rate else 1.0)
+            time.sleep(min(max(wait, 0.001), 1.0))
+
+    def pause(self, seconds: float) -> None:
+        with self.lock:
+            self.not_before = max(self.not_before, time.monotonic() + seconds)
+            self.tokens = 0.0
+
+
+class Auth(Protocol):
+    """How a provider authenticates its requests."""
+
+    def headers(self) -> dict[str, str]: ...
+    def refresh(self, stale: Mapping[str, str]) -> bool: ...
+
+
+class NoAuth:
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def refresh(self, stale: Mapping[str, str]) -> bool:
+        return False
+
+
+class ResponsePolicy:
+    """Sorts responses. Providers subclass it to read their own headers and error bodies."""
+
+    def is_auth_expired(self, response: httpx.Response) -> bool:
+        """True when a refresh and one retry may fix the response."""
+        return response.status_code == 401
+
+    def is_retriable(self, response: httpx.Response) -> bool:
+        return response.status_code in RETRIABLE_STATUS
+
+    def retry_after(self, response: httpx.Response) -> float | None:
+        """Seconds the server asked us to wait, or None to use our own backoff."""
+        return parse_retry_after(response.headers.get("Retry-After"))
+
+    def give_up(self, response: httpx.Response) -> bool:
+        """True for a retriable status that no wait within the deadline can fix (daily quota)."""
+        return False
+
+    def observe(self, response: httpx.Response, client: HttpClient, bucket: str) -> None:
+        """Look at every response (e.g. rate-limit headers) and slow the bucket down if needed."""
+
+    def error_message(self, response: httpx.Response) -> tuple[str, str | None]:
+        """(message, code) from an error body, for exceptions."""
+        try:
+            body = response.json()
+        except ValueError:
+            return response.text[:300], None
+        if isinstance(body, dict):
+            return str(body.get("message") or body.get("error") or body)[:500], body.get("code") or body.get("category")
+        return str(body)[:300], None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass
+class RequestStats:
+    """Per-client counters, summed into the run log and metrics."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    errors: int = 0
+    refreshes: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, status: int) -> None:
+        with self.lock:
+            self.requests += 1
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+            if status == 429:
+                self.rate_limited += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "rate_limited": self.rate_limited,
+            "errors": self.errors,
+            "refreshes": self.refreshes,
+        }
+
+
+RequestObserver = Callable[[str, str, str, int, float], None]  # provider, connection, endpoint, status, seconds
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, wait: float | None, response: httpx.Response | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
+        self.response = response
+
+
+class HttpClient:
+    """The only way crmsync talks to a CRM."""
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        connection: str,
+        base_url: str,
+        limits: Mapping[str, RateLimit | Bucket] | None = None,
+        concurrency: int = 4,
+        timeout: float = 30.0,
+        deadline: float = 300.0,
+        max_attempts: int = 8,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        auth: Auth | None = None,
+        policy: ResponsePolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        observer: RequestObserver | None = None,
+        headers: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.provider, self.connection = provider, connection
+        self.base_url = base_url.rstrip("/")
+        self.buckets: dict[str, Bucket] = {
+            name: (lim.bucket() if isinstance(lim, RateLimit) else lim) for name, lim in (limits or {}).items()
+        }
+        self.concurrency = max(1, concurrency)
+        self.semaphore = threading.BoundedSemaphore(self.concurrency)
+        self.deadline, self.max_attempts = deadline, max_attempts
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.auth: Auth = auth or NoAuth()
+        self.policy = policy or ResponsePolicy()
+        self.observer = observer
+        self.stats = RequestStats()
+        self.sleep = sleep
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers={"User-Agent": "crmsync/0.1 (+https://github.com/crmsync)", **(headers or {})},
+            limits=httpx.Limits(max_connections=max(1, concurrency) + 2, max_keepalive_connections=max(1, concurrency)),
+        )
+
+    # -- public --------------------------------------------------------------------------------
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        bucket: str = "default",
+        endpoint: str | None = None,
+        expect: Collection[int] = (),
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send with limits and retries; return 2xx responses and any status in ``expect``.
+
+        Raises:
+            AuthError: 401/403 that a refresh does not fix.
+            RetriableError: 429/5xx/timeouts past the retry budget or deadline.
+            FatalProviderError: any other status.
+        """
+        endpoint = endpoint or url.split("?")[0]
+        started = time.monotonic()
+        retrier = Retrying(
+            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.deadline),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retry),
+            reraise=True,
+            sleep=self.sleep,
+            before_sleep=self._before_sleep,
+        )
+        try:
+            for attempt in retrier:
+                with attempt:
+                    return self._send(method, url, bucket, endpoint, expect, started, **kwargs)
+        except _Retry as exc:
+            self.stats.errors += 1
+            raise RetriableError(
+                f"{self.provider} {method} {endpoint}: {exc} (gave up after {time.monotonic() - started:.0f}s)",
+                status=exc.response.status_code if exc.response is not None else None,
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- internals -----------------------------------------------------------------------------
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        remaining = self.deadline - (state.seconds_since_start or 0.0)
+        if isinstance(exc, _Retry) and exc.wait is not None:
+            # The server knows better than our backoff, but never past our own deadline.
+            return max(0.0, min(exc.wait, remaining))
+        return max(0.0, min(self.backoff(state.attempt_number), remaining))
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        with self.stats.lock:
+            self.stats.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        log.debug("retrying %s after %s", self.provider, redact(str(exc)))
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        bucket: str,
+        endpoint: str,
+        expect: Collection[int],
+        started: float,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        if time.monotonic() - started > self.deadline:
+            raise _Retry("deadline passed", None)
+        refreshed = False
+        while True:
+            limiter = self.buckets.get(bucket) or self.buckets.get("default")
+            if limiter is not None:
+                limiter.acquire()
+            auth_headers = self.auth.headers()
+            headers = {**auth_headers, **(kwargs.pop("headers", None) or {})}
+            t0 = time.monotonic()
+            with self.semaphore:
+                try:
+                    response = self.client.request(method, url, headers=headers, **kwargs)
+                except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                    self._observe(endpoint, 0, time.monotonic() - t0)
+                    raise _Retry(f"{type(exc).__name__}: {redact(str(exc))}", None) from None
+            kwargs["headers"] = {k: v for k, v in headers.items() if k not in auth_headers}
+            self._observe(endpoint, response.status_code, time.monotonic() - t0)
+            self.policy.observe(response, self, bucket)
+            if response.status_code in expect or (200 <= response.status_code < 300):
+                if not self.policy.is_auth_expired(response):
+                    return response
+            if self.policy.is_auth_expired(response):
+                if not refreshed and self.auth.refresh(auth_headers):
+                    refreshed = True
+                    with self.stats.lock:
+                        self.stats.refreshes += 1
+                    continue
+                message, code = self.policy.error_message(response)
+                raise AuthError(
+                    f"{self.provider} rejected the credentials of connection {self.connection!r}: {redact(message)}",
+                    hint="run `crmsync connect` again to renew them",
+                )
+            if self.policy.is_retriable(response):
+                message, _ = self.policy.error_message(response)
+                if self.policy.give_up(response):
+                    raise RetriableError(f"{self.provider}: {redact(message)}", status=response.status_code)
+                wait = self.policy.retry_after(response)
+                if response.status_code == 429 and limiter is not None:
+                    limiter.pause(wait if wait is not None else 1.0)
+                raise _Retry(f"HTTP {response.status_code}: {redact(message)}", wait, response)
+            message, code = self.policy.error_message(response)
+            if response.status_code in (401, 403):
+                raise AuthError(f"{self.provider} refused {method} {endpoint}: {redact(message)}")
+            raise FatalProviderError(
+                f"{self.provider} {method} {endpoint} -> HTTP {response.status_code}: {redact(message)}",
+                status=response.status_code,
+                code=code,
+            )
+
+    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.stats.count(status)
+        if self.observer is not None:
+            self.observer(self.provider, self.connection, endpoint, status, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %s in %.0f ms", self.provider, endpoint, status, seconds * 1000)

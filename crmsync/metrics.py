@@ -1,0 +1,75 @@
+"""Prometheus metrics: one registry per process, exported in the node_exporter textfile format.
+
+Commands that touch a CRM count into this registry; ``--metrics-file`` (or ``metrics_file:``)
+writes it atomically at the end of the run (prometheus_client writes a temp file and renames it),
+so a textfile collector never reads half a file.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, write_to_textfile
+
+_ID_SEGMENT = re.compile(r"/(?:\d{2,}|[0-9a-f]{8}-[0-9a-f-]{27,})(?=/|$)")
+
+
+def endpoint_template(path: str) -> str:
+    """Collapse ids in a path so metrics labels stay few: /crm/v3/objects/contacts/123 -> …/{id}."""
+    return _ID_SEGMENT.sub("/{id}", path.split("?")[0])
+
+
+class Metrics:
+    """The metric families crmsync exports (names are part of the documented interface)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "crm_requests", "HTTP requests sent to a CRM", ["provider", "connection", "endpoint", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "crm_request_duration_seconds", "CRM request latency", ["provider", "connection"], registry=r
+        )
+        self.errors = Counter("crm_errors", "Errors by kind", ["provider", "connection", "kind"], registry=r)
+        self.sync_seconds = Histogram(
+            "crm_sync_duration_seconds",
+            "Duration of pull/push/backfill runs",
+            ["provider", "connection", "command"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf")),
+            registry=r,
+        )
+        self.records = Counter("crm_records", "Records handled", ["connection", "object", "action"], registry=r)
+        self.outbox = Gauge("crm_outbox_items", "Outbox items by state", ["connection", "state"], registry=r)
+        self.last_success = Gauge(
+            "crm_last_success_timestamp_seconds", "When a command last succeeded", ["connection", "command"], registry=r
+        )
+        self.webhook_events = Counter(
+            "crm_webhook_events", "Webhook events by result", ["provider", "connection", "result"], registry=r
+        )
+        self._lock = threading.Lock()
+
+    def observe_request(self, provider: str, connection: str, endpoint: str, status: int, seconds: float) -> None:
+        """HttpClient's observer: one call per request sent."""
+        self.requests.labels(provider, connection, endpoint_template(endpoint), str(status)).inc()
+        self.request_seconds.labels(provider, connection).observe(seconds)
+        if status == 429:
+            self.errors.labels(provider, connection, "rate_limited").inc()
+        elif status == 0 or status >= 500:
+            self.errors.labels(provider, connection, "unavailable").inc()
+
+    def count_records(self, connection: str, obj: str, counts: dict[str, Any]) -> None:
+        for action, n in counts.items():
+            if isinstance(n, int) and n:
+                self.records.labels(connection, obj, action).inc(n)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def write(self, path: Path) -> None:
+        """Write the textfile atomically (temp file + rename, done by prometheus_client)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_to_textfile(str(path), self.registry)

@@ -1,0 +1,109 @@
+"""The OAuth 2.0 authorization-code flow with a loopback redirect, shared by HubSpot and Zoho.
+
+A one-shot HTTP server on 127.0.0.1 and a random port receives the redirect; ``state`` is a
+random value checked on return. Without a browser (``--no-browser``, or none could open) the
+URL is printed and the user pastes back the redirected URL or just the code.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+from crmsync.errors import AuthError, UsageError
+from crmsync.providers.base import ConnectIO
+
+CALLBACK_PATH = "/callback"
+
+
+@dataclass
+class CodeGrant:
+    """What came back on the redirect."""
+
+    code: str
+    redirect_uri: str
+    params: dict[str, str]
+
+
+class _Catcher(HTTPServer):
+    result: dict[str, str] | None = None
+    done: threading.Event
+
+
+def _handler() -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+        def do_GET(self) -> None:
+            parsed = urllib.parse.urlsplit(self.path)
+            if parsed.path != CALLBACK_PATH:
+                self.send_response(404)
+                self.end_headers()
+                return
+            server: _Catcher = self.server  # type: ignore[assignment]
+            server.result = dict(urllib.parse.parse_qsl(parsed.query))
+            body = b"crmsync: authorisation received. You can close this window."
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            server.done.set()
+
+    return Handler
+
+
+def authorize(
+    io: ConnectIO,
+    *,
+    authorize_url: str,
+    params: dict[str, str],
+    no_browser: bool = False,
+    timeout: float = 300.0,
+) -> CodeGrant:
+    """Run the code flow; returns the code, the redirect URI used and every returned parameter."""
+    state = secrets.token_urlsafe(24)
+    server = _Catcher(("127.0.0.1", 0), _handler())
+    server.done = threading.Event()
+    redirect_uri = f"http://127.0.0.1:{server.server_address[1]}{CALLBACK_PATH}"
+    query = urllib.parse.urlencode({**params, "redirect_uri": redirect_uri, "state": state})
+    url = f"{authorize_url}{'&' if '?' in authorize_url else '?'}{query}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        opened = False if no_browser else io.open_url(url)
+        if opened:
+            io.info("Waiting for the browser to return to crmsync …")
+            if not server.done.wait(timeout):
+                raise AuthError("no authorisation arrived in time", hint="try again, or use --no-browser")
+            returned = server.result or {}
+        else:
+            io.info(f"Open this URL in a browser and approve access:\n  {url}")
+            if server.done.wait(0.5):
+                returned = server.result or {}
+            else:
+                pasted = io.ask("Paste the URL your browser was sent to (or just the code)").strip()
+                if not pasted and server.done.wait(1):
+                    returned = server.result or {}
+                elif "code=" in pasted:
+                    returned = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(pasted).query))
+                elif pasted:
+                    returned = {"code": pasted, "state": state}
+                else:
+                    raise UsageError("no code was given")
+    finally:
+        server.shutdown()
+        server.server_close()
+    if "error" in returned:
+        raise AuthError(f"the authorisation was refused: {returned.get('error')}")
+    if returned.get("state") != state:
+        raise AuthError("the OAuth state did not match: the redirect was not the one crmsync started")
+    code = returned.get("code")
+    if not code:
+        raise AuthError("the redirect carried no authorisation code")
+    return CodeGrant(code=code, redirect_uri=redirect_uri, params=returned)

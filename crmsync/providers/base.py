@@ -1,0 +1,310 @@
+"""The provider interface: everything the engine may ask of a CRM, and nothing more.
+
+A provider is one file (``providers/<name>.py``) with one ``Provider`` subclass, registered in
+``providers/__init__.py``. The engine (``crmsync/sync``) never branches on a provider's name: it
+reads the class attributes below (batch size, limits, objects) and calls the methods.
+
+Providers speak in the CRM's own field names (``properties``); the mapping layer turns those into
+canonical fields and back, so no provider knows about ``CallOutcome`` and no engine code knows
+about ``hs_call_disposition``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from crmsync.http import ResponsePolicy
+
+if TYPE_CHECKING:
+    from crmsync.credentials import SecretStore
+    from crmsync.http import Auth, HttpClient, RateLimit
+
+#: Canonical object types, as the CLI names them (``--object contacts,companies``).
+OBJECTS: tuple[str, ...] = ("contacts", "companies", "deals", "calls", "tasks")
+#: Mapping-file section for each object type.
+SECTION = {"contacts": "contact", "companies": "company", "deals": "deal", "calls": "call", "tasks": "task"}
+
+
+@dataclass
+class RemoteRecord:
+    """One record as the CRM returned it (provider field names, values as received)."""
+
+    id: str
+    properties: dict[str, Any]
+    updated_at: datetime | None = None
+    archived: bool = False
+    #: Linked records: object type -> remote ids (e.g. {"companies": ["42"]}).
+    associations: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Page:
+    """One page of changes, stored in one transaction together with ``cursor``."""
+
+    records: list[RemoteRecord]
+    #: Cursor to persist once this page is stored; None keeps the stored one.
+    cursor: dict[str, Any] | None
+    #: Remote ids the CRM reports as deleted (Zoho /deleted); marked archived locally.
+    deleted: list[str] = field(default_factory=list)
+    #: Total records the query will return, when the CRM says (for progress ETA).
+    total: int | None = None
+
+
+@dataclass
+class FieldInfo:
+    """One CRM field, as ``map check`` needs it."""
+
+    name: str
+    label: str = ""
+    type: str = "string"  # string|number|bool|date|datetime|enumeration|reference|phone|email|text
+    required: bool = False
+    read_only: bool = False
+    unique: bool = False
+    custom: bool = False
+    options: list[str] | None = None  # accepted values of a picklist/enumeration
+    max_length: int | None = None
+
+
+@dataclass
+class Health:
+    """Result of ``Provider.check()``: authentication, reachability and scopes."""
+
+    ok: bool
+    account: str | None = None
+    detail: str = ""
+    scopes: list[str] = field(default_factory=list)
+    missing_scopes: list[str] = field(default_factory=list)
+    token_expires_at: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outgoing:
+    """A contact, company or deal to create or update."""
+
+    ref: str  # the engine's correlation key; results come back with the same ref
+    properties: dict[str, Any]  # provider field names (already mapped and conflict-filtered)
+    match: dict[
+        str, str
+    ]  # canonical keys to match on: {"email": …} | {"phone": …} | {"domain": …} | {"key": …}
+    remote_id: str | None = None  # known remote id: update it rather than match
+    #: Records to link to: object type -> remote id (contact->company, deal->contact/company).
+    associations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class OutgoingActivity:
+    """A call or task to create, carrying the idempotency marker the provider stores with it."""
+
+    ref: str
+    marker: str  # unique per outcome (and kind); find_activities() looks it up after a lost reply
+    properties: dict[str, Any]
+    associations: dict[str, str] = field(default_factory=dict)  # contacts/companies/deals -> remote id
+
+
+@dataclass
+class ItemResult:
+    """Per-item outcome of a batch write; one bad item never fails its neighbours."""
+
+    ref: str
+    ok: bool
+    remote_id: str | None = None
+    created: bool = False
+    error: str | None = None
+    #: True when a retry may succeed (rate limit, 5xx); False for validation errors.
+    retriable: bool = False
+
+
+class ConnectIO(Protocol):
+    """How ``connect`` talks to the person (or script) at the other end."""
+
+    interactive: bool
+
+    def secret(self, prompt: str) -> str:
+        """A secret from a hidden prompt, or one line of stdin with --token-stdin."""
+        ...
+
+    def ask(self, prompt: str) -> str:
+        """A visible answer (e.g. an OAuth code pasted back)."""
+        ...
+
+    def info(self, message: str) -> None: ...
+
+    def open_url(self, url: str) -> bool:
+        """Open a browser at url; False when none could be opened (the URL is printed then)."""
+        ...
+
+
+@dataclass
+class ConnectContext:
+    """What ``Provider.connect`` gets: the options of `crmsync connect` and factories."""
+
+    name: str
+    base_url: str | None
+    options: dict[str, Any]
+    secrets: SecretStore
+    io: ConnectIO
+    #: Builds the connection's HttpClient for a base URL and an auth (same transport as later runs).
+    client: Any  # Callable[[str, Auth | None], HttpClient]
+    #: A bare httpx.Client for OAuth token endpoints (same transport).
+    token_client: Any  # Callable[[], httpx.Client]
+
+
+@dataclass
+class ConnectResult:
+    """What a successful connect records in crm_connection (no secrets)."""
+
+    base_url: str
+    account_id: str | None
+    scopes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    health: Health | None = None
+
+
+@dataclass
+class ProviderContext:
+    """What a provider instance is built from."""
+
+    connection: str
+    base_url: str
+    #: Non-secret connection settings (account id, dc, db, transport …). ``api_base_url``, when
+    #: set (Zoho's api_domain + /crm/v8), is where requests go instead of base_url.
+    settings: dict[str, Any]
+    http: HttpClient
+    secrets: SecretStore
+    options: dict[str, Any] = field(default_factory=dict)  # per-connection config overrides
+
+
+class Provider(ABC):
+    """One CRM behind the engine. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    #: Object types this provider can pull.
+    objects: ClassVar[tuple[str, ...]] = ("contacts", "companies", "deals", "calls")
+    #: Records per batch write.
+    batch_size: ClassVar[int] = 100
+    #: Default rate limits by bucket name ("default" applies to everything not named).
+    default_rate_limits: ClassVar[dict[str, RateLimit]] = {}
+    #: Requests in flight at once.
+    default_concurrency: ClassVar[int] = 4
+    #: Webhook routes this provider can receive (see webhooks.py).
+    supports_webhooks: ClassVar[bool] = False
+    default_base_url: ClassVar[str] = ""
+    #: Sorts this CRM's responses (rate-limit headers, token-expiry bodies) for HttpClient.
+    policy_class: ClassVar[type[ResponsePolicy]] = ResponsePolicy
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        self.ctx = ctx
+        self.http = ctx.http
+
+    # -- connection --------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def connect(cls, ctx: ConnectContext) -> ConnectResult:
+        """Obtain and store credentials (keyring), verify them with a live call.
+
+        Raises:
+            AuthError: the credentials were refused or a scope is missing (named).
+            UsageError: the options do not fit this provider.
+        """
+
+    @classmethod
+    @abstractmethod
+    def make_auth(
+        cls, *, connection: str, settings: Mapping[str, Any], secrets: SecretStore, token_client: Any
+    ) -> Auth:
+        """The Auth (headers + refresh) every request of this connection goes through."""
+
+    @abstractmethod
+    def check(self) -> Health:
+        """Authenticate and reach the CRM.
+
+        Returns:
+            Health with the account id, granted scopes and any missing ones.
+        Raises:
+            AuthError: the credentials are rejected.
+            RetriableError: the CRM is unreachable past the deadline.
+        """
+
+    @abstractmethod
+    def fields(self, obj: str) -> list[FieldInfo]:
+        """The CRM's field list for an object type (custom fields included), for ``map check``."""
+
+    # -- pull ----------------------------------------------------------------------------------
+    @abstractmethod
+    def changes(
+        self,
+        obj: str,
+        cursor: dict[str, Any] | None,
+        *,
+        fields: Sequence[str],
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[Page]:
+        """Yield pages of records changed since ``cursor`` (None: everything), oldest first.
+
+        Args:
+            obj: object type.
+            cursor: what the last stored page carried, or None for a first run.
+            fields: provider fields to request (from the mapping).
+            since: with no cursor, start at this instant instead of the beginning (--since).
+            until: do not return changes after this instant (backfill windows; default: now).
+        Returns:
+            Pages, each with the cursor that resumes right after it.
+        """
+
+    @abstractmethod
+    def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
+        """Read records by id in batches (webhook consumption). Missing ids are left out."""
+
+    @abstractmethod
+    def list_ids(self, obj: str) -> Iterator[list[str]]:
+        """Yield every live remote id in pages, cheaply (``pull --reconcile``)."""
+
+    # -- push ----------------------------------------------------------------------------------
+    def prepare_push(self) -> None:
+        """Make sure what push relies on exists (e.g. idempotency properties). Idempotent."""
+
+    def prepare_objects(self, objects: Sequence[str]) -> None:
+        """Like prepare_push, for the object types one push batch touches (default: prepare_push)."""
+        self.prepare_push()
+
+    @abstractmethod
+    def lookup(
+        self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]
+    ) -> dict[str, RemoteRecord]:
+        """Find existing records by canonical match keys; returns ``{key_string: record}``.
+
+        ``key_string`` is ``match_key(keys[i])``. Used for records the local mirror does not know.
+        """
+
+    @abstractmethod
+    def upsert(self, obj: str, items: Sequence[Outgoing]) -> list[ItemResult]:
+        """Create or update up to ``batch_size`` records; one result per item, same refs."""
+
+    @abstractmethod
+    def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
+        """Create calls or tasks (``obj`` = "calls" | "tasks") with their associations and markers."""
+
+    @abstractmethod
+    def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
+        """Return ``{marker: remote_id}`` for activities that already exist (after a lost reply)."""
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def quota(self) -> dict[str, Any]:
+        """What the CRM last said about remaining quota (daily calls, credits); {} when unknown."""
+        return {}
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def match_key(keys: Mapping[str, str]) -> str:
+    """A stable string for a match dict: ``email:a@b.com``."""
+    name, value = next(iter(keys.items()))
+    return f"{name}:{value}"

@@ -1,0 +1,908 @@
+"""HubSpot (CRM v3 API): private-app tokens or OAuth 2.0, search-based incremental pull, batch writes.
+
+Facts this file relies on are in shared/reference/hubspot.md; the ones that shaped it:
+
+* search returns at most 10,000 results per query (HTTP 400 beyond) and 200 per page, and lags
+  the writes by a few seconds: pull re-anchors its window before the cap, slices a timestamp
+  that more than 10,000 records share by ``hs_object_id``, and looks back a little;
+* search has its own 5/s limit, the rest 100 requests per rolling 10 s (private apps, Free/Starter);
+* batch endpoints take 100 inputs and answer 207 with per-input errors;
+* calls and tasks carry ``crmsync_outcome_id``, a unique property created on first push, so a call
+  whose reply was lost is read back by that id (batch read by idProperty, strongly consistent)
+  instead of being created twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from crmsync.credentials import OAuthSession, SecretStore, StaticAuth
+from crmsync.errors import AuthError, FatalProviderError, UsageError
+from crmsync.http import RateLimit, ResponsePolicy
+from crmsync.providers.base import (
+    ConnectContext,
+    ConnectResult,
+    FieldInfo,
+    Health,
+    ItemResult,
+    Outgoing,
+    OutgoingActivity,
+    Page,
+    Provider,
+    RemoteRecord,
+    match_key,
+)
+
+log = logging.getLogger("crmsync.hubspot")
+
+API = "https://api.hubapi.com"
+AUTHORIZE_URL = "https://app.hubspot.com/oauth/authorize"
+SEARCH_CAP = 10_000
+SEARCH_PAGE = 200
+LIST_PAGE = 100
+BATCH = 100
+MARKER = "crmsync_outcome_id"
+DEAL_KEY = "crmsync_deal_key"
+COMPANY_KEY = "crmsync_company_key"
+
+#: Modified-date property per object (contacts are the odd one out).
+MODIFIED = {"contacts": "lastmodifieddate"}
+#: Associations pulled and stored per object type.
+PULL_ASSOCIATIONS = {"contacts": ["companies"], "deals": ["contacts", "companies"], "calls": ["contacts"]}
+#: HUBSPOT_DEFINED association type ids (reference §4), from -> to.
+ASSOC_TYPES: dict[tuple[str, str], int] = {
+    ("contacts", "companies"): 279,
+    ("deals", "contacts"): 3,
+    ("deals", "companies"): 341,
+    ("calls", "contacts"): 194,
+    ("calls", "companies"): 182,
+    ("calls", "deals"): 206,
+    ("tasks", "contacts"): 204,
+    ("tasks", "companies"): 192,
+    ("tasks", "deals"): 216,
+}
+REQUIRED_SCOPES = [
+    "crm.objects.contacts.read",
+    "crm.objects.contacts.write",
+    "crm.objects.companies.read",
+    "crm.objects.companies.write",
+    "crm.objects.deals.read",
+    "crm.objects.deals.write",
+]
+DEFAULT_OAUTH_SCOPES = " ".join([*REQUIRED_SCOPES, "crm.schemas.contacts.write", "oauth"])
+
+
+def modified_prop(obj: str) -> str:
+    return MODIFIED.get(obj, "hs_lastmodifieddate")
+
+
+def parse_ts(value: Any) -> datetime | None:
+    """HubSpot datetimes come as ISO strings (or ms epoch strings in properties)."""
+    if value in (None, ""):
+        return None
+    text = str(value)
+    if text.isdigit():
+        return datetime.fromtimestamp(int(text) / 1000, tz=UTC)
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def to_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+class HubSpotPolicy(ResponsePolicy):
+    """HubSpot's 401/429 semantics and rate-limit headers."""
+
+    def __init__(self) -> None:
+        self.daily_remaining: int | None = None
+        self.daily_max: int | None = None
+
+    def _body(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def is_auth_expired(self, response: httpx.Response) -> bool:
+        return response.status_code == 401
+
+    def give_up(self, response: httpx.Response) -> bool:
+        # The daily quota resets at midnight: no wait inside a run's deadline will fix it.
+        return response.status_code == 429 and self._body(response).get("policyName") == "DAILY"
+
+    def retry_after(self, response: httpx.Response) -> float | None:
+        explicit = super().retry_after(response)
+        if explicit is not None:
+            return explicit
+        if response.status_code == 429:
+            policy = self._body(response).get("policyName", "")
+            return 1.0 if policy == "SECONDLY" else None
+        return None
+
+    def observe(self, response: httpx.Response, client: Any, bucket: str) -> None:
+        h = response.headers
+        if "X-HubSpot-RateLimit-Daily-Remaining" in h:
+            try:
+                self.daily_remaining = int(h["X-HubSpot-RateLimit-Daily-Remaining"])
+                self.daily_max = int(h.get("X-HubSpot-RateLimit-Daily", "0")) or None
+            except ValueError:
+                pass
+        remaining = h.get("X-HubSpot-RateLimit-Remaining")
+        if remaining is not None and remaining.isdigit() and int(remaining) <= 1:
+            # Our bucket is tuned to the documented limit; the portal says we are at its edge
+            # (another integration shares it), so hold back before it answers 429.
+            limiter = client.buckets.get(bucket) or client.buckets.get("default")
+            if limiter is not None:
+                limiter.pause(1.0)
+
+    def error_message(self, response: httpx.Response) -> tuple[str, str | None]:
+        body = self._body(response)
+        if not body:
+            return response.text[:300], None
+        message = str(body.get("message") or body.get("status") or "")
+        details = body.get("errors") or []
+        if details and isinstance(details, list):
+            inner = "; ".join(str(e.get("message", "")) for e in details[:3] if isinstance(e, dict))
+            if inner and inner not in message:
+                message = f"{message} ({inner})"
+        if body.get("correlationId"):
+            message += f" [correlationId {body['correlationId']}]"
+        return message, body.get("category") or body.get("status")
+
+
+class HubSpotProvider(Provider):
+    name = "hubspot"
+    label = "HubSpot"
+    objects = ("contacts", "companies", "deals", "calls")
+    batch_size = BATCH
+    default_rate_limits = {"default": RateLimit(100, 10.0), "search": RateLimit(4, 1.0)}
+    default_concurrency = 4
+    supports_webhooks = True
+    default_base_url = API
+    policy_class = HubSpotPolicy
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.lookback_ms = int(1000 * (ctx.options.get("lookback_seconds") or 30.0))
+        self._dispositions: dict[str, str] | None = None
+        self._ensured: set[str] = set()
+        self._props: dict[str, dict[str, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    # -- connection ------------------------------------------------------------------------------
+    @classmethod
+    def make_auth(cls, *, connection: str, settings: Mapping[str, Any], secrets: SecretStore, token_client: Any) -> Any:
+        secret = secrets.require(connection)
+        if secret.get("kind", "private_app") == "private_app":
+            if not secret.get("token"):
+                raise AuthError(f"the secret of connection {connection!r} holds no token")
+            return StaticAuth("Authorization", f"Bearer {secret['token']}")
+        token_url = settings.get("token_url") or f"{settings.get('oauth_base', API)}/oauth/v3/token"
+
+        def refresher(current: dict[str, Any]) -> dict[str, Any]:
+            return _token_request(
+                token_client,
+                token_url,
+                {
+                    "grant_type": "refresh_token",
+                    "client_id": current.get("client_id", ""),
+                    "client_secret": current.get("client_secret", ""),
+                    "refresh_token": current.get("refresh_token", ""),
+                },
+            )
+
+        return OAuthSession(
+            store=secrets,
+            connection=connection,
+            refresher=refresher,
+            header=lambda token: {"Authorization": f"Bearer {token}"},
+        )
+
+    @classmethod
+    def connect(cls, ctx: ConnectContext) -> ConnectResult:
+        from crmsync import oauth
+
+        base_url = (ctx.base_url or API).rstrip("/")
+        opts = ctx.options
+        settings: dict[str, Any] = {}
+        if opts.get("oauth"):
+            client_id = opts.get("client_id") or ""
+            if not client_id:
+                raise UsageError("--oauth needs --client-id")
+            client_secret = ctx.io.secret("HubSpot app client secret")
+            register = {"kind": "oauth", "client_id": client_id, "client_secret": client_secret}
+            token_url = opts.get("token_url") or f"{base_url}/oauth/v3/token"
+            authorize_url = opts.get("authorize_url") or (
+                AUTHORIZE_URL if base_url == API else f"{base_url}/oauth/authorize"
+            )
+            grant = oauth.authorize(
+                ctx.io,
+                authorize_url=authorize_url,
+                params={"client_id": client_id, "scope": opts.get("scopes") or DEFAULT_OAUTH_SCOPES},
+                no_browser=bool(opts.get("no_browser")),
+            )
+            tokens = _token_request(
+                ctx.token_client(),
+                token_url,
+                {
+                    "grant_type": "authorization_code",
+                    "client_id": client_id,
+                    "client_secret": client_secret,
+                    "redirect_uri": grant.redirect_uri,
+                    "code": grant.code,
+                },
+            )
+            secret = {**register, **tokens, "expires_at": time.time() + float(tokens.pop("expires_in", 1800))}
+            secret.pop("expires_in", None)
+            settings.update({"auth": "oauth", "token_url": token_url, "oauth_base": base_url})
+        else:
+            token = ctx.io.secret("HubSpot private-app access token").strip()
+            if not token:
+                raise UsageError("no token was given")
+            secret = {"kind": "private_app", "token": token}
+            settings["auth"] = "private_app"
+        ctx.secrets.set(ctx.name, secret)
+        auth = cls.make_auth(
+            connection=ctx.name, settings=settings, secrets=ctx.secrets, token_client=ctx.token_client()
+        )
+        http = ctx.client(base_url, auth)
+        from crmsync.providers.base import ProviderContext
+
+        provider = cls(
+            ProviderContext(connection=ctx.name, base_url=base_url, settings=settings, http=http, secrets=ctx.secrets)
+        )
+        try:
+            health = provider.check()
+        finally:
+            provider.close()
+        if health.missing_scopes:
+            raise AuthError(
+                "the HubSpot credentials lack scopes crmsync needs: " + ", ".join(health.missing_scopes),
+                hint="add them to the private app (or the OAuth app's scopes) and connect again",
+            )
+        settings["portal_id"] = health.account
+        return ConnectResult(
+            base_url=base_url, account_id=health.account, scopes=health.scopes, settings=settings, health=health
+        )
+
+    def check(self) -> Health:
+        details = self.http.get("/account-info/v3/details", endpoint="/account-info/v3/details").json()
+        account = str(details.get("portalId", "")) or None
+        scopes: list[str] = []
+        secret = self.ctx.secrets.get(self.ctx.connection) or {}
+        expires_at = None
+        if secret.get("kind") == "oauth" and secret.get("access_token"):
+            info = self.http.request(
+                "GET",
+                f"/oauth/v1/access-tokens/{secret['access_token']}",
+                endpoint="/oauth/v1/access-tokens/{token}",
+                expect=(404,),
+            )
+            if info.status_code == 200:
+                scopes = list(info.json().get("scopes", []))
+            if secret.get("expires_at"):
+                expires_at = datetime.fromtimestamp(float(secret["expires_at"]), tz=UTC)
+        elif secret.get("token"):
+            info = self.http.request(
+                "POST",
+                "/oauth/v2/private-apps/get/access-token-info",
+                json={"tokenKey": secret["token"]},
+                endpoint="/oauth/v2/private-apps/get/access-token-info",
+                expect=(400, 404),
+            )
+            if info.status_code == 200:
+                scopes = list(info.json().get("scopes", []))
+        missing: list[str] = []
+        if scopes:
+            missing = [s for s in REQUIRED_SCOPES if s not in scopes]
+        else:
+            # No introspection available: probe each object with a one-record read.
+            for obj in ("contacts", "companies", "deals"):
+                r = self.http.request(
+                    "GET",
+                    f"/crm/v3/objects/{obj}",
+                    params={"limit": 1},
+                    expect=(403,),
+                    endpoint=f"/crm/v3/objects/{obj}",
+                )
+                if r.status_code == 403:
+                    missing.append(f"crm.objects.{obj}.read")
+        return Health(
+            ok=not missing,
+            account=account,
+            scopes=scopes,
+            missing_scopes=missing,
+            token_expires_at=expires_at,
+            detail=f"portal {account}",
+        )
+
+    # -- schema ----------------------------------------------------------------------------------
+    def _properties(self, obj: str) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            cached = self._props.get(obj)
+        if cached is not None:
+            return cached
+        body = self.http.get(f"/crm/v3/properties/{obj}", endpoint="/crm/v3/properties/{type}").json()
+        props = {p["name"]: p for p in body.get("results", [])}
+        with self._lock:
+            self._props[obj] = props
+        return props
+
+    def dispositions(self) -> dict[str, str]:
+        """The portal's call outcomes, label -> GUID (portals add their own)."""
+        if self._dispositions is None:
+            body = self.http.get("/calling/v1/dispositions", endpoint="/calling/v1/dispositions").json()
+            self._dispositions = {d["label"]: d["id"] for d in body}
+        return self._dispositions
+
+    def fields(self, obj: str) -> list[FieldInfo]:
+        out = []
+        for p in self._properties(obj).values():
+            if p.get("archived"):
+                continue
+            options = [o["value"] for o in p.get("options", []) if not o.get("hidden")] or None
+            if p["name"] == "hs_call_disposition":
+                options = list(self.dispositions().values())
+            meta = p.get("modificationMetadata") or {}
+            out.append(
+                FieldInfo(
+                    name=p["name"],
+                    label=p.get("label", ""),
+                    type={
+                        "bool": "bool",
+                        "enumeration": "enumeration",
+                        "number": "number",
+                        "date": "date",
+                        "datetime": "datetime",
+                        "phone_number": "phone",
+                    }.get(p.get("type", ""), "string"),
+                    read_only=bool(meta.get("readOnlyValue") or p.get("calculated")),
+                    unique=bool(p.get("hasUniqueValue")),
+                    custom=not p.get("hubspotDefined", False) and not p["name"].startswith("hs_"),
+                    options=options if p.get("type") == "enumeration" or p["name"] == "hs_call_disposition" else None,
+                )
+            )
+        return out
+
+    def _ensure_property(self, obj: str, name: str, label: str) -> None:
+        key = f"{obj}.{name}"
+        if key in self._ensured:
+            return
+        props = self._properties(obj)
+        if name not in props:
+            group = next((p.get("groupName") for p in props.values() if p.get("groupName")), "contactinformation")
+            r = self.http.request(
+                "POST",
+                f"/crm/v3/properties/{obj}",
+                json={
+                    "name": name,
+                    "label": label,
+                    "type": "string",
+                    "fieldType": "text",
+                    "groupName": group,
+                    "hasUniqueValue": True,
+                    "description": "Written by crmsync: its idempotency key.",
+                },
+                endpoint="/crm/v3/properties/{type}",
+                expect=(409,),
+            )
+            if r.status_code == 201:
+                props[name] = r.json()
+        self._ensured.add(key)
+
+    def prepare_push(self) -> None:
+        self._ensure_property("calls", MARKER, "crmsync outcome id")
+
+    def prepare_objects(self, objects: Sequence[str]) -> None:
+        """Create the unique idempotency properties the objects of this push rely on."""
+        for obj in objects:
+            if obj in ("calls", "tasks"):
+                self._ensure_property(obj, MARKER, "crmsync outcome id")
+            elif obj == "deals":
+                self._ensure_property("deals", DEAL_KEY, "crmsync deal key")
+            elif obj == "companies":
+                self._ensure_property("companies", COMPANY_KEY, "crmsync company key")
+
+    # -- pull ------------------------------------------------------------------------------------
+    def _record(self, obj: str, raw: dict[str, Any]) -> RemoteRecord:
+        assoc: dict[str, list[str]] = {}
+        for to, block in (raw.get("associations") or {}).items():
+            ids = sorted({str(a["id"]) for a in block.get("results", [])})
+            assoc[_plural(to)] = ids
+        props = raw.get("properties") or {}
+        return RemoteRecord(
+            id=str(raw["id"]),
+            properties=props,
+            updated_at=parse_ts(raw.get("updatedAt")) or parse_ts(props.get(modified_prop(obj))),
+            archived=bool(raw.get("archived")),
+            associations=assoc,
+        )
+
+    def _with_associations(self, obj: str, records: list[RemoteRecord]) -> list[RemoteRecord]:
+        """Search results carry no associations: read them in one v4 batch per target type."""
+        targets = PULL_ASSOCIATIONS.get(obj, [])
+        if not records or not targets:
+            return records
+        by_id = {r.id: r for r in records}
+        for to in targets:
+            for chunk in _chunks(list(by_id), 1000):
+                body = self.http.post(
+                    f"/crm/v4/associations/{obj}/{to}/batch/read",
+                    json={"inputs": [{"id": i} for i in chunk]},
+                    endpoint="/crm/v4/associations/{from}/{to}/batch/read",
+                    expect=(207,),
+                ).json()
+                for result in body.get("results", []):
+                    rid = str(result.get("from", {}).get("id"))
+                    if rid in by_id:
+                        by_id[rid].associations[to] = sorted({str(t["toObjectId"]) for t in result.get("to", [])})
+            for r in records:
+                r.associations.setdefault(to, [])
+        return records
+
+    def _list(self, obj: str, fields: Sequence[str], *, after: str | None, archived: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": LIST_PAGE, "properties": ",".join(fields), "archived": str(archived).lower()}
+        if PULL_ASSOCIATIONS.get(obj) and not archived:
+            params["associations"] = ",".join(PULL_ASSOCIATIONS[obj])
+        if after:
+            params["after"] = after
+        return self.http.get(f"/crm/v3/objects/{obj}", params=params, endpoint="/crm/v3/objects/{type}").json()
+
+    def _search(
+        self, obj: str, filters: list[dict[str, Any]], sort: str, fields: Sequence[str], after: int
+    ) -> dict[str, Any]:
+        body = {
+            "filterGroups": [{"filters": filters}],
+            "sorts": [sort],
+            "properties": list(fields),
+            "limit": SEARCH_PAGE,
+            "after": str(after),
+        }
+        return self.http.post(
+            f"/crm/v3/objects/{obj}/search", json=body, bucket="search", endpoint="/crm/v3/objects/{type}/search"
+        ).json()
+
+    def _marker_filter(self, obj: str) -> list[dict[str, Any]]:
+        # Only the calls crmsync logged are pulled (a portal's own call log is not ours to mirror).
+        if obj == "calls":
+            return [{"propertyName": MARKER, "operator": "HAS_PROPERTY"}]
+        return []
+
+    def changes(
+        self,
+        obj: str,
+        cursor: dict[str, Any] | None,
+        *,
+        fields: Sequence[str],
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[Page]:
+        fields = sorted({*fields, modified_prop(obj), "hs_object_id"})
+        if obj == "calls" and MARKER not in self._properties("calls"):
+            return  # crmsync never logged a call here: nothing of ours to pull
+        run_start = to_ms(until) if until else int(time.time() * 1000)
+        cursor = dict(cursor or {})
+        if not cursor and since is not None:
+            cursor = {"mode": "search", "ts": to_ms(since), "archived_ts": to_ms(since), "after_ts": False}
+        if cursor.get("mode") in (None, "list") and not self._marker_filter(obj):
+            yield from self._list_phase(obj, cursor, fields, run_start)
+            return
+        if cursor.get("mode") is None:
+            cursor = {"mode": "search", "ts": 0}
+        last = cursor
+        for page in self._search_phase(obj, cursor, fields, run_start):
+            last = page.cursor or last
+            yield page
+        yield from self._archived_phase(obj, last, fields)
+
+    def _list_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str], run_start: int) -> Iterator[Page]:
+        """First run: the list endpoint has no 10k cap. Then hand over to search.
+
+        The hand-over point is the newest modification seen, but never later than the moment the
+        list began: whatever changed after that is found again by search. Deriving it from the
+        data (not the clock) makes a resumed run end on the same cursor as an uninterrupted one.
+        """
+        started = int(cursor.get("started", run_start))
+        newest = int(cursor.get("newest", 0))
+        after = cursor.get("after")
+        prop = modified_prop(obj)
+        while True:
+            body = self._list(obj, fields, after=after)
+            records = [self._record(obj, r) for r in body.get("results", [])]
+            for r in records:
+                newest = max(newest, _prop_ms(r, prop) or 0)
+            after = ((body.get("paging") or {}).get("next") or {}).get("after")
+            if after:
+                yield Page(records=records, cursor={"mode": "list", "after": after, "started": started, "newest": newest})
+            else:
+                handover = min(started, newest) if newest else started
+                yield Page(records=records, cursor={"mode": "search", "ts": handover, "archived_ts": handover})
+                return
+
+    def _search_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str], run_start: int) -> Iterator[Page]:
+        prop = modified_prop(obj)
+        base_filters = self._marker_filter(obj)
+        ts = int(cursor.get("ts", 0))
+        if cursor.get("slice_id") is None and not cursor.get("after_ts"):
+            # Search lags writes by seconds: start a little before the cursor (re-reads are no-ops).
+            ts = max(0, ts - self.lookback_ms)
+        archived_ts = cursor.get("archived_ts", 0)
+        upper = run_start
+
+        def cur(**kw: Any) -> dict[str, Any]:
+            return {"mode": "search", "archived_ts": archived_ts, **kw}
+
+        slice_id = cursor.get("slice_id")
+        after_ts = bool(cursor.get("after_ts"))
+        while True:
+            if slice_id is not None:
+                # More than 10,000 records share ts: walk that one millisecond by object id.
+                last = slice_id
+                offset = 0
+                while True:
+                    filters = [
+                        *base_filters,
+                        {"propertyName": prop, "operator": "EQ", "value": str(ts)},
+                        {"propertyName": "hs_object_id", "operator": "GT", "value": str(last)},
+                    ]
+                    body = self._search(obj, filters, "hs_object_id", fields, offset)
+                    records = self._with_associations(obj, [self._record(obj, r) for r in body.get("results", [])])
+                    if records:
+                        max_id = max(int(r.id) for r in records)
+                        yield Page(records=records, cursor=cur(ts=ts, slice_id=max_id), total=body.get("total"))
+                    nxt = ((body.get("paging") or {}).get("next") or {}).get("after")
+                    if not nxt or not records:
+                        break
+                    offset = int(nxt)
+                    if offset + SEARCH_PAGE > SEARCH_CAP:
+                        last, offset = max(int(r.id) for r in records), 0
+                slice_id, after_ts = None, True
+                yield Page(records=[], cursor=cur(ts=ts, after_ts=True))
+            op = "GT" if after_ts else "GTE"
+            filters = [
+                *base_filters,
+                {"propertyName": prop, "operator": op, "value": str(ts)},
+                {"propertyName": prop, "operator": "LTE", "value": str(upper)},
+            ]
+            offset = 0
+            reanchor = False
+            while True:
+                body = self._search(obj, filters, prop, fields, offset)
+                records = self._with_associations(obj, [self._record(obj, r) for r in body.get("results", [])])
+                if not records:
+                    return
+                page_ts = max(_prop_ms(r, prop) or (to_ms(r.updated_at) if r.updated_at else ts) for r in records)
+                page_ts = min(max(page_ts, ts), upper)
+                yield Page(records=records, cursor=cur(ts=page_ts), total=body.get("total"))
+                nxt = ((body.get("paging") or {}).get("next") or {}).get("after")
+                if not nxt:
+                    return
+                offset = int(nxt)
+                if offset + SEARCH_PAGE > SEARCH_CAP:
+                    reanchor = True
+                    break
+            if reanchor:
+                if page_ts == ts:
+                    # A whole window of 10,000 results at one timestamp: slice it by id.
+                    slice_id, after_ts = 0, False
+                else:
+                    ts, after_ts = page_ts, False
+
+    def _archived_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
+        """Search never returns archived records: list them and keep those archived since last time."""
+        since = int(cursor.get("archived_ts", 0))
+        newest = since
+        after = None
+        while True:
+            body = self._list(obj, fields, after=after, archived=True)
+            fresh = []
+            for raw in body.get("results", []):
+                archived_at = parse_ts(raw.get("archivedAt"))
+                ms = to_ms(archived_at) if archived_at else 0
+                if ms >= since:
+                    rec = self._record(obj, raw)
+                    rec.archived = True
+                    fresh.append(rec)
+                    newest = max(newest, ms)
+            after = ((body.get("paging") or {}).get("next") or {}).get("after")
+            if fresh or not after:
+                yield Page(records=fresh, cursor=None if after else {**cursor, "archived_ts": newest})
+            if not after:
+                return
+
+    def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
+        out: list[RemoteRecord] = []
+        props = sorted({*fields, modified_prop(obj), "hs_object_id"})
+        for chunk in _chunks(list(dict.fromkeys(ids)), BATCH):
+            body = self.http.post(
+                f"/crm/v3/objects/{obj}/batch/read",
+                json={"properties": props, "inputs": [{"id": i} for i in chunk]},
+                endpoint="/crm/v3/objects/{type}/batch/read",
+                expect=(207, 404),
+            ).json()
+            out.extend(self._record(obj, r) for r in body.get("results", []))
+        return self._with_associations(obj, out)
+
+    def list_ids(self, obj: str) -> Iterator[list[str]]:
+        after = None
+        while True:
+            params: dict[str, Any] = {"limit": LIST_PAGE, "properties": "hs_object_id"}
+            if after:
+                params["after"] = after
+            body = self.http.get(f"/crm/v3/objects/{obj}", params=params, endpoint="/crm/v3/objects/{type}").json()
+            yield [str(r["id"]) for r in body.get("results", [])]
+            after = ((body.get("paging") or {}).get("next") or {}).get("after")
+            if not after:
+                return
+
+    # -- push ------------------------------------------------------------------------------------
+    def lookup(self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]) -> dict[str, RemoteRecord]:
+        found: dict[str, RemoteRecord] = {}
+        props = sorted({*fields, modified_prop(obj), "hs_object_id"})
+        by_kind: dict[str, list[str]] = {}
+        for k in keys:
+            name, value = next(iter(k.items()))
+            by_kind.setdefault(name, []).append(value)
+        id_props = {"email": "email", "key": DEAL_KEY if obj == "deals" else COMPANY_KEY}
+        for kind, values in by_kind.items():
+            values = list(dict.fromkeys(values))
+            if kind in id_props and (kind != "key" or obj in ("deals", "companies")):
+                id_prop = id_props[kind]
+                if id_prop not in ("email",) and id_prop not in self._properties(obj):
+                    continue  # never pushed here: nothing can carry the key yet
+                for chunk in _chunks(values, BATCH):
+                    body = self.http.post(
+                        f"/crm/v3/objects/{obj}/batch/read",
+                        json={
+                            "properties": [*props, id_prop],
+                            "idProperty": id_prop,
+                            "inputs": [{"id": v} for v in chunk],
+                        },
+                        endpoint="/crm/v3/objects/{type}/batch/read",
+                        expect=(207, 404),
+                    ).json()
+                    for raw in body.get("results", []):
+                        rec = self._record(obj, raw)
+                        value = str((raw.get("properties") or {}).get(id_prop) or "").lower()
+                        if value:
+                            found[match_key({kind: value})] = rec
+            else:
+                prop = {"phone": "phone", "domain": "domain", "name": "name"}.get(kind)
+                if prop is None:
+                    continue
+                for chunk in _chunks(values, 100):
+                    body = self._search(
+                        obj,
+                        [{"propertyName": prop, "operator": "IN", "values": chunk}],
+                        "hs_object_id",
+                        [*props, prop],
+                        0,
+                    )
+                    for raw in body.get("results", []):
+                        rec = self._record(obj, raw)
+                        value = str((raw.get("properties") or {}).get(prop) or "").lower()
+                        if value:
+                            found.setdefault(match_key({kind: value}), rec)
+        return found
+
+    def upsert(self, obj: str, items: Sequence[Outgoing]) -> list[ItemResult]:
+        results: dict[str, ItemResult] = {}
+        updates = [i for i in items if i.remote_id]
+        creates = [i for i in items if not i.remote_id]
+        if updates:
+            inputs = [{"id": i.remote_id, "properties": i.properties, "objectWriteTraceId": i.ref} for i in updates]
+            results.update(self._batch(obj, "update", inputs, updates, created=False))
+        keyed = {"contacts": "email", "companies": COMPANY_KEY, "deals": DEAL_KEY}
+        upserts, plain = [], []
+        for item in creates:
+            name, value = next(iter(item.match.items())) if item.match else ("", "")
+            if obj == "contacts" and name == "email":
+                upserts.append((item, "email", value))
+            elif obj in ("companies", "deals") and obj in keyed:
+                key_value = item.match.get("key") or f"{name}:{value}"
+                item.properties = {**item.properties, keyed[obj]: key_value}
+                upserts.append((item, keyed[obj], key_value))
+            else:
+                plain.append(item)
+        if upserts:
+            inputs = [
+                {"idProperty": prop, "id": value, "properties": i.properties, "objectWriteTraceId": i.ref}
+                for i, prop, value in upserts
+            ]
+            results.update(self._batch(obj, "upsert", inputs, [u[0] for u in upserts], created=None))
+        if plain:
+            inputs = [{"properties": i.properties, "objectWriteTraceId": i.ref} for i in plain]
+            results.update(self._batch(obj, "create", inputs, plain, created=True))
+        self._associate(
+            obj, [i for i in items if i.associations and results.get(i.ref, ItemResult(i.ref, False)).ok], results
+        )
+        return [
+            results.get(i.ref) or ItemResult(i.ref, False, error="no result from HubSpot", retriable=True)
+            for i in items
+        ]
+
+    def _batch(
+        self, obj: str, action: str, inputs: list[dict[str, Any]], items: Sequence[Any], *, created: bool | None
+    ) -> dict[str, ItemResult]:
+        """One batch request; 207 errors become per-item failures, matched by objectWriteTraceId."""
+        results: dict[str, ItemResult] = {}
+        try:
+            response = self.http.post(
+                f"/crm/v3/objects/{obj}/batch/{action}",
+                json={"inputs": inputs},
+                endpoint=f"/crm/v3/objects/{{type}}/batch/{action}",
+                expect=(207,),
+            )
+        except FatalProviderError as exc:
+            if len(items) == 1:
+                return {items[0].ref: ItemResult(items[0].ref, False, error=str(exc))}
+            # One bad input can fail the whole request (400): split and retry so it fails alone.
+            half = len(items) // 2
+            results.update(self._batch(obj, action, inputs[:half], items[:half], created=created))
+            results.update(self._batch(obj, action, inputs[half:], items[half:], created=created))
+            return results
+        body = response.json()
+        refs = [i.ref for i in items]
+        for pos, raw in enumerate(body.get("results", [])):
+            ref = raw.get("objectWriteTraceId")
+            if ref not in refs:
+                ref = self._correlate(obj, action, raw, items, results) or (refs[pos] if pos < len(refs) else None)
+            if ref is None:
+                continue
+            is_new = raw.get("new") if created is None else created
+            results[ref] = ItemResult(ref, True, remote_id=str(raw["id"]), created=bool(is_new))
+        for err in body.get("errors", []):
+            context = err.get("context") or {}
+            trace = context.get("objectWriteTraceId") or []
+            failed = [t for t in trace if t in refs] or self._error_refs(err, inputs, items)
+            message = err.get("message") or err.get("category") or "failed"
+            retriable = str(err.get("status", "")).startswith("5") or err.get("category") == "RATE_LIMITS"
+            for ref in failed:
+                if ref not in results:
+                    results[ref] = ItemResult(ref, False, error=message, retriable=retriable)
+        return results
+
+    def _correlate(
+        self, obj: str, action: str, raw: dict[str, Any], items: Sequence[Any], done: dict[str, ItemResult]
+    ) -> str | None:
+        """Match a result without a trace id back to its input by its key or id."""
+        props = raw.get("properties") or {}
+        for item in items:
+            if item.ref in done:
+                continue
+            if getattr(item, "remote_id", None) and str(item.remote_id) == str(raw.get("id")):
+                return str(item.ref)
+            marker = getattr(item, "marker", None)
+            if marker and props.get(MARKER) == marker:
+                return str(item.ref)
+            for prop in ("email", DEAL_KEY, COMPANY_KEY):
+                if prop in item.properties and str(props.get(prop, "")).lower() == str(item.properties[prop]).lower():
+                    return str(item.ref)
+        return None
+
+    def _error_refs(self, err: dict[str, Any], inputs: list[dict[str, Any]], items: Sequence[Any]) -> list[str]:
+        context = err.get("context") or {}
+        values = {str(v).lower() for vals in context.values() if isinstance(vals, list) for v in vals}
+        refs = []
+        for inp, item in zip(inputs, items, strict=False):
+            keys = {str(inp.get("id", "")).lower(), *(str(v).lower() for v in (inp.get("properties") or {}).values())}
+            if values & keys:
+                refs.append(item.ref)
+        return refs
+
+    def _associate(self, obj: str, items: Sequence[Outgoing], results: dict[str, ItemResult]) -> None:
+        """contact->company, deal->contact/company: one v4 batch per target type."""
+        pairs: dict[str, list[tuple[str, str]]] = {}
+        for item in items:
+            rid = results[item.ref].remote_id
+            for to, to_id in item.associations.items():
+                if rid and to_id:
+                    pairs.setdefault(to, []).append((rid, to_id))
+        for to, links in pairs.items():
+            for chunk in _chunks(links, 2000):
+                self.http.post(
+                    f"/crm/v4/associations/{obj}/{to}/batch/associate/default",
+                    json={"inputs": [{"from": {"id": a}, "to": {"id": b}} for a, b in chunk]},
+                    endpoint="/crm/v4/associations/{from}/{to}/batch/associate/default",
+                    expect=(207,),
+                )
+
+    def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
+        self.prepare_objects([obj])
+        inputs = []
+        for item in items:
+            assoc = [
+                {
+                    "to": {"id": to_id},
+                    "types": [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": ASSOC_TYPES[(obj, to)]}],
+                }
+                for to, to_id in item.associations.items()
+                if to_id and (obj, to) in ASSOC_TYPES
+            ]
+            inputs.append(
+                {
+                    "properties": {**item.properties, MARKER: item.marker},
+                    "associations": assoc,
+                    "objectWriteTraceId": item.ref,
+                }
+            )
+        results = self._batch(obj, "create", inputs, items, created=True)
+        # A unique-value conflict means an earlier, unacknowledged create went through: read it back.
+        lost = [i for i in items if not results.get(i.ref, ItemResult(i.ref, False)).ok]
+        if lost:
+            existing = self.find_activities(obj, [i.marker for i in lost])
+            for item in lost:
+                if item.marker in existing:
+                    results[item.ref] = ItemResult(item.ref, True, remote_id=existing[item.marker], created=False)
+        return [
+            results.get(i.ref) or ItemResult(i.ref, False, error="no result from HubSpot", retriable=True)
+            for i in items
+        ]
+
+    def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
+        if MARKER not in self._properties(obj):
+            return {}
+        found: dict[str, str] = {}
+        for chunk in _chunks(list(dict.fromkeys(markers)), BATCH):
+            body = self.http.post(
+                f"/crm/v3/objects/{obj}/batch/read",
+                json={"properties": [MARKER], "idProperty": MARKER, "inputs": [{"id": m} for m in chunk]},
+                endpoint="/crm/v3/objects/{type}/batch/read",
+                expect=(207, 404),
+            ).json()
+            for raw in body.get("results", []):
+                marker = (raw.get("properties") or {}).get(MARKER)
+                if marker:
+                    found[marker] = str(raw["id"])
+        return found
+
+    def quota(self) -> dict[str, Any]:
+        policy = self.http.policy
+        if isinstance(policy, HubSpotPolicy) and policy.daily_remaining is not None:
+            return {"daily_remaining": policy.daily_remaining, "daily_limit": policy.daily_max}
+        return {}
+
+
+def _prop_ms(record: RemoteRecord, prop: str) -> int | None:
+    value = parse_ts(record.properties.get(prop))
+    return to_ms(value) if value else None
+
+
+def _plural(name: str) -> str:
+    return name if name.endswith("s") else name + "s"
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def _token_request(client: httpx.Client, url: str, form: dict[str, str]) -> dict[str, Any]:
+    """POST to a token endpoint; errors become AuthError without echoing any secret."""
+    try:
+        response = client.post(url, data=form, headers={"Accept": "application/json"})
+    except httpx.HTTPError as exc:
+        from crmsync.errors import RetriableError
+
+        raise RetriableError(f"the token endpoint could not be reached: {type(exc).__name__}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code != 200 or "access_token" not in body:
+        reason = body.get("status") or body.get("error") or f"HTTP {response.status_code}"
+        raise AuthError(
+            f"HubSpot refused the token request: {reason}", hint="run `crmsync connect hubspot --oauth` again"
+        )
+    return {k: body[k] for k in ("access_token", "refresh_token", "expires_in") if k in body}

@@ -1,0 +1,772 @@
+"""The local store: SQLModel tables, migrations on open, and the queries the engine needs.
+
+SQLite by default (WAL, busy timeout, file mode 0600); any SQLAlchemy URL otherwise
+(PostgreSQL for scale-out). Alembic migrations live in ``crmsync/migrations`` and are applied
+when the store opens; a store written by a newer crmsync is refused.
+
+The rule that matters most: a page of pulled records and the cursor that follows it are
+written in ONE transaction (``apply_page``), so a crash between pages repeats at most a page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, create_engine, event, false, func, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.engine.url import make_url
+from sqlmodel import Field, Session, SQLModel, select
+
+from crmsync.model import utcnow
+
+SCHEMA_HEAD = "0001"  # newest migration this crmsync knows; keep in step with migrations/versions
+
+
+class CrmConnection(SQLModel, table=True):
+    __tablename__ = "crm_connection"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    provider: str
+    account_id: str | None = None
+    base_url: str
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, default=list))
+    settings: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, default=dict))
+    created_at: datetime = Field(default_factory=utcnow)
+    last_checked_at: datetime | None = None
+    last_ok_at: datetime | None = None
+    auth_state: str = "ok"  # ok | invalid | expired
+
+
+class CrmRecord(SQLModel, table=True):
+    __tablename__ = "crm_record"
+    __table_args__ = (
+        UniqueConstraint("connection", "object", "remote_id", name="uq_record"),
+        Index("ix_record_match", "connection", "object", "match_key"),
+        Index("ix_record_alt", "connection", "object", "alt_key"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    object: str
+    remote_id: str
+    properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    raw: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    associations: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, default=dict))
+    remote_updated_at: datetime | None = None
+    archived: bool = False
+    content_hash: str = ""
+    match_key: str | None = None  # email:… / domain:… / key:…
+    alt_key: str | None = None  # phone:… / name:…
+    first_seen_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class CrmEntityLink(SQLModel, table=True):
+    __tablename__ = "crm_entity_link"
+    __table_args__ = (UniqueConstraint("connection", "object", "local_key", name="uq_link"),)
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    object: str
+    local_key: str
+    remote_id: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CrmFieldMapping(SQLModel, table=True):
+    __tablename__ = "crm_field_mapping"
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str = Field(unique=True)
+    path: str | None = None
+    hash: str
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class CrmSyncCursor(SQLModel, table=True):
+    __tablename__ = "crm_sync_cursor"
+    __table_args__ = (UniqueConstraint("connection", "object", "kind", name="uq_cursor"),)
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    object: str
+    kind: str = "incremental"  # incremental | backfill | reconcile | webhook
+    value: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class CrmSyncLog(SQLModel, table=True):
+    __tablename__ = "crm_sync_log"
+    __table_args__ = (Index("ix_log_conn", "connection", "command", "started_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    command: str
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    status: str = "running"  # running | ok | partial | failed | interrupted
+    counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, default=dict))
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    error: str | None = None
+    mapping_hash: str | None = None
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid)
+
+
+class CrmRecordChange(SQLModel, table=True):
+    """The audit trail: what one run did to one record."""
+
+    __tablename__ = "crm_record_change"
+    __table_args__ = (Index("ix_change_record", "connection", "object", "remote_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int | None = Field(default=None, index=True)
+    connection: str
+    object: str
+    remote_id: str
+    action: str  # created | updated | archived | pushed
+    changes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, default=dict))
+    at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class CrmWebhookEvent(SQLModel, table=True):
+    __tablename__ = "crm_webhook_event"
+    __table_args__ = (
+        UniqueConstraint("connection", "dedupe_key", name="uq_event"),
+        Index("ix_event_pending", "connection", "processed_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    provider: str
+    dedupe_key: str
+    object: str
+    remote_id: str
+    event_type: str
+    occurred_at: datetime | None = None
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    received_at: datetime = Field(default_factory=utcnow)
+    processed_at: datetime | None = None
+
+
+class CrmOutbox(SQLModel, table=True):
+    __tablename__ = "crm_outbox"
+    __table_args__ = (
+        UniqueConstraint("connection", "outcome_id", name="uq_outbox"),
+        Index("ix_outbox_state", "connection", "state"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    outcome_id: str  # the caller's idempotency key (or the content hash)
+    content_hash: str
+    payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    state: str = "pending"  # pending | done | failed | conflict
+    #: Remote ids per completed step: {"companies": "12", "contacts": "34", "calls": "56"}.
+    steps: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, default=dict))
+    #: Steps whose request went out without a recorded answer: reconcile before re-sending.
+    in_flight: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, default=dict))
+    attempts: int = 0
+    last_error: str | None = None
+    update_requested: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    delivered_at: datetime | None = None
+
+
+class CrmConflict(SQLModel, table=True):
+    __tablename__ = "crm_conflict"
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str = Field(index=True)
+    object: str
+    remote_id: str | None = None
+    field: str
+    crm_value: str | None = None
+    outcome_value: str | None = None
+    rule: str
+    resolution: str  # kept_crm | sent_outcome | filled
+    outcome_id: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+    open: bool = True
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def content_hash(properties: dict[str, Any], archived: bool) -> str:
+    data = json.dumps([properties, archived], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(data.encode()).hexdigest()[:32]
+
+
+def db_url(value: str | Path) -> str:
+    """A path or an SQLAlchemy URL -> an SQLAlchemy URL."""
+    text_value = str(value)
+    if "://" in text_value:
+        return text_value
+    return f"sqlite:///{Path(text_value).expanduser().resolve()}"
+
+
+@dataclass
+class Canonical:
+    """A pulled record after mapping: what apply_page stores."""
+
+    remote_id: str
+    properties: dict[str, Any]
+    raw: dict[str, Any]
+    remote_updated_at: datetime | None
+    archived: bool = False
+    associations: dict[str, list[str]] = field(default_factory=dict)
+    match_key: str | None = None
+    alt_key: str | None = None
+
+
+@dataclass
+class ApplyCounts:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    archived: int = 0
+
+    def add(self, other: ApplyCounts) -> None:
+        self.created += other.created
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.archived += other.archived
+
+
+class Store:
+    """The local store; one per process, thread-safe through short sessions."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url_or_path: str | Path, *, migrate: bool = True) -> Store:
+        """Open (creating and migrating as needed) the store at a path or SQLAlchemy URL."""
+        url = db_url(url_or_path)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+            path = Path(parsed.database)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Create it 0600 before SQLite does, so no other user can ever read it.
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        elif parsed.get_backend_name() == "sqlite":
+            from sqlalchemy.pool import StaticPool
+
+            engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+        store = cls(engine, url)
+        if migrate:
+            store.migrate()
+        return store
+
+    def migrate(self) -> None:
+        """Apply pending migrations; refuse a store written by a newer crmsync."""
+        from crmsync.migrations import upgrade
+
+        upgrade(self.engine, head=SCHEMA_HEAD)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any exception."""
+        with Session(self.engine, expire_on_commit=False) as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    # -- connections -------------------------------------------------------------------------------
+    def connections(self) -> list[CrmConnection]:
+        with self.session() as s:
+            return list(s.exec(select(CrmConnection).order_by(CrmConnection.name)))
+
+    def connection(self, name: str) -> CrmConnection | None:
+        with self.session() as s:
+            return s.exec(select(CrmConnection).where(CrmConnection.name == name)).first()
+
+    def save_connection(self, conn: CrmConnection) -> CrmConnection:
+        with self.session() as s:
+            existing = s.exec(select(CrmConnection).where(CrmConnection.name == conn.name)).first()
+            if existing is not None:
+                for key in (
+                    "provider",
+                    "account_id",
+                    "base_url",
+                    "scopes",
+                    "settings",
+                    "last_checked_at",
+                    "last_ok_at",
+                    "auth_state",
+                ):
+                    setattr(existing, key, getattr(conn, key))
+                conn = existing
+            s.add(conn)
+            s.flush()
+            s.refresh(conn)
+            return conn
+
+    def touch_connection(self, name: str, *, ok: bool, auth_state: str | None = None) -> None:
+        with self.session() as s:
+            conn = s.exec(select(CrmConnection).where(CrmConnection.name == name)).first()
+            if conn is None:
+                return
+            conn.last_checked_at = utcnow()
+            if ok:
+                conn.last_ok_at = conn.last_checked_at
+            if auth_state:
+                conn.auth_state = auth_state
+            s.add(conn)
+
+    def delete_connection(self, name: str) -> None:
+        with self.session() as s:
+            conn = s.exec(select(CrmConnection).where(CrmConnection.name == name)).first()
+            if conn is not None:
+                s.delete(conn)
+
+    # -- cursors -----------------------------------------------------------------------------------
+    def cursor(self, connection: str, obj: str, kind: str = "incremental") -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.exec(
+                select(CrmSyncCursor).where(
+                    CrmSyncCursor.connection == connection,
+                    CrmSyncCursor.object == obj,
+                    CrmSyncCursor.kind == kind,
+                )
+            ).first()
+            return dict(row.value) if row else None
+
+    def set_cursor(
+        self,
+        connection: str,
+        obj: str,
+        value: dict[str, Any] | None,
+        kind: str = "incremental",
+        *,
+        session: Session | None = None,
+    ) -> None:
+        def _do(s: Session) -> None:
+            row = s.exec(
+                select(CrmSyncCursor).where(
+                    CrmSyncCursor.connection == connection,
+                    CrmSyncCursor.object == obj,
+                    CrmSyncCursor.kind == kind,
+                )
+            ).first()
+            if value is None:
+                if row is not None:
+                    s.delete(row)
+                return
+            if row is None:
+                row = CrmSyncCursor(connection=connection, object=obj, kind=kind, value=value)
+            else:
+                row.value = dict(value)
+                row.updated_at = utcnow()
+            s.add(row)
+
+        if session is not None:
+            _do(session)
+        else:
+            with self.session() as s:
+                _do(s)
+
+    def cursors(self, connection: str) -> list[CrmSyncCursor]:
+        with self.session() as s:
+            return list(s.exec(select(CrmSyncCursor).where(CrmSyncCursor.connection == connection)))
+
+    # -- records -----------------------------------------------------------------------------------
+    def apply_page(
+        self,
+        connection: str,
+        obj: str,
+        records: Sequence[Canonical],
+        *,
+        cursor: dict[str, Any] | None,
+        cursor_kind: str = "incremental",
+        deleted: Sequence[str] = (),
+        run_id: int | None = None,
+        audit: bool = True,
+        extra_cursors: Sequence[tuple[str, dict[str, Any] | None]] = (),
+        before_commit: Any = None,
+    ) -> ApplyCounts:
+        """Store a page of records and advance the cursor in the same transaction.
+
+        A record whose content hash is unchanged is not written. A record older than the stored
+        one (an out-of-order webhook fetch, a look-back re-read) never rolls the store back.
+        """
+        counts = ApplyCounts()
+        ids = [r.remote_id for r in records] + list(deleted)
+        with self.session() as s:
+            existing: dict[str, CrmRecord] = {}
+            for chunk in _chunks(ids, 500):
+                for row in s.exec(
+                    select(CrmRecord).where(
+                        CrmRecord.connection == connection,
+                        CrmRecord.object == obj,
+                        CrmRecord.remote_id.in_(chunk),  # type: ignore[attr-defined]
+                    )
+                ):
+                    existing[row.remote_id] = row
+            now = utcnow()
+            for rec in records:
+                digest = content_hash(rec.properties, rec.archived)
+                row = existing.get(rec.remote_id)
+                if row is None:
+                    row = CrmRecord(
+                        connection=connection,
+                        object=obj,
+                        remote_id=rec.remote_id,
+                        properties=rec.properties,
+                        raw=rec.raw,
+                        associations=rec.associations,
+                        remote_updated_at=rec.remote_updated_at,
+                        archived=rec.archived,
+                        content_hash=digest,
+                        match_key=rec.match_key,
+                        alt_key=rec.alt_key,
+                    )
+                    s.add(row)
+                    existing[rec.remote_id] = row
+                    counts.created += 1
+                    if audit:
+                        s.add(
+                            CrmRecordChange(
+                                run_id=run_id,
+                                connection=connection,
+                                object=obj,
+                                remote_id=rec.remote_id,
+                                action="created",
+                                changes={"after": rec.properties},
+                            )
+                        )
+                    continue
+                if (
+                    row.remote_updated_at is not None
+                    and rec.remote_updated_at is not None
+                    and rec.remote_updated_at < row.remote_updated_at
+                ):
+                    counts.unchanged += 1
+                    continue
+                assoc_changed = bool(rec.associations) and rec.associations != row.associations
+                if row.content_hash == digest and not assoc_changed:
+                    counts.unchanged += 1
+                    continue
+                if row.content_hash != digest:
+                    before = row.properties or {}
+                    diff = {
+                        k: [before.get(k), rec.properties.get(k)]
+                        for k in set(before) | set(rec.properties)
+                        if before.get(k) != rec.properties.get(k)
+                    }
+                    action = "archived" if rec.archived and not row.archived else "updated"
+                    if action == "archived":
+                        counts.archived += 1
+                    else:
+                        counts.updated += 1
+                    if audit:
+                        s.add(
+                            CrmRecordChange(
+                                run_id=run_id,
+                                connection=connection,
+                                object=obj,
+                                remote_id=rec.remote_id,
+                                action=action,
+                                changes=diff,
+                            )
+                        )
+                else:
+                    counts.updated += 1
+                row.properties = rec.properties
+                row.raw = rec.raw
+                if rec.associations:
+                    row.associations = rec.associations
+                row.remote_updated_at = rec.remote_updated_at or row.remote_updated_at
+                row.archived = rec.archived
+                row.content_hash = digest
+                row.match_key, row.alt_key = rec.match_key, rec.alt_key
+                row.updated_at = now
+                s.add(row)
+            for remote_id in deleted:
+                row = existing.get(remote_id)
+                if row is not None and not row.archived:
+                    row.archived = True
+                    row.content_hash = content_hash(row.properties, True)
+                    row.updated_at = now
+                    s.add(row)
+                    counts.archived += 1
+                    if audit:
+                        s.add(
+                            CrmRecordChange(
+                                run_id=run_id,
+                                connection=connection,
+                                object=obj,
+                                remote_id=remote_id,
+                                action="archived",
+                                changes={},
+                            )
+                        )
+            if cursor is not None:
+                self.set_cursor(connection, obj, cursor, cursor_kind, session=s)
+            for kind, value in extra_cursors:
+                self.set_cursor(connection, obj, value, kind, session=s)
+            if before_commit is not None:
+                before_commit(s)
+        return counts
+
+    def mark_missing(self, connection: str, obj: str, live_ids: set[str], *, run_id: int | None = None) -> int:
+        """Archive local records whose remote id is not in ``live_ids`` (reconcile)."""
+        n = 0
+        with self.session() as s:
+            rows = s.exec(
+                select(CrmRecord).where(
+                    CrmRecord.connection == connection,
+                    CrmRecord.object == obj,
+                    CrmRecord.archived == false(),
+                )
+            )
+            for row in rows:
+                if row.remote_id not in live_ids:
+                    row.archived = True
+                    row.content_hash = content_hash(row.properties, True)
+                    row.updated_at = utcnow()
+                    s.add(row)
+                    s.add(
+                        CrmRecordChange(
+                            run_id=run_id,
+                            connection=connection,
+                            object=obj,
+                            remote_id=row.remote_id,
+                            action="archived",
+                            changes={"reason": "vanished"},
+                        )
+                    )
+                    n += 1
+        return n
+
+    def record(self, connection: str, obj: str, remote_id: str) -> CrmRecord | None:
+        with self.session() as s:
+            return s.exec(
+                select(CrmRecord).where(
+                    CrmRecord.connection == connection,
+                    CrmRecord.object == obj,
+                    CrmRecord.remote_id == remote_id,
+                )
+            ).first()
+
+    def find_by_keys(self, connection: str, obj: str, keys: Iterable[str]) -> dict[str, CrmRecord]:
+        """Live records by match key or alt key (``email:a@b``, ``phone:+49…``, ``domain:x.com``)."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, CrmRecord] = {}
+        with self.session() as s:
+            for chunk in _chunks(wanted, 500):
+                for column in (CrmRecord.match_key, CrmRecord.alt_key):
+                    rows = s.exec(
+                        select(CrmRecord).where(
+                            CrmRecord.connection == connection,
+                            CrmRecord.object == obj,
+                            CrmRecord.archived == false(),
+                            column.in_(chunk),  # type: ignore[union-attr]
+                        )
+                    )
+                    for row in rows:
+                        key = row.match_key if column is CrmRecord.match_key else row.alt_key
+                        if key is not None:
+                            found.setdefault(key, row)
+        return found
+
+    def records(self, connection: str, obj: str, *, archived: bool | None = None) -> list[CrmRecord]:
+        with self.session() as s:
+            q = select(CrmRecord).where(CrmRecord.connection == connection, CrmRecord.object == obj)
+            if archived is not None:
+                q = q.where(CrmRecord.archived == archived)
+            return list(s.exec(q))
+
+    def count_records(self, connection: str, obj: str | None = None) -> dict[str, dict[str, int]]:
+        with self.session() as s:
+            q = select(CrmRecord.object, CrmRecord.archived, func.count()).where(CrmRecord.connection == connection)
+            if obj:
+                q = q.where(CrmRecord.object == obj)
+            q = q.group_by(CrmRecord.object, CrmRecord.archived)
+            out: dict[str, dict[str, int]] = {}
+            for o, archived, n in s.exec(q):
+                d = out.setdefault(o, {"stored": 0, "archived": 0})
+                d["stored"] += n
+                if archived:
+                    d["archived"] += n
+            return out
+
+    def live_ids(self, connection: str, obj: str) -> set[str]:
+        with self.session() as s:
+            return set(
+                s.exec(
+                    select(CrmRecord.remote_id).where(
+                        CrmRecord.connection == connection,
+                        CrmRecord.object == obj,
+                        CrmRecord.archived == false(),
+                    )
+                )
+            )
+
+    # -- run log -----------------------------------------------------------------------------------
+    def start_run(self, connection: str, command: str, *, mapping_hash: str | None = None) -> int:
+        with self.session() as s:
+            run = CrmSyncLog(connection=connection, command=command, mapping_hash=mapping_hash)
+            s.add(run)
+            s.flush()
+            assert run.id is not None
+            return run.id
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        counts: dict[str, Any],
+        stats: dict[str, int] | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self.session() as s:
+            run = s.get(CrmSyncLog, run_id)
+            if run is None:
+                return
+            run.finished_at = utcnow()
+            run.status = status
+            run.counts = counts
+            if stats:
+                run.requests = stats.get("requests", 0)
+                run.retries = stats.get("retries", 0)
+                run.rate_limited = stats.get("rate_limited", 0)
+            run.error = error
+            s.add(run)
+
+    def runs(
+        self, connection: str | None = None, *, since: datetime | None = None, limit: int = 50
+    ) -> list[CrmSyncLog]:
+        with self.session() as s:
+            q = select(CrmSyncLog)
+            if connection:
+                q = q.where(CrmSyncLog.connection == connection)
+            if since:
+                q = q.where(CrmSyncLog.started_at >= since)
+            return list(s.exec(q.order_by(CrmSyncLog.id.desc()).limit(limit)))  # type: ignore[union-attr]
+
+    def last_run(self, connection: str, command: str, *, status: str | None = "ok") -> CrmSyncLog | None:
+        with self.session() as s:
+            q = select(CrmSyncLog).where(CrmSyncLog.connection == connection, CrmSyncLog.command == command)
+            if status:
+                q = q.where(CrmSyncLog.status == status)
+            return s.exec(q.order_by(CrmSyncLog.id.desc()).limit(1)).first()  # type: ignore[union-attr]
+
+    def changes(
+        self,
+        *,
+        connection: str | None = None,
+        obj: str | None = None,
+        remote_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 200,
+    ) -> list[CrmRecordChange]:
+        with self.session() as s:
+            q = select(CrmRecordChange)
+            if connection:
+                q = q.where(CrmRecordChange.connection == connection)
+            if obj:
+                q = q.where(CrmRecordChange.object == obj)
+            if remote_id:
+                q = q.where(CrmRecordChange.remote_id == remote_id)
+            if since:
+                q = q.where(CrmRecordChange.at >= since)
+            return list(s.exec(q.order_by(CrmRecordChange.id.desc()).limit(limit)))  # type: ignore[union-attr]
+
+    def prune(self, *, older_than_days: int) -> int:
+        """Drop audit rows and finished runs older than the retention period."""
+        cutoff = utcnow() - timedelta(days=older_than_days)
+        with self.session() as s:
+            n = s.execute(text("DELETE FROM crm_record_change WHERE at < :c"), {"c": cutoff}).rowcount  # type: ignore[attr-defined]
+            s.execute(
+                text("DELETE FROM crm_sync_log WHERE finished_at IS NOT NULL AND started_at < :c"),
+                {"c": cutoff},
+            )
+            return int(n or 0)
+
+    # -- links -------------------------------------------------------------------------------------
+    def links(self, connection: str, obj: str, keys: Iterable[str]) -> dict[str, str]:
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, str] = {}
+        with self.session() as s:
+            for chunk in _chunks(wanted, 500):
+                for row in s.exec(
+                    select(CrmEntityLink).where(
+                        CrmEntityLink.connection == connection,
+                        CrmEntityLink.object == obj,
+                        CrmEntityLink.local_key.in_(chunk),  # type: ignore[attr-defined]
+                    )
+                ):
+                    out[row.local_key] = row.remote_id
+        return out
+
+    def save_links(self, connection: str, obj: str, pairs: dict[str, str], *, session: Session | None = None) -> None:
+        def _do(s: Session) -> None:
+            existing = {
+                row.local_key: row
+                for chunk in _chunks(list(pairs), 500)
+                for row in s.exec(
+                    select(CrmEntityLink).where(
+                        CrmEntityLink.connection == connection,
+                        CrmEntityLink.object == obj,
+                        CrmEntityLink.local_key.in_(chunk),  # type: ignore[attr-defined]
+                    )
+                )
+            }
+            for key, remote_id in pairs.items():
+                row = existing.get(key)
+                if row is None:
+                    s.add(CrmEntityLink(connection=connection, object=obj, local_key=key, remote_id=remote_id))
+                elif row.remote_id != remote_id:
+                    row.remote_id = remote_id
+                    s.add(row)
+
+        if session is not None:
+            _do(session)
+        else:
+            with self.session() as s:
+                _do(s)
+
+    # -- mapping -----------------------------------------------------------------------------------
+    def record_mapping(self, connection: str, path: str | None, digest: str) -> None:
+        with self.session() as s:
+            row = s.exec(select(CrmFieldMapping).where(CrmFieldMapping.connection == connection)).first()
+            if row is None:
+                row = CrmFieldMapping(connection=connection, path=path, hash=digest)
+            elif row.hash == digest and row.path == path:
+                return
+            else:
+                row.path, row.hash, row.updated_at = path, digest, utcnow()
+            s.add(row)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,69 @@
+"""Stored webhook events -> one batch read of the changed records -> the normal pull path.
+
+Events are hints: only their record ids are used, the records themselves are read fresh,
+so duplicates and out-of-order deliveries cannot roll a record back. The events are marked
+processed in the same transaction that stores the records they point at.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from sqlmodel import Session, select
+
+from crmsync.model import utcnow
+from crmsync.store import CrmWebhookEvent
+
+if TYPE_CHECKING:
+    from crmsync.app import App
+    from crmsync.mapping import Mapping
+    from crmsync.providers.base import Provider
+    from crmsync.store import CrmConnection
+
+BATCH = 500
+
+
+def pending_events(app: App, connection: str, *, limit: int = BATCH) -> list[CrmWebhookEvent]:
+    with app.store.session() as s:
+        q = (
+            select(CrmWebhookEvent)
+            .where(CrmWebhookEvent.connection == connection, CrmWebhookEvent.processed_at == None)  # noqa: E711
+            .order_by(CrmWebhookEvent.id)  # type: ignore[arg-type]
+            .limit(limit)
+        )
+        return list(s.exec(q))
+
+
+def apply_pending_events(
+    app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, run_id: int, *, objects: Sequence[str]
+) -> int:
+    """Apply every pending event of a connection; returns how many events were consumed."""
+    from crmsync.sync.pull import to_canonical
+
+    consumed = 0
+    while True:
+        events = pending_events(app, conn.name)
+        if not events:
+            return consumed
+        by_obj: dict[str, list[CrmWebhookEvent]] = defaultdict(list)
+        for ev in events:
+            by_obj[ev.object].append(ev)
+        for obj, evs in by_obj.items():
+            event_ids = [e.id for e in evs]
+            deleted = sorted({e.remote_id for e in evs if e.event_type == "deletion"})
+            changed = sorted({e.remote_id for e in evs if e.event_type != "deletion"} - set(deleted))
+            records = []
+            if obj in objects and obj in provider.objects and changed:
+                fetched = provider.fetch(obj, changed, fields=mapping.provider_fields(obj))
+                records = [to_canonical(mapping, obj, r) for r in fetched]
+
+            def mark(s: Session, ids: list[int | None] = event_ids) -> None:
+                now = utcnow()
+                for row in s.exec(select(CrmWebhookEvent).where(CrmWebhookEvent.id.in_(ids))):  # type: ignore[union-attr]
+                    row.processed_at = now
+                    s.add(row)
+
+            app.store.apply_page(conn.name, obj, records, cursor=None, deleted=deleted, run_id=run_id, before_commit=mark)
+            consumed += len(evs)

@@ -1,0 +1,333 @@
+"""Incremental pull and backfill: cursor -> pages -> canonical records -> store, one page at a time.
+
+Each page is stored together with the cursor that follows it in one transaction
+(``Store.apply_page``), so a crash or kill between pages loses nothing and repeats at most one
+page. Memory stays flat: one page is in flight at a time.
+
+Backfill is the same walk from the beginning, checkpointed under its own cursor kind so it
+never disturbs the incremental cursor until it completes; then it seeds that cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from crmsync.errors import AuthError, CrmsyncError, ExitCode, RetriableError
+from crmsync.providers.base import Page, Provider, RemoteRecord, match_key
+from crmsync.store import ApplyCounts, Canonical
+
+if TYPE_CHECKING:
+    from crmsync.app import App
+    from crmsync.mapping import Mapping
+    from crmsync.store import CrmConnection
+
+log = logging.getLogger("crmsync.pull")
+
+Progress = Callable[[str, str, int, int | None], None]  # connection, object, records so far, total
+
+
+@dataclass
+class ObjectResult:
+    object: str
+    read: int = 0
+    created: int = 0
+    updated: int = 0
+    archived: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    pages: int = 0
+    error: str | None = None
+    cursor: dict[str, Any] | None = None
+
+    def add(self, counts: ApplyCounts, read: int) -> None:
+        self.read += read
+        self.created += counts.created
+        self.updated += counts.updated
+        self.archived += counts.archived
+        self.unchanged += counts.unchanged
+        self.pages += 1
+
+
+@dataclass
+class ConnectionResult:
+    connection: str
+    provider: str
+    command: str
+    objects: list[ObjectResult] = field(default_factory=list)
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    duration: float = 0.0
+    error: str | None = None
+    exit_code: int = 0
+    events_applied: int = 0
+    reconciled: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connection": self.connection,
+            "provider": self.provider,
+            "command": self.command,
+            "objects": {o.object: {k: v for k, v in o.__dict__.items() if k != "object"} for o in self.objects},
+            "requests": self.requests,
+            "retries": self.retries,
+            "rate_limited": self.rate_limited,
+            "duration_seconds": round(self.duration, 3),
+            "events_applied": self.events_applied,
+            "reconciled": self.reconciled,
+            "error": self.error,
+            "exit_code": self.exit_code,
+        }
+
+
+def to_canonical(mapping: Mapping, obj: str, rec: RemoteRecord) -> Canonical:
+    """A remote record through the mapping, with the keys push matches on."""
+    props = mapping.to_canonical(obj, rec.properties)
+    keys = record_keys(obj, props)
+    return Canonical(
+        remote_id=rec.id,
+        properties=props,
+        raw=rec.properties,
+        remote_updated_at=rec.updated_at,
+        archived=rec.archived,
+        associations=rec.associations,
+        match_key=keys[0],
+        alt_key=keys[1],
+    )
+
+
+def record_keys(obj: str, props: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(match_key, alt_key) of a canonical record: what push looks it up by in the mirror."""
+    from crmsync.model import company_key, contact_key
+
+    if obj == "contacts":
+        primary = contact_key(props)
+        phone = contact_key({"phone": props["phone"]}) if props.get("phone") else None
+        return (match_key(primary) if primary else None, match_key(phone) if phone and primary != phone else None)
+    if obj == "companies":
+        primary = company_key(props)
+        name = company_key({"name": props["name"]}) if props.get("name") else None
+        return (match_key(primary) if primary else None, match_key(name) if name and name != primary else None)
+    if obj == "deals" and props.get("key"):
+        return (f"key:{props['key']}", None)
+    if obj in ("calls", "tasks") and props.get("outcome_id"):
+        return (f"outcome:{props['outcome_id']}", None)
+    return (None, None)
+
+
+def _objects(provider: Provider, wanted: Sequence[str] | None) -> list[str]:
+    if not wanted:
+        return list(provider.objects)
+    unknown = [o for o in wanted if o not in provider.objects]
+    if unknown:
+        from crmsync.errors import UsageError
+
+        raise UsageError(
+            f"{provider.label} cannot pull {', '.join(unknown)}; choose from {', '.join(provider.objects)}"
+        )
+    return list(wanted)
+
+
+def pull(
+    app: App,
+    *,
+    connections: Sequence[str] | None = None,
+    objects: Sequence[str] | None = None,
+    since: datetime | None = None,
+    full: bool = False,
+    reconcile: bool = False,
+    lock_timeout: float | None = None,
+    progress: Progress | None = None,
+) -> list[ConnectionResult]:
+    """Pull every named (or configured) connection; one result per connection."""
+    results = []
+    for conn in app.connections(list(connections) if connections else None):
+        results.append(
+            _run(
+                app,
+                conn,
+                "pull",
+                lock_timeout=lock_timeout,
+                body=lambda res, provider, mapping, run_id, conn=conn: _pull_connection(
+                    app, conn, provider, mapping, res, run_id,
+                    objects=objects, since=since, full=full, reconcile=reconcile, progress=progress,
+                ),
+            )
+        )
+    return results
+
+
+def backfill(
+    app: App,
+    *,
+    connection: str | None = None,
+    objects: Sequence[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    lock_timeout: float | None = None,
+    progress: Progress | None = None,
+) -> ConnectionResult:
+    """Import the full history (resumable); on completion seed the incremental cursor."""
+    conn = app.connection(connection)
+    return _run(
+        app,
+        conn,
+        "backfill",
+        lock_timeout=lock_timeout,
+        body=lambda res, provider, mapping, run_id: _backfill_connection(
+            app, conn, provider, mapping, res, run_id, objects=objects, since=since, until=until, progress=progress
+        ),
+    )
+
+
+def _run(app: App, conn: CrmConnection, command: str, *, lock_timeout: float | None, body: Callable[..., None]) -> ConnectionResult:
+    """Lock, open a run log row, run the body, and record how it ended (metrics included)."""
+    res = ConnectionResult(connection=conn.name, provider=conn.provider, command=command)
+    started = time.monotonic()
+    with app.run_lock(conn.name, timeout=lock_timeout):
+        provider = app.provider(conn)
+        mapping = app.mapping(conn)
+        app.store.record_mapping(conn.name, str(mapping.path) if mapping.path else None, mapping.hash)
+        run_id = app.store.start_run(conn.name, command, mapping_hash=mapping.hash)
+        status, error = "ok", None
+        try:
+            body(res, provider, mapping, run_id)
+            if any(o.error for o in res.objects):
+                status = "partial"
+                res.exit_code = max(res.exit_code, ExitCode.PARTIAL)
+        except RetriableError as exc:
+            status, error = "failed", str(exc)
+            res.exit_code = ExitCode.TEMPFAIL
+        except AuthError as exc:
+            status, error = "failed", str(exc)
+            res.exit_code = ExitCode.AUTH
+            app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted"
+            raise
+        except CrmsyncError as exc:
+            status, error = "failed", str(exc)
+            res.exit_code = exc.exit_code
+        finally:
+            res.duration = time.monotonic() - started
+            stats = provider.http.stats.as_dict()
+            res.requests, res.retries, res.rate_limited = stats["requests"], stats["retries"], stats["rate_limited"]
+            res.error = res.error or error
+            counts = {o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects}
+            counts["_quota"] = provider.quota()
+            app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
+            if status == "ok":
+                app.store.touch_connection(conn.name, ok=True, auth_state="ok")
+                app.metrics.last_success.labels(conn.name, command).set(time.time())
+            app.metrics.sync_seconds.labels(conn.provider, conn.name, command).observe(res.duration)
+            for o in res.objects:
+                app.metrics.count_records(conn.name, o.object, {k: getattr(o, k) for k in ("created", "updated", "archived", "unchanged", "failed")})
+    return res
+
+
+def _apply_pages(
+    app: App,
+    conn: CrmConnection,
+    mapping: Mapping,
+    obj: str,
+    pages: Any,
+    out: ObjectResult,
+    run_id: int,
+    *,
+    cursor_kind: str = "incremental",
+    progress: Progress | None = None,
+) -> Page | None:
+    last: Page | None = None
+    total: int | None = None
+    for page in pages:
+        records = [to_canonical(mapping, obj, r) for r in page.records]
+        counts = app.store.apply_page(
+            conn.name, obj, records, cursor=page.cursor, cursor_kind=cursor_kind, deleted=page.deleted, run_id=run_id
+        )
+        out.add(counts, len(records))
+        if page.cursor is not None:
+            out.cursor = page.cursor
+        total = page.total if page.total is not None else total
+        if progress:
+            progress(conn.name, obj, out.read, total)
+        last = page
+    return last
+
+
+def _pull_connection(
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    res: ConnectionResult,
+    run_id: int,
+    *,
+    objects: Sequence[str] | None,
+    since: datetime | None,
+    full: bool,
+    reconcile: bool,
+    progress: Progress | None,
+) -> None:
+    objs = _objects(provider, objects)
+    from crmsync.sync.events import apply_pending_events
+
+    res.events_applied = apply_pending_events(app, conn, provider, mapping, run_id, objects=objs)
+    for obj in objs:
+        out = ObjectResult(obj)
+        res.objects.append(out)
+        cursor = None if (full or since) else app.store.cursor(conn.name, obj)
+        try:
+            pages = provider.changes(obj, cursor, fields=mapping.provider_fields(obj), since=since)
+            _apply_pages(app, conn, mapping, obj, pages, out, run_id, progress=progress)
+            if reconcile:
+                live: set[str] = set()
+                for ids in provider.list_ids(obj):
+                    live.update(ids)
+                res.reconciled += app.store.mark_missing(conn.name, obj, live, run_id=run_id)
+        except (RetriableError, AuthError):
+            raise  # the whole connection stops; the cursor stays at the last good page
+        except CrmsyncError as exc:
+            out.error = str(exc)
+            out.failed += 1
+            log.warning("pull %s %s failed: %s", conn.name, obj, exc)
+
+
+def _backfill_connection(
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    res: ConnectionResult,
+    run_id: int,
+    *,
+    objects: Sequence[str] | None,
+    since: datetime | None,
+    until: datetime | None,
+    progress: Progress | None,
+) -> None:
+    for obj in _objects(provider, objects):
+        out = ObjectResult(obj)
+        res.objects.append(out)
+        checkpoint = app.store.cursor(conn.name, obj, "backfill")
+        pages = provider.changes(obj, checkpoint, fields=mapping.provider_fields(obj), since=since, until=until)
+        try:
+            _apply_pages(app, conn, mapping, obj, pages, out, run_id, cursor_kind="backfill", progress=progress)
+        except CrmsyncError as exc:
+            if isinstance(exc, (RetriableError, AuthError)):
+                raise
+            out.error = str(exc)
+            continue
+        final = app.store.cursor(conn.name, obj, "backfill")
+        if final is not None and until is None:
+            # Seed the incremental cursor and drop the checkpoint in one transaction.
+            app.store.apply_page(
+                conn.name, obj, [], cursor=final, cursor_kind="incremental", extra_cursors=[("backfill", None)]
+            )
+        elif final is not None:
+            app.store.set_cursor(conn.name, obj, None, "backfill")
+        out.cursor = final

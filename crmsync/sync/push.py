@@ -1,0 +1,730 @@
+"""Push: call outcomes -> validation -> outbox -> batched, resumable delivery -> receipts.
+
+Exactly-once rests on three things:
+
+1. the outbox is keyed by (connection, outcome id): feeding an outcome again queues nothing;
+2. each outcome is a chain of steps (company -> contact -> deal -> call -> task) and each step's
+   remote id is committed as soon as its batch answers, so a retry resumes at the failed step;
+   contacts, companies and deals are matched or upserted by natural or unique keys, so re-sending
+   them cannot duplicate;
+3. before a call or task batch is sent, its outbox rows are marked in flight (committed); a run that
+   finds rows still in flight asks the CRM for their idempotency markers before sending anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import insert
+from sqlmodel import select
+
+from crmsync.errors import AuthError, CrmsyncError, ExitCode, InputError, RetriableError, UsageError
+from crmsync.model import CallOutcome, canonical, company_key, contact_key, utcnow
+from crmsync.providers.base import ItemResult, Outgoing, OutgoingActivity, Provider, match_key
+from crmsync.store import Canonical, CrmConflict, CrmOutbox, CrmRecord
+from crmsync.sync.conflicts import resolve
+from crmsync.sync.inputs import Parsed, read_outcomes
+
+if TYPE_CHECKING:
+    from crmsync.app import App
+    from crmsync.mapping import Mapping
+    from crmsync.store import CrmConnection
+
+log = logging.getLogger("crmsync.push")
+
+ENTITY_STEPS = ("companies", "contacts", "deals")
+ACTIVITY_STEPS = ("calls", "tasks")
+CHUNK = 1000  # outcomes delivered per round: enough for 10 concurrent provider batches
+ENQUEUE_CHUNK = 500
+
+
+@dataclass
+class Receipt:
+    """What happened to one outcome (one JSON line with --json)."""
+
+    id: str | None
+    status: str  # created | updated | unchanged | queued | failed | rejected | conflict | planned
+    remote_ids: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    line: int | None = None
+    plan: dict[str, str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "status": self.status, "remote_ids": self.remote_ids, "error": self.error}
+        if self.line is not None:
+            out["line"] = self.line
+        if self.plan is not None:
+            out["plan"] = self.plan
+        return out
+
+
+@dataclass
+class PushSummary:
+    connection: str
+    provider: str
+    read: int = 0
+    valid: int = 0
+    rejected: int = 0
+    queued: int = 0
+    already: int = 0
+    conflicts: int = 0
+    created: int = 0
+    updated: int = 0
+    failed: int = 0
+    pending: int = 0
+    field_conflicts: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    writes: int = 0
+    duration: float = 0.0
+    error: str | None = None
+    exit_code: int = 0
+    dry_run: bool = False
+    plan_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["duration_seconds"] = round(d.pop("duration"), 3)
+        if not self.dry_run:
+            d.pop("plan_counts")
+        return d
+
+
+ReceiptSink = Callable[[Receipt], None]
+
+
+# -- input -> outbox ---------------------------------------------------------------------------
+def _spooled(source: str) -> tuple[str, Callable[[], None]]:
+    """stdin can be read once; --strict reads twice, so spool it to disk (never to memory)."""
+    if source != "-":
+        return source, lambda: None
+    import sys
+
+    fd, path = tempfile.mkstemp(prefix="crmsync-push-", suffix=".in")
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+    return path, lambda: os.unlink(path)
+
+
+def _write_reject(handle: Any, parsed: Parsed) -> None:
+    import json
+
+    assert parsed.error is not None
+    handle.write(json.dumps({"line": parsed.line, "error": str(parsed.error), "record": parsed.raw}, ensure_ascii=False) + "\n")
+
+
+def validate_all(source: str, fmt: str) -> tuple[int, list[InputError]]:
+    """First pass of --strict: every error of the file, nothing queued."""
+    n, errors = 0, []
+    for parsed in read_outcomes(source, fmt):
+        n += 1
+        if parsed.error:
+            errors.append(parsed.error)
+    return n, errors
+
+
+def _chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in it:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def enqueue(
+    app: App,
+    conn: str,
+    parsed: Iterable[Parsed],
+    summary: PushSummary,
+    *,
+    update: bool,
+    rejects: Any,
+    sink: ReceiptSink | None,
+) -> None:
+    """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects."""
+    engine = app.store.engine
+    seen: dict[str, str] = {}
+    with engine.begin() as db:
+        for chunk in _chunks(parsed, ENQUEUE_CHUNK):
+            valid: list[tuple[Parsed, CallOutcome]] = []
+            for p in chunk:
+                summary.read += 1
+                if p.error is not None or p.outcome is None:
+                    summary.rejected += 1
+                    if rejects is not None:
+                        _write_reject(rejects, p)
+                    if sink:
+                        sink(Receipt(None, "rejected", error=str(p.error), line=p.line))
+                    continue
+                valid.append((p, p.outcome))
+            summary.valid += len(valid)
+            ids = [o.id for _, o in valid]
+            t = CrmOutbox.__table__.c  # type: ignore[attr-defined]
+            existing = {
+                row.outcome_id: row
+                for row in db.execute(
+                    select(t.id, t.outcome_id, t.content_hash, t.state, t.steps).where(
+                        t.connection == conn, t.outcome_id.in_(ids)
+                    )
+                )
+            } if ids else {}
+            new_rows = []
+            now = utcnow()
+            for p, outcome in valid:
+                oid = str(outcome.id)
+                digest = outcome.content_hash()
+                prior = existing.get(oid)
+                if oid in seen:
+                    prior_hash = seen[oid]
+                elif prior is not None:
+                    prior_hash = prior.content_hash
+                else:
+                    prior_hash = None
+                if prior_hash is None:
+                    seen[oid] = digest
+                    new_rows.append(
+                        {"connection": conn, "outcome_id": oid, "content_hash": digest, "payload": outcome.model_dump(mode="json"),
+                         "state": "pending", "steps": {}, "in_flight": {}, "attempts": 0, "update_requested": False,
+                         "created_at": now, "updated_at": now}
+                    )
+                    summary.queued += 1
+                    continue
+                if prior_hash == digest:
+                    summary.already += 1
+                    if sink and prior is not None and prior.state == "done":
+                        sink(Receipt(oid, "unchanged", remote_ids=_public_steps(prior.steps), line=p.line))
+                    continue
+                if update and prior is not None and oid not in seen:
+                    seen[oid] = digest
+                    db.execute(
+                        CrmOutbox.__table__.update()  # type: ignore[attr-defined]
+                        .where(CrmOutbox.__table__.c.id == prior.id)  # type: ignore[attr-defined]
+                        .values(payload=outcome.model_dump(mode="json"), content_hash=digest, state="pending",
+                                update_requested=True, steps={"previous": _public_steps(prior.steps)}, in_flight={},
+                                last_error=None, updated_at=now)
+                    )
+                    summary.queued += 1
+                    continue
+                summary.conflicts += 1
+                if sink:
+                    sink(Receipt(oid, "conflict", error="this id was already sent with different content; use --update to send the change", line=p.line))
+            if new_rows:
+                db.execute(insert(CrmOutbox.__table__), new_rows)  # type: ignore[attr-defined]
+
+
+def _public_steps(steps: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in steps.items() if k in (*ENTITY_STEPS, *ACTIVITY_STEPS) and v}
+
+
+# -- the command ------------------------------------------------------------------------------
+def push(
+    app: App,
+    *,
+    source: str | None,
+    connection: str | None = None,
+    fmt: str = "auto",
+    strict: bool = False,
+    rejects: Path | None = None,
+    dry_run: bool = False,
+    update: bool = False,
+    retry_failed: bool = False,
+    lock_timeout: float | None = None,
+    sink: ReceiptSink | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PushSummary:
+    """Validate, queue and deliver outcomes; ``source`` None delivers what is already queued."""
+    conn = app.connection(connection)
+    summary = PushSummary(connection=conn.name, provider=conn.provider, dry_run=dry_run)
+    started = time.monotonic()
+    mapping = app.mapping(conn)
+    cleanup = lambda: None  # noqa: E731
+    path = source
+    try:
+        if source is not None and strict:
+            path, cleanup = _spooled(source)
+            n, errors = validate_all(path, fmt)
+            if errors:
+                shown = "\n  ".join(str(e) for e in errors[:20])
+                more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
+                raise InputError(f"{len(errors)} of {n} records are invalid; nothing was queued (--strict):\n  {shown}{more}")
+        if dry_run:
+            if path is None:
+                raise UsageError("--dry-run needs an input file (or - for stdin)")
+            plan(app, conn, mapping, read_outcomes(path, fmt), summary, sink=sink, rejects=rejects)
+        else:
+            with app.run_lock(conn.name, timeout=lock_timeout):
+                run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
+                status, error = "ok", None
+                provider: Provider | None = None
+                try:
+                    if path is not None:
+                        reject_handle = open(rejects, "w", encoding="utf-8") if rejects else None  # noqa: SIM115
+                        try:
+                            enqueue(app, conn.name, read_outcomes(path, fmt), summary, update=update, rejects=reject_handle, sink=sink)
+                        finally:
+                            if reject_handle:
+                                reject_handle.close()
+                        if summary.read == 0:
+                            raise InputError(f"{'<stdin>' if path == '-' else path}: no outcomes found (empty input)")
+                    if retry_failed:
+                        _reset_failed(app, conn.name)
+                    provider = app.provider(conn)
+                    deliver(app, conn, provider, mapping, summary, sink=sink, progress=progress, run_id=run_id)
+                except RetriableError as exc:
+                    status, error = "failed", str(exc)
+                    summary.error, summary.exit_code = str(exc), ExitCode.TEMPFAIL
+                except AuthError as exc:
+                    status, error = "failed", str(exc)
+                    summary.error, summary.exit_code = str(exc), ExitCode.AUTH
+                except InputError:
+                    status = "failed"
+                    raise
+                finally:
+                    stats = provider.http.stats.as_dict() if provider else {}
+                    summary.requests = stats.get("requests", 0)
+                    summary.retries = stats.get("retries", 0)
+                    summary.rate_limited = stats.get("rate_limited", 0)
+                    if status == "ok" and (summary.failed or summary.rejected or summary.conflicts):
+                        status = "partial"
+                    app.store.finish_run(run_id, status=status, counts=_counts(summary), stats=stats, error=error)
+                    _outbox_gauges(app, conn.name)
+                    if status == "ok":
+                        app.metrics.last_success.labels(conn.name, "push").set(time.time())
+                    app.metrics.count_records(conn.name, "calls", {"created": summary.created, "updated": summary.updated,
+                                                                   "failed": summary.failed, "rejected": summary.rejected})
+    finally:
+        cleanup()
+        summary.duration = time.monotonic() - started
+        app.metrics.sync_seconds.labels(conn.provider, conn.name, "push").observe(summary.duration)
+    if not summary.exit_code and (summary.failed or summary.rejected or summary.conflicts):
+        summary.exit_code = ExitCode.PARTIAL
+    return summary
+
+
+def _counts(s: PushSummary) -> dict[str, Any]:
+    return {k: getattr(s, k) for k in ("read", "valid", "rejected", "queued", "already", "conflicts", "created", "updated", "failed", "pending", "field_conflicts")}
+
+
+def _outbox_gauges(app: App, conn: str) -> None:
+    from sqlalchemy import func
+
+    with app.store.session() as s:
+        counts = dict(s.exec(select(CrmOutbox.state, func.count()).where(CrmOutbox.connection == conn).group_by(CrmOutbox.state)).all())  # type: ignore[arg-type]
+    for state in ("pending", "done", "failed", "conflict"):
+        app.metrics.outbox.labels(conn, state).set(counts.get(state, 0))
+
+
+def _reset_failed(app: App, conn: str) -> None:
+    with app.store.session() as s:
+        for row in s.exec(select(CrmOutbox).where(CrmOutbox.connection == conn, CrmOutbox.state == "failed")):
+            row.state, row.updated_at = "pending", utcnow()
+            s.add(row)
+
+
+# -- dry run ----------------------------------------------------------------------------------
+def plan(app: App, conn: CrmConnection, mapping: Mapping, parsed: Iterable[Parsed], summary: PushSummary, *, sink: ReceiptSink | None, rejects: Path | None) -> None:
+    """The plan per outcome from the local mirror: no CRM request, no outbox write."""
+    rules = app.config.conflict_rules()
+    counts: dict[str, dict[str, int]] = {}
+    reject_handle = open(rejects, "w", encoding="utf-8") if rejects else None  # noqa: SIM115
+    try:
+        for chunk in _chunks(parsed, ENQUEUE_CHUNK):
+            good = []
+            for p in chunk:
+                summary.read += 1
+                if p.error or p.outcome is None:
+                    summary.rejected += 1
+                    if reject_handle:
+                        _write_reject(reject_handle, p)
+                    if sink:
+                        sink(Receipt(None, "rejected", error=str(p.error), line=p.line))
+                    continue
+                good.append((p, p.outcome))
+            summary.valid += len(good)
+            canon = [(p, o, canonical(o)) for p, o in good]
+            keys: dict[str, set[str]] = {o: set() for o in ENTITY_STEPS}
+            for _, _, c in canon:
+                for obj in ENTITY_STEPS:
+                    k = _entity_key(obj, c)
+                    if k:
+                        keys[obj].add(k)
+            mirror = {obj: app.store.find_by_keys(conn.name, obj, ks) for obj, ks in keys.items()}
+            links = {obj: app.store.links(conn.name, obj, ks) for obj, ks in keys.items()}
+            with app.store.session() as s:
+                outbox = {
+                    r.outcome_id: r
+                    for r in s.exec(select(CrmOutbox).where(CrmOutbox.connection == conn.name,
+                                                            CrmOutbox.outcome_id.in_([str(o.id) for _, o in good])))  # type: ignore[attr-defined]
+                }
+            for p, outcome, c in canon:
+                steps: dict[str, str] = {}
+                prior = outbox.get(str(outcome.id))
+                for obj in (*ENTITY_STEPS, *ACTIVITY_STEPS):
+                    if obj not in c:
+                        continue
+                    if obj in ACTIVITY_STEPS:
+                        action = "skip" if prior is not None and prior.content_hash == outcome.content_hash() else "create"
+                    else:
+                        k = _entity_key(obj, c)
+                        rec = mirror[obj].get(k) if k else None
+                        if rec is not None:
+                            send, _ = resolve(obj, c[obj], rec.properties, rules=rules, occurred_at=outcome.occurred_at,
+                                              crm_updated_at=rec.remote_updated_at)
+                            action = "update" if send else "match"
+                        elif k and k in links[obj]:
+                            action = "match"
+                        else:
+                            action = "create"
+                    steps[obj] = action
+                    counts.setdefault(obj, {}).setdefault(action, 0)
+                    counts[obj][action] += 1
+                if sink:
+                    sink(Receipt(str(outcome.id), "planned", line=p.line, plan=steps))
+    finally:
+        if reject_handle:
+            reject_handle.close()
+    summary.plan_counts = counts
+
+
+def _entity_key(obj: str, canon: dict[str, dict[str, Any]]) -> str | None:
+    c = canon.get(obj)
+    if not c:
+        return None
+    if obj == "contacts":
+        k = contact_key(c)
+    elif obj == "companies":
+        k = company_key(c)
+    else:
+        k = {"key": c["key"]} if c.get("key") else None
+    return match_key(k) if k else None
+
+
+# -- delivery ---------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    row: CrmOutbox
+    outcome: CallOutcome
+    canon: dict[str, dict[str, Any]]
+    failed: bool = False
+
+
+def deliver(
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    summary: PushSummary,
+    *,
+    sink: ReceiptSink | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    run_id: int | None = None,
+) -> None:
+    """Deliver every pending outbox item of a connection, CHUNK outcomes at a time."""
+    last_id = 0
+    done = 0
+    total = _count_pending(app, conn.name)
+    prepared = False
+    while True:
+        with app.store.session() as s:
+            rows = list(
+                s.exec(
+                    select(CrmOutbox)
+                    .where(CrmOutbox.connection == conn.name, CrmOutbox.state == "pending", CrmOutbox.id > last_id)  # type: ignore[operator]
+                    .order_by(CrmOutbox.id)  # type: ignore[arg-type]
+                    .limit(CHUNK)
+                )
+            )
+        if not rows:
+            break
+        last_id = rows[-1].id or last_id
+        items = []
+        for row in rows:
+            outcome = CallOutcome.model_validate(row.payload)
+            items.append(_Item(row, outcome, canonical(outcome)))
+        if not prepared:
+            provider.prepare_objects(sorted({o for it in items for o in it.canon}))
+            prepared = True
+        for obj in ENTITY_STEPS:
+            _entity_step(app, conn, provider, mapping, obj, items, summary)
+        for obj in ACTIVITY_STEPS:
+            _activity_step(app, conn, provider, mapping, obj, items, summary)
+        _finish(app, items, summary, sink)
+        done += len(items)
+        if progress:
+            progress(done, total)
+    summary.pending = _count_pending(app, conn.name)
+
+
+def _count_pending(app: App, conn: str) -> int:
+    from sqlalchemy import func
+
+    with app.store.session() as s:
+        return int(s.exec(select(func.count()).select_from(CrmOutbox).where(CrmOutbox.connection == conn, CrmOutbox.state == "pending")).one())
+
+
+def _parallel(provider: Provider, fn: Callable[[list[Any]], list[ItemResult]], batches: list[list[Any]]) -> list[ItemResult]:
+    """Send batches concurrently (the HttpClient's bucket keeps the CRM's pace)."""
+    if len(batches) <= 1:
+        return [r for b in batches for r in fn(b)]
+    workers = max(1, min(len(batches), provider.http.concurrency))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="push") as pool:
+        return [r for rs in pool.map(fn, batches) for r in rs]
+
+
+def _batches(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _entity_step(app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, obj: str, items: list[_Item], summary: PushSummary) -> None:
+    need = [it for it in items if not it.failed and obj in it.canon and obj not in it.row.steps]
+    if not need:
+        return
+    by_key: dict[str, list[_Item]] = {}
+    for it in need:
+        k = _entity_key(obj, it.canon)
+        if k:
+            by_key.setdefault(k, []).append(it)
+    keys = list(by_key)
+    mirror = app.store.find_by_keys(conn.name, obj, keys)
+    unknown = [k for k in keys if k not in mirror]
+    crm: dict[str, tuple[dict[str, Any], str, datetime | None]] = {
+        k: (r.properties, r.remote_id, r.remote_updated_at) for k, r in mirror.items()
+    }
+    if unknown:
+        from crmsync.sync.pull import to_canonical
+
+        key_dicts = [dict([k.split(":", 1)]) for k in unknown]
+        found: dict[str, Any] = {}
+        for batch in _batches(key_dicts, provider.batch_size):
+            found.update(provider.lookup(obj, batch, fields=mapping.provider_fields(obj)))
+        if found:
+            records = [to_canonical(mapping, obj, rec) for rec in found.values()]
+            app.store.apply_page(conn.name, obj, records, cursor=None, audit=False)
+            for k, rec in found.items():
+                canon_rec = next(r for r in records if r.remote_id == rec.id)
+                crm[k] = (canon_rec.properties, rec.id, rec.updated_at)
+        linked = app.store.links(conn.name, obj, [k for k in unknown if k not in found])
+        for k, rid in linked.items():
+            crm[k] = ({}, rid, None)
+    rules = app.config.conflict_rules()
+    outgoing: list[Outgoing] = []
+    resolved: dict[str, str] = {}
+    merged: dict[str, dict[str, Any]] = {}
+    conflict_rows: list[CrmConflict] = []
+    for k, its in by_key.items():
+        its.sort(key=lambda it: it.outcome.occurred_at)
+        values: dict[str, Any] = {}
+        for it in its:
+            values.update({f: v for f, v in it.canon[obj].items() if v not in (None, "")})
+        existing = crm.get(k)
+        send, conflicts = resolve(
+            obj, values, existing[0] if existing and existing[0] else None, rules=rules,
+            occurred_at=its[-1].outcome.occurred_at, crm_updated_at=existing[2] if existing else None,
+        )
+        for c in conflicts:
+            summary.field_conflicts += 1
+            conflict_rows.append(CrmConflict(connection=conn.name, object=obj, remote_id=existing[1] if existing else None,
+                                             field=c.field, crm_value=_s(c.crm_value), outcome_value=_s(c.outcome_value),
+                                             rule=c.rule, resolution=c.resolution, outcome_id=its[-1].row.outcome_id,
+                                             open=c.resolution == "kept_crm"))
+        assoc = {}
+        if obj == "contacts":
+            assoc["companies"] = its[-1].row.steps.get("companies") or ""
+        elif obj == "deals":
+            assoc["contacts"] = its[-1].row.steps.get("contacts") or ""
+            assoc["companies"] = its[-1].row.steps.get("companies") or ""
+        assoc = {a: v for a, v in assoc.items() if v}
+        if existing and not send:
+            resolved[k] = existing[1]
+            merged[k] = {**(existing[0] or {}), **values} if existing[0] else values
+            continue
+        if obj == "deals":
+            send.setdefault("key", values.get("key"))
+        props = mapping.to_provider(obj, send if existing else values)
+        outgoing.append(Outgoing(ref=k, properties=props, match=dict([k.split(":", 1)]), remote_id=existing[1] if existing else None, associations=assoc))
+        merged[k] = {**((existing[0] or {}) if existing else {}), **values}
+    results: dict[str, ItemResult] = {}
+    if outgoing:
+        for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(outgoing, provider.batch_size)):
+            results[r.ref] = r
+    for k, rid in resolved.items():
+        results[k] = ItemResult(k, True, remote_id=rid)
+    _record_step(app, conn, obj, by_key, results, merged, conflict_rows, summary)
+
+
+def _s(value: Any) -> str | None:
+    return None if value is None else str(value)[:500]
+
+
+def _record_step(app: App, conn: CrmConnection, obj: str, by_key: dict[str, list[_Item]], results: dict[str, ItemResult],
+                 merged: dict[str, dict[str, Any]], conflict_rows: list[CrmConflict], summary: PushSummary) -> None:
+    """Commit a step: remote ids into the outbox rows, links and mirror records, conflicts."""
+    from crmsync.sync.pull import record_keys
+
+    links: dict[str, str] = {}
+    mirror: list[Canonical] = []
+    now = utcnow()
+    for k, its in by_key.items():
+        res = results.get(k)
+        for it in its:
+            if res is not None and res.ok and res.remote_id:
+                it.row.steps = {**it.row.steps, obj: res.remote_id}
+            else:
+                it.failed = True
+                it.row.last_error = f"{obj}: {res.error if res else 'no result'}"
+                it.row.attempts += 1
+                if res is None or not res.retriable:
+                    it.row.state = "failed"
+            it.row.updated_at = now
+        if res is not None and res.ok and res.remote_id:
+            links[k] = res.remote_id
+            props = merged.get(k) or {}
+            mk, ak = record_keys(obj, props)
+            mirror.append(Canonical(remote_id=res.remote_id, properties=props, raw={}, remote_updated_at=None, match_key=mk or k, alt_key=ak))
+    with app.store.session() as s:
+        for its in by_key.values():
+            for it in its:
+                s.merge(it.row)
+        app.store.save_links(conn.name, obj, links, session=s)
+        for c in conflict_rows:
+            s.add(c)
+        _merge_mirror(s, conn.name, obj, mirror)
+
+
+def _merge_mirror(s: Any, conn: str, obj: str, records: list[Canonical]) -> None:
+    """Keep the mirror in step with what was just written, so the next push matches locally."""
+    from crmsync.store import content_hash
+
+    if not records:
+        return
+    ids = [r.remote_id for r in records]
+    existing = {row.remote_id: row for row in s.exec(select(CrmRecord).where(CrmRecord.connection == conn, CrmRecord.object == obj, CrmRecord.remote_id.in_(ids)))}  # type: ignore[attr-defined]
+    for rec in records:
+        row = existing.get(rec.remote_id)
+        if row is None:
+            row = CrmRecord(connection=conn, object=obj, remote_id=rec.remote_id, properties=rec.properties, raw={},
+                            content_hash=content_hash(rec.properties, False), match_key=rec.match_key, alt_key=rec.alt_key)
+        else:
+            row.properties = {**row.properties, **rec.properties}
+            row.content_hash = content_hash(row.properties, row.archived)
+            row.match_key = row.match_key or rec.match_key
+            row.alt_key = row.alt_key or rec.alt_key
+            row.updated_at = utcnow()
+        s.add(row)
+
+
+def _activity_step(app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, obj: str, items: list[_Item], summary: PushSummary) -> None:
+    need = [it for it in items if not it.failed and obj in it.canon and obj not in it.row.steps]
+    need = [it for it in need if it.row.steps.get("contacts")]
+    if not need:
+        return
+    marker = (lambda it: it.row.outcome_id) if obj == "calls" else (lambda it: f"{it.row.outcome_id}:task")
+    # Replies that were lost (killed mid-request): ask the CRM before sending anything again.
+    unsure = [it for it in need if it.row.in_flight.get(obj)]
+    results: dict[str, ItemResult] = {}
+    if unsure:
+        found: dict[str, str] = {}
+        for batch in _batches([marker(it) for it in unsure], provider.batch_size):
+            found.update(provider.find_activities(obj, batch))
+        for it in unsure:
+            if marker(it) in found:
+                results[it.row.outcome_id] = ItemResult(it.row.outcome_id, True, remote_id=found[marker(it)], created=False)
+    todo = [it for it in need if it.row.outcome_id not in results]
+    updates = [it for it in todo if it.row.update_requested and (it.row.steps.get("previous") or {}).get(obj)]
+    creates = [it for it in todo if it not in updates]
+    if creates:
+        now = utcnow().isoformat()
+        with app.store.session() as s:
+            for it in creates:
+                it.row.in_flight = {**it.row.in_flight, obj: now}
+                s.merge(it.row)
+        acts = [
+            OutgoingActivity(
+                ref=it.row.outcome_id,
+                marker=marker(it),
+                properties=mapping.to_provider(obj, it.canon[obj]),
+                associations={a: it.row.steps[a] for a in ENTITY_STEPS if it.row.steps.get(a)},
+            )
+            for it in creates
+        ]
+        for r in _parallel(provider, lambda b: provider.create_activities(obj, b), _batches(acts, provider.batch_size)):
+            results[r.ref] = r
+    if updates:
+        outs = [Outgoing(ref=it.row.outcome_id, properties=mapping.to_provider(obj, it.canon[obj]), match={},
+                         remote_id=it.row.steps["previous"][obj]) for it in updates]
+        for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(outs, provider.batch_size)):
+            results[r.ref] = r
+    now_dt = utcnow()
+    with app.store.session() as s:
+        for it in need:
+            res = results.get(it.row.outcome_id)
+            if res is not None and res.ok and res.remote_id:
+                it.row.steps = {**it.row.steps, obj: res.remote_id}
+                it.row.in_flight = {k: v for k, v in it.row.in_flight.items() if k != obj}
+                if obj == "calls":
+                    summary.writes += 1
+            else:
+                it.failed = True
+                it.row.attempts += 1
+                it.row.last_error = f"{obj}: {res.error if res else 'no result'}"
+                if res is not None and not res.retriable:
+                    # The CRM answered no: nothing was created, so nothing is in flight.
+                    it.row.in_flight = {k: v for k, v in it.row.in_flight.items() if k != obj}
+                    it.row.state = "failed"
+            it.row.updated_at = now_dt
+            s.merge(it.row)
+
+
+def _finish(app: App, items: list[_Item], summary: PushSummary, sink: ReceiptSink | None) -> None:
+    now = utcnow()
+    with app.store.session() as s:
+        for it in items:
+            row = it.row
+            needed = [o for o in it.canon if o in (*ENTITY_STEPS, *ACTIVITY_STEPS)]
+            complete = all(row.steps.get(o) for o in needed)
+            if complete and not it.failed:
+                row.state, row.delivered_at, row.last_error = "done", now, None
+                status = "updated" if row.update_requested else "created"
+                if row.update_requested:
+                    summary.updated += 1
+                else:
+                    summary.created += 1
+            else:
+                if row.state != "failed" and row.attempts >= 5:
+                    row.state = "failed"
+                status = "failed" if row.state == "failed" else "queued"
+                if status == "failed":
+                    summary.failed += 1
+            row.updated_at = now
+            s.merge(row)
+            if sink:
+                sink(Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=row.last_error if status != "created" else None))
+
+
+# -- receipts -----------------------------------------------------------------------------------
+def receipt(app: App, connection: str | None, outcome_id: str) -> Receipt:
+    """Was this call logged, and where? Answered from the store."""
+    conn = app.connection(connection)
+    with app.store.session() as s:
+        row = s.exec(select(CrmOutbox).where(CrmOutbox.connection == conn.name, CrmOutbox.outcome_id == outcome_id)).first()
+    if row is None:
+        raise UsageError(f"no outcome {outcome_id!r} was ever queued on connection {conn.name!r}")
+    status = {"done": "created", "pending": "queued"}.get(row.state, row.state)
+    if row.state == "done" and row.update_requested:
+        status = "updated"
+    return Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=row.last_error)
+

@@ -1,0 +1,224 @@
+"""What an operator and a monitoring system see: status, health problems, metrics from the store.
+
+``gather`` returns one JSON-ready document per connection; its keys are a documented interface
+(README "status --json"), so add keys rather than rename them.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func
+from sqlmodel import select
+
+from crmsync.model import utcnow
+from crmsync.store import CrmConflict, CrmOutbox, CrmSyncLog, CrmWebhookEvent
+
+if TYPE_CHECKING:
+    from crmsync.app import App
+    from crmsync.store import CrmConnection
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _age(value: datetime | None, now: datetime) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return round((now - value).total_seconds(), 1)
+
+
+def _token_expiry(app: App, conn: CrmConnection) -> str | None:
+    """Only the expiry time is read from the secret; nothing else of it leaves this function."""
+    try:
+        secret = app.secrets.get(conn.name) or {}
+    except Exception:  # noqa: BLE001 - a locked or absent keyring must not break status
+        return None
+    exp = secret.get("expires_at")
+    return datetime.fromtimestamp(float(exp), tz=UTC).isoformat(timespec="seconds") if exp else None
+
+
+def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = None) -> dict[str, Any]:
+    """The status document of one connection."""
+    now = now or utcnow()
+    store = app.store
+    counts = store.count_records(conn.name)
+    cursors = {c.object: c for c in store.cursors(conn.name) if c.kind == "incremental"}
+    runs = store.runs(conn.name, limit=200)
+    last_pull: dict[str, datetime] = {}
+    last_run_by_cmd: dict[str, CrmSyncLog] = {}
+    for run in runs:
+        last_run_by_cmd.setdefault(run.command, run)
+        if run.command in ("pull", "backfill") and run.status in ("ok", "partial") and run.finished_at:
+            for obj, c in (run.counts or {}).items():
+                if obj.startswith("_") or not isinstance(c, dict) or c.get("error"):
+                    continue
+                last_pull.setdefault(obj, run.finished_at)
+    objects: dict[str, Any] = {}
+    for obj in sorted(set(counts) | set(cursors) | set(last_pull)):
+        cur = cursors.get(obj)
+        objects[obj] = {
+            "stored": counts.get(obj, {}).get("stored", 0),
+            "archived": counts.get(obj, {}).get("archived", 0),
+            "last_pull_at": _iso(last_pull.get(obj)),
+            "last_pull_age_seconds": _age(last_pull.get(obj), now),
+            "cursor": cur.value if cur else None,
+        }
+    start_of_day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    with store.session() as s:
+        states = dict(s.exec(select(CrmOutbox.state, func.count()).where(CrmOutbox.connection == conn.name).group_by(CrmOutbox.state)).all())  # type: ignore[arg-type]
+        delivered_today = s.exec(
+            select(func.count()).select_from(CrmOutbox).where(CrmOutbox.connection == conn.name, CrmOutbox.delivered_at >= start_of_day)  # type: ignore[operator]
+        ).one()
+        errors = collections.Counter(
+            (e or "").split(":", 1)[-1].strip()[:120]
+            for e in s.exec(select(CrmOutbox.last_error).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed"))
+        )
+        oldest_failed = s.exec(select(func.min(CrmOutbox.updated_at)).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed")).one()
+        pending_events = s.exec(
+            select(func.count(), func.min(CrmWebhookEvent.received_at)).where(
+                CrmWebhookEvent.connection == conn.name, CrmWebhookEvent.processed_at == None  # noqa: E711
+            )
+        ).one()
+        conflicts_open = s.exec(select(func.count()).select_from(CrmConflict).where(CrmConflict.connection == conn.name, CrmConflict.open == True)).one()  # noqa: E712
+    last = runs[0] if runs else None
+    usage = None
+    for run in runs:
+        if run.command in ("pull", "push", "backfill") and run.finished_at:
+            usage = {"command": run.command, "requests": run.requests, "retries": run.retries,
+                     "rate_limited": run.rate_limited, "finished_at": _iso(run.finished_at)}
+            quota = (run.counts or {}).get("_quota")
+            if quota:
+                usage["quota"] = quota
+            break
+    return {
+        "name": conn.name,
+        "provider": conn.provider,
+        "account": conn.account_id,
+        "base_url": conn.base_url,
+        "auth": {
+            "state": conn.auth_state,
+            "token_expires_at": _token_expiry(app, conn),
+            "last_ok_at": _iso(conn.last_ok_at),
+            "last_checked_at": _iso(conn.last_checked_at),
+        },
+        "objects": objects,
+        "outbox": {
+            "pending": states.get("pending", 0),
+            "failed": states.get("failed", 0),
+            "done": states.get("done", 0),
+            "conflict": states.get("conflict", 0),
+            "delivered_today": int(delivered_today),
+            "top_error": errors.most_common(1)[0][0] if errors else None,
+            "oldest_failed_at": _iso(oldest_failed),
+        },
+        "webhook": {
+            "pending": int(pending_events[0]),
+            "oldest_pending_age_seconds": _age(pending_events[1], now),
+        },
+        "conflicts_open": int(conflicts_open),
+        "last_run": {
+            "command": last.command, "status": last.status, "started_at": _iso(last.started_at),
+            "finished_at": _iso(last.finished_at), "error": last.error,
+        } if last else None,
+        "rate_limit": usage,
+    }
+
+
+def gather(app: App, connections: list[str] | None = None) -> dict[str, Any]:
+    """The status document: ``{"generated_at", "connections": [...]}``."""
+    conns = app.connections(connections)
+    now = utcnow()
+    return {"generated_at": _iso(now), "connections": [connection_status(app, c, now=now) for c in conns]}
+
+
+@dataclass
+class Problem:
+    connection: str
+    kind: str  # stale | failed_outbox | auth | webhook_backlog | unreachable
+    message: str
+
+    @property
+    def auth(self) -> bool:
+        return self.kind == "auth"
+
+
+def check(app: App, doc: dict[str, Any], *, max_age: timedelta, live: bool = False) -> list[Problem]:
+    """Health problems, one per line for a monitoring probe."""
+    problems: list[Problem] = []
+    webhook_age = app.config.webhook.max_pending_minutes * 60
+    for c in doc["connections"]:
+        name = c["name"]
+        if c["auth"]["state"] != "ok":
+            problems.append(Problem(name, "auth", f"{name}: credentials {c['auth']['state']}; run `crmsync connect` again"))
+        exp = c["auth"].get("token_expires_at")
+        secret_known = exp is not None
+        if secret_known and datetime.fromisoformat(exp) < utcnow() - timedelta(days=1):
+            # An OAuth access token is refreshed on use; one stale for a day means refresh failed.
+            problems.append(Problem(name, "auth", f"{name}: access token expired at {exp} and was not refreshed"))
+        for obj, o in c["objects"].items():
+            age = o["last_pull_age_seconds"]
+            if age is None:
+                problems.append(Problem(name, "stale", f"{name}: {obj} never pulled successfully"))
+            elif age > max_age.total_seconds():
+                problems.append(Problem(name, "stale", f"{name}: {obj} last pulled {int(age)}s ago (max {int(max_age.total_seconds())}s)"))
+        if not c["objects"]:
+            problems.append(Problem(name, "stale", f"{name}: never pulled successfully"))
+        if c["outbox"]["failed"]:
+            problems.append(Problem(name, "failed_outbox", f"{name}: {c['outbox']['failed']} outbox item(s) failed "
+                                    f"(most common: {c['outbox']['top_error']}); see `crmsync push --retry-failed`"))
+        pend_age = c["webhook"]["oldest_pending_age_seconds"]
+        if pend_age is not None and pend_age > webhook_age:
+            problems.append(Problem(name, "webhook_backlog", f"{name}: {c['webhook']['pending']} webhook event(s) pending, oldest {int(pend_age)}s"))
+    if live:
+        from crmsync.errors import AuthError, CrmsyncError
+
+        for conn in app.connections([c["name"] for c in doc["connections"]]):
+            try:
+                health = app.provider(conn).check()
+                app.store.touch_connection(conn.name, ok=health.ok, auth_state="ok" if health.ok else None)
+                if health.missing_scopes:
+                    problems.append(Problem(conn.name, "auth", f"{conn.name}: missing scopes {', '.join(health.missing_scopes)}"))
+            except AuthError as exc:
+                app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
+                problems.append(Problem(conn.name, "auth", f"{conn.name}: {exc}"))
+            except CrmsyncError as exc:
+                problems.append(Problem(conn.name, "unreachable", f"{conn.name}: {exc}"))
+    return problems
+
+
+def store_metrics(app: App) -> str:
+    """`crmsync metrics`: current values from the store, in the Prometheus text format."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    r = CollectorRegistry()
+    outbox = Gauge("crm_outbox_items", "Outbox items by state", ["connection", "state"], registry=r)
+    records = Gauge("crm_records_stored", "Records in the local store", ["connection", "object", "archived"], registry=r)
+    last = Gauge("crm_last_success_timestamp_seconds", "When a command last succeeded", ["connection", "command"], registry=r)
+    pending = Gauge("crm_webhook_events_pending", "Webhook events not yet applied", ["connection"], registry=r)
+    conflicts = Gauge("crm_conflicts_open", "Field conflicts kept open", ["connection"], registry=r)
+    doc = gather(app)
+    for c in doc["connections"]:
+        for state in ("pending", "done", "failed", "conflict"):
+            outbox.labels(c["name"], state).set(c["outbox"][state])
+        for obj, o in c["objects"].items():
+            records.labels(c["name"], obj, "false").set(o["stored"] - o["archived"])
+            records.labels(c["name"], obj, "true").set(o["archived"])
+        for cmd in ("pull", "push", "backfill"):
+            run = app.store.last_run(c["name"], cmd)
+            if run and run.finished_at:
+                ts = run.finished_at if run.finished_at.tzinfo else run.finished_at.replace(tzinfo=UTC)
+                last.labels(c["name"], cmd).set(ts.timestamp())
+        pending.labels(c["name"]).set(c["webhook"]["pending"])
+        conflicts.labels(c["name"]).set(c["conflicts_open"])
+    return generate_latest(r).decode()

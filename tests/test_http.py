@@ -1,0 +1,198 @@
+"""The HTTP layer: limits, retries, Retry-After, refresh on 401, redaction, metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from email.utils import format_datetime
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from crmsync.errors import AuthError, FatalProviderError, RetriableError
+from crmsync.http import HttpClient, RateLimit, TokenBucket, parse_retry_after
+from crmsync.redact import RedactingFilter, redact, register_secret
+
+
+class Script:
+    """A transport answering from a list of (status, headers, body) and recording requests."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], dict | str]]) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        status, headers, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(body, dict):
+            return httpx.Response(status, json=body, headers=headers)
+        return httpx.Response(status, text=body, headers=headers)
+
+
+def client(script: Script, **kw: object) -> tuple[HttpClient, list[float]]:
+    slept: list[float] = []
+    c = HttpClient(provider="test", connection="c1", base_url="http://crm.test", transport=httpx.MockTransport(script),
+                   sleep=slept.append, **kw)  # type: ignore[arg-type]
+    return c, slept
+
+
+def test_retry_after_seconds_is_honoured_over_backoff() -> None:
+    script = Script([(429, {"Retry-After": "7"}, {"message": "slow down"}), (200, {}, {"ok": True})])
+    c, slept = client(script, backoff_base=0.01)
+    assert c.get("/x").json() == {"ok": True}
+    assert slept == [7.0]
+    assert c.stats.rate_limited == 1 and c.stats.retries == 1
+
+
+def test_retry_after_http_date() -> None:
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    assert 28 <= (parse_retry_after(format_datetime(when, usegmt=True)) or 0) <= 30
+    assert parse_retry_after("garbage") is None
+    assert parse_retry_after("0") == 0.0
+
+
+def test_retry_after_is_capped_by_the_deadline() -> None:
+    script = Script([(503, {"Retry-After": "3600"}, "down"), (200, {}, {"ok": True})])
+    c, slept = client(script, deadline=5.0)
+    c.get("/x")
+    assert slept and slept[0] <= 5.0
+
+
+def test_backoff_stays_within_full_jitter_bounds() -> None:
+    c, _ = client(Script([(200, {}, {})]), backoff_base=0.5, backoff_cap=8.0)
+    for attempt in range(1, 12):
+        for _ in range(200):
+            wait = c.backoff(attempt)
+            assert 0 <= wait <= min(8.0, 0.5 * 2 ** (attempt - 1))
+
+
+def test_gives_up_with_retriable_error_after_max_attempts() -> None:
+    script = Script([(502, {}, "bad gateway")])
+    c, slept = client(script, max_attempts=4, backoff_base=0.01)
+    with pytest.raises(RetriableError):
+        c.get("/x")
+    assert len(script.requests) == 4 and len(slept) == 3
+
+
+def test_connection_errors_and_timeouts_are_retried() -> None:
+    calls = {"n": 0}
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.ConnectError("refused", request=request)
+        if calls["n"] == 2:
+            raise httpx.ReadTimeout("slow", request=request)
+        return httpx.Response(200, json={"ok": True})
+
+    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(flaky),
+                   sleep=lambda s: None, backoff_base=0.001)
+    assert c.get("/x").json() == {"ok": True}
+    assert calls["n"] == 3
+
+
+def test_other_4xx_is_fatal_and_not_retried() -> None:
+    script = Script([(400, {}, {"message": "bad property"})])
+    c, slept = client(script)
+    with pytest.raises(FatalProviderError) as exc:
+        c.post("/x", json={})
+    assert exc.value.status == 400 and "bad property" in str(exc.value)
+    assert len(script.requests) == 1 and slept == []
+
+
+class CountingAuth:
+    def __init__(self, fixes: bool) -> None:
+        self.token, self.refreshes, self.fixes = "old-token-123", 0, fixes
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def refresh(self, stale: Mapping[str, str]) -> bool:
+        self.refreshes += 1
+        if self.fixes:
+            self.token = "new-token-456"
+        return True
+
+
+def test_401_refreshes_once_then_retries() -> None:
+    def app(request: httpx.Request) -> httpx.Response:
+        if request.headers["Authorization"] == "Bearer new-token-456":
+            return httpx.Response(200, json={"ok": True})
+        return httpx.Response(401, json={"message": "expired"})
+
+    auth = CountingAuth(fixes=True)
+    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app), auth=auth)
+    assert c.get("/x").json() == {"ok": True}
+    assert auth.refreshes == 1 and c.stats.refreshes == 1
+
+
+def test_401_that_refresh_does_not_fix_fails_cleanly() -> None:
+    seen = []
+
+    def app(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(401, json={"message": "invalid token"})
+
+    auth = CountingAuth(fixes=False)
+    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app), auth=auth)
+    with pytest.raises(AuthError):
+        c.get("/x")
+    assert auth.refreshes == 1 and len(seen) == 2
+
+
+def test_token_bucket_never_exceeds_the_window() -> None:
+    bucket = RateLimit(20, 1.0).bucket()
+    stamps = []
+    start = time.monotonic()
+    while time.monotonic() - start < 2.2:
+        bucket.acquire()
+        stamps.append(time.monotonic())
+    for i, t in enumerate(stamps):
+        assert sum(1 for u in stamps[i:] if u - t < 1.0) <= 20
+
+
+def test_token_bucket_pause_holds_callers() -> None:
+    bucket = TokenBucket(rate=1000, capacity=5)
+    bucket.pause(0.2)
+    t0 = time.monotonic()
+    bucket.acquire()
+    assert time.monotonic() - t0 >= 0.18
+
+
+SECRET = "pat-na1-11111111-2222-4333-8444-555555555555"
+
+
+def test_redaction_of_headers_query_and_known_secrets() -> None:
+    register_secret("s3cr3t-refresh-value")
+    text = (f"Authorization: Bearer {SECRET} GET /x?access_token=abc123&client_secret=zzz&limit=5 "
+            '{"refresh_token": "s3cr3t-refresh-value"} Zoho-oauthtoken 1000.abcdefabcdef')
+    clean = redact(text)
+    for leaked in (SECRET, "abc123", "zzz", "s3cr3t-refresh-value", "1000.abcdefabcdef"):
+        assert leaked not in clean
+    assert "limit=5" in clean
+
+
+def test_token_never_in_logs_or_exceptions(caplog: pytest.LogCaptureFixture) -> None:
+    def app(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"message": f"token {SECRET} is not allowed here"})
+
+    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app),
+                   headers={"Authorization": f"Bearer {SECRET}"})
+    logger = logging.getLogger("crmsync.http")
+    logger.addFilter(RedactingFilter())
+    with caplog.at_level(logging.DEBUG, logger="crmsync"), pytest.raises(FatalProviderError) as exc:
+        c.get(f"/x?access_token={SECRET}")
+    logger.removeFilter(RedactingFilter())
+    assert SECRET not in str(exc.value)
+    assert SECRET not in caplog.text
+
+
+def test_observer_gets_endpoint_status_and_duration() -> None:
+    seen = []
+    c = HttpClient(provider="p", connection="c", base_url="http://crm.test",
+                   transport=httpx.MockTransport(lambda r: httpx.Response(204)),
+                   observer=lambda *a: seen.append(a))
+    c.request("DELETE", "/crm/v3/objects/contacts/123", endpoint="/crm/v3/objects/{type}/{id}")
+    assert seen[0][:4] == ("p", "c", "/crm/v3/objects/{type}/{id}", 204)

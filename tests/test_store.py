@@ -1,0 +1,96 @@
+"""The store: migrations, file mode, cursor-with-data atomicity, the run lock."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from crmsync.app import App
+from crmsync.errors import ConfigError, LockHeldError
+from crmsync.store import Canonical, Store
+
+
+def rec(i: int, name: str = "x") -> Canonical:
+    return Canonical(remote_id=str(i), properties={"email": f"u{i}@example.com", "first_name": name}, raw={},
+                     remote_updated_at=datetime(2026, 1, 1, tzinfo=UTC), match_key=f"email:u{i}@example.com")
+
+
+def test_store_file_is_private_and_wal(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    assert stat.S_IMODE(os.stat(tmp_path / "s.db").st_mode) == 0o600
+    with store.engine.connect() as c:
+        assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+
+
+def test_store_from_a_newer_crmsync_is_refused(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    store.close()
+    with pytest.raises(ConfigError, match="newer crmsync"):
+        Store.open(tmp_path / "s.db")
+
+
+def test_page_and_cursor_commit_together(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    store.apply_page("c", "contacts", [rec(1)], cursor={"ts": 1})
+
+    def boom(session: object) -> None:
+        raise RuntimeError("killed between page write and commit")
+
+    with pytest.raises(RuntimeError):
+        store.apply_page("c", "contacts", [rec(2), rec(3)], cursor={"ts": 2}, before_commit=boom)
+    assert store.cursor("c", "contacts") == {"ts": 1}
+    assert {r.remote_id for r in store.records("c", "contacts")} == {"1"}
+
+
+def test_unchanged_page_writes_nothing_and_older_data_never_rolls_back(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    first = store.apply_page("c", "contacts", [rec(1, "a")], cursor=None)
+    again = store.apply_page("c", "contacts", [rec(1, "a")], cursor=None)
+    assert (first.created, again.unchanged, again.updated) == (1, 1, 0)
+    newer = rec(1, "b")
+    newer.remote_updated_at = datetime(2026, 2, 1, tzinfo=UTC)
+    assert store.apply_page("c", "contacts", [newer], cursor=None).updated == 1
+    older = rec(1, "stale")
+    assert store.apply_page("c", "contacts", [older], cursor=None).unchanged == 1
+    assert store.record("c", "contacts", "1").properties["first_name"] == "b"  # type: ignore[union-attr]
+
+
+def test_run_lock_exits_tempfail_naming_the_holder(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from crmsync.app import App
+            app = App(db={db!r})
+            with app.run_lock("prod", timeout=0):
+                print("locked", flush=True)
+                time.sleep(30)
+        """)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        app = App(db=db)
+        with pytest.raises(LockHeldError, match=f"pid {holder.pid}") as exc:
+            with app.run_lock("prod", timeout=0.3):
+                pass
+        assert exc.value.exit_code == 75
+        with app.run_lock("other", timeout=0):  # another connection is not blocked
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with App(db=db).run_lock("prod", timeout=1):  # freed when the holder died
+        pass
