@@ -102,8 +102,9 @@ def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     no_color = bool(os.environ.get("NO_COLOR"))
-    return Console(stderr=stderr, no_color=no_color, highlight=False, soft_wrap=False,
-                   width=None if sys.stdout.isatty() else 100)
+    # Off a terminal, lay out for 80 columns (or $COLUMNS): logs and mails stay readable.
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 80)
+    return Console(stderr=stderr, no_color=no_color, highlight=False, soft_wrap=False, width=width)
 
 
 def emit_json(data: Any) -> None:

@@ -156,6 +156,11 @@ class RequestStats:
             if status == 429:
                 self.rate_limited += 1
 
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """Counters accrued since an earlier ``as_dict()`` snapshot (one client serves many runs)."""
+        now = self.as_dict()
+        return {k: now[k] - before.get(k, 0) for k in now}
+
     def as_dict(self) -> dict[str, int]:
         return {
             "requests": self.requests,

@@ -10,6 +10,25 @@ import typer
 from crmsync.errors import ExitCode
 
 
+def describe_cursor(cursor: dict[str, Any] | None) -> str:
+    """A short, human view of a provider's cursor (epoch-ms values shown as UTC times)."""
+    from datetime import UTC, datetime
+
+    if not cursor:
+        return "-"
+    parts = []
+    preferred = ("ts", "hi", "modified_time", "last_hi", "after")
+    for key, value in sorted(cursor.items(), key=lambda kv: (kv[0] not in preferred, preferred.index(kv[0]) if kv[0] in preferred else 0)):
+        if key.startswith("_") or value in (None, "", False):
+            continue
+        if isinstance(value, int) and value > 10**11:
+            value = datetime.fromtimestamp(value / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        parts.append(f"{key}={value}")
+        if len(parts) == 2:
+            break
+    return ", ".join(parts)[:40]
+
+
 def render_status(doc: dict[str, Any]) -> None:
     """The dashboard: one block per connection, readable at 80 columns."""
     from rich.table import Table
@@ -26,15 +45,14 @@ def render_status(doc: dict[str, Any]) -> None:
         for col, just in (("object", "left"), ("stored", "right"), ("archived", "right"), ("last pull", "right"), ("cursor", "left")):
             table.add_column(col, justify=just)  # type: ignore[arg-type]
         for obj, o in c["objects"].items():
-            cursor = o["cursor"] or {}
-            cur = ", ".join(f"{k}={v}" for k, v in list(cursor.items())[:2])[:28] if cursor else "-"
+            cur = describe_cursor(o["cursor"])
             table.add_row(obj, str(o["stored"]), str(o["archived"]), human_age(o["last_pull_age_seconds"]), cur)
         out.print(table)
         ob = c["outbox"]
         line = f"outbox: {ob['pending']} pending, {ob['failed']} failed, {ob['delivered_today']} delivered today"
-        if ob["top_error"]:
-            line += f" (most common error: {ob['top_error'][:50]})"
         out.print(line)
+        if ob["top_error"]:
+            out.print(f"  most common error: {ob['top_error'][:58]}")
         wh = c["webhook"]
         out.print(f"webhook events pending: {wh['pending']}" + (f" (oldest {human_age(wh['oldest_pending_age_seconds'])})" if wh["pending"] else "")
                   + f"   conflicts open: {c['conflicts_open']}")

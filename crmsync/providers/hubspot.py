@@ -524,7 +524,9 @@ class HubSpotProvider(Provider):
                 newest = max(newest, _prop_ms(r, prop) or 0)
             after = ((body.get("paging") or {}).get("next") or {}).get("after")
             if after:
-                yield Page(records=records, cursor={"mode": "list", "after": after, "started": started, "newest": newest})
+                yield Page(
+                    records=records, cursor={"mode": "list", "after": after, "started": started, "newest": newest}
+                )
             else:
                 handover = min(started, newest) if newest else started
                 yield Page(records=records, cursor={"mode": "search", "ts": handover, "archived_ts": handover})
@@ -627,7 +629,7 @@ class HubSpotProvider(Provider):
         for chunk in _chunks(list(dict.fromkeys(ids)), BATCH):
             body = self.http.post(
                 f"/crm/v3/objects/{obj}/batch/read",
-                json={"properties": props, "inputs": [{"id": i} for i in chunk]},
+                json={"properties": props, "propertiesWithHistory": [], "inputs": [{"id": i} for i in chunk]},
                 endpoint="/crm/v3/objects/{type}/batch/read",
                 expect=(207, 404),
             ).json()
@@ -666,6 +668,7 @@ class HubSpotProvider(Provider):
                         f"/crm/v3/objects/{obj}/batch/read",
                         json={
                             "properties": [*props, id_prop],
+                            "propertiesWithHistory": [],
                             "idProperty": id_prop,
                             "inputs": [{"id": v} for v in chunk],
                         },
@@ -857,7 +860,12 @@ class HubSpotProvider(Provider):
         for chunk in _chunks(list(dict.fromkeys(markers)), BATCH):
             body = self.http.post(
                 f"/crm/v3/objects/{obj}/batch/read",
-                json={"properties": [MARKER], "idProperty": MARKER, "inputs": [{"id": m} for m in chunk]},
+                json={
+                    "properties": [MARKER],
+                    "propertiesWithHistory": [],
+                    "idProperty": MARKER,
+                    "inputs": [{"id": m} for m in chunk],
+                },
                 endpoint="/crm/v3/objects/{type}/batch/read",
                 expect=(207, 404),
             ).json()

@@ -37,6 +37,7 @@ def run_demo(*, db: str | None, contacts: int = 200, outcomes: str | None = None
             first = push(app, source=source, connection=conn.name)
             writes_before = emulator.stats.writes
             second = push(app, source=source, connection=conn.name)
+            pull(app, connections=[conn.name])  # the calls just logged come back into the mirror
             status = gather(app, [conn.name])
             return {
                 "emulator": server.url,

@@ -85,9 +85,27 @@ class ConnectionResult:
         }
 
 
-def to_canonical(mapping: Mapping, obj: str, rec: RemoteRecord) -> Canonical:
-    """A remote record through the mapping, with the keys push matches on."""
-    props = mapping.to_canonical(obj, rec.properties)
+def to_canonical(mapping: Mapping, obj: str, rec: RemoteRecord, problems: list[str] | None = None) -> Canonical:
+    """A remote record through the mapping, with the keys push matches on.
+
+    A CRM value a rule cannot convert drops that one field (reported in ``problems``) instead of
+    the record: skipping the record would let the cursor pass it, and it would be lost.
+    """
+    from crmsync.mapping import TransformError
+
+    raw = dict(rec.properties)
+    for _ in range(len(raw) + 1):
+        try:
+            props = mapping.to_canonical(obj, raw)
+            break
+        except TransformError as exc:
+            if not exc.field or exc.field not in raw:
+                raise
+            if problems is not None:
+                problems.append(f"{obj} {rec.id}: {exc}")
+            raw.pop(exc.field)
+    else:  # pragma: no cover - each round removes a field
+        props = {}
     keys = record_keys(obj, props)
     return Canonical(
         remote_id=rec.id,
@@ -191,6 +209,7 @@ def _run(app: App, conn: CrmConnection, command: str, *, lock_timeout: float | N
     started = time.monotonic()
     with app.run_lock(conn.name, timeout=lock_timeout):
         provider = app.provider(conn)
+        before = provider.http.stats.as_dict()
         mapping = app.mapping(conn)
         app.store.record_mapping(conn.name, str(mapping.path) if mapping.path else None, mapping.hash)
         run_id = app.store.start_run(conn.name, command, mapping_hash=mapping.hash)
@@ -215,7 +234,7 @@ def _run(app: App, conn: CrmConnection, command: str, *, lock_timeout: float | N
             res.exit_code = exc.exit_code
         finally:
             res.duration = time.monotonic() - started
-            stats = provider.http.stats.as_dict()
+            stats = provider.http.stats.since(before)
             res.requests, res.retries, res.rate_limited = stats["requests"], stats["retries"], stats["rate_limited"]
             res.error = res.error or error
             counts = {o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects}
@@ -245,7 +264,10 @@ def _apply_pages(
     last: Page | None = None
     total: int | None = None
     for page in pages:
-        records = [to_canonical(mapping, obj, r) for r in page.records]
+        problems: list[str] = []
+        records = [to_canonical(mapping, obj, r, problems) for r in page.records]
+        for problem in problems[:5]:
+            log.warning("unconvertible value kept raw only: %s", problem)
         counts = app.store.apply_page(
             conn.name, obj, records, cursor=page.cursor, cursor_kind=cursor_kind, deleted=page.deleted, run_id=run_id
         )

@@ -270,6 +270,7 @@ def push(
                 run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
                 status, error = "ok", None
                 provider: Provider | None = None
+                before: dict[str, int] = {}
                 try:
                     if path is not None:
                         reject_handle = open(rejects, "w", encoding="utf-8") if rejects else None  # noqa: SIM115
@@ -283,6 +284,7 @@ def push(
                     if retry_failed:
                         _reset_failed(app, conn.name)
                     provider = app.provider(conn)
+                    before = provider.http.stats.as_dict()
                     deliver(app, conn, provider, mapping, summary, sink=sink, progress=progress, run_id=run_id)
                 except RetriableError as exc:
                     status, error = "failed", str(exc)
@@ -294,7 +296,7 @@ def push(
                     status = "failed"
                     raise
                 finally:
-                    stats = provider.http.stats.as_dict() if provider else {}
+                    stats = provider.http.stats.since(before) if provider else {}
                     summary.requests = stats.get("requests", 0)
                     summary.retries = stats.get("retries", 0)
                     summary.rate_limited = stats.get("rate_limited", 0)

@@ -1,0 +1,80 @@
+"""Shared end-to-end helpers: an emulator on loopback, a connected App, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crmsync.app import App
+from crmsync.credentials import env_name
+from crmsync.sync.connect import connect
+
+
+class ScriptIO:
+    """ConnectIO for tests: answers secrets and follows the browser step with an HTTP GET."""
+
+    interactive = False
+
+    def __init__(self, secret: str = "", open_with: Any = None) -> None:
+        self._secret, self.open_with, self.messages = secret, open_with, []
+
+    def secret(self, prompt: str) -> str:
+        return self._secret
+
+    def ask(self, prompt: str) -> str:
+        return ""
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+    def open_url(self, url: str) -> bool:
+        if self.open_with is None:
+            return False
+        self.open_with(url)
+        return True
+
+
+def write_config(home: Path, connection: str, **settings: Any) -> None:
+    """A config.yaml in CRMSYNC_HOME with per-connection settings (e.g. raised rate limits)."""
+    (home / "config.yaml").write_text(yaml.safe_dump({"connections": {connection: settings}}))
+
+
+def hubspot_app(server_url: str, token: str, *, name: str = "hs", db: str | None = None, transport: Any = None) -> App:
+    app = App(db=db, transport=transport)
+    connect(app, provider="hubspot", name=name, base_url=server_url, options={}, io=ScriptIO(token))
+    return app
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def json_lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+def cli_env(home: Path, connection: str | None = None, secret: str | None = None) -> dict[str, str]:
+    """Environment for a crmsync subprocess: same home, no OS keyring, the secret in the env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_SECRET")}
+    env.update({"CRMSYNC_HOME": str(home), "NO_COLOR": "1", "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"})
+    if connection and secret:
+        env[env_name(connection)] = secret
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], *, stdin: str | None = None, timeout: float = 300) -> CliResult:
+    proc = subprocess.run([sys.executable, "-m", "crmsync", *args], env=env, input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
