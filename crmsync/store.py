@@ -536,21 +536,23 @@ class Store:
         return counts
 
     def mark_missing(self, connection: str, obj: str, live_ids: set[str], *, run_id: int | None = None) -> int:
-        """Archive local records whose remote id is not in ``live_ids`` (reconcile)."""
-        n = 0
+        """Archive local records whose remote id is not in ``live_ids`` (reconcile; ids only in memory)."""
+        local = self.live_ids(connection, obj)
+        vanished = sorted(local - live_ids)
+        now = utcnow()
         with self.session() as s:
-            rows = s.exec(
-                select(CrmRecord).where(
-                    CrmRecord.connection == connection,
-                    CrmRecord.object == obj,
-                    CrmRecord.archived == false(),
+            for chunk in _chunks(vanished, 500):
+                rows = s.exec(
+                    select(CrmRecord).where(
+                        CrmRecord.connection == connection,
+                        CrmRecord.object == obj,
+                        CrmRecord.remote_id.in_(chunk),  # type: ignore[attr-defined]
+                    )
                 )
-            )
-            for row in rows:
-                if row.remote_id not in live_ids:
+                for row in rows:
                     row.archived = True
                     row.content_hash = content_hash(row.properties, True)
-                    row.updated_at = utcnow()
+                    row.updated_at = now
                     s.add(row)
                     s.add(
                         CrmRecordChange(
@@ -562,8 +564,40 @@ class Store:
                             changes={"reason": "vanished"},
                         )
                     )
-                    n += 1
-        return n
+        return len(vanished)
+
+    def update_associations(
+        self, connection: str, obj: str, links: dict[str, dict[str, list[str]]], *, run_id: int | None = None
+    ) -> int:
+        """Store re-read associations; returns how many records' links changed."""
+        changed = 0
+        with self.session() as s:
+            for chunk in _chunks(list(links), 500):
+                rows = s.exec(
+                    select(CrmRecord).where(
+                        CrmRecord.connection == connection,
+                        CrmRecord.object == obj,
+                        CrmRecord.remote_id.in_(chunk),  # type: ignore[attr-defined]
+                    )
+                )
+                for row in rows:
+                    new = {**(row.associations or {}), **links[row.remote_id]}
+                    if new != (row.associations or {}):
+                        s.add(
+                            CrmRecordChange(
+                                run_id=run_id,
+                                connection=connection,
+                                object=obj,
+                                remote_id=row.remote_id,
+                                action="updated",
+                                changes={"associations": [row.associations, new]},
+                            )
+                        )
+                        row.associations = new
+                        row.updated_at = utcnow()
+                        s.add(row)
+                        changed += 1
+        return changed
 
     def record(self, connection: str, obj: str, remote_id: str) -> CrmRecord | None:
         with self.session() as s:

@@ -247,3 +247,99 @@ def test_concurrent_reads_of_the_store_during_pull_are_safe(emulator: HubSpotEmu
     pull(app)
     t.join()
     assert errors == []
+
+
+def test_two_pulls_leave_the_store_equal_to_the_emulator(emulator: HubSpotEmulator, server) -> None:
+    emulator.seed(contacts=120, companies=30, deals=25)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    pull(app)
+    companies = [r["id"] for r in emulator.records("companies")]
+    deals = [r["id"] for r in emulator.records("deals")]
+    emulator.edit("companies", companies[0], {"name": "Renamed Co"}, at=time.time() - 2)
+    emulator.edit("deals", deals[0], {"amount": "4242"}, at=time.time() - 2)
+    emulator.archive("deals", deals[1])
+    emulator.bulk_create("contacts", 5, modified_at=time.time() - 2,
+                         properties_fn=lambda i: {"email": f"fresh{i}@example.com", "firstname": "Fresh"})
+    pull(app)
+    for obj in ("contacts", "companies", "deals"):
+        remote = {r["id"]: r for r in emulator.records(obj)}
+        local = {r.remote_id: r for r in app.store.records("hs", obj, archived=False)}
+        assert set(local) == set(remote), obj
+        mapping = app.mapping(app.connection("hs"))
+        for rid in list(remote)[::7]:
+            expected = mapping.to_canonical(obj, remote[rid]["properties"])
+            assert local[rid].properties == expected, (obj, rid)
+    assert app.store.record("hs", "deals", deals[1]).archived  # type: ignore[union-attr]
+    assert app.store.record("hs", "companies", companies[0]).properties["name"] == "Renamed Co"  # type: ignore[union-attr]
+
+
+def test_reconcile_marks_vanished_records_and_re_reads_links(emulator: HubSpotEmulator, server) -> None:
+    emulator.seed(contacts=30, companies=5)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    pull(app, objects=["contacts", "companies"])
+    contact = emulator.records("contacts")[0]["id"]
+    company = emulator.records("companies")[-1]["id"]
+    emulator.link("contacts", contact, "companies", company)  # linking does not bump modified dates
+    # A record deleted for good (not archived) leaves no trace but its absence.
+    victim = emulator.records("contacts")[1]["id"]
+    with emulator.lock:
+        store = emulator._stores["contacts"]
+        store.records.pop(int(victim))
+        store.active.remove(int(victim))
+    result = pull(app, objects=["contacts"], reconcile=True)[0]
+    assert result.reconciled == 1
+    assert app.store.record("hs", "contacts", victim).archived  # type: ignore[union-attr]
+    assert company in app.store.record("hs", "contacts", contact).associations["companies"]  # type: ignore[union-attr]
+    assert result.objects[0].associations_fixed >= 1
+
+
+def test_oauth_without_a_browser_takes_the_pasted_redirect(home: Path) -> None:
+    emulator = HubSpotEmulator(seed=1, contacts=3)
+    server = emulator.serve()
+    try:
+        from crmsync.app import App
+        from crmsync.sync.connect import connect
+
+        class PasteIO(ScriptIO):
+            def ask(self, prompt: str) -> str:
+                url = next(m for m in self.messages if "http" in m).split()[-1]
+                # The user opens the URL elsewhere and copies the address the browser ended on.
+                redirect = httpx.get(url, follow_redirects=False)
+                return redirect.headers["location"]
+
+        app = App()
+        conn = connect(app, provider="hubspot", name="nb", base_url=server.url,
+                       options={"oauth": True, "client_id": emulator.client_id, "no_browser": True},
+                       io=PasteIO(emulator.client_secret))
+        assert conn.account_id == str(emulator.portal_id)
+        assert "crm.objects.contacts.read" in conn.scopes
+    finally:
+        server.stop()
+
+
+def test_missing_scope_is_named_at_connect(home: Path) -> None:
+    from crmsync.errors import AuthError
+
+    emulator = HubSpotEmulator(seed=1, scopes=["crm.objects.contacts.read", "crm.objects.contacts.write"])
+    server = emulator.serve()
+    try:
+        with pytest.raises(AuthError, match="crm.objects.deals.read"):
+            hubspot_app(server.url, emulator.private_app_token)
+    finally:
+        server.stop()
+
+
+def test_rate_limited_portal_is_paced_without_unrecovered_429s(home: Path) -> None:
+    from crmsync.emulators.base import Faults
+
+    # A portal allowing 200 requests per rolling 10 s, and crmsync told so (rate_limit is per 10 s).
+    emulator = HubSpotEmulator(seed=8, contacts=600, faults=Faults(rate_limits={"default": (200, 10.0), "search": (5, 1.0)}))
+    server = emulator.serve()
+    try:
+        write_config(home, "hs", rate_limit=200)
+        app = hubspot_app(server.url, emulator.private_app_token)
+        result = pull(app, objects=["contacts"])[0]
+        assert result.exit_code == 0 and result.objects[0].read == 600
+        assert result.rate_limited <= 2  # the bucket keeps us under the limit; any 429 is retried
+    finally:
+        server.stop()

@@ -88,9 +88,7 @@ class Outgoing:
 
     ref: str  # the engine's correlation key; results come back with the same ref
     properties: dict[str, Any]  # provider field names (already mapped and conflict-filtered)
-    match: dict[
-        str, str
-    ]  # canonical keys to match on: {"email": …} | {"phone": …} | {"domain": …} | {"key": …}
+    match: dict[str, str]  # canonical keys to match on: {"email": …} | {"phone": …} | {"domain": …} | {"key": …}
     remote_id: str | None = None  # known remote id: update it rather than match
     #: Records to link to: object type -> remote id (contact->company, deal->contact/company).
     associations: dict[str, str] = field(default_factory=dict)
@@ -266,6 +264,14 @@ class Provider(ABC):
     def list_ids(self, obj: str) -> Iterator[list[str]]:
         """Yield every live remote id in pages, cheaply (``pull --reconcile``)."""
 
+    def read_associations(self, obj: str, ids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+        """Linked ids per record (``{id: {"companies": [...]}}``) for the association reconcile.
+
+        Linking records does not change their modified date in every CRM, so incremental pulls
+        can miss it. Providers whose links live on the record itself return {}.
+        """
+        return {}
+
     # -- push ----------------------------------------------------------------------------------
     def prepare_push(self) -> None:
         """Make sure what push relies on exists (e.g. idempotency properties). Idempotent."""
@@ -275,9 +281,7 @@ class Provider(ABC):
         self.prepare_push()
 
     @abstractmethod
-    def lookup(
-        self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]
-    ) -> dict[str, RemoteRecord]:
+    def lookup(self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]) -> dict[str, RemoteRecord]:
         """Find existing records by canonical match keys; returns ``{key_string: record}``.
 
         ``key_string`` is ``match_key(keys[i])``. Used for records the local mirror does not know.

@@ -283,13 +283,22 @@ class HubSpotProvider(Provider):
         secret = self.ctx.secrets.get(self.ctx.connection) or {}
         expires_at = None
         if secret.get("kind") == "oauth" and secret.get("access_token"):
+            # v3 introspection (the v1 GET is deprecated, going away in Feb 2027).
+            self.http.auth.headers()  # refreshes first if the token is about to expire
+            secret = self.ctx.secrets.get(self.ctx.connection) or secret
             info = self.http.request(
-                "GET",
-                f"/oauth/v1/access-tokens/{secret['access_token']}",
-                endpoint="/oauth/v1/access-tokens/{token}",
-                expect=(404,),
+                "POST",
+                "/oauth/v3/token/introspect",
+                data={
+                    "client_id": secret.get("client_id", ""),
+                    "client_secret": secret.get("client_secret", ""),
+                    "token": secret["access_token"],
+                    "token_type_hint": "access_token",
+                },
+                endpoint="/oauth/v3/token/introspect",
+                expect=(400, 404),
             )
-            if info.status_code == 200:
+            if info.status_code == 200 and info.json().get("active"):
                 scopes = list(info.json().get("scopes", []))
             if secret.get("expires_at"):
                 expires_at = datetime.fromtimestamp(float(secret["expires_at"]), tz=UTC)
@@ -429,26 +438,32 @@ class HubSpotProvider(Provider):
             associations=assoc,
         )
 
-    def _with_associations(self, obj: str, records: list[RemoteRecord]) -> list[RemoteRecord]:
-        """Search results carry no associations: read them in one v4 batch per target type."""
-        targets = PULL_ASSOCIATIONS.get(obj, [])
-        if not records or not targets:
-            return records
-        by_id = {r.id: r for r in records}
-        for to in targets:
-            for chunk in _chunks(list(by_id), 1000):
+    def read_associations(self, obj: str, ids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+        """Linked ids per record, one v4 batch read per target type and 1,000 ids."""
+        out: dict[str, dict[str, list[str]]] = {i: {} for i in ids}
+        for to in PULL_ASSOCIATIONS.get(obj, []):
+            for chunk in _chunks(list(ids), 1000):
                 body = self.http.post(
                     f"/crm/v4/associations/{obj}/{to}/batch/read",
                     json={"inputs": [{"id": i} for i in chunk]},
                     endpoint="/crm/v4/associations/{from}/{to}/batch/read",
                     expect=(207,),
                 ).json()
+                for i in chunk:
+                    out[i][to] = []
                 for result in body.get("results", []):
                     rid = str(result.get("from", {}).get("id"))
-                    if rid in by_id:
-                        by_id[rid].associations[to] = sorted({str(t["toObjectId"]) for t in result.get("to", [])})
-            for r in records:
-                r.associations.setdefault(to, [])
+                    if rid in out:
+                        out[rid][to] = sorted({str(t["toObjectId"]) for t in result.get("to", [])})
+        return out
+
+    def _with_associations(self, obj: str, records: list[RemoteRecord]) -> list[RemoteRecord]:
+        """Search results carry no associations: read them in one v4 batch per target type."""
+        if not records or not PULL_ASSOCIATIONS.get(obj):
+            return records
+        links = self.read_associations(obj, [r.id for r in records])
+        for r in records:
+            r.associations.update(links.get(r.id, {}))
         return records
 
     def _list(self, obj: str, fields: Sequence[str], *, after: str | None, archived: bool = False) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class ObjectResult:
     unchanged: int = 0
     failed: int = 0
     pages: int = 0
+    associations_fixed: int = 0
     error: str | None = None
     cursor: dict[str, Any] | None = None
 
@@ -172,8 +173,17 @@ def pull(
                 "pull",
                 lock_timeout=lock_timeout,
                 body=lambda res, provider, mapping, run_id, conn=conn: _pull_connection(
-                    app, conn, provider, mapping, res, run_id,
-                    objects=objects, since=since, full=full, reconcile=reconcile, progress=progress,
+                    app,
+                    conn,
+                    provider,
+                    mapping,
+                    res,
+                    run_id,
+                    objects=objects,
+                    since=since,
+                    full=full,
+                    reconcile=reconcile,
+                    progress=progress,
                 ),
             )
         )
@@ -203,7 +213,9 @@ def backfill(
     )
 
 
-def _run(app: App, conn: CrmConnection, command: str, *, lock_timeout: float | None, body: Callable[..., None]) -> ConnectionResult:
+def _run(
+    app: App, conn: CrmConnection, command: str, *, lock_timeout: float | None, body: Callable[..., None]
+) -> ConnectionResult:
     """Lock, open a run log row, run the body, and record how it ended (metrics included)."""
     res = ConnectionResult(connection=conn.name, provider=conn.provider, command=command)
     started = time.monotonic()
@@ -237,7 +249,9 @@ def _run(app: App, conn: CrmConnection, command: str, *, lock_timeout: float | N
             stats = provider.http.stats.since(before)
             res.requests, res.retries, res.rate_limited = stats["requests"], stats["retries"], stats["rate_limited"]
             res.error = res.error or error
-            counts = {o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects}
+            counts = {
+                o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects
+            }
             counts["_quota"] = provider.quota()
             app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
             if status == "ok":
@@ -245,7 +259,11 @@ def _run(app: App, conn: CrmConnection, command: str, *, lock_timeout: float | N
                 app.metrics.last_success.labels(conn.name, command).set(time.time())
             app.metrics.sync_seconds.labels(conn.provider, conn.name, command).observe(res.duration)
             for o in res.objects:
-                app.metrics.count_records(conn.name, o.object, {k: getattr(o, k) for k in ("created", "updated", "archived", "unchanged", "failed")})
+                app.metrics.count_records(
+                    conn.name,
+                    o.object,
+                    {k: getattr(o, k) for k in ("created", "updated", "archived", "unchanged", "failed")},
+                )
     return res
 
 
@@ -310,6 +328,9 @@ def _pull_connection(
                 live: set[str] = set()
                 for ids in provider.list_ids(obj):
                     live.update(ids)
+                    links = provider.read_associations(obj, ids)
+                    if links:
+                        out.associations_fixed += app.store.update_associations(conn.name, obj, links, run_id=run_id)
                 res.reconciled += app.store.mark_missing(conn.name, obj, live, run_id=run_id)
         except (RetriableError, AuthError):
             raise  # the whole connection stops; the cursor stays at the last good page

@@ -1,0 +1,116 @@
+"""Kill tests: a push or backfill killed at random instants and re-run ends exactly as an uninterrupted run.
+
+These run the real CLI in a subprocess against the HubSpot emulator on loopback and SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from crmsync.app import App
+from crmsync.emulators.base import Faults
+from crmsync.emulators.hubspot import HubSpotEmulator
+from crmsync.store import CrmOutbox
+from tests.e2e import cli_env, hubspot_app, run_cli, write_config
+from tests.test_hubspot_e2e import outcome_lines
+
+pytestmark = pytest.mark.slow
+
+
+def _run_and_kill(args: list[str], env: dict[str, str], after: float) -> int | None:
+    """Start the CLI, SIGKILL it after ``after`` seconds; None if it was killed, else its exit code."""
+    proc = subprocess.Popen([sys.executable, "-m", "crmsync", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        return proc.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def test_push_killed_30_times_delivers_each_call_exactly_once(home: Path, tmp_path: Path) -> None:
+    # Latency widens every window in which a kill can land (mid-request, between steps, mid-commit).
+    emulator = HubSpotEmulator(seed=11, faults=Faults(latency_ms=15, seed=11))
+    server = emulator.serve()
+    try:
+        app = hubspot_app(server.url, emulator.private_app_token)
+        app.close()
+        src = tmp_path / "outcomes.jsonl"
+        src.write_text(outcome_lines(500, company_every=3, deal_every=4))
+        env = cli_env(home, "hs", emulator.private_app_token)
+        rng = random.Random(2026)
+        kills = 0
+        for _ in range(30):
+            code = _run_and_kill(["--quiet", "push", str(src), "-c", "hs"], env, rng.uniform(0.3, 2.5))
+            kills += code is None
+        final = run_cli(["--json", "push", str(src), "-c", "hs"], env)
+        assert final.code == 0, final.stderr
+        assert kills >= 10  # the kills really interrupted runs
+
+        calls = emulator.records("calls")
+        markers = [c["properties"]["crmsync_outcome_id"] for c in calls]
+        assert len(markers) == len(set(markers)) == 500
+        assert len(emulator.records("companies")) == 7
+        assert len(emulator.records("deals")) == 125
+        contacts = {r["properties"]["email"]: r["id"] for r in emulator.records("contacts")}
+        assert len(contacts) == 500
+        for call in calls:
+            i = int(call["properties"]["crmsync_outcome_id"].split("-")[1])
+            assert emulator.associations("calls", call["id"], "contacts") == [contacts[f"person{i}@example.org"]]
+        with App().store.session() as s:
+            rows = list(s.exec(select(CrmOutbox)))
+        assert len(rows) == 500 and all(r.state == "done" for r in rows)
+    finally:
+        server.stop()
+
+
+def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp_path: Path) -> None:
+    emulator = HubSpotEmulator(seed=12, faults=Faults(latency_ms=3, seed=12))
+    emulator.bulk_create("contacts", 20_000, modified_at=time.time() - 3600,
+                         properties_fn=lambda i: {"email": f"c{i}@example.com", "firstname": f"F{i}"})
+    server = emulator.serve()
+    try:
+        write_config(home, "hs", rate_limit=100000, search_rate_limit=1000)
+        reference_db = str(tmp_path / "reference.db")
+        ref = hubspot_app(server.url, emulator.private_app_token, db=reference_db)
+        from crmsync.sync.pull import backfill
+
+        done = backfill(ref, connection="hs", objects=["contacts"])
+        assert done.exit_code == 0 and done.objects[0].read == 20_000
+        reference_cursor = ref.store.cursor("hs", "contacts")
+        ref.close()
+
+        app = hubspot_app(server.url, emulator.private_app_token)
+        app.close()
+        env = cli_env(home, "hs", emulator.private_app_token)
+        rng = random.Random(7)
+        kills = 0
+        for _ in range(10):
+            code = _run_and_kill(["--quiet", "backfill", "-c", "hs", "--object", "contacts"], env, rng.uniform(0.8, 3.0))
+            kills += code is None
+        last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
+        assert last.code == 0, last.stderr
+        assert kills >= 5
+        resumed = last.json()["objects"]["contacts"]["read"]
+        assert resumed < 20_000  # it continued from its checkpoint, not from the start
+        store = App().store
+        rows = store.records("hs", "contacts")
+        assert len(rows) == len({r.remote_id for r in rows}) == 20_000
+        assert store.cursor("hs", "contacts") == reference_cursor
+        assert store.cursor("hs", "contacts", "backfill") is None
+        # and the next pull starts where backfill ended: nothing new, nothing re-created
+        nxt = run_cli(["--json", "pull", "-c", "hs", "--object", "contacts"], env)
+        assert nxt.code == 0, nxt.stderr
+        assert json.loads(nxt.stdout)["results"][0]["objects"]["contacts"]["created"] == 0
+    finally:
+        server.stop()
