@@ -443,9 +443,9 @@ def _render_push(s: Any) -> None:
 
 # -- the rest lives in crmsync/commands (status, map, log, metrics, demo, sandbox, webhook) ----
 def _register() -> None:
-    from crmsync.commands import demo, sandbox, status
+    from crmsync.commands import demo, mapcmd, sandbox, status
 
-    for module in (status, demo, sandbox):
+    for module in (status, demo, sandbox, mapcmd):
         module.register(app)
 
 

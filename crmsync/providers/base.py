@@ -264,6 +264,10 @@ class Provider(ABC):
     def list_ids(self, obj: str) -> Iterator[list[str]]:
         """Yield every live remote id in pages, cheaply (``pull --reconcile``)."""
 
+    def managed_fields(self, obj: str) -> set[str]:
+        """Fields the provider creates or fills itself (idempotency keys); `map check` lets them be."""
+        return set()
+
     def read_associations(self, obj: str, ids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
         """Linked ids per record (``{id: {"companies": [...]}}``) for the association reconcile.
 

@@ -377,12 +377,18 @@ class HubSpotProvider(Provider):
                         "phone_number": "phone",
                     }.get(p.get("type", ""), "string"),
                     read_only=bool(meta.get("readOnlyValue") or p.get("calculated")),
+                    # The properties API has no "required" flag; the objects API requires hs_timestamp
+                    # on engagements (reference §8), so map check must see it as required.
+                    required=p["name"] == "hs_timestamp" and obj in ("calls", "tasks"),
                     unique=bool(p.get("hasUniqueValue")),
                     custom=not p.get("hubspotDefined", False) and not p["name"].startswith("hs_"),
                     options=options if p.get("type") == "enumeration" or p["name"] == "hs_call_disposition" else None,
                 )
             )
         return out
+
+    def managed_fields(self, obj: str) -> set[str]:
+        return {"calls": {MARKER}, "tasks": {MARKER}, "deals": {DEAL_KEY}, "companies": {COMPANY_KEY}}.get(obj, set())
 
     def _ensure_property(self, obj: str, name: str, label: str) -> None:
         key = f"{obj}.{name}"
