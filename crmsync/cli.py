@@ -187,6 +187,7 @@ def connect(
     user: Annotated[str | None, typer.Option("--user", help="Odoo: login.")] = None,
     transport: Annotated[str | None, typer.Option("--transport", help="Odoo: jsonrpc or json2 (default: by version).")] = None,
     scopes: Annotated[str | None, typer.Option("--scopes", help="OAuth scopes to request (space/comma separated).")] = None,
+    password: Annotated[bool, typer.Option("--password", help="Odoo: the secret is a password, not an API key (not advised).")] = False,
 ) -> None:
     """Create or renew a connection; secrets go to the OS keyring.
 
@@ -195,7 +196,8 @@ def connect(
     from crmsync.sync.connect import connect as do_connect
 
     options = {"token_stdin": token_stdin, "oauth": oauth, "client_id": client_id, "no_browser": no_browser, "dc": dc,
-               "grant_code": grant_code, "db": database, "user": user, "transport": transport, "scopes": scopes}
+               "grant_code": grant_code, "db": database, "user": user, "transport": transport, "scopes": scopes,
+               "password": password}
     conn = do_connect(STATE.app(), provider=provider, name=name, base_url=base_url,
                       options={k: v for k, v in options.items() if v not in (None, False)}, io=CliIO(token_stdin))
     if STATE.json:
@@ -445,7 +447,7 @@ def _render_push(s: Any) -> None:
 def _register() -> None:
     from crmsync.commands import demo, mapcmd, sandbox, status
 
-    for module in (status, demo, sandbox, mapcmd):
+    for module in (demo, mapcmd, sandbox, status):
         module.register(app)
 
 

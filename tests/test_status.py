@@ -18,12 +18,11 @@ from crmsync.sync.status import check, gather
 from tests.e2e import cli_env, hubspot_app, run_cli
 from tests.test_hubspot_e2e import outcome_lines
 
-FIXED_NOW = utcnow().replace(microsecond=0)
-
-
 def prepared_store(app: App) -> None:
     """A store in a known state: one connection, records, runs, outbox rows, events."""
     from crmsync.store import Canonical
+
+    FIXED_NOW = utcnow().replace(microsecond=0)  # noqa: N806 - ages are relative to when the test runs
 
     app.store.save_connection(CrmConnection(name="prod", provider="hubspot", account_id="42", base_url="http://x",
                                             scopes=["crm.objects.contacts.read"], settings={}, last_ok_at=FIXED_NOW))

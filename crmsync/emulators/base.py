@@ -279,7 +279,10 @@ def _make_handler(emulator: Emulator) -> type[BaseHTTPRequestHandler]:
                     pass
                 return
             payload = response.content
-            self.send_response(response.status_code)
+            # send_response_only: the emulator's own Date (its emulated clock) must be the only one.
+            self.send_response_only(response.status_code)
+            if "date" not in response.headers:
+                self.send_header("Date", self.date_time_string())
             for key, value in response.headers.items():
                 if key.lower() not in ("content-length", "transfer-encoding", "connection"):
                     self.send_header(key, value)

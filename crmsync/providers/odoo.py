@@ -573,8 +573,18 @@ class OdooProvider(Provider):
         if obj in ("calls", "tasks"):
             types = sorted(self._activity_types())
             out.append(FieldInfo("activity_type_xmlid", "Activity type (external id)", "enumeration", options=types))
-            out.append(FieldInfo("crmsync_marker", "crmsync idempotency marker", "string", read_only=True))
+            out.append(FieldInfo("crmsync_marker", "crmsync idempotency marker (in the note)", "string"))
         return out
+
+    def managed_fields(self, obj: str) -> set[str]:
+        """Fields this provider fills itself (links, types, owner, idempotency keys) for ``map check``."""
+        return {
+            "contacts": {"parent_id", "is_company"},
+            "companies": {"is_company"},
+            "deals": {"partner_id", "type", "stage_id", "user_id", DEAL_KEY_FIELD},
+            "calls": {"res_model_id", "res_id", "user_id", "activity_type_id", "date_deadline", MARKER_FIELD},
+            "tasks": {"res_model_id", "res_id", "user_id", "activity_type_id", "date_deadline", MARKER_FIELD},
+        }.get(obj, set())
 
     # -- look-ups shared by pull and push -------------------------------------------------------
     def _activity_types(self) -> dict[str, int]:
@@ -902,7 +912,7 @@ class OdooProvider(Provider):
         """Records of ``obj`` whose ``kind`` (email, phone, domain, name, key) equals one of ``values``."""
         model, base = self._source(obj)
         found: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(values, 100):
+        for chunk in _chunks(values, BATCH):
             if kind == "email" and obj == "contacts":
                 leaves, field, norm = (
                     [("email", "=ilike", v) for v in chunk],
