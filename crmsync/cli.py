@@ -445,9 +445,9 @@ def _render_push(s: Any) -> None:
 
 # -- the rest lives in crmsync/commands (status, map, log, metrics, demo, sandbox, webhook) ----
 def _register() -> None:
-    from crmsync.commands import demo, mapcmd, sandbox, status
+    from crmsync.commands import demo, mapcmd, sandbox, status, webhook
 
-    for module in (demo, mapcmd, sandbox, status):
+    for module in (demo, mapcmd, sandbox, status, webhook):
         module.register(app)
 
 

@@ -15,7 +15,7 @@ from crmsync.config import load_config
 from crmsync.errors import ConfigError
 from tests.e2e import cli_env, run_cli
 
-COMMANDS = ["connect", "pull", "push", "backfill", "map", "status", "log", "metrics", "demo", "sandbox"]
+COMMANDS = ["connect", "pull", "push", "backfill", "map", "status", "log", "metrics", "demo", "sandbox", "webhook"]
 
 
 def test_help_lists_every_command_and_exit_codes(home: Path) -> None:

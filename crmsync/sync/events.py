@@ -1,8 +1,10 @@
 """Stored webhook events -> one batch read of the changed records -> the normal pull path.
 
 Events are hints: only their record ids are used, the records themselves are read fresh,
-so duplicates and out-of-order deliveries cannot roll a record back. The events are marked
-processed in the same transaction that stores the records they point at.
+so duplicates and out-of-order deliveries cannot roll a record back. That holds for deletions
+too: a record is archived only when the CRM no longer returns it, so a deletion that arrives
+late never hides a record restored since. The events are marked processed in the same
+transaction that stores the records they point at.
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ def apply_pending_events(
         for obj, evs in by_obj.items():
             event_ids = [e.id for e in evs]
             deleted = sorted({e.remote_id for e in evs if e.event_type == "deletion"})
-            changed = sorted({e.remote_id for e in evs if e.event_type != "deletion"} - set(deleted))
             records = []
-            if obj in objects and obj in provider.objects and changed:
-                fetched = provider.fetch(obj, changed, fields=mapping.provider_fields(obj))
+            if obj in objects and obj in provider.objects:
+                # Deletions are hints too: an id the CRM still returns was restored after it (or the
+                # deletion arrived late), so only ids the CRM no longer returns are archived.
+                wanted = sorted({e.remote_id for e in evs})
+                fetched = provider.fetch(obj, wanted, fields=mapping.provider_fields(obj))
                 records = [to_canonical(mapping, obj, r) for r in fetched]
+                live = {r.id for r in fetched if not r.archived}
+                deleted = [rid for rid in deleted if rid not in live]
 
             def mark(s: Session, ids: list[int | None] = event_ids) -> None:
                 now = utcnow()
