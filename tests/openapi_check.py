@@ -79,7 +79,7 @@ ZOHO_ROUTES: list[tuple[str, str]] = [
     (r"^/crm/v8/users(/.*)?$", "users.json"),
     (r"^/crm/v8/actions/watch$", "notifications.json"),
     (r"^/crm/v8/[^/]+/search$", "module_search.json"),
-    (r"^/crm/v8/[^/]+(/.*)?$", "record.json"),
+    (r"^/crm/v8/(?!org$)[^/]+(/.*)?$", "record.json"),
 ]
 
 _VALIDATION_LOCK = threading.RLock()

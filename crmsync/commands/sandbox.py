@@ -72,7 +72,9 @@ def build(provider: str, *, seed: int, contacts: int, companies: int, deals: int
         from crmsync.emulators.zoho import build_zoho
 
         emu = build_zoho(seed=seed, contacts=contacts, accounts=companies, deals=deals, faults=faults)
-        return emu, {"client_id": emu.client_id, "client_secret": emu.client_secret}
+        # A Self Client grant code lets `connect zoho --grant-code` work without a browser.
+        return emu, {"client_id": emu.client_id, "client_secret": emu.client_secret,
+                     "grant_code": emu.grant_code(ttl=3600)}
     if name == "odoo":
         from crmsync.emulators.odoo import build_odoo
 
