@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from crmsync.app import App
 from crmsync.errors import ConfigError, LockHeldError
-from crmsync.store import Canonical, Store
+from crmsync.store import SCHEMA_HEAD, Canonical, Store
 
 
 def rec(i: int, name: str = "x") -> Canonical:
@@ -29,7 +29,7 @@ def test_store_file_is_private_and_wal(tmp_path: Path) -> None:
     with store.engine.connect() as c:
         assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert c.execute(text("PRAGMA busy_timeout")).scalar() == 30000
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_HEAD
 
 
 def test_store_from_a_newer_crmsync_is_refused(tmp_path: Path) -> None:
