@@ -50,10 +50,8 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     for pattern in _PATTERNS:
-        if pattern.groups:
-            text = pattern.sub(lambda m: (m.group(1) or "") + MASK, text)
-        else:
-            text = pattern.sub(MASK, text)
+        keep_prefix = bool(pattern.groups)
+        text = pattern.sub(lambda m, keep=keep_prefix: ((m.group(1) or "") if keep else "") + MASK, text)
     return text
 
 

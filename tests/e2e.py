@@ -75,6 +75,7 @@ def cli_env(home: Path, connection: str | None = None, secret: str | None = None
 
 
 def run_cli(args: list[str], env: dict[str, str], *, stdin: str | None = None, timeout: float = 300) -> CliResult:
-    proc = subprocess.run([sys.executable, "-m", "crmsync", *args], env=env, input=stdin, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "crmsync", *args], env=env, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)

@@ -27,8 +27,9 @@ def test_help_lists_every_command_and_exit_codes(home: Path) -> None:
 
 
 def test_every_command_has_help_with_an_example() -> None:
-    from crmsync.cli import app
     from typer.main import get_command
+
+    from crmsync.cli import app
 
     root = get_command(app)
     missing = []
@@ -99,23 +100,38 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path, monkeypatch: pytest.
     env = {"CRMSYNC_HOME": str(tmp_path), "CRMSYNC_CONFIG": str(cfg)}
     assert App(env=env).store.url.endswith("file.db")
     assert App(env={**env, "CRMSYNC_DB": str(tmp_path / "env.db")}).store.url.endswith("env.db")
-    assert App(env={**env, "CRMSYNC_DB": str(tmp_path / "env.db")}, db=str(tmp_path / "flag.db")).store.url.endswith("flag.db")
+    assert App(env={**env, "CRMSYNC_DB": str(tmp_path / "env.db")}, db=str(tmp_path / "flag.db")).store.url.endswith(
+        "flag.db"
+    )
 
 
 def test_demo_end_to_end_in_an_empty_home(tmp_path: Path) -> None:
     home = tmp_path / "empty-home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC")}
-    env.update({"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_DATA_HOME": str(home / ".local/share"),
-                "NO_COLOR": "1"})
+    env.update(
+        {
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local/share"),
+            "NO_COLOR": "1",
+        }
+    )
     env.pop("PYTHON_KEYRING_BACKEND", None)
-    plain = subprocess.run([sys.executable, "-m", "crmsync", "demo"], env=env, cwd=home, capture_output=True,
-                           text=True, timeout=300)
+    plain = subprocess.run(
+        [sys.executable, "-m", "crmsync", "demo"], env=env, cwd=home, capture_output=True, text=True, timeout=300
+    )
     assert plain.returncode == 0, plain.stderr
     assert "Traceback" not in plain.stderr + plain.stdout
     assert "contacts" in plain.stdout and "pushed 25 calls" in plain.stdout
-    as_json = subprocess.run([sys.executable, "-m", "crmsync", "--json", "demo"], env=env, cwd=home,
-                             capture_output=True, text=True, timeout=300)
+    as_json = subprocess.run(
+        [sys.executable, "-m", "crmsync", "--json", "demo"],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert as_json.returncode == 0, as_json.stderr
     doc = json.loads(as_json.stdout)
     assert doc["pulled"] > 0 and doc["pushed"] == 25 and doc["repush_writes"] == 0
@@ -125,7 +141,9 @@ def test_demo_end_to_end_in_an_empty_home(tmp_path: Path) -> None:
 
 def test_examples_outcomes_is_the_bundled_demo_file() -> None:
     root = Path(__file__).parents[1]
-    assert (root / "examples" / "outcomes.jsonl").read_text() == (root / "crmsync" / "data" / "demo_outcomes.jsonl").read_text()
+    assert (root / "examples" / "outcomes.jsonl").read_text() == (
+        root / "crmsync" / "data" / "demo_outcomes.jsonl"
+    ).read_text()
 
 
 def test_push_schema_is_json_schema(home: Path) -> None:

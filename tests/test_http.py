@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import httpx
 import pytest
@@ -33,8 +33,14 @@ class Script:
 
 def client(script: Script, **kw: object) -> tuple[HttpClient, list[float]]:
     slept: list[float] = []
-    c = HttpClient(provider="test", connection="c1", base_url="http://crm.test", transport=httpx.MockTransport(script),
-                   sleep=slept.append, **kw)  # type: ignore[arg-type]
+    c = HttpClient(
+        provider="test",
+        connection="c1",
+        base_url="http://crm.test",
+        transport=httpx.MockTransport(script),
+        sleep=slept.append,
+        **kw,
+    )  # type: ignore[arg-type]
     return c, slept
 
 
@@ -87,8 +93,14 @@ def test_connection_errors_and_timeouts_are_retried() -> None:
             raise httpx.ReadTimeout("slow", request=request)
         return httpx.Response(200, json={"ok": True})
 
-    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(flaky),
-                   sleep=lambda s: None, backoff_base=0.001)
+    c = HttpClient(
+        provider="t",
+        connection="c",
+        base_url="http://crm.test",
+        transport=httpx.MockTransport(flaky),
+        sleep=lambda s: None,
+        backoff_base=0.001,
+    )
     assert c.get("/x").json() == {"ok": True}
     assert calls["n"] == 3
 
@@ -123,7 +135,9 @@ def test_401_refreshes_once_then_retries() -> None:
         return httpx.Response(401, json={"message": "expired"})
 
     auth = CountingAuth(fixes=True)
-    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app), auth=auth)
+    c = HttpClient(
+        provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app), auth=auth
+    )
     assert c.get("/x").json() == {"ok": True}
     assert auth.refreshes == 1 and c.stats.refreshes == 1
 
@@ -136,7 +150,9 @@ def test_401_that_refresh_does_not_fix_fails_cleanly() -> None:
         return httpx.Response(401, json={"message": "invalid token"})
 
     auth = CountingAuth(fixes=False)
-    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app), auth=auth)
+    c = HttpClient(
+        provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app), auth=auth
+    )
     with pytest.raises(AuthError):
         c.get("/x")
     assert auth.refreshes == 1 and len(seen) == 2
@@ -166,8 +182,10 @@ SECRET = "pat-na1-11111111-2222-4333-8444-555555555555"
 
 def test_redaction_of_headers_query_and_known_secrets() -> None:
     register_secret("s3cr3t-refresh-value")
-    text = (f"Authorization: Bearer {SECRET} GET /x?access_token=abc123&client_secret=zzz&limit=5 "
-            '{"refresh_token": "s3cr3t-refresh-value"} Zoho-oauthtoken 1000.abcdefabcdef')
+    text = (
+        f"Authorization: Bearer {SECRET} GET /x?access_token=abc123&client_secret=zzz&limit=5 "
+        '{"refresh_token": "s3cr3t-refresh-value"} Zoho-oauthtoken 1000.abcdefabcdef'
+    )
     clean = redact(text)
     for leaked in (SECRET, "abc123", "zzz", "s3cr3t-refresh-value", "1000.abcdefabcdef"):
         assert leaked not in clean
@@ -178,8 +196,13 @@ def test_token_never_in_logs_or_exceptions(caplog: pytest.LogCaptureFixture) -> 
     def app(request: httpx.Request) -> httpx.Response:
         return httpx.Response(400, json={"message": f"token {SECRET} is not allowed here"})
 
-    c = HttpClient(provider="t", connection="c", base_url="http://crm.test", transport=httpx.MockTransport(app),
-                   headers={"Authorization": f"Bearer {SECRET}"})
+    c = HttpClient(
+        provider="t",
+        connection="c",
+        base_url="http://crm.test",
+        transport=httpx.MockTransport(app),
+        headers={"Authorization": f"Bearer {SECRET}"},
+    )
     logger = logging.getLogger("crmsync.http")
     logger.addFilter(RedactingFilter())
     with caplog.at_level(logging.DEBUG, logger="crmsync"), pytest.raises(FatalProviderError) as exc:
@@ -191,8 +214,12 @@ def test_token_never_in_logs_or_exceptions(caplog: pytest.LogCaptureFixture) -> 
 
 def test_observer_gets_endpoint_status_and_duration() -> None:
     seen = []
-    c = HttpClient(provider="p", connection="c", base_url="http://crm.test",
-                   transport=httpx.MockTransport(lambda r: httpx.Response(204)),
-                   observer=lambda *a: seen.append(a))
+    c = HttpClient(
+        provider="p",
+        connection="c",
+        base_url="http://crm.test",
+        transport=httpx.MockTransport(lambda r: httpx.Response(204)),
+        observer=lambda *a: seen.append(a),
+    )
     c.request("DELETE", "/crm/v3/objects/contacts/123", endpoint="/crm/v3/objects/{type}/{id}")
     assert seen[0][:4] == ("p", "c", "/crm/v3/objects/{type}/{id}", 204)

@@ -21,11 +21,15 @@ pytestmark = pytest.mark.keyring_os
 NEEDS = ("dbus-run-session", "gnome-keyring-daemon")
 
 
-@pytest.mark.skipif(any(shutil.which(t) is None for t in NEEDS),
-                    reason="needs gnome-keyring and dbus-run-session (apt-get install gnome-keyring dbus-daemon dbus-user-session; .ci/run installs them)")
+@pytest.mark.skipif(
+    any(shutil.which(t) is None for t in NEEDS),
+    reason="needs gnome-keyring and dbus-run-session "
+    "(apt-get install gnome-keyring dbus-daemon dbus-user-session; .ci/run installs them)",
+)
 def test_secret_round_trip_through_gnome_keyring(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import json, sys
         import keyring
         from crmsync.credentials import SecretStore, keyring_usable
@@ -43,14 +47,19 @@ def test_secret_round_trip_through_gnome_keyring(tmp_path: Path) -> None:
         store.delete("prod")
         assert SecretStore().get("prod") is None
         print("ok", backend)
-    """))
+    """)
+    )
     home = tmp_path / "home"
     (home / ".local" / "share" / "keyrings").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON_KEYRING_BACKEND", "DBUS_SESSION_BUS_ADDRESS")}
     env.update({"HOME": str(home), "XDG_DATA_HOME": str(home / ".local" / "share"), "XDG_RUNTIME_DIR": str(tmp_path)})
-    cmd = (f"echo -n crmsync-test | gnome-keyring-daemon --unlock --components=secrets >/dev/null 2>&1; "
-           f"{sys.executable} {script}")
-    proc = subprocess.run(["dbus-run-session", "--", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=120)
+    cmd = (
+        f"echo -n crmsync-test | gnome-keyring-daemon --unlock --components=secrets >/dev/null 2>&1; "
+        f"{sys.executable} {script}"
+    )
+    proc = subprocess.run(
+        ["dbus-run-session", "--", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok")
 
@@ -58,9 +67,25 @@ def test_secret_round_trip_through_gnome_keyring(tmp_path: Path) -> None:
 def test_headless_without_keyring_gives_options_not_a_traceback(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_SECRET")}
     env.update({"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring", "CRMSYNC_HOME": str(tmp_path)})
-    proc = subprocess.run([sys.executable, "-m", "crmsync", "connect", "hubspot", "--name", "prod", "--token-stdin",
-                           "--base-url", "http://127.0.0.1:9"], input="pat-na1-x\n", env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crmsync",
+            "connect",
+            "hubspot",
+            "--name",
+            "prod",
+            "--token-stdin",
+            "--base-url",
+            "http://127.0.0.1:9",
+        ],
+        input="pat-na1-x\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "CRMSYNC_SECRET_PROD" in proc.stderr and "keyring" in proc.stderr

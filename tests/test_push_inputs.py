@@ -14,8 +14,12 @@ from crmsync.sync.inputs import read_outcomes
 from crmsync.sync.push import push, receipt
 from tests.e2e import hubspot_app
 
-GOOD = {"id": "g1", "occurred_at": "2026-11-20T10:00:00+01:00", "contact": {"email": "a@example.com"},
-        "disposition": "connected"}
+GOOD = {
+    "id": "g1",
+    "occurred_at": "2026-11-20T10:00:00+01:00",
+    "contact": {"email": "a@example.com"},
+    "disposition": "connected",
+}
 
 
 def line(**over: object) -> str:
@@ -85,7 +89,10 @@ def test_csv_and_json_array_inputs(tmp_path: Path) -> None:
 
 def test_default_mode_sends_valid_lines_and_writes_rejects(app, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join([line(id="a"), line(id="b", contact={"email": "nope"}), line(id="c", contact={"email": "c@x.io"})]) + "\n")
+    src.write_text(
+        "\n".join([line(id="a"), line(id="b", contact={"email": "nope"}), line(id="c", contact={"email": "c@x.io"})])
+        + "\n"
+    )
     rejects = tmp_path / "rejects.jsonl"
     summary = push(app, source=str(src), connection="hs", rejects=rejects)
     assert (summary.created, summary.rejected, summary.exit_code) == (2, 1, 1)
@@ -140,7 +147,9 @@ def test_changed_content_is_a_conflict_unless_update(app, tmp_path: Path) -> Non
 def test_dry_run_plans_from_the_mirror_with_zero_requests(app, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from crmsync.sync.pull import pull
 
-    app.emulator.bulk_create("contacts", 10, properties_fn=lambda i: {"email": f"known{i}@example.com", "firstname": ""})
+    app.emulator.bulk_create(
+        "contacts", 10, properties_fn=lambda i: {"email": f"known{i}@example.com", "firstname": ""}
+    )
     pull(app, objects=["contacts"])
     src = tmp_path / "in.jsonl"
     rows = [line(id=f"k{i}", contact={"email": f"known{i}@example.com", "first_name": "K"}) for i in range(10)]

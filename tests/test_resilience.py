@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 
 def _run_and_kill(args: list[str], env: dict[str, str], after: float) -> int | None:
     """Start the CLI, SIGKILL it after ``after`` seconds; None if it was killed, else its exit code."""
-    proc = subprocess.Popen([sys.executable, "-m", "crmsync", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crmsync", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         return proc.wait(timeout=after)
     except subprocess.TimeoutExpired:
@@ -76,8 +77,12 @@ def test_push_killed_30_times_delivers_each_call_exactly_once(home: Path, tmp_pa
 
 def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp_path: Path) -> None:
     emulator = HubSpotEmulator(seed=12, faults=Faults(latency_ms=3, seed=12))
-    emulator.bulk_create("contacts", 20_000, modified_at=time.time() - 3600,
-                         properties_fn=lambda i: {"email": f"c{i}@example.com", "firstname": f"F{i}"})
+    emulator.bulk_create(
+        "contacts",
+        20_000,
+        modified_at=time.time() - 3600,
+        properties_fn=lambda i: {"email": f"c{i}@example.com", "firstname": f"F{i}"},
+    )
     server = emulator.serve()
     try:
         write_config(home, "hs", rate_limit=100000, search_rate_limit=1000)
@@ -96,7 +101,9 @@ def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp
         rng = random.Random(7)
         kills = 0
         for _ in range(10):
-            code = _run_and_kill(["--quiet", "backfill", "-c", "hs", "--object", "contacts"], env, rng.uniform(0.8, 3.0))
+            code = _run_and_kill(
+                ["--quiet", "backfill", "-c", "hs", "--object", "contacts"], env, rng.uniform(0.8, 3.0)
+            )
             kills += code is None
         last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
         assert last.code == 0, last.stderr

@@ -18,27 +18,72 @@ from crmsync.sync.status import check, gather
 from tests.e2e import cli_env, hubspot_app, run_cli
 from tests.test_hubspot_e2e import outcome_lines
 
+
 def prepared_store(app: App) -> None:
     """A store in a known state: one connection, records, runs, outbox rows, events."""
     from crmsync.store import Canonical
 
-    FIXED_NOW = utcnow().replace(microsecond=0)  # noqa: N806 - ages are relative to when the test runs
+    FIXED_NOW = utcnow().replace(microsecond=0)
 
-    app.store.save_connection(CrmConnection(name="prod", provider="hubspot", account_id="42", base_url="http://x",
-                                            scopes=["crm.objects.contacts.read"], settings={}, last_ok_at=FIXED_NOW))
-    app.store.apply_page("prod", "contacts", [Canonical(remote_id=str(i), properties={"email": f"{i}@x.io"}, raw={},
-                                                        remote_updated_at=None, archived=i == 0) for i in range(3)],
-                         cursor={"mode": "search", "ts": 1764000000000})
+    app.store.save_connection(
+        CrmConnection(
+            name="prod",
+            provider="hubspot",
+            account_id="42",
+            base_url="http://x",
+            scopes=["crm.objects.contacts.read"],
+            settings={},
+            last_ok_at=FIXED_NOW,
+        )
+    )
+    app.store.apply_page(
+        "prod",
+        "contacts",
+        [
+            Canonical(
+                remote_id=str(i), properties={"email": f"{i}@x.io"}, raw={}, remote_updated_at=None, archived=i == 0
+            )
+            for i in range(3)
+        ],
+        cursor={"mode": "search", "ts": 1764000000000},
+    )
     with app.store.session() as s:
-        s.add(CrmSyncLog(connection="prod", command="pull", started_at=FIXED_NOW - timedelta(minutes=3),
-                         finished_at=FIXED_NOW - timedelta(minutes=2), status="ok",
-                         counts={"contacts": {"read": 3, "created": 3}}, requests=7, retries=1, rate_limited=1))
+        s.add(
+            CrmSyncLog(
+                connection="prod",
+                command="pull",
+                started_at=FIXED_NOW - timedelta(minutes=3),
+                finished_at=FIXED_NOW - timedelta(minutes=2),
+                status="ok",
+                counts={"contacts": {"read": 3, "created": 3}},
+                requests=7,
+                retries=1,
+                rate_limited=1,
+            )
+        )
         for i, state in enumerate(["done", "done", "failed", "pending"]):
-            s.add(CrmOutbox(connection="prod", outcome_id=f"o{i}", content_hash="h", payload={}, state=state,
-                            last_error="contacts: Property values were not valid" if state == "failed" else None,
-                            delivered_at=FIXED_NOW if state == "done" else None))
-        s.add(CrmWebhookEvent(connection="prod", provider="hubspot", dedupe_key="k1", object="contacts", remote_id="1",
-                              event_type="update", received_at=FIXED_NOW - timedelta(minutes=30)))
+            s.add(
+                CrmOutbox(
+                    connection="prod",
+                    outcome_id=f"o{i}",
+                    content_hash="h",
+                    payload={},
+                    state=state,
+                    last_error="contacts: Property values were not valid" if state == "failed" else None,
+                    delivered_at=FIXED_NOW if state == "done" else None,
+                )
+            )
+        s.add(
+            CrmWebhookEvent(
+                connection="prod",
+                provider="hubspot",
+                dedupe_key="k1",
+                object="contacts",
+                remote_id="1",
+                event_type="update",
+                received_at=FIXED_NOW - timedelta(minutes=30),
+            )
+        )
 
 
 def test_status_json_snapshot() -> None:
@@ -53,12 +98,29 @@ def test_status_json_snapshot() -> None:
     c["webhook"]["oldest_pending_age_seconds"] = round(c["webhook"]["oldest_pending_age_seconds"] / 60)
     c["last_run"]["started_at"] = c["last_run"]["finished_at"] = c["rate_limit"]["finished_at"] = "<time>"
     assert c == {
-        "name": "prod", "provider": "hubspot", "account": "42", "base_url": "http://x",
+        "name": "prod",
+        "provider": "hubspot",
+        "account": "42",
+        "base_url": "http://x",
         "auth": {"state": "ok", "token_expires_at": None, "last_ok_at": "<time>", "last_checked_at": "<time>"},
-        "objects": {"contacts": {"stored": 3, "archived": 1, "last_pull_at": "<time>", "last_pull_age_seconds": "<age>",
-                                 "cursor": {"mode": "search", "ts": 1764000000000}}},
-        "outbox": {"pending": 1, "failed": 1, "done": 2, "conflict": 0, "delivered_today": 2,
-                   "top_error": "Property values were not valid", "oldest_failed_at": "<time>"},
+        "objects": {
+            "contacts": {
+                "stored": 3,
+                "archived": 1,
+                "last_pull_at": "<time>",
+                "last_pull_age_seconds": "<age>",
+                "cursor": {"mode": "search", "ts": 1764000000000},
+            }
+        },
+        "outbox": {
+            "pending": 1,
+            "failed": 1,
+            "done": 2,
+            "conflict": 0,
+            "delivered_today": 2,
+            "top_error": "Property values were not valid",
+            "oldest_failed_at": "<time>",
+        },
         "webhook": {"pending": 1, "oldest_pending_age_seconds": 30},
         "conflicts_open": 0,
         "last_run": {"command": "pull", "status": "ok", "started_at": "<time>", "finished_at": "<time>", "error": None},
@@ -157,19 +219,36 @@ def test_metrics_file_after_pull_and_push_and_no_secret_anywhere(home: Path, tmp
         src = tmp_path / "o.jsonl"
         src.write_text(outcome_lines(20))
         outputs = []
-        for args in (["pull", "--metrics-file", str(metrics)], ["--json", "pull"], ["-v", "push", str(src), "-c", "hs",
-                     "--metrics-file", str(metrics)], ["--json", "status"], ["status"], ["--json", "log"],
-                     ["metrics"], ["--log-format", "json", "-v", "status", "--check", "--live"]):
+        for args in (
+            ["pull", "--metrics-file", str(metrics)],
+            ["--json", "pull"],
+            ["-v", "push", str(src), "-c", "hs", "--metrics-file", str(metrics)],
+            ["--json", "status"],
+            ["status"],
+            ["--json", "log"],
+            ["metrics"],
+            ["--log-format", "json", "-v", "status", "--check", "--live"],
+        ):
             r = run_cli(args, env)
             assert r.code in (0, 1), (args, r.stderr)
             outputs.append(r.stdout + r.stderr)
         families = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
-        for name in ("crm_requests", "crm_errors", "crm_sync_duration_seconds", "crm_records", "crm_outbox_items",
-                     "crm_last_success_timestamp_seconds"):
+        for name in (
+            "crm_requests",
+            "crm_errors",
+            "crm_sync_duration_seconds",
+            "crm_records",
+            "crm_outbox_items",
+            "crm_last_success_timestamp_seconds",
+        ):
             assert name in families, name
         outbox = {s.labels["state"]: s.value for s in families["crm_outbox_items"].samples}
         assert outbox["done"] == 20.0
-        calls = [s for s in families["crm_records"].samples if s.labels["object"] == "calls" and s.labels["action"] == "created"]
+        calls = [
+            s
+            for s in families["crm_records"].samples
+            if s.labels["object"] == "calls" and s.labels["action"] == "created"
+        ]
         assert calls and calls[0].value == 20.0
         reqs = [s for s in families["crm_requests"].samples if s.name == "crm_requests_total"]
         assert sum(s.value for s in reqs) > 0
@@ -182,7 +261,7 @@ def test_metrics_file_after_pull_and_push_and_no_secret_anywhere(home: Path, tmp
         db = home / "crmsync.db"
         con = sqlite3.connect(db)
         for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'"):
-            for row in con.execute(f"SELECT * FROM {table}"):  # noqa: S608 - table names from sqlite itself
+            for row in con.execute(f"SELECT * FROM {table}"):
                 haystack += json.dumps(row, default=str)
         for path in home.rglob("*"):
             if path.is_file() and path.suffix not in (".db",):
@@ -222,8 +301,15 @@ def test_retention_prunes_old_audit_rows(days: int) -> None:
     from crmsync.store import CrmRecordChange
 
     with app.store.session() as s:
-        s.add(CrmRecordChange(connection="prod", object="contacts", remote_id="1", action="updated",
-                              at=utcnow() - timedelta(days=days + 1)))
+        s.add(
+            CrmRecordChange(
+                connection="prod",
+                object="contacts",
+                remote_id="1",
+                action="updated",
+                at=utcnow() - timedelta(days=days + 1),
+            )
+        )
     before = len(app.store.changes(connection="prod"))
     app.store.prune(older_than_days=days)
     assert len(app.store.changes(connection="prod")) == before - 1

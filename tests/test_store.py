@@ -19,8 +19,13 @@ from crmsync.store import SCHEMA_HEAD, Canonical, Store
 
 
 def rec(i: int, name: str = "x") -> Canonical:
-    return Canonical(remote_id=str(i), properties={"email": f"u{i}@example.com", "first_name": name}, raw={},
-                     remote_updated_at=datetime(2026, 1, 1, tzinfo=UTC), match_key=f"email:u{i}@example.com")
+    return Canonical(
+        remote_id=str(i),
+        properties={"email": f"u{i}@example.com", "first_name": name},
+        raw={},
+        remote_updated_at=datetime(2026, 1, 1, tzinfo=UTC),
+        match_key=f"email:u{i}@example.com",
+    )
 
 
 def test_store_file_is_private_and_wal(tmp_path: Path) -> None:
@@ -70,22 +75,27 @@ def test_unchanged_page_writes_nothing_and_older_data_never_rolls_back(tmp_path:
 def test_run_lock_exits_tempfail_naming_the_holder(tmp_path: Path) -> None:
     db = str(tmp_path / "s.db")
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from crmsync.app import App
             app = App(db={db!r})
             with app.run_lock("prod", timeout=0):
                 print("locked", flush=True)
                 time.sleep(30)
-        """)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ},
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         app = App(db=db)
-        with pytest.raises(LockHeldError, match=f"pid {holder.pid}") as exc:
-            with app.run_lock("prod", timeout=0.3):
-                pass
+        with pytest.raises(LockHeldError, match=f"pid {holder.pid}") as exc, app.run_lock("prod", timeout=0.3):
+            pass
         assert exc.value.exit_code == 75
         with app.run_lock("other", timeout=0):  # another connection is not blocked
             pass

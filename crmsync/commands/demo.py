@@ -12,9 +12,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        db: Annotated[str | None, typer.Option("--db", help="Keep the demo store here (default: a temporary one).")] = None,
+        db: Annotated[
+            str | None, typer.Option("--db", help="Keep the demo store here (default: a temporary one).")
+        ] = None,
         contacts: Annotated[int, typer.Option("--contacts", help="Seeded contacts in the emulator.")] = 200,
-        outcomes: Annotated[str | None, typer.Option("--outcomes", help="Outcomes to push (default: the bundled examples).")] = None,
+        outcomes: Annotated[
+            str | None, typer.Option("--outcomes", help="Outcomes to push (default: the bundled examples).")
+        ] = None,
     ) -> None:
         """Run connect, pull, push and status against a local HubSpot emulator (no network, no setup).
 
@@ -28,5 +32,7 @@ def register(app: typer.Typer) -> None:
             emit_json(result)
         else:
             render_status(result["status"])
-            info(f"demo: pulled {result['pulled']} records, pushed {result['pushed']} calls "
-                 f"({result['push']['requests']} requests); a re-run of the push sent {result['repush_writes']} writes.")
+            info(
+                f"demo: pulled {result['pulled']} records, pushed {result['pushed']} calls "
+                f"({result['push']['requests']} requests); a re-run of the push sent {result['repush_writes']} writes."
+            )

@@ -25,11 +25,17 @@ def register(app: typer.Typer) -> None:
         companies: Annotated[int, typer.Option("--companies", help="Seeded companies.")] = 25,
         deals: Annotated[int, typer.Option("--deals", help="Seeded deals.")] = 10,
         latency_ms: Annotated[float, typer.Option("--latency-ms", help="Added latency per request.")] = 0.0,
-        rate_limit: Annotated[str | None, typer.Option("--rate-limit", help="N/SECONDS, e.g. 100/10 (429 above it).")] = None,
+        rate_limit: Annotated[
+            str | None, typer.Option("--rate-limit", help="N/SECONDS, e.g. 100/10 (429 above it).")
+        ] = None,
         error_rate: Annotated[float, typer.Option("--error-rate", help="Share of requests answered 5xx.")] = 0.0,
         drop_rate: Annotated[float, typer.Option("--drop-rate", help="Share of connections dropped.")] = 0.0,
-        partial_rate: Annotated[float, typer.Option("--partial-rate", help="Share of batch items that fail (207).")] = 0.0,
-        token_ttl: Annotated[float | None, typer.Option("--token-ttl", help="OAuth access-token lifetime in seconds.")] = None,
+        partial_rate: Annotated[
+            float, typer.Option("--partial-rate", help="Share of batch items that fail (207).")
+        ] = 0.0,
+        token_ttl: Annotated[
+            float | None, typer.Option("--token-ttl", help="OAuth access-token lifetime in seconds.")
+        ] = None,
     ) -> None:
         """Serve an emulator until interrupted; the first line of stdout is its base URL.
 
@@ -44,8 +50,15 @@ def register(app: typer.Typer) -> None:
                 limits["default"] = (int(n), float(per or 1))
             except ValueError:
                 raise UsageError("--rate-limit takes N/SECONDS, e.g. 100/10") from None
-        faults = Faults(latency_ms=latency_ms, rate_limits=limits, error_rate=error_rate, drop_rate=drop_rate,
-                        partial_rate=partial_rate, token_ttl=token_ttl, seed=seed)
+        faults = Faults(
+            latency_ms=latency_ms,
+            rate_limits=limits,
+            error_rate=error_rate,
+            drop_rate=drop_rate,
+            partial_rate=partial_rate,
+            token_ttl=token_ttl,
+            seed=seed,
+        )
         emulator, creds = build(provider, seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
         server = emulator.serve(host, port)
         sys.stdout.write(server.url + "\n")
@@ -60,7 +73,9 @@ def register(app: typer.Typer) -> None:
             server.stop()
 
 
-def build(provider: str, *, seed: int, contacts: int, companies: int, deals: int, faults: object) -> tuple[object, dict[str, str]]:
+def build(
+    provider: str, *, seed: int, contacts: int, companies: int, deals: int, faults: object
+) -> tuple[object, dict[str, str]]:
     """An emulator and the credentials a connection to it needs (fake, for the sandbox only)."""
     name = provider.lower()
     if name == "hubspot":
@@ -73,8 +88,11 @@ def build(provider: str, *, seed: int, contacts: int, companies: int, deals: int
 
         emu = build_zoho(seed=seed, contacts=contacts, accounts=companies, deals=deals, faults=faults)
         # A Self Client grant code lets `connect zoho --grant-code` work without a browser.
-        return emu, {"client_id": emu.client_id, "client_secret": emu.client_secret,
-                     "grant_code": emu.grant_code(ttl=3600)}
+        return emu, {
+            "client_id": emu.client_id,
+            "client_secret": emu.client_secret,
+            "grant_code": emu.grant_code(ttl=3600),
+        }
     if name == "odoo":
         from crmsync.emulators.odoo import build_odoo
 

@@ -18,7 +18,9 @@ def describe_cursor(cursor: dict[str, Any] | None) -> str:
         return "-"
     parts = []
     preferred = ("ts", "hi", "modified_time", "last_hi", "after")
-    for key, value in sorted(cursor.items(), key=lambda kv: (kv[0] not in preferred, preferred.index(kv[0]) if kv[0] in preferred else 0)):
+    for key, value in sorted(
+        cursor.items(), key=lambda kv: (kv[0] not in preferred, preferred.index(kv[0]) if kv[0] in preferred else 0)
+    ):
         if key.startswith("_") or value in (None, "", False):
             continue
         if isinstance(value, int) and value > 10**11:
@@ -40,9 +42,17 @@ def render_status(doc: dict[str, Any]) -> None:
     for c in doc["connections"]:
         auth = c["auth"]
         exp = f", token until {auth['token_expires_at']}" if auth.get("token_expires_at") else ""
-        out.print(f"[bold]{c['name']}[/bold]  {c['provider']}  account {c['account'] or '-'}  auth {auth['state']}{exp}")
+        out.print(
+            f"[bold]{c['name']}[/bold]  {c['provider']}  account {c['account'] or '-'}  auth {auth['state']}{exp}"
+        )
         table = Table(box=None, pad_edge=False, show_edge=False)
-        for col, just in (("object", "left"), ("stored", "right"), ("archived", "right"), ("last pull", "right"), ("cursor", "left")):
+        for col, just in (
+            ("object", "left"),
+            ("stored", "right"),
+            ("archived", "right"),
+            ("last pull", "right"),
+            ("cursor", "left"),
+        ):
             table.add_column(col, justify=just)  # type: ignore[arg-type]
         for obj, o in c["objects"].items():
             cur = describe_cursor(o["cursor"])
@@ -54,14 +64,19 @@ def render_status(doc: dict[str, Any]) -> None:
         if ob["top_error"]:
             out.print(f"  most common error: {ob['top_error'][:58]}")
         wh = c["webhook"]
-        out.print(f"webhook events pending: {wh['pending']}" + (f" (oldest {human_age(wh['oldest_pending_age_seconds'])})" if wh["pending"] else "")
-                  + f"   conflicts open: {c['conflicts_open']}")
+        out.print(
+            f"webhook events pending: {wh['pending']}"
+            + (f" (oldest {human_age(wh['oldest_pending_age_seconds'])})" if wh["pending"] else "")
+            + f"   conflicts open: {c['conflicts_open']}"
+        )
         if c["rate_limit"]:
             rl = c["rate_limit"]
             quota = rl.get("quota") or {}
             q = ", ".join(f"{k} {v}" for k, v in quota.items())
-            out.print(f"last {rl['command']}: {rl['requests']} requests, {rl['retries']} retries, {rl['rate_limited']} rate-limited"
-                      + (f"; quota: {q}" if q else ""))
+            out.print(
+                f"last {rl['command']}: {rl['requests']} requests, {rl['retries']} retries, "
+                f"{rl['rate_limited']} rate-limited" + (f"; quota: {q}" if q else "")
+            )
         out.print("")
 
 
@@ -70,10 +85,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def status(
-        connection: Annotated[list[str] | None, typer.Option("--connection", "-c", help="Connection (repeatable; default all).")] = None,
-        check: Annotated[bool, typer.Option("--check", help="Health check: exit 0 healthy, 1 problems, 3 auth problems.")] = False,
+        connection: Annotated[
+            list[str] | None, typer.Option("--connection", "-c", help="Connection (repeatable; default all).")
+        ] = None,
+        check: Annotated[
+            bool, typer.Option("--check", help="Health check: exit 0 healthy, 1 problems, 3 auth problems.")
+        ] = False,
         max_age: Annotated[str, typer.Option("--max-age", help="With --check: a pull older than this is stale.")] = "",
-        live: Annotated[bool, typer.Option("--live", help="With --check: also call each CRM (auth, reachability, scopes).")] = False,
+        live: Annotated[
+            bool, typer.Option("--live", help="With --check: also call each CRM (auth, reachability, scopes).")
+        ] = False,
     ) -> None:
         """Show each connection's sync state; --check makes it a monitoring probe.
 
@@ -127,14 +148,25 @@ def register(app: typer.Typer) -> None:
         when = parse_when(since, name="--since")
         objects = split_objects(obj)
         if record or objects:
-            changes = app_.store.changes(connection=connection, obj=objects[0] if objects else None, remote_id=record, since=when, limit=limit)
+            changes = app_.store.changes(
+                connection=connection, obj=objects[0] if objects else None, remote_id=record, since=when, limit=limit
+            )
             runs = {r.id: r for r in app_.store.runs(connection, since=when, limit=1000)}
             rows = []
             for ch in changes:
                 run = runs.get(ch.run_id) if ch.run_id else None
-                rows.append({"at": ch.at.isoformat(timespec="seconds"), "connection": ch.connection, "object": ch.object,
-                             "record": ch.remote_id, "action": ch.action, "changes": ch.changes,
-                             "command": run.command if run else None, "mapping": run.mapping_hash[:12] if run and run.mapping_hash else None})
+                rows.append(
+                    {
+                        "at": ch.at.isoformat(timespec="seconds"),
+                        "connection": ch.connection,
+                        "object": ch.object,
+                        "record": ch.remote_id,
+                        "action": ch.action,
+                        "changes": ch.changes,
+                        "command": run.command if run else None,
+                        "mapping": run.mapping_hash[:12] if run and run.mapping_hash else None,
+                    }
+                )
             if STATE.json:
                 emit_json({"changes": rows})
                 return
@@ -144,17 +176,31 @@ def register(app: typer.Typer) -> None:
             for col in ("at", "object", "record", "action", "command", "fields"):
                 table.add_column(col)
             for r in rows:
-                fields = ", ".join(f"{k}: {v[0]!r}→{v[1]!r}" for k, v in r["changes"].items() if isinstance(v, list))[:60]
+                fields = ", ".join(f"{k}: {v[0]!r}→{v[1]!r}" for k, v in r["changes"].items() if isinstance(v, list))[
+                    :60
+                ]
                 table.add_row(r["at"], r["object"], r["record"], r["action"], r["command"] or "-", fields)
             console().print(table)
             return
         runs_list = app_.store.runs(connection, since=when, limit=limit)
-        rows = [{"id": r.id, "connection": r.connection, "command": r.command, "status": r.status,
-                 "started_at": r.started_at.isoformat(timespec="seconds"),
-                 "finished_at": r.finished_at.isoformat(timespec="seconds") if r.finished_at else None,
-                 "counts": {k: v for k, v in (r.counts or {}).items() if not k.startswith("_")},
-                 "requests": r.requests, "rate_limited": r.rate_limited, "error": r.error,
-                 "mapping": r.mapping_hash[:12] if r.mapping_hash else None, "pid": r.pid, "host": r.host} for r in runs_list]
+        rows = [
+            {
+                "id": r.id,
+                "connection": r.connection,
+                "command": r.command,
+                "status": r.status,
+                "started_at": r.started_at.isoformat(timespec="seconds"),
+                "finished_at": r.finished_at.isoformat(timespec="seconds") if r.finished_at else None,
+                "counts": {k: v for k, v in (r.counts or {}).items() if not k.startswith("_")},
+                "requests": r.requests,
+                "rate_limited": r.rate_limited,
+                "error": r.error,
+                "mapping": r.mapping_hash[:12] if r.mapping_hash else None,
+                "pid": r.pid,
+                "host": r.host,
+            }
+            for r in runs_list
+        ]
         if STATE.json:
             emit_json({"runs": rows})
             return
@@ -164,7 +210,15 @@ def register(app: typer.Typer) -> None:
         for col in ("id", "started", "connection", "command", "status", "requests", "error"):
             table.add_column(col)
         for r in rows:
-            table.add_row(str(r["id"]), r["started_at"], r["connection"], r["command"], r["status"], str(r["requests"]), (r["error"] or "")[:40])
+            table.add_row(
+                str(r["id"]),
+                r["started_at"],
+                r["connection"],
+                r["command"],
+                r["status"],
+                str(r["requests"]),
+                (r["error"] or "")[:40],
+            )
         console().print(table)
 
     @app.command()

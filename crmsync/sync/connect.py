@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
-def connect(app: App, *, provider: str, name: str, base_url: str | None, options: dict[str, Any], io: ConnectIO) -> CrmConnection:
+def connect(
+    app: App, *, provider: str, name: str, base_url: str | None, options: dict[str, Any], io: ConnectIO
+) -> CrmConnection:
     """Run the provider's connect flow and record the connection (no secrets in the store)."""
     if not NAME_RE.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 63)")

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def run_demo(*, db: str | None, contacts: int = 200, outcomes: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(
+    *, db: str | None, contacts: int = 200, outcomes: str | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """connect -> pull -> push -> push again -> status; returns what each step reported."""
     import keyring
 
@@ -25,7 +27,9 @@ def run_demo(*, db: str | None, contacts: int = 200, outcomes: str | None = None
     # never leave its fake token in the user's real keyring.
     keyring.set_keyring(MemoryKeyring())
     with tempfile.TemporaryDirectory(prefix="crmsync-demo-") as tmp:
-        emulator = build_hubspot(seed=1, contacts=contacts, companies=max(1, contacts // 4), deals=max(1, contacts // 8))
+        emulator = build_hubspot(
+            seed=1, contacts=contacts, companies=max(1, contacts // 4), deals=max(1, contacts // 8)
+        )
         server = emulator.serve()
         app = App(db=db or str(Path(tmp) / "demo.db"), env={"CRMSYNC_HOME": tmp})
         try:

@@ -49,7 +49,7 @@ def open_binary(source: str) -> IO[bytes]:
     if source == "-":
         return sys.stdin.buffer
     try:
-        return open(source, "rb")  # noqa: SIM115 - closed by the caller's iterator
+        return open(source, "rb")
     except OSError as exc:
         raise UsageError(f"{source}: cannot open: {exc.strerror}") from None
 
@@ -95,14 +95,20 @@ def read_jsonl(stream: IO[bytes], name: str) -> Iterator[Parsed]:
     for number, text, raw in _lines(stream, name):
         if text is None:
             raw_text, _, pos = raw.rpartition("\x00")
-            yield Parsed(number, raw_text, error=InputError(f"not UTF-8 text (bad byte at column {int(pos) + 1})", path=name, line=number))
+            yield Parsed(
+                number,
+                raw_text,
+                error=InputError(f"not UTF-8 text (bad byte at column {int(pos) + 1})", path=name, line=number),
+            )
             continue
         if not text.strip():
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield Parsed(number, text, error=InputError(f"invalid JSON: {exc.msg} at column {exc.colno}", path=name, line=number))
+            yield Parsed(
+                number, text, error=InputError(f"invalid JSON: {exc.msg} at column {exc.colno}", path=name, line=number)
+            )
             continue
         yield _validate(obj, name, number, text)
 
@@ -152,7 +158,9 @@ def read_csv(stream: IO[bytes], name: str) -> Iterator[Parsed]:
                 yield Parsed(line + 1, "", error=InputError("not UTF-8 text", path=name, line=line + 1))
                 return
             except csv.Error as exc:
-                yield Parsed(reader.line_num, "", error=InputError(f"invalid CSV: {exc}", path=name, line=reader.line_num))
+                yield Parsed(
+                    reader.line_num, "", error=InputError(f"invalid CSV: {exc}", path=name, line=reader.line_num)
+                )
                 return
             line = reader.line_num
             raw = json.dumps(row, ensure_ascii=False)
@@ -189,12 +197,20 @@ def read_json_array(stream: IO[bytes], name: str) -> Iterator[Parsed]:
                     eof = True
                     if not started:
                         return
-                    yield Parsed(line, "", error=InputError("the JSON array is not closed (truncated input?)", path=name, line=line))
+                    yield Parsed(
+                        line,
+                        "",
+                        error=InputError("the JSON array is not closed (truncated input?)", path=name, line=line),
+                    )
                     return
                 continue
             if not started:
                 if buf[0] != "[":
-                    yield Parsed(line, buf[:80], error=InputError("a JSON input must be an array of objects", path=name, line=line))
+                    yield Parsed(
+                        line,
+                        buf[:80],
+                        error=InputError("a JSON input must be an array of objects", path=name, line=line),
+                    )
                     return
                 started, buf = True, buf[1:]
                 continue
@@ -208,7 +224,9 @@ def read_json_array(stream: IO[bytes], name: str) -> Iterator[Parsed]:
             except json.JSONDecodeError as exc:
                 if not eof and len(buf) < MAX_LINE and fill():
                     continue
-                yield Parsed(line, buf[:200], error=InputError(f"invalid JSON: {exc.msg}", path=name, line=line + exc.lineno - 1))
+                yield Parsed(
+                    line, buf[:200], error=InputError(f"invalid JSON: {exc.msg}", path=name, line=line + exc.lineno - 1)
+                )
                 return
             raw = buf[:end]
             index += 1

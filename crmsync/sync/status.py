@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func
+from sqlalchemy import func, true
 from sqlmodel import select
 
 from crmsync.model import utcnow
@@ -42,7 +42,7 @@ def _token_expiry(app: App, conn: CrmConnection) -> str | None:
     """Only the expiry time is read from the secret; nothing else of it leaves this function."""
     try:
         secret = app.secrets.get(conn.name) or {}
-    except Exception:  # noqa: BLE001 - a locked or absent keyring must not break status
+    except Exception:
         return None
     exp = secret.get("expires_at")
     return datetime.fromtimestamp(float(exp), tz=UTC).isoformat(timespec="seconds") if exp else None
@@ -76,27 +76,47 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
         }
     start_of_day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     with store.session() as s:
-        states = dict(s.exec(select(CrmOutbox.state, func.count()).where(CrmOutbox.connection == conn.name).group_by(CrmOutbox.state)).all())  # type: ignore[arg-type]
+        states = dict(
+            s.exec(
+                select(CrmOutbox.state, func.count()).where(CrmOutbox.connection == conn.name).group_by(CrmOutbox.state)
+            ).all()
+        )  # type: ignore[arg-type]
         delivered_today = s.exec(
-            select(func.count()).select_from(CrmOutbox).where(CrmOutbox.connection == conn.name, CrmOutbox.delivered_at >= start_of_day)  # type: ignore[operator]
+            select(func.count())
+            .select_from(CrmOutbox)
+            .where(CrmOutbox.connection == conn.name, CrmOutbox.delivered_at >= start_of_day)  # type: ignore[operator]
         ).one()
         errors = collections.Counter(
             (e or "").split(":", 1)[-1].strip()[:120]
-            for e in s.exec(select(CrmOutbox.last_error).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed"))
+            for e in s.exec(
+                select(CrmOutbox.last_error).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed")
+            )
         )
-        oldest_failed = s.exec(select(func.min(CrmOutbox.updated_at)).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed")).one()
+        oldest_failed = s.exec(
+            select(func.min(CrmOutbox.updated_at)).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed")
+        ).one()
         pending_events = s.exec(
             select(func.count(), func.min(CrmWebhookEvent.received_at)).where(
-                CrmWebhookEvent.connection == conn.name, CrmWebhookEvent.processed_at == None  # noqa: E711
+                CrmWebhookEvent.connection == conn.name,
+                CrmWebhookEvent.processed_at == None,  # noqa: E711
             )
         ).one()
-        conflicts_open = s.exec(select(func.count()).select_from(CrmConflict).where(CrmConflict.connection == conn.name, CrmConflict.open == True)).one()  # noqa: E712
+        conflicts_open = s.exec(
+            select(func.count())
+            .select_from(CrmConflict)
+            .where(CrmConflict.connection == conn.name, CrmConflict.open == true())
+        ).one()
     last = runs[0] if runs else None
     usage = None
     for run in runs:
         if run.command in ("pull", "push", "backfill") and run.finished_at:
-            usage = {"command": run.command, "requests": run.requests, "retries": run.retries,
-                     "rate_limited": run.rate_limited, "finished_at": _iso(run.finished_at)}
+            usage = {
+                "command": run.command,
+                "requests": run.requests,
+                "retries": run.retries,
+                "rate_limited": run.rate_limited,
+                "finished_at": _iso(run.finished_at),
+            }
             quota = (run.counts or {}).get("_quota")
             if quota:
                 usage["quota"] = quota
@@ -128,9 +148,14 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
         },
         "conflicts_open": int(conflicts_open),
         "last_run": {
-            "command": last.command, "status": last.status, "started_at": _iso(last.started_at),
-            "finished_at": _iso(last.finished_at), "error": last.error,
-        } if last else None,
+            "command": last.command,
+            "status": last.status,
+            "started_at": _iso(last.started_at),
+            "finished_at": _iso(last.finished_at),
+            "error": last.error,
+        }
+        if last
+        else None,
         "rate_limit": usage,
     }
 
@@ -160,7 +185,9 @@ def check(app: App, doc: dict[str, Any], *, max_age: timedelta, live: bool = Fal
     for c in doc["connections"]:
         name = c["name"]
         if c["auth"]["state"] != "ok":
-            problems.append(Problem(name, "auth", f"{name}: credentials {c['auth']['state']}; run `crmsync connect` again"))
+            problems.append(
+                Problem(name, "auth", f"{name}: credentials {c['auth']['state']}; run `crmsync connect` again")
+            )
         exp = c["auth"].get("token_expires_at")
         secret_known = exp is not None
         if secret_known and datetime.fromisoformat(exp) < utcnow() - timedelta(days=1):
@@ -171,15 +198,33 @@ def check(app: App, doc: dict[str, Any], *, max_age: timedelta, live: bool = Fal
             if age is None:
                 problems.append(Problem(name, "stale", f"{name}: {obj} never pulled successfully"))
             elif age > max_age.total_seconds():
-                problems.append(Problem(name, "stale", f"{name}: {obj} last pulled {int(age)}s ago (max {int(max_age.total_seconds())}s)"))
+                problems.append(
+                    Problem(
+                        name,
+                        "stale",
+                        f"{name}: {obj} last pulled {int(age)}s ago (max {int(max_age.total_seconds())}s)",
+                    )
+                )
         if not c["objects"]:
             problems.append(Problem(name, "stale", f"{name}: never pulled successfully"))
         if c["outbox"]["failed"]:
-            problems.append(Problem(name, "failed_outbox", f"{name}: {c['outbox']['failed']} outbox item(s) failed "
-                                    f"(most common: {c['outbox']['top_error']}); see `crmsync push --retry-failed`"))
+            problems.append(
+                Problem(
+                    name,
+                    "failed_outbox",
+                    f"{name}: {c['outbox']['failed']} outbox item(s) failed "
+                    f"(most common: {c['outbox']['top_error']}); see `crmsync push --retry-failed`",
+                )
+            )
         pend_age = c["webhook"]["oldest_pending_age_seconds"]
         if pend_age is not None and pend_age > webhook_age:
-            problems.append(Problem(name, "webhook_backlog", f"{name}: {c['webhook']['pending']} webhook event(s) pending, oldest {int(pend_age)}s"))
+            problems.append(
+                Problem(
+                    name,
+                    "webhook_backlog",
+                    f"{name}: {c['webhook']['pending']} webhook event(s) pending, oldest {int(pend_age)}s",
+                )
+            )
     if live:
         from crmsync.errors import AuthError, CrmsyncError
 
@@ -188,7 +233,9 @@ def check(app: App, doc: dict[str, Any], *, max_age: timedelta, live: bool = Fal
                 health = app.provider(conn).check()
                 app.store.touch_connection(conn.name, ok=health.ok, auth_state="ok" if health.ok else None)
                 if health.missing_scopes:
-                    problems.append(Problem(conn.name, "auth", f"{conn.name}: missing scopes {', '.join(health.missing_scopes)}"))
+                    problems.append(
+                        Problem(conn.name, "auth", f"{conn.name}: missing scopes {', '.join(health.missing_scopes)}")
+                    )
             except AuthError as exc:
                 app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
                 problems.append(Problem(conn.name, "auth", f"{conn.name}: {exc}"))
@@ -203,8 +250,12 @@ def store_metrics(app: App) -> str:
 
     r = CollectorRegistry()
     outbox = Gauge("crm_outbox_items", "Outbox items by state", ["connection", "state"], registry=r)
-    records = Gauge("crm_records_stored", "Records in the local store", ["connection", "object", "archived"], registry=r)
-    last = Gauge("crm_last_success_timestamp_seconds", "When a command last succeeded", ["connection", "command"], registry=r)
+    records = Gauge(
+        "crm_records_stored", "Records in the local store", ["connection", "object", "archived"], registry=r
+    )
+    last = Gauge(
+        "crm_last_success_timestamp_seconds", "When a command last succeeded", ["connection", "command"], registry=r
+    )
     pending = Gauge("crm_webhook_events_pending", "Webhook events not yet applied", ["connection"], registry=r)
     conflicts = Gauge("crm_conflicts_open", "Field conflicts kept open", ["connection"], registry=r)
     doc = gather(app)
