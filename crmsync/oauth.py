@@ -10,10 +10,12 @@ from __future__ import annotations
 import secrets
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
+from crmsync.credentials import OAuthSession, SecretStore
 from crmsync.errors import AuthError, UsageError
 from crmsync.providers.base import ConnectIO
 
@@ -107,3 +109,59 @@ def authorize(
     if not code:
         raise AuthError("the redirect carried no authorisation code")
     return CodeGrant(code=code, redirect_uri=redirect_uri, params=returned)
+
+
+TokenRequest = Callable[[Any, str, dict[str, str]], dict[str, Any]]  # (client, url, form) -> token fields
+
+
+def refresh_session(
+    *,
+    secrets: SecretStore,
+    connection: str,
+    token_client: Any,
+    token_url: str,
+    token_request: TokenRequest,
+    scheme: str,
+) -> OAuthSession:
+    """An OAuthSession refreshing with the standard refresh_token grant at ``token_url``."""
+
+    def refresher(current: dict[str, Any]) -> dict[str, Any]:
+        return token_request(
+            token_client,
+            token_url,
+            {
+                "grant_type": "refresh_token",
+                "client_id": current.get("client_id", ""),
+                "client_secret": current.get("client_secret", ""),
+                "refresh_token": current.get("refresh_token", ""),
+            },
+        )
+
+    return OAuthSession(
+        store=secrets,
+        connection=connection,
+        refresher=refresher,
+        header=lambda token: {"Authorization": f"{scheme} {token}"},
+    )
+
+
+class StaticIO:
+    """ConnectIO with a fixed secret and no person at the other end (demo, benchmarks, tests)."""
+
+    interactive = False
+
+    def __init__(self, secret: str = "") -> None:
+        self._secret = secret
+        self.messages: list[str] = []
+
+    def secret(self, prompt: str) -> str:
+        return self._secret
+
+    def ask(self, prompt: str) -> str:
+        return ""
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+    def open_url(self, url: str) -> bool:
+        return False

@@ -14,25 +14,16 @@ import yaml
 
 from crmsync.app import App
 from crmsync.credentials import env_name
+from crmsync.oauth import StaticIO
 from crmsync.sync.connect import connect
 
 
-class ScriptIO:
-    """ConnectIO for tests: answers secrets and follows the browser step with an HTTP GET."""
-
-    interactive = False
+class ScriptIO(StaticIO):
+    """StaticIO that can also follow the browser step with an HTTP GET."""
 
     def __init__(self, secret: str = "", open_with: Any = None) -> None:
-        self._secret, self.open_with, self.messages = secret, open_with, []
-
-    def secret(self, prompt: str) -> str:
-        return self._secret
-
-    def ask(self, prompt: str) -> str:
-        return ""
-
-    def info(self, message: str) -> None:
-        self.messages.append(message)
+        super().__init__(secret)
+        self.open_with = open_with
 
     def open_url(self, url: str) -> bool:
         if self.open_with is None:

@@ -18,6 +18,7 @@ from crmsync.app import App
 from crmsync.emulators.hubspot import HubSpotEmulator, build_hubspot
 from crmsync.errors import FatalProviderError
 from crmsync.mapping import Mapping
+from crmsync.oauth import StaticIO
 from crmsync.providers.base import FieldInfo
 from crmsync.providers.hubspot import HubSpotProvider
 from crmsync.sync.connect import connect
@@ -61,25 +62,6 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
     return invoke
 
 
-class _TokenIO:
-    interactive = False
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def secret(self, prompt: str) -> str:
-        return self.token
-
-    def ask(self, prompt: str) -> str:
-        return ""
-
-    def info(self, message: str) -> None:
-        pass
-
-    def open_url(self, url: str) -> bool:
-        return False
-
-
 @pytest.fixture
 def hubspot() -> Iterator[tuple[HubSpotEmulator, str]]:
     emulator = build_hubspot(seed=3, contacts=6, companies=2, deals=2)
@@ -96,7 +78,7 @@ def conn(hubspot: tuple[HubSpotEmulator, str]) -> str:
     emulator, url = hubspot
     app = App()
     try:
-        connect(app, provider="hubspot", name=CONN, base_url=url, options={}, io=_TokenIO(emulator.private_app_token))
+        connect(app, provider="hubspot", name=CONN, base_url=url, options={}, io=StaticIO(emulator.private_app_token))
     finally:
         app.close()
     return CONN
@@ -648,7 +630,7 @@ def test_check_passes_on_the_odoo_default(run: Any, version: int) -> None:
                 name="od",
                 base_url=server.url,
                 options={"user": emulator.login},
-                io=_TokenIO(emulator.api_key),
+                io=StaticIO(emulator.api_key),
             )
         finally:
             app.close()
@@ -677,7 +659,7 @@ def zoho() -> Iterator[str]:
                 name="zc",
                 base_url=server.url,
                 options=options,
-                io=_TokenIO(emulator.client_secret),
+                io=StaticIO(emulator.client_secret),
             )
         finally:
             app.close()

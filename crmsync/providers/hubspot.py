@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from crmsync.credentials import OAuthSession, SecretStore, StaticAuth
+from crmsync.credentials import SecretStore, StaticAuth
 from crmsync.errors import AuthError, FatalProviderError, UsageError
 from crmsync.http import RateLimit, ResponsePolicy
 from crmsync.providers.base import (
@@ -188,25 +188,16 @@ class HubSpotProvider(Provider):
             if not secret.get("token"):
                 raise AuthError(f"the secret of connection {connection!r} holds no token")
             return StaticAuth("Authorization", f"Bearer {secret['token']}")
+        from crmsync.oauth import refresh_session
+
         token_url = settings.get("token_url") or f"{settings.get('oauth_base', API)}/oauth/v3/token"
-
-        def refresher(current: dict[str, Any]) -> dict[str, Any]:
-            return _token_request(
-                token_client,
-                token_url,
-                {
-                    "grant_type": "refresh_token",
-                    "client_id": current.get("client_id", ""),
-                    "client_secret": current.get("client_secret", ""),
-                    "refresh_token": current.get("refresh_token", ""),
-                },
-            )
-
-        return OAuthSession(
-            store=secrets,
+        return refresh_session(
+            secrets=secrets,
             connection=connection,
-            refresher=refresher,
-            header=lambda token: {"Authorization": f"Bearer {token}"},
+            token_client=token_client,
+            token_url=token_url,
+            token_request=_token_request,
+            scheme="Bearer",
         )
 
     @classmethod

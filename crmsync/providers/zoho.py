@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from crmsync.credentials import OAuthSession, SecretStore
+from crmsync.credentials import SecretStore
 from crmsync.errors import AuthError, ConfigError, FatalProviderError, UsageError
 from crmsync.http import RateLimit, ResponsePolicy
 from crmsync.providers.base import (
@@ -281,25 +281,16 @@ class ZohoProvider(Provider):
         accounts = (
             settings.get("accounts_url") or secret.get("accounts_url") or ACCOUNTS[str(settings.get("dc") or "us")]
         )
+        from crmsync.oauth import refresh_session
+
         token_url = f"{str(accounts).rstrip('/')}/oauth/v2/token"
-
-        def refresher(current: dict[str, Any]) -> dict[str, Any]:
-            return _token_request(
-                token_client,
-                token_url,
-                {
-                    "grant_type": "refresh_token",
-                    "client_id": current.get("client_id", ""),
-                    "client_secret": current.get("client_secret", ""),
-                    "refresh_token": current.get("refresh_token", ""),
-                },
-            )
-
-        return OAuthSession(
-            store=secrets,
+        return refresh_session(
+            secrets=secrets,
             connection=connection,
-            refresher=refresher,
-            header=lambda token: {"Authorization": f"Zoho-oauthtoken {token}"},
+            token_client=token_client,
+            token_url=token_url,
+            token_request=_token_request,
+            scheme="Zoho-oauthtoken",
         )
 
     @classmethod

@@ -18,6 +18,7 @@ def run_demo(
     from crmsync.app import App
     from crmsync.credentials import MemoryKeyring
     from crmsync.emulators.hubspot import build_hubspot
+    from crmsync.oauth import StaticIO
     from crmsync.sync.connect import connect
     from crmsync.sync.pull import pull
     from crmsync.sync.push import push
@@ -35,7 +36,7 @@ def run_demo(
         try:
             log(f"demo: HubSpot emulator on {server.url} with {contacts} contacts")
             token = emulator.private_app_token
-            conn = connect(app, provider="hubspot", name="demo", base_url=server.url, options={}, io=_DemoIO(token))
+            conn = connect(app, provider="hubspot", name="demo", base_url=server.url, options={}, io=StaticIO(token))
             pulled = pull(app, connections=[conn.name])
             source = outcomes or str(resources.files("crmsync") / "data" / "demo_outcomes.jsonl")
             first = push(app, source=source, connection=conn.name)
@@ -56,22 +57,3 @@ def run_demo(
         finally:
             app.close()
             server.stop()
-
-
-class _DemoIO:
-    interactive = False
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def secret(self, prompt: str) -> str:
-        return self.token
-
-    def ask(self, prompt: str) -> str:
-        return ""
-
-    def info(self, message: str) -> None:
-        pass
-
-    def open_url(self, url: str) -> bool:
-        return False
