@@ -114,9 +114,20 @@ def render_pulled(p: PulledPreview) -> None:
         )
 
 
+class _LazyOps:
+    """crmsync.sync.mapping_ops on first use: it pulls in the mapping engine and phonenumbers,
+    which `crmsync --help` should not pay for."""
+
+    def __getattr__(self, name: str) -> Any:
+        from crmsync.sync import mapping_ops
+
+        return getattr(mapping_ops, name)
+
+
 def register(app: typer.Typer) -> None:
     from crmsync.cli import STATE, console, emit_json, split_objects
-    from crmsync.sync import mapping_ops as ops
+
+    ops = _LazyOps()
 
     map_app = typer.Typer(
         help="Field mappings: how canonical fields (contact.email, call.disposition …) become a CRM's fields.",
