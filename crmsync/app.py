@@ -66,8 +66,20 @@ class App:
     @cached_property
     def secrets(self) -> Any:
         from crmsync.credentials import SecretStore
+        from crmsync.store import db_url
 
+        _ = self.config  # the config may name the db
+        if db_url(self.paths.db).startswith("postgresql"):
+            # Workers on several hosts: token refreshes are serialised through the shared store.
+            from crmsync.scaleout import SharedSecretStore
+
+            return SharedSecretStore(self.store.engine, lock_dir=self.paths.locks_dir, env=self.env)
         return SecretStore(lock_dir=self.paths.locks_dir, env=self.env)
+
+    @property
+    def redis_url(self) -> str | None:
+        """Scale-out Redis (queue and shared rate limits): CRMSYNC_REDIS_URL, else the config's."""
+        return self.env.get("CRMSYNC_REDIS_URL") or self.config.redis_url
 
     @cached_property
     def metrics(self) -> Metrics:
@@ -103,8 +115,13 @@ class App:
         return conns
 
     # -- HTTP and providers ----------------------------------------------------------------------
-    def http_client(self, provider_cls: type[Provider], name: str, base_url: str, auth: Any) -> Any:
-        """The connection's HttpClient with the provider's limits and the config's overrides."""
+    def http_client(
+        self, provider_cls: type[Provider], name: str, base_url: str, auth: Any, *, account: str | None = None
+    ) -> Any:
+        """The connection's HttpClient with the provider's limits and the config's overrides.
+
+        With a Redis URL the limits are shared by every worker calling the same CRM account.
+        """
         from crmsync.http import HttpClient, RateLimit
 
         settings = self.config.connection(name)
@@ -113,6 +130,10 @@ class App:
             limits["default"] = RateLimit(settings.rate_limit, limits["default"].per_seconds)
         if settings.search_rate_limit and "search" in limits:
             limits["search"] = RateLimit(settings.search_rate_limit, 1.0)
+        if self.redis_url and limits:
+            from crmsync.scaleout import shared_limits
+
+            limits = shared_limits(self.redis_url, provider_cls.name, account or name, limits)
         return HttpClient(
             provider=provider_cls.name,
             connection=name,
@@ -147,7 +168,7 @@ class App:
             token_client=self.token_client(conn.name),
         )
         base_url = conn.settings.get("api_base_url") or conn.base_url
-        http = self.http_client(cls, conn.name, base_url, auth)
+        http = self.http_client(cls, conn.name, base_url, auth, account=conn.account_id)
         ctx = ProviderContext(
             connection=conn.name,
             base_url=base_url,

@@ -66,8 +66,14 @@ def _setup_logging(g: Globals) -> None:
 
         class _Json(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:
-                return json.dumps({"ts": datetime.now(UTC).isoformat(), "level": record.levelname.lower(),
-                                   "logger": record.name, "message": record.getMessage()})
+                return json.dumps(
+                    {
+                        "ts": datetime.now(UTC).isoformat(),
+                        "level": record.levelname.lower(),
+                        "logger": record.name,
+                        "message": record.getMessage(),
+                    }
+                )
 
         handler.setFormatter(_Json())
     else:
@@ -84,8 +90,12 @@ def _globals(
     json_out: Annotated[bool, typer.Option("--json", help="Machine output on stdout (logs stay on stderr).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors (for cron).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs on stderr.")] = False,
-    config: Annotated[str | None, typer.Option("--config", help="Config file (env CRMSYNC_CONFIG).", show_default=False)] = None,
-    db: Annotated[str | None, typer.Option("--db", help="Store: a path or SQLAlchemy URL (env CRMSYNC_DB).", show_default=False)] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", help="Config file (env CRMSYNC_CONFIG).", show_default=False)
+    ] = None,
+    db: Annotated[
+        str | None, typer.Option("--db", help="Store: a path or SQLAlchemy URL (env CRMSYNC_DB).", show_default=False)
+    ] = None,
     log_format: Annotated[str, typer.Option("--log-format", help="text or json (structured logs on stderr).")] = "text",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
 ) -> None:
@@ -140,8 +150,17 @@ def parse_when(value: str | None, *, name: str) -> datetime | None:
 def split_objects(value: str | None) -> list[str] | None:
     if not value:
         return None
-    aliases = {"contact": "contacts", "company": "companies", "deal": "deals", "call": "calls", "task": "tasks",
-               "accounts": "companies", "partners": "contacts", "leads": "deals", "opportunities": "deals"}
+    aliases = {
+        "contact": "contacts",
+        "company": "companies",
+        "deal": "deals",
+        "call": "calls",
+        "task": "tasks",
+        "accounts": "companies",
+        "partners": "contacts",
+        "leads": "deals",
+        "opportunities": "deals",
+    }
     out = []
     for part in value.split(","):
         part = part.strip().lower()
@@ -150,10 +169,18 @@ def split_objects(value: str | None) -> list[str] | None:
     return out
 
 
-ConnOpt = Annotated[str | None, typer.Option("--connection", "-c", help="Connection name (optional when only one exists).")]
-ConnsOpt = Annotated[list[str] | None, typer.Option("--connection", "-c", help="Connection name (repeatable; default: all).")]
-LockOpt = Annotated[float | None, typer.Option("--lock-timeout", help="Seconds to wait for another run on the connection (default 0).")]
-MetricsOpt = Annotated[Path | None, typer.Option("--metrics-file", help="Write Prometheus metrics here (textfile collector).")]
+ConnOpt = Annotated[
+    str | None, typer.Option("--connection", "-c", help="Connection name (optional when only one exists).")
+]
+ConnsOpt = Annotated[
+    list[str] | None, typer.Option("--connection", "-c", help="Connection name (repeatable; default: all).")
+]
+LockOpt = Annotated[
+    float | None, typer.Option("--lock-timeout", help="Seconds to wait for another run on the connection (default 0).")
+]
+MetricsOpt = Annotated[
+    Path | None, typer.Option("--metrics-file", help="Write Prometheus metrics here (textfile collector).")
+]
 
 
 def finish(code: int) -> None:
@@ -176,18 +203,32 @@ def _prune(app_: Any) -> None:
 def connect(
     provider: Annotated[str, typer.Argument(help="hubspot, zoho or odoo.")],
     name: Annotated[str, typer.Option("--name", "-n", help="A name for this connection, e.g. prod.")],
-    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL (an emulator, proxy or regional host).")] = None,
-    token_stdin: Annotated[bool, typer.Option("--token-stdin", help="Read the token/secret from stdin, not a prompt.")] = False,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="API base URL (an emulator, proxy or regional host).")
+    ] = None,
+    token_stdin: Annotated[
+        bool, typer.Option("--token-stdin", help="Read the token/secret from stdin, not a prompt.")
+    ] = False,
     oauth: Annotated[bool, typer.Option("--oauth", help="HubSpot: OAuth 2.0 instead of a private-app token.")] = False,
     client_id: Annotated[str | None, typer.Option("--client-id", help="OAuth client id.")] = None,
-    no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the authorisation URL instead of opening a browser.")] = False,
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Print the authorisation URL instead of opening a browser.")
+    ] = False,
     dc: Annotated[str | None, typer.Option("--dc", help="Zoho data centre: us, eu, in, au, jp, ca, sa, cn.")] = None,
-    grant_code: Annotated[str | None, typer.Option("--grant-code", help="Zoho: a Self Client grant code (headless).")] = None,
+    grant_code: Annotated[
+        str | None, typer.Option("--grant-code", help="Zoho: a Self Client grant code (headless).")
+    ] = None,
     database: Annotated[str | None, typer.Option("--db-name", "--database", help="Odoo: database name.")] = None,
     user: Annotated[str | None, typer.Option("--user", help="Odoo: login.")] = None,
-    transport: Annotated[str | None, typer.Option("--transport", help="Odoo: jsonrpc or json2 (default: by version).")] = None,
-    scopes: Annotated[str | None, typer.Option("--scopes", help="OAuth scopes to request (space/comma separated).")] = None,
-    password: Annotated[bool, typer.Option("--password", help="Odoo: the secret is a password, not an API key (not advised).")] = False,
+    transport: Annotated[
+        str | None, typer.Option("--transport", help="Odoo: jsonrpc or json2 (default: by version).")
+    ] = None,
+    scopes: Annotated[
+        str | None, typer.Option("--scopes", help="OAuth scopes to request (space/comma separated).")
+    ] = None,
+    password: Annotated[
+        bool, typer.Option("--password", help="Odoo: the secret is a password, not an API key (not advised).")
+    ] = False,
 ) -> None:
     """Create or renew a connection; secrets go to the OS keyring.
 
@@ -195,14 +236,37 @@ def connect(
     """
     from crmsync.sync.connect import connect as do_connect
 
-    options = {"token_stdin": token_stdin, "oauth": oauth, "client_id": client_id, "no_browser": no_browser, "dc": dc,
-               "grant_code": grant_code, "db": database, "user": user, "transport": transport, "scopes": scopes,
-               "password": password}
-    conn = do_connect(STATE.app(), provider=provider, name=name, base_url=base_url,
-                      options={k: v for k, v in options.items() if v not in (None, False)}, io=CliIO(token_stdin))
+    options = {
+        "token_stdin": token_stdin,
+        "oauth": oauth,
+        "client_id": client_id,
+        "no_browser": no_browser,
+        "dc": dc,
+        "grant_code": grant_code,
+        "db": database,
+        "user": user,
+        "transport": transport,
+        "scopes": scopes,
+        "password": password,
+    }
+    conn = do_connect(
+        STATE.app(),
+        provider=provider,
+        name=name,
+        base_url=base_url,
+        options={k: v for k, v in options.items() if v not in (None, False)},
+        io=CliIO(token_stdin),
+    )
     if STATE.json:
-        emit_json({"connection": conn.name, "provider": conn.provider, "account": conn.account_id,
-                   "base_url": conn.base_url, "scopes": conn.scopes})
+        emit_json(
+            {
+                "connection": conn.name,
+                "provider": conn.provider,
+                "account": conn.account_id,
+                "base_url": conn.base_url,
+                "scopes": conn.scopes,
+            }
+        )
     else:
         info(f"connected [bold]{conn.name}[/bold] ({conn.provider}, account {conn.account_id})")
 
@@ -251,8 +315,14 @@ def _progress() -> Any:
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console(stderr=True), transient=True)
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+        transient=True,
+    )
     tasks: dict[str, Any] = {}
 
     def update(conn: str, obj: str, done: int, total: int | None) -> None:
@@ -272,23 +342,39 @@ def _render_pull(results: list[Any]) -> None:
         table.add_column(col, justify="right" if col not in ("connection", "object", "error") else "left")
     for r in results:
         for o in r.objects:
-            table.add_row(r.connection, o.object, str(o.read), str(o.created), str(o.updated), str(o.archived),
-                          str(o.unchanged), (o.error or "")[:60])
+            table.add_row(
+                r.connection,
+                o.object,
+                str(o.read),
+                str(o.created),
+                str(o.updated),
+                str(o.archived),
+                str(o.unchanged),
+                (o.error or "")[:60],
+            )
         if r.error:
             table.add_row(r.connection, "-", "", "", "", "", "", r.error[:60])
     console().print(table)
     for r in results:
-        console().print(f"{r.connection}: {r.requests} requests, {r.retries} retries, {r.rate_limited} rate-limited, "
-                        f"{r.duration:.1f}s")
+        console().print(
+            f"{r.connection}: {r.requests} requests, {r.retries} retries, {r.rate_limited} rate-limited, "
+            f"{r.duration:.1f}s"
+        )
 
 
 @app.command()
 def pull(
     connection: ConnsOpt = None,
-    objects: Annotated[str | None, typer.Option("--object", help="contacts,companies,deals,calls (default: all).")] = None,
-    since: Annotated[str | None, typer.Option("--since", help="Re-read changes since this ISO time (ignores the cursor).")] = None,
+    objects: Annotated[
+        str | None, typer.Option("--object", help="contacts,companies,deals,calls (default: all).")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Re-read changes since this ISO time (ignores the cursor).")
+    ] = None,
     full: Annotated[bool, typer.Option("--full", help="Ignore the cursor and re-read everything.")] = False,
-    reconcile: Annotated[bool, typer.Option("--reconcile", help="Also compare id sets and mark vanished records.")] = False,
+    reconcile: Annotated[
+        bool, typer.Option("--reconcile", help="Also compare id sets and mark vanished records.")
+    ] = False,
     lock_timeout: LockOpt = None,
     metrics_file: MetricsOpt = None,
 ) -> None:
@@ -303,8 +389,16 @@ def pull(
     try:
         if prog:
             prog.start()
-        results = do_pull(a, connections=connection, objects=split_objects(objects), since=parse_when(since, name="--since"),
-                          full=full, reconcile=reconcile, lock_timeout=lock_timeout, progress=update)
+        results = do_pull(
+            a,
+            connections=connection,
+            objects=split_objects(objects),
+            since=parse_when(since, name="--since"),
+            full=full,
+            reconcile=reconcile,
+            lock_timeout=lock_timeout,
+            progress=update,
+        )
     finally:
         if prog:
             prog.stop()
@@ -323,7 +417,9 @@ def pull(
 @app.command()
 def backfill(
     connection: ConnOpt = None,
-    objects: Annotated[str | None, typer.Option("--object", help="contacts,companies,deals,calls (default: all).")] = None,
+    objects: Annotated[
+        str | None, typer.Option("--object", help="contacts,companies,deals,calls (default: all).")
+    ] = None,
     since: Annotated[str | None, typer.Option("--since", help="Only history from this date.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Only history up to this date.")] = None,
     lock_timeout: LockOpt = None,
@@ -340,8 +436,15 @@ def backfill(
     try:
         if prog:
             prog.start()
-        result = do_backfill(a, connection=connection, objects=split_objects(objects), since=parse_when(since, name="--since"),
-                             until=parse_when(until, name="--until"), lock_timeout=lock_timeout, progress=update)
+        result = do_backfill(
+            a,
+            connection=connection,
+            objects=split_objects(objects),
+            since=parse_when(since, name="--since"),
+            until=parse_when(until, name="--until"),
+            lock_timeout=lock_timeout,
+            progress=update,
+        )
     finally:
         if prog:
             prog.stop()
@@ -361,12 +464,22 @@ def push(
     source: Annotated[str | None, typer.Argument(help="Outcomes file (JSONL, CSV, JSON array) or - for stdin.")] = None,
     connection: ConnOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl, csv or json.")] = "auto",
-    strict: Annotated[bool, typer.Option("--strict", help="Any invalid record aborts before anything is queued (exit 2).")] = False,
-    rejects: Annotated[Path | None, typer.Option("--rejects", help="Write invalid records here (JSONL, with the error).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan from the local mirror; no CRM request.")] = False,
-    update: Annotated[bool, typer.Option("--update", help="Send changed content of already-delivered ids as updates.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Any invalid record aborts before anything is queued (exit 2).")
+    ] = False,
+    rejects: Annotated[
+        Path | None, typer.Option("--rejects", help="Write invalid records here (JSONL, with the error).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan from the local mirror; no CRM request.")
+    ] = False,
+    update: Annotated[
+        bool, typer.Option("--update", help="Send changed content of already-delivered ids as updates.")
+    ] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Resend outcomes that failed before.")] = False,
-    status_id: Annotated[str | None, typer.Option("--status", help="Print the receipt of one outcome id and exit.")] = None,
+    status_id: Annotated[
+        str | None, typer.Option("--status", help="Print the receipt of one outcome id and exit.")
+    ] = None,
     schema: Annotated[bool, typer.Option("--schema", help="Print the CallOutcome JSON Schema and exit.")] = False,
     lock_timeout: LockOpt = None,
     metrics_file: MetricsOpt = None,
@@ -405,9 +518,20 @@ def push(
         progress_cb = lambda done, total: prog.update(task, completed=done, total=total)  # noqa: E731
         prog.start()
     try:
-        summary = pushmod.push(a, source=source, connection=connection, fmt=fmt, strict=strict, rejects=rejects,
-                               dry_run=dry_run, update=update, retry_failed=retry_failed, lock_timeout=lock_timeout,
-                               sink=sink, progress=progress_cb)
+        summary = pushmod.push(
+            a,
+            source=source,
+            connection=connection,
+            fmt=fmt,
+            strict=strict,
+            rejects=rejects,
+            dry_run=dry_run,
+            update=update,
+            retry_failed=retry_failed,
+            lock_timeout=lock_timeout,
+            sink=sink,
+            progress=progress_cb,
+        )
     finally:
         if prog:
             prog.stop()
@@ -445,9 +569,9 @@ def _render_push(s: Any) -> None:
 
 # -- the rest lives in crmsync/commands (status, map, log, metrics, demo, sandbox, webhook) ----
 def _register() -> None:
-    from crmsync.commands import demo, mapcmd, sandbox, status, webhook
+    from crmsync.commands import demo, mapcmd, sandbox, status, webhook, worker
 
-    for module in (demo, mapcmd, sandbox, status, webhook):
+    for module in (demo, mapcmd, sandbox, status, webhook, worker):
         module.register(app)
 
 

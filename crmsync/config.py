@@ -74,6 +74,8 @@ class Config(_Model):
     """The config file's schema (config.example.yaml documents every key)."""
 
     db: str | None = None
+    #: Scale-out: Redis for the worker queue and the rate limits shared by workers (env CRMSYNC_REDIS_URL).
+    redis_url: str | None = None
     metrics_file: Path | None = None
     log_retention_days: int = Field(default=90, ge=1)
     default_region: str = "US"

@@ -15,20 +15,23 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Column, Index, UniqueConstraint, create_engine, event, false, func, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
 
 from crmsync.model import utcnow
 
-SCHEMA_HEAD = "0001"  # newest migration this crmsync knows; keep in step with migrations/versions
+T = TypeVar("T")
+
+SCHEMA_HEAD = "0002"  # newest migration this crmsync knows; keep in step with migrations/versions
 
 
 class CrmConnection(SQLModel, table=True):
@@ -175,6 +178,10 @@ class CrmOutbox(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     delivered_at: datetime | None = None
+    #: Which delivery run leased the row, and when: concurrent workers skip rows leased by
+    #: another and take over a lease gone stale (its worker died).
+    claimed_by: str | None = None
+    claimed_at: datetime | None = None
 
 
 class CrmConflict(SQLModel, table=True):
@@ -199,9 +206,28 @@ def content_hash(properties: dict[str, Any], archived: bool) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:32]
 
 
+def retry_on_conflict(write: Callable[[], T], *, attempts: int = 3) -> T:
+    """Run a write transaction again when a concurrent writer inserted the same unique key first.
+
+    Concurrent workers on one store (PostgreSQL) may both insert the same record, link or cursor;
+    the loser's transaction rolls back and, run again, finds the winner's row and updates it.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def db_url(value: str | Path) -> str:
     """A path or an SQLAlchemy URL -> an SQLAlchemy URL."""
     text_value = str(value)
+    for bare in ("postgresql://", "postgres://"):
+        if text_value.startswith(bare):
+            # The worker extra brings psycopg 3; SQLAlchemy's bare default would be psycopg2.
+            return "postgresql+psycopg://" + text_value[len(bare) :]
     if "://" in text_value:
         return text_value
     return f"sqlite:///{Path(text_value).expanduser().resolve()}"
@@ -416,6 +442,35 @@ class Store:
         A record whose content hash is unchanged is not written. A record older than the stored
         one (an out-of-order webhook fetch, a look-back re-read) never rolls the store back.
         """
+        return retry_on_conflict(
+            lambda: self._apply_page_once(
+                connection,
+                obj,
+                records,
+                cursor=cursor,
+                cursor_kind=cursor_kind,
+                deleted=deleted,
+                run_id=run_id,
+                audit=audit,
+                extra_cursors=extra_cursors,
+                before_commit=before_commit,
+            )
+        )
+
+    def _apply_page_once(
+        self,
+        connection: str,
+        obj: str,
+        records: Sequence[Canonical],
+        *,
+        cursor: dict[str, Any] | None,
+        cursor_kind: str,
+        deleted: Sequence[str],
+        run_id: int | None,
+        audit: bool,
+        extra_cursors: Sequence[tuple[str, dict[str, Any] | None]],
+        before_commit: Any,
+    ) -> ApplyCounts:
         counts = ApplyCounts()
         ids = [r.remote_id for r in records] + list(deleted)
         with self.session() as s:

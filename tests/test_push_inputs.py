@@ -193,3 +193,26 @@ def test_failed_items_stay_and_retry_failed_resends_them(app, tmp_path: Path) ->
     again = push(app, source=None, connection="hs", retry_failed=True)
     assert again.created == 1
     assert len(app.emulator.records("calls")) == 1
+
+
+def test_items_left_queued_after_temporary_errors_exit_75_and_go_out_next_run(app, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from crmsync.providers.base import ItemResult
+    from crmsync.providers.hubspot import HubSpotProvider
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(line(id="t1") + "\n")
+    original = HubSpotProvider.create_activities
+
+    def flaky(self, obj, items):  # type: ignore[no-untyped-def]
+        return [ItemResult(i.ref, False, error="HTTP 503 for this item", retriable=True) for i in items]
+
+    HubSpotProvider.create_activities = flaky  # type: ignore[method-assign]
+    try:
+        first = push(app, source=str(src), connection="hs")
+    finally:
+        HubSpotProvider.create_activities = original  # type: ignore[method-assign]
+    assert (first.exit_code, first.requeued, first.created) == (75, 1, 0)
+    assert receipt(app, "hs", "t1").status == "queued"
+    second = push(app, source=None, connection="hs", retry_failed=True)
+    assert second.created == 1 and second.exit_code == 0
+    assert len(app.emulator.records("calls")) == 1

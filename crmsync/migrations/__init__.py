@@ -42,5 +42,12 @@ def upgrade(engine: Engine, *, head: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Workers starting together on one database: one migrates, the others wait for it and
+            # then find nothing to do (PostgreSQL's DDL is transactional).
+            conn.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
+            if inspect(conn).has_table("alembic_version"):
+                if conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head:
+                    return
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, head)

@@ -9,29 +9,37 @@ Exactly-once rests on three things:
    them cannot duplicate;
 3. before a call or task batch is sent, its outbox rows are marked in flight (committed); a run that
    finds rows still in flight asks the CRM for their idempotency markers before sending anything.
+
+On SQLite one push per connection runs at a time (the run lock). On PostgreSQL pushes run
+concurrently (workers on several hosts): each leases batches of pending rows (``SELECT … FOR
+UPDATE SKIP LOCKED``, then ``claimed_by``/``claimed_at``), so no two deliver the same row. A claim
+is taken over at once when its run's session has ended (a killed worker), or when its lease, renewed
+after every step, is ``LEASE`` old (a hung one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, or_, update
 from sqlmodel import select
 
-from crmsync.errors import AuthError, CrmsyncError, ExitCode, InputError, RetriableError, UsageError
+from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
 from crmsync.model import CallOutcome, canonical, company_key, contact_key, utcnow
 from crmsync.providers.base import ItemResult, Outgoing, OutgoingActivity, Provider, match_key
-from crmsync.store import Canonical, CrmConflict, CrmOutbox, CrmRecord
+from crmsync.store import Canonical, CrmConflict, CrmOutbox, CrmRecord, retry_on_conflict
 from crmsync.sync.conflicts import resolve
 from crmsync.sync.inputs import Parsed, read_outcomes
 
@@ -46,6 +54,7 @@ ENTITY_STEPS = ("companies", "contacts", "deals")
 ACTIVITY_STEPS = ("calls", "tasks")
 CHUNK = 1000  # outcomes delivered per round: enough for 10 concurrent provider batches
 ENQUEUE_CHUNK = 500
+LEASE = timedelta(minutes=10)  # a claim older than this (never renewed: its worker died) is taken over
 
 
 @dataclass
@@ -82,6 +91,7 @@ class PushSummary:
     updated: int = 0
     failed: int = 0
     pending: int = 0
+    requeued: int = 0
     field_conflicts: int = 0
     requests: int = 0
     retries: int = 0
@@ -121,7 +131,9 @@ def _write_reject(handle: Any, parsed: Parsed) -> None:
     import json
 
     assert parsed.error is not None
-    handle.write(json.dumps({"line": parsed.line, "error": str(parsed.error), "record": parsed.raw}, ensure_ascii=False) + "\n")
+    handle.write(
+        json.dumps({"line": parsed.line, "error": str(parsed.error), "record": parsed.raw}, ensure_ascii=False) + "\n"
+    )
 
 
 def validate_all(source: str, fmt: str) -> tuple[int, list[InputError]]:
@@ -159,6 +171,12 @@ def enqueue(
     engine = app.store.engine
     seen: dict[str, str] = {}
     with engine.begin() as db:
+        if db.dialect.name == "postgresql":
+            from crmsync.scaleout import transaction_lock
+
+            # Concurrent pushes of one connection queue one after another, so each sees what the
+            # other queued (and no unique-key race can fail a whole file).
+            transaction_lock(db, conn, "enqueue")
         for chunk in _chunks(parsed, ENQUEUE_CHUNK):
             valid: list[tuple[Parsed, CallOutcome]] = []
             for p in chunk:
@@ -174,14 +192,18 @@ def enqueue(
             summary.valid += len(valid)
             ids = [o.id for _, o in valid]
             t = CrmOutbox.__table__.c  # type: ignore[attr-defined]
-            existing = {
-                row.outcome_id: row
-                for row in db.execute(
-                    select(t.id, t.outcome_id, t.content_hash, t.state, t.steps).where(
-                        t.connection == conn, t.outcome_id.in_(ids)
+            existing = (
+                {
+                    row.outcome_id: row
+                    for row in db.execute(
+                        select(t.id, t.outcome_id, t.content_hash, t.state, t.steps).where(
+                            t.connection == conn, t.outcome_id.in_(ids)
+                        )
                     )
-                )
-            } if ids else {}
+                }
+                if ids
+                else {}
+            )
             new_rows = []
             now = utcnow()
             for p, outcome in valid:
@@ -197,9 +219,19 @@ def enqueue(
                 if prior_hash is None:
                     seen[oid] = digest
                     new_rows.append(
-                        {"connection": conn, "outcome_id": oid, "content_hash": digest, "payload": outcome.model_dump(mode="json"),
-                         "state": "pending", "steps": {}, "in_flight": {}, "attempts": 0, "update_requested": False,
-                         "created_at": now, "updated_at": now}
+                        {
+                            "connection": conn,
+                            "outcome_id": oid,
+                            "content_hash": digest,
+                            "payload": outcome.model_dump(mode="json"),
+                            "state": "pending",
+                            "steps": {},
+                            "in_flight": {},
+                            "attempts": 0,
+                            "update_requested": False,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
                     )
                     summary.queued += 1
                     continue
@@ -213,15 +245,29 @@ def enqueue(
                     db.execute(
                         CrmOutbox.__table__.update()  # type: ignore[attr-defined]
                         .where(CrmOutbox.__table__.c.id == prior.id)  # type: ignore[attr-defined]
-                        .values(payload=outcome.model_dump(mode="json"), content_hash=digest, state="pending",
-                                update_requested=True, steps={"previous": _public_steps(prior.steps)}, in_flight={},
-                                last_error=None, updated_at=now)
+                        .values(
+                            payload=outcome.model_dump(mode="json"),
+                            content_hash=digest,
+                            state="pending",
+                            update_requested=True,
+                            steps={"previous": _public_steps(prior.steps)},
+                            in_flight={},
+                            last_error=None,
+                            updated_at=now,
+                        )
                     )
                     summary.queued += 1
                     continue
                 summary.conflicts += 1
                 if sink:
-                    sink(Receipt(oid, "conflict", error="this id was already sent with different content; use --update to send the change", line=p.line))
+                    sink(
+                        Receipt(
+                            oid,
+                            "conflict",
+                            error="this id was already sent with different content; use --update to send the change",
+                            line=p.line,
+                        )
+                    )
             if new_rows:
                 db.execute(insert(CrmOutbox.__table__), new_rows)  # type: ignore[attr-defined]
 
@@ -260,13 +306,15 @@ def push(
             if errors:
                 shown = "\n  ".join(str(e) for e in errors[:20])
                 more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
-                raise InputError(f"{len(errors)} of {n} records are invalid; nothing was queued (--strict):\n  {shown}{more}")
+                raise InputError(
+                    f"{len(errors)} of {n} records are invalid; nothing was queued (--strict):\n  {shown}{more}"
+                )
         if dry_run:
             if path is None:
                 raise UsageError("--dry-run needs an input file (or - for stdin)")
             plan(app, conn, mapping, read_outcomes(path, fmt), summary, sink=sink, rejects=rejects)
         else:
-            with app.run_lock(conn.name, timeout=lock_timeout):
+            with _delivery_lock(app, conn.name, lock_timeout):
                 run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
                 status, error = "ok", None
                 provider: Provider | None = None
@@ -275,7 +323,15 @@ def push(
                     if path is not None:
                         reject_handle = open(rejects, "w", encoding="utf-8") if rejects else None  # noqa: SIM115
                         try:
-                            enqueue(app, conn.name, read_outcomes(path, fmt), summary, update=update, rejects=reject_handle, sink=sink)
+                            enqueue(
+                                app,
+                                conn.name,
+                                read_outcomes(path, fmt),
+                                summary,
+                                update=update,
+                                rejects=reject_handle,
+                                sink=sink,
+                            )
                         finally:
                             if reject_handle:
                                 reject_handle.close()
@@ -306,26 +362,69 @@ def push(
                     _outbox_gauges(app, conn.name)
                     if status == "ok":
                         app.metrics.last_success.labels(conn.name, "push").set(time.time())
-                    app.metrics.count_records(conn.name, "calls", {"created": summary.created, "updated": summary.updated,
-                                                                   "failed": summary.failed, "rejected": summary.rejected})
+                    app.metrics.count_records(
+                        conn.name,
+                        "calls",
+                        {
+                            "created": summary.created,
+                            "updated": summary.updated,
+                            "failed": summary.failed,
+                            "rejected": summary.rejected,
+                        },
+                    )
     finally:
         cleanup()
         summary.duration = time.monotonic() - started
         app.metrics.sync_seconds.labels(conn.provider, conn.name, "push").observe(summary.duration)
     if not summary.exit_code and (summary.failed or summary.rejected or summary.conflicts):
         summary.exit_code = ExitCode.PARTIAL
+    if not summary.exit_code and summary.requeued and not dry_run:
+        # Items left queued after retriable errors (5xx/429 per item): a later run delivers them.
+        summary.exit_code = ExitCode.TEMPFAIL
+        summary.error = summary.error or f"{summary.requeued} outcome(s) still queued after temporary errors; run push again"
     return summary
 
 
+def _shared(app: App) -> bool:
+    """True when several workers may deliver one connection at once (a PostgreSQL store)."""
+    return app.store.url.startswith("postgresql")
+
+
+def _delivery_lock(app: App, conn: str, timeout: float | None) -> contextlib.AbstractContextManager[Any]:
+    """SQLite: one push per connection (the run lock). PostgreSQL: none; runs claim outbox rows."""
+    if _shared(app):
+        return contextlib.nullcontext()
+    return app.run_lock(conn, timeout=timeout)
+
+
 def _counts(s: PushSummary) -> dict[str, Any]:
-    return {k: getattr(s, k) for k in ("read", "valid", "rejected", "queued", "already", "conflicts", "created", "updated", "failed", "pending", "field_conflicts")}
+    return {
+        k: getattr(s, k)
+        for k in (
+            "read",
+            "valid",
+            "rejected",
+            "queued",
+            "already",
+            "conflicts",
+            "created",
+            "updated",
+            "failed",
+            "pending",
+            "field_conflicts",
+        )
+    }
 
 
 def _outbox_gauges(app: App, conn: str) -> None:
     from sqlalchemy import func
 
     with app.store.session() as s:
-        counts = dict(s.exec(select(CrmOutbox.state, func.count()).where(CrmOutbox.connection == conn).group_by(CrmOutbox.state)).all())  # type: ignore[arg-type]
+        counts = dict(
+            s.exec(
+                select(CrmOutbox.state, func.count()).where(CrmOutbox.connection == conn).group_by(CrmOutbox.state)
+            ).all()
+        )  # type: ignore[arg-type]
     for state in ("pending", "done", "failed", "conflict"):
         app.metrics.outbox.labels(conn, state).set(counts.get(state, 0))
 
@@ -338,7 +437,16 @@ def _reset_failed(app: App, conn: str) -> None:
 
 
 # -- dry run ----------------------------------------------------------------------------------
-def plan(app: App, conn: CrmConnection, mapping: Mapping, parsed: Iterable[Parsed], summary: PushSummary, *, sink: ReceiptSink | None, rejects: Path | None) -> None:
+def plan(
+    app: App,
+    conn: CrmConnection,
+    mapping: Mapping,
+    parsed: Iterable[Parsed],
+    summary: PushSummary,
+    *,
+    sink: ReceiptSink | None,
+    rejects: Path | None,
+) -> None:
     """The plan per outcome from the local mirror: no CRM request, no outbox write."""
     rules = app.config.conflict_rules()
     counts: dict[str, dict[str, int]] = {}
@@ -369,8 +477,11 @@ def plan(app: App, conn: CrmConnection, mapping: Mapping, parsed: Iterable[Parse
             with app.store.session() as s:
                 outbox = {
                     r.outcome_id: r
-                    for r in s.exec(select(CrmOutbox).where(CrmOutbox.connection == conn.name,
-                                                            CrmOutbox.outcome_id.in_([str(o.id) for _, o in good])))  # type: ignore[attr-defined]
+                    for r in s.exec(
+                        select(CrmOutbox).where(
+                            CrmOutbox.connection == conn.name, CrmOutbox.outcome_id.in_([str(o.id) for _, o in good])
+                        )
+                    )  # type: ignore[attr-defined]
                 }
             for p, outcome, c in canon:
                 steps: dict[str, str] = {}
@@ -379,13 +490,21 @@ def plan(app: App, conn: CrmConnection, mapping: Mapping, parsed: Iterable[Parse
                     if obj not in c:
                         continue
                     if obj in ACTIVITY_STEPS:
-                        action = "skip" if prior is not None and prior.content_hash == outcome.content_hash() else "create"
+                        action = (
+                            "skip" if prior is not None and prior.content_hash == outcome.content_hash() else "create"
+                        )
                     else:
                         k = _entity_key(obj, c)
                         rec = mirror[obj].get(k) if k else None
                         if rec is not None:
-                            send, _ = resolve(obj, c[obj], rec.properties, rules=rules, occurred_at=outcome.occurred_at,
-                                              crm_updated_at=rec.remote_updated_at)
+                            send, _ = resolve(
+                                obj,
+                                c[obj],
+                                rec.properties,
+                                rules=rules,
+                                occurred_at=outcome.occurred_at,
+                                crm_updated_at=rec.remote_updated_at,
+                            )
                             action = "update" if send else "match"
                         elif k and k in links[obj]:
                             action = "match"
@@ -440,45 +559,117 @@ def deliver(
     done = 0
     total = _count_pending(app, conn.name)
     prepared = False
-    while True:
-        with app.store.session() as s:
-            rows = list(
-                s.exec(
-                    select(CrmOutbox)
-                    .where(CrmOutbox.connection == conn.name, CrmOutbox.state == "pending", CrmOutbox.id > last_id)  # type: ignore[operator]
-                    .order_by(CrmOutbox.id)  # type: ignore[arg-type]
-                    .limit(CHUNK)
-                )
-            )
-        if not rows:
-            break
-        last_id = rows[-1].id or last_id
-        items = []
-        for row in rows:
-            outcome = CallOutcome.model_validate(row.payload)
-            items.append(_Item(row, outcome, canonical(outcome)))
-        if not prepared:
-            provider.prepare_objects(sorted({o for it in items for o in it.canon}))
-            prepared = True
-        for obj in ENTITY_STEPS:
-            _entity_step(app, conn, provider, mapping, obj, items, summary)
-        for obj in ACTIVITY_STEPS:
-            _activity_step(app, conn, provider, mapping, obj, items, summary)
-        _finish(app, items, summary, sink)
-        done += len(items)
-        if progress:
-            progress(done, total)
+    shared = _shared(app)
+    with _claim_owner(app, shared) as owner:
+        while True:
+            rows = _claim(app, conn.name, last_id, owner, shared=shared)
+            if not rows:
+                break
+            last_id = rows[-1].id or last_id
+            items = []
+            finished = False
+            try:
+                for row in rows:
+                    outcome = CallOutcome.model_validate(row.payload)
+                    items.append(_Item(row, outcome, canonical(outcome)))
+                if not prepared:
+                    provider.prepare_objects(sorted({o for it in items for o in it.canon}))
+                    prepared = True
+                for obj in ENTITY_STEPS:
+                    _entity_step(app, conn, provider, mapping, obj, items, summary)
+                    if shared:
+                        _renew(app, items, owner)
+                for obj in ACTIVITY_STEPS:
+                    _activity_step(app, conn, provider, mapping, obj, items, summary)
+                    if shared:
+                        _renew(app, items, owner)
+                _finish(app, items, summary, sink)
+                finished = True
+            finally:
+                if not finished:
+                    # Stopped mid-chunk (CRM down, interrupted): hand the rows back at once; their
+                    # steps and in-flight marks are kept for whoever takes them next.
+                    with contextlib.suppress(Exception):
+                        _release(app, [r.id for r in rows], owner)
+            done += len(items)
+            if progress:
+                progress(done, total)
     summary.pending = _count_pending(app, conn.name)
+
+
+def _claim_owner(app: App, shared: bool) -> contextlib.AbstractContextManager[str]:
+    """This run's name on its claims; on PostgreSQL one that dies with the run (see scaleout)."""
+    if shared:
+        from crmsync.scaleout import claim_owner
+
+        return claim_owner(app.store)
+    return contextlib.nullcontext(f"0:{socket.gethostname()}:{os.getpid()}")
+
+
+def _claim(app: App, conn: str, after_id: int, owner: str, *, shared: bool) -> list[CrmOutbox]:
+    """Lease the next CHUNK pending rows that no live run holds.
+
+    Under SQLite's run lock nobody else can hold a claim, so any claim found is a dead run's. On
+    PostgreSQL a claim is free when its run has died (its advisory lock is gone) or its lease,
+    renewed after every step, is older than LEASE.
+    """
+    t = CrmOutbox
+    now = utcnow()
+    with app.store.session() as s:
+        q = select(t.id).where(t.connection == conn, t.state == "pending", t.id > after_id)  # type: ignore[operator]
+        if shared:
+            from crmsync.scaleout import dead_owners
+
+            claimed = t.claimed_by.is_not(None)  # type: ignore[union-attr]
+            owners = s.exec(select(t.claimed_by).where(t.connection == conn, t.state == "pending", claimed).distinct())
+            dead = dead_owners(s, owners)
+            free = or_(t.claimed_by.is_(None), t.claimed_by.in_(dead), t.claimed_at < now - LEASE)  # type: ignore[union-attr,operator]
+            q = q.where(free)
+        q = q.order_by(t.id).limit(CHUNK).with_for_update(skip_locked=True)  # type: ignore[arg-type]
+        ids = list(s.exec(q))
+        if not ids:
+            return []
+        s.execute(update(t).where(t.id.in_(ids)).values(claimed_by=owner, claimed_at=now))  # type: ignore[union-attr]
+        return list(s.exec(select(t).where(t.id.in_(ids)).order_by(t.id)))  # type: ignore[union-attr,arg-type]
+
+
+def _renew(app: App, items: list[_Item], owner: str) -> None:
+    """Extend the lease of a chunk still being worked on (the rows' objects too: they are merged later)."""
+    now = utcnow()
+    ids = [it.row.id for it in items]
+    with app.store.session() as s:
+        s.execute(
+            update(CrmOutbox).where(CrmOutbox.id.in_(ids), CrmOutbox.claimed_by == owner).values(claimed_at=now)  # type: ignore[union-attr]
+        )
+    for it in items:
+        it.row.claimed_at = now
+
+
+def _release(app: App, ids: list[int | None], owner: str) -> None:
+    with app.store.session() as s:
+        s.execute(
+            update(CrmOutbox)
+            .where(CrmOutbox.id.in_(ids), CrmOutbox.claimed_by == owner)  # type: ignore[union-attr]
+            .values(claimed_by=None, claimed_at=None)
+        )
 
 
 def _count_pending(app: App, conn: str) -> int:
     from sqlalchemy import func
 
     with app.store.session() as s:
-        return int(s.exec(select(func.count()).select_from(CrmOutbox).where(CrmOutbox.connection == conn, CrmOutbox.state == "pending")).one())
+        return int(
+            s.exec(
+                select(func.count())
+                .select_from(CrmOutbox)
+                .where(CrmOutbox.connection == conn, CrmOutbox.state == "pending")
+            ).one()
+        )
 
 
-def _parallel(provider: Provider, fn: Callable[[list[Any]], list[ItemResult]], batches: list[list[Any]]) -> list[ItemResult]:
+def _parallel(
+    provider: Provider, fn: Callable[[list[Any]], list[ItemResult]], batches: list[list[Any]]
+) -> list[ItemResult]:
     """Send batches concurrently (the HttpClient's bucket keeps the CRM's pace)."""
     if len(batches) <= 1:
         return [r for b in batches for r in fn(b)]
@@ -491,7 +682,15 @@ def _batches(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _entity_step(app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, obj: str, items: list[_Item], summary: PushSummary) -> None:
+def _entity_step(
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    obj: str,
+    items: list[_Item],
+    summary: PushSummary,
+) -> None:
     need = [it for it in items if not it.failed and obj in it.canon and obj not in it.row.steps]
     if not need:
         return
@@ -534,15 +733,29 @@ def _entity_step(app: App, conn: CrmConnection, provider: Provider, mapping: Map
             values.update({f: v for f, v in it.canon[obj].items() if v not in (None, "")})
         existing = crm.get(k)
         send, conflicts = resolve(
-            obj, values, existing[0] if existing and existing[0] else None, rules=rules,
-            occurred_at=its[-1].outcome.occurred_at, crm_updated_at=existing[2] if existing else None,
+            obj,
+            values,
+            existing[0] if existing and existing[0] else None,
+            rules=rules,
+            occurred_at=its[-1].outcome.occurred_at,
+            crm_updated_at=existing[2] if existing else None,
         )
         for c in conflicts:
             summary.field_conflicts += 1
-            conflict_rows.append(CrmConflict(connection=conn.name, object=obj, remote_id=existing[1] if existing else None,
-                                             field=c.field, crm_value=_s(c.crm_value), outcome_value=_s(c.outcome_value),
-                                             rule=c.rule, resolution=c.resolution, outcome_id=its[-1].row.outcome_id,
-                                             open=c.resolution == "kept_crm"))
+            conflict_rows.append(
+                CrmConflict(
+                    connection=conn.name,
+                    object=obj,
+                    remote_id=existing[1] if existing else None,
+                    field=c.field,
+                    crm_value=_s(c.crm_value),
+                    outcome_value=_s(c.outcome_value),
+                    rule=c.rule,
+                    resolution=c.resolution,
+                    outcome_id=its[-1].row.outcome_id,
+                    open=c.resolution == "kept_crm",
+                )
+            )
         assoc = {}
         if obj == "contacts":
             assoc["companies"] = its[-1].row.steps.get("companies") or ""
@@ -557,7 +770,15 @@ def _entity_step(app: App, conn: CrmConnection, provider: Provider, mapping: Map
         if obj == "deals":
             send.setdefault("key", values.get("key"))
         props = mapping.to_provider(obj, send if existing else values)
-        outgoing.append(Outgoing(ref=k, properties=props, match=dict([k.split(":", 1)]), remote_id=existing[1] if existing else None, associations=assoc))
+        outgoing.append(
+            Outgoing(
+                ref=k,
+                properties=props,
+                match=dict([k.split(":", 1)]),
+                remote_id=existing[1] if existing else None,
+                associations=assoc,
+            )
+        )
         merged[k] = {**((existing[0] or {}) if existing else {}), **values}
     results: dict[str, ItemResult] = {}
     if outgoing:
@@ -572,8 +793,36 @@ def _s(value: Any) -> str | None:
     return None if value is None else str(value)[:500]
 
 
-def _record_step(app: App, conn: CrmConnection, obj: str, by_key: dict[str, list[_Item]], results: dict[str, ItemResult],
-                 merged: dict[str, dict[str, Any]], conflict_rows: list[CrmConflict], summary: PushSummary) -> None:
+_ROW_FIELDS = (
+    "steps",
+    "in_flight",
+    "state",
+    "attempts",
+    "last_error",
+    "updated_at",
+    "delivered_at",
+    "claimed_by",
+    "claimed_at",
+)
+
+
+def _save_rows(s: Any, rows: Iterable[CrmOutbox]) -> None:
+    """Write the outbox rows' progress in one bulk UPDATE by primary key (not a SELECT+UPDATE per row)."""
+    values = [{"id": r.id, **{f: getattr(r, f) for f in _ROW_FIELDS}} for r in rows]
+    if values:
+        s.execute(update(CrmOutbox), values)
+
+
+def _record_step(
+    app: App,
+    conn: CrmConnection,
+    obj: str,
+    by_key: dict[str, list[_Item]],
+    results: dict[str, ItemResult],
+    merged: dict[str, dict[str, Any]],
+    conflict_rows: list[CrmConflict],
+    summary: PushSummary,
+) -> None:
     """Commit a step: remote ids into the outbox rows, links and mirror records, conflicts."""
     from crmsync.sync.pull import record_keys
 
@@ -596,15 +845,27 @@ def _record_step(app: App, conn: CrmConnection, obj: str, by_key: dict[str, list
             links[k] = res.remote_id
             props = merged.get(k) or {}
             mk, ak = record_keys(obj, props)
-            mirror.append(Canonical(remote_id=res.remote_id, properties=props, raw={}, remote_updated_at=None, match_key=mk or k, alt_key=ak))
-    with app.store.session() as s:
-        for its in by_key.values():
-            for it in its:
-                s.merge(it.row)
-        app.store.save_links(conn.name, obj, links, session=s)
-        for c in conflict_rows:
-            s.add(c)
-        _merge_mirror(s, conn.name, obj, mirror)
+            mirror.append(
+                Canonical(
+                    remote_id=res.remote_id,
+                    properties=props,
+                    raw={},
+                    remote_updated_at=None,
+                    match_key=mk or k,
+                    alt_key=ak,
+                )
+            )
+
+    def write() -> None:
+        with app.store.session() as s:
+            _save_rows(s, (it.row for its in by_key.values() for it in its))
+            app.store.save_links(conn.name, obj, links, session=s)
+            for c in conflict_rows:
+                s.add(c)
+            _merge_mirror(s, conn.name, obj, mirror)
+
+    # Another worker may have just linked or mirrored the same company or contact (PostgreSQL).
+    retry_on_conflict(write)
 
 
 def _merge_mirror(s: Any, conn: str, obj: str, records: list[Canonical]) -> None:
@@ -614,12 +875,25 @@ def _merge_mirror(s: Any, conn: str, obj: str, records: list[Canonical]) -> None
     if not records:
         return
     ids = [r.remote_id for r in records]
-    existing = {row.remote_id: row for row in s.exec(select(CrmRecord).where(CrmRecord.connection == conn, CrmRecord.object == obj, CrmRecord.remote_id.in_(ids)))}  # type: ignore[attr-defined]
+    existing = {
+        row.remote_id: row
+        for row in s.exec(
+            select(CrmRecord).where(CrmRecord.connection == conn, CrmRecord.object == obj, CrmRecord.remote_id.in_(ids))
+        )
+    }  # type: ignore[attr-defined]
     for rec in records:
         row = existing.get(rec.remote_id)
         if row is None:
-            row = CrmRecord(connection=conn, object=obj, remote_id=rec.remote_id, properties=rec.properties, raw={},
-                            content_hash=content_hash(rec.properties, False), match_key=rec.match_key, alt_key=rec.alt_key)
+            row = CrmRecord(
+                connection=conn,
+                object=obj,
+                remote_id=rec.remote_id,
+                properties=rec.properties,
+                raw={},
+                content_hash=content_hash(rec.properties, False),
+                match_key=rec.match_key,
+                alt_key=rec.alt_key,
+            )
         else:
             row.properties = {**row.properties, **rec.properties}
             row.content_hash = content_hash(row.properties, row.archived)
@@ -629,7 +903,15 @@ def _merge_mirror(s: Any, conn: str, obj: str, records: list[Canonical]) -> None
         s.add(row)
 
 
-def _activity_step(app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, obj: str, items: list[_Item], summary: PushSummary) -> None:
+def _activity_step(
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    obj: str,
+    items: list[_Item],
+    summary: PushSummary,
+) -> None:
     need = [it for it in items if not it.failed and obj in it.canon and obj not in it.row.steps]
     need = [it for it in need if it.row.steps.get("contacts")]
     if not need:
@@ -644,16 +926,18 @@ def _activity_step(app: App, conn: CrmConnection, provider: Provider, mapping: M
             found.update(provider.find_activities(obj, batch))
         for it in unsure:
             if marker(it) in found:
-                results[it.row.outcome_id] = ItemResult(it.row.outcome_id, True, remote_id=found[marker(it)], created=False)
+                results[it.row.outcome_id] = ItemResult(
+                    it.row.outcome_id, True, remote_id=found[marker(it)], created=False
+                )
     todo = [it for it in need if it.row.outcome_id not in results]
     updates = [it for it in todo if it.row.update_requested and (it.row.steps.get("previous") or {}).get(obj)]
     creates = [it for it in todo if it not in updates]
     if creates:
         now = utcnow().isoformat()
+        for it in creates:
+            it.row.in_flight = {**it.row.in_flight, obj: now}
         with app.store.session() as s:
-            for it in creates:
-                it.row.in_flight = {**it.row.in_flight, obj: now}
-                s.merge(it.row)
+            _save_rows(s, (it.row for it in creates))
         acts = [
             OutgoingActivity(
                 ref=it.row.outcome_id,
@@ -666,8 +950,15 @@ def _activity_step(app: App, conn: CrmConnection, provider: Provider, mapping: M
         for r in _parallel(provider, lambda b: provider.create_activities(obj, b), _batches(acts, provider.batch_size)):
             results[r.ref] = r
     if updates:
-        outs = [Outgoing(ref=it.row.outcome_id, properties=mapping.to_provider(obj, it.canon[obj]), match={},
-                         remote_id=it.row.steps["previous"][obj]) for it in updates]
+        outs = [
+            Outgoing(
+                ref=it.row.outcome_id,
+                properties=mapping.to_provider(obj, it.canon[obj]),
+                match={},
+                remote_id=it.row.steps["previous"][obj],
+            )
+            for it in updates
+        ]
         for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(outs, provider.batch_size)):
             results[r.ref] = r
     now_dt = utcnow()
@@ -688,33 +979,41 @@ def _activity_step(app: App, conn: CrmConnection, provider: Provider, mapping: M
                     it.row.in_flight = {k: v for k, v in it.row.in_flight.items() if k != obj}
                     it.row.state = "failed"
             it.row.updated_at = now_dt
-            s.merge(it.row)
+        _save_rows(s, (it.row for it in need))
 
 
 def _finish(app: App, items: list[_Item], summary: PushSummary, sink: ReceiptSink | None) -> None:
+    """Close the round: done/failed states committed first, receipts printed after the commit."""
     now = utcnow()
-    with app.store.session() as s:
-        for it in items:
-            row = it.row
-            needed = [o for o in it.canon if o in (*ENTITY_STEPS, *ACTIVITY_STEPS)]
-            complete = all(row.steps.get(o) for o in needed)
-            if complete and not it.failed:
-                row.state, row.delivered_at, row.last_error = "done", now, None
-                status = "updated" if row.update_requested else "created"
-                if row.update_requested:
-                    summary.updated += 1
-                else:
-                    summary.created += 1
+    receipts = []
+    for it in items:
+        row = it.row
+        needed = [o for o in it.canon if o in (*ENTITY_STEPS, *ACTIVITY_STEPS)]
+        complete = all(row.steps.get(o) for o in needed)
+        if complete and not it.failed:
+            row.state, row.delivered_at, row.last_error = "done", now, None
+            status = "updated" if row.update_requested else "created"
+            if row.update_requested:
+                summary.updated += 1
             else:
-                if row.state != "failed" and row.attempts >= 5:
-                    row.state = "failed"
-                status = "failed" if row.state == "failed" else "queued"
-                if status == "failed":
-                    summary.failed += 1
-            row.updated_at = now
-            s.merge(row)
-            if sink:
-                sink(Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=row.last_error if status != "created" else None))
+                summary.created += 1
+        else:
+            if row.state != "failed" and row.attempts >= 5:
+                row.state = "failed"
+            status = "failed" if row.state == "failed" else "queued"
+            if status == "failed":
+                summary.failed += 1
+            else:
+                summary.requeued += 1
+        row.updated_at = now
+        row.claimed_by = row.claimed_at = None
+        error = row.last_error if status != "created" else None
+        receipts.append(Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=error))
+    with app.store.session() as s:
+        _save_rows(s, (it.row for it in items))
+    if sink:
+        for r in receipts:
+            sink(r)
 
 
 # -- receipts -----------------------------------------------------------------------------------
@@ -722,11 +1021,12 @@ def receipt(app: App, connection: str | None, outcome_id: str) -> Receipt:
     """Was this call logged, and where? Answered from the store."""
     conn = app.connection(connection)
     with app.store.session() as s:
-        row = s.exec(select(CrmOutbox).where(CrmOutbox.connection == conn.name, CrmOutbox.outcome_id == outcome_id)).first()
+        row = s.exec(
+            select(CrmOutbox).where(CrmOutbox.connection == conn.name, CrmOutbox.outcome_id == outcome_id)
+        ).first()
     if row is None:
         raise UsageError(f"no outcome {outcome_id!r} was ever queued on connection {conn.name!r}")
     status = {"done": "created", "pending": "queued"}.get(row.state, row.state)
     if row.state == "done" and row.update_requested:
         status = "updated"
     return Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=row.last_error)
-

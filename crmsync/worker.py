@@ -1,0 +1,180 @@
+"""Dramatiq actors: the CLI's pull, push and backfill as jobs that workers on many hosts run.
+
+Start workers with ``crmsync worker`` (or ``dramatiq crmsync.worker``); queue jobs with
+``crmsync enqueue pull|push|backfill``. Each job builds its own ``App`` from the environment
+(``CRMSYNC_DB``, ``CRMSYNC_CONFIG``/``CRMSYNC_HOME``, ``CRMSYNC_REDIS_URL``, and the secrets'
+``CRMSYNC_SECRET_<NAME>`` / ``CRMSYNC_SECRET_FILE_<NAME>`` when there is no keyring) and calls the
+same library function as the command line, so a job and a CLI run write the same run log.
+
+The broker is Redis at ``CRMSYNC_REDIS_URL``, else the config file's ``redis_url``, else
+``redis://127.0.0.1:6379/0``; it is chosen when this module is imported, as Dramatiq requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+try:
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("crmsync workers need the worker extra: pip install 'crmsync[worker]'") from exc
+
+from crmsync.app import App
+from crmsync.errors import AuthError, ConfigError, ExitCode, LockHeldError, UsageError
+from crmsync.sync.pull import ConnectionResult
+from crmsync.sync.push import PushSummary
+
+log = logging.getLogger("crmsync.worker")
+
+QUEUE = "crmsync"
+NAMESPACE = "crmsync"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def broker_url(env: Mapping[str, str] | None = None) -> str:
+    """Where the job queue lives: CRMSYNC_REDIS_URL > config ``redis_url`` > local Redis."""
+    env = os.environ if env is None else env
+    if env.get("CRMSYNC_REDIS_URL"):
+        return env["CRMSYNC_REDIS_URL"]
+    from crmsync.config import load_config, resolve_paths
+
+    paths = resolve_paths(env=dict(env))
+    return load_config(paths.config_file, required=bool(env.get("CRMSYNC_CONFIG"))).redis_url or DEFAULT_REDIS_URL
+
+
+broker = RedisBroker(url=broker_url(), namespace=NAMESPACE)
+dramatiq.set_broker(broker)
+
+
+class JobFailed(Exception):
+    """A job that may succeed later (CRM down, rate-limited past the deadline, lock busy): retried."""
+
+
+class JobRejected(Exception):
+    """A job that cannot succeed until a person acts (credentials, configuration): not retried."""
+
+
+#: Exceptions that retrying cannot fix: Dramatiq fails the message at once.
+NOT_RETRIED = (JobRejected, AuthError, ConfigError, UsageError)
+
+
+def _settle(what: str, exit_code: int, error: str | None) -> None:
+    """Turn a run's exit code into the job's fate: done, retried later, or failed for good."""
+    if exit_code in (ExitCode.OK, ExitCode.PARTIAL):
+        # Per-record failures stay in the outbox and the run log; running the job again won't fix them.
+        return
+    if exit_code == ExitCode.TEMPFAIL:
+        raise JobFailed(f"{what}: {error}")
+    raise JobRejected(f"{what}: {error}")
+
+
+def _redacted_logs() -> None:
+    """Dramatiq sets up the worker's log handlers: make them redact secrets as the CLI's do."""
+    from crmsync.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+# -- the library calls (usable without a broker: tests, other schedulers) ------------------------
+def pull_delta(connection: str, *, app: App | None = None) -> ConnectionResult | None:
+    """One incremental pull of a connection; None when another worker is already pulling it."""
+    own = app is None
+    _redacted_logs()
+    app = app or App()
+    try:
+        from crmsync.sync.pull import pull
+
+        try:
+            result = pull(app, connections=[connection])[0]
+        except LockHeldError as exc:
+            # The running pull covers this one; the next scheduled pull picks up what follows.
+            log.info("pull %s skipped: %s", connection, exc)
+            return None
+        log.info(
+            "pull %s: %s",
+            connection,
+            ", ".join(f"{o.object} {o.read} read" for o in result.objects) or "nothing to do",
+        )
+        return result
+    finally:
+        if own:
+            app.close()
+
+
+def push_outcomes(connection: str, *, app: App | None = None) -> PushSummary | None:
+    """Deliver what is queued in the outbox of a connection; None when a push holds its lock (SQLite)."""
+    own = app is None
+    _redacted_logs()
+    app = app or App()
+    try:
+        from crmsync.sync.push import push
+
+        try:
+            summary = push(app, source=None, connection=connection)
+        except LockHeldError as exc:
+            # Only on SQLite: the running push delivers everything pending, this job's rows too.
+            log.info("push %s skipped: %s", connection, exc)
+            return None
+        log.info(
+            "push %s: created %d, updated %d, failed %d, pending %d",
+            connection,
+            summary.created,
+            summary.updated,
+            summary.failed,
+            summary.pending,
+        )
+        return summary
+    finally:
+        if own:
+            app.close()
+
+
+def backfill_object(connection: str, obj: str | None = None, *, app: App | None = None) -> ConnectionResult:
+    """Backfill one object (or all) of a connection; raises JobFailed while the connection is busy."""
+    own = app is None
+    _redacted_logs()
+    app = app or App()
+    try:
+        from crmsync.sync.pull import backfill
+
+        try:
+            return backfill(app, connection=connection, objects=[obj] if obj else None)
+        except LockHeldError as exc:
+            raise JobFailed(f"backfill {connection}: {exc}") from None
+    finally:
+        if own:
+            app.close()
+
+
+# -- the actors ------------------------------------------------------------------------------------
+# Pulls are not retried: the schedule enqueues the next one anyway. Time limits are generous
+# because a job stopped by one loses nothing (each page and each outbox step is committed).
+@dramatiq.actor(queue_name=QUEUE, max_retries=0, time_limit=30 * 60_000, throws=NOT_RETRIED)
+def crm_pull_delta_job(connection: str) -> None:
+    """Pull the changes of one connection since its cursor."""
+    result = pull_delta(connection)
+    if result is not None:
+        _settle(f"pull {connection}", result.exit_code, result.error)
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=5, time_limit=60 * 60_000, throws=NOT_RETRIED)
+def crm_push_outcomes_job(connection: str) -> None:
+    """Deliver the queued outcomes of one connection (several may run at once on PostgreSQL)."""
+    summary = push_outcomes(connection)
+    if summary is not None:
+        _settle(f"push {connection}", summary.exit_code, summary.error)
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=20, time_limit=24 * 3600_000, throws=NOT_RETRIED)
+def crm_backfill_job(connection: str, object: str | None = None) -> None:
+    """Import the history of one object (None: every object) of a connection, resumably."""
+    result = backfill_object(connection, object)
+    _settle(f"backfill {connection}", result.exit_code, result.error)
+
+
+JOBS = {"pull": crm_pull_delta_job, "push": crm_push_outcomes_job, "backfill": crm_backfill_job}
