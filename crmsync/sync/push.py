@@ -381,7 +381,9 @@ def push(
     if not summary.exit_code and summary.requeued and not dry_run:
         # Items left queued after retriable errors (5xx/429 per item): a later run delivers them.
         summary.exit_code = ExitCode.TEMPFAIL
-        summary.error = summary.error or f"{summary.requeued} outcome(s) still queued after temporary errors; run push again"
+        summary.error = summary.error or (
+            f"{summary.requeued} outcome(s) still queued after temporary errors; run push again"
+        )
     return summary
 
 
