@@ -295,6 +295,9 @@ class Provider(ABC):
     def upsert(self, obj: str, items: Sequence[Outgoing]) -> list[ItemResult]:
         """Create or update up to ``batch_size`` records; one result per item, same refs."""
 
+    def flush(self, obj: str) -> None:
+        """Send what the provider gathered across ``upsert`` calls of one step (e.g. links). Default: nothing."""
+
     @abstractmethod
     def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
         """Create calls or tasks (``obj`` = "calls" | "tasks") with their associations and markers."""

@@ -178,6 +178,7 @@ class HubSpotProvider(Provider):
         self._dispositions: dict[str, str] | None = None
         self._ensured: set[str] = set()
         self._props: dict[str, dict[str, dict[str, Any]]] = {}
+        self._pending_links: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self._lock = threading.Lock()
 
     # -- connection ------------------------------------------------------------------------------
@@ -817,14 +818,21 @@ class HubSpotProvider(Provider):
         return refs
 
     def _associate(self, obj: str, items: Sequence[Outgoing], results: dict[str, ItemResult]) -> None:
-        """contact->company, deal->contact/company: one v4 batch per target type."""
-        pairs: dict[str, list[tuple[str, str]]] = {}
-        for item in items:
-            rid = results[item.ref].remote_id
-            for to, to_id in item.associations.items():
-                if rid and to_id:
-                    pairs.setdefault(to, []).append((rid, to_id))
-        for to, links in pairs.items():
+        """Queue contact->company, deal->contact/company links; ``flush`` sends them in bulk."""
+        with self._lock:
+            for item in items:
+                rid = results[item.ref].remote_id
+                for to, to_id in item.associations.items():
+                    if rid and to_id:
+                        self._pending_links.setdefault((obj, to), []).append((rid, to_id))
+
+    def flush(self, obj: str) -> None:
+        """Send the queued links of ``obj``: one v4 request per 2,000 pairs, not one per upsert batch."""
+        with self._lock:
+            queued = {key: pairs for key, pairs in self._pending_links.items() if key[0] == obj}
+            for key in queued:
+                del self._pending_links[key]
+        for (_, to), links in queued.items():
             for chunk in _chunks(links, 2000):
                 self.http.post(
                     f"/crm/v4/associations/{obj}/{to}/batch/associate/default",

@@ -52,7 +52,7 @@ log = logging.getLogger("crmsync.push")
 
 ENTITY_STEPS = ("companies", "contacts", "deals")
 ACTIVITY_STEPS = ("calls", "tasks")
-CHUNK = 1000  # outcomes delivered per round: enough for 10 concurrent provider batches
+CHUNK = 2000  # outcomes per delivery round: 20 provider batches per step keep the concurrency busy
 ENQUEUE_CHUNK = 500
 LEASE = timedelta(minutes=10)  # a claim older than this (never renewed: its worker died) is taken over
 
@@ -712,8 +712,12 @@ def _entity_step(
 
         key_dicts = [dict([k.split(":", 1)]) for k in unknown]
         found: dict[str, Any] = {}
-        for batch in _batches(key_dicts, provider.batch_size):
-            found.update(provider.lookup(obj, batch, fields=mapping.provider_fields(obj)))
+        fields = mapping.provider_fields(obj)
+        with ThreadPoolExecutor(max_workers=provider.http.concurrency, thread_name_prefix="lookup") as pool:
+            for part in pool.map(
+                lambda b: provider.lookup(obj, b, fields=fields), _batches(key_dicts, provider.batch_size)
+            ):
+                found.update(part)
         if found:
             records = [to_canonical(mapping, obj, rec) for rec in found.values()]
             app.store.apply_page(conn.name, obj, records, cursor=None, audit=False)
@@ -786,6 +790,7 @@ def _entity_step(
     if outgoing:
         for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(outgoing, provider.batch_size)):
             results[r.ref] = r
+        provider.flush(obj)
     for k, rid in resolved.items():
         results[k] = ItemResult(k, True, remote_id=rid)
     _record_step(app, conn, obj, by_key, results, merged, conflict_rows, summary)
