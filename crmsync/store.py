@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint, create_engine, event, false, func, text
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, create_engine, event, false, func, insert, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import IntegrityError
@@ -471,117 +471,115 @@ class Store:
         extra_cursors: Sequence[tuple[str, dict[str, Any] | None]],
         before_commit: Any,
     ) -> ApplyCounts:
+        # Core statements, not ORM objects: a page is a few bulk statements whatever its size
+        # (pydantic-validated SQLModel instances per row cost more than the SQLite writes).
         counts = ApplyCounts()
+        t = CrmRecord.__table__.c  # type: ignore[attr-defined]
         ids = [r.remote_id for r in records] + list(deleted)
+        now = utcnow()
+        inserts: dict[str, dict[str, Any]] = {}
+        updates: dict[int, dict[str, Any]] = {}
+        changes: list[dict[str, Any]] = []
+
+        def change(remote_id: str, action: str, diff: dict[str, Any]) -> None:
+            if audit:
+                changes.append(
+                    {
+                        "run_id": run_id,
+                        "connection": connection,
+                        "object": obj,
+                        "remote_id": remote_id,
+                        "action": action,
+                        "changes": diff,
+                        "at": now,
+                    }
+                )
+
         with self.session() as s:
-            existing: dict[str, CrmRecord] = {}
+            existing: dict[str, dict[str, Any]] = {}
             for chunk in _chunks(ids, 500):
-                for row in s.exec(
-                    select(CrmRecord).where(
-                        CrmRecord.connection == connection,
-                        CrmRecord.object == obj,
-                        CrmRecord.remote_id.in_(chunk),  # type: ignore[attr-defined]
-                    )
-                ):
-                    existing[row.remote_id] = row
-            now = utcnow()
+                rows = s.execute(
+                    select(
+                        t.id, t.remote_id, t.properties, t.associations, t.remote_updated_at, t.archived, t.content_hash
+                    ).where(t.connection == connection, t.object == obj, t.remote_id.in_(chunk))
+                )
+                for row in rows:
+                    existing[row.remote_id] = dict(row._mapping)
             for rec in records:
                 digest = content_hash(rec.properties, rec.archived)
-                row = existing.get(rec.remote_id)
+                row = existing.get(rec.remote_id) or inserts.get(rec.remote_id)
+                values = {
+                    "properties": rec.properties,
+                    "raw": rec.raw,
+                    "remote_updated_at": rec.remote_updated_at,
+                    "archived": rec.archived,
+                    "content_hash": digest,
+                    "match_key": rec.match_key,
+                    "alt_key": rec.alt_key,
+                    "updated_at": now,
+                }
                 if row is None:
-                    row = CrmRecord(
-                        connection=connection,
-                        object=obj,
-                        remote_id=rec.remote_id,
-                        properties=rec.properties,
-                        raw=rec.raw,
-                        associations=rec.associations,
-                        remote_updated_at=rec.remote_updated_at,
-                        archived=rec.archived,
-                        content_hash=digest,
-                        match_key=rec.match_key,
-                        alt_key=rec.alt_key,
-                    )
-                    s.add(row)
-                    existing[rec.remote_id] = row
+                    inserts[rec.remote_id] = {
+                        "connection": connection,
+                        "object": obj,
+                        "remote_id": rec.remote_id,
+                        "associations": rec.associations or {},
+                        "first_seen_at": now,
+                        **values,
+                    }
                     counts.created += 1
-                    if audit:
-                        s.add(
-                            CrmRecordChange(
-                                run_id=run_id,
-                                connection=connection,
-                                object=obj,
-                                remote_id=rec.remote_id,
-                                action="created",
-                                changes={"after": rec.properties},
-                            )
-                        )
+                    change(rec.remote_id, "created", {"after": rec.properties})
                     continue
                 if (
-                    row.remote_updated_at is not None
+                    row["remote_updated_at"] is not None
                     and rec.remote_updated_at is not None
-                    and rec.remote_updated_at < row.remote_updated_at
+                    and rec.remote_updated_at < row["remote_updated_at"]
                 ):
                     counts.unchanged += 1
                     continue
-                assoc_changed = bool(rec.associations) and rec.associations != row.associations
-                if row.content_hash == digest and not assoc_changed:
+                assoc_changed = bool(rec.associations) and rec.associations != row["associations"]
+                if row["content_hash"] == digest and not assoc_changed:
                     counts.unchanged += 1
                     continue
-                if row.content_hash != digest:
-                    before = row.properties or {}
+                if row["content_hash"] != digest:
+                    before = row["properties"] or {}
                     diff = {
                         k: [before.get(k), rec.properties.get(k)]
                         for k in set(before) | set(rec.properties)
                         if before.get(k) != rec.properties.get(k)
                     }
-                    action = "archived" if rec.archived and not row.archived else "updated"
+                    action = "archived" if rec.archived and not row["archived"] else "updated"
                     if action == "archived":
                         counts.archived += 1
                     else:
                         counts.updated += 1
-                    if audit:
-                        s.add(
-                            CrmRecordChange(
-                                run_id=run_id,
-                                connection=connection,
-                                object=obj,
-                                remote_id=rec.remote_id,
-                                action=action,
-                                changes=diff,
-                            )
-                        )
+                    change(rec.remote_id, action, diff)
                 else:
                     counts.updated += 1
-                row.properties = rec.properties
-                row.raw = rec.raw
+                values["remote_updated_at"] = rec.remote_updated_at or row["remote_updated_at"]
                 if rec.associations:
-                    row.associations = rec.associations
-                row.remote_updated_at = rec.remote_updated_at or row.remote_updated_at
-                row.archived = rec.archived
-                row.content_hash = digest
-                row.match_key, row.alt_key = rec.match_key, rec.alt_key
-                row.updated_at = now
-                s.add(row)
+                    values["associations"] = rec.associations
+                row.update(values)
+                if rec.remote_id not in inserts:
+                    updates[row["id"]] = {"id": row["id"], **values}
             for remote_id in deleted:
                 row = existing.get(remote_id)
-                if row is not None and not row.archived:
-                    row.archived = True
-                    row.content_hash = content_hash(row.properties, True)
-                    row.updated_at = now
-                    s.add(row)
+                if row is not None and not row["archived"]:
+                    values = {
+                        "archived": True,
+                        "content_hash": content_hash(row["properties"], True),
+                        "updated_at": now,
+                    }
+                    row.update(values)
+                    updates.setdefault(row["id"], {"id": row["id"]}).update(values)
                     counts.archived += 1
-                    if audit:
-                        s.add(
-                            CrmRecordChange(
-                                run_id=run_id,
-                                connection=connection,
-                                object=obj,
-                                remote_id=remote_id,
-                                action="archived",
-                                changes={},
-                            )
-                        )
+                    change(remote_id, "archived", {})
+            if inserts:
+                s.execute(insert(CrmRecord.__table__), list(inserts.values()))  # type: ignore[attr-defined]
+            if updates:
+                s.execute(update(CrmRecord), list(updates.values()))
+            if changes:
+                s.execute(insert(CrmRecordChange.__table__), changes)  # type: ignore[attr-defined]
             if cursor is not None:
                 self.set_cursor(connection, obj, cursor, cursor_kind, session=s)
             for kind, value in extra_cursors:
