@@ -53,6 +53,8 @@ log = logging.getLogger("crmsync.push")
 ENTITY_STEPS = ("companies", "contacts", "deals")
 ACTIVITY_STEPS = ("calls", "tasks")
 CHUNK = 2000  # outcomes per delivery round: 20 provider batches per step keep the concurrency busy
+#: With workers sharing one store (PostgreSQL), smaller leases let every worker take a share.
+SHARED_CHUNK = 500
 ENQUEUE_CHUNK = 500
 LEASE = timedelta(minutes=10)  # a claim older than this (never renewed: its worker died) is taken over
 
@@ -627,7 +629,7 @@ def _claim(app: App, conn: str, after_id: int, owner: str, *, shared: bool) -> l
             dead = dead_owners(s, owners)
             free = or_(t.claimed_by.is_(None), t.claimed_by.in_(dead), t.claimed_at < now - LEASE)  # type: ignore[union-attr,operator]
             q = q.where(free)
-        q = q.order_by(t.id).limit(CHUNK).with_for_update(skip_locked=True)  # type: ignore[arg-type]
+        q = q.order_by(t.id).limit(SHARED_CHUNK if shared else CHUNK).with_for_update(skip_locked=True)  # type: ignore[arg-type]
         ids = list(s.exec(q))
         if not ids:
             return []
