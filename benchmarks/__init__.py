@@ -1,0 +1,1 @@
+"""crmsync benchmarks: ``python -m benchmarks [SCENARIO] [--quick]`` (never part of the test run)."""
