@@ -430,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="DIR", default=None, help="profile each crmsync run with pyinstrument into DIR"
     )
+    parser.add_argument(
+        "--size", type=int, default=None, help="records/outcomes/events per scenario instead of the default sizes"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
         "--save", metavar="FILE", default=None, help="also write the results as JSON to FILE (after every scenario)"
@@ -455,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline_cap=args.baseline_cap,
         profile_dir=Path(args.profile) if args.profile else None,
         single=args.scenario != "all",
+        toy=args.size,
     )
 
     def log(message: str) -> None:

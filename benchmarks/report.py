@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: Extras the console shows but the markdown leaves out (the JSON keeps them all).
+QUIET = frozenset({"emulator requests", "objects", "changes", "created (first run)", "emulator limits"})
+
 
 def _n(value: Any, fmt: str = ".2f") -> str:
     if value is None:
@@ -73,7 +76,8 @@ def markdown(payload: dict[str, Any]) -> str:
             if r["restarts"] or r["errors"]:
                 notes.append(f"restarts {r['restarts']}: {'; '.join(r['errors'][:2])}")
             for key, value in r["extra"].items():
-                notes.append(f"{key}: {value}")
+                if key not in QUIET:
+                    notes.append(f"{key}: {value}")
             if r["note"]:
                 notes.append(r["note"])
             if notes:
@@ -84,7 +88,13 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    payload = json.loads(Path(argv[0]).read_text())
+    """One saved run, or several (a long run finished in parts): their results are concatenated."""
+    payloads = [json.loads(Path(a).read_text()) for a in argv]
+    payload = payloads[0]
+    for extra in payloads[1:]:
+        payload["results"] += extra["results"]
+        payload["run"]["seconds"] += extra["run"]["seconds"]
+        payload["run"]["command"] += f"`, then `{extra['run']['command']}"
     sys.stdout.write(markdown(payload) + "\n")
     return 0
 

@@ -31,7 +31,7 @@ class Options:
     baseline_cap: int | None = None
     profile_dir: Path | None = None
     single: bool = False
-    toy: int | None = None  # the smoke test: every size this small
+    toy: int | None = None  # --size (and the smoke test): every scenario at this size
 
     def size(self, full: int, quick: int) -> int:
         if self.toy:
@@ -40,10 +40,10 @@ class Options:
 
     def cap(self, quick: int, full: int) -> int | None:
         """How many outcomes/records the naive baseline really runs (None: all)."""
-        if self.toy:
-            return max(1, self.toy // 3)
         if self.baseline_cap is not None:
             return self.baseline_cap or None
+        if self.toy and self.toy < 100:
+            return max(1, self.toy // 3)
         return quick if self.quick else full
 
     def profile(self, name: str) -> str | None:
@@ -84,6 +84,13 @@ def _fill_network(r: Result, child: Child, runs: list[dict[str, Any]], emu: Any,
     r.peak_rss_mb, r.cpu_seconds = child.peak_rss_mb, float(child.data["cpu_seconds"])
     r.restarts = len(runs) - 1
     r.errors = [str(x["error"])[:300] for x in runs if x.get("error")]
+    # pull/backfill keep an object's error on the object (the run ends "partial", exit 1)
+    r.errors += [
+        f"{name}: {str(o['error'])[:300]}"
+        for x in runs
+        for name, o in (x.get("objects") or {}).items()
+        if isinstance(o, dict) and o.get("error")
+    ]
     r.extra["emulator requests"] = emu.stats.requests
     r.extra["emulator CPU s"] = round(emu_cpu, 1)
     r.extra["child process s / CPU s"] = f"{child.seconds:.1f} / {child.cpu_seconds:.1f} (imports included)"
@@ -323,7 +330,7 @@ def backfill_1m(kits: list[Any], opts: Options, log: Log) -> list[Result]:
     """Issue 5: peak RSS of a 1,000,000-record backfill (list endpoint, no latency, limits raised). Full runs only."""
     if opts.quick and not opts.single:
         return []
-    n = 100_000 if opts.quick else 1_000_000
+    n = opts.toy or (100_000 if opts.quick else 1_000_000)
     kit = next((k for k in kits if k.name == "hubspot" and not k.missing), None)
     if kit is None:
         return []
