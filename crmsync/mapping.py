@@ -471,26 +471,55 @@ class _E164(Transform):
             value = str(value)
         if not isinstance(value, str) or not value.strip():
             return value
-        formatted = self._format(value)
+        number = self._parse(value)
+        if number is None:
+            return value
+        formatted = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
         # Only return a form that normalises to itself, so push(push(x)) == push(x) always.
-        if formatted is None or self._format(formatted) != formatted:
+        if formatted == value or _reparses_unchanged(number):
+            return formatted
+        again = self._parse(formatted)
+        if again is None or phonenumbers.format_number(again, phonenumbers.PhoneNumberFormat.E164) != formatted:
             return value
         return formatted
 
-    def _format(self, text: str) -> str | None:
+    def _parse(self, text: str) -> phonenumbers.PhoneNumber | None:
         try:
             number = phonenumbers.parse(text, self.region)
         except phonenumbers.NumberParseException:
             return None
-        if not phonenumbers.is_possible_number(number):
-            return None
-        return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+        return number if phonenumbers.is_possible_number(number) else None
 
     def push_value(self, value: Any, record: dict[str, Any]) -> Any:
         return self.normalise(value)
 
     def pull(self, value: Any) -> Any:
         return self.normalise(value)
+
+
+def _reparses_unchanged(number: phonenumbers.PhoneNumber) -> bool:
+    """True when parsing the E.164 form of ``number`` certainly gives ``number`` back.
+
+    Parsing ``+<country code><national number>`` can only differ from ``number`` where the country's
+    national-prefix rule strips leading digits of the national number. When that rule leaves the
+    national number alone, the second full parse (a third of mapping's cost) is skipped; otherwise
+    the caller parses again. ``tests/test_mapping.py`` checks this against the full re-parse for
+    every region's example numbers. If phonenumbers ever drops the helper, every number is re-parsed.
+    """
+    strip = getattr(phonenumbers.phonenumberutil, "_maybe_strip_national_prefix_carrier_code", None)
+    cc = number.country_code
+    region = phonenumbers.region_code_for_country_code(cc)
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(cc, region)
+    if strip is None or metadata is None or number.extension:
+        return False
+    national = phonenumbers.national_significant_number(number)
+    if not metadata.national_prefix_for_parsing:
+        return True
+    try:
+        _carrier, stripped, _ = strip(national, metadata)
+    except Exception:  # an internal helper: any surprise means "not sure", never an error
+        return False
+    return bool(stripped == national)
 
 
 class _DateTime(Transform):
@@ -1149,6 +1178,7 @@ class Mapping:
         self.data: dict[str, Any] = doc.data
         self.source = doc.path
         self._rules: dict[str, list[FieldRule]] = {obj: [] for obj in OBJECTS}
+        self._pull_plans: dict[str, list[tuple[str, str, tuple[Transform, ...]]]] = {}
         self._build(doc)
         normal = json.dumps(self.data, sort_keys=True, separators=(",", ":"), default=str)
         self.hash = hashlib.sha256(normal.encode()).hexdigest()
@@ -1379,28 +1409,30 @@ class Mapping:
     def to_canonical(self, obj: str, raw: dict[str, Any]) -> dict[str, Any]:
         """CRM fields -> canonical record (pull rules); missing or empty CRM values stay absent."""
         name = _norm_obj(obj)
+        plan = self._pull_plans.get(name)
+        if plan is None:  # built once per object: this runs for every pulled record
+            plan = [(r.field, r.canonical, tuple(reversed(r.transforms))) for r in self._rules[name] if r.pulls]
+            self._pull_plans[name] = plan
         out: dict[str, Any] = {}
-        for rule in self._rules[name]:
-            if not rule.pulls or rule.field not in raw:
+        for field, canonical, transforms in plan:
+            value = raw.get(field)
+            if value is None or value == "":
                 continue
-            value = raw[rule.field]
-            if value is None or (isinstance(value, str) and value == ""):
-                continue
-            for t in reversed(rule.transforms):
+            for t in transforms:
                 try:
                     value = t.pull(value)
                 except (_Bad, ValueError, OverflowError) as exc:
                     raise TransformError(
-                        f"{SECTION[name]}.{rule.canonical} <- {rule.field}: {exc}",
+                        f"{SECTION[name]}.{canonical} <- {field}: {exc}",
                         obj=name,
-                        canonical=rule.canonical,
-                        field=rule.field,
+                        canonical=canonical,
+                        field=field,
                     ) from None
                 if value is MISSING:
                     break
             if value is MISSING or value is None or (isinstance(value, str) and value == ""):
                 continue
-            out[rule.canonical] = value
+            out[canonical] = value
         return out
 
     # -- map check -------------------------------------------------------------------------------

@@ -429,6 +429,51 @@ def test_e164_is_stable(raw: str) -> None:
     assert pull(m, once) == once
 
 
+def _e164_by_full_reparse(text: str, region: str) -> str:
+    """The e164 rule as first written: parse, format, and keep the result only if it re-parses to itself."""
+    import phonenumbers
+
+    def fmt(t: str) -> str | None:
+        try:
+            n = phonenumbers.parse(t, region)
+        except phonenumbers.NumberParseException:
+            return None
+        return phonenumbers.format_number(n, 0) if phonenumbers.is_possible_number(n) else None
+
+    once = fmt(text)
+    return text if once is None or fmt(once) != once else once
+
+
+def test_e164_shortcut_equals_full_reparse_in_every_region() -> None:
+    """The skipped second parse (_reparses_unchanged) never changes a result, for any region's numbers."""
+    import phonenumbers
+    from phonenumbers import PhoneNumberFormat as F
+
+    checked = 0
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        m = Mapping.from_text(
+            "zoho", "version: 1\ncontact:\n  phone: {field: Phone, transform: e164}\n", default_region=region
+        )
+        meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
+        prefix = (meta.national_prefix or "") if meta else ""
+        for kind in phonenumbers.PhoneNumberType.values():
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            nsn = phonenumbers.national_significant_number(example)
+            texts = {
+                phonenumbers.format_number(example, fmt) for fmt in (F.E164, F.INTERNATIONAL, F.NATIONAL, F.RFC3966)
+            }
+            # National numbers typed with the national prefix twice or in front of the country code.
+            texts |= {nsn, prefix + nsn, prefix + prefix + nsn, f"+{example.country_code}{prefix}{nsn}"}
+            for text in texts:
+                assert m.to_provider("contacts", {"phone": text}).get("Phone") == _e164_by_full_reparse(
+                    text, region
+                ), (region, text)
+                checked += 1
+    assert checked > 3000
+
+
 def test_e164_examples() -> None:
     us = custom("e164")
     assert push(us, "(415) 555-0132") == "+14155550132"

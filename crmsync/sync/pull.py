@@ -10,9 +10,13 @@ never disturbs the incremental cursor until it completes; then it seeds that cur
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
     from crmsync.store import CrmConnection
 
 log = logging.getLogger("crmsync.pull")
+
+PULL_CONCURRENCY = 4  # objects walked at once (contacts, companies, deals, calls)
 
 Progress = Callable[[str, str, int, int | None], None]  # connection, object, records so far, total
 
@@ -94,7 +100,7 @@ def to_canonical(mapping: Mapping, obj: str, rec: RemoteRecord, problems: list[s
     """
     from crmsync.mapping import TransformError
 
-    raw = dict(rec.properties)
+    raw = rec.properties
     for _ in range(len(raw) + 1):
         try:
             props = mapping.to_canonical(obj, raw)
@@ -104,7 +110,7 @@ def to_canonical(mapping: Mapping, obj: str, rec: RemoteRecord, problems: list[s
                 raise
             if problems is not None:
                 problems.append(f"{obj} {rec.id}: {exc}")
-            raw.pop(exc.field)
+            raw = {k: v for k, v in raw.items() if k != exc.field}  # a copy: rec.raw keeps every value
     else:  # pragma: no cover - each round removes a field
         props = {}
     keys = record_keys(obj, props)
@@ -278,10 +284,13 @@ def _apply_pages(
     *,
     cursor_kind: str = "incremental",
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> Page | None:
     last: Page | None = None
     total: int | None = None
-    for page in pages:
+    for page in _prefetched(pages):
+        if cancel is not None and cancel.is_set():
+            break  # another object's walk failed for good or the user interrupted: stop at a page boundary
         problems: list[str] = []
         records = [to_canonical(mapping, obj, r, problems) for r in page.records]
         for problem in problems[:5]:
@@ -317,14 +326,13 @@ def _pull_connection(
     from crmsync.sync.events import apply_pending_events
 
     res.events_applied = apply_pending_events(app, conn, provider, mapping, run_id, objects=objs)
-    for obj in objs:
-        out = ObjectResult(obj)
-        res.objects.append(out)
+
+    def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:
         cursor = None if (full or since) else app.store.cursor(conn.name, obj)
         try:
             pages = provider.changes(obj, cursor, fields=mapping.provider_fields(obj), since=since)
-            _apply_pages(app, conn, mapping, obj, pages, out, run_id, progress=progress)
-            if reconcile:
+            _apply_pages(app, conn, mapping, obj, pages, out, run_id, progress=progress, cancel=cancel)
+            if reconcile and not cancel.is_set():
                 live: set[str] = set()
                 for ids in provider.list_ids(obj):
                     live.update(ids)
@@ -338,6 +346,42 @@ def _pull_connection(
             out.error = str(exc)
             out.failed += 1
             log.warning("pull %s %s failed: %s", conn.name, obj, exc)
+
+    _each_object(app, res, objs, one)
+
+
+def _each_object(
+    app: App, res: ConnectionResult, objs: Sequence[str], walk: Callable[[str, ObjectResult, threading.Event], None]
+) -> None:
+    """Walk the objects concurrently (each has its own cursor; the HttpClient keeps the CRM's pace).
+
+    A pull is a chain of dependent page requests per object, so one object at a time leaves the
+    rate limit mostly unused. A failure that stops the connection (auth, rate limit past the
+    deadline) or Ctrl-C tells the other walks to stop at their next page boundary.
+    """
+    outs = [ObjectResult(obj) for obj in objs]
+    res.objects.extend(outs)
+    cancel = threading.Event()
+    workers = min(len(objs), PULL_CONCURRENCY) if app.store.concurrent_writers else 1
+    if workers <= 1:
+        for obj, out in zip(objs, outs, strict=True):
+            walk(obj, out, cancel)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pull") as pool:
+        futures = [pool.submit(walk, obj, out, cancel) for obj, out in zip(objs, outs, strict=True)]
+        first: BaseException | None = None
+        try:
+            for future in futures:
+                try:
+                    future.result()
+                except BaseException as exc:  # re-raised below once every walk has stopped
+                    cancel.set()
+                    first = first or exc
+        except BaseException:  # Ctrl-C while waiting: let the walks stop at a page boundary, then go
+            cancel.set()
+            raise
+    if first is not None:
+        raise first
 
 
 def _backfill_connection(
@@ -353,18 +397,20 @@ def _backfill_connection(
     until: datetime | None,
     progress: Progress | None,
 ) -> None:
-    for obj in _objects(provider, objects):
-        out = ObjectResult(obj)
-        res.objects.append(out)
+    def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:
         checkpoint = app.store.cursor(conn.name, obj, "backfill")
         pages = provider.changes(obj, checkpoint, fields=mapping.provider_fields(obj), since=since, until=until)
         try:
-            _apply_pages(app, conn, mapping, obj, pages, out, run_id, cursor_kind="backfill", progress=progress)
+            _apply_pages(
+                app, conn, mapping, obj, pages, out, run_id, cursor_kind="backfill", progress=progress, cancel=cancel
+            )
         except CrmsyncError as exc:
             if isinstance(exc, (RetriableError, AuthError)):
                 raise
             out.error = str(exc)
-            continue
+            return
+        if cancel.is_set():
+            return
         final = app.store.cursor(conn.name, obj, "backfill")
         if final is not None and until is None:
             # Seed the incremental cursor and drop the checkpoint in one transaction.
@@ -374,3 +420,48 @@ def _backfill_connection(
         elif final is not None:
             app.store.set_cursor(conn.name, obj, None, "backfill")
         out.cursor = final
+
+    _each_object(app, res, _objects(provider, objects), one)
+
+
+def _prefetched(pages: Iterable[Page], depth: int = 1) -> Iterator[Page]:
+    """Fetch the next page while the caller stores this one: network and CPU overlap.
+
+    At most ``depth`` pages wait beyond the one being stored, so memory stays flat. Pages still
+    reach the caller in order, and a page's cursor is stored only with that page, so resuming
+    after a kill is unchanged. An error in fetching surfaces at the page where it happened.
+    """
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for page in pages:
+                while not stop.is_set():
+                    try:
+                        box.put(("page", page), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="pull-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = box.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+            with contextlib.suppress(queue.Empty):
+                box.get_nowait()
+            thread.join(timeout=0.05)
