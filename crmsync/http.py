@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,9 +35,17 @@ class RateLimit:
     requests: int
     per_seconds: float
 
-    def bucket(self) -> TokenBucket:
-        # A burst of c plus a refill of (requests - c) per window can never exceed the window's
-        # allowance, whichever window the CRM looks at.
+    def bucket(self) -> SlidingWindow:
+        """The limiter one process uses: the CRM's own rule, counted the way the CRM counts it."""
+        return SlidingWindow(self.requests, self.per_seconds)
+
+    def token_bucket(self) -> TokenBucket:
+        """The same limit as a token bucket (state shared through Redis, see ``crmsync.scaleout``).
+
+        A burst of c plus a refill of (requests - c) per window can never exceed the window's
+        allowance, whichever window the CRM looks at; it trickles where a sliding window would
+        spend the whole allowance at once.
+        """
         capacity = max(1, self.requests // 20)
         return TokenBucket(rate=(self.requests - capacity) / self.per_seconds, capacity=capacity)
 
@@ -44,6 +53,43 @@ class RateLimit:
 class Bucket(Protocol):
     def acquire(self) -> None: ...
     def pause(self, seconds: float) -> None: ...
+
+
+class SlidingWindow:
+    """At most ``requests`` request starts in any window of ``per_seconds`` (thread-safe).
+
+    This is how CRMs state and count their limits ("100 per rolling 10 s", "5 per second"), so a
+    client pacing by it can spend a window's whole allowance at once and is never early for the
+    next one, where a token bucket's trickle leaves part of every window unused (a 270-request push
+    under HubSpot's 100/10 s: 20 s here, 28 s with the bucket). The window is stretched by 2 % and
+    20 ms so that network jitter between our clock and the CRM's never tips a request over.
+    ``pause`` holds every caller back (after a 429).
+    """
+
+    def __init__(self, requests: int, per_seconds: float) -> None:
+        self.requests = max(1, requests)
+        self.window = per_seconds * 1.02 + 0.02
+        self.starts: deque[float] = deque()
+        self.not_before = 0.0
+        self.lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                while self.starts and now - self.starts[0] >= self.window:
+                    self.starts.popleft()
+                if now >= self.not_before and len(self.starts) < self.requests:
+                    self.starts.append(now)
+                    return
+                wait = self.not_before - now
+                if len(self.starts) >= self.requests:
+                    wait = max(wait, self.starts[0] + self.window - now)
+            time.sleep(min(max(wait, 0.001), 1.0))
+
+    def pause(self, seconds: float) -> None:
+        with self.lock:
+            self.not_before = max(self.not_before, time.monotonic() + seconds)
 
 
 class TokenBucket:

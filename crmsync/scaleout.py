@@ -249,7 +249,7 @@ def shared_limits(
     out: dict[str, RateLimit | Bucket] = {}
     for name, limit in limits.items():
         if isinstance(limit, RateLimit):
-            local = limit.bucket()  # the same burst/refill arithmetic as one process uses
+            local = limit.token_bucket()  # a window shared through Redis is kept as a bucket
             out[name] = RedisTokenBucket(
                 client,
                 bucket_key(provider, account, name),

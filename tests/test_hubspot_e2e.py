@@ -267,6 +267,29 @@ def test_lookup_matches_existing_crm_contacts_and_keeps_crm_values(
     assert len(emulator.records("contacts")) == 1
 
 
+def test_new_contacts_are_created_blind_and_only_existing_ones_looked_up(
+    emulator: HubSpotEmulator, server, tmp_path: Path
+) -> None:
+    """Emails the mirror has never seen go straight to batch create; the CRM's CONFLICT for the ten
+    that exist sends just those through lookup, the conflict rules and an update: no duplicate."""
+    app = hubspot_app(server.url, emulator.private_app_token)
+    existing = emulator.bulk_create(
+        "contacts", 10, properties_fn=lambda i: {"email": f"person{i * 15}@example.org", "firstname": f"Crm{i}"}
+    )
+    src = tmp_path / "o.jsonl"
+    src.write_text(outcome_lines(150, company_every=0, deal_every=0))
+    before = emulator.stats.by_route.copy()
+    summary = push(app, source=str(src), connection="hs")
+    assert summary.created == 150 and summary.failed == 0
+    assert len(emulator.records("contacts")) == 150
+    for i, rid in enumerate(existing):
+        assert emulator.get("contacts", rid)["properties"]["firstname"] == f"Crm{i}"  # fill-empty kept it
+    routes = {k: v - before.get(k, 0) for k, v in emulator.stats.by_route.items() if v - before.get(k, 0)}
+    reads = routes.get("POST crm.objects.batch.read", 0)
+    assert reads == 1, routes  # one lookup, for the ten collisions only (not one per 100 contacts)
+    assert summary.field_conflicts == 10
+
+
 def test_concurrent_reads_of_the_store_during_pull_are_safe(emulator: HubSpotEmulator, server) -> None:
     emulator.seed(contacts=300)
     app = hubspot_app(server.url, emulator.private_app_token)

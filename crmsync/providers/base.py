@@ -92,6 +92,9 @@ class Outgoing:
     remote_id: str | None = None  # known remote id: update it rather than match
     #: Records to link to: object type -> remote id (contact->company, deal->contact/company).
     associations: dict[str, str] = field(default_factory=dict)
+    #: Believed new (see ``Provider.optimistic_creates``): create it, and if the CRM already holds
+    #: the match key, write nothing and answer ``ItemResult(exists=True)``.
+    create_only: bool = False
 
 
 @dataclass
@@ -115,6 +118,8 @@ class ItemResult:
     error: str | None = None
     #: True when a retry may succeed (rate limit, 5xx); False for validation errors.
     retriable: bool = False
+    #: A ``create_only`` item whose key the CRM already holds: nothing was written.
+    exists: bool = False
 
 
 class ConnectIO(Protocol):
@@ -190,6 +195,11 @@ class Provider(ABC):
     default_rate_limits: ClassVar[dict[str, RateLimit]] = {}
     #: Requests in flight at once.
     default_concurrency: ClassVar[int] = 4
+    #: Objects whose match key is unique in the CRM, so a create of a record that already exists
+    #: fails instead of duplicating it. Push then sends keys it has never seen as ``create_only``
+    #: without looking them up first, and looks up (and applies the conflict rules to) only the
+    #: ones the CRM reports as existing: one request per batch instead of two.
+    optimistic_creates: ClassVar[frozenset[str]] = frozenset()
     #: Webhook routes this provider can receive (see webhooks.py).
     supports_webhooks: ClassVar[bool] = False
     default_base_url: ClassVar[str] = ""

@@ -27,7 +27,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -564,7 +564,15 @@ def deliver(
     total = _count_pending(app, conn.name)
     prepared = False
     shared = _shared(app)
-    with _claim_owner(app, shared) as owner:
+    # The next round's lookups run while this round writes (one store writer per thread, so not
+    # on an in-memory store; not when workers share the outbox: the next rows may become theirs).
+    ahead_pool = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="look-ahead")
+        if app.store.concurrent_writers and not shared
+        else None
+    )
+    ahead: tuple[list[int | None], Future[dict[str, dict[str, Any]]]] | None = None
+    with _claim_owner(app, shared) as owner, ahead_pool or contextlib.nullcontext():
         while True:
             rows = _claim(app, conn.name, last_id, owner, shared=shared)
             if not rows:
@@ -573,14 +581,28 @@ def deliver(
             items = []
             finished = False
             try:
-                for row in rows:
-                    outcome = CallOutcome.model_validate(row.payload)
-                    items.append(_Item(row, outcome, canonical(outcome)))
+                items = [_parse(row) for row in rows]
                 if not prepared:
                     provider.prepare_objects(sorted({o for it in items for o in it.canon}))
                     prepared = True
+                if ahead is not None and ahead[0] == [r.id for r in rows]:
+                    known = ahead[1].result()
+                else:
+                    if ahead is not None:
+                        ahead[1].result()  # rows changed under it: its answers are for other rows
+                    known = _look_ahead(app, conn, provider, mapping, items)
+                ahead = None
+                if ahead_pool is not None:
+                    upcoming = _peek(app, conn.name, last_id)
+                    if upcoming:
+                        ahead = (
+                            [r.id for r in upcoming],
+                            ahead_pool.submit(
+                                _look_ahead, app, conn, provider, mapping, [_parse(r) for r in upcoming]
+                            ),
+                        )
                 for obj in ENTITY_STEPS:
-                    _entity_step(app, conn, provider, mapping, obj, items, summary)
+                    _entity_step(app, conn, provider, mapping, obj, items, summary, known.get(obj))
                     if shared:
                         _renew(app, items, owner)
                 for obj in ACTIVITY_STEPS:
@@ -599,6 +621,19 @@ def deliver(
             if progress:
                 progress(done, total)
     summary.pending = _count_pending(app, conn.name)
+
+
+def _parse(row: CrmOutbox) -> _Item:
+    outcome = CallOutcome.model_validate(row.payload)
+    return _Item(row, outcome, canonical(outcome))
+
+
+def _peek(app: App, conn: str, after_id: int) -> list[CrmOutbox]:
+    """The rows the next round will claim (read only: nothing is leased)."""
+    t = CrmOutbox
+    with app.store.session() as s:
+        q = select(t).where(t.connection == conn, t.state == "pending", t.id > after_id)  # type: ignore[operator]
+        return list(s.exec(q.order_by(t.id).limit(CHUNK)))  # type: ignore[arg-type]
 
 
 def _claim_owner(app: App, shared: bool) -> contextlib.AbstractContextManager[str]:
@@ -694,7 +729,13 @@ def _entity_step(
     obj: str,
     items: list[_Item],
     summary: PushSummary,
+    known: dict[str, Any] | None = None,
 ) -> None:
+    """One entity type for a round: match (mirror, then the CRM), resolve conflicts, write, record.
+
+    ``known`` holds keys already looked up in the CRM this round (see ``_look_ahead``): the record
+    found, or None for "not there".
+    """
     need = [it for it in items if not it.failed and obj in it.canon and obj not in it.row.steps]
     if not need:
         return
@@ -709,93 +750,191 @@ def _entity_step(
     crm: dict[str, tuple[dict[str, Any], str, datetime | None]] = {
         k: (r.properties, r.remote_id, r.remote_updated_at) for k, r in mirror.items()
     }
-    if unknown:
-        from crmsync.sync.pull import to_canonical
-
-        key_dicts = [dict([k.split(":", 1)]) for k in unknown]
-        found: dict[str, Any] = {}
-        fields = mapping.provider_fields(obj)
-        with ThreadPoolExecutor(max_workers=provider.http.concurrency, thread_name_prefix="lookup") as pool:
-            for part in pool.map(
-                lambda b: provider.lookup(obj, b, fields=fields), _batches(key_dicts, provider.batch_size)
-            ):
-                found.update(part)
-        if found:
-            records = [to_canonical(mapping, obj, rec) for rec in found.values()]
-            app.store.apply_page(conn.name, obj, records, cursor=None, audit=False)
-            for k, rec in found.items():
-                canon_rec = next(r for r in records if r.remote_id == rec.id)
-                crm[k] = (canon_rec.properties, rec.id, rec.updated_at)
-        linked = app.store.links(conn.name, obj, [k for k in unknown if k not in found])
-        for k, rid in linked.items():
-            crm[k] = ({}, rid, None)
+    blind = _blind_keys(app, conn, provider, obj, unknown)
+    looked = known or {}
+    crm.update({k: v for k in unknown if (v := looked.get(k)) is not None})
+    _lookup(app, conn, provider, mapping, obj, [k for k in unknown if k not in blind and k not in looked], crm)
     rules = app.config.conflict_rules()
-    outgoing: list[Outgoing] = []
-    resolved: dict[str, str] = {}
-    merged: dict[str, dict[str, Any]] = {}
-    conflict_rows: list[CrmConflict] = []
+    plan = _Plan()
     for k, its in by_key.items():
-        its.sort(key=lambda it: it.outcome.occurred_at)
-        values: dict[str, Any] = {}
-        for it in its:
-            values.update({f: v for f, v in it.canon[obj].items() if v not in (None, "")})
-        existing = crm.get(k)
-        send, conflicts = resolve(
-            obj,
-            values,
-            existing[0] if existing and existing[0] else None,
-            rules=rules,
-            occurred_at=its[-1].outcome.occurred_at,
-            crm_updated_at=existing[2] if existing else None,
-        )
-        for c in conflicts:
-            summary.field_conflicts += 1
-            conflict_rows.append(
-                CrmConflict(
-                    connection=conn.name,
-                    object=obj,
-                    remote_id=existing[1] if existing else None,
-                    field=c.field,
-                    crm_value=_s(c.crm_value),
-                    outcome_value=_s(c.outcome_value),
-                    rule=c.rule,
-                    resolution=c.resolution,
-                    outcome_id=its[-1].row.outcome_id,
-                    open=c.resolution == "kept_crm",
-                )
-            )
-        assoc = {}
-        if obj == "contacts":
-            assoc["companies"] = its[-1].row.steps.get("companies") or ""
-        elif obj == "deals":
-            assoc["contacts"] = its[-1].row.steps.get("contacts") or ""
-            assoc["companies"] = its[-1].row.steps.get("companies") or ""
-        assoc = {a: v for a, v in assoc.items() if v}
-        if existing and not send:
-            resolved[k] = existing[1]
-            merged[k] = {**(existing[0] or {}), **values} if existing[0] else values
-            continue
-        if obj == "deals":
-            send.setdefault("key", values.get("key"))
-        props = mapping.to_provider(obj, send if existing else values)
-        outgoing.append(
-            Outgoing(
-                ref=k,
-                properties=props,
-                match=dict([k.split(":", 1)]),
-                remote_id=existing[1] if existing else None,
-                associations=assoc,
-            )
-        )
-        merged[k] = {**((existing[0] or {}) if existing else {}), **values}
+        _plan_key(mapping, obj, k, its, crm.get(k), rules, plan, summary, conn.name, create_only=k in blind)
     results: dict[str, ItemResult] = {}
-    if outgoing:
-        for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(outgoing, provider.batch_size)):
+    if plan.outgoing:
+        for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(plan.outgoing, provider.batch_size)):
             results[r.ref] = r
+    collided = [k for k, r in results.items() if r.exists]
+    if collided:
+        # Records someone else created meanwhile: read them, apply the conflict rules, update.
+        _lookup(app, conn, provider, mapping, obj, collided, crm)
+        again = _Plan()
+        for k in collided:
+            if k in crm:
+                del results[k]
+                plan.merged.pop(k, None)
+                _plan_key(mapping, obj, k, by_key[k], crm[k], rules, again, summary, conn.name)
+        for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(again.outgoing, provider.batch_size)):
+            results[r.ref] = r
+        plan.resolved.update(again.resolved)
+        plan.merged.update(again.merged)
+        plan.conflicts.extend(again.conflicts)
+    if plan.outgoing:
         provider.flush(obj)
-    for k, rid in resolved.items():
+    for k, rid in plan.resolved.items():
         results[k] = ItemResult(k, True, remote_id=rid)
-    _record_step(app, conn, obj, by_key, results, merged, conflict_rows, summary)
+    _record_step(app, conn, obj, by_key, results, plan.merged, plan.conflicts, summary)
+
+
+def _blind_keys(app: App, conn: CrmConnection, provider: Provider, obj: str, unknown: list[str]) -> set[str]:
+    """Keys the CRM keeps unique need no lookup: they are created blind, and only the ones the CRM
+    reports as existing are looked up and merged under the conflict rules (see ``_entity_step``)."""
+    if obj not in provider.optimistic_creates or not unknown:
+        return set()
+    linked = app.store.links(conn.name, obj, unknown)
+    return {k for k in unknown if k.split(":", 1)[0] in ("email", "key") and k not in linked}
+
+
+def _look_ahead(
+    app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, items: list[_Item]
+) -> dict[str, dict[str, Any]]:
+    """Look up a round's unknown companies/contacts/deals in the CRM before its writes start.
+
+    The lookups of one round do not depend on each other's writes, so they run concurrently, and
+    ``deliver`` runs the next round's while this round writes: HubSpot's company searches use
+    their own rate limit (5/s) and would otherwise leave the write budget idle for seconds.
+    Returns per object: key -> (properties, remote id, updated at), or None when the CRM has none.
+    """
+
+    def one(obj: str) -> tuple[str, dict[str, Any]]:
+        keys = list(
+            dict.fromkeys(
+                k
+                for it in items
+                if obj in it.canon and obj not in it.row.steps and (k := _entity_key(obj, it.canon))
+            )
+        )
+        if not keys:
+            return obj, {}
+        mirror = app.store.find_by_keys(conn.name, obj, keys)
+        unknown = [k for k in keys if k not in mirror]
+        blind = _blind_keys(app, conn, provider, obj, unknown)
+        wanted = [k for k in unknown if k not in blind]
+        crm: dict[str, tuple[dict[str, Any], str, datetime | None]] = {}
+        _lookup(app, conn, provider, mapping, obj, wanted, crm)
+        return obj, {k: crm.get(k) for k in wanted}
+
+    with ThreadPoolExecutor(max_workers=len(ENTITY_STEPS), thread_name_prefix="look-ahead") as pool:
+        return dict(pool.map(one, ENTITY_STEPS))
+
+
+@dataclass
+class _Plan:
+    """What one entity step sends: outgoing writes, keys already right in the CRM, mirror rows, conflicts."""
+
+    outgoing: list[Outgoing] = field(default_factory=list)
+    resolved: dict[str, str] = field(default_factory=dict)
+    merged: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conflicts: list[CrmConflict] = field(default_factory=list)
+
+
+def _lookup(
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    obj: str,
+    keys: list[str],
+    crm: dict[str, tuple[dict[str, Any], str, datetime | None]],
+) -> None:
+    """Find ``keys`` in the CRM (in parallel batches), mirror what is found, fill ``crm``."""
+    if not keys:
+        return
+    from crmsync.sync.pull import to_canonical
+
+    key_dicts = [dict([k.split(":", 1)]) for k in keys]
+    found: dict[str, Any] = {}
+    fields = mapping.provider_fields(obj)
+    batches = _batches(key_dicts, provider.batch_size)
+    with ThreadPoolExecutor(max_workers=provider.http.concurrency, thread_name_prefix="lookup") as pool:
+        for part in pool.map(lambda b: provider.lookup(obj, b, fields=fields), batches):
+            found.update(part)
+    if found:
+        records = {rec.id: to_canonical(mapping, obj, rec) for rec in found.values()}
+        app.store.apply_page(conn.name, obj, list(records.values()), cursor=None, audit=False)
+        for k, rec in found.items():
+            crm[k] = (records[rec.id].properties, rec.id, rec.updated_at)
+    linked = app.store.links(conn.name, obj, [k for k in keys if k not in found])
+    for k, rid in linked.items():
+        crm[k] = ({}, rid, None)
+
+
+def _plan_key(
+    mapping: Mapping,
+    obj: str,
+    k: str,
+    its: list[_Item],
+    existing: tuple[dict[str, Any], str, datetime | None] | None,
+    rules: dict[str, str],
+    plan: _Plan,
+    summary: PushSummary,
+    connection: str,
+    *,
+    create_only: bool = False,
+) -> None:
+    """Merge the outcomes of one record (oldest first), resolve conflicts, and plan its write."""
+    its.sort(key=lambda it: it.outcome.occurred_at)
+    values: dict[str, Any] = {}
+    for it in its:
+        values.update({f: v for f, v in it.canon[obj].items() if v not in (None, "")})
+    send, conflicts = resolve(
+        obj,
+        values,
+        existing[0] if existing and existing[0] else None,
+        rules=rules,
+        occurred_at=its[-1].outcome.occurred_at,
+        crm_updated_at=existing[2] if existing else None,
+    )
+    for c in conflicts:
+        summary.field_conflicts += 1
+        plan.conflicts.append(
+            CrmConflict(
+                connection=connection,
+                object=obj,
+                remote_id=existing[1] if existing else None,
+                field=c.field,
+                crm_value=_s(c.crm_value),
+                outcome_value=_s(c.outcome_value),
+                rule=c.rule,
+                resolution=c.resolution,
+                outcome_id=its[-1].row.outcome_id,
+                open=c.resolution == "kept_crm",
+            )
+        )
+    assoc = {}
+    if obj == "contacts":
+        assoc["companies"] = its[-1].row.steps.get("companies") or ""
+    elif obj == "deals":
+        assoc["contacts"] = its[-1].row.steps.get("contacts") or ""
+        assoc["companies"] = its[-1].row.steps.get("companies") or ""
+    assoc = {a: v for a, v in assoc.items() if v}
+    if existing and not send:
+        plan.resolved[k] = existing[1]
+        plan.merged[k] = {**(existing[0] or {}), **values} if existing[0] else values
+        return
+    if obj == "deals":
+        send.setdefault("key", values.get("key"))
+    props = mapping.to_provider(obj, send if existing else values)
+    plan.outgoing.append(
+        Outgoing(
+            ref=k,
+            properties=props,
+            match=dict([k.split(":", 1)]),
+            remote_id=existing[1] if existing else None,
+            associations=assoc,
+            create_only=create_only and existing is None,
+        )
+    )
+    plan.merged[k] = {**((existing[0] or {}) if existing else {}), **values}
+
 
 
 def _s(value: Any) -> str | None:
