@@ -497,6 +497,9 @@ class _E164(Transform):
         return self.normalise(value)
 
 
+_METADATA: dict[int, Any] = {}  # country calling code -> phonenumbers metadata (looked up once)
+
+
 def _reparses_unchanged(number: phonenumbers.PhoneNumber) -> bool:
     """True when parsing the E.164 form of ``number`` certainly gives ``number`` back.
 
@@ -508,13 +511,15 @@ def _reparses_unchanged(number: phonenumbers.PhoneNumber) -> bool:
     """
     strip = getattr(phonenumbers.phonenumberutil, "_maybe_strip_national_prefix_carrier_code", None)
     cc = number.country_code
-    region = phonenumbers.region_code_for_country_code(cc)
-    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(cc, region)
+    metadata = _METADATA.get(cc)
+    if metadata is None:
+        region = phonenumbers.region_code_for_country_code(cc)
+        metadata = _METADATA[cc] = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(cc, region)
     if strip is None or metadata is None or number.extension:
         return False
-    national = phonenumbers.national_significant_number(number)
     if not metadata.national_prefix_for_parsing:
         return True
+    national = phonenumbers.national_significant_number(number)
     try:
         _carrier, stripped, _ = strip(national, metadata)
     except Exception:  # an internal helper: any surprise means "not sure", never an error

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from crmsync.app import App
@@ -104,3 +106,25 @@ def test_run_lock_exits_tempfail_naming_the_holder(tmp_path: Path) -> None:
         holder.wait()
     with App(db=db).run_lock("prod", timeout=1):  # freed when the holder died
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "email": st.sampled_from(["", "A@Example.org", "b@x.io"]),
+            "phone": st.sampled_from(["", "+1 (617) 555-0101", "n/a", "0049 30 1234"]) | st.text(max_size=8),
+        },
+    )
+)
+def test_record_keys_of_contacts_are_contact_key_spelled_out(props: dict[str, str]) -> None:
+    """pull.record_keys inlines contact_key()/match_key() for speed; the keys must not drift."""
+    from crmsync.model import contact_key
+    from crmsync.providers.base import match_key
+    from crmsync.sync.pull import record_keys
+
+    primary = contact_key(props)
+    phone = contact_key({"phone": props["phone"]}) if props.get("phone") else None
+    expected = (match_key(primary) if primary else None, match_key(phone) if phone and primary != phone else None)
+    assert record_keys("contacts", props) == expected

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from crmsync.errors import AuthError, CrmsyncError, ExitCode, RetriableError
 from crmsync.providers.base import Page, Provider, RemoteRecord, match_key
-from crmsync.store import ApplyCounts, Canonical
+from crmsync.store import ApplyCounts, Canonical, Store
 
 if TYPE_CHECKING:
     from crmsync.app import App
@@ -126,14 +127,20 @@ def to_canonical(mapping: Mapping, obj: str, rec: RemoteRecord, problems: list[s
     )
 
 
+_NOT_PHONE = re.compile(r"[^\d+]")  # what contact_key() strips from a phone number
+
+
 def record_keys(obj: str, props: dict[str, Any]) -> tuple[str | None, str | None]:
     """(match_key, alt_key) of a canonical record: what push looks it up by in the mirror."""
-    from crmsync.model import company_key, contact_key
+    from crmsync.model import company_key
 
     if obj == "contacts":
-        primary = contact_key(props)
-        phone = contact_key({"phone": props["phone"]}) if props.get("phone") else None
-        return (match_key(primary) if primary else None, match_key(phone) if phone and primary != phone else None)
+        # contact_key() spelled out: this runs for every pulled contact.
+        email, phone = props.get("email"), props.get("phone")
+        phone_key = "phone:" + _NOT_PHONE.sub("", str(phone)) if phone else None
+        if email:
+            return "email:" + str(email).lower(), phone_key
+        return phone_key, None
     if obj == "companies":
         primary = company_key(props)
         name = company_key({"name": props["name"]}) if props.get("name") else None
@@ -273,6 +280,37 @@ def _run(
     return res
 
 
+def ingest_pages(
+    store: Store,
+    connection: str,
+    mapping: Mapping,
+    obj: str,
+    pages: Iterable[Page],
+    *,
+    run_id: int | None,
+    cursor_kind: str = "incremental",
+    cancel: threading.Event | None = None,
+) -> Iterator[tuple[Page, ApplyCounts, int]]:
+    """Map and store pages in order, each page with its cursor in one transaction.
+
+    The next page is fetched in a second thread while this one is mapped and written (network and
+    CPU overlap). Mapping stays in this thread: moved to the fetching thread it measured 10 % slower,
+    the two threads contending for the GIL. Yields, per page, (page, what was stored, records read).
+    ``benchmarks/`` measures local ingest through here.
+    """
+    for page in _prefetched(pages):
+        if cancel is not None and cancel.is_set():
+            break  # another object's walk failed for good or the user interrupted: stop at a page boundary
+        problems: list[str] = []
+        records = [to_canonical(mapping, obj, r, problems) for r in page.records]
+        for problem in problems[:5]:
+            log.warning("unconvertible value kept raw only: %s", problem)
+        counts = store.apply_page(
+            connection, obj, records, cursor=page.cursor, cursor_kind=cursor_kind, deleted=page.deleted, run_id=run_id
+        )
+        yield page, counts, len(records)
+
+
 def _apply_pages(
     app: App,
     conn: CrmConnection,
@@ -288,17 +326,10 @@ def _apply_pages(
 ) -> Page | None:
     last: Page | None = None
     total: int | None = None
-    for page in _prefetched(pages):
-        if cancel is not None and cancel.is_set():
-            break  # another object's walk failed for good or the user interrupted: stop at a page boundary
-        problems: list[str] = []
-        records = [to_canonical(mapping, obj, r, problems) for r in page.records]
-        for problem in problems[:5]:
-            log.warning("unconvertible value kept raw only: %s", problem)
-        counts = app.store.apply_page(
-            conn.name, obj, records, cursor=page.cursor, cursor_kind=cursor_kind, deleted=page.deleted, run_id=run_id
-        )
-        out.add(counts, len(records))
+    for page, counts, read in ingest_pages(
+        app.store, conn.name, mapping, obj, pages, run_id=run_id, cursor_kind=cursor_kind, cancel=cancel
+    ):
+        out.add(counts, read)
         if page.cursor is not None:
             out.cursor = page.cursor
         total = page.total if page.total is not None else total
