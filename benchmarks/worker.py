@@ -114,8 +114,8 @@ def op_backfill(spec: dict[str, Any]) -> dict[str, Any]:
 def op_ingest(spec: dict[str, Any]) -> dict[str, Any]:
     """Local ingest, no network: generated HubSpot-shaped pages -> ``ingest_pages`` (mapping + store).
 
-    ``ingest_pages`` is the code ``pull`` and ``backfill`` run: it maps the next page in a second
-    thread while this one is written. Only mapping + hashing + SQLite writes are timed; the pages are
+    ``ingest_pages`` is the code ``pull`` and ``backfill`` run (its page fetching thread here just
+    hands over ready pages). Only mapping + hashing + SQLite writes are timed; the pages are
     generated beforehand, 10,000 records at a time (the network layer would have produced them).
     """
     from benchmarks.data import hubspot_contact_page

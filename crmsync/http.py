@@ -72,6 +72,7 @@ class SlidingWindow:
         self.starts: deque[float] = deque()
         self.not_before = 0.0
         self.lock = threading.Lock()
+        self._mine = threading.local()  # each thread's last turn, for give_back
 
     def acquire(self) -> None:
         while True:
@@ -81,6 +82,7 @@ class SlidingWindow:
                     self.starts.popleft()
                 if now >= self.not_before and len(self.starts) < self.requests:
                     self.starts.append(now)
+                    self._mine.stamp = now
                     return
                 wait = self.not_before - now
                 if len(self.starts) >= self.requests:
@@ -90,6 +92,14 @@ class SlidingWindow:
     def pause(self, seconds: float) -> None:
         with self.lock:
             self.not_before = max(self.not_before, time.monotonic() + seconds)
+
+    def give_back(self) -> None:
+        """Return the calling thread's last turn, not used after all."""
+        stamp = getattr(self._mine, "stamp", None)
+        self._mine.stamp = None
+        with self.lock:
+            if stamp is not None and stamp in self.starts:
+                self.starts.remove(stamp)
 
 
 class TokenBucket:
@@ -118,6 +128,11 @@ class TokenBucket:
         with self.lock:
             self.not_before = max(self.not_before, time.monotonic() + seconds)
             self.tokens = 0.0
+
+    def give_back(self) -> None:
+        """Return a token taken but not used."""
+        with self.lock:
+            self.tokens = min(self.capacity, self.tokens + 1)
 
 
 class Auth(Protocol):
@@ -355,17 +370,18 @@ class HttpClient:
         refreshed = False
         while True:
             limiter = self.buckets.get(bucket) or self.buckets.get("default")
-            if limiter is not None:
-                limiter.acquire()
             auth_headers = self.auth.headers()
             headers = {**auth_headers, **(kwargs.pop("headers", None) or {})}
-            t0 = time.monotonic()
-            with self.semaphore:
+            self._admit(limiter)
+            try:
+                t0 = time.monotonic()
                 try:
                     response = self.client.request(method, url, headers=headers, **kwargs)
                 except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
                     self._observe(endpoint, 0, time.monotonic() - t0)
                     raise _Retry(f"{type(exc).__name__}: {redact(str(exc))}", None) from None
+            finally:
+                self.semaphore.release()
             kwargs["headers"] = {k: v for k, v in headers.items() if k not in auth_headers}
             self._observe(endpoint, response.status_code, time.monotonic() - t0)
             self.policy.observe(response, self, bucket)
@@ -399,6 +415,25 @@ class HttpClient:
                 status=response.status_code,
                 code=code,
             )
+
+    def _admit(self, limiter: Bucket | None) -> None:
+        """Take a turn under the rate limit and a slot in flight, so that the request leaves at once.
+
+        The turn comes first (a request waiting for its turn holds no connection other requests could
+        use), but a turn kept while waiting for a free connection would reach the CRM late, bunched
+        with later turns, and break its window: so it is handed back, and taken again once a slot is
+        free. The caller releases the semaphore.
+        """
+        if limiter is not None:
+            limiter.acquire()
+        if self.semaphore.acquire(blocking=False):
+            return
+        give_back = getattr(limiter, "give_back", None)
+        if give_back is not None:
+            give_back()
+        self.semaphore.acquire()
+        if limiter is not None and give_back is not None:
+            limiter.acquire()
 
     def _observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.stats.count(status)

@@ -223,3 +223,17 @@ def test_observer_gets_endpoint_status_and_duration() -> None:
     )
     c.request("DELETE", "/crm/v3/objects/contacts/123", endpoint="/crm/v3/objects/{type}/{id}")
     assert seen[0][:4] == ("p", "c", "/crm/v3/objects/{type}/{id}", 204)
+
+
+def test_sliding_window_spends_a_whole_window_at_once_and_takes_back_unused_turns() -> None:
+    window = RateLimit(5, 1.0).bucket()
+    t0 = time.monotonic()
+    for _ in range(5):
+        window.acquire()
+    assert time.monotonic() - t0 < 0.05  # the whole allowance at once, as the CRM counts it
+    window.give_back()  # the last turn was not used: one more may go now
+    window.acquire()
+    assert time.monotonic() - t0 < 0.05
+    window.acquire()  # the sixth in this window waits for the first to leave it
+    assert time.monotonic() - t0 >= 1.0
+
