@@ -955,6 +955,11 @@ def test_coql_operators(zoho: Zoho) -> None:
     assert c1 not in ids(f"id not in ('{c1}')") and c2 in ids(f"id not in ('{c1}')")
     assert ids("(Last_Name != 'Alpha' and Email like '%op.example%')") == {c3}
     assert ids(f"id between '{c1}' and '{c2}'") == {c1, c2}
+    # Text equality and in (...) go through a per-field index: case-insensitive, and rebuilt on writes.
+    assert ids("Email in ('ALPHA@op.example', 'nobody@op.example')") == {c1}
+    c4 = emu.create("Contacts", {"Last_Name": "Delta", "Email": "Alpha@Op.example"})
+    assert ids("Email = 'alpha@op.example'") == {c1, c4}
+    assert ids("(Email = 'alpha@op.example' and Last_Name = 'delta')") == {c4}
     row = zoho.coql(f"select Last_Name, Account_Name, Account_Name.Account_Name, Owner from Contacts where id = '{c1}'")
     assert row.json()["data"] == [
         {

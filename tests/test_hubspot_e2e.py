@@ -290,6 +290,31 @@ def test_new_contacts_are_created_blind_and_only_existing_ones_looked_up(
     assert summary.field_conflicts == 10
 
 
+def test_a_whole_batch_409_is_split_until_only_the_existing_contact_is_left(tmp_path: Path) -> None:
+    """The reference leaves open whether HubSpot answers a duplicate email in a batch create per item
+    (207) or for the whole batch (409). For the latter, halves are retried until the one existing
+    contact stands alone; it is then looked up and updated: nothing duplicated, nothing lost."""
+    emulator = HubSpotEmulator(seed=4)
+    [rid] = emulator.bulk_create("contacts", 1, properties_fn=lambda i: {"email": "person7@example.org"})
+    inner = emulator.transport()
+
+    def whole_batch_409(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/crm/v3/objects/contacts/batch/create" and b"person7@" in request.content:
+            body = {"status": "error", "message": f"Contact already exists. Existing ID: {rid}", "category": "CONFLICT"}
+            return httpx.Response(409, json=body)
+        return inner.handle_request(request)
+
+    transport = httpx.MockTransport(whole_batch_409)
+    app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda name: transport)
+    src = tmp_path / "o.jsonl"
+    src.write_text(outcome_lines(40))
+    summary = push(app, source=str(src), connection="hs")
+    assert summary.created == 40 and summary.failed == 0
+    emails = [r["properties"]["email"] for r in emulator.records("contacts")]
+    assert len(emails) == 40 and len(set(emails)) == 40
+    assert emulator.get("contacts", rid)["properties"]["lastname"] == "N7"  # the existing one was updated
+
+
 def test_concurrent_reads_of_the_store_during_pull_are_safe(emulator: HubSpotEmulator, server) -> None:
     emulator.seed(contacts=300)
     app = hubspot_app(server.url, emulator.private_app_token)

@@ -357,6 +357,7 @@ def _pull_connection(
     from crmsync.sync.events import apply_pending_events
 
     res.events_applied = apply_pending_events(app, conn, provider, mapping, run_id, objects=objs)
+    counting = threading.Lock()  # the objects' walks run in threads of their own
 
     def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:
         cursor = None if (full or since) else app.store.cursor(conn.name, obj)
@@ -370,7 +371,9 @@ def _pull_connection(
                     links = provider.read_associations(obj, ids)
                     if links:
                         out.associations_fixed += app.store.update_associations(conn.name, obj, links, run_id=run_id)
-                res.reconciled += app.store.mark_missing(conn.name, obj, live, run_id=run_id)
+                vanished = app.store.mark_missing(conn.name, obj, live, run_id=run_id)
+                with counting:
+                    res.reconciled += vanished
         except (RetriableError, AuthError):
             raise  # the whole connection stops; the cursor stays at the last good page
         except CrmsyncError as exc:
