@@ -960,6 +960,9 @@ def test_coql_operators(zoho: Zoho) -> None:
     c4 = emu.create("Contacts", {"Last_Name": "Delta", "Email": "Alpha@Op.example"})
     assert ids("Email = 'alpha@op.example'") == {c1, c4}
     assert ids("(Email = 'alpha@op.example' and Last_Name = 'delta')") == {c4}
+    # An OR of likes on one field is evaluated in one pass: the same answer as leaf by leaf.
+    assert ids("((Email like '%nomatch%' or Email like 'g@%') or Email like '%@OP.EXAMPLE')") == {c1, c3, c4}
+    assert ids("((Email like '%zz%' or Email like 'q%') or Email like '%alpha%')") == {c1, c4}
     row = zoho.coql(f"select Last_Name, Account_Name, Account_Name.Account_Name, Owner from Contacts where id = '{c1}'")
     assert row.json()["data"] == [
         {
