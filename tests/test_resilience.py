@@ -41,8 +41,9 @@ def _run_and_kill(args: list[str], env: dict[str, str], after: float) -> int | N
 
 def test_push_killed_30_times_delivers_each_call_exactly_once(home: Path, tmp_path: Path) -> None:
     # Latency widens every window in which a kill can land (mid-request, between steps, mid-commit).
-    # Realistic latency: 500 outcomes take many kill windows to get through.
-    emulator = HubSpotEmulator(seed=11, faults=Faults(latency_ms=150, seed=11))
+    # A slow CRM (400 ms a request): 500 outcomes take many kill windows to get through, however fast
+    # the client gets.
+    emulator = HubSpotEmulator(seed=11, faults=Faults(latency_ms=400, seed=11))
     server = emulator.serve()
     try:
         app = hubspot_app(server.url, emulator.private_app_token)

@@ -562,3 +562,33 @@ def test_two_pull_workers_on_one_connection_take_turns(
     assert store.cursor("hs", "contacts") is not None
     store.close()
     assert emulator.stats.rate_limited == 0
+
+
+@pytest.mark.scaleout
+def test_apply_page_creates_updates_and_archives_on_postgresql(pg: str) -> None:
+    """apply_page writes through the driver on SQLite; PostgreSQL takes the Core statements instead."""
+    from datetime import UTC, datetime
+
+    from crmsync.store import Canonical, Store
+
+    store = Store.open(pg)
+    day = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def page(n: int, at: datetime) -> list[Canonical]:
+        return [
+            Canonical(
+                remote_id=str(i),
+                properties={"email": f"p{i}@x.example", "n": i + n},
+                raw={"i": i},
+                remote_updated_at=at,
+            )
+            for i in range(5)
+        ]
+
+    first = store.apply_page("pgc", "contacts", page(0, day), cursor={"p": 1})
+    second = store.apply_page("pgc", "contacts", page(100, day.replace(day=2)), cursor={"p": 2}, deleted=["3"])
+    assert (first.created, second.updated, second.archived) == (5, 5, 1)
+    records = {r.remote_id: r for r in store.records("pgc", "contacts")}
+    assert records["4"].properties == {"email": "p4@x.example", "n": 104} and records["3"].archived
+    assert store.cursor("pgc", "contacts") == {"p": 2}
+    store.close()
