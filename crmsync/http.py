@@ -433,7 +433,11 @@ class HttpClient:
             give_back()
         self.semaphore.acquire()
         if limiter is not None and give_back is not None:
-            limiter.acquire()
+            try:
+                limiter.acquire()
+            except BaseException:
+                self.semaphore.release()  # never leak a slot in flight (Ctrl-C, a shared limiter's error)
+                raise
 
     def _observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.stats.count(status)
