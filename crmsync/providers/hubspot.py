@@ -161,6 +161,18 @@ class HubSpotPolicy(ResponsePolicy):
         return message, body.get("category") or body.get("status")
 
 
+def _inline_associations(obj: str, links: dict[str, str]) -> list[dict[str, Any]]:
+    """A batch create input's ``associations``: HUBSPOT_DEFINED links to the given remote ids."""
+    return [
+        {
+            "to": {"id": to_id},
+            "types": [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": ASSOC_TYPES[(obj, to)]}],
+        }
+        for to, to_id in links.items()
+        if to_id and (obj, to) in ASSOC_TYPES
+    ]
+
+
 class HubSpotProvider(Provider):
     name = "hubspot"
     label = "HubSpot"
@@ -773,16 +785,7 @@ class HubSpotProvider(Provider):
             inputs.append(
                 {
                     "properties": props,
-                    "associations": [
-                        {
-                            "to": {"id": to_id},
-                            "types": [
-                                {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": ASSOC_TYPES[(obj, to)]}
-                            ],
-                        }
-                        for to, to_id in item.associations.items()
-                        if to_id and (obj, to) in ASSOC_TYPES
-                    ],
+                    "associations": _inline_associations(obj, item.associations),
                     "objectWriteTraceId": item.ref,
                 }
             )
@@ -887,18 +890,10 @@ class HubSpotProvider(Provider):
         self.prepare_objects([obj])
         inputs = []
         for item in items:
-            assoc = [
-                {
-                    "to": {"id": to_id},
-                    "types": [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": ASSOC_TYPES[(obj, to)]}],
-                }
-                for to, to_id in item.associations.items()
-                if to_id and (obj, to) in ASSOC_TYPES
-            ]
             inputs.append(
                 {
                     "properties": {**item.properties, MARKER: item.marker},
-                    "associations": assoc,
+                    "associations": _inline_associations(obj, item.associations),
                     "objectWriteTraceId": item.ref,
                 }
             )
