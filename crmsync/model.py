@@ -164,12 +164,15 @@ class CallOutcome(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+NOT_PHONE = re.compile(r"[^\d+]")  # what a phone number loses to become a match key
+
+
 def contact_key(c: dict[str, Any]) -> dict[str, str] | None:
     """How a contact is matched: email first, then phone."""
     if c.get("email"):
         return {"email": str(c["email"]).lower()}
     if c.get("phone"):
-        return {"phone": re.sub(r"[^\d+]", "", str(c["phone"]))}
+        return {"phone": NOT_PHONE.sub("", str(c["phone"]))}
     return None
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -127,17 +126,14 @@ def to_canonical(mapping: Mapping, obj: str, rec: RemoteRecord, problems: list[s
     )
 
 
-_NOT_PHONE = re.compile(r"[^\d+]")  # what contact_key() strips from a phone number
-
-
 def record_keys(obj: str, props: dict[str, Any]) -> tuple[str | None, str | None]:
     """(match_key, alt_key) of a canonical record: what push looks it up by in the mirror."""
-    from crmsync.model import company_key
+    from crmsync.model import NOT_PHONE, company_key
 
     if obj == "contacts":
         # contact_key() spelled out: this runs for every pulled contact.
         email, phone = props.get("email"), props.get("phone")
-        phone_key = "phone:" + _NOT_PHONE.sub("", str(phone)) if phone else None
+        phone_key = "phone:" + NOT_PHONE.sub("", str(phone)) if phone else None
         if email:
             return "email:" + str(email).lower(), phone_key
         return phone_key, None
