@@ -736,14 +736,9 @@ def _entity_step(
     ``known`` holds keys already looked up in the CRM this round (see ``_look_ahead``): the record
     found, or None for "not there".
     """
-    need = [it for it in items if not it.failed and obj in it.canon and obj not in it.row.steps]
-    if not need:
+    by_key = _group_by_key(obj, items)
+    if not by_key:
         return
-    by_key: dict[str, list[_Item]] = {}
-    for it in need:
-        k = _entity_key(obj, it.canon)
-        if k:
-            by_key.setdefault(k, []).append(it)
     keys = list(by_key)
     mirror = app.store.find_by_keys(conn.name, obj, keys)
     unknown = [k for k in keys if k not in mirror]
@@ -784,6 +779,15 @@ def _entity_step(
     _record_step(app, conn, obj, by_key, results, plan.merged, plan.conflicts, summary)
 
 
+def _group_by_key(obj: str, items: list[_Item]) -> dict[str, list[_Item]]:
+    """The items this step still has to do for ``obj``, by the record's match key."""
+    by_key: dict[str, list[_Item]] = {}
+    for it in items:
+        if not it.failed and obj in it.canon and obj not in it.row.steps and (k := _entity_key(obj, it.canon)):
+            by_key.setdefault(k, []).append(it)
+    return by_key
+
+
 def _blind_keys(app: App, conn: CrmConnection, provider: Provider, obj: str, unknown: list[str]) -> set[str]:
     """Keys the CRM keeps unique need no lookup: they are created blind, and only the ones the CRM
     reports as existing are looked up and merged under the conflict rules (see ``_entity_step``)."""
@@ -805,13 +809,7 @@ def _look_ahead(
     """
 
     def one(obj: str) -> tuple[str, dict[str, Any]]:
-        keys = list(
-            dict.fromkeys(
-                k
-                for it in items
-                if obj in it.canon and obj not in it.row.steps and (k := _entity_key(obj, it.canon))
-            )
-        )
+        keys = list(_group_by_key(obj, items))
         if not keys:
             return obj, {}
         mirror = app.store.find_by_keys(conn.name, obj, keys)
