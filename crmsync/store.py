@@ -610,23 +610,29 @@ class Store:
                 row.update(values)
                 if rec.remote_id not in inserts:
                     updates[row["id"]] = {"id": row["id"], **values}
-            if changed and audit:
-                befores: dict[str, dict[str, Any]] = {}
-                for chunk in _chunks(list(changed), 500):
-                    for remote_id, props in s.execute(
-                        select(t.remote_id, t.properties).where(
-                            t.connection == connection, t.object == obj, t.remote_id.in_(chunk)
-                        )
-                    ):
-                        befores[remote_id] = props or {}
+            # Stored properties, read once for all that need them: the diffs of changed records
+            # and the hash of records archived by a deletion that were not in this page.
+            gone = [
+                rid
+                for rid in deleted
+                if (row := existing.get(rid)) is not None and not row["archived"] and "properties" not in row
+            ]
+            wanted = [*changed, *gone] if audit else gone
+            stored: dict[str, dict[str, Any]] = {}
+            for chunk in _chunks(wanted, 500):
+                for remote_id, props in s.execute(
+                    select(t.remote_id, t.properties).where(
+                        t.connection == connection, t.object == obj, t.remote_id.in_(chunk)
+                    )
+                ):
+                    stored[remote_id] = props or {}
+            if audit:
                 for remote_id, (action, rec) in changed.items():
-                    _record_diff(change, remote_id, action, befores.get(remote_id, {}), rec.properties)
+                    _record_diff(change, remote_id, action, stored.get(remote_id, {}), rec.properties)
             for remote_id in deleted:
                 row = existing.get(remote_id)
                 if row is not None and not row["archived"]:
-                    props = _plain(row.get("properties"))
-                    if props is None:
-                        props = s.execute(select(t.properties).where(t.id == row["id"])).scalar_one() or {}
+                    props = _plain(row["properties"]) if "properties" in row else stored.get(remote_id, {})
                     values = {
                         "archived": True,
                         "content_hash": content_hash(props, True),
