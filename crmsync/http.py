@@ -75,19 +75,27 @@ class SlidingWindow:
         self._mine = threading.local()  # each thread's last turn, for give_back
 
     def acquire(self) -> None:
-        while True:
-            with self.lock:
-                now = time.monotonic()
-                while self.starts and now - self.starts[0] >= self.window:
-                    self.starts.popleft()
-                if now >= self.not_before and len(self.starts) < self.requests:
-                    self.starts.append(now)
-                    self._mine.stamp = now
-                    return
-                wait = self.not_before - now
-                if len(self.starts) >= self.requests:
-                    wait = max(wait, self.starts[0] + self.window - now)
+        while (wait := self._take()) > 0:
             time.sleep(min(max(wait, 0.001), 1.0))
+
+    def try_acquire(self) -> bool:
+        """Take a turn only if one is free now."""
+        return self._take() == 0
+
+    def _take(self) -> float:
+        """Take a turn if one is free (0.0), else how long until one may be."""
+        with self.lock:
+            now = time.monotonic()
+            while self.starts and now - self.starts[0] >= self.window:
+                self.starts.popleft()
+            if now >= self.not_before and len(self.starts) < self.requests:
+                self.starts.append(now)
+                self._mine.stamp = now
+                return 0.0
+            wait = self.not_before - now
+            if len(self.starts) >= self.requests:
+                wait = max(wait, self.starts[0] + self.window - now)
+            return max(wait, 1e-6)
 
     def pause(self, seconds: float) -> None:
         with self.lock:
@@ -419,25 +427,35 @@ class HttpClient:
     def _admit(self, limiter: Bucket | None) -> None:
         """Take a turn under the rate limit and a slot in flight, so that the request leaves at once.
 
-        The turn comes first (a request waiting for its turn holds no connection other requests could
-        use), but a turn kept while waiting for a free connection would reach the CRM late, bunched
-        with later turns, and break its window: so it is handed back, and taken again once a slot is
-        free. The caller releases the semaphore.
+        The turn comes first, and a request never waits for one while holding a slot: requests
+        queued behind a full 10-second window would otherwise take every slot and stall another
+        limit's requests (HubSpot's searches) that could go now. A turn kept while waiting for a free
+        slot would reach the CRM late, bunched with later turns, and break its window: so it is
+        handed back, and taken again (only if free at once) when a slot is. The caller releases the
+        semaphore.
         """
-        if limiter is not None:
-            limiter.acquire()
-        if self.semaphore.acquire(blocking=False):
-            return
         give_back = getattr(limiter, "give_back", None)
-        if give_back is not None:
-            give_back()
-        self.semaphore.acquire()
-        if limiter is not None and give_back is not None:
-            try:
+        try_acquire = getattr(limiter, "try_acquire", None)
+        while True:
+            if limiter is not None:
                 limiter.acquire()
+            if self.semaphore.acquire(blocking=False):
+                return
+            if give_back is None:  # a limiter that cannot hand turns back (Redis): keep the turn
+                self.semaphore.acquire()
+                return
+            give_back()
+            self.semaphore.acquire()
+            try:
+                if try_acquire is None:
+                    limiter.acquire()  # type: ignore[union-attr]
+                    return
+                if try_acquire():
+                    return
             except BaseException:
                 self.semaphore.release()  # never leak a slot in flight (Ctrl-C, a shared limiter's error)
                 raise
+            self.semaphore.release()
 
     def _observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.stats.count(status)

@@ -38,6 +38,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import IntegrityError
@@ -881,30 +882,97 @@ class Store:
 
     def save_links(self, connection: str, obj: str, pairs: dict[str, str], *, session: Session | None = None) -> None:
         def _do(s: Session) -> None:
-            existing = {
-                row.local_key: row
-                for chunk in _chunks(list(pairs), 500)
-                for row in s.exec(
-                    select(CrmEntityLink).where(
-                        CrmEntityLink.connection == connection,
-                        CrmEntityLink.object == obj,
-                        CrmEntityLink.local_key.in_(chunk),  # type: ignore[attr-defined]
-                    )
+            # Core statements: a push step links thousands of keys, and ORM objects cost more than the writes.
+            t = CrmEntityLink.__table__  # type: ignore[attr-defined]
+            existing: dict[str, tuple[int, str]] = {}
+            for chunk in _chunks(list(pairs), 500):
+                q = sa_select(t.c.id, t.c.local_key, t.c.remote_id).where(
+                    t.c.connection == connection, t.c.object == obj, t.c.local_key.in_(chunk)
                 )
-            }
-            for key, remote_id in pairs.items():
-                row = existing.get(key)
-                if row is None:
-                    s.add(CrmEntityLink(connection=connection, object=obj, local_key=key, remote_id=remote_id))
-                elif row.remote_id != remote_id:
-                    row.remote_id = remote_id
-                    s.add(row)
+                existing.update({row.local_key: (row.id, row.remote_id) for row in s.execute(q)})
+            now = utcnow()
+            bulk = _Bulk(s)
+            bulk.insert(
+                t,
+                [
+                    {"connection": connection, "object": obj, "local_key": k, "remote_id": rid, "created_at": now}
+                    for k, rid in pairs.items()
+                    if k not in existing
+                ],
+            )
+            bulk.update(
+                t,
+                [
+                    {"id": existing[k][0], "remote_id": rid}
+                    for k, rid in pairs.items()
+                    if k in existing and existing[k][1] != rid
+                ],
+            )
 
         if session is not None:
             _do(session)
         else:
             with self.session() as s:
                 _do(s)
+
+    def merge_pushed(self, s: Session, connection: str, obj: str, records: Sequence[Canonical]) -> None:
+        """Merge what a push just wrote into the mirror (properties over the stored ones), in ``s``.
+
+        Unlike ``apply_page`` this keeps the stored properties the push did not send, and the
+        remote timestamp stays the CRM's (the next pull brings it).
+        """
+        if not records:
+            return
+        t = CrmRecord.__table__  # type: ignore[attr-defined]
+        existing: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks([r.remote_id for r in records], 500):
+            q = sa_select(t.c.id, t.c.remote_id, t.c.properties, t.c.archived, t.c.match_key, t.c.alt_key).where(
+                t.c.connection == connection, t.c.object == obj, t.c.remote_id.in_(chunk)
+            )
+            existing.update({row.remote_id: dict(row._mapping) for row in s.execute(q)})
+        now = utcnow()
+        inserts: dict[str, dict[str, Any]] = {}
+        updates: dict[int, dict[str, Any]] = {}
+        for rec in records:
+            row = existing.get(rec.remote_id)
+            if row is None and (new := inserts.get(rec.remote_id)) is not None:
+                props = {**new["properties"].value, **rec.properties}
+                text, digest = encode_properties(props, False)
+                new.update(properties=Encoded(props, text), content_hash=digest)
+                continue
+            if row is None:
+                text, digest = encode_properties(rec.properties, False)
+                inserts[rec.remote_id] = {
+                    "connection": connection,
+                    "object": obj,
+                    "remote_id": rec.remote_id,
+                    "properties": Encoded(rec.properties, text),
+                    "raw": {},
+                    "associations": {},
+                    "remote_updated_at": None,
+                    "archived": False,
+                    "content_hash": digest,
+                    "match_key": rec.match_key,
+                    "alt_key": rec.alt_key,
+                    "first_seen_at": now,
+                    "updated_at": now,
+                }
+                continue
+            row["properties"] = props = {**_plain(row["properties"]), **rec.properties}
+            row["match_key"] = row["match_key"] or rec.match_key
+            row["alt_key"] = row["alt_key"] or rec.alt_key
+            text, digest = encode_properties(props, bool(row["archived"]))
+            updates[row["id"]] = {
+                "id": row["id"],
+                "properties": Encoded(props, text),
+                "content_hash": digest,
+                "match_key": row["match_key"],
+                "alt_key": row["alt_key"],
+                "updated_at": now,
+            }
+        bulk = _Bulk(s)
+        bulk.insert(t, list(inserts.values()))
+        bulk.update(t, list(updates.values()))
 
     # -- mapping -----------------------------------------------------------------------------------
     def record_mapping(self, connection: str, path: str | None, digest: str) -> None:
@@ -1021,6 +1089,11 @@ class _Bulk:
                 continue
             sql, procs, json_cols = self._prepared("update", table, sets, (key,))
             self.conn.exec_driver_sql(sql, self._params(group, (*sets, key), procs, json_cols))
+
+
+def update_rows(session: Session, table: Any, rows: list[dict[str, Any]], key: str = "id") -> None:
+    """Bulk UPDATE of plain rows by ``key`` in ``session``'s transaction (see ``_Bulk``)."""
+    _Bulk(session).update(table, rows, key)
 
 
 def _json_text(value: Any) -> str:

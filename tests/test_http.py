@@ -237,3 +237,31 @@ def test_sliding_window_spends_a_whole_window_at_once_and_takes_back_unused_turn
     window.acquire()  # the sixth in this window waits for the first to leave it
     assert time.monotonic() - t0 >= 1.0
 
+
+
+def test_requests_waiting_for_a_full_window_hold_no_slot_another_limit_could_use() -> None:
+    """General requests queued behind a spent 10-second window must not starve searches of slots."""
+    import threading
+
+    def app(request: httpx.Request) -> httpx.Response:
+        time.sleep(0.3 if request.url.path == "/slow" else 0.01)
+        return httpx.Response(200, json={})
+
+    c = HttpClient(
+        provider="t",
+        connection="c",
+        base_url="http://crm.test",
+        transport=httpx.MockTransport(app),
+        limits={"default": RateLimit(2, 30.0), "search": RateLimit(100, 1.0)},
+        concurrency=1,
+    )
+    # /slow holds the only slot; /b and /c get turns but no slot, so they hand their turns back and
+    # wait for the slot; /b then goes and spends the window: /c must wait for a turn without the slot.
+    threads = [threading.Thread(target=c.get, args=(path,), daemon=True) for path in ("/slow", "/b", "/c")]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    time.sleep(0.6)
+    t0 = time.monotonic()
+    c.post("/search", json={}, bucket="search")
+    assert time.monotonic() - t0 < 2.0  # the search goes now (it waited ~30 s while /c held the slot)

@@ -442,3 +442,53 @@ def test_rate_limited_portal_is_paced_without_unrecovered_429s(home: Path) -> No
         assert result.rate_limited <= 2  # the bucket keeps us under the limit; any 429 is retried
     finally:
         server.stop()
+
+
+def test_lanes_share_no_record_and_run_together_without_duplicates(
+    emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many small lanes at once: a contact called with and without a company, companies and deals
+    shared across outcomes; every record exactly once, every call on its contact."""
+    from crmsync.sync import push as push_mod
+
+    monkeypatch.setattr(push_mod, "LANE", 5)
+    lines = []
+    for i in range(240):
+        o: dict = {
+            "id": f"l-{i}",
+            "occurred_at": f"2026-11-20T10:{i % 60:02d}:00Z",
+            "contact": {"email": f"p{i % 90}@example.org"},  # each contact called 2-3 times
+            "disposition": "connected",
+        }
+        if i % 3 == 0:
+            o["company"] = {"name": f"Co {i % 11}", "domain": f"co{i % 11}.example"}
+        if i % 8 == 0:
+            o["deal"] = {"name": f"Deal {i % 13}", "amount": 10, "currency": "EUR", "stage": "appointmentscheduled"}
+        lines.append(json.dumps(o))
+    src = tmp_path / "l.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    items = [
+        push_mod._Item(type("Row", (), {"id": n, "steps": {}})(), outcome, push_mod.canonical(outcome))  # type: ignore[arg-type]
+        for n, outcome in enumerate(push_mod.CallOutcome.model_validate_json(line) for line in lines)
+    ]
+    lanes = push_mod._lanes(items)
+    assert len(lanes) > 3 and sum(map(len, lanes)) == 240
+    owner: dict[tuple[str, str], int] = {}
+    for n, lane in enumerate(lanes):
+        assert [it.row.id for it in lane] == sorted(it.row.id for it in lane)  # input order kept
+        for it in lane:
+            for obj in push_mod.ENTITY_STEPS:
+                if k := push_mod._entity_key(obj, it.canon):
+                    assert owner.setdefault((obj, k), n) == n, (obj, k)  # a record is in one lane only
+
+    app = hubspot_app(server.url, emulator.private_app_token)
+    summary = push(app, source=str(src), connection="hs")
+    assert (summary.created, summary.failed) == (240, 0)
+    assert len(emulator.records("contacts")) == 90
+    assert len(emulator.records("companies")) == 11
+    assert len(emulator.records("deals")) == len({push_mod._entity_key("deals", it.canon) for it in items} - {None})
+    assert len(emulator.records("calls")) == 240
+    contacts = {r["properties"]["email"]: r["id"] for r in emulator.records("contacts")}
+    for call in emulator.records("calls"):
+        i = int(call["properties"]["crmsync_outcome_id"].split("-")[1])
+        assert emulator.associations("calls", call["id"], "contacts") == [contacts[f"p{i % 90}@example.org"]]

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,7 @@ from sqlmodel import select
 from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
 from crmsync.model import CallOutcome, canonical, company_key, contact_key, utcnow
 from crmsync.providers.base import ItemResult, Outgoing, OutgoingActivity, Provider, match_key
-from crmsync.store import Canonical, CrmConflict, CrmOutbox, CrmRecord, retry_on_conflict
+from crmsync.store import Canonical, CrmConflict, CrmOutbox, retry_on_conflict, update_rows
 from crmsync.sync.conflicts import resolve
 from crmsync.sync.inputs import Parsed, read_outcomes
 
@@ -52,7 +53,9 @@ log = logging.getLogger("crmsync.push")
 
 ENTITY_STEPS = ("companies", "contacts", "deals")
 ACTIVITY_STEPS = ("calls", "tasks")
-CHUNK = 2000  # outcomes per delivery round: 20 provider batches per step keep the concurrency busy
+#: Outcomes per delivery round. Lanes (``_lanes``) overlap one object's lookups with other outcomes'
+#: writes only within a round, so a round holds enough to fill a rate window from its first second.
+CHUNK = 10_000
 #: With workers sharing one store (PostgreSQL), smaller leases let every worker take a share.
 SHARED_CHUNK = 500
 ENQUEUE_CHUNK = 500
@@ -558,57 +561,54 @@ def deliver(
     progress: Callable[[int, int], None] | None = None,
     run_id: int | None = None,
 ) -> None:
-    """Deliver every pending outbox item of a connection, CHUNK outcomes at a time."""
+    """Deliver every pending outbox item of a connection, CHUNK outcomes at a time.
+
+    A round is split into lanes that share no record (``_lanes``). Lanes run side by side, and each
+    lane's lookups are queued per object as soon as the round starts (``_Lookups``): a lane waits
+    only for its own lookups of the object it is at, so outcomes with no company write contacts and
+    calls while the company searches are still under way, and the first lanes' companies are
+    written while the last lanes' are still being searched. The next round's lookups queue behind
+    this round's. All of this needs one store connection per thread (not an in-memory store); the
+    next round's lookups also need the next rows to stay ours (not when workers share the outbox).
+    """
     last_id = 0
     done = 0
     total = _count_pending(app, conn.name)
     prepared = False
     shared = _shared(app)
-    # The next round's lookups run while this round writes (one store writer per thread, so not
-    # on an in-memory store; not when workers share the outbox: the next rows may become theirs).
-    ahead_pool = (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="look-ahead")
-        if app.store.concurrent_writers and not shared
-        else None
-    )
-    ahead: tuple[list[int | None], Future[dict[str, dict[str, Any]]]] | None = None
-    with _claim_owner(app, shared) as owner, ahead_pool or contextlib.nullcontext():
+    threads = app.store.concurrent_writers
+    lookups = _Lookups(app, conn, provider, mapping, threads=threads)
+    ahead: tuple[list[int | None], list[tuple[list[_Item], dict[str, Known]]]] | None = None
+    with _claim_owner(app, shared) as owner, contextlib.closing(lookups):
         while True:
             rows = _claim(app, conn.name, last_id, owner, shared=shared)
             if not rows:
                 break
             last_id = rows[-1].id or last_id
-            items = []
+            items: list[_Item] = []
             finished = False
             try:
-                items = [_parse(row) for row in rows]
-                if not prepared:
-                    provider.prepare_objects(sorted({o for it in items for o in it.canon}))
-                    prepared = True
                 if ahead is not None and ahead[0] == [r.id for r in rows]:
-                    known = ahead[1].result()
+                    # The same rows, read again: the claimed row objects are the ones to save.
+                    fresh = {r.id: r for r in rows}
+                    lanes = ahead[1]
+                    for lane, _ in lanes:
+                        for it in lane:
+                            it.row = fresh[it.row.id]
+                    items = [it for lane, _ in lanes for it in lane]
                 else:
-                    if ahead is not None:
-                        ahead[1].result()  # rows changed under it: its answers are for other rows
-                    known = _look_ahead(app, conn, provider, mapping, items)
+                    items = [_parse(row) for row in rows]
+                    if not prepared:
+                        provider.prepare_objects(sorted({o for it in items for o in it.canon}))
+                        prepared = True
+                    lanes = [(lane, lookups.start(lane)) for lane in _lanes(items, split=threads)]
                 ahead = None
-                if ahead_pool is not None:
+                if threads and not shared:
                     upcoming = _peek(app, conn.name, last_id)
                     if upcoming:
-                        ahead = (
-                            [r.id for r in upcoming],
-                            ahead_pool.submit(
-                                _look_ahead, app, conn, provider, mapping, [_parse(r) for r in upcoming]
-                            ),
-                        )
-                for obj in ENTITY_STEPS:
-                    _entity_step(app, conn, provider, mapping, obj, items, summary, known.get(obj))
-                    if shared:
-                        _renew(app, items, owner)
-                for obj in ACTIVITY_STEPS:
-                    _activity_step(app, conn, provider, mapping, obj, items, summary)
-                    if shared:
-                        _renew(app, items, owner)
+                        nxt = [_parse(r) for r in upcoming]
+                        ahead = ([r.id for r in upcoming], [(lane, lookups.start(lane)) for lane in _lanes(nxt)])
+                _run_lanes(app, conn, provider, mapping, lanes, summary, owner if shared else None)
                 _finish(app, items, summary, sink)
                 finished = True
             finally:
@@ -621,6 +621,123 @@ def deliver(
             if progress:
                 progress(done, total)
     summary.pending = _count_pending(app, conn.name)
+
+
+#: A lane's CRM lookups for one object: key -> (properties, remote id, updated at) or None, or the
+#: future of that while the lookups are still running.
+Known = dict[str, Any] | Future[dict[str, Any]]
+
+#: Outcomes per lane, at most (a group of outcomes sharing records is never split). Ten batches per
+#: object: the first lanes' writes start after a tenth of a round's lookups, not after all of them.
+LANE = 1000
+
+
+def _lanes(items: list[_Item], *, split: bool = True) -> list[list[_Item]]:
+    """Split a round into lanes that share no company, contact or deal.
+
+    Outcomes that share any record stay together (they merge into one write). Groups that need the
+    same first entity step go to the same lanes, LANE outcomes at most per lane, so outcomes with no
+    company never wait for company lookups and each lane adds at most one part-filled batch per
+    object. No two lanes touch one record, so they run at the same time without racing on a match.
+    """
+    if not split:
+        return [items] if items else []
+    parent: dict[Any, Any] = {}
+
+    def find(x: Any) -> Any:
+        root = x
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for i, it in enumerate(items):
+        for obj in ENTITY_STEPS:
+            if k := _entity_key(obj, it.canon):
+                parent[find((obj, k))] = find(i)
+    groups: dict[Any, list[_Item]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(find(i), []).append(it)
+    by_first: dict[str, list[list[_Item]]] = {}
+    for group in groups.values():
+        first = next((o for o in ENTITY_STEPS if any(o in it.canon and o not in it.row.steps for it in group)), "")
+        lanes = by_first.setdefault(first, [[]])
+        if lanes[-1] and len(lanes[-1]) + len(group) > LANE:
+            lanes.append([])
+        lanes[-1].extend(group)
+    order = {id(it): n for n, it in enumerate(items)}
+    return [sorted(lane, key=lambda it: order[id(it)]) for lanes in by_first.values() for lane in lanes]
+
+
+class _Lookups:
+    """Lanes' CRM lookups, queued per object in lane order (one lane at a time per object).
+
+    A lane's lookups of one object do not depend on any write, so they can run long before the lane
+    gets there; in lane order, the first lanes' answers come first. Without threads (in-memory
+    store) they run in line.
+    """
+
+    def __init__(self, app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, *, threads: bool) -> None:
+        self.args = (app, conn, provider, mapping)
+        self.pools = (
+            {obj: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lookup-{obj}") for obj in ENTITY_STEPS}
+            if threads
+            else None
+        )
+
+    def start(self, lane: list[_Item]) -> dict[str, Known]:
+        if self.pools is None:
+            return {obj: _lookups_for(*self.args, lane, obj) for obj in ENTITY_STEPS}
+        return {obj: pool.submit(_lookups_for, *self.args, lane, obj) for obj, pool in self.pools.items()}
+
+    def close(self) -> None:
+        for pool in (self.pools or {}).values():
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_lanes(
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    lanes: list[tuple[list[_Item], dict[str, Known]]],
+    summary: PushSummary,
+    owner: str | None,
+) -> None:
+    """Every step of a round, its lanes at the same time."""
+    stop = threading.Event()
+
+    def lane(part: list[_Item], known: dict[str, Known]) -> PushSummary:
+        mine = PushSummary(summary.connection, summary.provider)
+        for obj in ENTITY_STEPS:
+            if stop.is_set():
+                return mine
+            _entity_step(app, conn, provider, mapping, obj, part, mine, known.get(obj))
+            if owner is not None:
+                _renew(app, part, owner)
+        for obj in ACTIVITY_STEPS:
+            if stop.is_set():
+                return mine
+            _activity_step(app, conn, provider, mapping, obj, part, mine)
+            if owner is not None:
+                _renew(app, part, owner)
+        return mine
+
+    if len(lanes) == 1:
+        parts = [lane(*lanes[0])]
+    else:
+        pool = ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="lane")
+        futures = [pool.submit(lane, part, known) for part, known in lanes]
+        try:
+            parts = [f.result() for f in futures]
+        finally:
+            # A failed lane or Ctrl-C stops the others at their next step; finished steps are committed.
+            stop.set()
+            pool.shutdown(wait=True)
+    for part in parts:
+        summary.field_conflicts += part.field_conflicts
+        summary.writes += part.writes
 
 
 def _parse(row: CrmOutbox) -> _Item:
@@ -729,16 +846,18 @@ def _entity_step(
     obj: str,
     items: list[_Item],
     summary: PushSummary,
-    known: dict[str, Any] | None = None,
+    known: Known | None = None,
 ) -> None:
     """One entity type for a round: match (mirror, then the CRM), resolve conflicts, write, record.
 
-    ``known`` holds keys already looked up in the CRM this round (see ``_look_ahead``): the record
+    ``known`` holds keys already looked up in the CRM this round (see ``_start_lookups``): the record
     found, or None for "not there".
     """
     by_key = _group_by_key(obj, items)
     if not by_key:
-        return
+        return  # before waiting for the lookups: a lane with nothing to do here goes on at once
+    if isinstance(known, Future):
+        known = known.result()
     keys = list(by_key)
     mirror = app.store.find_by_keys(conn.name, obj, keys)
     unknown = [k for k in keys if k not in mirror]
@@ -797,31 +916,24 @@ def _blind_keys(app: App, conn: CrmConnection, provider: Provider, obj: str, unk
     return {k for k in unknown if k.split(":", 1)[0] in ("email", "key") and k not in linked}
 
 
-def _look_ahead(
-    app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, items: list[_Item]
-) -> dict[str, dict[str, Any]]:
-    """Look up a round's unknown companies/contacts/deals in the CRM before its writes start.
+def _lookups_for(
+    app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, items: list[_Item], obj: str
+) -> dict[str, Any]:
+    """Look up a round's unknown records of ``obj`` in the CRM before its writes start.
 
-    The lookups of one round do not depend on each other's writes, so they run concurrently, and
-    ``deliver`` runs the next round's while this round writes: HubSpot's company searches use
-    their own rate limit (5/s) and would otherwise leave the write budget idle for seconds.
-    Returns per object: key -> (properties, remote id, updated at), or None when the CRM has none.
+    Returns key -> (properties, remote id, updated at), or None when the CRM has none. Keys the
+    mirror knows or that are created blind (``_blind_keys``) are not looked up.
     """
-
-    def one(obj: str) -> tuple[str, dict[str, Any]]:
-        keys = list(_group_by_key(obj, items))
-        if not keys:
-            return obj, {}
-        mirror = app.store.find_by_keys(conn.name, obj, keys)
-        unknown = [k for k in keys if k not in mirror]
-        blind = _blind_keys(app, conn, provider, obj, unknown)
-        wanted = [k for k in unknown if k not in blind]
-        crm: dict[str, tuple[dict[str, Any], str, datetime | None]] = {}
-        _lookup(app, conn, provider, mapping, obj, wanted, crm)
-        return obj, {k: crm.get(k) for k in wanted}
-
-    with ThreadPoolExecutor(max_workers=len(ENTITY_STEPS), thread_name_prefix="look-ahead") as pool:
-        return dict(pool.map(one, ENTITY_STEPS))
+    keys = list(_group_by_key(obj, items))
+    if not keys:
+        return {}
+    mirror = app.store.find_by_keys(conn.name, obj, keys)
+    unknown = [k for k in keys if k not in mirror]
+    blind = _blind_keys(app, conn, provider, obj, unknown)
+    wanted = [k for k in unknown if k not in blind]
+    crm: dict[str, tuple[dict[str, Any], str, datetime | None]] = {}
+    _lookup(app, conn, provider, mapping, obj, wanted, crm)
+    return {k: crm.get(k) for k in wanted}
 
 
 @dataclass
@@ -956,7 +1068,7 @@ def _save_rows(s: Any, rows: Iterable[CrmOutbox]) -> None:
     """Write the outbox rows' progress in one bulk UPDATE by primary key (not a SELECT+UPDATE per row)."""
     values = [{"id": r.id, **{f: getattr(r, f) for f in _ROW_FIELDS}} for r in rows]
     if values:
-        s.execute(update(CrmOutbox), values)
+        update_rows(s, CrmOutbox.__table__, values)  # type: ignore[attr-defined]
 
 
 def _record_step(
@@ -1008,45 +1120,10 @@ def _record_step(
             app.store.save_links(conn.name, obj, links, session=s)
             for c in conflict_rows:
                 s.add(c)
-            _merge_mirror(s, conn.name, obj, mirror)
+            app.store.merge_pushed(s, conn.name, obj, mirror)
 
     # Another worker may have just linked or mirrored the same company or contact (PostgreSQL).
     retry_on_conflict(write)
-
-
-def _merge_mirror(s: Any, conn: str, obj: str, records: list[Canonical]) -> None:
-    """Keep the mirror in step with what was just written, so the next push matches locally."""
-    from crmsync.store import content_hash
-
-    if not records:
-        return
-    ids = [r.remote_id for r in records]
-    existing = {
-        row.remote_id: row
-        for row in s.exec(
-            select(CrmRecord).where(CrmRecord.connection == conn, CrmRecord.object == obj, CrmRecord.remote_id.in_(ids))
-        )
-    }  # type: ignore[attr-defined]
-    for rec in records:
-        row = existing.get(rec.remote_id)
-        if row is None:
-            row = CrmRecord(
-                connection=conn,
-                object=obj,
-                remote_id=rec.remote_id,
-                properties=rec.properties,
-                raw={},
-                content_hash=content_hash(rec.properties, False),
-                match_key=rec.match_key,
-                alt_key=rec.alt_key,
-            )
-        else:
-            row.properties = {**row.properties, **rec.properties}
-            row.content_hash = content_hash(row.properties, row.archived)
-            row.match_key = row.match_key or rec.match_key
-            row.alt_key = row.alt_key or rec.alt_key
-            row.updated_at = utcnow()
-        s.add(row)
 
 
 def _activity_step(
