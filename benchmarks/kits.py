@@ -409,13 +409,20 @@ class ZohoKit(Kit):
         return len(emu.records(ZOHO_MODULES[obj]))
 
     def push_bound(self, counts: dict[str, int], latency: float) -> Bound:
-        """Upserts/inserts of 100 with lookups inline, COQL domain lookups, 5 requests in flight."""
+        """Upserts/inserts of 100 with lookups inline, COQL lookups of companies, contacts and deals, 5 in flight.
+
+        Zoho enforces no unique email or deal key, so a client that never duplicates and applies the
+        conflict rules (fill-empty, crm-wins need the CRM's values) reads contacts and deals before
+        writing them, as it reads companies: 1,250 exact keys per COQL (25 IN groups of 50).
+        """
         writes = {o: math.ceil(counts[o] / 100) for o in ("companies", "contacts", "deals", "calls")}
         coql = math.ceil(counts["companies"] / 25)
-        total = sum(writes.values()) + coql + 2
+        exact = math.ceil(counts["contacts"] / 1250) + math.ceil(counts["deals"] / 1250)
+        total = sum(writes.values()) + coql + exact + 2
         text = (
             f"{' + '.join(f'{v} {o}' for o, v in writes.items())} upserts/inserts of 100 (lookup fields inline) + "
-            f"{coql} COQL company-domain lookups (Website like, 25 per query) + 2 field-metadata reads = {total} "
+            f"{coql} COQL company-domain lookups (Website like, 25 per query) + {exact} COQL contact-email and "
+            f"deal-key lookups (1,250 per query; Zoho keeps neither unique) + 2 field-metadata reads = {total} "
             f"requests, at most {self.server_concurrency} in flight: ceil({total}/{self.server_concurrency}) x latency"
         )
         return lower_bound(

@@ -410,6 +410,24 @@ def test_lookup_by_every_match_kind() -> None:
     assert provider.lookup("deals", [{"key": "d-1"}], fields=["Deal_Name"])["key:d-1"].id == deal
 
 
+def test_lookup_sends_1250_emails_per_query_and_asks_again_past_a_2000_row_cut() -> None:
+    """25 IN groups of 50 per COQL; when duplicates fill the 2,000 rows, the keys not seen are asked again."""
+    emu = ZohoEmulator()
+    app = zoho_app(emu)
+    provider = provider_of(app)
+    assert provider.lookup_batch("contacts", "email") == 1250 and provider.lookup_batch("companies", "domain") == 100
+    emu.bulk_create("Contacts", 2100, fields={"Email": "dup@example.com"})
+    late = emu.create("Contacts", {"Last_Name": "Late", "Email": "late@example.com"})
+    keys = [{"email": "dup@example.com"}, {"email": "late@example.com"}] + [
+        {"email": f"n{i}@example.com"} for i in range(1200)
+    ]
+    emu.keep_log = True
+    found = provider.lookup("contacts", keys, fields=["Email"])
+    assert found["email:late@example.com"].id == late  # past the cut: found by the second query
+    assert "email:dup@example.com" in found and len(found) == 2
+    assert sum(1 for _m, path, _s in emu.stats.log if path.endswith("/coql")) == 2
+
+
 def test_access_token_expiring_mid_push_is_refreshed(tmp_path: Path) -> None:
     emu = ZohoEmulator()
     counter = {"n": 0}

@@ -294,6 +294,14 @@ class Provider(ABC):
         """Like prepare_push, for the object types one push batch touches (default: prepare_push)."""
         self.prepare_push()
 
+    def lookup_batch(self, obj: str, kind: str) -> int:
+        """How many keys of one kind (``email``, ``domain``…) one ``lookup`` call should get.
+
+        Push sends its lookups in parallel calls of this size; a provider whose query takes more
+        keys than it writes records per batch says so here.
+        """
+        return self.batch_size
+
     @abstractmethod
     def lookup(self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]) -> dict[str, RemoteRecord]:
         """Find existing records by canonical match keys; returns ``{key_string: record}``.

@@ -667,6 +667,12 @@ class ZohoProvider(Provider):
             return domain_of(value)
         return str(value or "").strip().lower()
 
+    def lookup_batch(self, obj: str, kind: str) -> int:
+        # Exact keys go in 25 IN groups of 50 values: one COQL per 1,250 keys, not per 100 (a
+        # 10,000-outcome push: 8 queries for its contacts, was 100). Domains need a LIKE each, and
+        # phones may need a search call each: those stay at one write batch.
+        return COQL_IN * COQL_CRITERIA if kind in ("email", "key") else self.batch_size
+
     def lookup(self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]) -> dict[str, RemoteRecord]:
         found: dict[str, RemoteRecord] = {}
         by_kind: dict[str, list[str]] = {}
@@ -682,18 +688,23 @@ class ZohoProvider(Provider):
             if kind == "domain":
                 # Website holds a URL: match by substring, then compare the bare domains here.
                 conds = [f"{field} like {quote('%' + v + '%')}" for v in dict.fromkeys(values)]
-                queries = [_nest("or", c) for c in _chunks(conds, COQL_CRITERIA)]
+                queries = [(_nest("or", c), []) for c in _chunks(conds, COQL_CRITERIA)]
             else:
                 per_query = COQL_IN * COQL_CRITERIA
-                queries = [_in_groups(field, c) for c in _chunks(list(dict.fromkeys(values)), per_query)]
-            for where in queries:
-                # Ordered by id, each key's oldest record comes first; past 2,000 rows (duplicates in
-                # the CRM) the first of each key is all push needs.
-                rows, _ = self._select(obj, columns, where, "id asc", COQL_ROWS)
+                queries = [(_in_groups(field, c), c) for c in _chunks(list(dict.fromkeys(values)), per_query)]
+            while queries:
+                where, asked = queries.pop()
+                # Ordered by id, each key's oldest record comes first.
+                rows, more = self._select(obj, columns, where, "id asc", COQL_ROWS)
                 for row in rows:
                     value = self._normalise(kind, row.get(field))
                     if value in wanted:
                         found.setdefault(match_key({kind: value}), self._record(obj, row))
+                missing = [v for v in asked if match_key({kind: v}) not in found]
+                if more and missing:
+                    # 2,000 rows and more (duplicates in the CRM): keys past the cut were not seen.
+                    # Ask again for those: fewer each time (the rows seen matched some), so it ends.
+                    queries.append((_in_groups(field, missing), missing))
             if kind == "phone":
                 self._lookup_phones(obj, [v for v in dict.fromkeys(values) if f"phone:{v}" not in found], found)
         return found

@@ -960,10 +960,13 @@ def _lookup(
         return
     from crmsync.sync.pull import to_canonical
 
-    key_dicts = [dict([k.split(":", 1)]) for k in keys]
+    by_kind: dict[str, list[dict[str, str]]] = {}
+    for k in keys:
+        kind, value = k.split(":", 1)
+        by_kind.setdefault(kind, []).append({kind: value})
     found: dict[str, Any] = {}
     fields = mapping.provider_fields(obj)
-    batches = _batches(key_dicts, provider.batch_size)
+    batches = [b for kind, ks in by_kind.items() for b in _batches(ks, provider.lookup_batch(obj, kind))]
     with ThreadPoolExecutor(max_workers=provider.http.concurrency, thread_name_prefix="lookup") as pool:
         for part in pool.map(lambda b: provider.lookup(obj, b, fields=fields), batches):
             found.update(part)
