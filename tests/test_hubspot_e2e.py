@@ -492,3 +492,27 @@ def test_lanes_share_no_record_and_run_together_without_duplicates(
     for call in emulator.records("calls"):
         i = int(call["properties"]["crmsync_outcome_id"].split("-")[1])
         assert emulator.associations("calls", call["id"], "contacts") == [contacts[f"p{i % 90}@example.org"]]
+
+
+def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order(
+    emulator: HubSpotEmulator, server, home: Path
+) -> None:
+    """Search paging is by offset: after the first page, the next ones go at once (the limit paces them)."""
+    from crmsync.emulators.base import Faults
+
+    write_config(home, "hs", search_rate_limit=1000, rate_limit=100000)
+    emulator.seed(contacts=10)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    pull(app, objects=["contacts"])
+    now = time.time()
+    emulator.bulk_create(
+        "contacts", 1_500, modified_at=now - 20.0, properties_fn=lambda i: {"email": f"s{i}@example.com"}
+    )
+    emulator.faults = Faults(latency_ms=60)
+    emulator.stats.concurrent_peak = 0
+    result = pull(app, objects=["contacts"])[0]
+    assert result.exit_code == 0, result.error
+    assert emulator.stats.concurrent_peak >= 3  # one walk, several of its pages in flight
+    assert app.store.count_records("hs")["contacts"]["stored"] == 1_510
+    cursor = app.store.cursor("hs", "contacts")
+    assert cursor is not None and cursor["mode"] == "search"

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +48,7 @@ API = "https://api.hubapi.com"
 AUTHORIZE_URL = "https://app.hubspot.com/oauth/authorize"
 SEARCH_CAP = 10_000
 SEARCH_PAGE = 200
+SEARCH_AHEAD = 3  # search pages of one walk asked for at once (offset paging allows it)
 LIST_PAGE = 100
 BATCH = 100
 MARKER = "crmsync_outcome_id"
@@ -620,11 +622,8 @@ class HubSpotProvider(Provider):
                 {"propertyName": prop, "operator": op, "value": str(ts)},
                 {"propertyName": prop, "operator": "LTE", "value": str(upper)},
             ]
-            offset = 0
             reanchor = False
-            while True:
-                body = self._search(obj, filters, prop, fields, offset)
-                records = self._with_associations(obj, [self._record(obj, r) for r in body.get("results", [])])
+            for body, records in self._search_pages(obj, filters, prop, fields):
                 if not records:
                     return
                 page_ts = max(_prop_ms(r, prop) or (to_ms(r.updated_at) if r.updated_at else ts) for r in records)
@@ -633,8 +632,7 @@ class HubSpotProvider(Provider):
                 nxt = ((body.get("paging") or {}).get("next") or {}).get("after")
                 if not nxt:
                     return
-                offset = int(nxt)
-                if offset + SEARCH_PAGE > SEARCH_CAP:
+                if int(nxt) + SEARCH_PAGE > SEARCH_CAP:
                     reanchor = True
                     break
             if reanchor:
@@ -643,6 +641,51 @@ class HubSpotProvider(Provider):
                     slice_id, after_ts = 0, False
                 else:
                     ts, after_ts = page_ts, False
+
+    def _search_pages(
+        self, obj: str, filters: list[dict[str, Any]], sort: str, fields: Sequence[str]
+    ) -> Iterator[tuple[dict[str, Any], list[RemoteRecord]]]:
+        """A search's pages in order, with their associations, the next SEARCH_AHEAD asked for at once.
+
+        A search's ``after`` is an offset, so once a page tells the total, the pages after it can
+        be asked for side by side (the search limit still paces them): one object's walk no longer
+        waits two round trips (search, then associations) per page and leaves the search budget
+        idle. Pages past the 10,000 cap are never asked for; the caller re-anchors there.
+        """
+
+        def fetch(offset: int) -> tuple[dict[str, Any], list[RemoteRecord]]:
+            body = self._search(obj, filters, sort, fields, offset)
+            return body, self._with_associations(obj, [self._record(obj, r) for r in body.get("results", [])])
+
+        ahead: deque[tuple[int, Future[tuple[dict[str, Any], list[RemoteRecord]]]]] = deque()
+        pool: ThreadPoolExecutor | None = None
+        expected, total, planned = 0, 0, 0
+        try:
+            while True:
+                if ahead and ahead[0][0] == expected:
+                    body, records = ahead.popleft()[1].result()
+                else:
+                    for _, f in ahead:
+                        f.cancel()
+                    ahead.clear()
+                    body, records = fetch(expected)
+                    planned = expected + SEARCH_PAGE
+                yield body, records
+                nxt = ((body.get("paging") or {}).get("next") or {}).get("after")
+                if not nxt or not records:
+                    return
+                expected = int(nxt)
+                total = max(total, min(int(body.get("total") or 0), SEARCH_CAP))
+                planned = max(planned, expected)
+                while len(ahead) < SEARCH_AHEAD and planned < total and planned + SEARCH_PAGE <= SEARCH_CAP:
+                    pool = pool or ThreadPoolExecutor(max_workers=SEARCH_AHEAD, thread_name_prefix=f"search-{obj}")
+                    ahead.append((planned, pool.submit(fetch, planned)))
+                    planned += SEARCH_PAGE
+        finally:
+            for _, f in ahead:
+                f.cancel()
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     def _archived_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
         """Search never returns archived records: list them and keep those archived since last time."""
