@@ -216,3 +216,42 @@ def test_items_left_queued_after_temporary_errors_exit_75_and_go_out_next_run(ap
     second = push(app, source=None, connection="hs", retry_failed=True)
     assert second.created == 1 and second.exit_code == 0
     assert len(app.emulator.records("calls")) == 1
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"contact": {"email": "Mixed.Case@Example.COM ", "phone": "030 1234567", "first_name": "Å", "title": "CTO"}},
+        {"contact": {"phone": "+1 (555) 010-0199"}, "company": {"domain": "HTTPS://WWW.Acme.example/x"}},
+        {"company": {"name": "Acme GmbH"}, "deal": {"name": "D", "amount": 12.5, "currency": "EUR"}},
+        {"deal": {"name": "D2", "stage": "won", "close_date": "2026-12-01"}, "duration_seconds": 86_400},
+        {"next_step": {"type": "meeting", "due_at": "2026-12-01T09:00:00-05:00", "notes": "bring\nslides"}},
+        {"occurred_at": "2026-11-20T23:59:59.123456+14:00", "direction": "inbound", "notes": "ü " * 50},
+        {"custom": {"score": 3, "vip": True, "ratio": 0.25, "none": None}, "owner_email": "Owner@Example.com"},
+        {"recording_url": "https://rec.example/1", "disposition": "voicemail"},
+    ],
+)
+def test_the_first_round_reuses_what_enqueue_parsed_only_because_a_reparse_is_identical(over: dict) -> None:
+    """Delivery's first round takes the outcomes enqueue just parsed instead of parsing the rows again;
+    that is sound only if parsing the stored payload gives the same outcome and canonical records."""
+    from crmsync.model import CallOutcome, canonical
+
+    outcome = CallOutcome.model_validate_json(line(**over))
+    again = CallOutcome.model_validate(outcome.model_dump(mode="json"))
+    assert again == outcome
+    assert canonical(again) == canonical(outcome)
+
+
+def test_delivery_takes_enqueued_outcomes_parsed(app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from crmsync.sync import push as push_mod
+
+    src = tmp_path / "o.jsonl"
+    src.write_text("\n".join(line(id=f"p{i}", contact={"email": f"p{i}@example.com"}) for i in range(30)) + "\n")
+    made = []
+    real = push_mod.canonical
+    monkeypatch.setattr(push_mod, "canonical", lambda o: made.append(o.id) or real(o))
+    summary = push(app, source=str(src), connection="hs")
+    assert summary.created == 30
+    assert sorted(made) == sorted(f"p{i}" for i in range(30))  # once each, in enqueue: no row parsed again
+    assert len(app.emulator.records("calls")) == 30

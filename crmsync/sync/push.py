@@ -171,8 +171,13 @@ def enqueue(
     update: bool,
     rejects: Any,
     sink: ReceiptSink | None,
+    parsed_out: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None = None,
 ) -> None:
-    """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects."""
+    """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects.
+
+    ``parsed_out`` receives the first CHUNK queued outcomes with their canonical records, so that
+    delivery's first round need not parse again what was just parsed.
+    """
     engine = app.store.engine
     seen: dict[str, str] = {}
     with engine.begin() as db:
@@ -223,6 +228,7 @@ def enqueue(
                     prior_hash = None
                 if prior_hash is None:
                     seen[oid] = digest
+                    _keep_parsed(parsed_out, oid, outcome)
                     new_rows.append(
                         {
                             "connection": conn,
@@ -247,6 +253,7 @@ def enqueue(
                     continue
                 if update and prior is not None and oid not in seen:
                     seen[oid] = digest
+                    _keep_parsed(parsed_out, oid, outcome)
                     db.execute(
                         CrmOutbox.__table__.update()  # type: ignore[attr-defined]
                         .where(CrmOutbox.__table__.c.id == prior.id)  # type: ignore[attr-defined]
@@ -275,6 +282,14 @@ def enqueue(
                     )
             if new_rows:
                 db.execute(insert(CrmOutbox.__table__), new_rows)  # type: ignore[attr-defined]
+
+
+def _keep_parsed(
+    parsed_out: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None, oid: str, outcome: CallOutcome
+) -> None:
+    """Hand a queued outcome (as written to its row) to delivery's first round, parsed."""
+    if parsed_out is not None and len(parsed_out) < CHUNK:
+        parsed_out[oid] = (outcome, canonical(outcome))
 
 
 def _public_steps(steps: dict[str, Any]) -> dict[str, str]:
@@ -325,6 +340,7 @@ def push(
                 provider: Provider | None = None
                 before: dict[str, int] = {}
                 try:
+                    parsed: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] = {}
                     if path is not None:
                         reject_handle = open(rejects, "w", encoding="utf-8") if rejects else None  # noqa: SIM115
                         try:
@@ -336,6 +352,7 @@ def push(
                                 update=update,
                                 rejects=reject_handle,
                                 sink=sink,
+                                parsed_out=parsed,
                             )
                         finally:
                             if reject_handle:
@@ -346,7 +363,10 @@ def push(
                         _reset_failed(app, conn.name)
                     provider = app.provider(conn)
                     before = provider.http.stats.as_dict()
-                    deliver(app, conn, provider, mapping, summary, sink=sink, progress=progress, run_id=run_id)
+                    deliver(
+                        app, conn, provider, mapping, summary, sink=sink, progress=progress, run_id=run_id,
+                        parsed=parsed,
+                    )
                 except RetriableError as exc:
                     status, error = "failed", str(exc)
                     summary.error, summary.exit_code = str(exc), ExitCode.TEMPFAIL
@@ -560,8 +580,12 @@ def deliver(
     sink: ReceiptSink | None = None,
     progress: Callable[[int, int], None] | None = None,
     run_id: int | None = None,
+    parsed: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None = None,
 ) -> None:
     """Deliver every pending outbox item of a connection, CHUNK outcomes at a time.
+
+    ``parsed``: outcomes just queued, already parsed (see ``enqueue``); their objects are prepared
+    (idempotency properties, field metadata) while the first round is claimed.
 
     A round is split into lanes that share no record (``_lanes``). Lanes run side by side, and each
     lane's lookups are queued per object as soon as the round starts (``_Lookups``): a lane waits
@@ -579,7 +603,11 @@ def deliver(
     threads = app.store.concurrent_writers
     lookups = _Lookups(app, conn, provider, mapping, threads=threads)
     ahead: tuple[list[int | None], list[tuple[list[_Item], dict[str, Known]]]] | None = None
-    with _claim_owner(app, shared) as owner, contextlib.closing(lookups):
+    parsed = parsed or {}
+    prepared_objects = sorted({o for _, canon in parsed.values() for o in canon})
+    preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepared_objects else None
+    early = preparing.submit(provider.prepare_objects, prepared_objects) if preparing else None
+    with _claim_owner(app, shared) as owner, contextlib.closing(lookups), preparing or contextlib.nullcontext():
         while True:
             rows = _claim(app, conn.name, last_id, owner, shared=shared)
             if not rows:
@@ -597,10 +625,15 @@ def deliver(
                             it.row = fresh[it.row.id]
                     items = [it for lane, _ in lanes for it in lane]
                 else:
-                    items = [_parse(row) for row in rows]
+                    items = [_parse(row, parsed) for row in rows]
                     if not prepared:
-                        provider.prepare_objects(sorted({o for it in items for o in it.canon}))
+                        if early is not None:
+                            early.result()
+                        objects = sorted({o for it in items for o in it.canon})
+                        if not set(objects) <= set(prepared_objects):
+                            provider.prepare_objects(objects)
                         prepared = True
+                    parsed = {}  # the first round's only
                     lanes = [(lane, lookups.start(lane)) for lane in _lanes(items, split=threads)]
                 ahead = None
                 if threads and not shared:
@@ -740,7 +773,9 @@ def _run_lanes(
         summary.writes += part.writes
 
 
-def _parse(row: CrmOutbox) -> _Item:
+def _parse(row: CrmOutbox, parsed: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None = None) -> _Item:
+    if parsed and (done := parsed.get(row.outcome_id)) is not None:
+        return _Item(row, *done)
     outcome = CallOutcome.model_validate(row.payload)
     return _Item(row, outcome, canonical(outcome))
 
