@@ -584,9 +584,6 @@ def deliver(
 ) -> None:
     """Deliver every pending outbox item of a connection, CHUNK outcomes at a time.
 
-    ``parsed``: outcomes just queued, already parsed (see ``enqueue``); their objects are prepared
-    (idempotency properties, field metadata) while the first round is claimed.
-
     A round is split into lanes that share no record (``_lanes``). Lanes run side by side, and each
     lane's lookups are queued per object as soon as the round starts (``_Lookups``): a lane waits
     only for its own lookups of the object it is at, so outcomes with no company write contacts and
@@ -594,6 +591,9 @@ def deliver(
     written while the last lanes' are still being searched. The next round's lookups queue behind
     this round's. All of this needs one store connection per thread (not an in-memory store); the
     next round's lookups also need the next rows to stay ours (not when workers share the outbox).
+
+    ``parsed``: outcomes just queued, already parsed (see ``enqueue``); their objects are prepared
+    (idempotency properties, field metadata) while the first round is claimed.
     """
     last_id = 0
     done = 0
@@ -885,8 +885,8 @@ def _entity_step(
 ) -> None:
     """One entity type for a round: match (mirror, then the CRM), resolve conflicts, write, record.
 
-    ``known`` holds keys already looked up in the CRM this round (see ``_start_lookups``): the record
-    found, or None for "not there".
+    ``known`` holds the lane's keys already looked up in the CRM (see ``_Lookups``), or their future:
+    the record found, or None for "not there".
     """
     by_key = _group_by_key(obj, items)
     if not by_key:
@@ -954,7 +954,7 @@ def _blind_keys(app: App, conn: CrmConnection, provider: Provider, obj: str, unk
 def _lookups_for(
     app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, items: list[_Item], obj: str
 ) -> dict[str, Any]:
-    """Look up a round's unknown records of ``obj`` in the CRM before its writes start.
+    """Look up a lane's unknown records of ``obj`` in the CRM before its writes start.
 
     Returns key -> (properties, remote id, updated at), or None when the CRM has none. Keys the
     mirror knows or that are created blind (``_blind_keys``) are not looked up.
