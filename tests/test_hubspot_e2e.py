@@ -468,7 +468,7 @@ def test_lanes_share_no_record_and_run_together_without_duplicates(
     src = tmp_path / "l.jsonl"
     src.write_text("\n".join(lines) + "\n")
     items = [
-        push_mod._Item(type("Row", (), {"id": n, "steps": {}})(), outcome, push_mod.canonical(outcome))  # type: ignore[arg-type]
+        push_mod._Item(type("Row", (), {"id": n, "steps": {}})(), outcome.occurred_at, push_mod.canonical(outcome))  # type: ignore[arg-type]
         for n, outcome in enumerate(push_mod.CallOutcome.model_validate_json(line) for line in lines)
     ]
     lanes = push_mod._lanes(items)

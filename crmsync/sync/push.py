@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, or_, update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import select
 
 from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
     from crmsync.store import CrmConnection
 
 log = logging.getLogger("crmsync.push")
+
+#: An outcome as delivery needs it: when the call happened and its canonical records.
+ParsedOutcome = tuple[datetime, dict[str, dict[str, Any]]]
 
 ENTITY_STEPS = ("companies", "contacts", "deals")
 ACTIVITY_STEPS = ("calls", "tasks")
@@ -171,7 +175,7 @@ def enqueue(
     update: bool,
     rejects: Any,
     sink: ReceiptSink | None,
-    parsed_out: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None = None,
+    parsed_out: dict[str, ParsedOutcome] | None = None,
 ) -> None:
     """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects.
 
@@ -285,11 +289,11 @@ def enqueue(
 
 
 def _keep_parsed(
-    parsed_out: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None, oid: str, outcome: CallOutcome
+    parsed_out: dict[str, ParsedOutcome] | None, oid: str, outcome: CallOutcome
 ) -> None:
     """Hand a queued outcome (as written to its row) to delivery's first round, parsed."""
     if parsed_out is not None and len(parsed_out) < CHUNK:
-        parsed_out[oid] = (outcome, canonical(outcome))
+        parsed_out[oid] = (outcome.occurred_at, canonical(outcome))
 
 
 def _public_steps(steps: dict[str, Any]) -> dict[str, str]:
@@ -340,7 +344,7 @@ def push(
                 provider: Provider | None = None
                 before: dict[str, int] = {}
                 try:
-                    parsed: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] = {}
+                    parsed: dict[str, ParsedOutcome] = {}
                     if path is not None:
                         reject_handle = open(rejects, "w", encoding="utf-8") if rejects else None  # noqa: SIM115
                         try:
@@ -564,8 +568,14 @@ def _entity_key(obj: str, canon: dict[str, dict[str, Any]]) -> str | None:
 # -- delivery ---------------------------------------------------------------------------------
 @dataclass
 class _Item:
+    """One outcome being delivered: its outbox row, when the call happened, its canonical records.
+
+    Not the parsed outcome itself: a round holds 10,000 of these, and the pydantic models were a
+    third of a round's memory.
+    """
+
     row: CrmOutbox
-    outcome: CallOutcome
+    occurred_at: datetime
     canon: dict[str, dict[str, Any]]
     failed: bool = False
 
@@ -580,7 +590,7 @@ def deliver(
     sink: ReceiptSink | None = None,
     progress: Callable[[int, int], None] | None = None,
     run_id: int | None = None,
-    parsed: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None = None,
+    parsed: dict[str, ParsedOutcome] | None = None,
 ) -> None:
     """Deliver every pending outbox item of a connection, CHUNK outcomes at a time.
 
@@ -633,7 +643,7 @@ def deliver(
                         if not set(objects) <= set(prepared_objects):
                             provider.prepare_objects(objects)
                         prepared = True
-                    parsed = {}  # the first round's only
+                    parsed.clear()  # the first round's only (the caller's dict: not kept alive by it)
                     lanes = [(lane, lookups.start(lane)) for lane in _lanes(items, split=threads)]
                 ahead = None
                 if threads and not shared:
@@ -773,11 +783,15 @@ def _run_lanes(
         summary.writes += part.writes
 
 
-def _parse(row: CrmOutbox, parsed: dict[str, tuple[CallOutcome, dict[str, dict[str, Any]]]] | None = None) -> _Item:
+def _parse(row: CrmOutbox, parsed: dict[str, ParsedOutcome] | None = None) -> _Item:
     if parsed and (done := parsed.get(row.outcome_id)) is not None:
-        return _Item(row, *done)
-    outcome = CallOutcome.model_validate(row.payload)
-    return _Item(row, outcome, canonical(outcome))
+        item = _Item(row, *done)
+    else:
+        outcome = CallOutcome.model_validate(row.payload)
+        item = _Item(row, outcome.occurred_at, canonical(outcome))
+    # Parsed, the payload is not read again (progress is saved column by column): let it go.
+    set_committed_value(row, "payload", {})
+    return item
 
 
 def _peek(app: App, conn: str, after_id: int) -> list[CrmOutbox]:
@@ -1029,7 +1043,7 @@ def _plan_key(
     create_only: bool = False,
 ) -> None:
     """Merge the outcomes of one record (oldest first), resolve conflicts, and plan its write."""
-    its.sort(key=lambda it: it.outcome.occurred_at)
+    its.sort(key=lambda it: it.occurred_at)
     values: dict[str, Any] = {}
     for it in its:
         values.update({f: v for f, v in it.canon[obj].items() if v not in (None, "")})
@@ -1038,7 +1052,7 @@ def _plan_key(
         values,
         existing[0] if existing and existing[0] else None,
         rules=rules,
-        occurred_at=its[-1].outcome.occurred_at,
+        occurred_at=its[-1].occurred_at,
         crm_updated_at=existing[2] if existing else None,
     )
     for c in conflicts:
