@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -491,9 +492,15 @@ class ZohoProvider(Provider):
     def prepare_objects(self, objects: Sequence[str]) -> None:
         """Check that the unique fields push relies on exist (creating them needs settings.fields.ALL)."""
         needs = {"calls": MARKER, "tasks": MARKER, "deals": DEAL_KEY}
-        for obj in objects:
-            name = needs.get(obj)
-            if name and not self._has_field(obj, name):
+        wanted = [(obj, needs[obj]) for obj in objects if obj in needs]
+        if len(wanted) > 1:
+            # One field-metadata read per module, independent of each other: at once, not in turn.
+            with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="prepare") as pool:
+                present = list(pool.map(lambda w: self._has_field(*w), wanted))
+        else:
+            present = [self._has_field(*w) for w in wanted]
+        for (obj, name), ok in zip(wanted, present, strict=True):
+            if not ok:
                 raise ConfigError(
                     f"Zoho module {MODULES[obj]} has no field {name}: crmsync needs it to make writes idempotent",
                     hint=f"add a single-line custom field with API name {name}, 'Do not allow duplicate values' on "
