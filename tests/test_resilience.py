@@ -77,6 +77,45 @@ def test_push_killed_30_times_delivers_each_call_exactly_once(home: Path, tmp_pa
         server.stop()
 
 
+def test_ctrl_c_mid_push_exits_130_soon_and_a_rerun_finishes_exactly_once(home: Path, tmp_path: Path) -> None:
+    """Lanes run in threads: Ctrl-C stops them at their next step, releases the claims, exits 130."""
+    emulator = HubSpotEmulator(seed=13, faults=Faults(latency_ms=300, seed=13))
+    server = emulator.serve()
+    try:
+        app = hubspot_app(server.url, emulator.private_app_token)
+        app.close()
+        src = tmp_path / "outcomes.jsonl"
+        src.write_text(outcome_lines(600, company_every=3, deal_every=4))
+        env = cli_env(home, "hs", emulator.private_app_token)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crmsync", "--quiet", "push", str(src), "-c", "hs"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not emulator.records("contacts") and time.monotonic() < deadline:
+            time.sleep(0.05)  # interrupt once writes are under way
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        code = proc.wait(timeout=30)
+        assert code == 130, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() - sent < 10  # a step or two, not the rest of the round
+        with App(env={"CRMSYNC_HOME": str(home)}).store.session() as s:
+            rows = list(s.exec(select(CrmOutbox)))
+        assert len(rows) == 600 and not any(r.claimed_by for r in rows if r.state == "pending")
+        assert any(r.state == "pending" for r in rows)  # it really stopped part-way
+
+        final = run_cli(["--json", "push", str(src), "-c", "hs"], env)
+        assert final.code == 0, final.stderr
+        markers = [c["properties"]["crmsync_outcome_id"] for c in emulator.records("calls")]
+        assert len(markers) == len(set(markers)) == 600
+        assert len({r["properties"]["email"] for r in emulator.records("contacts")}) == 600
+        assert len(emulator.records("contacts")) == 600
+    finally:
+        server.stop()
+
+
 def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp_path: Path) -> None:
     emulator = HubSpotEmulator(seed=12, faults=Faults(latency_ms=3, seed=12))
     emulator.bulk_create(
