@@ -937,16 +937,16 @@ class Store:
             row = existing.get(rec.remote_id)
             if row is None and (new := inserts.get(rec.remote_id)) is not None:
                 props = {**new["properties"].value, **rec.properties}
-                text, digest = encode_properties(props, False)
-                new.update(properties=Encoded(props, text), content_hash=digest)
+                props_text, digest = encode_properties(props, False)
+                new.update(properties=Encoded(props, props_text), content_hash=digest)
                 continue
             if row is None:
-                text, digest = encode_properties(rec.properties, False)
+                props_text, digest = encode_properties(rec.properties, False)
                 inserts[rec.remote_id] = {
                     "connection": connection,
                     "object": obj,
                     "remote_id": rec.remote_id,
-                    "properties": Encoded(rec.properties, text),
+                    "properties": Encoded(rec.properties, props_text),
                     "raw": {},
                     "associations": {},
                     "remote_updated_at": None,
@@ -961,10 +961,10 @@ class Store:
             row["properties"] = props = {**_plain(row["properties"]), **rec.properties}
             row["match_key"] = row["match_key"] or rec.match_key
             row["alt_key"] = row["alt_key"] or rec.alt_key
-            text, digest = encode_properties(props, bool(row["archived"]))
+            props_text, digest = encode_properties(props, bool(row["archived"]))
             updates[row["id"]] = {
                 "id": row["id"],
-                "properties": Encoded(props, text),
+                "properties": Encoded(props, props_text),
                 "content_hash": digest,
                 "match_key": row["match_key"],
                 "alt_key": row["alt_key"],
