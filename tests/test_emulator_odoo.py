@@ -687,3 +687,32 @@ def test_serves_on_loopback() -> None:
         dates = http.get("/web/version").headers.get_list("Date")
         assert len(dates) == 1  # sent once, and it is the emulator clock
         assert abs(email.utils.parsedate_to_datetime(dates[0]).timestamp() - emu.now()) < 5
+
+
+def test_an_or_of_likes_on_one_field_answers_as_each_leaf_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulator joins ``| | a b c`` of (i)likes on one text field into one regex: same records as leaf by leaf."""
+    emu, rpc = make()
+    values = [
+        "Ann@Example.com", "ann@example.com ", "bo_b@x.org", "boXb@x.org", "100%@pct.io", "c\\d@e.f",
+        "https://www.acme.example/about", "ACME.example", "other.example", "line\nbreak@x.org", "",
+    ]
+    for i, v in enumerate(values):
+        rpc.call("res.partner", "create", vals_list=[{"name": f"P{i}", "email": v or False, "website": v or False}])
+    rpc.call("res.partner", "create", vals_list=[{"name": "none"}])
+    patterns = ["ann@example.com", "bo_b@x.org", "100%", "c\\\\d@e.f", "acme.example", "line%", "%.org", "nobody"]
+    domains = []
+    for field in ("email", "website", "name"):
+        for op in ("=ilike", "ilike", "=like", "like"):
+            domains.append(["|"] * (len(patterns) - 1) + [(field, op, p) for p in patterns])
+    ann, acme = ("email", "=ilike", "ann@example.com"), ("email", "ilike", "acme")
+    domains.append(["&", ("active", "=", True), "|", ann, acme])
+    domains.append(["|", "|", ann, ("website", "ilike", "acme"), ("name", "=", "none")])
+    real = type(emu)._or_of_likes
+    taken = []
+    monkeypatch.setattr(type(emu), "_or_of_likes", lambda *a: taken.append(r) or r if (r := real(*a)) else None)
+    joined = [rpc.call("res.partner", "search", domain=d, order="id asc") for d in domains]
+    assert len(taken) >= 12  # the joined path really answered
+    monkeypatch.setattr(type(emu), "_or_of_likes", lambda *a, **k: None)
+    leaf_by_leaf = [rpc.call("res.partner", "search", domain=d, order="id asc") for d in domains]
+    assert joined == leaf_by_leaf
+    assert any(joined)  # the domains do match something
