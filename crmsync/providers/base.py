@@ -12,10 +12,11 @@ about ``hs_call_disposition``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from crmsync.http import ResponsePolicy
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 #: Canonical object types, as the CLI names them (``--object contacts,companies``).
 OBJECTS: tuple[str, ...] = ("contacts", "companies", "deals", "calls", "tasks")
 #: Mapping-file section for each object type.
+T = TypeVar("T")
+R = TypeVar("R")
+
 SECTION = {"contacts": "contact", "companies": "company", "deals": "deal", "calls": "call", "tasks": "task"}
 
 
@@ -331,6 +335,17 @@ class Provider(ABC):
 
     def close(self) -> None:
         self.http.close()
+
+
+def at_once(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``fn`` over ``items``, each in its own thread (in line for a single one), results in order.
+
+    For a handful of independent requests (one per object type) that would otherwise wait on each other.
+    """
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="at-once") as pool:
+        return list(pool.map(fn, items))
 
 
 def match_key(keys: Mapping[str, str]) -> str:

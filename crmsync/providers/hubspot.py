@@ -39,6 +39,7 @@ from crmsync.providers.base import (
     Page,
     Provider,
     RemoteRecord,
+    at_once,
     match_key,
 )
 
@@ -446,12 +447,7 @@ class HubSpotProvider(Provider):
                 wanted.append(("deals", DEAL_KEY, "crmsync deal key"))
             elif obj == "companies":
                 wanted.append(("companies", COMPANY_KEY, "crmsync company key"))
-        if len(wanted) <= 1:
-            for w in wanted:
-                self._ensure_property(*w)
-            return
-        with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="prepare") as pool:
-            list(pool.map(lambda w: self._ensure_property(*w), wanted))
+        at_once(lambda w: self._ensure_property(*w), wanted)
 
     # -- pull ------------------------------------------------------------------------------------
     def _record(self, obj: str, raw: dict[str, Any]) -> RemoteRecord:

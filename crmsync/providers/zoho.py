@@ -26,7 +26,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +47,7 @@ from crmsync.providers.base import (
     Provider,
     ProviderContext,
     RemoteRecord,
+    at_once,
     match_key,
 )
 
@@ -493,12 +493,7 @@ class ZohoProvider(Provider):
         """Check that the unique fields push relies on exist (creating them needs settings.fields.ALL)."""
         needs = {"calls": MARKER, "tasks": MARKER, "deals": DEAL_KEY}
         wanted = [(obj, needs[obj]) for obj in objects if obj in needs]
-        if len(wanted) > 1:
-            # One field-metadata read per module, independent of each other: at once, not in turn.
-            with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="prepare") as pool:
-                present = list(pool.map(lambda w: self._has_field(*w), wanted))
-        else:
-            present = [self._has_field(*w) for w in wanted]
+        present = at_once(lambda w: self._has_field(*w), wanted)  # one field-metadata read per module
         for (obj, name), ok in zip(wanted, present, strict=True):
             if not ok:
                 raise ConfigError(
