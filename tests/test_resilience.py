@@ -5,12 +5,14 @@ These run the real CLI in a subprocess against the HubSpot emulator on loopback 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,18 +41,45 @@ def _run_and_kill(args: list[str], env: dict[str, str], after: float) -> int | N
         return None
 
 
+@contextlib.contextmanager
+def _slow_crm(
+    home: Path, tmp_path: Path, *, seed: int, latency_ms: float, outcomes: int
+) -> Iterator[tuple[HubSpotEmulator, Path, dict[str, str]]]:
+    """A HubSpot emulator on loopback answering in ``latency_ms``, connected as "hs"; ``outcomes`` to push
+    (every 3rd with one of 7 companies, every 4th with a deal); the CLI's environment."""
+    emulator = HubSpotEmulator(seed=seed, faults=Faults(latency_ms=latency_ms, seed=seed))
+    server = emulator.serve()
+    try:
+        hubspot_app(server.url, emulator.private_app_token).close()
+        src = tmp_path / "outcomes.jsonl"
+        src.write_text(outcome_lines(outcomes, company_every=3, deal_every=4))
+        yield emulator, src, cli_env(home, "hs", emulator.private_app_token)
+    finally:
+        server.stop()
+
+
+def _assert_each_outcome_delivered_once(emulator: HubSpotEmulator, n: int) -> None:
+    """Every call once, on its own contact; one record per contact, company and deal; every row done."""
+    calls = emulator.records("calls")
+    markers = [c["properties"]["crmsync_outcome_id"] for c in calls]
+    assert len(markers) == len(set(markers)) == n
+    assert len(emulator.records("companies")) == 7
+    assert len(emulator.records("deals")) == len(range(0, n, 4))
+    contacts = {r["properties"]["email"]: r["id"] for r in emulator.records("contacts")}
+    assert len(contacts) == len(emulator.records("contacts")) == n
+    for call in calls:
+        i = int(call["properties"]["crmsync_outcome_id"].split("-")[1])
+        assert emulator.associations("calls", call["id"], "contacts") == [contacts[f"person{i}@example.org"]]
+    with App().store.session() as s:
+        rows = list(s.exec(select(CrmOutbox)))
+    assert len(rows) == n and all(r.state == "done" for r in rows)
+
+
 def test_push_killed_30_times_delivers_each_call_exactly_once(home: Path, tmp_path: Path) -> None:
     # Latency widens every window in which a kill can land (mid-request, between steps, mid-commit).
     # A slow CRM (400 ms a request): 500 outcomes take many kill windows to get through, however fast
     # the client gets.
-    emulator = HubSpotEmulator(seed=11, faults=Faults(latency_ms=400, seed=11))
-    server = emulator.serve()
-    try:
-        app = hubspot_app(server.url, emulator.private_app_token)
-        app.close()
-        src = tmp_path / "outcomes.jsonl"
-        src.write_text(outcome_lines(500, company_every=3, deal_every=4))
-        env = cli_env(home, "hs", emulator.private_app_token)
+    with _slow_crm(home, tmp_path, seed=11, latency_ms=400, outcomes=500) as (emulator, src, env):
         rng = random.Random(2026)
         kills = 0
         for _ in range(30):
@@ -59,34 +88,12 @@ def test_push_killed_30_times_delivers_each_call_exactly_once(home: Path, tmp_pa
         final = run_cli(["--json", "push", str(src), "-c", "hs"], env)
         assert final.code == 0, final.stderr
         assert kills >= 10  # the kills really interrupted runs
-
-        calls = emulator.records("calls")
-        markers = [c["properties"]["crmsync_outcome_id"] for c in calls]
-        assert len(markers) == len(set(markers)) == 500
-        assert len(emulator.records("companies")) == 7
-        assert len(emulator.records("deals")) == 125
-        contacts = {r["properties"]["email"]: r["id"] for r in emulator.records("contacts")}
-        assert len(contacts) == 500
-        for call in calls:
-            i = int(call["properties"]["crmsync_outcome_id"].split("-")[1])
-            assert emulator.associations("calls", call["id"], "contacts") == [contacts[f"person{i}@example.org"]]
-        with App().store.session() as s:
-            rows = list(s.exec(select(CrmOutbox)))
-        assert len(rows) == 500 and all(r.state == "done" for r in rows)
-    finally:
-        server.stop()
+        _assert_each_outcome_delivered_once(emulator, 500)
 
 
 def test_ctrl_c_mid_push_exits_130_soon_and_a_rerun_finishes_exactly_once(home: Path, tmp_path: Path) -> None:
     """Lanes run in threads: Ctrl-C stops them at their next step, releases the claims, exits 130."""
-    emulator = HubSpotEmulator(seed=13, faults=Faults(latency_ms=300, seed=13))
-    server = emulator.serve()
-    try:
-        app = hubspot_app(server.url, emulator.private_app_token)
-        app.close()
-        src = tmp_path / "outcomes.jsonl"
-        src.write_text(outcome_lines(600, company_every=3, deal_every=4))
-        env = cli_env(home, "hs", emulator.private_app_token)
+    with _slow_crm(home, tmp_path, seed=13, latency_ms=300, outcomes=600) as (emulator, src, env):
         proc = subprocess.Popen(
             [sys.executable, "-m", "crmsync", "--quiet", "push", str(src), "-c", "hs"],
             env=env,
@@ -101,19 +108,14 @@ def test_ctrl_c_mid_push_exits_130_soon_and_a_rerun_finishes_exactly_once(home: 
         code = proc.wait(timeout=30)
         assert code == 130, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() - sent < 10  # a step or two, not the rest of the round
-        with App(env={"CRMSYNC_HOME": str(home)}).store.session() as s:
+        with App().store.session() as s:
             rows = list(s.exec(select(CrmOutbox)))
         assert len(rows) == 600 and not any(r.claimed_by for r in rows if r.state == "pending")
         assert any(r.state == "pending" for r in rows)  # it really stopped part-way
 
         final = run_cli(["--json", "push", str(src), "-c", "hs"], env)
         assert final.code == 0, final.stderr
-        markers = [c["properties"]["crmsync_outcome_id"] for c in emulator.records("calls")]
-        assert len(markers) == len(set(markers)) == 600
-        assert len({r["properties"]["email"] for r in emulator.records("contacts")}) == 600
-        assert len(emulator.records("contacts")) == 600
-    finally:
-        server.stop()
+        _assert_each_outcome_delivered_once(emulator, 600)
 
 
 def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp_path: Path) -> None:
