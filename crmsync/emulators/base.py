@@ -57,15 +57,22 @@ class _SlidingWindow:
     def __init__(self, limit: int, window: float) -> None:
         self.limit, self.window = limit, window
         self.hits: collections.deque[float] = collections.deque()
+        self.lock = threading.Lock()
 
     def admit(self, now: float) -> float:
         """Record a hit and return 0, or return the seconds until a slot frees up."""
-        while self.hits and now - self.hits[0] >= self.window:
-            self.hits.popleft()
-        if len(self.hits) >= self.limit:
-            return self.window - (now - self.hits[0])
-        self.hits.append(now)
-        return 0.0
+        with self.lock:
+            while self.hits and now - self.hits[0] >= self.window:
+                self.hits.popleft()
+            if len(self.hits) >= self.limit:
+                return self.window - (now - self.hits[0])
+            self.hits.append(now)
+            return 0.0
+
+    def used(self, now: float, window: float) -> int:
+        """Hits in the ``window`` seconds before ``now``."""
+        with self.lock:
+            return sum(1 for hit in self.hits if now - hit < window)
 
 
 @dataclass
@@ -143,14 +150,23 @@ class Emulator:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         """Answer one request, applying the configured faults first."""
         f = self.faults
+        started = time.monotonic()
         with self._flight_lock:
             self._in_flight += 1
             in_flight = self._in_flight
             self.stats.concurrent_peak = max(self.stats.concurrent_peak, in_flight)
         try:
+            # ``latency_ms`` is the time the CRM takes to answer, as a client measures it: half of
+            # it on the way there, where the CRM counts its rate limits on arrival, then the work,
+            # then the rest of it on the way back. The emulator's own work is part of that time, not
+            # added to it (a real CRM's servers work in parallel; the emulator's under one lock, on
+            # the same machine as the client).
             if f.latency_ms:
-                time.sleep(f.latency_ms / 1000.0)
-            return self._dispatch(request, in_flight)
+                time.sleep(f.latency_ms / 2000.0)
+            response = self._dispatch(request, in_flight)
+            if f.latency_ms and (left := started + f.latency_ms / 1000.0 - time.monotonic()) > 0:
+                time.sleep(left)
+            return response
         finally:
             with self._flight_lock:
                 self._in_flight -= 1
@@ -158,6 +174,15 @@ class Emulator:
     def _dispatch(self, request: httpx.Request, in_flight: int) -> httpx.Response:
         f = self.faults
         matched = self._match(request)
+        wait = 0.0
+        if matched is not None:
+            bucket = matched[2]
+            limit = f.rate_limits.get(bucket) or (f.rate_limits.get("default") if bucket != "none" else None)
+            if limit:
+                # Counted on arrival, not after waiting for the lock behind other requests' work.
+                with self._flight_lock:
+                    window = self._windows.setdefault(bucket, _SlidingWindow(*limit))
+                wait = window.admit(time.monotonic())
         with self.lock:
             self.stats.requests += 1
             if matched is None:
@@ -167,13 +192,9 @@ class Emulator:
             if f.max_concurrent and in_flight > f.max_concurrent:
                 self.stats.rate_limited += 1
                 return self._log(request, self.rate_limited_response("concurrency", 0.0))
-            limit = f.rate_limits.get(bucket) or (f.rate_limits.get("default") if bucket != "none" else None)
-            if limit:
-                window = self._windows.setdefault(bucket, _SlidingWindow(*limit))
-                wait = window.admit(time.monotonic())
-                if wait:
-                    self.stats.rate_limited += 1
-                    return self._log(request, self.rate_limited_response(bucket, wait))
+            if wait:
+                self.stats.rate_limited += 1
+                return self._log(request, self.rate_limited_response(bucket, wait))
             if f.drop_rate and self.rng.random() < f.drop_rate:
                 self.stats.dropped += 1
                 raise DroppedConnection()

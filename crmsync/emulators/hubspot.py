@@ -776,7 +776,7 @@ class HubSpotEmulator(Emulator):
             if counter is None:
                 counter = self._header_window
                 counter.admit(now)
-            used = sum(1 for hit in counter.hits if now - hit < window)
+            used = counter.used(now, window)
             response.headers["X-HubSpot-RateLimit-Max"] = str(limit)
             response.headers["X-HubSpot-RateLimit-Remaining"] = str(max(0, limit - used))
             response.headers["X-HubSpot-RateLimit-Interval-Milliseconds"] = str(int(window * 1000))
