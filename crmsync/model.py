@@ -158,9 +158,13 @@ class CallOutcome(_Strict):
             self.id = "h-" + self.content_hash()[:32]
         return self
 
-    def content_hash(self) -> str:
-        """sha256 of the outcome's content, id excluded: stable across runs and key order."""
-        data = self.model_dump(mode="json", exclude={"id"})
+    def content_hash(self, dumped: dict[str, Any] | None = None) -> str:
+        """sha256 of the outcome's content, id excluded: stable across runs and key order.
+
+        ``dumped``: this outcome's ``model_dump(mode="json")``, when the caller has it already.
+        """
+        data = self.model_dump(mode="json") if dumped is None else dumped
+        data = {k: v for k, v in data.items() if k != "id"}
         return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -39,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import select as sa_select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
@@ -254,6 +254,11 @@ class Encoded:
 
     value: Any
     text: str
+
+
+def encoded(value: Any) -> Encoded:
+    """``value`` with its compact JSON text, for a bulk write's JSON column."""
+    return Encoded(value, _COMPACT_JSON.encode(value))
 
 
 def retry_on_conflict(write: Callable[[], T], *, attempts: int = 3) -> T:
@@ -1016,9 +1021,9 @@ class _Bulk:
 
     _sql: dict[tuple[str, str, tuple[str, ...]], tuple[str, list[Any], list[bool]]] = {}
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.conn = session.connection()
+    def __init__(self, db: Session | Connection) -> None:
+        self.db = db
+        self.conn = db.connection() if isinstance(db, Session) else db
         self.dialect = self.conn.dialect
         self.direct = self.dialect.name == "sqlite"
 
@@ -1066,7 +1071,7 @@ class _Bulk:
         if not rows:
             return
         if not self.direct:
-            self.session.execute(insert(table), [_decoded(r) for r in rows])
+            self.db.execute(insert(table), [_decoded(r) for r in rows])
             return
         for cols, group in _by_keys(rows):
             sql, procs, json_cols = self._prepared("insert", table, cols)
@@ -1085,7 +1090,7 @@ class _Bulk:
                     .where(table.c[key] == bindparam("k_"))
                     .values({c: bindparam(f"v_{c}") for c in sets})
                 )
-                self.session.execute(stmt, [{**{f"v_{c}": _plain(r[c]) for c in sets}, "k_": r[key]} for r in group])
+                self.db.execute(stmt, [{**{f"v_{c}": _plain(r[c]) for c in sets}, "k_": r[key]} for r in group])
                 continue
             sql, procs, json_cols = self._prepared("update", table, sets, (key,))
             self.conn.exec_driver_sql(sql, self._params(group, (*sets, key), procs, json_cols))
@@ -1096,9 +1101,16 @@ def update_rows(session: Session, table: Any, rows: list[dict[str, Any]], key: s
     _Bulk(session).update(table, rows, key)
 
 
+def insert_rows(db: Session | Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Bulk INSERT of plain rows (JSON values may be ``Encoded``) in ``db``'s transaction (see ``_Bulk``)."""
+    _Bulk(db).insert(table, rows)
+
+
 def _json_text(value: Any) -> str:
     if isinstance(value, Encoded):
         return value.text
+    if value == {}:  # most outbox rows' in-flight marks, on every save
+        return "{}"
     return _COMPACT_JSON.encode(value)
 
 

@@ -27,21 +27,20 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, or_, update
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy import or_, update
 from sqlmodel import select
 
 from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
 from crmsync.model import CallOutcome, canonical, company_key, contact_key, utcnow
 from crmsync.providers.base import ItemResult, Outgoing, OutgoingActivity, Provider, match_key
-from crmsync.store import Canonical, CrmConflict, CrmOutbox, retry_on_conflict, update_rows
+from crmsync.store import Canonical, CrmConflict, CrmOutbox, encoded, insert_rows, retry_on_conflict, update_rows
 from crmsync.sync.conflicts import resolve
 from crmsync.sync.inputs import Parsed, read_outcomes
 
@@ -176,14 +175,18 @@ def enqueue(
     rejects: Any,
     sink: ReceiptSink | None,
     parsed_out: dict[str, ParsedOutcome] | None = None,
+    on_objects: Callable[[set[str]], None] | None = None,
 ) -> None:
     """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects.
 
     ``parsed_out`` receives the first CHUNK queued outcomes with their canonical records, so that
-    delivery's first round need not parse again what was just parsed.
+    delivery's first round need not parse again what was just parsed. ``on_objects`` is told, after
+    each part of the input, the object types of the outcomes queued so far (when that set grew), so
+    that what delivery needs of the CRM can be prepared while the rest is read.
     """
     engine = app.store.engine
     seen: dict[str, str] = {}
+    objects: set[str] = set()
     with engine.begin() as db:
         if db.dialect.name == "postgresql":
             from crmsync.scaleout import transaction_lock
@@ -219,10 +222,12 @@ def enqueue(
                 else {}
             )
             new_rows = []
+            chunk_objects: set[str] = set()
             now = utcnow()
             for p, outcome in valid:
                 oid = str(outcome.id)
-                digest = outcome.content_hash()
+                dumped = outcome.model_dump(mode="json")
+                digest = outcome.content_hash(dumped)
                 prior = existing.get(oid)
                 if oid in seen:
                     prior_hash = seen[oid]
@@ -232,13 +237,13 @@ def enqueue(
                     prior_hash = None
                 if prior_hash is None:
                     seen[oid] = digest
-                    _keep_parsed(parsed_out, oid, outcome)
+                    chunk_objects.update(_keep_parsed(parsed_out, oid, outcome))
                     new_rows.append(
                         {
                             "connection": conn,
                             "outcome_id": oid,
                             "content_hash": digest,
-                            "payload": outcome.model_dump(mode="json"),
+                            "payload": encoded(dumped),
                             "state": "pending",
                             "steps": {},
                             "in_flight": {},
@@ -257,12 +262,12 @@ def enqueue(
                     continue
                 if update and prior is not None and oid not in seen:
                     seen[oid] = digest
-                    _keep_parsed(parsed_out, oid, outcome)
+                    chunk_objects.update(_keep_parsed(parsed_out, oid, outcome))
                     db.execute(
                         CrmOutbox.__table__.update()  # type: ignore[attr-defined]
                         .where(CrmOutbox.__table__.c.id == prior.id)  # type: ignore[attr-defined]
                         .values(
-                            payload=outcome.model_dump(mode="json"),
+                            payload=dumped,
                             content_hash=digest,
                             state="pending",
                             update_requested=True,
@@ -285,15 +290,21 @@ def enqueue(
                         )
                     )
             if new_rows:
-                db.execute(insert(CrmOutbox.__table__), new_rows)  # type: ignore[attr-defined]
+                insert_rows(db, CrmOutbox.__table__, new_rows)  # type: ignore[attr-defined]
+            if on_objects is not None and not chunk_objects <= objects:
+                objects |= chunk_objects
+                on_objects(set(objects))
 
 
 def _keep_parsed(
     parsed_out: dict[str, ParsedOutcome] | None, oid: str, outcome: CallOutcome
-) -> None:
-    """Hand a queued outcome (as written to its row) to delivery's first round, parsed."""
+) -> Iterable[str]:
+    """Hand a queued outcome (as written to its row) to delivery's first round, parsed; its objects."""
     if parsed_out is not None and len(parsed_out) < CHUNK:
-        parsed_out[oid] = (outcome.occurred_at, canonical(outcome))
+        canon = canonical(outcome)
+        parsed_out[oid] = (outcome.occurred_at, canon)
+        return canon
+    return ()
 
 
 def _public_steps(steps: dict[str, Any]) -> dict[str, str]:
@@ -343,6 +354,7 @@ def push(
                 status, error = "ok", None
                 provider: Provider | None = None
                 before: dict[str, int] = {}
+                warm = _Warmup(app, conn) if path is not None else None
                 try:
                     parsed: dict[str, ParsedOutcome] = {}
                     if path is not None:
@@ -357,6 +369,7 @@ def push(
                                 rejects=reject_handle,
                                 sink=sink,
                                 parsed_out=parsed,
+                                on_objects=warm.prepare if warm else None,
                             )
                         finally:
                             if reject_handle:
@@ -365,11 +378,11 @@ def push(
                             raise InputError(f"{'<stdin>' if path == '-' else path}: no outcomes found (empty input)")
                     if retry_failed:
                         _reset_failed(app, conn.name)
-                    provider = app.provider(conn)
-                    before = provider.http.stats.as_dict()
+                    provider = warm.provider() if warm else app.provider(conn)
+                    before = warm.before if warm else provider.http.stats.as_dict()
                     deliver(
                         app, conn, provider, mapping, summary, sink=sink, progress=progress, run_id=run_id,
-                        parsed=parsed,
+                        parsed=parsed, prepared=warm.gates if warm else None,
                     )
                 except RetriableError as exc:
                     status, error = "failed", str(exc)
@@ -381,6 +394,8 @@ def push(
                     status = "failed"
                     raise
                 finally:
+                    if warm is not None:
+                        warm.close()
                     stats = provider.http.stats.since(before) if provider else {}
                     summary.requests = stats.get("requests", 0)
                     summary.retries = stats.get("retries", 0)
@@ -414,6 +429,45 @@ def push(
             f"{summary.requeued} outcome(s) still queued after temporary errors; run push again"
         )
     return summary
+
+
+class _Warmup:
+    """The provider made, and the CRM prepared for the objects queued, while the input is still read.
+
+    Delivery's first writes wait for the provider (credentials from the keyring) and for
+    ``prepare_objects`` (idempotency properties, field metadata: a round trip or two per object).
+    Both start on threads as soon as enqueue has queued outcomes of an object type, so their round
+    trips overlap the rest of validating and queuing. Nothing is written to the CRM unless some
+    outcome was queued (a push that queued one delivers it, so prepares it anyway); what fails here
+    fails when delivery asks for it, as it would have without the head start.
+    """
+
+    def __init__(self, app: App, conn: CrmConnection) -> None:
+        _ = app.metrics, app.secrets  # made here, not raced for by the thread below
+        workers = 1 + len(ENTITY_STEPS) + len(ACTIVITY_STEPS)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmup")
+        self.gates: dict[str, Future[None]] = {}
+        self.before: dict[str, int] = {}  # the provider's request counters before any request of this run
+        self._provider = self.pool.submit(self._make, app, conn)
+
+    def _make(self, app: App, conn: CrmConnection) -> Provider:
+        provider = app.provider(conn)
+        self.before = provider.http.stats.as_dict()
+        return provider
+
+    def prepare(self, objects: set[str]) -> None:
+        for obj in sorted(objects - set(self.gates)):
+            self.gates[obj] = self.pool.submit(self._prepare, obj)
+
+    def _prepare(self, obj: str) -> None:
+        self._provider.result().prepare_objects([obj])
+
+    def provider(self) -> Provider:
+        return self._provider.result()
+
+    def close(self) -> None:
+        # Started requests finish (they are short); nothing not yet started is begun.
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _shared(app: App) -> bool:
@@ -566,6 +620,34 @@ def _entity_key(obj: str, canon: dict[str, dict[str, Any]]) -> str | None:
 
 
 # -- delivery ---------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Row:
+    """The part of an outbox row that delivery reads and writes back (``_save_rows``).
+
+    Plain attributes, not a ``CrmOutbox`` instance: a round holds 10,000 rows, and building, setting
+    and reading ORM-instrumented SQLModel objects was most of a round's claim and close (0.4 s each).
+    """
+
+    id: int
+    outcome_id: str
+    state: str
+    steps: dict[str, Any]
+    in_flight: dict[str, Any]
+    attempts: int
+    last_error: str | None
+    update_requested: bool
+    updated_at: datetime
+    delivered_at: datetime | None
+    claimed_by: str | None
+    claimed_at: datetime | None
+    #: The outcome as queued, until it is parsed (None when the caller already has it parsed).
+    payload: dict[str, Any] | None = None
+
+
+#: The outbox columns a ``_Row`` is read from, in its field order (payload apart).
+_ROW_COLUMNS = tuple(f for f in _Row.__slots__ if f != "payload")  # type: ignore[attr-defined]
+
+
 @dataclass
 class _Item:
     """One outcome being delivered: its outbox row, when the call happened, its canonical records.
@@ -574,7 +656,7 @@ class _Item:
     third of a round's memory.
     """
 
-    row: CrmOutbox
+    row: _Row
     occurred_at: datetime
     canon: dict[str, dict[str, Any]]
     failed: bool = False
@@ -591,6 +673,7 @@ def deliver(
     progress: Callable[[int, int], None] | None = None,
     run_id: int | None = None,
     parsed: dict[str, ParsedOutcome] | None = None,
+    prepared: dict[str, Future[None]] | None = None,
 ) -> None:
     """Deliver every pending outbox item of a connection, CHUNK outcomes at a time.
 
@@ -603,23 +686,29 @@ def deliver(
     next round's lookups also need the next rows to stay ours (not when workers share the outbox).
 
     ``parsed``: outcomes just queued, already parsed (see ``enqueue``); their objects are prepared
-    (idempotency properties, field metadata) while the first round is claimed.
+    (idempotency properties, field metadata) while the first round is claimed, unless ``prepared``
+    has them already under way (object -> its ``prepare_objects`` future, see ``_Warmup``).
     """
     last_id = 0
     done = 0
     total = _count_pending(app, conn.name)
-    prepared = False
+    ready = False  # the first round's objects prepared
     shared = _shared(app)
     threads = app.store.concurrent_writers
     lookups = _Lookups(app, conn, provider, mapping, threads=threads)
     ahead: tuple[list[int | None], list[tuple[list[_Item], dict[str, Known]]]] | None = None
     parsed = parsed or {}
-    prepared_objects = sorted({o for _, canon in parsed.values() for o in canon})
-    preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepared_objects else None
-    early = preparing.submit(provider.prepare_objects, prepared_objects) if preparing else None
+    gates = dict(prepared or {})
+    missing = sorted({o for _, canon in parsed.values() for o in canon} - set(gates))
+    preparing = ThreadPoolExecutor(max_workers=len(missing), thread_name_prefix="prepare") if missing else None
+    if preparing:
+        gates.update({o: preparing.submit(provider.prepare_objects, [o]) for o in missing})
     with _claim_owner(app, shared) as owner, contextlib.closing(lookups), preparing or contextlib.nullcontext():
         while True:
-            rows = _claim(app, conn.name, last_id, owner, shared=shared)
+            if ahead is not None:
+                # What the look-ahead parsed is not read and parsed again, whatever the claim returns.
+                parsed = {it.row.outcome_id: (it.occurred_at, it.canon) for lane, _ in ahead[1] for it in lane}
+            rows = _claim(app, conn.name, last_id, owner, shared=shared, have=set(parsed))
             if not rows:
                 break
             last_id = rows[-1].id or last_id
@@ -636,15 +725,15 @@ def deliver(
                     items = [it for lane, _ in lanes for it in lane]
                 else:
                     items = [_parse(row, parsed) for row in rows]
-                    if not prepared:
-                        if early is not None:
-                            early.result()
-                        objects = sorted({o for it in items for o in it.canon})
-                        if not set(objects) <= set(prepared_objects):
+                    if not ready:
+                        # Before any write: a CRM that lacks what push relies on fails the run here.
+                        for gate in gates.values():
+                            gate.result()
+                        if objects := sorted({o for it in items for o in it.canon} - set(gates)):
                             provider.prepare_objects(objects)
-                        prepared = True
-                    parsed.clear()  # the first round's only (the caller's dict: not kept alive by it)
+                        ready = True
                     lanes = [(lane, lookups.start(lane)) for lane in _lanes(items, split=threads)]
+                parsed.clear()  # this round's only (the first time the caller's dict: not kept alive by it)
                 ahead = None
                 if threads and not shared:
                     upcoming = _peek(app, conn.name, last_id)
@@ -783,23 +872,37 @@ def _run_lanes(
         summary.writes += part.writes
 
 
-def _parse(row: CrmOutbox, parsed: dict[str, ParsedOutcome] | None = None) -> _Item:
+def _parse(row: _Row, parsed: dict[str, ParsedOutcome] | None = None) -> _Item:
     if parsed and (done := parsed.get(row.outcome_id)) is not None:
         item = _Item(row, *done)
     else:
         outcome = CallOutcome.model_validate(row.payload)
         item = _Item(row, outcome.occurred_at, canonical(outcome))
-    # Parsed, the payload is not read again (progress is saved column by column): let it go.
-    set_committed_value(row, "payload", {})
+    row.payload = None  # parsed, it is not read again (progress is saved column by column)
     return item
 
 
-def _peek(app: App, conn: str, after_id: int) -> list[CrmOutbox]:
+def _read_rows(s: Any, where: Any, *, limit: int | None = None, skip_payload: Collection[str] = ()) -> list[_Row]:
+    """Outbox rows as ``_Row``s, in id order; payloads only of the outcomes not in ``skip_payload``."""
+    t = CrmOutbox.__table__.c  # type: ignore[attr-defined]
+    q = select(*(t[c] for c in _ROW_COLUMNS)).where(where).order_by(t.id)
+    if limit is not None:
+        q = q.limit(limit)
+    db = s.connection()  # Core rows: the ORM's loading machinery cost more than the rows themselves
+    rows = [_Row(*r) for r in db.execute(q)]
+    wanted = [r.id for r in rows if r.outcome_id not in skip_payload]
+    if wanted:
+        payloads = {rid: payload for rid, payload in db.execute(select(t.id, t.payload).where(t.id.in_(wanted)))}
+        for r in rows:
+            r.payload = payloads.get(r.id, r.payload)
+    return rows
+
+
+def _peek(app: App, conn: str, after_id: int) -> list[_Row]:
     """The rows the next round will claim (read only: nothing is leased)."""
-    t = CrmOutbox
+    t = CrmOutbox.__table__.c  # type: ignore[attr-defined]
     with app.store.session() as s:
-        q = select(t).where(t.connection == conn, t.state == "pending", t.id > after_id)  # type: ignore[operator]
-        return list(s.exec(q.order_by(t.id).limit(CHUNK)))  # type: ignore[arg-type]
+        return _read_rows(s, (t.connection == conn) & (t.state == "pending") & (t.id > after_id), limit=CHUNK)
 
 
 def _claim_owner(app: App, shared: bool) -> contextlib.AbstractContextManager[str]:
@@ -811,12 +914,15 @@ def _claim_owner(app: App, shared: bool) -> contextlib.AbstractContextManager[st
     return contextlib.nullcontext(f"0:{socket.gethostname()}:{os.getpid()}")
 
 
-def _claim(app: App, conn: str, after_id: int, owner: str, *, shared: bool) -> list[CrmOutbox]:
+def _claim(
+    app: App, conn: str, after_id: int, owner: str, *, shared: bool, have: Collection[str] = ()
+) -> list[_Row]:
     """Lease the next CHUNK pending rows that no live run holds.
 
     Under SQLite's run lock nobody else can hold a claim, so any claim found is a dead run's. On
     PostgreSQL a claim is free when its run has died (its advisory lock is gone) or its lease,
-    renewed after every step, is older than LEASE.
+    renewed after every step, is older than LEASE. Payloads of the outcomes in ``have`` (already
+    parsed) are not read.
     """
     t = CrmOutbox
     now = utcnow()
@@ -835,7 +941,7 @@ def _claim(app: App, conn: str, after_id: int, owner: str, *, shared: bool) -> l
         if not ids:
             return []
         s.execute(update(t).where(t.id.in_(ids)).values(claimed_by=owner, claimed_at=now))  # type: ignore[union-attr]
-        return list(s.exec(select(t).where(t.id.in_(ids)).order_by(t.id)))  # type: ignore[union-attr,arg-type]
+        return _read_rows(s, t.id.in_(ids), skip_payload=have)  # type: ignore[union-attr]
 
 
 def _renew(app: App, items: list[_Item], owner: str) -> None:
@@ -1116,7 +1222,7 @@ _ROW_FIELDS = (
 )
 
 
-def _save_rows(s: Any, rows: Iterable[CrmOutbox]) -> None:
+def _save_rows(s: Any, rows: Iterable[_Row]) -> None:
     """Write the outbox rows' progress in one bulk UPDATE by primary key (not a SELECT+UPDATE per row)."""
     values = [{"id": r.id, **{f: getattr(r, f) for f in _ROW_FIELDS}} for r in rows]
     if values:
