@@ -144,10 +144,12 @@ class HubSpotPolicy(ResponsePolicy):
                 pass
         remaining = h.get("X-HubSpot-RateLimit-Remaining")
         if remaining is not None and remaining.isdigit() and int(remaining) <= 1:
-            # Our bucket is tuned to the documented limit; the portal says we are at its edge
-            # (another integration shares it), so hold back before it answers 429.
+            # The portal says we are at its edge. If our own window is spent too, that is just us
+            # (and our window already holds the next request back); if it still has turns, another
+            # integration shares the portal's limit, so hold back before the portal answers 429.
             limiter = client.buckets.get(bucket) or client.buckets.get("default")
-            if limiter is not None:
+            free = getattr(limiter, "free", None)
+            if limiter is not None and (free is None or free() > int(remaining) + 1):
                 limiter.pause(1.0)
 
     def error_message(self, response: httpx.Response) -> tuple[str, str | None]:
