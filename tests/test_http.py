@@ -265,3 +265,90 @@ def test_requests_waiting_for_a_full_window_hold_no_slot_another_limit_could_use
     t0 = time.monotonic()
     c.post("/search", json={}, bucket="search")
     assert time.monotonic() - t0 < 2.0  # the search goes now (it waited ~30 s while /c held the slot)
+
+
+def test_hubspot_edge_of_the_portal_pauses_only_when_another_integration_spends_it() -> None:
+    """X-HubSpot-RateLimit-Remaining near 0 is ours when our own window is spent: no extra pause.
+
+    Before, every response that filled our own window paused all requests for a second, once per
+    10-second window of a long push.
+    """
+    from types import SimpleNamespace
+
+    from crmsync.providers.hubspot import HubSpotPolicy
+
+    def seen(remaining: int, window: object) -> None:
+        response = httpx.Response(200, headers={"X-HubSpot-RateLimit-Remaining": str(remaining)})
+        HubSpotPolicy().observe(response, SimpleNamespace(buckets={"default": window}), "default")
+
+    ours = RateLimit(3, 10.0).bucket()
+    for _ in range(3):
+        ours.acquire()
+    seen(0, ours)  # the portal's last turn went to us: our window already waits for it
+    assert ours.try_acquire() is False and ours.not_before == 0.0
+
+    shared = RateLimit(100, 10.0).bucket()
+    shared.acquire()
+    seen(1, shared)  # we used one turn, the portal has one left: someone else spends it
+    assert shared.not_before > time.monotonic() + 0.5
+
+
+def test_deferring_requests_take_a_turn_only_when_no_other_request_waits_for_one() -> None:
+    """Calls (the leaves of a push) let companies, contacts and deals have the next turns."""
+    import threading
+
+    from crmsync.http import deferring
+
+    window = RateLimit(1, 0.3).bucket()
+    window.acquire()  # spent: the turn comes back 0.3 s on
+    order: list[str] = []
+
+    def take(name: str, defer: bool) -> None:
+        if defer:
+            with deferring():
+                window.acquire()
+        else:
+            window.acquire()
+        order.append(name)
+
+    leaf = threading.Thread(target=take, args=("call", True))
+    leaf.start()
+    time.sleep(0.05)
+    entity = threading.Thread(target=take, args=("contact", False))
+    entity.start()
+    leaf.join(3)
+    entity.join(3)
+    # The call waited first, but the contact (waiting too) has the first turn that frees up.
+    assert order == ["contact", "call"]
+
+
+def test_deferring_requests_take_a_slot_in_flight_only_when_no_other_request_waits_for_one() -> None:
+    """Zoho limits requests in flight: its 5 slots go first to what the rest of a push waits for."""
+    import threading
+
+    from crmsync.http import Slots, deferring
+
+    slots = Slots(1)
+    slots.acquire()  # the only slot is taken
+    order: list[str] = []
+
+    def take(name: str, defer: bool) -> None:
+        if defer:
+            with deferring():
+                slots.acquire()
+        else:
+            slots.acquire()
+        order.append(name)
+        slots.release()
+
+    leaf = threading.Thread(target=take, args=("call", True))
+    leaf.start()
+    time.sleep(0.05)
+    entity = threading.Thread(target=take, args=("lookup", False))
+    entity.start()
+    time.sleep(0.05)
+    slots.release()
+    leaf.join(3)
+    entity.join(3)
+    assert order == ["lookup", "call"]
+    assert slots.acquire(blocking=False) and not slots.acquire(blocking=False)
