@@ -125,18 +125,22 @@ class SlidingWindow:
     This is how CRMs state and count their limits ("100 per rolling 10 s", "5 per second"), so a
     client pacing by it can spend a window's whole allowance at once and is never early for the
     next one, where a token bucket's trickle leaves part of every window unused (a 270-request push
-    under HubSpot's 100/10 s: 20 s here, 28 s with the bucket). The window is stretched by JITTER:
-    the CRM counts a request when it arrives, and two requests' trips differ by milliseconds, however
-    long the window (a 2 % stretch had cost 0.2 s per 10-second window).
-    ``pause`` holds every caller back (after a 429).
+    under HubSpot's 100/10 s: 20 s here, 28 s with the bucket). The window is stretched by a margin,
+    because we count a request when its turn is taken and the CRM when it arrives: JITTER for the
+    spread of transit times, plus SEND for each turn of a window, since a window spent at once
+    leaves as a burst whose last request goes out that much after its turn, while the next window's
+    turns come back one at a time. Neither grows with the window's length (a 2 % stretch had cost
+    0.2 s per 10-second window). ``pause`` holds every caller back (after a 429).
     """
 
-    #: Seconds added to every window for the spread of network transit times.
-    JITTER = 0.1
+    #: Seconds added to every window for the spread of network transit times...
+    JITTER = 0.04
+    #: ...and per turn of the window, for a burst's requests leaving one after another.
+    SEND = 0.0006
 
     def __init__(self, requests: int, per_seconds: float) -> None:
         self.requests = max(1, requests)
-        self.window = per_seconds + self.JITTER
+        self.window = per_seconds + self.JITTER + self.SEND * self.requests
         self.starts: deque[float] = deque()
         self.not_before = 0.0
         self.lock = threading.Lock()
