@@ -516,3 +516,42 @@ def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order
     assert app.store.count_records("hs")["contacts"]["stored"] == 1_510
     cursor = app.store.cursor("hs", "contacts")
     assert cursor is not None and cursor["mode"] == "search"
+
+
+def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lane that starts with contacts needs its contact lookups at once; a lane that starts with
+    companies only after its companies (whose lookups are the slow ones): contacts go in that order."""
+    import threading
+
+    from crmsync.sync import push as push_mod
+
+    done: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    def fake(app: object, conn: object, provider: object, mapping: object, items: list, obj: str) -> dict:
+        with lock:
+            done.setdefault(obj, []).append(items[0].row.id)
+        return {}
+
+    monkeypatch.setattr(push_mod, "_lookups_for", fake)
+    row = lambda n: type("Row", (), {"id": n, "steps": {}})()  # noqa: E731
+    with_company = {"companies": {"domain": "a.example"}, "contacts": {"email": "a@a.example"}}
+    without = {"contacts": {"email": "b@b.example"}, "deals": {"key": "d-1"}}
+    lanes = [
+        [push_mod._Item(row(0), None, with_company)],  # type: ignore[arg-type]
+        [push_mod._Item(row(1), None, without)],  # type: ignore[arg-type]
+    ]
+    lookups = push_mod._Lookups(None, None, None, None, threads=True)  # type: ignore[arg-type]
+    try:
+        started = lookups.start(lanes)
+        for _, known in started:
+            for future in known.values():
+                future.result()  # type: ignore[union-attr]
+    finally:
+        lookups.close()
+    assert [lane[0].row.id for lane, _ in started] == [0, 1]  # lanes keep their order
+    assert done["companies"] == [0, 1]
+    assert done["contacts"] == [1, 0]  # the contacts-first lane is looked up first
+    assert done["deals"] == [1, 0]

@@ -732,14 +732,14 @@ def deliver(
                         if objects := sorted({o for it in items for o in it.canon} - set(gates)):
                             provider.prepare_objects(objects)
                         ready = True
-                    lanes = [(lane, lookups.start(lane)) for lane in _lanes(items, split=threads)]
+                    lanes = lookups.start(_lanes(items, split=threads))
                 parsed.clear()  # this round's only (the first time the caller's dict: not kept alive by it)
                 ahead = None
                 if threads and not shared:
                     upcoming = _peek(app, conn.name, last_id)
                     if upcoming:
                         nxt = [_parse(r) for r in upcoming]
-                        ahead = ([r.id for r in upcoming], [(lane, lookups.start(lane)) for lane in _lanes(nxt)])
+                        ahead = ([r.id for r in upcoming], lookups.start(_lanes(nxt)))
                 _run_lanes(app, conn, provider, mapping, lanes, summary, owner if shared else None)
                 _finish(app, items, summary, sink)
                 finished = True
@@ -802,6 +802,14 @@ def _lanes(items: list[_Item], *, split: bool = True) -> list[list[_Item]]:
     return [sorted(lane, key=lambda it: order[id(it)]) for lanes in by_first.values() for lane in lanes]
 
 
+def _first_step(lane: list[_Item]) -> int:
+    """The index in ENTITY_STEPS of the first entity step a lane still needs (len when none)."""
+    return next(
+        (j for j, o in enumerate(ENTITY_STEPS) if any(o in it.canon and o not in it.row.steps for it in lane)),
+        len(ENTITY_STEPS),
+    )
+
+
 class _Lookups:
     """Lanes' CRM lookups, queued per object in lane order (one lane at a time per object).
 
@@ -818,10 +826,23 @@ class _Lookups:
             else None
         )
 
-    def start(self, lane: list[_Item]) -> dict[str, Known]:
-        if self.pools is None:
-            return {obj: _lookups_for(*self.args, lane, obj) for obj in ENTITY_STEPS}
-        return {obj: pool.submit(_lookups_for, *self.args, lane, obj) for obj, pool in self.pools.items()}
+    def start(self, lanes: list[list[_Item]]) -> list[tuple[list[_Item], dict[str, Known]]]:
+        """Queue the lanes' lookups; each lane with its lookups (or their futures) per object.
+
+        Per object, the lanes that reach that object first are looked up first: a lane that starts
+        with contacts needs its contacts at once, a lane that starts with companies only after its
+        companies are written (their lookups take longer than anything else of a push).
+        """
+        known: list[dict[str, Known]] = [{} for _ in lanes]
+        firsts = [_first_step(lane) for lane in lanes]
+        for j, obj in enumerate(ENTITY_STEPS):
+            order = sorted(range(len(lanes)), key=lambda i: j - firsts[i] if firsts[i] <= j else len(ENTITY_STEPS))
+            for i in order:
+                if self.pools is None:
+                    known[i][obj] = _lookups_for(*self.args, lanes[i], obj)
+                else:
+                    known[i][obj] = self.pools[obj].submit(_lookups_for, *self.args, lanes[i], obj)
+        return list(zip(lanes, known, strict=True))
 
     def close(self) -> None:
         for pool in (self.pools or {}).values():
@@ -987,6 +1008,14 @@ def _parallel(
     workers = max(1, min(len(batches), provider.http.concurrency))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="push") as pool:
         return [r for rs in pool.map(fn, batches) for r in rs]
+
+
+def _deferred(fn: Callable[[str, list[Any]], list[ItemResult]], obj: str, batch: list[Any]) -> list[ItemResult]:
+    """An activity write: it takes a rate-limit turn only when no entity write waits for one (``deferring``)."""
+    from crmsync.http import deferring
+
+    with deferring():
+        return fn(obj, batch)
 
 
 def _batches(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -1328,7 +1357,8 @@ def _activity_step(
             )
             for it in creates
         ]
-        for r in _parallel(provider, lambda b: provider.create_activities(obj, b), _batches(acts, provider.batch_size)):
+        send = lambda b: _deferred(provider.create_activities, obj, b)  # noqa: E731
+        for r in _parallel(provider, send, _batches(acts, provider.batch_size)):
             results[r.ref] = r
     if updates:
         outs = [
@@ -1340,7 +1370,7 @@ def _activity_step(
             )
             for it in updates
         ]
-        for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(outs, provider.batch_size)):
+        for r in _parallel(provider, lambda b: _deferred(provider.upsert, obj, b), _batches(outs, provider.batch_size)):
             results[r.ref] = r
     now_dt = utcnow()
     with app.store.session() as s:
