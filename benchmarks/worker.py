@@ -216,6 +216,9 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def main(argv: list[str]) -> int:
+    from crmsync import tune_gc
+
+    tune_gc()  # as the CLI does: the worker stands in for a `crmsync` process
     op, spec = argv[0], json.loads(argv[1])
     result = OPS[op](spec)
     sys.stdout.write("\n" + json.dumps(result, default=str) + "\n")

@@ -582,6 +582,9 @@ def main() -> None:
     """Console-script entry point: the one place errors become exit codes."""
     from typer.exceptions import Abort, Exit, TyperException
 
+    from crmsync import tune_gc
+
+    tune_gc()
     try:
         rv = app(standalone_mode=False)
     except CrmsyncError as exc:
