@@ -781,6 +781,30 @@ def test_upsert_checks_duplicate_fields_in_order(zoho: Zoho) -> None:
     assert missing.status_code == 400 and missing.json()["data"][0]["details"]["api_name"] == "Stage"
 
 
+def test_upsert_duplicate_check_follows_edits_and_deletes_and_picks_the_first_holder(zoho: Zoho) -> None:
+    """The duplicate-check index answers what a scan of the module would: across edits and deletes."""
+    emu = zoho.emu
+
+    def holder(email: str) -> str | None:  # the scan the index replaces: first record in module order
+        return next((r["id"] for r in emu.records("Contacts") if (r.get("Email") or "").lower() == email.lower()), None)
+
+    made = zoho.write("POST", "Contacts", [{"Last_Name": f"Dup{i}", "Email": "dup@example.com"} for i in range(3)])
+    first, second, third = (d["details"]["id"] for d in made.json()["data"])
+
+    def upsert_hits() -> str:
+        r = zoho.write("POST", "Contacts/upsert", [{"Last_Name": "Hit", "Email": "DUP@example.com"}])
+        return str(r.json()["data"][0]["details"]["id"])
+
+    assert holder("dup@example.com") == first and upsert_hits() == first
+    zoho.write("PUT", "Contacts", [{"id": first, "Email": "moved@example.com"}])  # no longer holds it
+    assert holder("dup@example.com") == second and upsert_hits() == second
+    assert zoho.client.delete("/crm/v8/Contacts", params={"ids": second}).status_code == 200
+    assert holder("dup@example.com") == third and upsert_hits() == third
+    assert upsert_hits() == third  # updating the holder keeps it the holder
+    moved = zoho.write("POST", "Contacts/upsert", [{"Last_Name": "Moved", "Email": "moved@example.com"}])
+    assert moved.json()["data"][0]["details"]["id"] == first
+
+
 def test_delete_into_the_recycle_bin(zoho: Zoho) -> None:
     a, b = zoho.ids("Accounts")[:2]
     r = zoho.client.delete("/crm/v8/Accounts", params={"ids": f"{a},4150868000009999999", "wf_trigger": "false"})
