@@ -417,7 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="hubspot, zoho, odoo or a comma-separated list (default: every provider that is available)",
     )
-    parser.add_argument("--latency-ms", type=float, default=150.0, help="emulated network + server latency per request")
+    parser.add_argument(
+        "--latency-ms", type=float, default=150.0, help="how long each emulated answer takes (network and server)"
+    )
     parser.add_argument(
         "--error-rate", type=float, default=0.01, help="share of requests answered with a transient 5xx"
     )

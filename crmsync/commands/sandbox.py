@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         contacts: Annotated[int, typer.Option("--contacts", help="Seeded contacts.")] = 100,
         companies: Annotated[int, typer.Option("--companies", help="Seeded companies.")] = 25,
         deals: Annotated[int, typer.Option("--deals", help="Seeded deals.")] = 10,
-        latency_ms: Annotated[float, typer.Option("--latency-ms", help="Added latency per request.")] = 0.0,
+        latency_ms: Annotated[
+            float, typer.Option("--latency-ms", help="How long each answer takes (the emulator's work inside it).")
+        ] = 0.0,
         rate_limit: Annotated[
             str | None, typer.Option("--rate-limit", help="N/SECONDS, e.g. 100/10 (429 above it).")
         ] = None,
