@@ -518,6 +518,36 @@ def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order
     assert cursor is not None and cursor["mode"] == "search"
 
 
+def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_applied(
+    emulator: HubSpotEmulator, server, home: Path
+) -> None:
+    """Not one more round trip after the walk: the first archived page is asked for as the walk starts."""
+    from crmsync.emulators.base import Faults
+
+    write_config(home, "hs", search_rate_limit=2, rate_limit=100000)
+    emulator.seed(contacts=10)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    pull(app, objects=["contacts"])
+    gone = [r["id"] for r in emulator.records("contacts")[:2]]
+    for rid in gone:
+        emulator.archive("contacts", rid)
+    emulator.bulk_create(
+        "contacts", 1_000, modified_at=time.time() - 20.0, properties_fn=lambda i: {"email": f"w{i}@x.io"}
+    )
+    emulator.faults = Faults(latency_ms=30)
+    emulator.keep_log = True
+    emulator.stats.log.clear()
+    result = pull(app, objects=["contacts"])[0]
+    assert result.exit_code == 0, result.error
+    paths = [path for _, path, _ in emulator.stats.log]
+    searches = [i for i, path in enumerate(paths) if path.endswith("/search")]
+    listed = [i for i, path in enumerate(paths) if path == "/crm/v3/objects/contacts"]
+    assert len(searches) >= 5 and listed  # a walk of several pages at 2/s, and the archived list
+    assert listed[0] < searches[-1]  # read while the walk ran
+    assert all(app.store.record("hs", "contacts", rid).archived for rid in gone)  # type: ignore[union-attr]
+    assert app.store.count_records("hs")["contacts"]["stored"] == 1_010
+
+
 def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -544,10 +544,18 @@ class HubSpotProvider(Provider):
         if cursor.get("mode") is None:
             cursor = {"mode": "search", "ts": 0}
         last = cursor
-        for page in self._search_phase(obj, cursor, fields, run_start):
-            last = page.cursor or last
-            yield page
-        yield from self._archived_phase(obj, last, fields)
+        # The first page of archived records is read while the search walk runs, not after it (a
+        # round trip off the end of every pull). A record archived meanwhile is newer than any it
+        # holds, so the next pull finds it, as it finds one archived after a later read.
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"archived-{obj}")
+        try:
+            first = ahead.submit(self._list, obj, fields, after=None, archived=True)
+            for page in self._search_phase(obj, cursor, fields, run_start):
+                last = page.cursor or last
+                yield page
+            yield from self._archived_phase(obj, last, fields, first=first)
+        finally:
+            ahead.shutdown(wait=False, cancel_futures=True)
 
     def _list_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str], run_start: int) -> Iterator[Page]:
         """First run: the list endpoint has no 10k cap. Then hand over to search.
@@ -685,13 +693,21 @@ class HubSpotProvider(Provider):
             if pool is not None:
                 pool.shutdown(wait=False)
 
-    def _archived_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
-        """Search never returns archived records: list them and keep those archived since last time."""
+    def _archived_phase(
+        self, obj: str, cursor: dict[str, Any], fields: Sequence[str], *, first: Future[dict[str, Any]] | None = None
+    ) -> Iterator[Page]:
+        """Search never returns archived records: list them and keep those archived since last time.
+
+        ``first``: the first page, already asked for.
+        """
         since = int(cursor.get("archived_ts", 0))
         newest = since
         after = None
         while True:
-            body = self._list(obj, fields, after=after, archived=True)
+            if first is not None:
+                body, first = first.result(), None
+            else:
+                body = self._list(obj, fields, after=after, archived=True)
             fresh = []
             for raw in body.get("results", []):
                 archived_at = parse_ts(raw.get("archivedAt"))
