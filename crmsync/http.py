@@ -172,16 +172,17 @@ class SlidingWindow:
             now = time.monotonic()
             while self.starts and now - self.starts[0] >= self.window:
                 self.starts.popleft()
-            if low and self.waiting:
-                return DEFER_POLL
-            if now >= self.not_before and len(self.starts) < self.requests:
+            yielding = low and self.waiting > 0
+            if not yielding and now >= self.not_before and len(self.starts) < self.requests:
                 self.starts.append(now)
                 self._mine.stamp = now
                 return 0.0
             wait = self.not_before - now
             if len(self.starts) >= self.requests:
                 wait = max(wait, self.starts[0] + self.window - now)
-            return max(wait, 1e-6)
+            # A deferring request sleeps until a turn may be free and then looks whether anyone else
+            # still waits for it (not a busy loop while the window is spent).
+            return max(wait, DEFER_POLL if yielding else 1e-6)
 
     def pause(self, seconds: float) -> None:
         with self.lock:

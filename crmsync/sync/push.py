@@ -811,11 +811,10 @@ def _first_step(lane: list[_Item]) -> int:
 
 
 class _Lookups:
-    """Lanes' CRM lookups, queued per object in lane order (one lane at a time per object).
+    """Lanes' CRM lookups, queued per object (one lane at a time per object; see ``start`` for the order).
 
     A lane's lookups of one object do not depend on any write, so they can run long before the lane
-    gets there; in lane order, the first lanes' answers come first. Without threads (in-memory
-    store) they run in line.
+    gets there. Without threads (in-memory store) they run in line.
     """
 
     def __init__(self, app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, *, threads: bool) -> None:
