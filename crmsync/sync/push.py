@@ -685,9 +685,9 @@ def deliver(
     this round's. All of this needs one store connection per thread (not an in-memory store); the
     next round's lookups also need the next rows to stay ours (not when workers share the outbox).
 
-    ``parsed``: outcomes just queued, already parsed (see ``enqueue``); their objects are prepared
-    (idempotency properties, field metadata) while the first round is claimed, unless ``prepared``
-    has them already under way (object -> its ``prepare_objects`` future, see ``_Warmup``).
+    ``parsed``: outcomes just queued, already parsed (see ``enqueue``). ``prepared``: object -> its
+    ``prepare_objects`` future, started while they were queued (see ``_Warmup``); the first round
+    waits for them and prepares any other object it holds before its first write.
     """
     last_id = 0
     done = 0
@@ -698,12 +698,8 @@ def deliver(
     lookups = _Lookups(app, conn, provider, mapping, threads=threads)
     ahead: tuple[list[int | None], list[tuple[list[_Item], dict[str, Known]]]] | None = None
     parsed = parsed or {}
-    gates = dict(prepared or {})
-    missing = sorted({o for _, canon in parsed.values() for o in canon} - set(gates))
-    preparing = ThreadPoolExecutor(max_workers=len(missing), thread_name_prefix="prepare") if missing else None
-    if preparing:
-        gates.update({o: preparing.submit(provider.prepare_objects, [o]) for o in missing})
-    with _claim_owner(app, shared) as owner, contextlib.closing(lookups), preparing or contextlib.nullcontext():
+    gates = prepared or {}
+    with _claim_owner(app, shared) as owner, contextlib.closing(lookups):
         while True:
             if ahead is not None:
                 # What the look-ahead parsed is not read and parsed again, whatever the claim returns.
