@@ -24,12 +24,12 @@ if TYPE_CHECKING:
     from crmsync.credentials import SecretStore
     from crmsync.http import Auth, HttpClient, RateLimit
 
-#: Canonical object types, as the CLI names them (``--object contacts,companies``).
-OBJECTS: tuple[str, ...] = ("contacts", "companies", "deals", "calls", "tasks")
-#: Mapping-file section for each object type.
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: Canonical object types, as the CLI names them (``--object contacts,companies``).
+OBJECTS: tuple[str, ...] = ("contacts", "companies", "deals", "calls", "tasks")
+#: Mapping-file section for each object type.
 SECTION = {"contacts": "contact", "companies": "company", "deals": "deal", "calls": "call", "tasks": "task"}
 
 
