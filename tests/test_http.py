@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -293,62 +293,52 @@ def test_hubspot_edge_of_the_portal_pauses_only_when_another_integration_spends_
     assert shared.not_before > time.monotonic() + 0.5
 
 
-def test_deferring_requests_take_a_turn_only_when_no_other_request_waits_for_one() -> None:
-    """Calls (the leaves of a push) let companies, contacts and deals have the next turns."""
+def _who_goes_first(acquire: Callable[[], object], release: Callable[[], None], *, entity: str) -> list[str]:
+    """A deferring call waits for ``acquire`` first, an entity (not deferring) next; who gets through first?
+
+    Each releases what it got; ``release`` is called once more, after both wait, to free what the
+    test holds (a no-op for a window, whose turn comes back by itself).
+    """
+    import contextlib
     import threading
 
     from crmsync.http import deferring
 
-    window = RateLimit(1, 0.3).bucket()
-    window.acquire()  # spent: the turn comes back 0.3 s on
     order: list[str] = []
 
     def take(name: str, defer: bool) -> None:
-        if defer:
-            with deferring():
-                window.acquire()
-        else:
-            window.acquire()
+        with deferring() if defer else contextlib.nullcontext():
+            acquire()
         order.append(name)
+        release()
 
     leaf = threading.Thread(target=take, args=("call", True))
     leaf.start()
     time.sleep(0.05)
-    entity = threading.Thread(target=take, args=("contact", False))
-    entity.start()
+    other = threading.Thread(target=take, args=(entity, False))
+    other.start()
+    time.sleep(0.05)
+    release()
     leaf.join(3)
-    entity.join(3)
+    other.join(3)
+    return order
+
+
+def test_deferring_requests_take_a_turn_only_when_no_other_request_waits_for_one() -> None:
+    """Calls (the leaves of a push) let companies, contacts and deals have the next turns."""
+    window = RateLimit(1, 0.3).bucket()
+    window.acquire()  # spent: the turn comes back 0.3 s on
+    order = _who_goes_first(window.acquire, lambda: None, entity="contact")
     # The call waited first, but the contact (waiting too) has the first turn that frees up.
     assert order == ["contact", "call"]
 
 
 def test_deferring_requests_take_a_slot_in_flight_only_when_no_other_request_waits_for_one() -> None:
     """Zoho limits requests in flight: its 5 slots go first to what the rest of a push waits for."""
-    import threading
-
-    from crmsync.http import Slots, deferring
+    from crmsync.http import Slots
 
     slots = Slots(1)
     slots.acquire()  # the only slot is taken
-    order: list[str] = []
-
-    def take(name: str, defer: bool) -> None:
-        if defer:
-            with deferring():
-                slots.acquire()
-        else:
-            slots.acquire()
-        order.append(name)
-        slots.release()
-
-    leaf = threading.Thread(target=take, args=("call", True))
-    leaf.start()
-    time.sleep(0.05)
-    entity = threading.Thread(target=take, args=("lookup", False))
-    entity.start()
-    time.sleep(0.05)
-    slots.release()
-    leaf.join(3)
-    entity.join(3)
+    order = _who_goes_first(slots.acquire, slots.release, entity="lookup")
     assert order == ["lookup", "call"]
     assert slots.acquire(blocking=False) and not slots.acquire(blocking=False)

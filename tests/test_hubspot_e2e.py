@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -49,12 +50,18 @@ def outcome_lines(n: int, *, prefix: str = "o", company_every: int = 0, deal_eve
     return "\n".join(lines) + "\n"
 
 
-def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpotEmulator, server, home: Path) -> None:
-    write_config(home, "hs", search_rate_limit=1000, rate_limit=100000)
+def _contacts_pulled_once(emulator: HubSpotEmulator, server: Any, home: Path, *, search_rate_limit: int) -> Any:
+    """10 contacts in the portal, pulled once into a fresh store: the app, ready for an incremental pull."""
+    write_config(home, "hs", search_rate_limit=search_rate_limit, rate_limit=100000)
     emulator.seed(contacts=10)
     app = hubspot_app(server.url, emulator.private_app_token)
     first = pull(app, objects=["contacts"])[0]
     assert first.exit_code == 0 and first.objects[0].read == 10
+    return app
+
+
+def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpotEmulator, server, home: Path) -> None:
+    app = _contacts_pulled_once(emulator, server, home, search_rate_limit=1000)
 
     now = time.time()
     emulator.bulk_create(
@@ -500,10 +507,7 @@ def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order
     """Search paging is by offset: after the first page, the next ones go at once (the limit paces them)."""
     from crmsync.emulators.base import Faults
 
-    write_config(home, "hs", search_rate_limit=1000, rate_limit=100000)
-    emulator.seed(contacts=10)
-    app = hubspot_app(server.url, emulator.private_app_token)
-    pull(app, objects=["contacts"])
+    app = _contacts_pulled_once(emulator, server, home, search_rate_limit=1000)
     now = time.time()
     emulator.bulk_create(
         "contacts", 1_500, modified_at=now - 20.0, properties_fn=lambda i: {"email": f"s{i}@example.com"}
@@ -524,10 +528,7 @@ def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_a
     """Not one more round trip after the walk: the first archived page is asked for as the walk starts."""
     from crmsync.emulators.base import Faults
 
-    write_config(home, "hs", search_rate_limit=2, rate_limit=100000)
-    emulator.seed(contacts=10)
-    app = hubspot_app(server.url, emulator.private_app_token)
-    pull(app, objects=["contacts"])
+    app = _contacts_pulled_once(emulator, server, home, search_rate_limit=2)
     gone = [r["id"] for r in emulator.records("contacts")[:2]]
     for rid in gone:
         emulator.archive("contacts", rid)
