@@ -959,6 +959,42 @@ def test_coql_delta_query_compares_datetimes_as_instants(make: Callable[..., Zoh
     assert [d["id"] for d in tie.json()["data"]] == [at[2], at[1]]
 
 
+def test_coql_keyset_pages_answer_as_the_full_scan_does(make: Callable[..., Zoho]) -> None:
+    """The sorted-copy path for keyset pages returns what scanning and sorting the module returns."""
+    z = make()
+    t0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    ids = [rid for k in range(12) for rid in z.emu.bulk_create("Contacts", 5, modified_time=t0 + timedelta(seconds=k))]
+    assert z.write("PUT", "Contacts", [{"id": ids[3], "Department": "Ops"}]).status_code == 200  # now newest
+    assert z.client.delete("/crm/v8/Contacts", params={"ids": ids[20]}).status_code == 200
+    mid = "2025-06-01T12:00:05+00:00"
+    queries = [
+        f"select id, Modified_Time from Contacts where Modified_Time >= '{mid}' order by Modified_Time asc, id asc "
+        "limit 0, 7",
+        f"select id from Contacts where (Modified_Time > '{mid}' or (Modified_Time = '{mid}' and id > {ids[26]})) "
+        "and Modified_Time <= '2030-01-01T00:00:00+00:00' order by Modified_Time asc, id asc limit 2000",
+        f"select id from Contacts where Modified_Time >= '{mid}' and Department like 'Op%' order by Modified_Time asc",
+        f"select id from Contacts where Modified_Time > '{mid}' order by Modified_Time asc, id asc limit 10, 10",
+        f"select id from Contacts where id > {ids[40]} order by id asc limit 5",
+        f"select id from Contacts where id >= {ids[55]} limit 200",
+        "select id from Contacts where Modified_Time >= '2031-01-01T00:00:00+00:00' order by Modified_Time asc",
+    ]
+    taken = []
+    keyset = z.emu._coql_keyset
+
+    def spy(*args: Any) -> Any:
+        taken.append(result := keyset(*args))
+        return result
+
+    z.emu._coql_keyset = spy  # type: ignore[method-assign]
+    fast = [(r.status_code, r.content) for r in map(z.coql, queries)]
+    assert all(t is not None for t in taken) and len(taken) == len(queries)
+    z.emu._coql_keyset = lambda *args: None  # type: ignore[method-assign]
+    z.emu._coql_cache.items.clear()
+    assert [(r.status_code, r.content) for r in map(z.coql, queries)] == fast
+    assert fast[0][0] == 200 and fast[-1][0] == 204
+    assert json.loads(fast[1][1])["data"][-1]["id"] == ids[3]  # the edited record comes last
+
+
 def test_coql_operators(zoho: Zoho) -> None:
     emu = zoho.emu
     acct = emu.create("Accounts", {"Account_Name": "Operators Ltd"})

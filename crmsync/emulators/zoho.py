@@ -24,6 +24,7 @@ What it models, because real integrations trip over exactly these:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import random
@@ -737,6 +738,12 @@ class _Channel:
     fields: Any = None
 
 
+class _Prefix(list[str]):
+    """The first matches of a query, in order, and whether more exist beyond them."""
+
+    more: bool = False
+
+
 @dataclass
 class _Cache:
     """Small LRU of sorted id lists keyed by query and the module's data version."""
@@ -854,6 +861,8 @@ class ZohoEmulator(Emulator):
         self._version = dict.fromkeys(MODULES, 0)
         self._sorted_cache = _Cache()
         self._coql_cache = _Cache()
+        #: (module, order) -> (data version, first order column's sort keys, ids), for keyset pages
+        self._coql_sorted: dict[tuple[str, tuple[Any, ...]], tuple[int, list[Any], list[str]]] = {}
         self._coql_index: dict[tuple[str, str], tuple[int, dict[str, list[str]]]] = {}
         self._page_tokens: dict[str, dict[str, Any]] = {}
         # Auth.
@@ -2520,9 +2529,11 @@ class ZohoEmulator(Emulator):
         self._charge(1 if q.limit <= 200 else 2 if q.limit <= 1000 else 3)
         key = ("coql", q.module, repr(q.where), tuple(q.order), self._version[q.module])
         matched = self._coql_cache.get(key)
+        candidates = None if matched is not None else self._coql_candidates(q.module, q.where)
+        if matched is None and candidates is None:
+            matched = self._coql_keyset(q, predicate)
         if matched is None:
             store = self._records[q.module]
-            candidates = self._coql_candidates(q.module, q.where)
             scan = store.values() if candidates is None else (store[i] for i in sorted(candidates) if i in store)
             hits = [r for r in scan if predicate(r)]
             hits.sort(key=lambda r: int(r["id"]))  # COQL's default order is by id, ascending
@@ -2537,13 +2548,73 @@ class ZohoEmulator(Emulator):
         data = [self._coql_row(q.module, store[i], q.columns) for i in window]
         out: dict[str, Any] = {
             "data": data,
-            "info": {"count": len(data), "more_records": q.offset + len(window) < len(matched)},
+            "info": {
+                "count": len(data),
+                "more_records": matched.more if isinstance(matched, _Prefix) else q.offset + len(window) < len(matched),
+            },
         }
         if isinstance(body, dict) and body.get("include_meta") == ["fields"]:
             out["fields"] = {
                 c: {"api_name": c, "data_type": self._coql_column(q.module, c, "select").data_type} for c in q.columns
             }
         return json_response(out)
+
+    def _coql_keyset(self, q: CoqlQuery, predicate: Callable[[dict[str, Any]], bool]) -> _Prefix | None:
+        """The matches a keyset page needs, found from a sorted copy of the module instead of a scan.
+
+        A keyset walk (``Modified_Time >= X ... order by Modified_Time asc, id asc limit 2000``)
+        otherwise scans and sorts the whole module per page under the emulator's lock: ~60 ms for
+        15,000 records, which a real CRM's index does not spend and the benchmarks would measure
+        as the client's. Only for ascending orders whose first column has a lower bound in the
+        where clause; the predicate still decides every record, in the same order the scan gives.
+        """
+        order = q.order or [("id", False)]
+        if any(desc for _, desc in order):
+            return None
+        first = order[0][0]
+        if first not in ("id", "Created_Time", "Modified_Time"):
+            return None
+        low = self._coql_lower_bound(q.where, first)
+        if low is None:
+            return None
+        version = self._version[q.module]
+        cached = self._coql_sorted.get((q.module, tuple(order)))
+        if cached is None or cached[0] != version:
+            keys = [self._coql_sort_key(q.module, col) for col, _ in order]
+            # Ties on every order column go by id, as the scan's first (stable) sort leaves them.
+            rows = sorted((tuple(k(r) for k in keys), int(r["id"]), r["id"]) for r in self._records[q.module].values())
+            cached = (version, [e[0][0] for e in rows], [e[2] for e in rows])
+            self._coql_sorted[(q.module, tuple(order))] = cached
+        _, firsts, ids = cached
+        store = self._records[q.module]
+        want = q.offset + q.limit
+        hits = _Prefix()
+        for i in range(bisect.bisect_left(firsts, (1, low)), len(ids)):
+            if predicate(store[ids[i]]):
+                if len(hits) == want:
+                    hits.more = True
+                    break
+                hits.append(ids[i])
+        return hits
+
+    @staticmethod
+    def _coql_lower_bound(node: Any, name: str) -> Any:
+        """A value of ``name`` every record matching ``node`` reaches (None when the clause gives none)."""
+        kind = node[0]
+        if kind in ("and", "or"):
+            left = ZohoEmulator._coql_lower_bound(node[1], name)
+            right = ZohoEmulator._coql_lower_bound(node[2], name)
+            if kind == "or":
+                return None if left is None or right is None else min(left, right)
+            return right if left is None else left if right is None else max(left, right)
+        if kind != "cmp" or node[1] != name or node[2] not in ("=", ">", ">="):
+            return None
+        vkind, value = node[3]
+        if vkind != "str" and not (name == "id" and vkind == "num"):
+            return None
+        if name == "id":
+            return int(value) if str(value).isdigit() else None
+        return parse_datetime(value)
 
     def _coql_like_any(self, module: str, node: Any) -> Callable[[dict[str, Any]], bool] | None:
         """``f like 'a%' or f like '%b%' or ...`` on one field as one test per record, not one per pattern.
@@ -2661,6 +2732,14 @@ class ZohoEmulator(Emulator):
         return self._search_value(module, rec, spec)
 
     def _coql_sort_key(self, module: str, name: str) -> Callable[[dict[str, Any]], Any]:
+        if name in ("Created_Time", "Modified_Time"):
+            # The same key as below without the field lookups: sorting a module by them is every
+            # keyset walk's first step.
+            slot = "_ct" if name == "Created_Time" else "_mt"
+            return lambda rec: (0, "") if (v := rec.get(slot)) is None else (1, v)
+        if name == "id":
+            return lambda rec: (1, int(rec["id"]))
+
         def key(rec: dict[str, Any]) -> Any:
             value = self._coql_raw(module, rec, name)
             if value is None:
