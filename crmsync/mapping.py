@@ -1245,7 +1245,7 @@ class Mapping:
         if not isinstance(data, dict):
             raise MappingError(f"{doc.path}:{doc.line(())}: a mapping file is a YAML mapping (version, contact, ...)")
         self.data = data
-        errors.extend(_duplicate_keys(doc, self.text))
+        errors.extend(_duplicate_keys(doc))
         if "version" not in data:
             errors.append(f"{doc.path}:1: version: missing (the first line should be `version: {VERSION}`)")
         elif data["version"] != VERSION:
@@ -1631,12 +1631,8 @@ def _parse_transform_text(text: str) -> Any:
         raise MappingError(f"--transform {text!r}: not valid YAML ({exc})") from None
 
 
-def _duplicate_keys(doc: YamlDoc, text: str) -> list[str]:
+def _duplicate_keys(doc: YamlDoc) -> list[str]:
     """PyYAML keeps the last of two equal keys silently; a mapping file must not."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return []
     out: list[str] = []
 
     def walk(node: Any, prefix: str, depth: int) -> None:
@@ -1651,7 +1647,7 @@ def _duplicate_keys(doc: YamlDoc, text: str) -> list[str]:
             seen.setdefault(key, line)
             walk(value_node, f"{prefix}{key}.", depth + 1)
 
-    walk(root, "", 1)
+    walk(doc.root, "", 1)
     return out
 
 
