@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import cached_property
@@ -150,22 +151,27 @@ class App:
 
     def token_client(self, name: str) -> httpx.Client:
         """A plain client for OAuth token endpoints, through the same transport as the API."""
+        from crmsync.http import tls_context
+
         transport = self.transport(name) if self.transport else None
-        return httpx.Client(timeout=30.0, transport=transport)
+        return httpx.Client(timeout=30.0, transport=transport, verify=tls_context() if transport is None else True)
 
     def provider(self, conn: CrmConnection) -> Provider:
         """The provider instance for a connection (one per App)."""
         if conn.name in self._providers:
             return self._providers[conn.name]
+        from crmsync.http import prepare_tls
         from crmsync.providers import get_provider
         from crmsync.providers.base import ProviderContext
 
+        if not self.transport:
+            prepare_tls()
         cls = get_provider(conn.provider)
         auth = cls.make_auth(
             connection=conn.name,
             settings=conn.settings,
             secrets=self.secrets,
-            token_client=self.token_client(conn.name),
+            token_client=_LazyClient(lambda: self.token_client(conn.name)),
         )
         base_url = conn.settings.get("api_base_url") or conn.base_url
         http = self.http_client(cls, conn.name, base_url, auth, account=conn.account_id)
@@ -239,3 +245,18 @@ class App:
 
 def safe_name(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", value).strip("_")[:80] or "default"
+
+
+class _LazyClient:
+    """An httpx.Client made on first use: most runs never refresh a token, and making one costs time."""
+
+    def __init__(self, make: Callable[[], httpx.Client]) -> None:
+        self._make = make
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._make()
+        return getattr(self._client, name)

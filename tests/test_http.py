@@ -342,3 +342,19 @@ def test_deferring_requests_take_a_slot_in_flight_only_when_no_other_request_wai
     order = _who_goes_first(slots.acquire, slots.release, entity="lookup")
     assert order == ["lookup", "call"]
     assert slots.acquire(blocking=False) and not slots.acquire(blocking=False)
+
+
+def test_clients_share_one_verifying_tls_context() -> None:
+    """Each client built its own context (the CA bundle loaded each time); verification must stay on."""
+    import ssl
+
+    from crmsync.http import tls_context
+
+    clients = [HttpClient(provider="x", connection=c, base_url="https://crm.example.invalid") for c in "ab"]
+    try:
+        contexts = {id(c.client._transport._pool._ssl_context) for c in clients}  # type: ignore[attr-defined]
+        assert contexts == {id(tls_context())}
+        assert tls_context().verify_mode == ssl.CERT_REQUIRED and tls_context().check_hostname
+    finally:
+        for c in clients:
+            c.close()
