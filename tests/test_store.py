@@ -7,6 +7,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -128,3 +130,29 @@ def test_record_keys_of_contacts_are_contact_key_spelled_out(props: dict[str, st
     phone = contact_key({"phone": props["phone"]}) if props.get("phone") else None
     expected = (match_key(primary) if primary else None, match_key(phone) if phone and primary != phone else None)
     assert record_keys("contacts", props) == expected
+
+
+def test_pages_are_fetched_up_to_three_ahead_of_the_one_being_stored() -> None:
+    """A keyset walk's next request needs only the previous page, not the store: it must not wait for it."""
+    import threading
+
+    from crmsync.providers.base import Page
+    from crmsync.sync.pull import _prefetched
+
+    requested: list[int] = []
+    changed = threading.Condition()
+
+    def pages() -> Iterator[Page]:
+        for i in range(6):
+            with changed:
+                requested.append(i)
+                changed.notify_all()
+            yield Page(records=[], cursor={"page": i})
+
+    walk = _prefetched(pages())
+    first = next(walk)  # page 0 is being stored from here on
+    with changed:
+        assert changed.wait_for(lambda: 3 in requested, timeout=5)
+    time.sleep(0.05)  # give an unbounded producer time to run on
+    assert first.cursor == {"page": 0} and requested == [0, 1, 2, 3]  # and no further: memory stays flat
+    assert [p.cursor["page"] for p in walk] == [1, 2, 3, 4, 5]

@@ -454,10 +454,12 @@ def _backfill_connection(
     _each_object(app, res, _objects(provider, objects), one)
 
 
-def _prefetched(pages: Iterable[Page], depth: int = 1) -> Iterator[Page]:
+def _prefetched(pages: Iterable[Page], depth: int = 2) -> Iterator[Page]:
     """Fetch the next page while the caller stores this one: network and CPU overlap.
 
-    At most ``depth`` pages wait beyond the one being stored, so memory stays flat. Pages still
+    At most ``depth`` pages wait beyond the one being stored, so memory stays flat. Two, not one:
+    with one, the request for page n+3 waited until page n was stored, and a keyset walk (each
+    page's query needs the previous page's last row) stalled 20-60 ms per page behind the store. Pages still
     reach the caller in order, and a page's cursor is stored only with that page, so resuming
     after a kill is unchanged. An error in fetching surfaces at the page where it happened.
     """
