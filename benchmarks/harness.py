@@ -45,8 +45,12 @@ class Child:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a child: the repo importable, no OS keyring, no stray crmsync settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_")}
+    """The environment of a child: the repo importable, no OS keyring, no stray crmsync settings.
+
+    Bytecode is cached as for an installed crmsync (pip compiles on install): with
+    PYTHONDONTWRITEBYTECODE set, as on some CI machines, every child compiled crmsync from source.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(
         {
             "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),

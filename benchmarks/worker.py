@@ -42,9 +42,12 @@ def _profiled(path: str | None) -> Iterator[None]:
 
 def _timed(spec: dict[str, Any], work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     cpu0, t0 = _cpu(), time.perf_counter()
+    # CLOCK_MONOTONIC is system-wide on Linux: timelines line the worker up with the emulator's log.
+    started = time.monotonic()
     with _profiled(spec.get("profile")):
         out = work()
     out.setdefault("seconds", time.perf_counter() - t0)
+    out["started_monotonic"] = started
     out["cpu_seconds"] = _cpu() - cpu0
     return out
 
