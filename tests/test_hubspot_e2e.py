@@ -102,6 +102,25 @@ def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpot
         assert by_id[rid].properties.get("email") == live[rid]["properties"]["email"]
 
 
+def test_a_walk_past_the_cap_reads_each_record_once_even_with_ties_across_it(
+    emulator: HubSpotEmulator, server, home: Path
+) -> None:
+    """At 10,000 results the walk starts a new search; records at the boundary's millisecond are not read twice."""
+    app = _contacts_pulled_once(emulator, server, home, search_rate_limit=1000)
+    start = time.time() - 60.0
+    for k in range(3_500):  # three records per millisecond: the cap falls inside one of them
+        emulator.bulk_create(
+            "contacts", 3, modified_at=start + k * 0.001, properties_fn=lambda i, k=k: {"email": f"t{k}-{i}@x.io"}
+        )
+    emulator.keep_log = True
+    result = pull(app, objects=["contacts"])[0]
+    assert result.exit_code == 0, result.error
+    assert result.objects[0].read == 10_500  # every new record, none twice
+    assert app.store.count_records("hs")["contacts"]["stored"] == 10_510
+    searches = [path for _, path, _ in emulator.stats.log if path.endswith("/search")]
+    assert len(searches) == 53  # ceil(10,500 / 200): the new search holds exactly the rest
+
+
 def test_push_1000_outcomes_costs_at_most_40_requests_and_never_twice(
     emulator: HubSpotEmulator, server, home: Path, tmp_path: Path
 ) -> None:
@@ -520,6 +539,29 @@ def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order
     assert app.store.count_records("hs")["contacts"]["stored"] == 1_510
     cursor = app.store.cursor("hs", "contacts")
     assert cursor is not None and cursor["mode"] == "search"
+
+
+def test_the_look_back_re_reads_only_what_the_last_search_could_have_missed(
+    emulator: HubSpotEmulator, server, home: Path
+) -> None:
+    """Search lags writes, so a pull re-reads the look-back window before the last run's start, not its cursor."""
+    write_config(home, "hs", search_rate_limit=1000, rate_limit=100000)
+    now = time.time()
+    for k, age in enumerate((3610, 3600)):  # the last change an hour before the first run
+        emulator.bulk_create("contacts", 1, modified_at=now - age, properties_fn=lambda i, k=k: {"email": f"o{k}@x.io"})
+    app = hubspot_app(server.url, emulator.private_app_token)
+
+    def read() -> int:
+        result = pull(app, objects=["contacts"])[0]
+        assert result.exit_code == 0, result.error
+        return result.objects[0].read
+
+    assert read() == 2  # the first run lists everything
+    assert read() == 0  # the list read every record up to its newest: search goes on after it
+    for k, age in enumerate((10, 2)):  # two changes just before a run
+        emulator.bulk_create("contacts", 1, modified_at=now - age, properties_fn=lambda i, k=k: {"email": f"n{k}@x.io"})
+    assert read() == 2
+    assert read() == 2  # both again: written within the look-back of that run's start
 
 
 def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_applied(

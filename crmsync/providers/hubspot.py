@@ -50,6 +50,7 @@ AUTHORIZE_URL = "https://app.hubspot.com/oauth/authorize"
 SEARCH_CAP = 10_000
 SEARCH_PAGE = 200
 SEARCH_AHEAD = 3  # search pages of one walk asked for at once (offset paging allows it)
+NOT_IN_MAX = 100  # values in one IN / NOT_IN search filter
 LIST_PAGE = 100
 BATCH = 100
 MARKER = "crmsync_outcome_id"
@@ -503,10 +504,11 @@ class HubSpotProvider(Provider):
         return self.http.get(f"/crm/v3/objects/{obj}", params=params, endpoint="/crm/v3/objects/{type}").json()
 
     def _search(
-        self, obj: str, filters: list[dict[str, Any]], sort: str, fields: Sequence[str], after: int
+        self, obj: str, groups: list[list[dict[str, Any]]], sort: str, fields: Sequence[str], after: int
     ) -> dict[str, Any]:
+        """One search page; ``groups`` are filter groups (ANDed filters, the groups ORed)."""
         body = {
-            "filterGroups": [{"filters": filters}],
+            "filterGroups": [{"filters": filters} for filters in groups],
             "sorts": [sort],
             "properties": list(fields),
             "limit": SEARCH_PAGE,
@@ -580,7 +582,19 @@ class HubSpotProvider(Provider):
                 )
             else:
                 handover = min(started, newest) if newest else started
-                yield Page(records=records, cursor={"mode": "search", "ts": handover, "archived_ts": handover})
+                # Every record modified at or before the newest seen was read at that version
+                # (a later write would be stamped after the list began), so when the newest is
+                # before the start, search continues strictly after it: no boundary re-read.
+                yield Page(
+                    records=records,
+                    cursor={
+                        "mode": "search",
+                        "ts": handover,
+                        "archived_ts": handover,
+                        "listed": True,
+                        "after_ts": bool(newest) and newest < started,
+                    },
+                )
                 return
 
     def _search_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str], run_start: int) -> Iterator[Page]:
@@ -588,16 +602,29 @@ class HubSpotProvider(Provider):
         base_filters = self._marker_filter(obj)
         ts = int(cursor.get("ts", 0))
         if cursor.get("slice_id") is None and not cursor.get("after_ts"):
-            # Search lags writes by seconds: start a little before the cursor (re-reads are no-ops).
-            ts = max(0, ts - self.lookback_ms)
+            # Search lags writes by seconds, so the last run may have missed a record written just
+            # before it searched: one modified after its start ("hi") less the look-back. Only a
+            # cursor inside that window is moved back; one far behind it (the last change long
+            # before that run) cannot hide anything, nor can a hand-over from the list endpoint,
+            # which reads the records themselves, not the index. Cursors from before "hi" always
+            # look back.
+            hi = cursor.get("hi")
+            if cursor.get("listed"):
+                pass
+            elif hi is None:
+                ts = max(0, ts - self.lookback_ms)
+            elif ts > int(hi) - self.lookback_ms:
+                ts = max(0, int(hi) - self.lookback_ms)
         archived_ts = cursor.get("archived_ts", 0)
         upper = run_start
 
         def cur(**kw: Any) -> dict[str, Any]:
-            return {"mode": "search", "archived_ts": archived_ts, **kw}
+            return {"mode": "search", "archived_ts": archived_ts, "hi": upper, **kw}
 
         slice_id = cursor.get("slice_id")
         after_ts = bool(cursor.get("after_ts"))
+        expect = 0  # how many results the next search is known to hold (0: unknown)
+        seen_at: list[str] = []  # after a re-anchor: ids at ts already read
         while True:
             if slice_id is not None:
                 # More than 10,000 records share ts: walk that one millisecond by object id.
@@ -609,7 +636,7 @@ class HubSpotProvider(Provider):
                         {"propertyName": prop, "operator": "EQ", "value": str(ts)},
                         {"propertyName": "hs_object_id", "operator": "GT", "value": str(last)},
                     ]
-                    body = self._search(obj, filters, "hs_object_id", fields, offset)
+                    body = self._search(obj, [filters], "hs_object_id", fields, offset)
                     records = self._with_associations(obj, [self._record(obj, r) for r in body.get("results", [])])
                     if records:
                         max_id = max(int(r.id) for r in records)
@@ -622,34 +649,53 @@ class HubSpotProvider(Provider):
                         last, offset = max(int(r.id) for r in records), 0
                 slice_id, after_ts = None, True
                 yield Page(records=[], cursor=cur(ts=ts, after_ts=True))
-            op = "GT" if after_ts else "GTE"
-            filters = [
-                *base_filters,
-                {"propertyName": prop, "operator": op, "value": str(ts)},
-                {"propertyName": prop, "operator": "LTE", "value": str(upper)},
+            op = "GT" if after_ts or seen_at else "GTE"
+            groups = [
+                [
+                    *base_filters,
+                    {"propertyName": prop, "operator": op, "value": str(ts)},
+                    {"propertyName": prop, "operator": "LTE", "value": str(upper)},
+                ]
             ]
+            if seen_at:
+                # After the cap: the records at ts not read yet, then those after it.
+                groups.append(
+                    [
+                        *base_filters,
+                        {"propertyName": prop, "operator": "EQ", "value": str(ts)},
+                        {"propertyName": "hs_object_id", "operator": "NOT_IN", "values": seen_at},
+                    ]
+                )
             reanchor = False
-            for body, records in self._search_pages(obj, filters, prop, fields):
+            for body, records in self._search_pages(obj, groups, prop, fields, expect=expect):
                 if not records:
                     return
-                page_ts = max(_prop_ms(r, prop) or (to_ms(r.updated_at) if r.updated_at else ts) for r in records)
-                page_ts = min(max(page_ts, ts), upper)
+                stamps = [_prop_ms(r, prop) or (to_ms(r.updated_at) if r.updated_at else ts) for r in records]
+                page_ts = min(max(max(stamps), ts), upper)
                 yield Page(records=records, cursor=cur(ts=page_ts), total=body.get("total"))
                 nxt = ((body.get("paging") or {}).get("next") or {}).get("after")
                 if not nxt:
                     return
                 if int(nxt) + SEARCH_PAGE > SEARCH_CAP:
                     reanchor = True
+                    # The next search leaves out this page's records at page_ts (HubSpot takes up
+                    # to 100 values in NOT_IN; more are read again, as GTE would): its total is
+                    # the rest past the cap, so its pages are asked for at once, not after its
+                    # first answer. Fewer (a record that moved on since) costs one empty page.
+                    seen_at = [r.id for r, stamp in zip(records, stamps, strict=True) if stamp == page_ts]
+                    if len(seen_at) > NOT_IN_MAX:
+                        seen_at = []
+                    expect = int(body.get("total") or 0) - int(nxt) + stamps.count(page_ts) - len(seen_at)
                     break
             if reanchor:
                 if page_ts == ts:
                     # A whole window of 10,000 results at one timestamp: slice it by id.
-                    slice_id, after_ts = 0, False
+                    slice_id, after_ts, expect, seen_at = 0, False, 0, []
                 else:
                     ts, after_ts = page_ts, False
 
     def _search_pages(
-        self, obj: str, filters: list[dict[str, Any]], sort: str, fields: Sequence[str]
+        self, obj: str, groups: list[list[dict[str, Any]]], sort: str, fields: Sequence[str], *, expect: int = 0
     ) -> Iterator[tuple[dict[str, Any], list[RemoteRecord]]]:
         """A search's pages in order, with their associations, the next SEARCH_AHEAD asked for at once.
 
@@ -657,16 +703,22 @@ class HubSpotProvider(Provider):
         be asked for side by side (the search limit still paces them): one object's walk no longer
         waits two round trips (search, then associations) per page and leaves the search budget
         idle. Pages past the 10,000 cap are never asked for; the caller re-anchors there.
+        ``expect``: the total when the caller knows it, so the first pages go at once too.
         """
 
         def fetch(offset: int) -> tuple[dict[str, Any], list[RemoteRecord]]:
-            body = self._search(obj, filters, sort, fields, offset)
+            body = self._search(obj, groups, sort, fields, offset)
             return body, self._with_associations(obj, [self._record(obj, r) for r in body.get("results", [])])
 
         ahead: deque[tuple[int, Future[tuple[dict[str, Any], list[RemoteRecord]]]]] = deque()
         pool: ThreadPoolExecutor | None = None
-        expected, total, planned = 0, 0, 0
+        expected, total, planned = 0, min(expect, SEARCH_CAP), 0
         try:
+            if total > SEARCH_PAGE:
+                pool = ThreadPoolExecutor(max_workers=SEARCH_AHEAD, thread_name_prefix=f"search-{obj}")
+                while len(ahead) < SEARCH_AHEAD and planned < total:
+                    ahead.append((planned, pool.submit(fetch, planned)))
+                    planned += SEARCH_PAGE
             while True:
                 if ahead and ahead[0][0] == expected:
                     body, records = ahead.popleft()[1].result()
@@ -681,7 +733,7 @@ class HubSpotProvider(Provider):
                 if not nxt or not records:
                     return
                 expected = int(nxt)
-                total = max(total, min(int(body.get("total") or 0), SEARCH_CAP))
+                total = min(int(body.get("total") or 0), SEARCH_CAP)  # the answer, not a caller's estimate
                 planned = max(planned, expected)
                 while len(ahead) < SEARCH_AHEAD and planned < total and planned + SEARCH_PAGE <= SEARCH_CAP:
                     pool = pool or ThreadPoolExecutor(max_workers=SEARCH_AHEAD, thread_name_prefix=f"search-{obj}")
@@ -787,7 +839,7 @@ class HubSpotProvider(Provider):
                 for chunk in _chunks(values, 100):
                     body = self._search(
                         obj,
-                        [{"propertyName": prop, "operator": "IN", "values": chunk}],
+                        [[{"propertyName": prop, "operator": "IN", "values": chunk}]],
                         "hs_object_id",
                         [*props, prop],
                         0,
