@@ -142,7 +142,9 @@ class SlidingWindow:
 
     def __init__(self, requests: int, per_seconds: float) -> None:
         self.requests = max(1, requests)
+        self.per_seconds = per_seconds
         self.window = per_seconds + self.JITTER + self.SEND * self.requests
+        self._overrun_at = -1e9
         self.starts: deque[float] = deque()
         self.not_before = 0.0
         self.lock = threading.Lock()
@@ -189,6 +191,30 @@ class SlidingWindow:
     def pause(self, seconds: float) -> None:
         with self.lock:
             self.not_before = max(self.not_before, time.monotonic() + seconds)
+
+    #: Longest the margin grows after 429s our own count did not expect.
+    MAX_MARGIN = 0.25
+
+    def overrun(self) -> float:
+        """A 429 without a stated wait: how long to hold every caller back (seconds).
+
+        The CRM counted our requests closer together than we did (transit times spread more than
+        JITTER), so the margin grows by JITTER for the rest of the run, and callers wait until this
+        window's oldest turn has left it. A flat second's pause cost a second each time. A second
+        429 within two windows means more than jitter (another client on the same limit): then
+        the flat second, as before.
+        """
+        with self.lock:
+            now = time.monotonic()
+            again = now - self._overrun_at < 2 * self.window
+            self._overrun_at = now
+            if again:
+                wait = 1.0
+            else:
+                self.window = min(self.window + self.JITTER, self.per_seconds + self.MAX_MARGIN)
+                wait = max(0.0, self.starts[0] + self.window - now) if self.starts else 0.0
+            self.not_before = max(self.not_before, now + wait)
+            return wait
 
     def free(self) -> int:
         """Turns this window has left now (by our own count)."""
@@ -545,7 +571,11 @@ class HttpClient:
                     raise RetriableError(f"{self.provider}: {redact(message)}", status=response.status_code)
                 wait = self.policy.retry_after(response)
                 if response.status_code == 429 and limiter is not None:
-                    limiter.pause(wait if wait is not None else 1.0)
+                    overrun = getattr(limiter, "overrun", None)
+                    if wait is None and overrun is not None:
+                        wait = overrun()
+                    else:
+                        limiter.pause(wait if wait is not None else 1.0)
                 raise _Retry(f"HTTP {response.status_code}: {redact(message)}", wait, response)
             message, code = self.policy.error_message(response)
             if response.status_code in (401, 403):

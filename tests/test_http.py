@@ -358,3 +358,23 @@ def test_clients_share_one_verifying_tls_context() -> None:
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_429_our_window_did_not_expect_waits_for_its_oldest_turn_then_a_flat_second() -> None:
+    """No Retry-After: the first surprise 429 widens the margin and waits for a turn; a second one a second."""
+    from crmsync.http import SlidingWindow
+
+    script = Script(
+        [(200, {}, {}), (429, {}, {"policyName": "SECONDLY"}), (200, {}, {}), (429, {}, {}), (200, {}, {})]
+    )
+    c, slept = client(script, limits={"default": RateLimit(5, 1.0)})
+    window = c.buckets["default"]
+    assert isinstance(window, SlidingWindow)
+    before = window.window
+    c.get("/a")
+    c.get("/b")  # rejected although our window had turns left, then sent again
+    assert window.window == pytest.approx(before + SlidingWindow.JITTER)
+    assert len(slept) == 1 and 0.9 < slept[0] <= before + SlidingWindow.JITTER  # the oldest turn's way out
+    c.get("/c")
+    assert slept[1:] == [1.0]  # another within two windows: not jitter, someone else spends this limit
+    assert c.stats.rate_limited == 2

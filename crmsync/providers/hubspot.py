@@ -126,15 +126,6 @@ class HubSpotPolicy(ResponsePolicy):
         # The daily quota resets at midnight: no wait inside a run's deadline will fix it.
         return response.status_code == 429 and self._body(response).get("policyName") == "DAILY"
 
-    def retry_after(self, response: httpx.Response) -> float | None:
-        explicit = super().retry_after(response)
-        if explicit is not None:
-            return explicit
-        if response.status_code == 429:
-            policy = self._body(response).get("policyName", "")
-            return 1.0 if policy == "SECONDLY" else None
-        return None
-
     def observe(self, response: httpx.Response, client: Any, bucket: str) -> None:
         h = response.headers
         if "X-HubSpot-RateLimit-Daily-Remaining" in h:
