@@ -135,8 +135,9 @@ class SlidingWindow:
     0.2 s per 10-second window). ``pause`` holds every caller back (after a 429).
     """
 
-    #: Seconds added to every window for the spread of network transit times...
-    JITTER = 0.04
+    #: Seconds added to every window for the spread of network transit times (and again after
+    #: each 429 it did not cover, see ``overrun``)...
+    JITTER = 0.02
     #: ...and per turn of the window, for a burst's requests leaving one after another.
     SEND = 0.0006
 
@@ -199,20 +200,27 @@ class SlidingWindow:
         """A 429 without a stated wait: how long to hold every caller back (seconds).
 
         The CRM counted our requests closer together than we did (transit times spread more than
-        JITTER), so the margin grows by JITTER for the rest of the run, and callers wait until this
-        window's oldest turn has left it. A flat second's pause cost a second each time. A second
-        429 within two windows means more than jitter (another client on the same limit): then
-        the flat second, as before.
+        JITTER), so the margin grows by JITTER for the rest of the run, the rejected request's turn
+        is given back (the CRM did not count it), and callers wait until this window's oldest turn
+        has left it. A flat second's pause cost a second each time. A 429 for a request sent
+        after that, within two windows, means more than jitter (another client on the same
+        limit): then the flat second, as before. Requests already in flight count as the same 429.
         """
+        stamp, self._mine.stamp = getattr(self._mine, "stamp", None), None
         with self.lock:
             now = time.monotonic()
-            again = now - self._overrun_at < 2 * self.window
-            self._overrun_at = now
-            if again:
-                wait = 1.0
+            if stamp is not None and stamp in self.starts:
+                self.starts.remove(stamp)  # the CRM did not count the rejected request: nor do we
+            if stamp is not None and stamp <= self._overrun_at:
+                pass  # sent before the last 429 widened the margin: the same event, not a new one
+            elif now - self._overrun_at < 2 * self.window:
+                self._overrun_at = now
+                self.not_before = max(self.not_before, now + 1.0)
+                return 1.0
             else:
+                self._overrun_at = now
                 self.window = min(self.window + self.JITTER, self.per_seconds + self.MAX_MARGIN)
-                wait = max(0.0, self.starts[0] + self.window - now) if self.starts else 0.0
+            wait = max(0.0, self.starts[0] + self.window - now) if self.starts else 0.0
             self.not_before = max(self.not_before, now + wait)
             return wait
 

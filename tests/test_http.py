@@ -378,3 +378,35 @@ def test_a_429_our_window_did_not_expect_waits_for_its_oldest_turn_then_a_flat_s
     c.get("/c")
     assert slept[1:] == [1.0]  # another within two windows: not jitter, someone else spends this limit
     assert c.stats.rate_limited == 2
+
+
+def test_429s_for_requests_already_in_flight_count_as_one_overrun() -> None:
+    """A burst's requests rejected together widen the margin once and cost no flat second."""
+    import threading
+
+    from crmsync.http import SlidingWindow
+
+    window = SlidingWindow(5, 1.0)
+    before = window.window
+    taken = threading.Barrier(2)
+    first_done = threading.Event()
+    waits: dict[str, float] = {}
+
+    def request(name: str, first: bool) -> None:
+        assert window.try_acquire()
+        taken.wait()  # both in flight
+        if not first:
+            first_done.wait()
+        waits[name] = window.overrun()
+        if first:
+            first_done.set()
+
+    threads = [threading.Thread(target=request, args=(n, n == "a")) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert window.window == pytest.approx(before + SlidingWindow.JITTER)  # once, not twice
+    assert 0.9 < waits["a"] <= window.window  # until b's turn leaves the window, as far as a could tell
+    assert waits["b"] == 0.0  # not the flat second: b's turn given back too, the window holds none
+    assert window.free() == 5
