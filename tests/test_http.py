@@ -410,3 +410,12 @@ def test_429s_for_requests_already_in_flight_count_as_one_overrun() -> None:
     assert 0.9 < waits["a"] <= window.window  # until b's turn leaves the window, as far as a could tell
     assert waits["b"] == 0.0  # not the flat second: b's turn given back too, the window holds none
     assert window.free() == 5
+
+
+def test_a_surprise_429_on_a_ten_second_window_waits_at_most_a_second() -> None:
+    from crmsync.http import SlidingWindow
+
+    window = SlidingWindow(100, 10.0)
+    assert window.try_acquire() and window.try_acquire()  # the second is refused by the CRM
+    assert window.overrun() == 1.0  # not the ~10 s until the first turn leaves the window
+    assert window.free() == 99  # the refused turn given back
