@@ -201,10 +201,11 @@ class SlidingWindow:
 
         The CRM counted our requests closer together than we did (transit times spread more than
         JITTER), so the margin grows by JITTER for the rest of the run, the rejected request's turn
-        is given back (the CRM did not count it), and callers wait until this window's oldest turn
-        has left it (at most a second). A flat second's pause cost a second each time. A 429 for a request sent
-        after that, within two windows, means more than jitter (another client on the same
-        limit): then the flat second, as before. Requests already in flight count as the same 429.
+        is given back (the CRM did not count it), and callers wait twice JITTER for the request the
+        CRM still counts to leave its window. A flat second's pause cost a second each time. A 429
+        for a request sent after that, within two windows, means more than jitter (another client
+        on the same limit): then the flat second, as before. Requests already in flight count as
+        the same 429.
         """
         stamp, self._mine.stamp = getattr(self._mine, "stamp", None), None
         with self.lock:
@@ -221,9 +222,9 @@ class SlidingWindow:
                 self._overrun_at = now
                 self.window = min(self.window + self.JITTER, self.per_seconds + self.MAX_MARGIN)
             # The request the CRM still counts is one our window let go of just now: it leaves the
-            # CRM's window before our oldest turn does, and never more than a second's pause later
-            # (a 10-second window's oldest turn may be seconds away).
-            wait = min(max(0.0, self.starts[0] + self.window - now), 1.0) if self.starts else 0.0
+            # CRM's window within the margin just added. (When our own window is spent, its oldest
+            # turn holds the next request back anyway.)
+            wait = 2 * self.JITTER
             self.not_before = max(self.not_before, now + wait)
             return wait
 
