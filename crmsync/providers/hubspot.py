@@ -50,7 +50,7 @@ AUTHORIZE_URL = "https://app.hubspot.com/oauth/authorize"
 SEARCH_CAP = 10_000
 SEARCH_PAGE = 200
 SEARCH_AHEAD = 3  # search pages of one walk asked for at once (offset paging allows it)
-NOT_IN_MAX = 100  # values in one IN / NOT_IN search filter
+IN_MAX = 100  # values in one IN / NOT_IN search filter
 LIST_PAGE = 100
 BATCH = 100
 MARKER = "crmsync_outcome_id"
@@ -670,11 +670,11 @@ class HubSpotProvider(Provider):
                 if int(nxt) + SEARCH_PAGE > SEARCH_CAP:
                     reanchor = True
                     # The next search leaves out this page's records at page_ts (HubSpot takes up
-                    # to 100 values in NOT_IN; more are read again, as GTE would): its total is
+                    # to IN_MAX values in NOT_IN; more are read again, as GTE would): its total is
                     # the rest past the cap, so its pages are asked for at once, not after its
                     # first answer. Fewer (a record that moved on since) costs one empty page.
                     seen_at = [r.id for r, stamp in zip(records, stamps, strict=True) if stamp == page_ts]
-                    if len(seen_at) > NOT_IN_MAX:
+                    if len(seen_at) > IN_MAX:
                         seen_at = []
                     expect = int(body.get("total") or 0) - int(nxt) + stamps.count(page_ts) - len(seen_at)
                     break
@@ -704,12 +704,17 @@ class HubSpotProvider(Provider):
         ahead: deque[tuple[int, Future[tuple[dict[str, Any], list[RemoteRecord]]]]] = deque()
         pool: ThreadPoolExecutor | None = None
         expected, total, planned = 0, min(expect, SEARCH_CAP), 0
+
+        def fill() -> None:
+            nonlocal pool, planned
+            while len(ahead) < SEARCH_AHEAD and planned < total and planned + SEARCH_PAGE <= SEARCH_CAP:
+                pool = pool or ThreadPoolExecutor(max_workers=SEARCH_AHEAD, thread_name_prefix=f"search-{obj}")
+                ahead.append((planned, pool.submit(fetch, planned)))
+                planned += SEARCH_PAGE
+
         try:
             if total > SEARCH_PAGE:
-                pool = ThreadPoolExecutor(max_workers=SEARCH_AHEAD, thread_name_prefix=f"search-{obj}")
-                while len(ahead) < SEARCH_AHEAD and planned < total:
-                    ahead.append((planned, pool.submit(fetch, planned)))
-                    planned += SEARCH_PAGE
+                fill()
             while True:
                 if ahead and ahead[0][0] == expected:
                     body, records = ahead.popleft()[1].result()
@@ -726,10 +731,7 @@ class HubSpotProvider(Provider):
                 expected = int(nxt)
                 total = min(int(body.get("total") or 0), SEARCH_CAP)  # the answer, not a caller's estimate
                 planned = max(planned, expected)
-                while len(ahead) < SEARCH_AHEAD and planned < total and planned + SEARCH_PAGE <= SEARCH_CAP:
-                    pool = pool or ThreadPoolExecutor(max_workers=SEARCH_AHEAD, thread_name_prefix=f"search-{obj}")
-                    ahead.append((planned, pool.submit(fetch, planned)))
-                    planned += SEARCH_PAGE
+                fill()
         finally:
             for _, f in ahead:
                 f.cancel()
@@ -827,7 +829,7 @@ class HubSpotProvider(Provider):
                 prop = {"phone": "phone", "domain": "domain", "name": "name"}.get(kind)
                 if prop is None:
                     continue
-                for chunk in _chunks(values, 100):
+                for chunk in _chunks(values, IN_MAX):
                     body = self._search(
                         obj,
                         [[{"propertyName": prop, "operator": "IN", "values": chunk}]],
