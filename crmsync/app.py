@@ -151,10 +151,10 @@ class App:
 
     def token_client(self, name: str) -> httpx.Client:
         """A plain client for OAuth token endpoints, through the same transport as the API."""
-        from crmsync.http import tls_context
+        from crmsync.http import tls_verify
 
         transport = self.transport(name) if self.transport else None
-        return httpx.Client(timeout=30.0, transport=transport, verify=tls_context() if transport is None else True)
+        return httpx.Client(timeout=30.0, transport=transport, verify=tls_verify(transport))
 
     def provider(self, conn: CrmConnection) -> Provider:
         """The provider instance for a connection (one per App)."""

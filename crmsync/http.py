@@ -207,11 +207,10 @@ class SlidingWindow:
         on the same limit): then the flat second, as before. Requests already in flight count as
         the same 429.
         """
-        stamp, self._mine.stamp = getattr(self._mine, "stamp", None), None
+        stamp = getattr(self._mine, "stamp", None)
+        self.give_back()  # the CRM did not count the rejected request: nor do we
         with self.lock:
             now = time.monotonic()
-            if stamp is not None and stamp in self.starts:
-                self.starts.remove(stamp)  # the CRM did not count the rejected request: nor do we
             if stamp is not None and stamp <= self._overrun_at:
                 pass  # sent before the last 429 widened the margin: the same event, not a new one
             elif now - self._overrun_at < 2 * self.window:
@@ -405,6 +404,11 @@ def tls_context() -> ssl.SSLContext:
     return _tls.result()
 
 
+def tls_verify(transport: httpx.BaseTransport | None) -> ssl.SSLContext | bool:
+    """``verify`` for an httpx.Client: the shared context, unless a given transport makes no TLS of its own."""
+    return tls_context() if transport is None else True
+
+
 RequestObserver = Callable[[str, str, str, int, float], None]  # provider, connection, endpoint, status, seconds
 
 
@@ -456,7 +460,7 @@ class HttpClient:
             base_url=self.base_url,
             timeout=timeout,
             transport=transport,
-            verify=tls_context() if transport is None else True,
+            verify=tls_verify(transport),
             headers={"User-Agent": "crmsync/0.1 (+https://github.com/crmsync)", **(headers or {})},
             limits=httpx.Limits(max_connections=max(1, concurrency) + 2, max_keepalive_connections=max(1, concurrency)),
         )
