@@ -76,6 +76,40 @@ def test_unchanged_page_writes_nothing_and_older_data_never_rolls_back(tmp_path:
     assert store.record("c", "contacts", "1").properties["first_name"] == "b"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("json1", [True, False], ids=["json1", "row-by-row"])
+def test_pages_store_the_same_whether_sqlite_has_json_functions_or_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, json1: bool
+) -> None:
+    """Stored rows are read as one JSON array where SQLite can make one, row by row otherwise."""
+    import crmsync.store as store_module
+
+    monkeypatch.setattr(store_module, "_JSON1", [json1])
+    store = Store.open(tmp_path / "s.db")
+    day = datetime(2026, 1, 1, tzinfo=UTC)
+    first = [rec(i) for i in range(1, 5)]
+    first[0].associations = {"companies": ["7"]}
+    store.apply_page("c", "contacts", first, cursor={"p": 1}, run_id=1)
+    edited, moved, older, same = rec(1, "é"), rec(2), rec(3, "stale"), rec(4)
+    edited.remote_updated_at = moved.remote_updated_at = datetime(2026, 2, 1, tzinfo=UTC)
+    moved.associations = {"companies": ["8"]}
+    older.remote_updated_at = day.replace(year=2025)
+    counts = store.apply_page(
+        "c", "contacts", [edited, moved, older, same, rec(9)], cursor={"p": 2}, deleted=["4", "404"], run_id=2
+    )
+    assert (counts.created, counts.updated, counts.unchanged, counts.archived) == (1, 2, 2, 1)
+    rows = {r.remote_id: r for r in store.records("c", "contacts")}
+    assert rows["1"].properties["first_name"] == "é" and rows["1"].associations == {"companies": ["7"]}
+    assert rows["2"].associations == {"companies": ["8"]} and rows["3"].properties["first_name"] == "x"
+    assert rows["4"].archived and not rows["9"].archived
+    assert rows["1"].remote_updated_at == datetime(2026, 2, 1, tzinfo=UTC)
+    changes = {(c.remote_id, c.action): c.changes for c in store.changes(connection="c") if c.run_id == 2}
+    assert changes == {
+        ("1", "updated"): {"first_name": ["x", "é"]},
+        ("4", "archived"): {},
+        ("9", "created"): {},
+    }
+
+
 def test_run_lock_exits_tempfail_naming_the_holder(tmp_path: Path) -> None:
     db = str(tmp_path / "s.db")
     holder = subprocess.Popen(
