@@ -11,8 +11,11 @@ about ``hs_call_disposition``.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -346,6 +349,48 @@ def at_once(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="at-once") as pool:
         return list(pool.map(fn, items))
+
+
+def run_ahead(items: Iterable[T], depth: int, *, name: str) -> Iterator[T]:
+    """``items``, produced by a thread of their own up to ``depth`` ahead of the caller, in order.
+
+    An error in producing surfaces at the item where it happened; a caller that stops early (or
+    fails) stops the producer at its next item.
+    """
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = box.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+            with contextlib.suppress(queue.Empty):
+                box.get_nowait()
+            thread.join(timeout=0.05)
 
 
 def match_key(keys: Mapping[str, str]) -> str:

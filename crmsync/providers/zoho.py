@@ -49,6 +49,7 @@ from crmsync.providers.base import (
     RemoteRecord,
     at_once,
     match_key,
+    run_ahead,
 )
 
 log = logging.getLogger("crmsync.zoho")
@@ -580,7 +581,8 @@ class ZohoProvider(Provider):
                 ts, last_id = min(ts, hi - self.lookback), None
         state["hi"] = zoho_time(upper)
         columns = self._columns(obj, fields)
-        while True:
+
+        def select(ts: datetime, last_id: str | None) -> tuple[list[dict[str, Any]], bool]:
             keyset = f"Modified_Time >= {quote(zoho_time(ts))}"
             if last_id is not None:
                 keyset = (
@@ -588,16 +590,24 @@ class ZohoProvider(Provider):
                     f"(Modified_Time = {quote(zoho_time(ts))} and id > {int(last_id)}))"
                 )
             where = _nest("and", [keyset, f"Modified_Time <= {quote(zoho_time(upper))}", *self._scope(obj)])
-            rows, more = self._select(obj, columns, where, "Modified_Time asc, id asc", COQL_ROWS)
-            if not rows:
-                break
-            last = rows[-1]
-            ts = parse_ts(last.get("Modified_Time")) or ts
-            last_id = str(last["id"])
-            state = {**state, "ts": zoho_time(ts), "id": last_id}
+            return self._select(obj, columns, where, "Modified_Time asc, id asc", COQL_ROWS)
+
+        def answers(ts: datetime, last_id: str | None) -> Iterator[tuple[list[dict[str, Any]], datetime, str]]:
+            while True:
+                rows, more = select(ts, last_id)
+                if not rows:
+                    return
+                ts, last_id = parse_ts(rows[-1].get("Modified_Time")) or ts, str(rows[-1]["id"])
+                yield rows, ts, last_id
+                if not more:
+                    return
+
+        # Each page's query needs the last row of the one before. A thread of the walk's own asks
+        # for the next page as soon as that row is known; building this page's records and a busy
+        # consumer happen elsewhere, so the chain of requests waits on nothing but the CRM.
+        for rows, page_ts, page_id in run_ahead(answers(ts, last_id), 2, name=f"coql-{obj}"):
+            state = {**state, "ts": zoho_time(page_ts), "id": page_id}
             yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state))
-            if not more:
-                break
         yield from self._deleted_phase(obj, state, upper)
 
     def _deleted_phase(self, obj: str, state: dict[str, Any], upper: datetime) -> Iterator[Page]:

@@ -10,9 +10,7 @@ never disturbs the incremental cursor until it completes; then it seeds that cur
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from crmsync.errors import AuthError, CrmsyncError, ExitCode, RetriableError
-from crmsync.providers.base import Page, Provider, RemoteRecord, match_key
+from crmsync.providers.base import Page, Provider, RemoteRecord, match_key, run_ahead
 from crmsync.store import ApplyCounts, Canonical, Store
 
 if TYPE_CHECKING:
@@ -463,37 +461,4 @@ def _prefetched(pages: Iterable[Page], depth: int = 2) -> Iterator[Page]:
     reach the caller in order, and a page's cursor is stored only with that page, so resuming
     after a kill is unchanged. An error in fetching surfaces at the page where it happened.
     """
-    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for page in pages:
-                while not stop.is_set():
-                    try:
-                        box.put(("page", page), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            box.put(("end", None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            box.put(("error", exc))
-
-    thread = threading.Thread(target=produce, name="pull-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = box.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish
-            with contextlib.suppress(queue.Empty):
-                box.get_nowait()
-            thread.join(timeout=0.05)
+    return run_ahead(pages, depth, name="pull-prefetch")
