@@ -17,6 +17,7 @@ import json
 import operator
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -384,6 +385,13 @@ class Store:
     def __init__(self, engine: Engine, url: str) -> None:
         self.engine = engine
         self.url = url
+        # SQLite takes one writer at a time and makes the others poll (sleeps of 1, 2, 5 ... 25 ms):
+        # pages of several objects stored at once queue on this lock instead and go the moment it
+        # is free (a Zoho pull of 20,000 changes: median 1.32 -> 1.28 s). Other databases write
+        # in parallel. busy_timeout stays for other processes and the other writes.
+        self.write_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -698,15 +706,17 @@ class Store:
                     updates.setdefault(row["id"], {"id": row["id"]}).update(values)
                     counts.archived += 1
                     change(remote_id, "archived", {})
-            bulk.insert(CrmRecord.__table__, list(inserts.values()))  # type: ignore[attr-defined]
-            bulk.update(CrmRecord.__table__, list(updates.values()))  # type: ignore[attr-defined]
-            bulk.insert(CrmRecordChange.__table__, changes)  # type: ignore[attr-defined]
-            if cursor is not None:
-                self.set_cursor(connection, obj, cursor, cursor_kind, session=s)
-            for kind, value in extra_cursors:
-                self.set_cursor(connection, obj, value, kind, session=s)
-            if before_commit is not None:
-                before_commit(s)
+            with self.write_lock:
+                bulk.insert(CrmRecord.__table__, list(inserts.values()))  # type: ignore[attr-defined]
+                bulk.update(CrmRecord.__table__, list(updates.values()))  # type: ignore[attr-defined]
+                bulk.insert(CrmRecordChange.__table__, changes)  # type: ignore[attr-defined]
+                if cursor is not None:
+                    self.set_cursor(connection, obj, cursor, cursor_kind, session=s)
+                for kind, value in extra_cursors:
+                    self.set_cursor(connection, obj, value, kind, session=s)
+                if before_commit is not None:
+                    before_commit(s)
+                s.commit()
         return counts
 
     def mark_missing(self, connection: str, obj: str, live_ids: set[str], *, run_id: int | None = None) -> int:
