@@ -115,13 +115,15 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import phonenumbers
 import yaml
 
 from crmsync.errors import MappingError
+
+if TYPE_CHECKING:
+    import phonenumbers
 from crmsync.providers.base import OBJECTS, SECTION, FieldInfo
 from crmsync.yamlio import KeyPath, YamlDoc, parse_yaml
 
@@ -451,6 +453,24 @@ class _Strip(Transform):
         return value.strip() if isinstance(value, str) else value
 
 
+_PN: list[Any] = []
+
+
+def _phonenumbers() -> Any:
+    """phonenumbers, imported on first use: 15 ms of start-up that a run can spend while its first
+    requests are in flight instead (see ``Mapping.warm``)."""
+    if not _PN:
+        import phonenumbers
+
+        _PN.append(phonenumbers)
+    return _PN[0]
+
+
+def _region_known(region: str) -> bool:
+    # US, the default, is always known: loading a mapping does not need phonenumbers for it.
+    return region == "US" or region in _phonenumbers().SUPPORTED_REGIONS
+
+
 class _E164(Transform):
     name = "e164"
     takes = "optional"
@@ -462,7 +482,7 @@ class _E164(Transform):
         if not isinstance(arg, dict) or set(arg) - {"region"}:
             raise _Bad("e164 takes {region: XX} or nothing")
         region = arg.get("region")
-        if not isinstance(region, str) or region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        if not isinstance(region, str) or not _region_known(region.upper()):
             raise _Bad(f"unknown region {region!r} (two-letter country code such as US or DE)")
         self.region = region.upper()
 
@@ -471,24 +491,25 @@ class _E164(Transform):
             value = str(value)
         if not isinstance(value, str) or not value.strip():
             return value
-        number = self._parse(value)
+        pn = _phonenumbers()
+        number = self._parse(pn, value)
         if number is None:
             return value
-        formatted = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+        formatted = str(pn.format_number(number, pn.PhoneNumberFormat.E164))
         # Only return a form that normalises to itself, so push(push(x)) == push(x) always.
-        if formatted == value or _reparses_unchanged(number):
+        if formatted == value or _reparses_unchanged(pn, number):
             return formatted
-        again = self._parse(formatted)
-        if again is None or phonenumbers.format_number(again, phonenumbers.PhoneNumberFormat.E164) != formatted:
+        again = self._parse(pn, formatted)
+        if again is None or pn.format_number(again, pn.PhoneNumberFormat.E164) != formatted:
             return value
         return formatted
 
-    def _parse(self, text: str) -> phonenumbers.PhoneNumber | None:
+    def _parse(self, pn: Any, text: str) -> phonenumbers.PhoneNumber | None:
         try:
-            number = phonenumbers.parse(text, self.region)
-        except phonenumbers.NumberParseException:
+            number = pn.parse(text, self.region)
+        except pn.NumberParseException:
             return None
-        return number if phonenumbers.is_possible_number(number) else None
+        return number if pn.is_possible_number(number) else None
 
     def push_value(self, value: Any, record: dict[str, Any]) -> Any:
         return self.normalise(value)
@@ -500,7 +521,7 @@ class _E164(Transform):
 _METADATA: dict[int, Any] = {}  # country calling code -> phonenumbers metadata (looked up once)
 
 
-def _reparses_unchanged(number: phonenumbers.PhoneNumber) -> bool:
+def _reparses_unchanged(pn: Any, number: phonenumbers.PhoneNumber) -> bool:
     """True when parsing the E.164 form of ``number`` certainly gives ``number`` back.
 
     Parsing ``+<country code><national number>`` can only differ from ``number`` where the country's
@@ -509,17 +530,17 @@ def _reparses_unchanged(number: phonenumbers.PhoneNumber) -> bool:
     the caller parses again. ``tests/test_mapping.py`` checks this against the full re-parse for
     every region's example numbers. If phonenumbers ever drops the helper, every number is re-parsed.
     """
-    strip = getattr(phonenumbers.phonenumberutil, "_maybe_strip_national_prefix_carrier_code", None)
+    strip = getattr(pn.phonenumberutil, "_maybe_strip_national_prefix_carrier_code", None)
     cc = number.country_code
     metadata = _METADATA.get(cc)
     if metadata is None:
-        region = phonenumbers.region_code_for_country_code(cc)
-        metadata = _METADATA[cc] = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(cc, region)
+        region = pn.region_code_for_country_code(cc)
+        metadata = _METADATA[cc] = pn.PhoneMetadata.metadata_for_region_or_calling_code(cc, region)
     if strip is None or metadata is None or number.extension:
         return False
     if not metadata.national_prefix_for_parsing:
         return True
-    national = phonenumbers.national_significant_number(number)
+    national = pn.national_significant_number(number)
     try:
         _carrier, stripped, _ = strip(national, metadata)
     except Exception:  # an internal helper: any surprise means "not sure", never an error
@@ -1188,6 +1209,15 @@ class Mapping:
         normal = json.dumps(self.data, sort_keys=True, separators=(",", ":"), default=str)
         self.hash = hashlib.sha256(normal.encode()).hexdigest()
 
+    def warm(self) -> None:
+        """Import what the rules' transforms use on first call (phonenumbers for ``e164``).
+
+        A pull calls it once its first requests are out, so the import runs while they are in
+        flight rather than in a page's mapping, where it held the GIL just as answers arrived.
+        """
+        if any(isinstance(t, _E164) for rules in self._rules.values() for r in rules for t in r.transforms):
+            _phonenumbers()
+
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, provider: str, path: Path | None = None, *, default_region: str = "US") -> Mapping:
@@ -1215,7 +1245,7 @@ class Mapping:
         default_region: str = "US",
     ) -> Mapping:
         """Parse and validate mapping YAML (every problem reported at once)."""
-        if not isinstance(default_region, str) or default_region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        if not isinstance(default_region, str) or not _region_known(default_region.upper()):
             raise MappingError(f"unknown default region {default_region!r} (two-letter country code such as US)")
         doc = parse_yaml(text, source, MappingError)
         return cls(provider, doc, text, path, default_region.upper())

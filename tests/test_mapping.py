@@ -810,3 +810,24 @@ def test_canonical_fields_match_the_model() -> None:
     for obj, record in canonical(outcome).items():
         unknown = {k for k in record if not k.startswith("custom.")} - set(CANONICAL_FIELDS[obj])
         assert not unknown, (obj, unknown)
+
+
+def test_phonenumbers_is_imported_by_warm_or_the_first_phone_not_by_loading() -> None:
+    """Loading a mapping leaves phonenumbers for later: a pull imports it while its first requests fly."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from crmsync.mapping import Mapping\n"
+        "m = Mapping.load('zoho')\n"
+        "assert 'phonenumbers' not in sys.modules\n"
+        "assert m.to_canonical('contacts', {'Phone': '(415) 555-0132'})['phone'] == '+14155550132'\n"
+        "assert 'phonenumbers' in sys.modules\n"
+        "m2 = Mapping.from_text('zoho', 'version: 1\\ncontact:\\n  phone: {field: Phone, transform: e164}\\n')\n"
+        "m2.warm()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    fresh = "import sys\nfrom crmsync.mapping import Mapping\nMapping.load('hubspot').warm()\n"
+    fresh += "assert 'phonenumbers' in sys.modules\n"
+    subprocess.run([sys.executable, "-c", fresh], check=True, timeout=60)

@@ -375,11 +375,15 @@ def _pull_connection(
             out.failed += 1
             log.warning("pull %s %s failed: %s", conn.name, obj, exc)
 
-    _each_object(app, res, objs, one)
+    _each_object(app, res, objs, one, meanwhile=mapping.warm)
 
 
 def _each_object(
-    app: App, res: ConnectionResult, objs: Sequence[str], walk: Callable[[str, ObjectResult, threading.Event], None]
+    app: App,
+    res: ConnectionResult,
+    objs: Sequence[str],
+    walk: Callable[[str, ObjectResult, threading.Event], None],
+    meanwhile: Callable[[], None] | None = None,
 ) -> None:
     """Walk the objects concurrently (each has its own cursor; the HttpClient keeps the CRM's pace).
 
@@ -399,6 +403,8 @@ def _each_object(
         futures = [pool.submit(walk, obj, out, cancel) for obj, out in zip(objs, outs, strict=True)]
         first: BaseException | None = None
         try:
+            if meanwhile is not None:
+                meanwhile()  # while the first requests are in flight
             for future in futures:
                 try:
                     future.result()
@@ -449,7 +455,7 @@ def _backfill_connection(
             app.store.set_cursor(conn.name, obj, None, "backfill")
         out.cursor = final
 
-    _each_object(app, res, _objects(provider, objects), one)
+    _each_object(app, res, _objects(provider, objects), one, meanwhile=mapping.warm)
 
 
 def _prefetched(pages: Iterable[Page], depth: int = 2) -> Iterator[Page]:
