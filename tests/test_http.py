@@ -418,3 +418,13 @@ def test_a_surprise_429_on_a_ten_second_window_waits_for_the_margin_not_the_olde
     assert window.try_acquire() and window.try_acquire()  # the second is refused by the CRM
     assert window.overrun() == pytest.approx(2 * SlidingWindow.JITTER)  # not the ~10 s until the first turn leaves
     assert window.free() == 99  # the refused turn given back
+
+
+def test_answers_are_read_in_pieces_of_up_to_a_mebibyte() -> None:
+    """Each socket read gives up the GIL; a 450 KB page should be one or two reads, not seven."""
+    import httpcore._sync.http11 as http11
+
+    from crmsync.http import READ_BYTES
+
+    HttpClient(provider="x", connection="y", base_url="http://127.0.0.1:1").close()
+    assert http11.HTTP11Connection.READ_NUM_BYTES >= READ_BYTES == 1 << 20
