@@ -190,3 +190,31 @@ def test_pages_are_fetched_up_to_three_ahead_of_the_one_being_stored() -> None:
     time.sleep(0.05)  # give an unbounded producer time to run on
     assert first.cursor == {"page": 0} and requested == [0, 1, 2, 3]  # and no further: memory stays flat
     assert [p.cursor["page"] for p in walk] == [1, 2, 3, 4, 5]
+
+
+def test_a_walk_stopped_early_closes_the_walks_it_runs_ahead_of() -> None:
+    """run_ahead inside run_ahead (a provider's keyset chain under pull's prefetch): stopping the
+    consumer stops both producer threads and runs the inner generator's clean-up."""
+    import threading
+
+    from crmsync.providers.base import run_ahead
+
+    closed: list[str] = []
+
+    def chain() -> Iterator[int]:
+        try:
+            yield from range(1000)
+        finally:
+            closed.append("chain")
+
+    def pages() -> Iterator[int]:
+        try:
+            yield from run_ahead(chain(), 2, name="test-chain")
+        finally:
+            closed.append("pages")
+
+    walk = run_ahead(pages(), 2, name="test-pages")
+    assert [next(walk) for _ in range(3)] == [0, 1, 2]
+    walk.close()
+    assert closed == ["chain", "pages"]
+    assert not [t for t in threading.enumerate() if t.name in ("test-chain", "test-pages")]

@@ -391,6 +391,9 @@ def run_ahead(items: Iterable[T], depth: int, *, name: str) -> Iterator[T]:
             with contextlib.suppress(queue.Empty):
                 box.get_nowait()
             thread.join(timeout=0.05)
+        close = getattr(items, "close", None)
+        if close is not None:  # a generator's own clean-up (its run_ahead threads) runs now, not at GC
+            close()
 
 
 def match_key(keys: Mapping[str, str]) -> str:
