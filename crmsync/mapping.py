@@ -121,11 +121,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from crmsync.errors import MappingError
-
-if TYPE_CHECKING:
-    import phonenumbers
 from crmsync.providers.base import OBJECTS, SECTION, FieldInfo
 from crmsync.yamlio import KeyPath, YamlDoc, parse_yaml
+
+if TYPE_CHECKING:
+    import phonenumbers  # imported on first use at run time: _phonenumbers()
 
 __all__ = [
     "CANONICAL_FIELDS",

@@ -747,7 +747,7 @@ class _Prefix(list[str]):
 class _SortedIndex:
     """A module's records in one COQL order, kept sorted as they are written (as a CRM's index is).
 
-    Entries are ``(order keys, int id, id)``. Rebuilt from scratch after every write, the first
+    Entries are ``(order keys, int id, id)``. When it was rebuilt after every write, the first
     keyset page after a burst of changes paid for sorting the whole module (40-60 ms for 12,000
     records, three modules at once) and the benchmarks measured it as the client's time.
     """
@@ -889,7 +889,7 @@ class ZohoEmulator(Emulator):
         self._version = dict.fromkeys(MODULES, 0)
         self._sorted_cache = _Cache()
         self._coql_cache = _Cache()
-        #: (module, order) -> the module in that order, for keyset pages; kept up to date by _touch
+        #: (module, order) -> the module in that order, for keyset pages; kept up to date by _bump
         self._coql_sorted: dict[tuple[str, tuple[Any, ...]], _SortedIndex] = {}
         self._coql_index: dict[tuple[str, str], tuple[int, dict[str, list[str]]]] = {}
         self._page_tokens: dict[str, dict[str, Any]] = {}
