@@ -20,7 +20,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -250,24 +250,22 @@ _PROPERTIES_JSON = (
 )
 
 
-def _stored_time(text: str | None) -> datetime | None:
-    # SQLAlchemy's SQLite DateTime text, naive UTC (what UTCDateTime's result processor makes aware).
-    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
-
-
 def _existing_rows(bulk: _Bulk, connection: str, obj: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The stored rows of ``ids`` that exist: id, remote_id, associations, remote_updated_at, archived, hash."""
     existing: dict[str, dict[str, Any]] = {}
     if not ids:
         return existing
     if bulk.json:
+        # The column type's own reader of the stored text, as SQLAlchemy would apply it to the row.
+        column = CrmRecord.__table__.c.remote_updated_at  # type: ignore[attr-defined]
+        stored_time = column.type.dialect_impl(bulk.dialect).result_processor(bulk.dialect, None)
         text = bulk.conn.exec_driver_sql(_EXISTING_JSON, (connection, obj, json.dumps(list(ids)))).scalar()
         for row_id, remote_id, assoc, updated, archived, digest in json.loads(text or "[]"):
             existing[remote_id] = {
                 "id": row_id,
                 "remote_id": remote_id,
                 "associations": assoc,
-                "remote_updated_at": _stored_time(updated),
+                "remote_updated_at": stored_time(updated),
                 "archived": bool(archived),
                 "content_hash": digest,
             }
