@@ -592,17 +592,15 @@ class HubSpotProvider(Provider):
         prop = modified_prop(obj)
         base_filters = self._marker_filter(obj)
         ts = int(cursor.get("ts", 0))
-        if cursor.get("slice_id") is None and not cursor.get("after_ts"):
+        # A hand-over from the list endpoint ("listed") read the records themselves, not the
+        # search index: nothing to look back for.
+        if cursor.get("slice_id") is None and not cursor.get("after_ts") and not cursor.get("listed"):
             # Search lags writes by seconds, so the last run may have missed a record written just
             # before it searched: one modified after its start ("hi") less the look-back. Only a
             # cursor inside that window is moved back; one far behind it (the last change long
-            # before that run) cannot hide anything, nor can a hand-over from the list endpoint,
-            # which reads the records themselves, not the index. Cursors from before "hi" always
-            # look back.
+            # before that run) cannot hide anything. Cursors from before "hi" always look back.
             hi = cursor.get("hi")
-            if cursor.get("listed"):
-                pass
-            elif hi is None:
+            if hi is None:
                 ts = max(0, ts - self.lookback_ms)
             elif ts > int(hi) - self.lookback_ms:
                 ts = max(0, int(hi) - self.lookback_ms)
