@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,9 @@ def outcome_lines(
         if deal_every and i % deal_every == 0:
             o["deal"] = {"name": f"Deal {i}", "amount": 100 + i, "stage": "Qualified"}
         if task_every and i % task_every == 0:
-            o["next_step"] = {"type": "call", "due_at": "2026-12-01T09:00:00+00:00", "notes": "call back"}
+            # A month ahead of today: Odoo reports an activity due today as "today", not "planned".
+            due = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%dT09:00:00+00:00")
+            o["next_step"] = {"type": "call", "due_at": due, "notes": "call back"}
         lines.append(json.dumps(o))
     return "\n".join(lines) + "\n"
 
