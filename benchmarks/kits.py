@@ -430,14 +430,15 @@ class ZohoKit(Kit):
         )
 
     def pull_bound(self, changes: dict[str, int], latency: float) -> Bound:
-        """COQL keyset pages of 2,000 (a chain per object, objects in parallel) plus one /deleted per object."""
+        """COQL keyset pages of 2,000 (a walk per object from both ends, objects in parallel), one /deleted each."""
         objs = {o: n for o, n in changes.items() if not o.startswith("_")}
         pages = {o: max(1, math.ceil(n / 2000)) for o, n in objs.items()}
         total = sum(pages.values()) + len(objs)
-        chain = max(pages.values()) + 1
+        chain = max(map(walk_chain, pages.values()))
         text = (
-            f"COQL pages of 2,000 {pages} + {len(objs)} /deleted = {total} requests, at most "
-            f"{self.server_concurrency} in flight; longest keyset chain {chain} x latency"
+            f"COQL pages of 2,000 {pages} + {len(objs)} /deleted alongside = {total} requests, at most "
+            f"{self.server_concurrency} in flight; longest walk {chain} x latency (the first page, then "
+            "both ends a round: 1 + ceil((pages - 1) / 2))"
         )
         return lower_bound(
             {"default": total},
@@ -450,15 +451,29 @@ class ZohoKit(Kit):
 
     def backfill_bound(self, n: int, latency: float) -> Bound:
         pages = math.ceil(n / 2000)
-        text = f"ceil(N/2000) = {pages} COQL keyset pages + 1 /deleted, a chain: {pages + 1} x latency"
+        chain = walk_chain(pages)
+        text = (
+            f"ceil(N/2000) = {pages} COQL keyset pages + 1 /deleted alongside, read from both ends: "
+            f"1 + ceil(({pages} - 1) / 2) = {chain} x latency"
+        )
         return lower_bound(
             {"default": pages + 1},
             limits={},
             latency=latency,
             concurrency=self.raised_concurrency,
-            chain=pages + 1,
+            chain=chain,
             formula=text,
         )
+
+
+def walk_chain(pages: int) -> int:
+    """Round trips a keyset walk of ``pages`` needs when nothing is known of the records in advance.
+
+    The first page shows whether more follow (a small backlog, one page, must not cost two
+    queries); from then on a walk reads from both ends at once, so each round trip reads two pages.
+    Splitting further needs a guess of where the records lie: a perfect client guesses nothing.
+    """
+    return 1 if pages <= 1 else 1 + math.ceil((pages - 1) / 2)
 
 
 # -- Odoo ----------------------------------------------------------------------------------------------

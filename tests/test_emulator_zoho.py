@@ -977,6 +977,13 @@ def test_coql_keyset_pages_answer_as_the_full_scan_does(make: Callable[..., Zoho
         f"select id from Contacts where id > {ids[40]} order by id asc limit 5",
         f"select id from Contacts where id >= {ids[55]} limit 200",
         "select id from Contacts where Modified_Time >= '2031-01-01T00:00:00+00:00' order by Modified_Time asc",
+        # The other end of a walk: downwards from an upper bound, the same copy read backwards.
+        f"select id from Contacts where Modified_Time >= '2025-06-01T12:00:02+00:00' and "
+        f"(Modified_Time < '{mid}' or (Modified_Time = '{mid}' and id < {ids[27]})) "
+        "order by Modified_Time desc, id desc limit 9",
+        "select id, Modified_Time from Contacts where Modified_Time <= '2030-01-01T00:00:00+00:00' "
+        "order by Modified_Time desc, id desc limit 2000",
+        f"select id from Contacts where id <= {ids[40]} order by id desc limit 5",
     ]
     keyset = z.emu._coql_keyset
 
@@ -996,7 +1003,7 @@ def test_coql_keyset_pages_answer_as_the_full_scan_does(make: Callable[..., Zoho
 
     fast = answers(fast=True)
     assert answers(fast=False) == fast
-    assert fast[0][0] == 200 and fast[-1][0] == 204
+    assert fast[0][0] == 200 and fast[6][0] == 204
     assert json.loads(fast[1][1])["data"][-1]["id"] == ids[3]  # the edited record comes last
     # Writes after the sorted copies exist: an edit moves a record, a deletion and new records.
     assert z.write("PUT", "Contacts", [{"id": ids[30], "Department": "Ops"}]).status_code == 200
@@ -1007,6 +1014,8 @@ def test_coql_keyset_pages_answer_as_the_full_scan_does(make: Callable[..., Zoho
     assert again != fast and answers(fast=False) == again
     last = [d["id"] for d in json.loads(again[1][1])["data"]][-2:]
     assert set(last) == {ids[3], ids[30]}  # both edited within the same second: id order between them
+    down = [d["id"] for d in json.loads(again[-2][1])["data"]]
+    assert down[:2] == last[::-1] and ids[41] not in down and len(down) == len(ids) - 2 + 3
 
 
 def test_coql_operators(zoho: Zoho) -> None:

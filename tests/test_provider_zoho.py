@@ -8,6 +8,7 @@ plain transport because openapi-core spends about 3 ms per returned row.
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -258,6 +259,103 @@ def test_cursor_is_resumable_after_any_page() -> None:
     assert set(seen[2000:]) <= again
     assert all(p.cursor is not None for p in pages)
     assert max(datetime.fromisoformat(p.cursor["ts"]) for p in pages) <= datetime.now(UTC)
+
+
+def _coql_queries(emu: ZohoEmulator) -> list[str]:
+    """The COQL queries the emulator answered, in order (the log keeps bodies out of its stats)."""
+    seen: list[str] = []
+    handle = emu._dispatch
+
+    def spy(request: httpx.Request, *args: Any) -> Any:
+        if request.url.path.endswith("/coql"):
+            seen.append(json.loads(request.content)["select_query"])
+        return handle(request, *args)
+
+    emu._dispatch = spy  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("n", [0, 1, 10, 11, 19, 20, 21, 30, 40, 41, 67])
+def test_a_backlog_is_walked_from_both_ends_each_record_once(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of 10: past the first page the walk also reads downwards, and the two ends meet exactly."""
+    monkeypatch.setattr("crmsync.providers.zoho.COQL_ROWS", 10)
+    emu = ZohoEmulator()
+    ids = [rid for k in range(n) for rid in emu.bulk_create("Deals", 1, modified_time=T0 + timedelta(seconds=k // 4))]
+    provider = provider_of(zoho_app(emu))
+    queries = _coql_queries(emu)
+    pages = list(provider.changes("deals", None, fields=["Deal_Name"]))
+    seen = [r.id for p in pages for r in p.records]
+    assert len(seen) == len(set(seen)) and set(seen) == set(ids)
+    downwards = [q for q in queries if "desc" in q]
+    assert bool(downwards) == (n > 10)  # one page needs no second end, and costs one query as before
+    # Half the chain of round trips: the first page, then two a round; at most two queries more than
+    # pages (ends that meet exactly at a page's edge look once more), and none after the last page.
+    full = max(1, -(-n // 10))
+    assert len(queries) <= full + 2 and len(queries) - len(downwards) <= 1 + -(-(full - 1) // 2) + 1
+    cursors = [p.cursor for p in pages if p.cursor is not None]
+    assert cursors[-1]["deleted_ts"] and (
+        n == 0 or (cursors[-1]["id"], cursors[-1]["ts"]) == (ids[-1], zoho_time(T0 + timedelta(seconds=(n - 1) // 4)))
+    )
+    # Only the lower end moves the cursor, and only upwards: any page is a place to resume from.
+    marks = [(c["ts"], int(c["id"])) for c in cursors if c.get("id")]
+    assert marks == sorted(marks)
+
+
+def _walk_killed_at(kill_at: int) -> bool:
+    """A pull of 72 contacts in pages of 10 that edits, deletes and adds records while both ends are
+    read, stopped before its page ``kill_at``, then rerun; checks the store. False if never stopped."""
+    emu = ZohoEmulator()
+    ids = [r for k in range(12) for r in emu.bulk_create("Contacts", 6, modified_time=T0 + timedelta(seconds=k))]
+    app = zoho_app(emu)
+    queries = _coql_queries(emu)
+    handle, apply = emu._dispatch, app.store.apply_page
+    once, applied = threading.Lock(), [0]
+
+    def meddle(request: httpx.Request, *args: Any) -> Any:
+        # Once, while the ends' first pages are read (the two ask at the same moment).
+        if len(queries) >= 2 and request.url.path.endswith("/coql") and once.acquire(blocking=False):
+            emu.edit("Contacts", ids[40], {"Title": "moved up"})
+            emu.edit("Contacts", ids[2], {"Title": "moved up too"})
+            emu.delete("Contacts", ids[30])
+            emu.bulk_create("Contacts", 2, modified_time=T0 + timedelta(seconds=5))  # in an old second
+        return handle(request, *args)
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        if applied[0] == kill_at:
+            raise KeyboardInterrupt
+        applied[0] += 1
+        return apply(*args, **kwargs)
+
+    emu._dispatch = meddle  # type: ignore[method-assign]
+    app.store.apply_page = killed  # type: ignore[method-assign]
+    try:
+        pull(app, objects=["contacts"])
+        stopped = False
+    except KeyboardInterrupt:
+        stopped = True
+    app.store.apply_page = apply  # type: ignore[method-assign]
+    for _ in range(2):  # the rerun, then one that finds nothing new
+        assert pull(app, objects=["contacts"])[0].exit_code == 0
+    live = {r["id"] for r in emu.records("Contacts")}
+    stored = {r.remote_id: r for r in app.store.records("z", "contacts")}
+    assert {rid for rid, r in stored.items() if not r.archived} == live, kill_at
+    assert stored[ids[40]].properties["title"] == "moved up"
+    assert stored[ids[2]].properties["title"] == "moved up too"
+    assert ids[30] not in stored or stored[ids[30]].archived  # never stored when the kill came first
+    return stopped
+
+
+def test_a_walk_from_both_ends_with_writes_during_it_and_a_kill_at_any_page(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("crmsync.providers.zoho.COQL_ROWS", 10)
+    kill_at = 0
+    while True:  # a kill before each page in turn, until a run has fewer pages than that
+        monkeypatch.setenv("CRMSYNC_HOME", str(tmp_path / f"kill-{kill_at}"))
+        if not _walk_killed_at(kill_at):
+            break
+        kill_at += 1
+    assert kill_at >= 9  # 74 records in pages of 10 read from two ends, and the deletions
 
 
 def test_calls_pull_only_crmsync_calls_with_their_links() -> None:

@@ -744,6 +744,24 @@ class _Prefix(list[str]):
     more: bool = False
 
 
+class _Above:
+    """Greater than anything it is compared with: the end of every entry that starts with a key."""
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __gt__(self, other: object) -> bool:
+        return other is not self
+
+    __hash__ = object.__hash__
+
+
+_ABOVE = _Above()
+
+
 class _SortedIndex:
     """A module's records in one COQL order, kept sorted as they are written (as a CRM's index is).
 
@@ -770,6 +788,10 @@ class _SortedIndex:
     def start(self, low: Any) -> int:
         """The position of the first entry whose first order key is at least ``(1, low)``."""
         return bisect.bisect_left(self.entries, (((1, low),),))
+
+    def stop(self, high: Any) -> int:
+        """The position after the last entry whose first order key is at most ``(1, high)``."""
+        return bisect.bisect_right(self.entries, (((1, high), _ABOVE),))
 
 
 @dataclass
@@ -2600,32 +2622,36 @@ class ZohoEmulator(Emulator):
         A keyset walk (``Modified_Time >= X ... order by Modified_Time asc, id asc limit 2000``)
         otherwise scans and sorts the whole module per page under the emulator's lock: ~60 ms for
         15,000 records, which a real CRM's index does not spend and the benchmarks would measure
-        as the client's. Only for ascending orders whose first column has a lower bound in the
-        where clause and ordered by id and record times only; the predicate still decides every
-        record, in the same order the scan gives.
+        as the client's. Only for orders by id and record times, all ascending with a lower bound
+        on the first column in the where clause, or all descending down to id (the same copy read
+        backwards) with an upper bound; the predicate still decides every record, in the same
+        order the scan gives.
         """
         order = q.order or [("id", False)]
-        if any(desc for _, desc in order):
-            return None
+        descending = order[0][1]
+        if any(desc != descending for _, desc in order) or (descending and order[-1][0] != "id"):
+            return None  # mixed directions, or ties the scan breaks by ascending id
         first = order[0][0]
         # Only columns of the record's own that no other record's change can move (a lookup's value
         # goes when its target is deleted): the index is kept in step by the record's own writes.
         if any(col not in ("id", "Created_Time", "Modified_Time") for col, _ in order):
             return None
-        low = self._coql_lower_bound(q.where, first)
-        if low is None:
+        bound = self._coql_bound(q.where, first, upper=descending)
+        if bound is None:
             return None
-        index = self._coql_sorted.get((q.module, tuple(order)))
+        ascending = tuple((col, False) for col, _ in order)
+        index = self._coql_sorted.get((q.module, ascending))
         if index is None:
             keys = [self._coql_sort_key(q.module, col) for col, _ in order]
             # Ties on every order column go by id, as the scan's first (stable) sort leaves them.
             index = _SortedIndex(lambda r: tuple(k(r) for k in keys), self._records[q.module])
-            self._coql_sorted[(q.module, tuple(order))] = index
+            self._coql_sorted[(q.module, ascending)] = index
         store = self._records[q.module]
         want = q.offset + q.limit
         hits = _Prefix()
         entries = index.entries
-        for i in range(index.start(low), len(entries)):
+        span = range(index.stop(bound) - 1, -1, -1) if descending else range(index.start(bound), len(entries))
+        for i in span:
             rid = entries[i][2]
             if predicate(store[rid]):
                 if len(hits) == want:
@@ -2635,16 +2661,18 @@ class ZohoEmulator(Emulator):
         return hits
 
     @staticmethod
-    def _coql_lower_bound(node: Any, name: str) -> Any:
-        """A value of ``name`` every record matching ``node`` reaches (None when the clause gives none)."""
+    def _coql_bound(node: Any, name: str, *, upper: bool = False) -> Any:
+        """A value of ``name`` every record matching ``node`` reaches (``upper``: stays within); None if none."""
         kind = node[0]
         if kind in ("and", "or"):
-            left = ZohoEmulator._coql_lower_bound(node[1], name)
-            right = ZohoEmulator._coql_lower_bound(node[2], name)
+            left = ZohoEmulator._coql_bound(node[1], name, upper=upper)
+            right = ZohoEmulator._coql_bound(node[2], name, upper=upper)
             if kind == "or":
-                return None if left is None or right is None else min(left, right)
-            return right if left is None else left if right is None else max(left, right)
-        if kind != "cmp" or node[1] != name or node[2] not in ("=", ">", ">="):
+                return None if left is None or right is None else max(left, right) if upper else min(left, right)
+            if left is None or right is None:
+                return right if left is None else left
+            return min(left, right) if upper else max(left, right)
+        if kind != "cmp" or node[1] != name or node[2] not in (("=", "<", "<=") if upper else ("=", ">", ">=")):
             return None
         vkind, value = node[3]
         if vkind != "str" and not (name == "id" and vkind == "num"):
@@ -2689,8 +2717,10 @@ class ZohoEmulator(Emulator):
             if not isinstance(value, str):
                 return False
             v = value.casefold()
-            return any(c in v for c in contains) or (bool(starts) and v.startswith(starts)) or (
-                bool(ends) and v.endswith(ends)
+            return (
+                any(c in v for c in contains)
+                or (bool(starts) and v.startswith(starts))
+                or (bool(ends) and v.endswith(ends))
             )
 
         return test

@@ -9,7 +9,9 @@ Facts this file relies on are in shared/reference/zoho.md; the ones that shaped 
 * pull reads with COQL on a ``(Modified_Time, id)`` keyset: 2,000 rows a call for 3 credits (list
   pages cost 1 credit per 200 and stop at 100,000 records), no offsets, and a record changed during
   the walk moves behind the cursor instead of shifting a page; Modified_Time has whole seconds, so
-  thousands of records share one and the id breaks the tie; deletions come from ``/deleted``;
+  thousands of records share one and the id breaks the tie; a large backlog is walked from both
+  ends (descending from the run's upper bound) to halve the round trips; deletions come from
+  ``/deleted``, asked for alongside the walk;
 * writes take 100 records, answer per record in input order (201/200, 207, 400 when all failed) and
   run workflows unless ``trigger`` is ``[]``; upsert matches on ``duplicate_check_fields``;
 * calls and tasks carry ``crmsync_outcome_id``, a unique custom field: a re-sent call is refused with
@@ -26,6 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +37,7 @@ import httpx
 
 from crmsync.credentials import SecretStore
 from crmsync.errors import AuthError, ConfigError, FatalProviderError, UsageError
-from crmsync.http import RateLimit, ResponsePolicy
+from crmsync.http import RateLimit, ResponsePolicy, deferring
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -86,6 +89,8 @@ MARKER = "crmsync_outcome_id"
 DEAL_KEY = "crmsync_deal_key"
 BATCH = 100
 COQL_ROWS = 2000
+_Key = tuple[datetime, int]  # where a record sits in a walk: (Modified_Time, id)
+_Low = tuple[datetime, int | str | None]  # a walk's lower end: a key, or a time with no id yet
 COQL_COLUMNS = 50
 COQL_IN = 50  # values per IN (...)
 COQL_CRITERIA = 25
@@ -582,58 +587,128 @@ class ZohoProvider(Provider):
         state["hi"] = zoho_time(upper)
         columns = self._columns(obj, fields)
 
-        def select(ts: datetime, last_id: str | None) -> tuple[list[dict[str, Any]], bool]:
-            keyset = f"Modified_Time >= {quote(zoho_time(ts))}"
-            if last_id is not None:
-                keyset = (
-                    f"(Modified_Time > {quote(zoho_time(ts))} or "
-                    f"(Modified_Time = {quote(zoho_time(ts))} and id > {int(last_id)}))"
-                )
-            where = _nest("and", [keyset, f"Modified_Time <= {quote(zoho_time(upper))}", *self._scope(obj)])
-            return self._select(obj, columns, where, "Modified_Time asc, id asc", COQL_ROWS)
+        def select(low: _Low, high: _Key | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
+            """One page of the keys above ``low`` and below ``high`` (or up to ``upper``), from either end."""
+            low_ts, low_id = quote(zoho_time(low[0])), low[1]
+            keyset = [
+                f"Modified_Time >= {low_ts}"
+                if low_id is None
+                else f"(Modified_Time > {low_ts} or (Modified_Time = {low_ts} and id > {int(low_id)}))",
+                f"Modified_Time <= {quote(zoho_time(upper))}",
+            ]
+            if high is not None:
+                high_ts = quote(zoho_time(high[0]))
+                keyset.append(f"(Modified_Time < {high_ts} or (Modified_Time = {high_ts} and id < {high[1]}))")
+            order = "Modified_Time desc, id desc" if desc else "Modified_Time asc, id asc"
+            return self._select(obj, columns, _nest("and", [*keyset, *self._scope(obj)]), order, COQL_ROWS)
 
-        def answers(ts: datetime, last_id: str | None) -> Iterator[tuple[list[dict[str, Any]], datetime, str]]:
+        def key(row: dict[str, Any]) -> _Key:
+            return (parse_ts(row.get("Modified_Time")) or ts, int(row["id"]))
+
+        def walk(pool: ThreadPoolExecutor) -> Iterator[tuple[list[dict[str, Any]], _Low | None]]:
+            """(rows, the key every record up to which is now read, or None) per page; the last: the top.
+
+            The first page shows whether more follow; from then on the walk reads from both ends at
+            once (the upper end in descending order) until they meet, which halves the chain of
+            round trips a large backlog costs. Only the lower end moves the cursor: a run killed
+            half-way resumes from it and finds the upper end's records already stored, unchanged.
+            """
+            low: _Low = (ts, last_id)
+            high: _Key | None = None  # the least key the upper end has read
+            top: _Key | None = None
+            first = True
             while True:
-                rows, more = select(ts, last_id)
-                if not rows:
+                down = None if first else pool.submit(select, low, high, True)
+                up, more = select(low, high, False)
+                rows, more_down = down.result() if down is not None else ([], True)
+                if up and rows:
+                    reached = key(up[-1])
+                    overlap = reached >= key(rows[-1])
+                    rows = [r for r in rows if key(r) > reached]
+                else:
+                    overlap = False
+                met = overlap or not more or not more_down
+                if rows:
+                    top = top or key(rows[0])
+                    high = key(rows[-1])
+                if up:
+                    low = key(up[-1])
+                if met:
+                    final = top or low  # the greatest key read; with nothing read, nothing to yield
+                    if up and rows:
+                        yield up, low
+                        yield rows, final
+                    elif up or rows:
+                        yield up or rows, final
+                    elif not first:
+                        yield [], final
                     return
-                ts, last_id = parse_ts(rows[-1].get("Modified_Time")) or ts, str(rows[-1]["id"])
-                yield rows, ts, last_id
-                if not more:
-                    return
+                if up:
+                    yield up, low
+                if rows:
+                    yield rows, None
+                first = False
+
+        def answers() -> Iterator[tuple[list[dict[str, Any]] | None, Any]]:
+            """Pages of the walk, and the deletions (asked for alongside it) once they are known."""
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"coql-{obj}") as pool:
+                # Asked for once the first page is in: the walks' first pages have taken their slots.
+                gone: Future[tuple[list[str], str]] | None = None
+                told = False
+                for page in walk(pool):
+                    yield page
+                    if gone is None:
+                        gone = pool.submit(self._deletions, obj, state, upper)
+                    elif not told and gone.done():
+                        told = True
+                        yield None, gone.result()
+                if not told:
+                    yield None, (gone or pool.submit(self._deletions, obj, state, upper)).result()
 
         # Each page's query needs the last row of the one before. A thread of the walk's own asks
         # for the next page as soon as that row is known; building this page's records and a busy
         # consumer happen elsewhere, so the chain of requests waits on nothing but the CRM.
-        for rows, page_ts, page_id in run_ahead(answers(ts, last_id), 2, name=f"coql-{obj}"):
-            state = {**state, "ts": zoho_time(page_ts), "id": page_id}
-            yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state))
-        yield from self._deleted_phase(obj, state, upper)
+        for rows, mark in run_ahead(answers(), 2, name=f"coql-{obj}"):
+            if rows is None:
+                ids, newest = mark
+                state = {**state, "deleted_ts": newest}
+                yield Page(records=[], cursor=dict(state), deleted=ids)
+                continue
+            if mark is not None:
+                state = {**state, "ts": zoho_time(mark[0]), "id": str(mark[1])}
+            yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state) if mark else None)
 
-    def _deleted_phase(self, obj: str, state: dict[str, Any], upper: datetime) -> Iterator[Page]:
-        """Records deleted since the last run (recycle bin and beyond) become archived."""
+    def _deletions(self, obj: str, state: dict[str, Any], upper: datetime) -> tuple[list[str], str]:
+        """Records deleted since the last run (recycle bin and beyond): their ids and the new mark.
+
+        Asked for alongside the walk, as a request that takes a slot only when no page waits for
+        one. A page and the deletions are applied in the order they were answered, so a record
+        restored or deleted while both were read ends as the later answer says (and a deletion
+        answered a moment early is read again next run: the mark keeps a look-back).
+        """
         known = parse_ts(state.get("deleted_ts")) or upper
         since = known - self.lookback
         newest = known
         ids: list[str] = []
         page = 1
-        while True:
-            self._spend(1)
-            r = self.http.get(
-                f"/{MODULES[obj]}/deleted",
-                params={"type": "all", "page": page, "per_page": 200},
-                headers={"If-Modified-Since": zoho_time(since)},
-                endpoint="/{module}/deleted",
-                expect=(304,),
-            )
-            body = _json(r)
-            for d in body.get("data") or []:
-                ids.append(str(d["id"]))
-                newest = max(newest, parse_ts(d.get("deleted_time")) or newest)
-            if not (body.get("info") or {}).get("more_records"):
-                break
-            page += 1
-        yield Page(records=[], cursor={**state, "deleted_ts": zoho_time(min(newest, upper))}, deleted=ids)
+        with deferring():
+            while True:
+                self._spend(1)
+                r = self.http.get(
+                    f"/{MODULES[obj]}/deleted",
+                    params={"type": "all", "page": page, "per_page": 200},
+                    headers={"If-Modified-Since": zoho_time(since)},
+                    endpoint="/{module}/deleted",
+                    expect=(304,),
+                )
+                body = _json(r)
+                for d in body.get("data") or []:
+                    ids.append(str(d["id"]))
+                    newest = max(newest, parse_ts(d.get("deleted_time")) or newest)
+                if not (body.get("info") or {}).get("more_records"):
+                    break
+                page += 1
+        return ids, zoho_time(min(newest, upper))
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         columns = self._columns(obj, fields)
