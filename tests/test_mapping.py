@@ -474,6 +474,58 @@ def test_e164_shortcut_equals_full_reparse_in_every_region() -> None:
     assert checked > 3000
 
 
+@st.composite
+def nanp_written(draw: st.DrawFn) -> str:
+    """North American numbers as people write them, in and around the shapes the e164 fast path takes."""
+    digits = draw(st.text(alphabet="0123456789", min_size=9, max_size=11))
+    area, exchange, line = digits[:3], digits[3:6], digits[6:]
+    intl = draw(st.sampled_from(["", "+1", "+1 ", "+1-", "+1.", "1 ", "+ 1 ", "+11"]))
+    if draw(st.booleans()):
+        area = draw(st.sampled_from(["({})", "({}) ", "({})-", "(({}))", "{})"])).format(area)
+    else:
+        area += draw(st.sampled_from(["", " ", "-", ".", "  ", "/"]))
+    return intl + area + exchange + draw(st.sampled_from(["", " ", "-", ".", "--"])) + line
+
+
+@props
+@given(nanp_written(), st.sampled_from(["US", "CA", "JM", "GB", "DE"]))
+def test_e164_of_north_american_numbers_equals_full_reparse(text: str, region: str) -> None:
+    rule = "version: 1\ncontact:\n  phone: {field: Phone, transform: e164}\n"
+    m = Mapping.from_text("zoho", rule, default_region=region)
+    assert m.to_provider("contacts", {"phone": text}).get("Phone") == _e164_by_full_reparse(text, region), text
+
+
+def test_e164_fast_path_equals_full_reparse_for_every_shape_it_takes() -> None:
+    """Every shape of the fast path's grammar, area codes on both sides of its 2-9 rule, +1 regions and others."""
+    import crmsync.mapping as mapping
+
+    rule = "version: 1\ncontact:\n  phone: {field: Phone, transform: e164}\n"
+    fast = 0
+    for region in ("US", "CA", "JM", "PR", "GB", "DE", "FR", "IN"):
+        m = Mapping.from_text("zoho", rule, default_region=region)
+        for intl in ("", "+1", "+1 ", "+1-", "+1.", "1 ", "+11 "):
+            for area in ("({})", "({}) ", "{}", "{} ", "{}-", "{}."):
+                for sep in ("", " ", "-", "."):
+                    for digits in ("6175550134", "2005550000", "9990001234", "0115550134", "1005550134"):
+                        text = intl + area.format(digits[:3]) + digits[3:6] + sep + digits[6:]
+                        got = m.to_provider("contacts", {"phone": text}).get("Phone")
+                        assert got == _e164_by_full_reparse(text, region), (region, text)
+                        fast += bool(mapping._NANP.fullmatch(text))
+    assert fast > 1000
+
+
+def test_e164_fast_path_takes_the_usual_shapes() -> None:
+    import crmsync.mapping as mapping
+
+    us = custom("e164")
+    shapes = ["+1 617 555 0134", "+1-617-555-0134", "+1 (617) 555-0134", "+16175550134", "(617) 555-0134",
+              "617.555.0134", "6175550134", "+1.617.555.0134"]  # fmt: skip
+    assert {push(us, s) for s in shapes} == {"+16175550134"}
+    assert all(mapping._NANP.fullmatch(s) for s in shapes)
+    for text in shapes:
+        assert _e164_by_full_reparse(text, "US") == "+16175550134"
+
+
 def test_e164_examples() -> None:
     us = custom("e164")
     assert push(us, "(415) 555-0132") == "+14155550132"
