@@ -652,13 +652,15 @@ class ZohoProvider(Provider):
         def answers() -> Iterator[tuple[list[dict[str, Any]] | None, Any]]:
             """Pages of the walk, and the deletions (asked for alongside it) once they are known."""
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"coql-{obj}") as pool:
-                # Asked for once the first page is in: the walks' first pages have taken their slots.
+                # Asked for once two rounds are in (a page, then one from each end): the rounds where
+                # every object's walk starts and widens take the slots first.
                 gone: Future[tuple[list[str], str]] | None = None
                 told = False
-                for page in walk(pool):
+                for n, page in enumerate(walk(pool), 1):
                     yield page
                     if gone is None:
-                        gone = pool.submit(self._deletions, obj, state, upper)
+                        if n >= 3:
+                            gone = pool.submit(self._deletions, obj, state, upper)
                     elif not told and gone.done():
                         told = True
                         yield None, gone.result()
