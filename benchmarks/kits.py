@@ -606,10 +606,11 @@ class OdooKit(Kit):
         objs = {o: n for o, n in changes.items() if not o.startswith("_")}
         pages = {o: math.ceil((n + 1) / 200) for o, n in objs.items()}
         total = sum(pages.values()) + 2 * len(objs)
-        chain = max(pages.values()) + 1
+        chain = 1 + max(map(walk_chain, pages.values()))
         text = (
             f"search_read pages of 200 by id {pages} + a count and a clock read per object = {total} requests, "
-            f"at most {ODOO_WORKERS} in flight; longest id chain {chain} x latency"
+            f"at most {ODOO_WORKERS} in flight; the clock read, then the longest walk from both ends: "
+            f"{chain} x latency"
         )
         return lower_bound(
             {"default": total}, limits={}, latency=latency, concurrency=ODOO_WORKERS, chain=chain, formula=text
@@ -617,9 +618,13 @@ class OdooKit(Kit):
 
     def backfill_bound(self, n: int, latency: float) -> Bound:
         pages = math.ceil((n + 1) / 200)
-        text = f"ceil((N+1)/200) = {pages} search_read pages by id + 1 count, a chain: {pages + 1} x latency"
+        chain = 1 + walk_chain(pages)
+        text = (
+            f"ceil((N+1)/200) = {pages} search_read pages by id + a count alongside + a clock read first, the "
+            f"pages read from both ends: 1 + 1 + ceil(({pages} - 1) / 2) = {chain} x latency"
+        )
         return lower_bound(
-            {"default": pages + 1}, limits={}, latency=latency, concurrency=ODOO_WORKERS, chain=pages + 1, formula=text
+            {"default": pages + 2}, limits={}, latency=latency, concurrency=ODOO_WORKERS, chain=chain, formula=text
         )
 
 

@@ -263,6 +263,108 @@ def test_cursor_resumes_inside_a_window(setup: tuple[OdooEmulator, App]) -> None
     assert again == [] or all(page.cursor and "hi" in page.cursor for page in again[-1:])
 
 
+def _orders(app: App, emu: OdooEmulator, during: Any = None) -> list[str]:
+    """The search_read orders the emulator is asked for, in order; ``during(n)`` runs before the n-th."""
+    seen: list[str] = []
+    real = emu.transport()
+
+    def spy(request: httpx.Request) -> httpx.Response:
+        if b"search_read" in request.content or request.url.path.endswith("/search_read"):
+            seen.append("desc" if b"id desc" in request.content else "asc")
+            if during is not None:
+                during(len(seen))
+        response = real.handle_request(request)
+        response.read()
+        return response
+
+    app.transport = lambda _name: httpx.MockTransport(spy)
+    app._providers.clear()
+    return seen
+
+
+def _pages_of(app: App, size: int) -> None:
+    conn = app.connection("odoo")
+    assert conn is not None
+    conn.settings = {**conn.settings, "page_size": size}
+    app.store.save_connection(conn)
+    app._providers.clear()
+
+
+@pytest.mark.parametrize("n", [0, 7, 8, 9, 17, 25, 40])
+def test_a_window_is_walked_from_both_ends_each_record_once(n: int) -> None:
+    """Pages of 10 (the database has 2 contacts of its own): past the first page the walk also reads downwards."""
+    emu = OdooEmulator(version=19)
+    app = odoo_app(emu)
+    made = emu.bulk_create("res.partner", n, write_date=emu._utcnow() - timedelta(seconds=60))
+    settle(emu)
+    _pages_of(app, 10)
+    orders = _orders(app, emu)
+    fields = app.mapping(app.connection("odoo")).provider_fields("contacts")
+    pages = list(provider(app).changes("contacts", None, fields=fields))
+    ids = [r.id for page in pages for r in page.records]
+    assert len(ids) == len(set(ids)) == n + 2 and set(map(str, made)) <= set(ids)
+    assert ("desc" in orders) == (n + 2 >= 10)  # a full page cannot tell whether more follow
+    full = -(-(n + 2) // 10) or 1
+    assert len(orders) <= full + 2 and orders.count("asc") <= 2 + -(-(full - 1) // 2)
+    assert set(pages[-1].cursor or {}) == {"hi"}  # only a complete window moves the cursor to its end
+    marks = [page.cursor["last_id"] for page in pages[:-1] if page.cursor]
+    assert marks == sorted(marks) and all(page.cursor is None or "last_id" in page.cursor for page in pages[:-1])
+
+
+def _window_killed_at(kill_at: int) -> bool:
+    """A pull of 62 contacts in pages of 10 that edits and deletes partners while both ends are read,
+    stopped before its page ``kill_at``, then rerun; checks the store. False if never stopped."""
+    emu = OdooEmulator(version=19)
+    app = odoo_app(emu)
+    made = emu.bulk_create("res.partner", 60, write_date=emu._utcnow() - timedelta(seconds=60))
+    settle(emu)
+    _pages_of(app, 10)
+
+    def meddle(n: int) -> None:
+        if n == 3:  # the ends' first pages are being read
+            emu.edit("res.partner", made[4], {"name": "Edited Low"})
+            emu.edit("res.partner", made[57], {"name": "Edited High"})
+            emu.delete("res.partner", made[30])
+
+    _orders(app, emu, meddle)
+    apply, applied = app.store.apply_page, [0]
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        if applied[0] == kill_at:
+            raise KeyboardInterrupt
+        applied[0] += 1
+        return apply(*args, **kwargs)
+
+    app.store.apply_page = killed  # type: ignore[method-assign]
+    try:
+        pull(app, objects=["contacts"])
+        stopped = False
+    except KeyboardInterrupt:
+        stopped = True
+    app.store.apply_page = apply  # type: ignore[method-assign]
+    settle(emu)
+    assert pull(app, objects=["contacts"])[0].exit_code == 0
+    assert pull(app, objects=["contacts", "companies"], reconcile=True)[0].exit_code == 0
+    live = {str(r["id"]) for r in emu.records("res.partner") if not r["is_company"] and r["active"]}
+    stored = {r.remote_id: r for r in app.store.records("odoo", "contacts") if not r.archived}
+    assert set(stored) == live, kill_at
+    assert stored[str(made[4])].properties["last_name"] == "Low"
+    assert stored[str(made[57])].properties["last_name"] == "High"
+    return stopped
+
+
+def test_a_window_walked_from_both_ends_with_edits_during_it_and_a_kill_at_any_page(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kill_at = 0
+    while True:  # a kill before each page in turn, until a run has fewer pages than that
+        monkeypatch.setenv("CRMSYNC_HOME", str(tmp_path / f"kill-{kill_at}"))
+        if not _window_killed_at(kill_at):
+            break
+        kill_at += 1
+    assert kill_at >= 6  # killed before each of 6+ pages: 62 contacts in pages of 10 read from two ends
+
+
 def test_reconcile_finds_deleted_partners(setup: tuple[OdooEmulator, App]) -> None:
     emu, app = setup
     ids = emu.bulk_create("res.partner", 5, write_date=emu._utcnow() - timedelta(seconds=60))

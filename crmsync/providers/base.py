@@ -16,7 +16,7 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
@@ -394,6 +394,60 @@ def run_ahead(items: Iterable[T], depth: int, *, name: str) -> Iterator[T]:
         close = getattr(items, "close", None)
         if close is not None:  # a generator's own clean-up (its run_ahead threads) runs now, not at GC
             close()
+
+
+def walk_both_ends(
+    page: Callable[[Any, Any, bool], tuple[list[T], bool]],
+    key: Callable[[T], Any],
+    low: Any,
+    pool: Executor,
+) -> Iterator[tuple[list[T], Any]]:
+    """A keyset walk that, past its first page, also reads downwards from the top until the ends meet.
+
+    ``page(low, high, descending)`` answers the first rows above ``low`` and below ``high`` (None:
+    no bound) from the one end or the other, and whether more lie between; ``key`` orders rows
+    (unique, a record's position: ``(Modified_Time, id)``, an id). Yields ``(rows, mark)``: for the
+    lower end's pages the key every record up to which is now read (where a run may resume), None
+    for the upper end's, and the greatest key read on the last page.
+
+    The first page shows whether more follow, so a small backlog costs one query as before; after
+    it each round trip reads two pages (the upper end's in ``pool``), halving a large backlog's chain
+    of round trips. The ends read the same range at once, so the last round may read a page twice
+    (rows the lower end has are dropped from the upper end's), and ends that meet exactly at a
+    page's edge look once more. Pages from the top never move the mark: a run killed half-way
+    resumes from the lower end and finds what the upper end stored unchanged.
+    """
+    high = top = None
+    first = True
+    while True:
+        down = None if first else pool.submit(page, low, high, True)
+        up, more = page(low, high, False)
+        rows, more_down = down.result() if down is not None else ([], True)
+        overlap = False
+        if up and rows:
+            reached = key(up[-1])
+            overlap = reached >= key(rows[-1])
+            rows = [r for r in rows if key(r) > reached]
+        if rows:
+            top = top or key(rows[0])
+            high = key(rows[-1])
+        if up:
+            low = key(up[-1])
+        if overlap or not more or not more_down:
+            final = top or low  # the greatest key read; with nothing read, nothing to yield
+            if up and rows:
+                yield up, low
+                yield rows, final
+            elif up or rows:
+                yield up or rows, final
+            elif not first:
+                yield [], final
+            return
+        if up:
+            yield up, low
+        if rows:
+            yield rows, None
+        first = False
 
 
 def match_key(keys: Mapping[str, str]) -> str:

@@ -26,6 +26,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +48,7 @@ from crmsync.providers.base import (
     ProviderContext,
     RemoteRecord,
     match_key,
+    walk_both_ends,
 )
 from crmsync.redact import register_secret
 
@@ -825,26 +827,38 @@ class OdooProvider(Provider):
             hi, last_id = _fmt(limit_hi), 0
         domain = [*base, *([("write_date", ">=", lo)] if lo else []), ("write_date", "<", hi)]
         context = {"active_test": False}
-        total = None
-        if last_id == 0:
-            total = self._call(model, "search_count", domain=domain, context=context)
-        while True:
+
+        def page(low: int, high: int | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
             rows = self._call(
                 model,
                 "search_read",
-                domain=[*domain, ("id", ">", last_id)],
+                domain=[*domain, ("id", ">", low), *([("id", "<", high)] if high is not None else [])],
                 fields=read,
-                order="id asc",
+                order="id desc" if desc else "id asc",
                 limit=self.page_size,
                 context=context,
             )
-            records = self._records(obj, model, rows)
-            if len(rows) < self.page_size:
-                # The window is complete: only now does the cursor move to its end.
-                yield Page(records=records, cursor={"hi": hi}, total=total)
-                return
-            last_id = int(rows[-1]["id"])
-            yield Page(records=records, cursor={"window_lo": lo, "window_hi": hi, "last_id": last_id}, total=total)
+            return rows, len(rows) == self.page_size
+
+        def as_page(rows: list[dict[str, Any]], mark: int | None, *, last: bool, total: int | None) -> Page:
+            # Only a complete window moves the cursor to its end; before that, to the lower end's id.
+            if last:
+                cursor: dict[str, Any] | None = {"hi": hi}
+            else:
+                cursor = None if mark is None else {"window_lo": lo, "window_hi": hi, "last_id": mark}
+            return Page(records=self._records(obj, model, rows), cursor=cursor, total=total)
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"odoo-{obj}") as pool:
+            # A new window's size (for progress) is asked alongside its first page, not before it
+            # (a resumed window's was told when it began).
+            count = {"domain": domain, "context": context}
+            counted = None if last_id else pool.submit(self._call, model, "search_count", **count)
+            held: tuple[list[dict[str, Any]], int | None] | None = None
+            for rows, mark in walk_both_ends(page, lambda row: int(row["id"]), last_id, pool):
+                if held is not None:  # one page held back: the last one carries the window's end
+                    yield as_page(*held, last=False, total=counted and counted.result())
+                held = (rows, mark)
+            yield as_page(*(held or ([], None)), last=True, total=counted and counted.result())
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         model, _ = self._source(obj)

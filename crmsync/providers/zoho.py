@@ -53,6 +53,7 @@ from crmsync.providers.base import (
     at_once,
     match_key,
     run_ahead,
+    walk_both_ends,
 )
 
 log = logging.getLogger("crmsync.zoho")
@@ -605,50 +606,6 @@ class ZohoProvider(Provider):
         def key(row: dict[str, Any]) -> _Key:
             return (parse_ts(row.get("Modified_Time")) or ts, int(row["id"]))
 
-        def walk(pool: ThreadPoolExecutor) -> Iterator[tuple[list[dict[str, Any]], _Low | None]]:
-            """(rows, the key every record up to which is now read, or None) per page; the last: the top.
-
-            The first page shows whether more follow; from then on the walk reads from both ends at
-            once (the upper end in descending order) until they meet, which halves the chain of
-            round trips a large backlog costs. Only the lower end moves the cursor: a run killed
-            half-way resumes from it and finds the upper end's records already stored, unchanged.
-            """
-            low: _Low = (ts, last_id)
-            high: _Key | None = None  # the least key the upper end has read
-            top: _Key | None = None
-            first = True
-            while True:
-                down = None if first else pool.submit(select, low, high, True)
-                up, more = select(low, high, False)
-                rows, more_down = down.result() if down is not None else ([], True)
-                if up and rows:
-                    reached = key(up[-1])
-                    overlap = reached >= key(rows[-1])
-                    rows = [r for r in rows if key(r) > reached]
-                else:
-                    overlap = False
-                met = overlap or not more or not more_down
-                if rows:
-                    top = top or key(rows[0])
-                    high = key(rows[-1])
-                if up:
-                    low = key(up[-1])
-                if met:
-                    final = top or low  # the greatest key read; with nothing read, nothing to yield
-                    if up and rows:
-                        yield up, low
-                        yield rows, final
-                    elif up or rows:
-                        yield up or rows, final
-                    elif not first:
-                        yield [], final
-                    return
-                if up:
-                    yield up, low
-                if rows:
-                    yield rows, None
-                first = False
-
         def answers() -> Iterator[tuple[list[dict[str, Any]] | None, Any]]:
             """Pages of the walk, and the deletions (asked for alongside it) once they are known."""
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"coql-{obj}") as pool:
@@ -656,7 +613,7 @@ class ZohoProvider(Provider):
                 # every object's walk starts and widens take the slots first.
                 gone: Future[tuple[list[str], str]] | None = None
                 told = False
-                for n, page in enumerate(walk(pool), 1):
+                for n, page in enumerate(walk_both_ends(select, key, (ts, last_id), pool), 1):
                     yield page
                     if gone is None:
                         if n >= 3:
