@@ -875,6 +875,8 @@ def test_phonenumbers_is_imported_by_warm_or_the_first_phone_not_by_loading() ->
         "m = Mapping.load('zoho')\n"
         "assert 'phonenumbers' not in sys.modules\n"
         "assert m.to_canonical('contacts', {'Phone': '(415) 555-0132'})['phone'] == '+14155550132'\n"
+        "assert 'phonenumbers' not in sys.modules\n"  # a North American number needs none
+        "assert m.to_canonical('contacts', {'Phone': '+49 30 1234567'})['phone'] == '+49301234567'\n"
         "assert 'phonenumbers' in sys.modules\n"
         "m2 = Mapping.from_text('zoho', 'version: 1\\ncontact:\\n  phone: {field: Phone, transform: e164}\\n')\n"
         "m2.warm()\n"
