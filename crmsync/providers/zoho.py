@@ -90,12 +90,12 @@ MARKER = "crmsync_outcome_id"
 DEAL_KEY = "crmsync_deal_key"
 BATCH = 100
 COQL_ROWS = 2000
-_Key = tuple[datetime, int]  # where a record sits in a walk: (Modified_Time, id)
-_Low = tuple[datetime, int | str | None]  # a walk's lower end: a key, or a time with no id yet
 COQL_COLUMNS = 50
 COQL_IN = 50  # values per IN (...)
 COQL_CRITERIA = 25
 RETRIABLE_ITEM_CODES = frozenset({"INTERNAL_ERROR", "RECORD_LOCKED", "TOO_MANY_REQUESTS"})
+_Key = tuple[datetime, int]  # where a record sits in a walk: (Modified_Time, id)
+_Low = tuple[datetime, int | str | None]  # a walk's lower end: a key, or a time with no id yet
 PHONE_SEARCHES = 20  # search calls per lookup batch for phones COQL could not match exactly
 CHANNEL_TTL = timedelta(days=7) - timedelta(hours=1)  # Zoho: at most a week, else one hour
 CHANNEL_TOKEN_MAX = 50
@@ -586,6 +586,7 @@ class ZohoProvider(Provider):
             if ts >= hi - self.lookback:
                 ts, last_id = min(ts, hi - self.lookback), None
         state["hi"] = zoho_time(upper)
+        deleted_ts = state.get("deleted_ts")
         columns = self._columns(obj, fields)
 
         def select(low: _Low, high: _Key | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
@@ -617,12 +618,12 @@ class ZohoProvider(Provider):
                     yield page
                     if gone is None:
                         if n >= 3:
-                            gone = pool.submit(self._deletions, obj, state, upper)
+                            gone = pool.submit(self._deletions, obj, deleted_ts, upper)
                     elif not told and gone.done():
                         told = True
                         yield None, gone.result()
                 if not told:
-                    yield None, (gone or pool.submit(self._deletions, obj, state, upper)).result()
+                    yield None, (gone or pool.submit(self._deletions, obj, deleted_ts, upper)).result()
 
         # Each page's query needs the last row of the one before. A thread of the walk's own asks
         # for the next page as soon as that row is known; building this page's records and a busy
@@ -637,7 +638,7 @@ class ZohoProvider(Provider):
                 state = {**state, "ts": zoho_time(mark[0]), "id": str(mark[1])}
             yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state) if mark else None)
 
-    def _deletions(self, obj: str, state: dict[str, Any], upper: datetime) -> tuple[list[str], str]:
+    def _deletions(self, obj: str, deleted_ts: str | None, upper: datetime) -> tuple[list[str], str]:
         """Records deleted since the last run (recycle bin and beyond): their ids and the new mark.
 
         Asked for alongside the walk, as a request that takes a slot only when no page waits for
@@ -645,7 +646,7 @@ class ZohoProvider(Provider):
         restored or deleted while both were read ends as the later answer says (and a deletion
         answered a moment early is read again next run: the mark keeps a look-back).
         """
-        known = parse_ts(state.get("deleted_ts")) or upper
+        known = parse_ts(deleted_ts) or upper
         since = known - self.lookback
         newest = known
         ids: list[str] = []
