@@ -474,7 +474,7 @@ def _region_known(region: str) -> bool:
 # A number of the North American plan written out in full: +1 (or, in region US, nothing) and ten
 # digits whose area code starts 2-9. No national prefix can be stripped from such digits and every
 # region of +1 takes ten, so phonenumbers gives "+1" and the digits: here 1 microsecond instead of 12
-# (a tenth of a pull's mapping). tests/test_mapping.py checks every shape this accepts against it.
+# (over half of mapping a pull's contacts). tests/test_mapping.py checks every shape this takes against it.
 _NANP = re.compile(
     r"(?P<intl>\+1[ .-]?)?(?:\((?P<area>[2-9][0-9]{2})\) ?|(?P<bare>[2-9][0-9]{2})[ .-]?)"
     r"(?P<exchange>[0-9]{3})[ .-]?(?P<line>[0-9]{4})"
