@@ -388,6 +388,13 @@ def test_fetch_list_ids_and_selects_wider_than_the_column_limit(monkeypatch: pyt
     for rec in records:
         assert {f: rec.properties.get(f) for f in fields} == {f: by_id[rec.id][f] for f in fields}
         assert rec.associations["companies"] == [by_id[rec.id]["Account_Name"]["id"]]
+    # In pages of 10, read from both ends: the upper end's pages are joined by id the same way.
+    monkeypatch.setattr("crmsync.providers.zoho.COQL_ROWS", 10)
+    queries = _coql_queries(emu)
+    records = [r for p in provider.changes("contacts", None, fields=fields) for r in p.records]
+    assert len(records) == len({r.id for r in records}) == 30 and any("desc" in q for q in queries)
+    for rec in records:
+        assert {f: rec.properties.get(f) for f in fields} == {f: by_id[rec.id][f] for f in fields}
 
 
 # -- push --------------------------------------------------------------------------------------------
