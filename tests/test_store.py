@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -218,3 +219,36 @@ def test_a_walk_stopped_early_closes_the_walks_it_runs_ahead_of() -> None:
     walk.close()
     assert closed == ["chain", "pages"]
     assert not [t for t in threading.enumerate() if t.name in ("test-chain", "test-pages")]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text()
+    | st.datetimes(timezones=st.none() | st.just(UTC))
+    | st.decimals(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.integers() | st.booleans() | st.none(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_stored_json_text_is_what_json_dumps_gives(value: object) -> None:
+    """The encoders built once give json.dumps' own text, sorted or not, and its errors (mixed key types)."""
+    import json
+
+    from crmsync import store
+
+    def outcome(encode: Any, *args: Any, **kwargs: Any) -> str:
+        try:
+            return str(encode(*args, **kwargs))
+        except TypeError as exc:  # keys of mixed types cannot be sorted
+            return f"TypeError: {exc}"
+
+    compact = {"default": str, "separators": (",", ":")}
+    assert outcome(store._COMPACT_JSON, value) == outcome(json.dumps, value, **compact)
+    assert outcome(store._SORTED_JSON, value) == outcome(json.dumps, value, sort_keys=True, **compact)
