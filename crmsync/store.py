@@ -246,7 +246,9 @@ def _existing_records() -> Any:
     # One statement object with an expanding IN: building a fresh one per page (100 literals coerced
     # each time) showed in the ingest profile.
     t = CrmRecord.__table__.c  # type: ignore[attr-defined]
-    return select(t.id, t.remote_id, t.associations, t.remote_updated_at, t.archived, t.content_hash).where(
+    return select(
+        t.id, t.remote_id, t.associations, t.remote_updated_at, t.archived, t.content_hash, t.match_key, t.alt_key
+    ).where(
         t.connection == bindparam("connection"),
         t.object == bindparam("object"),
         t.remote_id.in_(bindparam("ids", expanding=True)),
@@ -259,7 +261,7 @@ def _existing_records() -> Any:
 # SQLAlchemy's per-row processing cost more than SQLite's lookups (a 2,000-record page: 26 ms -> 9 ms).
 _EXISTING_JSON = (
     "SELECT json_group_array(json_array(id, remote_id, json(associations), remote_updated_at, archived, "
-    "content_hash)) FROM crm_record WHERE connection = ? AND object = ? AND remote_id IN "
+    "content_hash, match_key, alt_key)) FROM crm_record WHERE connection = ? AND object = ? AND remote_id IN "
     "(SELECT value FROM json_each(?))"
 )
 _PROPERTIES_JSON = (
@@ -269,7 +271,7 @@ _PROPERTIES_JSON = (
 
 
 def _existing_rows(bulk: _Bulk, connection: str, obj: str, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The stored rows of ``ids`` that exist: id, remote_id, associations, remote_updated_at, archived, hash."""
+    """The stored rows of ``ids`` that exist: id, remote_id, associations, remote_updated_at, archived, hash, keys."""
     existing: dict[str, dict[str, Any]] = {}
     if not ids:
         return existing
@@ -278,7 +280,7 @@ def _existing_rows(bulk: _Bulk, connection: str, obj: str, ids: Sequence[str]) -
         column = CrmRecord.__table__.c.remote_updated_at  # type: ignore[attr-defined]
         stored_time = column.type.dialect_impl(bulk.dialect).result_processor(bulk.dialect, None)
         text = bulk.conn.exec_driver_sql(_EXISTING_JSON, (connection, obj, json.dumps(list(ids)))).scalar()
-        for row_id, remote_id, assoc, updated, archived, digest in json.loads(text or "[]"):
+        for row_id, remote_id, assoc, updated, archived, digest, match, alt in json.loads(text or "[]"):
             existing[remote_id] = {
                 "id": row_id,
                 "remote_id": remote_id,
@@ -286,12 +288,15 @@ def _existing_rows(bulk: _Bulk, connection: str, obj: str, ids: Sequence[str]) -
                 "remote_updated_at": stored_time(updated),
                 "archived": bool(archived),
                 "content_hash": digest,
+                "stored_keys": (match, alt),
             }
         return existing
     for chunk in _chunks(ids, 500):
         params = {"connection": connection, "object": obj, "ids": list(chunk)}
         for row in bulk.db.execute(_EXISTING, params):
-            existing[row.remote_id] = dict(row._mapping)
+            found = dict(row._mapping)
+            found["stored_keys"] = (found.pop("match_key"), found.pop("alt_key"))
+            existing[row.remote_id] = found
     return existing
 
 
@@ -696,7 +701,13 @@ class Store:
                     values["associations"] = rec.associations
                 row.update(values)
                 if rec.remote_id not in inserts:
-                    updates[row["id"]] = {"id": row["id"], **values}
+                    # A key column left out when the stored one is the same: SQLite rewrites the entries
+                    # of every index whose column is set, changed or not (2,000 rows: 40-47 -> 23-31 ms).
+                    update = {"id": row["id"], **values}
+                    for name, stored in zip(("match_key", "alt_key"), row["stored_keys"], strict=True):
+                        if stored == values[name]:
+                            del update[name]
+                    updates[row["id"]] = update
             # Stored properties, read once for all that need them: the diffs of changed records
             # and the hash of records archived by a deletion that were not in this page.
             gone = [

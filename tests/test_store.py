@@ -109,6 +109,21 @@ def test_pages_store_the_same_whether_sqlite_has_json_functions_or_not(
         ("4", "archived"): {},
         ("9", "created"): {},
     }
+    # Match keys: a changed one is written, an unchanged one left alone (its index untouched), and a
+    # record twice in one page ends with the last one's, whatever the first changed.
+    later = datetime(2026, 3, 1, tzinfo=UTC)
+    renamed, twice, again, kept = rec(1, "é"), rec(2, "y"), rec(2, "z"), rec(3, "w")
+    renamed.properties["email"], renamed.match_key, renamed.alt_key = "new@example.com", "email:new@example.com", "p:1"
+    twice.match_key = again.match_key = "email:two@example.com"
+    for r in (renamed, twice, again, kept):
+        r.remote_updated_at = later
+    again.remote_updated_at = later.replace(day=2)
+    assert store.apply_page("c", "contacts", [renamed, twice, again, kept], cursor={"p": 3}).updated == 4
+    rows = {r.remote_id: r for r in store.records("c", "contacts")}
+    assert (rows["1"].match_key, rows["1"].alt_key) == ("email:new@example.com", "p:1")
+    assert (rows["2"].match_key, rows["2"].properties["first_name"]) == ("email:two@example.com", "z")
+    assert (rows["3"].match_key, rows["3"].alt_key) == ("email:u3@example.com", None)
+    assert rows["3"].properties["first_name"] == "w"
 
 
 def test_run_lock_exits_tempfail_naming_the_holder(tmp_path: Path) -> None:
