@@ -43,6 +43,31 @@ def hubspot_app(server_url: str, token: str, *, name: str = "hs", db: str | None
     return app
 
 
+def pull_stopped_before_page(app: App, page: int, objects: list[str]) -> bool:
+    """Pull ``objects`` as if killed just before storing page ``page`` (0-based) of the run.
+
+    True if the run was stopped there; False if it stored fewer pages and ended on its own.
+    """
+    from crmsync.sync.pull import pull
+
+    apply, applied = app.store.apply_page, [0]
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        if applied[0] == page:
+            raise KeyboardInterrupt
+        applied[0] += 1
+        return apply(*args, **kwargs)
+
+    app.store.apply_page = killed  # type: ignore[method-assign]
+    try:
+        pull(app, objects=objects)
+        return False
+    except KeyboardInterrupt:
+        return True
+    finally:
+        app.store.apply_page = apply  # type: ignore[method-assign]
+
+
 @dataclass
 class CliResult:
     code: int

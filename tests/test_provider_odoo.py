@@ -19,7 +19,7 @@ from crmsync.providers.odoo import OdooProvider
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
 from crmsync.sync.push import push
-from tests.e2e import ScriptIO, cli_env, run_cli
+from tests.e2e import ScriptIO, cli_env, pull_stopped_before_page, run_cli
 
 # (transport, Odoo version): JSON-RPC on 17 (raw datetime comparisons), JSON-2 on 19 (whole seconds).
 SETUPS = [("jsonrpc", 17), ("json2", 19)]
@@ -331,21 +331,7 @@ def _window_killed_at(kill_at: int) -> bool:
             emu.delete("res.partner", made[30])
 
     _orders(app, emu, meddle)
-    apply, applied = app.store.apply_page, [0]
-
-    def killed(*args: Any, **kwargs: Any) -> Any:
-        if applied[0] == kill_at:
-            raise KeyboardInterrupt
-        applied[0] += 1
-        return apply(*args, **kwargs)
-
-    app.store.apply_page = killed  # type: ignore[method-assign]
-    try:
-        pull(app, objects=["contacts"])
-        stopped = False
-    except KeyboardInterrupt:
-        stopped = True
-    app.store.apply_page = apply  # type: ignore[method-assign]
+    stopped = pull_stopped_before_page(app, kill_at, ["contacts"])
     settle(emu)
     assert pull(app, objects=["contacts"])[0].exit_code == 0
     assert pull(app, objects=["contacts", "companies"], reconcile=True)[0].exit_code == 0

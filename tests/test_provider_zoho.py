@@ -35,7 +35,7 @@ from crmsync.store import CrmOutbox
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
 from crmsync.sync.push import push
-from tests.e2e import ScriptIO, cli_env, run_cli
+from tests.e2e import ScriptIO, cli_env, pull_stopped_before_page, run_cli
 from tests.openapi_check import CheckedTransport, SpecCheck
 from tests.test_emulator_zoho import zoho_checker
 
@@ -308,8 +308,7 @@ def _walk_killed_at(kill_at: int) -> bool:
     ids = [r for k in range(12) for r in emu.bulk_create("Contacts", 6, modified_time=T0 + timedelta(seconds=k))]
     app = zoho_app(emu)
     queries = _coql_queries(emu)
-    handle, apply = emu._dispatch, app.store.apply_page
-    once, applied = threading.Lock(), [0]
+    handle, once = emu._dispatch, threading.Lock()
 
     def meddle(request: httpx.Request, *args: Any) -> Any:
         # Once, while the ends' first pages are read (the two ask at the same moment).
@@ -320,20 +319,8 @@ def _walk_killed_at(kill_at: int) -> bool:
             emu.bulk_create("Contacts", 2, modified_time=T0 + timedelta(seconds=5))  # in an old second
         return handle(request, *args)
 
-    def killed(*args: Any, **kwargs: Any) -> Any:
-        if applied[0] == kill_at:
-            raise KeyboardInterrupt
-        applied[0] += 1
-        return apply(*args, **kwargs)
-
     emu._dispatch = meddle  # type: ignore[method-assign]
-    app.store.apply_page = killed  # type: ignore[method-assign]
-    try:
-        pull(app, objects=["contacts"])
-        stopped = False
-    except KeyboardInterrupt:
-        stopped = True
-    app.store.apply_page = apply  # type: ignore[method-assign]
+    stopped = pull_stopped_before_page(app, kill_at, ["contacts"])
     for _ in range(2):  # the rerun, then one that finds nothing new
         assert pull(app, objects=["contacts"])[0].exit_code == 0
     live = {r["id"] for r in emu.records("Contacts")}
