@@ -232,8 +232,17 @@ def _json_encoder(*, sort_keys: bool) -> Callable[[Any], str]:
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:
         return encoder.encode
+    # The encoder's own settings, in the order JSONEncoder.iterencode hands them to the C encoder.
     iterencode = make(
-        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", sort_keys, False, True
+        None,  # no markers: check_circular is off
+        encoder.default,
+        json.encoder.encode_basestring_ascii if encoder.ensure_ascii else json.encoder.encode_basestring,
+        encoder.indent,
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
     )
     return lambda value: "".join(iterencode(value, 0))
 
