@@ -520,6 +520,60 @@ def test_lanes_share_no_record_and_run_together_without_duplicates(
         assert emulator.associations("calls", call["id"], "contacts") == [contacts[f"p{i % 90}@example.org"]]
 
 
+def test_lanes_close_their_outcomes_as_they_finish_and_a_stop_keeps_what_they_closed(
+    emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane marks its outcomes done when it takes its last step, not when the round ends: when a
+    lane then stops the round (the CRM unavailable), what the others closed is done, counted and
+    receipted in input order; the rest goes back to the queue, and a re-run delivers only that."""
+    from crmsync.errors import ExitCode, RetriableError
+    from crmsync.sync import push as push_mod
+
+    monkeypatch.setattr(push_mod, "LANE", 5)
+    src = tmp_path / "f.jsonl"
+    src.write_text(outcome_lines(40, prefix="f"))  # 40 contacts of their own: 8 lanes of 5
+    closed = {k: threading.Event() for k in range(9)}  # lane k: outcomes f-5k ... f-5k+4
+    closed[8].set()
+    closing: list[int] = []
+    settle, activity = push_mod._settle, push_mod._activity_step
+
+    def lane_of(items: list[Any]) -> int:
+        return int(items[0].row.outcome_id.split("-")[1]) // 5
+
+    def last_first_settle(app: Any, items: list[Any], summary: Any) -> Any:
+        k = lane_of(items)
+        assert closed[k + 1].wait(30)  # lanes close last one first; receipts still come in input order
+        out = settle(app, items, summary)
+        closing.append(k)
+        closed[k].set()
+        return out
+
+    def failing_activity(app: Any, conn: Any, provider: Any, mapping: Any, obj: str, part: list[Any], *a: Any) -> Any:
+        if obj == "calls" and lane_of(part) == 0:
+            assert closed[1].wait(30)  # the other seven lanes are done before this one stops
+            raise RetriableError("HubSpot is unavailable (test)")
+        return activity(app, conn, provider, mapping, obj, part, *a)
+
+    monkeypatch.setattr(push_mod, "_settle", last_first_settle)
+    monkeypatch.setattr(push_mod, "_activity_step", failing_activity)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    receipts: list[Any] = []
+    summary = push(app, source=str(src), connection="hs", sink=receipts.append)
+    assert summary.exit_code == ExitCode.TEMPFAIL and summary.created == 35 and summary.pending == 5
+    assert closing == [7, 6, 5, 4, 3, 2, 1]
+    assert [r.id for r in receipts] == [f"f-{i}" for i in range(5, 40)]  # input order, not closing order
+    assert {r.status for r in receipts} == {"created"}
+    assert {push_mod.receipt(app, "hs", f"f-{i}").status for i in range(5)} == {"queued"}
+    assert len(emulator.records("calls")) == 35
+
+    monkeypatch.setattr(push_mod, "_activity_step", activity)
+    monkeypatch.setattr(push_mod, "_settle", settle)
+    again = push(app, source=None, connection="hs")
+    assert (again.exit_code, again.created, again.pending) == (0, 5, 0)
+    assert len(emulator.records("calls")) == 40 and len(emulator.records("contacts")) == 40
+    assert {push_mod.receipt(app, "hs", f"f-{i}").status for i in range(40)} == {"created"}
+
+
 def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order(
     emulator: HubSpotEmulator, server, home: Path
 ) -> None:

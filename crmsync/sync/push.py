@@ -384,12 +384,11 @@ def push(
                         app, conn, provider, mapping, summary, sink=sink, progress=progress, run_id=run_id,
                         parsed=parsed, prepared=warm.gates if warm else None,
                     )
-                except RetriableError as exc:
+                except (RetriableError, AuthError) as exc:
                     status, error = "failed", str(exc)
-                    summary.error, summary.exit_code = str(exc), ExitCode.TEMPFAIL
-                except AuthError as exc:
-                    status, error = "failed", str(exc)
-                    summary.error, summary.exit_code = str(exc), ExitCode.AUTH
+                    summary.error, summary.exit_code = str(exc), exc.exit_code
+                    with contextlib.suppress(Exception):  # what a re-run will deliver (deliver stopped short)
+                        summary.pending = _count_pending(app, conn.name)
                 except InputError:
                     status = "failed"
                     raise
@@ -709,6 +708,7 @@ def deliver(
                 break
             last_id = rows[-1].id or last_id
             items: list[_Item] = []
+            receipts: dict[str | None, Receipt] = {}  # of the lanes that closed their outcomes
             finished = False
             try:
                 if ahead is not None and ahead[0] == [r.id for r in rows]:
@@ -736,15 +736,20 @@ def deliver(
                     if upcoming:
                         nxt = [_parse(r) for r in upcoming]
                         ahead = ([r.id for r in upcoming], lookups.start(_lanes(nxt)))
-                _run_lanes(app, conn, provider, mapping, lanes, summary, owner if shared else None)
-                _finish(app, items, summary, sink)
+                _run_lanes(app, conn, provider, mapping, lanes, summary, owner if shared else None, receipts)
                 finished = True
             finally:
                 if not finished:
                     # Stopped mid-chunk (CRM down, interrupted): hand the rows back at once; their
-                    # steps and in-flight marks are kept for whoever takes them next.
+                    # steps and in-flight marks are kept for whoever takes them next (rows a lane
+                    # closed before the stop are no longer ours to hand back).
                     with contextlib.suppress(Exception):
                         _release(app, [r.id for r in rows], owner)
+                if sink:
+                    # In the round's order, whichever lane closed first; after a stop, those closed.
+                    for it in items:
+                        if (closed := receipts.get(it.row.outcome_id)) is not None:
+                            sink(closed)
             done += len(items)
             if progress:
                 progress(done, total)
@@ -852,40 +857,54 @@ def _run_lanes(
     lanes: list[tuple[list[_Item], dict[str, Known]]],
     summary: PushSummary,
     owner: str | None,
+    receipts: dict[str | None, Receipt],
 ) -> None:
-    """Every step of a round, its lanes at the same time."""
+    """Every step of a round, its lanes at the same time; ``receipts`` gets the closed outcomes' by id.
+
+    A lane that has taken its last step closes its outcomes (``_settle``) at once, while other
+    lanes still wait for the CRM: closing a round's 10,000 rows after its last lane took 0.18 s in
+    which nothing was sent. A lane stopped early (another failed, Ctrl-C) closes nothing and
+    ``deliver`` hands its rows back; its finished steps are committed either way, and what every
+    lane did is counted in ``summary`` even when one of them failed.
+    """
     stop = threading.Event()
 
-    def lane(part: list[_Item], known: dict[str, Known]) -> PushSummary:
+    def lane(part: list[_Item], known: dict[str, Known]) -> tuple[PushSummary, list[Receipt]]:
         mine = PushSummary(summary.connection, summary.provider)
         for obj in ENTITY_STEPS:
             if stop.is_set():
-                return mine
+                return mine, []
             _entity_step(app, conn, provider, mapping, obj, part, mine, known.get(obj))
             if owner is not None:
                 _renew(app, part, owner)
         for obj in ACTIVITY_STEPS:
             if stop.is_set():
-                return mine
+                return mine, []
             _activity_step(app, conn, provider, mapping, obj, part, mine)
             if owner is not None:
                 _renew(app, part, owner)
-        return mine
+        return mine, _settle(app, part, mine)
+
+    def count(part: PushSummary, closed: list[Receipt]) -> None:
+        for name in ("field_conflicts", "writes", "created", "updated", "failed", "requeued"):
+            setattr(summary, name, getattr(summary, name) + getattr(part, name))
+        receipts.update((r.id, r) for r in closed)
 
     if len(lanes) == 1:
-        parts = [lane(*lanes[0])]
-    else:
-        pool = ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="lane")
-        futures = [pool.submit(lane, part, known) for part, known in lanes]
-        try:
-            parts = [f.result() for f in futures]
-        finally:
-            # A failed lane or Ctrl-C stops the others at their next step; finished steps are committed.
-            stop.set()
-            pool.shutdown(wait=True)
-    for part in parts:
-        summary.field_conflicts += part.field_conflicts
-        summary.writes += part.writes
+        count(*lane(*lanes[0]))
+        return
+    pool = ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="lane")
+    futures = [pool.submit(lane, part, known) for part, known in lanes]
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        # A failed lane or Ctrl-C stops the others at their next step; finished steps are committed.
+        stop.set()
+        pool.shutdown(wait=True)
+        for future in futures:
+            if not future.cancelled() and future.exception() is None:
+                count(*future.result())
 
 
 def _parse(row: _Row, parsed: dict[str, ParsedOutcome] | None = None) -> _Item:
@@ -1388,8 +1407,8 @@ def _activity_step(
         _save_rows(s, (it.row for it in need))
 
 
-def _finish(app: App, items: list[_Item], summary: PushSummary, sink: ReceiptSink | None) -> None:
-    """Close the round: done/failed states committed first, receipts printed after the commit."""
+def _settle(app: App, items: list[_Item], summary: PushSummary) -> list[Receipt]:
+    """Close a lane's outcomes: done, failed or queued again, committed; their receipts to print after."""
     now = utcnow()
     receipts = []
     for it in items:
@@ -1417,9 +1436,7 @@ def _finish(app: App, items: list[_Item], summary: PushSummary, sink: ReceiptSin
         receipts.append(Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=error))
     with app.store.session() as s:
         _save_rows(s, (it.row for it in items))
-    if sink:
-        for r in receipts:
-            sink(r)
+    return receipts
 
 
 # -- receipts -----------------------------------------------------------------------------------
