@@ -520,12 +520,14 @@ def test_lanes_share_no_record_and_run_together_without_duplicates(
         assert emulator.associations("calls", call["id"], "contacts") == [contacts[f"p{i % 90}@example.org"]]
 
 
+@pytest.mark.parametrize("sink_breaks", [False, True])
 def test_lanes_close_their_outcomes_as_they_finish_and_a_stop_keeps_what_they_closed(
-    emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sink_breaks: bool
 ) -> None:
     """A lane marks its outcomes done when it takes its last step, not when the round ends: when a
     lane then stops the round (the CRM unavailable), what the others closed is done, counted and
-    receipted in input order; the rest goes back to the queue, and a re-run delivers only that."""
+    receipted in input order; the rest goes back to the queue, and a re-run delivers only that. A
+    receipt reader gone at that moment does not turn the CRM's error into a broken pipe."""
     from crmsync.errors import ExitCode, RetriableError
     from crmsync.sync import push as push_mod
 
@@ -558,11 +560,19 @@ def test_lanes_close_their_outcomes_as_they_finish_and_a_stop_keeps_what_they_cl
     monkeypatch.setattr(push_mod, "_activity_step", failing_activity)
     app = hubspot_app(server.url, emulator.private_app_token)
     receipts: list[Any] = []
-    summary = push(app, source=str(src), connection="hs", sink=receipts.append)
+
+    def sink(receipt: Any) -> None:
+        if sink_breaks:
+            raise BrokenPipeError("the reader went away")
+        receipts.append(receipt)
+
+    summary = push(app, source=str(src), connection="hs", sink=sink)
     assert summary.exit_code == ExitCode.TEMPFAIL and summary.created == 35 and summary.pending == 5
+    assert summary.error == "HubSpot is unavailable (test)"
     assert closing == [7, 6, 5, 4, 3, 2, 1]
-    assert [r.id for r in receipts] == [f"f-{i}" for i in range(5, 40)]  # input order, not closing order
-    assert {r.status for r in receipts} == {"created"}
+    if not sink_breaks:
+        assert [r.id for r in receipts] == [f"f-{i}" for i in range(5, 40)]  # input order, not closing order
+        assert {r.status for r in receipts} == {"created"}
     assert {push_mod.receipt(app, "hs", f"f-{i}").status for i in range(5)} == {"queued"}
     assert len(emulator.records("calls")) == 35
 

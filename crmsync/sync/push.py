@@ -745,11 +745,13 @@ def deliver(
                     # closed before the stop are no longer ours to hand back).
                     with contextlib.suppress(Exception):
                         _release(app, [r.id for r in rows], owner)
-                if sink:
-                    # In the round's order, whichever lane closed first; after a stop, those closed.
-                    for it in items:
-                        if (closed := receipts.get(it.row.outcome_id)) is not None:
-                            sink(closed)
+                if sink and receipts:
+                    # In the round's order, whichever lane closed first; after a stop, those closed
+                    # (and a failing sink then does not replace the error that stopped the round).
+                    closed = [r for it in items if (r := receipts.get(it.row.outcome_id)) is not None]
+                    with contextlib.nullcontext() if finished else contextlib.suppress(Exception):
+                        for r in closed:
+                            sink(r)
             done += len(items)
             if progress:
                 progress(done, total)
