@@ -655,6 +655,39 @@ def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_a
     assert app.store.count_records("hs")["contacts"]["stored"] == 1_010
 
 
+def test_lanes_with_few_keys_of_an_object_share_one_lookup_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consecutive lanes whose keys of an object fit one lookup call together are looked up in one
+    (and share its answer); a lane whose keys fill a call, or a kind's own smaller limit, starts the next."""
+    from crmsync.sync import push as push_mod
+
+    calls: list[tuple[str, list[int]]] = []
+
+    def fake(app: object, conn: object, provider: object, mapping: object, items: list, obj: str) -> dict:
+        calls.append((obj, [it.row.id for it in items if obj in it.canon]))
+        return {}
+
+    monkeypatch.setattr(push_mod, "_lookups_for", fake)
+    row = lambda n: type("Row", (), {"id": n, "steps": {}})()  # noqa: E731
+    deals_and_emails = [2, 1, 0, 2, 3]  # deals per lane (keys d-<lane>-<n>), each outcome with its own email
+    lanes = [
+        [
+            push_mod._Item(row(10 * lane + n), None, {"contacts": {"email": f"p{lane}-{n}@x.io"}, "deals": {"key": f"d{lane}{n}"}})  # type: ignore[arg-type]  # noqa: E501
+            for n in range(count)
+        ]
+        + [push_mod._Item(row(10 * lane + 9), None, {"contacts": {"phone": f"+1202555{lane:04d}"}})]  # type: ignore[arg-type]
+        for lane, count in enumerate(deals_and_emails)
+    ]
+    limits = type("Limits", (), {"lookup_batch": lambda self, obj, kind: {"key": 3, "email": 4}.get(kind, 1)})()
+    lookups = push_mod._Lookups(None, None, limits, None, threads=False)  # type: ignore[arg-type]
+    started = lookups.start(lanes)
+    deals = [ids for obj, ids in calls if obj == "deals"]
+    assert deals == [[0, 1, 10], [30, 31], [40, 41, 42]]  # 2+1(+0) deals, then 2, then 3: a call of 3 keys at most
+    assert started[0][1]["deals"] is started[1][1]["deals"] is started[2][1]["deals"]  # one answer, shared
+    contacts = [ids for obj, ids in calls if obj == "contacts"]
+    assert all(len([i for i in ids if i % 10 == 9]) == 1 for ids in contacts)  # one phone a call: its limit is 1
+    assert sum(len(ids) for ids in contacts) == sum(deals_and_emails) + len(lanes)  # every lane looked up once
+
+
 def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -680,7 +713,8 @@ def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_firs
         [push_mod._Item(row(0), None, with_company)],  # type: ignore[arg-type]
         [push_mod._Item(row(1), None, without)],  # type: ignore[arg-type]
     ]
-    lookups = push_mod._Lookups(None, None, None, None, threads=True)  # type: ignore[arg-type]
+    one_key = type("OneKeyPerCall", (), {"lookup_batch": lambda self, obj, kind: 1})()  # no two lanes share a call
+    lookups = push_mod._Lookups(None, None, one_key, None, threads=True)  # type: ignore[arg-type]
     try:
         started = lookups.start(lanes)
         for _, known in started:
@@ -689,6 +723,6 @@ def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_firs
     finally:
         lookups.close()
     assert [lane[0].row.id for lane, _ in started] == [0, 1]  # lanes keep their order
-    assert done["companies"] == [0, 1]
+    assert done["companies"] == [0]  # lane 1 has none: it shares lane 0's call (and never waits for it)
     assert done["contacts"] == [1, 0]  # the contacts-first lane is looked up first
-    assert done["deals"] == [1, 0]
+    assert done["deals"] == [1]

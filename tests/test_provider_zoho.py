@@ -410,6 +410,37 @@ def test_push_300_outcomes_costs_at_most_15_requests_and_a_rerun_creates_nothing
     assert len(emu.writes) == writes and len(emu.records("Calls")) == 300
 
 
+def test_lanes_with_few_deals_share_one_deal_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zoho keeps no deal key unique, so deals are looked up before they are written, 1,250 keys a
+    COQL: five lanes of 20 outcomes, each outcome with a deal, spend one deal lookup, not five."""
+    from crmsync.sync import push as push_mod
+
+    monkeypatch.setattr(push_mod, "LANE", 20)
+    lanes: list[int] = []
+    split = push_mod._lanes
+    monkeypatch.setattr(push_mod, "_lanes", lambda items, **kw: lanes.append(len(out := split(items, **kw))) or out)
+    looked: list[tuple[str, int]] = []
+    lookup = ZohoProvider.lookup
+
+    def counted(self: ZohoProvider, obj: str, keys: Any, *, fields: Any) -> Any:
+        looked.append((obj, len(keys)))
+        return lookup(self, obj, keys, fields=fields)
+
+    monkeypatch.setattr(ZohoProvider, "lookup", counted)
+    emu = ZohoEmulator()
+    app = zoho_app(emu)
+    src = tmp_path / "o.jsonl"
+    src.write_text(outcome_lines(100, deal_every=1))
+    summary = push(app, source=str(src), connection="z")
+    assert (summary.created, summary.failed) == (100, 0), summary
+    assert lanes == [5]
+    assert [n for obj, n in looked if obj == "deals"] == [100]
+    assert [n for obj, n in looked if obj == "contacts"] == [100]  # 100 emails: one query too
+    assert len(emu.records("Deals")) == 100 and len(emu.records("Contacts")) == 100
+    deals = {d["crmsync_deal_key"] for d in emu.records("Deals")}
+    assert len(deals) == 100
+
+
 def test_companies_deals_and_tasks_are_linked(tmp_path: Path) -> None:
     emu = ZohoEmulator()
     app = zoho_app(emu)
