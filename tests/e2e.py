@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,17 @@ def pull_stopped_before_page(app: App, page: int, objects: list[str]) -> bool:
         return True
     finally:
         app.store.apply_page = apply  # type: ignore[method-assign]
+
+
+def kills_before_every_page(monkeypatch: Any, home: Path, run: Callable[[int], bool]) -> int:
+    """``run(n)`` with a kill before page n, in a fresh CRMSYNC_HOME each, for n = 0, 1, ... until a
+    run ends on its own (``run`` returns False); how many runs were killed."""
+    kill_at = 0
+    while True:
+        monkeypatch.setenv("CRMSYNC_HOME", str(home / f"kill-{kill_at}"))
+        if not run(kill_at):
+            return kill_at
+        kill_at += 1
 
 
 @dataclass

@@ -19,7 +19,7 @@ from crmsync.providers.odoo import OdooProvider
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
 from crmsync.sync.push import push
-from tests.e2e import ScriptIO, cli_env, pull_stopped_before_page, run_cli
+from tests.e2e import ScriptIO, cli_env, kills_before_every_page, pull_stopped_before_page, run_cli
 
 # (transport, Odoo version): JSON-RPC on 17 (raw datetime comparisons), JSON-2 on 19 (whole seconds).
 SETUPS = [("jsonrpc", 17), ("json2", 19)]
@@ -346,12 +346,7 @@ def _window_killed_at(kill_at: int) -> bool:
 def test_a_window_walked_from_both_ends_with_edits_during_it_and_a_kill_at_any_page(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    kill_at = 0
-    while True:  # a kill before each page in turn, until a run has fewer pages than that
-        monkeypatch.setenv("CRMSYNC_HOME", str(tmp_path / f"kill-{kill_at}"))
-        if not _window_killed_at(kill_at):
-            break
-        kill_at += 1
+    kill_at = kills_before_every_page(monkeypatch, tmp_path, _window_killed_at)
     assert kill_at >= 6  # killed before each of 6+ pages: 62 contacts in pages of 10 read from two ends
 
 

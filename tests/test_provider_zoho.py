@@ -35,7 +35,7 @@ from crmsync.store import CrmOutbox
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
 from crmsync.sync.push import push
-from tests.e2e import ScriptIO, cli_env, pull_stopped_before_page, run_cli
+from tests.e2e import ScriptIO, cli_env, kills_before_every_page, pull_stopped_before_page, run_cli
 from tests.openapi_check import CheckedTransport, SpecCheck
 from tests.test_emulator_zoho import zoho_checker
 
@@ -336,12 +336,7 @@ def test_a_walk_from_both_ends_with_writes_during_it_and_a_kill_at_any_page(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr("crmsync.providers.zoho.COQL_ROWS", 10)
-    kill_at = 0
-    while True:  # a kill before each page in turn, until a run has fewer pages than that
-        monkeypatch.setenv("CRMSYNC_HOME", str(tmp_path / f"kill-{kill_at}"))
-        if not _walk_killed_at(kill_at):
-            break
-        kill_at += 1
+    kill_at = kills_before_every_page(monkeypatch, tmp_path, _walk_killed_at)
     assert kill_at >= 9  # 74 records in pages of 10 read from two ends, and the deletions
 
 
