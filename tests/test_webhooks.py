@@ -450,7 +450,10 @@ def test_the_portable_writer_path_dedupes_the_same_way(app: App) -> None:
     r.writer._sqlite = False
     r.start()
     try:
-        events = [hs_event(1), hs_event(2), hs_event(2)]  # a duplicate inside one array, too
+        # A duplicate inside one array, too: the same event twice (two hs_event calls can straddle a
+        # millisecond and differ in occurredAt).
+        two = hs_event(2)
+        events = [hs_event(1), two, dict(two)]
         body = json.dumps(events).encode()
         first = httpx.post(r.url + HS_PATH, content=body, headers=signed_headers(body, HS_URI))
         assert first.json() == {"stored": 2, "duplicates": 1}
