@@ -662,7 +662,7 @@ def test_lanes_with_few_keys_of_an_object_share_one_lookup_call(monkeypatch: pyt
 
     calls: list[tuple[str, list[int]]] = []
 
-    def fake(app: object, conn: object, provider: object, mapping: object, items: list, obj: str) -> dict:
+    def fake(app: object, conn: object, provider: object, mapping: object, items: list, obj: str, _: object) -> dict:
         calls.append((obj, [it.row.id for it in items if obj in it.canon]))
         return {}
 
@@ -700,7 +700,7 @@ def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_firs
     done: dict[str, list[int]] = {}
     lock = threading.Lock()
 
-    def fake(app: object, conn: object, provider: object, mapping: object, items: list, obj: str) -> dict:
+    def fake(app: object, conn: object, provider: object, mapping: object, items: list, obj: str, _: object) -> dict:
         with lock:
             done.setdefault(obj, []).append(items[0].row.id)
         return {}
@@ -726,3 +726,113 @@ def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_firs
     assert done["companies"] == [0]  # lane 1 has none: it shares lane 0's call (and never waits for it)
     assert done["contacts"] == [1, 0]  # the contacts-first lane is looked up first
     assert done["deals"] == [1]
+
+
+def _company_outcomes(n: int) -> str:
+    return "".join(
+        json.dumps(
+            {
+                "id": f"c-{i}",
+                "occurred_at": "2026-11-20T10:00:00Z",
+                "disposition": "connected",
+                "contact": {"email": f"c{i}@example.org"},
+                "company": {"name": f"Co {i}", "domain": f"co{i}.example"},
+            }
+        )
+        + "\n"
+        for i in range(n)
+    )
+
+
+def test_the_first_rounds_lookups_are_sent_while_the_input_is_queued_and_not_again(
+    emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Company searches start while the rest of the input is still read (before the outbox is
+    committed); the lanes take their answers, found ones included, and search nothing again."""
+    from crmsync.providers.hubspot import HubSpotProvider
+    from crmsync.sync import push as push_mod
+
+    monkeypatch.setattr(push_mod, "ENQUEUE_CHUNK", 50)
+    emulator.bulk_create("companies", 5, properties_fn=lambda i: {"name": f"Old {i}", "domain": f"co{i * 40}.example"})
+    src = tmp_path / "c.jsonl"
+    src.write_text(_company_outcomes(250))
+    searched: list[tuple[str, int]] = []
+    first = threading.Event()
+    lookup = HubSpotProvider.lookup
+
+    def recorded(self: HubSpotProvider, obj: str, keys: Any, *, fields: Any) -> Any:
+        searched.append((threading.current_thread().name, len(keys)))
+        found = lookup(self, obj, keys, fields=fields)
+        first.set()
+        return found
+
+    monkeypatch.setattr(HubSpotProvider, "lookup", recorded)
+    read_outcomes = push_mod.read_outcomes
+    answered_while_queuing: list[bool] = []
+
+    def slow_input(path: str, fmt: str) -> Any:
+        for n, parsed in enumerate(read_outcomes(path, fmt)):
+            if n == 200:  # two full search batches queued so far: the first answer comes before the rest is read
+                answered_while_queuing.append(first.wait(10.0))
+            yield parsed
+
+    monkeypatch.setattr(push_mod, "read_outcomes", slow_input)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    summary = push(app, source=str(src), connection="hs")
+    assert (summary.created, summary.failed) == (250, 0)
+    assert answered_while_queuing == [True]
+    assert sorted(n for _, n in searched) == [50, 100, 100]  # 250 domains in batches of 100, each once
+    assert all(name.startswith("prefetch") for name, _ in searched)
+    companies = emulator.records("companies")
+    assert len(companies) == 250  # the 5 found were updated, not created again
+    assert {c["properties"]["name"] for c in companies if c["properties"]["domain"] == "co40.example"} == {"Old 1"}
+
+
+def test_a_failed_lookup_ahead_is_made_again_by_the_lane(
+    emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sending lookups ahead never fails a push that would not have failed: the lane asks again."""
+    from crmsync.errors import RetriableError
+    from crmsync.providers.hubspot import HubSpotProvider
+
+    emulator.bulk_create("companies", 1, properties_fn=lambda i: {"name": "Old", "domain": "co3.example"})
+    src = tmp_path / "c.jsonl"
+    src.write_text(_company_outcomes(30))
+    lookup = HubSpotProvider.lookup
+    lanes_asked: list[int] = []
+
+    def flaky(self: HubSpotProvider, obj: str, keys: Any, *, fields: Any) -> Any:
+        if threading.current_thread().name.startswith("prefetch"):
+            raise RetriableError("HubSpot is unavailable (test)")
+        lanes_asked.append(len(keys))
+        return lookup(self, obj, keys, fields=fields)
+
+    monkeypatch.setattr(HubSpotProvider, "lookup", flaky)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    summary = push(app, source=str(src), connection="hs")
+    assert (summary.exit_code, summary.created, summary.failed) == (0, 30, 0)
+    assert lanes_asked == [30]
+    assert len(emulator.records("companies")) == 30  # co3.example found by the lane's own lookup
+
+
+def test_a_key_looked_up_ahead_and_not_found_is_still_matched_by_its_link(
+    emulator: HubSpotEmulator, server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer taken from ahead is no more trusted than a lane's own: a record linked meanwhile
+    (written by an earlier round, not yet searchable) is matched by its link, not created again."""
+    from concurrent.futures import Future
+
+    from crmsync.sync import push as push_mod
+
+    app = hubspot_app(server.url, emulator.private_app_token)
+    conn = app.connection("hs")
+    provider = app.provider(conn)
+    app.store.save_links("hs", "companies", {"domain:linked.example": "901"})
+    answer: Future[dict[str, Any]] = Future()
+    answer.set_result({})  # the search ahead found neither
+    ahead = {"domain:linked.example": answer, "domain:new.example": answer}
+    crm: dict[str, Any] = {}
+    monkeypatch.setattr(provider, "lookup", lambda *a, **k: pytest.fail("asked again"))
+    push_mod._lookup(app, conn, provider, app.mapping(conn), "companies", list(ahead), crm, ahead)
+    assert crm == {"domain:linked.example": ({}, "901", None)}
+    assert ahead == {}  # each answer taken once
