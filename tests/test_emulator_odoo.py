@@ -716,3 +716,44 @@ def test_an_or_of_likes_on_one_field_answers_as_each_leaf_would(monkeypatch: pyt
     leaf_by_leaf = [rpc.call("res.partner", "search", domain=d, order="id asc") for d in domains]
     assert joined == leaf_by_leaf
     assert any(joined)  # the domains do match something
+
+
+def test_a_limited_search_ordered_by_id_answers_as_the_full_sort_does() -> None:
+    """ORDER BY id with a LIMIT reads along the ids from the domain's id bounds and stops early;
+    every combination must answer what sorting every match and slicing answers (archived rows,
+    deleted ids, OR and NOT domains whose id terms are no bounds, offsets, both directions)."""
+    import random
+
+    emu = OdooEmulator(seed=5)
+    rng = random.Random(5)
+    ids = emu.bulk_create("res.partner", 300, vals_fn=lambda i: {"name": f"P{i}", "is_company": i % 4 == 0})
+    emu.bulk_create("res.partner", 40, vals_fn=lambda i: {"name": f"A{i}", "active": False})
+    gone = set(rng.sample(ids, 30))
+    for rid in gone:
+        emu.delete("res.partner", rid)
+    client = JsonRpc(emu)
+    alive = [rid for rid in ids if rid not in gone]
+    lo, hi = alive[40], alive[250]  # bounds that are rows (>= and <= include them) ...
+    domains: list[list[Any]] = [
+        [],
+        [("id", ">", lo)],
+        [("id", ">=", lo), ("id", "<", hi)],
+        [("id", ">", lo), ("id", "<=", hi)],
+        [("id", ">", lo), ("id", "<=", hi), ("is_company", "=", True)],
+        [("id", "<", hi), ("name", "ilike", "p1")],
+        ["|", ("id", "<", lo), ("id", ">", hi)],
+        ["!", ("id", ">", lo)],
+        [("id", ">", lo), "|", ("is_company", "=", True), ("name", "=like", "P2%")],
+        [("id", ">", hi * 10)],
+        [("id", ">=", min(gone)), ("id", "<=", max(gone))],  # ... and bounds that are deleted ids
+    ]
+    for domain in domains:
+        for context in ({}, {"active_test": False}):
+            every = client.call("res.partner", "search", domain=domain, order="id", context=context)
+            assert every == sorted(every)
+            for order, expected in (("id", every), ("id asc", every), ("ID  DESC", every[::-1])):
+                for offset, limit in ((0, 1), (0, 7), (3, 50), (0, 1000), (len(every), 5)):
+                    got = client.call(
+                        "res.partner", "search", domain=domain, order=order, offset=offset, limit=limit, context=context
+                    )
+                    assert got == expected[offset : offset + limit], (domain, context, order, offset, limit)

@@ -19,6 +19,7 @@ response carries it in the HTTP ``Date`` header, as Werkzeug and nginx do.
 
 from __future__ import annotations
 
+import bisect
 import email.utils
 import inspect
 import json
@@ -120,6 +121,10 @@ class _Field:
     default: Any = None
     manual: bool = False
     name: str = ""
+
+
+#: ``order`` strings that are ORDER BY id alone (normalised: lower case, single spaces) -> descending.
+_ID_ORDER = {"id": False, "id asc": False, "id desc": True}
 
 
 @dataclass
@@ -2110,13 +2115,47 @@ class OdooEmulator(Emulator):
             and call.context.get("active_test", True)
             and not any(isinstance(t, (list, tuple)) and len(t) == 3 and t[0] == "active" for t in terms)
         )
+        start = int(offset or 0)
+        desc = _ID_ORDER.get(" ".join(str(order or m.order).lower().split()))
+        if desc is not None and limit:
+            # ORDER BY id with a LIMIT, as a keyset walk asks: read along the id index from the
+            # domain's id bounds and stop at the limit (a real server does not scan the table either;
+            # scanning and sorting it here cost O(n) per page, 42 s of CPU for a 100,000-row walk).
+            return self._by_id(m, terms, pred, active_filter, desc=desc, want=start + int(limit))[start:]
         rows = [r for r in self._visible(m) if (not active_filter or r.get("active")) and pred(r)]
         rows = self._sort(m, rows, order or m.order)
-        start = int(offset or 0)
         rows = rows[start:]
         if limit:
             rows = rows[: int(limit)]
         return rows
+
+    def _by_id(
+        self, m: _Model, terms: list[Any], pred: Predicate, active_filter: bool, *, desc: bool, want: int
+    ) -> list[dict[str, Any]]:
+        """The first ``want`` matching rows in id order (``m.records`` is in id order: ids only grow)."""
+        ids = list(m.records)
+        lo, hi = 0, len(ids)
+        if not any(isinstance(t, str) and t in ("|", "!") for t in terms):  # a plain AND: its id bounds hold
+            for t in terms:
+                if isinstance(t, (list, tuple)) and len(t) == 3 and t[0] == "id" and type(t[2]) is int:
+                    op, value = t[1], t[2]
+                    if op == ">":
+                        lo = max(lo, bisect.bisect_right(ids, value))
+                    elif op == ">=":
+                        lo = max(lo, bisect.bisect_left(ids, value))
+                    elif op == "<":
+                        hi = min(hi, bisect.bisect_left(ids, value))
+                    elif op == "<=":
+                        hi = min(hi, bisect.bisect_right(ids, value))
+        span = ids[lo:hi]
+        out: list[dict[str, Any]] = []
+        for rid in reversed(span) if desc else span:
+            r = m.records[rid]
+            if r.get("__tx__") is None and (not active_filter or r.get("active")) and pred(r):
+                out.append(r)
+                if len(out) >= want:
+                    break
+        return out
 
     def _compile(self, m: _Model, terms: list[Any]) -> Predicate:
         pos = 0
