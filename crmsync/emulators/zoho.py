@@ -2650,7 +2650,16 @@ class ZohoEmulator(Emulator):
         want = q.offset + q.limit
         hits = _Prefix()
         entries = index.entries
-        span = range(index.stop(bound) - 1, -1, -1) if descending else range(index.start(bound), len(entries))
+        if descending:
+            stop = index.stop(bound)
+            if (pair := self._coql_pair_bound(q.where, order, upper=True)) is not None:
+                stop = min(stop, bisect.bisect_left(entries, (pair,)))
+            span = range(stop - 1, -1, -1)
+        else:
+            start = index.start(bound)
+            if (pair := self._coql_pair_bound(q.where, order, upper=False)) is not None:
+                start = max(start, bisect.bisect_right(entries, (pair, _ABOVE)))
+            span = range(start, len(entries))
         for i in span:
             rid = entries[i][2]
             if predicate(store[rid]):
@@ -2659,6 +2668,42 @@ class ZohoEmulator(Emulator):
                     break
                 hits.append(rid)
         return hits
+
+    @staticmethod
+    def _coql_pair_bound(where: Any, order: list[tuple[str, bool]], *, upper: bool) -> tuple[Any, ...] | None:
+        """The index keys a keyset page starts after (``upper``: stops before), from its own condition.
+
+        A walk resumes with ``(T > t or (T = t and id > n))`` (``<`` downwards) ANDed with the rest.
+        The first column's bound alone starts every page at ``t``: a backfill whose records share
+        one time read every earlier record of that second again, page after page (O(n) a page).
+        Only for an order of one time column then id; None when the where clause has no such term.
+        """
+        if len(order) != 2 or order[1][0] != "id" or order[0][0] not in ("Created_Time", "Modified_Time"):
+            return None
+        first, strict = order[0][0], "<" if upper else ">"
+        conjuncts, todo = [], [where]
+        while todo:
+            node = todo.pop()
+            if node and node[0] == "and":
+                todo += [node[1], node[2]]
+            else:
+                conjuncts.append(node)
+        for node in conjuncts:
+            if not (node and node[0] == "or" and node[2] and node[2][0] == "and"):
+                continue
+            past, (_, same, beyond) = node[1], node[2]
+            if (
+                past[:3] == ("cmp", first, strict)
+                and same[:3] == ("cmp", first, "=")
+                and beyond[:3] == ("cmp", "id", strict)
+                and past[3] == same[3]
+                and past[3][0] == "str"
+                and beyond[3][0] == "num"
+                and str(beyond[3][1]).isdigit()
+                and (t := parse_datetime(past[3][1])) is not None
+            ):
+                return ((1, t), (1, int(beyond[3][1])))
+        return None
 
     @staticmethod
     def _coql_bound(node: Any, name: str, *, upper: bool = False) -> Any:
