@@ -541,13 +541,7 @@ class _Prefetch:
                     keys.append(k)
             if not keys:
                 continue
-            # What ``_lookups_for`` would leave out: records the mirror holds, keys created blind.
-            mirror = self.app.store.find_by_keys(self.conn.name, obj, keys)
-            unknown = [k for k in keys if k not in mirror]
-            blind = _blind_keys(self.app, self.conn, provider, obj, unknown)
-            for k in unknown:
-                if k in blind:
-                    continue
+            for k in _to_look_up(self.app, self.conn, provider, obj, keys):
                 kind = k.split(":", 1)[0]
                 waiting = self._waiting.setdefault((obj, kind), [])
                 waiting.append(k)
@@ -1273,6 +1267,14 @@ def _blind_keys(app: App, conn: CrmConnection, provider: Provider, obj: str, unk
     return {k for k in unknown if k.split(":", 1)[0] in ("email", "key") and k not in linked}
 
 
+def _to_look_up(app: App, conn: CrmConnection, provider: Provider, obj: str, keys: list[str]) -> list[str]:
+    """The keys of ``obj`` to ask the CRM for: not in the mirror, not created blind (``_blind_keys``)."""
+    mirror = app.store.find_by_keys(conn.name, obj, keys)
+    unknown = [k for k in keys if k not in mirror]
+    blind = _blind_keys(app, conn, provider, obj, unknown)
+    return [k for k in unknown if k not in blind]
+
+
 def _lookups_for(
     app: App,
     conn: CrmConnection,
@@ -1291,10 +1293,7 @@ def _lookups_for(
     keys = list(_group_by_key(obj, items))
     if not keys:
         return {}
-    mirror = app.store.find_by_keys(conn.name, obj, keys)
-    unknown = [k for k in keys if k not in mirror]
-    blind = _blind_keys(app, conn, provider, obj, unknown)
-    wanted = [k for k in unknown if k not in blind]
+    wanted = _to_look_up(app, conn, provider, obj, keys)
     crm: dict[str, tuple[dict[str, Any], str, datetime | None]] = {}
     _lookup(app, conn, provider, mapping, obj, wanted, crm, prefetched)
     return {k: crm.get(k) for k in wanted}
