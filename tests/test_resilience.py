@@ -28,13 +28,23 @@ from tests.test_hubspot_e2e import outcome_lines
 pytestmark = pytest.mark.slow
 
 
-def _run_and_kill(args: list[str], env: dict[str, str], after: float) -> int | None:
-    """Start the CLI, SIGKILL it after ``after`` seconds; None if it was killed, else its exit code."""
+def _run_and_kill(
+    args: list[str], env: dict[str, str], emulator: HubSpotEmulator, *, after_requests: int, then: float
+) -> int | None:
+    """Start the CLI and SIGKILL it ``then`` seconds after the emulator has seen ``after_requests`` more
+    requests; None if it was killed, else its exit code. Timed by progress, not by the clock, so a slow or
+    loaded machine still kills mid-work rather than before the first request."""
+    start = emulator.stats.requests
     proc = subprocess.Popen(
         [sys.executable, "-m", "crmsync", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        return proc.wait(timeout=after)
+        deadline = time.monotonic() + 120
+        while emulator.stats.requests - start < after_requests and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return proc.returncode
+            time.sleep(0.005)
+        return proc.wait(timeout=then)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -83,7 +93,13 @@ def test_push_killed_30_times_delivers_each_call_exactly_once(home: Path, tmp_pa
         rng = random.Random(2026)
         kills = 0
         for _ in range(30):
-            code = _run_and_kill(["--quiet", "push", str(src), "-c", "hs"], env, rng.uniform(0.3, 2.5))
+            code = _run_and_kill(
+                ["--quiet", "push", str(src), "-c", "hs"],
+                env,
+                emulator,
+                after_requests=rng.randint(1, 8),
+                then=rng.uniform(0.0, 0.5),
+            )
             kills += code is None
         final = run_cli(["--json", "push", str(src), "-c", "hs"], env)
         assert final.code == 0, final.stderr
@@ -145,7 +161,11 @@ def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp
         kills = 0
         for _ in range(10):
             code = _run_and_kill(
-                ["--quiet", "backfill", "-c", "hs", "--object", "contacts"], env, rng.uniform(0.8, 3.0)
+                ["--quiet", "backfill", "-c", "hs", "--object", "contacts"],
+                env,
+                emulator,
+                after_requests=rng.randint(3, 25),
+                then=rng.uniform(0.0, 0.2),
             )
             kills += code is None
         last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
