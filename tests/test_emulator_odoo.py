@@ -199,10 +199,10 @@ def test_json2_and_web_version_do_not_exist_before_19(version: int) -> None:
     assert http.get("/web/version").status_code == 404
 
 
-def test_web_version_on_19(emu: OdooEmulator) -> None:
+def test_web_version_on_19_has_the_web_shape_not_common_version(emu: OdooEmulator) -> None:
     http = httpx.Client(transport=emu.transport(), base_url=BASE_URL)
     for path in ("/web/version", "/json/version"):
-        assert http.get(path).json()["server_version_info"][0] == 19
+        assert http.get(path).json() == {"version_info": [19, 0, 0, "final", 0, ""], "version": "19.0"}
 
 
 def test_jsonrpc_quirks(emu: OdooEmulator) -> None:
@@ -693,8 +693,17 @@ def test_an_or_of_likes_on_one_field_answers_as_each_leaf_would(monkeypatch: pyt
     """The emulator joins ``| | a b c`` of (i)likes on one text field into one regex: same records as leaf by leaf."""
     emu, rpc = make()
     values = [
-        "Ann@Example.com", "ann@example.com ", "bo_b@x.org", "boXb@x.org", "100%@pct.io", "c\\d@e.f",
-        "https://www.acme.example/about", "ACME.example", "other.example", "line\nbreak@x.org", "",
+        "Ann@Example.com",
+        "ann@example.com ",
+        "bo_b@x.org",
+        "boXb@x.org",
+        "100%@pct.io",
+        "c\\d@e.f",
+        "https://www.acme.example/about",
+        "ACME.example",
+        "other.example",
+        "line\nbreak@x.org",
+        "",
     ]
     for i, v in enumerate(values):
         rpc.call("res.partner", "create", vals_list=[{"name": f"P{i}", "email": v or False, "website": v or False}])

@@ -20,6 +20,7 @@ Facts this file relies on are in shared/reference/odoo.md; the ones that shaped 
 from __future__ import annotations
 
 import email.utils
+import html
 import itertools
 import json
 import logging
@@ -198,17 +199,61 @@ def _digits(phone: Any) -> str:
     return re.sub(r"[^\d+]", "", str(phone or ""))
 
 
+#: "Original note:" as its title in mail.message_activity_done: ``<strong>`` up to 18, ``fw-bold`` on 19.
+_NOTE_TITLE_RE = re.compile(r"Original note:\s*(?:</strong>\s*)?</div>\s*<div[^>]*>(.*)", re.DOTALL)
+#: Where the feedback block starts (it follows the note): its own ``<div>`` wrapper on 19.
+_FEEDBACK_RE = re.compile(r'(?:<div>\s*)?<div class="[^"]*">\s*(?:<strong>\s*)?Feedback:', re.DOTALL)
+#: The summary after "<type> done" (and "(originally assigned to ...)"): ``: <span>`` or ``<span>: </span><span>``.
+_SUMMARY_RE = re.compile(
+    r"</span>\s*done\b(?:\s*\([^)]*\))?\s*(?:<span>\s*:\s*</span>|:)\s*<span[^>]*>(.*?)</span>", re.DOTALL
+)
+
+
 def _done_note(body: str) -> str:
-    """The original note inside an "activity done" message (mail.message_activity_done)."""
-    found = re.search(r"Original note:\s*</strong>\s*</div>\s*<div[^>]*>(.*)", body, re.DOTALL)
+    """The original note inside an "activity done" message (mail.message_activity_done, 16 to 19)."""
+    found = _NOTE_TITLE_RE.search(body)
     if not found:
         return ""
     rest = found.group(1)
-    feedback = rest.find('<div class="o_mail_note_title">')
-    if feedback >= 0:
-        rest = rest[:feedback]
-    # Drop the closing tags of the note's own <div> and of the message wrapper.
-    return re.sub(r"(?:\s*</div>){1,2}\s*$", "", rest)
+    feedback = _FEEDBACK_RE.search(rest)
+    if feedback:
+        # The note's own <div> closes before the feedback block; the message wrapper after it.
+        return re.sub(r"\s*</div>\s*$", "", rest[: feedback.start()])
+    return re.sub(r"\s*</div>\s*</div>\s*$", "", rest)
+
+
+def _done_summary(body: str) -> str | None:
+    found = _SUMMARY_RE.search(body)
+    return html.unescape(found.group(1)).strip() if found else None
+
+
+def _note_html(text: str) -> str:
+    """A plain-text note as the HTML Odoo keeps (it would sanitise raw text into ``<p>`` itself)."""
+    if not text:
+        return ""
+    lines = [html.escape(line, quote=False) for line in text.split("\n")]
+    return f"<p>{'<br>'.join(lines)}</p>"
+
+
+def _html_text(value: str) -> str:
+    """An Odoo html value back as plain text: paragraphs and ``<br>`` become line breaks."""
+    text = re.sub(r"<br\s*/?>", "\n", value, flags=re.IGNORECASE)
+    text = re.sub(r"</(?:p|div|li|h[1-6])>\s*<(?:p|div|ul|ol|li|h[1-6])[^>]*>", "\n", text, flags=re.IGNORECASE)
+    text = re.sub(r"<[^>]+>", "", text)
+    return html.unescape(text).strip()
+
+
+def server_version(info: Mapping[str, Any]) -> tuple[int, str]:
+    """(major, label) from either shape Odoo answers with.
+
+    ``GET /web/version`` gives ``{version_info, version}``; ``common.version`` gives
+    ``{server_version_info, server_version, ...}``. A SaaS major reads ``"saas~18"``.
+    """
+    parts = info.get("version_info") or info.get("server_version_info") or []
+    label = str(info.get("version") or info.get("server_version") or "")
+    head = str(parts[0]) if isinstance(parts, list) and parts else label
+    found = re.search(r"\d+", head)
+    return (int(found.group()) if found else 0), label
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
@@ -328,18 +373,23 @@ class OdooProvider(Provider):
         args = [self.db, self.uid, self._key, model, method, positional, kwargs]
         return self._jsonrpc("object", "execute_kw", args, endpoint=f"/jsonrpc {endpoint}")
 
-    def _version_info(self) -> dict[str, Any]:
+    def _version_info(self) -> tuple[int, str]:
+        """(major, label) of the server, on the connection's own transport."""
         if self.transport == "json2":
-            response = self.http.get("/web/version", endpoint="/web/version")
-            self._note_date(response)
-            return dict(response.json())
-        return dict(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version"))
+            return self._detect_version()
+        return server_version(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version") or {})
 
     def _server_now(self) -> datetime:
         """The server's clock (HTTP Date), not ours: the window bounds are compared to its write_date."""
         self._server_time = None
         self._version_info()
         return self._server_time or datetime.now(UTC)
+
+    def _major(self) -> int:
+        """The server's major version; asked once when the connection did not record it."""
+        if not self.version:
+            self.version = self._version_info()[0]
+        return self.version
 
     # ================================================================================ connection
     @classmethod
@@ -375,20 +425,19 @@ class OdooProvider(Provider):
         register_secret(secret)
         probe = cls._bare(ctx, base_url, secret, login, settings={"transport": "jsonrpc"})
         try:
-            info = probe._detect_version()
-            major = int((info.get("server_version_info") or [0])[0] or 0)
+            major, label = probe._detect_version()
             db = str(opts.get("db") or "") or probe._single_database()
         finally:
             probe.close()
         transport = wanted or ("json2" if major >= 19 else "jsonrpc")
         if transport == "json2" and major < 19:
-            raise UsageError(f"JSON-2 needs Odoo 19 or later; this server runs {info.get('server_version')}")
+            raise UsageError(f"JSON-2 needs Odoo 19 or later; this server runs {label or 'an unknown version'}")
         settings: dict[str, Any] = {
             "db": db,
             "user": login,
             "transport": transport,
             "version": major,
-            "server_version": info.get("server_version"),
+            "server_version": label,
         }
         ctx.secrets.set(ctx.name, {"kind": kind, kind: secret, "login": login})
         provider = cls._bare(ctx, base_url, secret, login, settings=settings)
@@ -424,15 +473,18 @@ class OdooProvider(Provider):
         )
         return provider
 
-    def _detect_version(self) -> dict[str, Any]:
+    def _detect_version(self) -> tuple[int, str]:
+        """``GET /web/version`` (no database, no key needed), else ``common.version`` over JSON-RPC."""
         response = self.http.get("/web/version", endpoint="/web/version", expect=(301, 302, 303, 404, 405))
         self._note_date(response)
         if response.status_code == 200:
             try:
-                return dict(response.json())
+                body = response.json()
             except ValueError:
-                pass
-        return dict(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version"))
+                body = None
+            if isinstance(body, dict) and server_version(body)[0]:
+                return server_version(body)
+        return server_version(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version") or {})
 
     def _single_database(self) -> str:
         try:
@@ -473,16 +525,14 @@ class OdooProvider(Provider):
 
     def check(self) -> Health:
         self.uid = self._authenticate()
-        info = self._version_info()
+        major, label = self._version_info()
+        self.version = major or self.version
         users = self._call("res.users", "read", [self.uid], fields=["name", "company_id"])
         if not users:
             raise AuthError(f"the Odoo user {self.login!r} (uid {self.uid}) cannot read itself")
         company = users[0]["company_id"][1] if users[0].get("company_id") else None
         crm = self._has_model("crm.lead")
-        detail = (
-            f"Odoo {info.get('server_version')} database {self.db}, user {self.login} (uid {self.uid}), "
-            f"{self.transport}"
-        )
+        detail = f"Odoo {label} database {self.db}, user {self.login} (uid {self.uid}), {self.transport}"
         if not crm:
             detail += "; CRM app missing"
         return Health(
@@ -490,7 +540,7 @@ class OdooProvider(Provider):
             account=self.db,
             detail=detail,
             extra={
-                "version": info.get("server_version"),
+                "version": label,
                 "uid": self.uid,
                 "transport": self.transport,
                 "company": company,
@@ -666,7 +716,7 @@ class OdooProvider(Provider):
     # ================================================================================ pull
     def _calls_from_messages(self) -> bool:
         # Up to 18 a done activity is deleted: only its chatter message is left to read.
-        return self.version < 19 and not self.ctx.settings.get("calls_from_activities")
+        return self._major() < 19 and not self.ctx.settings.get("calls_from_activities")
 
     def _source(self, obj: str) -> tuple[str, list[Any]]:
         """(model, domain) that selects ``obj``'s records."""
@@ -773,15 +823,14 @@ class OdooProvider(Provider):
             props["crmsync_marker"] = marker
             if isinstance(text, str):
                 note = _done_note(text) if model == "mail.message" else text
-                props["note"] = MARKER_HTML_RE.sub("", note).strip() or False
+                props["note"] = _html_text(MARKER_HTML_RE.sub("", note)) or False
             type_id = _m2o_id(row.get("mail_activity_type_id" if model == "mail.message" else "activity_type_id"))
             if type_id:
                 self._activity_types()
                 props["activity_type_xmlid"] = self._type_xmlids.get(type_id, False)
             if model == "mail.message":
                 props["date_deadline"] = str(row["date"])[:10] if row.get("date") else False
-                summary = re.search(r"done(?:\s*\([^)]*\))?\s*:\s*<span[^>]*>(.*?)</span>", str(text), re.DOTALL)
-                props["summary"] = summary.group(1) if summary else False
+                props["summary"] = _done_summary(str(text)) or False
             res_model = row.get("model") if model == "mail.message" else row.get("res_model")
             res_id = row.get("res_id")
             if res_id:
@@ -1081,7 +1130,7 @@ class OdooProvider(Provider):
             res_model, res_id = "crm.lead", assoc["deals"]
         else:
             raise _ItemError("an activity needs a contact, company or deal to attach to")
-        note = str(props.pop("note", "") or "")
+        note = _note_html(str(props.pop("note", "") or ""))
         if not marker_field:
             # No field to carry the marker: the note carries it (and the "done" message copies the note).
             note = f"{note}<p>[crmsync:{item.marker}]</p>"
