@@ -293,6 +293,8 @@ class OdooProvider(Provider):
         self._model_ids: dict[str, int] = {}
         self._stages: dict[str, int] | None = None
         self._users: dict[str, int | None] = {}
+        #: Owner emails with no Odoo user this run -> how many records fell back to the connection's user.
+        self.owner_fallbacks: dict[str, int] = {}
         self._warned: set[str] = set()
         self._server_time: datetime | None = None
 
@@ -330,14 +332,17 @@ class OdooProvider(Provider):
             hint = EXPIRY_HINT if self.version >= 18 else "check the login and API key, then connect again"
             return AuthError(f"Odoo refused the API key of {self.login!r} on database {self.db!r}", hint=hint)
         if kind.startswith("psycopg2.OperationalError") and "does not exist" in message:
-            return ConfigError(
-                f"database {self.db!r} does not exist on this Odoo server",
-                hint="check --db-name (Odoo's database list)",
-            )
+            return self._missing_database()
         fault = OdooFault(kind, message, status=status)
         if fault.retriable:
             return RetriableError(str(fault), status=status, code=kind)
         return fault
+
+    def _missing_database(self) -> ConfigError:
+        return ConfigError(
+            f"database {self.db!r} does not exist on the Odoo server at {self.ctx.base_url}",
+            hint="connect again with the right --db-name (crmsync connect odoo --name ... --db-name ...)",
+        )
 
     def _call(self, model: str, method: str, ids: Sequence[int] | None = None, **kwargs: Any) -> Any:
         """Call a model method with named arguments (``ids`` for record methods) on either transport."""
@@ -359,6 +364,9 @@ class OdooProvider(Provider):
             self._note_date(response)
             if response.status_code == 401:
                 raise self._fault("odoo.exceptions.AccessDenied", "Invalid apikey", 401)
+            if response.status_code == 404 and _json_error(response) is None:
+                # Odoo's own 404s (unknown model or method) are JSON; an HTML page means no database.
+                raise self._missing_database()
             if response.status_code != 200:
                 body = _json_error(response) or {}
                 kind = str(body.get("name") or f"HTTP {response.status_code}")
@@ -511,7 +519,7 @@ class OdooProvider(Provider):
                 )
             if response.status_code == 404:
                 raise ConfigError(
-                    f"database {self.db!r} is not served at this address (or JSON-2 is not available)",
+                    f"database {self.db!r} is not served at {self.ctx.base_url} (or JSON-2 is not available)",
                     hint="check --db-name and --base-url",
                 )
             return int(response.json().get("uid") or 0)
@@ -696,22 +704,63 @@ class OdooProvider(Provider):
                 return sid
         raise _ItemError(f"no CRM stage named {name!r}; stages: {', '.join(stages)}")
 
-    def _user_id(self, email_or_login: str) -> int | None:
-        key = email_or_login.strip().lower()
+    # -- owners ---------------------------------------------------------------------------------
+    def resolve_owners(self, emails: Sequence[str]) -> dict[str, int]:
+        """Owner emails -> res.users ids, matched on login first, then on email; unknown ones are left out.
+
+        Batched (one ``search_read`` per 100 emails not seen before) and cached for this provider's
+        life, which is one run.
+        """
+        wanted = list(dict.fromkeys(str(e).strip().lower() for e in emails if e and str(e).strip()))
         with self._lock:
-            if key in self._users:
-                return self._users[key]
-        rows = self._call(
-            "res.users",
-            "search_read",
-            domain=["|", ("login", "=ilike", key), ("email", "=ilike", key)],
-            fields=["login"],
-            limit=1,
-        )
-        uid = int(rows[0]["id"]) if rows else None
+            new = [e for e in wanted if e not in self._users]
+        for chunk in _chunks(new, 100):
+            leaves = [leaf for e in chunk for leaf in (("login", "=ilike", e), ("email", "=ilike", e))]
+            rows = self._call("res.users", "search_read", domain=_or(leaves), fields=["login", "email"], order="id asc")
+            found: dict[str, int] = {}
+            for field in ("login", "email"):  # a login names one user; an email may be shared
+                for row in rows:
+                    key = str(row.get(field) or "").strip().lower()
+                    if key in chunk:
+                        found.setdefault(key, int(row["id"]))
+            with self._lock:
+                self._users.update({e: found.get(e) for e in chunk})
         with self._lock:
-            self._users[key] = uid
-        return uid
+            return {e: uid for e in wanted if (uid := self._users.get(e))}
+
+    def _own_uid(self) -> int:
+        if not self.uid:
+            self.uid = self._authenticate()
+        return self.uid
+
+    def _owner_id(self, value: Any) -> int:
+        """The user a record is assigned to: the owner email's user, else the connection's own user.
+
+        Odoo 19 leaves an activity without ``user_id`` unassigned (in nobody's queue), so there is
+        always an owner; an unknown email is warned about once and counted in ``owner_fallbacks``.
+        """
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        email = str(value or "").strip().lower()
+        if email:
+            uid = self.resolve_owners([email]).get(email)
+            if uid:
+                return uid
+            with self._lock:
+                self.owner_fallbacks[email] = self.owner_fallbacks.get(email, 0) + 1
+                first = self.owner_fallbacks[email] == 1
+            if first:
+                log.warning(
+                    "owner %s is not an Odoo user (login or email) on %s: assigned to %s instead",
+                    email,
+                    self.db,
+                    self.login,
+                )
+        return self._own_uid()
+
+    def _resolve_batch(self, items: Sequence[Outgoing] | Sequence[OutgoingActivity]) -> None:
+        """Resolve a batch's owner emails in one look-up before its items are built one by one."""
+        self.resolve_owners([v for i in items if isinstance(v := i.properties.get("user_id"), str)])
 
     # ================================================================================ pull
     def _calls_from_messages(self) -> bool:
@@ -1019,8 +1068,9 @@ class OdooProvider(Provider):
         out: dict[str, RemoteRecord] = {}
         for kind, values in by_kind.items():
             rows = self._matches(obj, kind, list(dict.fromkeys(values)), read)
-            records = {value: self._records(obj, model, [row])[0] for value, row in rows.items()}
-            for value, rec in records.items():
+            # One _records call for all matches: a deal's partner is read in one batch, not per deal.
+            records = self._records(obj, model, list(rows.values()))
+            for value, rec in zip(rows, records, strict=True):
                 out[match_key({kind: value})] = rec
         return out
 
@@ -1033,7 +1083,7 @@ class OdooProvider(Provider):
             if stage not in (None, "", False):
                 props["stage_id"] = self._stage_id(stage)
         if isinstance(props.get("user_id"), str):
-            props["user_id"] = self._user_id(props["user_id"]) or False
+            props["user_id"] = self._owner_id(props["user_id"])
         assoc = item.associations
         if obj == "contacts" and assoc.get("companies"):
             props["parent_id"] = int(assoc["companies"])
@@ -1054,6 +1104,7 @@ class OdooProvider(Provider):
         if obj in ("calls", "tasks"):
             return self._update_activities(items)
         model = MODELS[obj]
+        self._resolve_batch(items)
         results: dict[str, ItemResult] = {}
         creates: list[tuple[Any, dict[str, Any]]] = []
         updates: list[tuple[Any, dict[str, Any]]] = []
@@ -1143,8 +1194,8 @@ class OdooProvider(Provider):
         }
         if marker_field:
             vals[MARKER_FIELD] = item.marker
-        if isinstance(vals.get("user_id"), str):
-            vals["user_id"] = self._user_id(vals["user_id"]) or False
+        # Never unassigned: Odoo 19 gives an activity no user by default.
+        vals["user_id"] = self._owner_id(vals.get("user_id"))
         vals.setdefault("date_deadline", datetime.now(UTC).date().isoformat())
         kept = set(self._available("mail.activity", list(vals)))
         return {k: v for k, v in vals.items() if k in kept}
@@ -1153,6 +1204,7 @@ class OdooProvider(Provider):
         if not self._has_model("mail.activity"):
             return self._post_messages(obj, items)
         marker_field = MARKER_FIELD in self._model_fields("mail.activity")
+        self._resolve_batch(items)
         results: dict[str, ItemResult] = {}
         pairs: list[tuple[Any, dict[str, Any]]] = []
         for item in items:
@@ -1217,9 +1269,12 @@ class OdooProvider(Provider):
         return results
 
     def _update_activities(self, items: Sequence[Outgoing]) -> list[ItemResult]:
+        self._resolve_batch(items)
         pairs = []
         for item in items:
             props = {k: v for k, v in item.properties.items() if k not in PSEUDO}
+            if "user_id" in props:
+                props["user_id"] = self._owner_id(props["user_id"])
             pairs.append(
                 (item, {k: v for k, v in props.items() if k in set(self._available("mail.activity", list(props)))})
             )
