@@ -1131,8 +1131,7 @@ class OdooEmulator(Emulator):
         if db != self.db:
             raise RpcError(
                 "psycopg2.OperationalError",
-                'connection to server on socket "/var/run/postgresql/.s.PGSQL.5432" failed: '
-                f'FATAL:  database "{db}" does not exist\n',
+                f'connection to server at "127.0.0.1", port 5432 failed: FATAL:  database "{db}" does not exist\n',
             )
 
     def _dispatch_rpc(self, service: Any, method: Any, args: Any) -> Any:
@@ -2465,6 +2464,11 @@ class OdooEmulator(Emulator):
             return self._date_leaf(getter, op, value)
         one_second = timedelta(seconds=1)
         values = value if op in ("in", "not in") and isinstance(value, (list, tuple)) else [value]
+        if self.version >= 19:
+            for v in values:
+                # 19's domain optimizer refuses an aware value instead of converting it.
+                if isinstance(v, str) and re.search(r"(?:Z|[+-]\d\d:?\d\d)$", v.strip()) and len(v.strip()) > 10:
+                    raise py_error("ValueError", f"expecting only datetimes with no timezone: {v!r}")
         parsed = [_parse_domain_dt(v) for v in values]
         if op in ("<", "<=", ">", ">="):
             point, is_date = parsed[0]
