@@ -143,10 +143,10 @@ def shape_errors(recorded: Any, got: Any, path: str = "$", *, in_record: bool = 
             return [f"{path}: a list was recorded, got {_kind(got)}"]
         if bool(recorded) != bool(got):
             return [f"{path}: {len(recorded)} item(s) recorded, got {len(got)}"]
-        if len(recorded) == len(got):  # pairs ([id, name]), version tuples, rows of the same query
-            pairs = list(zip(recorded, got, strict=True))
-        else:  # a list of rows whose count depends on the database
-            pairs = [(recorded[0], g) for g in got]
+        # Same length: pairs ([id, name]), version tuples, rows of the same query, position by position;
+        # otherwise rows whose count depends on the database, each like the first recorded one.
+        same = len(recorded) == len(got)
+        pairs = list(zip(recorded, got, strict=True)) if same else [(recorded[0], g) for g in got]
         errors = []
         for i, (r, g) in enumerate(pairs):
             errors += shape_errors(r, g, f"{path}[{i}]", in_record=in_record)
