@@ -860,6 +860,15 @@ class OdooEmulator(Emulator):
             fn = vals_fn or default
             return [self._create_one(m, fn(i), call) for i in range(n)]
 
+    def add_user(self, login: str, name: str, *, email: str | None = None) -> int:
+        """Add an internal user (a sales rep) with its partner, as Settings > Users would."""
+        with self.lock:
+            self._autocommit()
+            call = self._call()
+            partner = self._create_one(self._model("res.partner"), {"name": name, "email": email or login}, call)
+            vals = {"login": login, "name": name, "email": email or login, "partner_id": partner, "company_id": 1}
+            return self._create_one(self._model("res.users"), vals, call)
+
     def edit(self, model: str, id: int, vals: dict[str, Any], at: datetime | None = None) -> None:
         """Change a record as another Odoo user would (write_date = ``at`` or now)."""
         with self.lock:

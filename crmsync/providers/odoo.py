@@ -108,6 +108,14 @@ class OdooFault(FatalProviderError):
         return self.kind in RETRIABLE_ERRORS
 
 
+class MissingDatabase(AuthError, ConfigError):
+    """The connection's database is not on the server (renamed or dropped): nothing works until reconnected.
+
+    An ``AuthError`` so that a run stops as a whole (exit 3) rather than per object, and a
+    ``ConfigError`` because it is one.
+    """
+
+
 class _ItemError(Exception):
     """One outgoing item cannot be sent as it is (unknown stage, no record to attach to)."""
 
@@ -338,8 +346,8 @@ class OdooProvider(Provider):
             return RetriableError(str(fault), status=status, code=kind)
         return fault
 
-    def _missing_database(self) -> ConfigError:
-        return ConfigError(
+    def _missing_database(self) -> MissingDatabase:
+        return MissingDatabase(
             f"database {self.db!r} does not exist on the Odoo server at {self.ctx.base_url}",
             hint="connect again with the right --db-name (crmsync connect odoo --name ... --db-name ...)",
         )
