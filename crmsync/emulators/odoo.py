@@ -55,6 +55,15 @@ _WERKZEUG_404 = (
     "<p>The requested URL was not found on the server. If you entered the URL manually please check "
     "your spelling and try again.</p>\n"
 )
+_NO_DATABASE_404 = (
+    "<!DOCTYPE html>\n"
+    "<title>404 Not Found</title>\n"
+    "<h1>Not Found</h1>\n"
+    "<p>No database is selected and the requested URL was not found in the server-wide controllers.</p>\n"
+    "<p>Please verify the hostname, <a href=/web/login>login</a> and try again.</p>\n"
+    "\n"
+    "<!-- Alternatively, use the X-Odoo-Database header. -->\n"
+)
 _NGINX_PAGE = (
     "<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
     "<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -1086,8 +1095,8 @@ class OdooEmulator(Emulator):
         header_db = request.headers.get("X-Odoo-Database")
         if header_db is not None and header_db != self.db:
             # dbfilter rejects an unknown database: the request is served without one, where no
-            # /json/2 route exists, so Werkzeug's HTML 404 comes back.
-            return self.error_response(404, "not found")
+            # /json/2 route exists, so Odoo's HTML 404 for "no database" comes back.
+            return httpx.Response(404, content=_NO_DATABASE_404.encode(), headers={"Content-Type": _HTML_CT})
         auth = request.headers.get("Authorization", "")
         match = re.match(r"^bearer\s+(.+)$", auth, re.IGNORECASE)
         if not match:
