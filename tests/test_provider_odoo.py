@@ -706,3 +706,18 @@ def test_matched_deals_are_read_in_batched_rpcs(setup: tuple[OdooEmulator, App],
     assert len(emu.records("crm.lead")) == 200  # every deal was matched, none created again
     reads = emu.stats.by_route["odoo res.partner.read"] - before
     assert 1 <= reads <= 5, reads  # one per lookup batch, not one per matched deal
+
+
+def test_a_note_with_markup_goes_in_as_text_and_comes_back_the_same(setup: tuple[OdooEmulator, App]) -> None:
+    emu, app = setup
+    partner = emu.bulk_create("res.partner", 1, vals_fn=lambda i: {"name": "Ann"})[0]
+    note = "Renewal & pricing: <b>not</b> bold\n<script>alert(1)</script>"
+    item = OutgoingActivity("r", "n-1", {"summary": "Call with Ann", "note": note}, {"contacts": str(partner)})
+    [result] = provider(app).create_activities("calls", [item])
+    assert result.ok, result.error
+    [message] = [m for m in emu.records("mail.message") if "[crmsync:n-1]" in (m["body"] or "")]
+    assert "<script>" not in message["body"] and "&lt;b&gt;not&lt;/b&gt;" in message["body"]
+    settle(emu)
+    assert pull(app, objects=["calls"])[0].exit_code == 0
+    [call] = app.store.records("odoo", "calls")
+    assert call.properties["notes"] == note and call.properties["title"] == "Call with Ann"

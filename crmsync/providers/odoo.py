@@ -526,9 +526,11 @@ class OdooProvider(Provider):
                     hint=EXPIRY_HINT if self.version >= 18 else None,
                 )
             if response.status_code == 404:
+                if _json_error(response) is None:  # Odoo's HTML page for a database it does not have
+                    raise self._missing_database()
                 raise ConfigError(
-                    f"database {self.db!r} is not served at {self.ctx.base_url} (or JSON-2 is not available)",
-                    hint="check --db-name and --base-url",
+                    f"JSON-2 is not served at {self.ctx.base_url} for database {self.db!r}",
+                    hint="check --base-url, or connect with --transport jsonrpc",
                 )
             return int(response.json().get("uid") or 0)
         uid = self._jsonrpc(
