@@ -14,7 +14,12 @@ Facts this file relies on are in shared/reference/odoo.md; the ones that shaped 
   done with one ``action_done``; on 19 the done activity is archived (pull reads it), up to 18 it
   is deleted and only its chatter message remains (pull reads that). The idempotency marker lives
   in ``x_crmsync_outcome_id`` when the database has it, else as ``[crmsync:<marker>]`` in the note,
-  which the "activity done" message copies.
+  which the "activity done" message copies;
+* what a real 19 server answers is recorded in tests/recordings/odoo19: ``GET /web/version`` is
+  ``{version_info, version}``, not common.version's ``{server_version_info, ...}``; a note is
+  sanitised into HTML (so crmsync sends text as HTML and reads it back as text); an activity
+  created without ``user_id`` belongs to nobody (so every one gets an owner: the rep's user from
+  ``owner_email``, else the connection's); a JSON-2 call for a missing database is an HTML 404.
 """
 
 from __future__ import annotations
