@@ -354,7 +354,7 @@ class OdooProvider(Provider):
     def _missing_database(self) -> MissingDatabase:
         return MissingDatabase(
             f"database {self.db!r} does not exist on the Odoo server at {self.ctx.base_url}",
-            hint="connect again with the right --db-name (crmsync connect odoo --name ... --db-name ...)",
+            hint="check the database name and --base-url, then run `crmsync connect odoo` again with --db-name",
         )
 
     def _call(self, model: str, method: str, ids: Sequence[int] | None = None, **kwargs: Any) -> Any:
