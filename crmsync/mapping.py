@@ -181,6 +181,7 @@ CANONICAL_FIELDS: dict[str, dict[str, str]] = {
         "due_at": "datetime",
         "notes": "string",
         "title": "string",
+        "owner_email": "string",
     },
 }
 

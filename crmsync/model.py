@@ -240,6 +240,8 @@ def canonical(outcome: CallOutcome) -> dict[str, dict[str, Any]]:
         }
         if step.notes:
             task["notes"] = step.notes
+        if outcome.owner_email:
+            task["owner_email"] = outcome.owner_email
         out["tasks"] = task
     return out
 

@@ -199,10 +199,10 @@ def test_json2_and_web_version_do_not_exist_before_19(version: int) -> None:
     assert http.get("/web/version").status_code == 404
 
 
-def test_web_version_on_19(emu: OdooEmulator) -> None:
+def test_web_version_on_19_has_the_web_shape_not_common_version(emu: OdooEmulator) -> None:
     http = httpx.Client(transport=emu.transport(), base_url=BASE_URL)
     for path in ("/web/version", "/json/version"):
-        assert http.get(path).json()["server_version_info"][0] == 19
+        assert http.get(path).json() == {"version_info": [19, 0, 0, "final", 0, ""], "version": "19.0"}
 
 
 def test_jsonrpc_quirks(emu: OdooEmulator) -> None:
@@ -693,8 +693,17 @@ def test_an_or_of_likes_on_one_field_answers_as_each_leaf_would(monkeypatch: pyt
     """The emulator joins ``| | a b c`` of (i)likes on one text field into one regex: same records as leaf by leaf."""
     emu, rpc = make()
     values = [
-        "Ann@Example.com", "ann@example.com ", "bo_b@x.org", "boXb@x.org", "100%@pct.io", "c\\d@e.f",
-        "https://www.acme.example/about", "ACME.example", "other.example", "line\nbreak@x.org", "",
+        "Ann@Example.com",
+        "ann@example.com ",
+        "bo_b@x.org",
+        "boXb@x.org",
+        "100%@pct.io",
+        "c\\d@e.f",
+        "https://www.acme.example/about",
+        "ACME.example",
+        "other.example",
+        "line\nbreak@x.org",
+        "",
     ]
     for i, v in enumerate(values):
         rpc.call("res.partner", "create", vals_list=[{"name": f"P{i}", "email": v or False, "website": v or False}])
@@ -757,3 +766,44 @@ def test_a_limited_search_ordered_by_id_answers_as_the_full_sort_does() -> None:
                         "res.partner", "search", domain=domain, order=order, offset=offset, limit=limit, context=context
                     )
                     assert got == expected[offset : offset + limit], (domain, context, order, offset, limit)
+
+
+# -- what a real Odoo 19 showed (tests/recordings/odoo19) -------------------------------------------------
+@pytest.mark.parametrize("version", [16, 17, 18, 19])
+def test_activity_owner_is_optional_on_19_only_and_res_model_alone_is_ignored_there(version: int) -> None:
+    emu, rpc = make(version)
+    partner = rpc.call("res.partner", "create", vals_list={"name": "Ann"})
+    model_id = rpc.call("ir.model", "search", domain=[("model", "=", "res.partner")])[0]
+    vals = {"res_model_id": model_id, "res_id": partner, "activity_type_id": emu.xmlid("mail.mail_activity_data_call")}
+    act = rpc.call("mail.activity", "create", vals_list=vals)
+    [row] = rpc.call("mail.activity", "read", [act], fields=["user_id"])
+    assert row["user_id"] == (False if version >= 19 else [emu.uid, "Bot"])
+    described = rpc.call("mail.activity", "fields_get", allfields=["user_id", "res_model_id"], attributes=["required"])
+    assert described == {"user_id": {"required": version < 19}, "res_model_id": {"required": version < 19}}
+    only_res_model = {"res_model": "res.partner", "res_id": partner, "summary": "x"}
+    if version >= 19:
+        with pytest.raises(CallError, match="not null res_id") as refused:
+            rpc.call("mail.activity", "create", vals_list=only_res_model)
+        assert refused.value.name == "odoo.exceptions.ValidationError"
+    else:
+        assert rpc.call("mail.activity", "create", vals_list=only_res_model)
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("x & <b>y</b>", "<p>x &amp; <b>y</b></p>"),
+        ("<p>already &amp; html</p>", "<p>already &amp; html</p>"),
+        ("a < b &amp; c", "<p>a &lt; b &amp; c</p>"),
+        ("<p>ok</p><script>alert(1)</script>", "<p>ok</p>"),
+    ],
+)
+def test_html_fields_are_sanitised_like_odoo(client: JsonRpc | Json2, raw: str, stored: str) -> None:
+    partner = client.call("res.partner", "create", vals_list=[{"name": "Ann", "comment": raw}])[0]
+    assert client.call("res.partner", "read", [partner], fields=["comment"])[0]["comment"] == stored
+
+
+def test_webclient_version_info_answers_odoorpcs_first_question(emu: OdooEmulator) -> None:
+    http = httpx.Client(transport=emu.transport(), base_url=BASE_URL)
+    body = http.post("/web/webclient/version_info", json={"jsonrpc": "2.0", "method": "call", "params": {}}).json()
+    assert body == {"jsonrpc": "2.0", "id": None, "result": JsonRpc(emu).rpc("common", "version")["result"]}

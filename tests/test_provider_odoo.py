@@ -14,8 +14,9 @@ import pytest
 from crmsync.app import App
 from crmsync.emulators.odoo import OdooEmulator
 from crmsync.errors import AuthError, ConfigError, UsageError
+from crmsync.model import CallOutcome, deal_key
 from crmsync.providers.base import Outgoing, OutgoingActivity
-from crmsync.providers.odoo import OdooProvider
+from crmsync.providers.odoo import OdooProvider, server_version
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
 from crmsync.sync.push import push
@@ -537,3 +538,186 @@ def test_cli_pull_and_push_against_a_loopback_odoo(home: Path, tmp_path: Path) -
         again = run_cli(["--json", "pull", "-c", "prod"], env)
         assert again.code == 0, again.stderr
     assert len([m for m in emu.records("mail.message") if "[crmsync:" in (m["body"] or "")]) == 25
+
+
+# -- what a real Odoo 19 showed (recordings in tests/recordings/odoo19) --------------------------------
+RECORDINGS = Path(__file__).parent / "recordings" / "odoo19"
+
+
+def recorded(name: str) -> Any:
+    return json.loads((RECORDINGS / name).read_text())["response"]["body"]
+
+
+def test_the_version_is_read_from_either_shape_odoo_answers() -> None:
+    assert server_version(recorded("web_version.json")) == (19, "19.0")
+    assert server_version(recorded("jsonrpc_common_version.json")["result"]) == (19, "19.0")
+    assert server_version({"version_info": ["saas~18", 3, 0, "final", 0, ""], "version": "saas~18.3"}) == (
+        18,
+        "saas~18.3",
+    )
+    assert server_version({}) == (0, "")
+
+
+def test_json2_can_be_asked_for_on_19_and_an_unknown_version_is_asked_again() -> None:
+    emu = OdooEmulator(version=19)
+    app = odoo_app(emu, transport="json2")
+    conn = app.connection("odoo")
+    assert (conn.settings["transport"], conn.settings["version"]) == ("json2", 19)
+    # A connection made by a crmsync that misread /web/version has version 0: it is asked again.
+    conn.settings = {**conn.settings, "version": 0}
+    app.store.save_connection(conn)
+    fresh = App(transport=lambda _name: emu.transport())
+    p = provider(fresh)
+    assert p.version == 0 and p._calls_from_messages() is False and p.version == 19
+
+
+def test_pulled_calls_keep_notes_title_and_date_from_the_recorded_19_messages(
+    setup: tuple[OdooEmulator, App],
+) -> None:
+    _, app = setup
+    p = provider(app)
+    rows = [m for m in recorded("life_09_partner_messages.json") if m["mail_activity_type_id"]]
+    first, second = (p._record("calls", "mail.message", {**row, "write_date": row["date"]}) for row in rows)
+    assert first.properties["note"] == "Called about renewal & bold"
+    assert first.properties["summary"] == "Fixture call 1"
+    assert first.properties["date_deadline"] == "2026-12-07"
+    assert first.properties["crmsync_marker"] == "fixture-1" and first.associations == {"contacts": ["3355"]}
+    # The feedback block after the note is not part of the note.
+    assert second.properties["note"] == "Second call & bold" and second.properties["summary"] == "Fixture call 2"
+
+
+@pytest.mark.parametrize(("transport", "version"), SETUPS)
+def test_a_missing_database_exits_3_with_one_clear_line(
+    home: Path, tmp_path: Path, transport: str, version: int
+) -> None:
+    emu = OdooEmulator(version=version)
+    with emu.serve() as server:
+        odoo_app(emu, url=server.url, name="prod", transport=transport).close()
+        env = cli_env(home, "prod", emu.api_key)
+        emu.db = "acme_renamed"  # the database was renamed (or dropped) after connect
+        src = tmp_path / "o.jsonl"
+        src.write_text(outcome_lines(2))
+        for args in (["pull", "-c", "prod"], ["push", str(src), "-c", "prod"]):
+            result = run_cli(args, env)
+            assert result.code == 3, (args, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "database 'acme' does not exist" in lines[0], result.stderr
+            assert "<" not in lines[0] and "Traceback" not in result.stderr
+
+
+def test_status_live_reflects_the_credentials_as_they_are_now(home: Path) -> None:
+    emu = OdooEmulator(version=19)
+    with emu.serve() as server:
+        odoo_app(emu, url=server.url, name="prod").close()
+        env = cli_env(home, "prod", emu.api_key)
+        emu.clock_offset += 10
+        assert run_cli(["pull", "-c", "prod"], env).code == 0
+        emu.key_expired = True
+        broken = run_cli(["status", "--check", "--live"], env)
+        assert broken.code == 3 and "API key" in broken.stdout + broken.stderr
+        emu.key_expired = False  # a new key, or the old one re-enabled
+        fixed = run_cli(["status", "--check", "--live"], env)
+        assert fixed.code == 0, fixed.stdout + fixed.stderr
+        assert "credentials" not in fixed.stdout + fixed.stderr
+
+
+def _read_back(emu: OdooEmulator, model: str, fields: list[str]) -> list[dict[str, Any]]:
+    """search_read through the emulator's own JSON-RPC API (archived rows included)."""
+    http = httpx.Client(transport=emu.transport(), base_url="http://odoo.test")
+    args = [
+        emu.db,
+        emu.uid,
+        emu.api_key,
+        model,
+        "search_read",
+        [[]],
+        {"fields": fields, "context": {"active_test": False}},
+    ]
+    body = {
+        "jsonrpc": "2.0",
+        "method": "call",
+        "id": 1,
+        "params": {"service": "object", "method": "execute_kw", "args": args},
+    }
+    return list(http.post("/jsonrpc", json=body).json()["result"])
+
+
+def test_calls_tasks_deals_and_contacts_are_owned_by_the_rep(
+    setup: tuple[OdooEmulator, App], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    emu, app = setup
+    rep = emu.add_user("rita", "Rita Rep", email="Rita@Acme.example")
+    lines = []
+    for i, line in enumerate(outcome_lines(40, deal_every=4, task_every=2).splitlines()):
+        o = json.loads(line)
+        if i < 30:
+            o["owner_email"] = "rita@acme.example"  # matched on the user's email, whatever its case
+        elif i < 35:
+            o["owner_email"] = "ghost@acme.example"  # no such user: the connection's user, with a warning
+        lines.append(json.dumps(o))
+    src = tmp_path / "o.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="crmsync.odoo"):
+        summary = push(app, source=str(src), connection="odoo")
+    assert (summary.created, summary.failed) == (40, 0), summary.error
+
+    owner_of = {f"o-{i}": rep if i < 30 else emu.uid for i in range(40)}
+    activities = _read_back(emu, "mail.activity", ["note", "user_id", "activity_type_id"])
+    ours = [a for a in activities if "[crmsync:" in (a["note"] or "")]
+    assert len(ours) == (40 + 20 if emu.version >= 19 else 20)  # up to 18 done calls are deleted
+    for a in ours:
+        marker = a["note"].split("[crmsync:")[1].split("]")[0].removesuffix(":task")
+        assert a["user_id"] and a["user_id"][0] == owner_of[marker], a
+    assert all(a["user_id"] for a in activities)  # nobody's activity: none
+    partners = {p["email"]: p for p in _read_back(emu, "res.partner", ["email", "user_id"])}
+    for i in range(40):
+        contact = partners[f"person{i}@example.org"]
+        assert (contact["user_id"] or [None])[0] == (rep if i < 30 else emu.uid if i < 35 else None)
+    leads = _read_back(emu, "crm.lead", ["name", "user_id"])
+    assert len(leads) == 10 and all(d["user_id"][0] == owner_of[f"o-{d['name'].split()[1]}"] for d in leads)
+    assert emu.stats.by_route["odoo res.users.search_read"] <= 6  # batched and cached, not per record
+    warned = [r for r in caplog.records if "ghost@acme.example" in r.getMessage()]
+    assert len(warned) == 1 and "not an Odoo user" in warned[0].getMessage()
+    p = provider(app)
+    assert p.resolve_owners(["RITA", "rita@acme.example", "ghost@acme.example"]) == {
+        "rita": rep,
+        "rita@acme.example": rep,
+    }
+
+
+def test_matched_deals_are_read_in_batched_rpcs(setup: tuple[OdooEmulator, App], tmp_path: Path) -> None:
+    emu, app = setup
+    emu.add_field("crm.lead", "x_crmsync_deal_key", string="crmsync deal key")
+    text = outcome_lines(200, deal_every=1)
+    outcomes = [CallOutcome.model_validate_json(line) for line in text.splitlines()]
+    contacts = emu.bulk_create(
+        "res.partner", 200, vals_fn=lambda i: {"name": f"P N{i}", "email": f"person{i}@example.org"}
+    )
+    emu.bulk_create(
+        "crm.lead",
+        200,
+        vals_fn=lambda i: {"name": f"Deal {i}", "partner_id": contacts[i], "x_crmsync_deal_key": deal_key(outcomes[i])},
+    )
+    src = tmp_path / "o.jsonl"
+    src.write_text(text)
+    before = emu.stats.by_route["odoo res.partner.read"]
+    summary = push(app, source=str(src), connection="odoo")
+    assert (summary.created + summary.updated, summary.failed) == (200, 0), summary.error
+    assert len(emu.records("crm.lead")) == 200  # every deal was matched, none created again
+    reads = emu.stats.by_route["odoo res.partner.read"] - before
+    assert 1 <= reads <= 5, reads  # one per lookup batch, not one per matched deal
+
+
+def test_a_note_with_markup_goes_in_as_text_and_comes_back_the_same(setup: tuple[OdooEmulator, App]) -> None:
+    emu, app = setup
+    partner = emu.bulk_create("res.partner", 1, vals_fn=lambda i: {"name": "Ann"})[0]
+    note = "Renewal & pricing: <b>not</b> bold\n<script>alert(1)</script>"
+    item = OutgoingActivity("r", "n-1", {"summary": "Call with Ann", "note": note}, {"contacts": str(partner)})
+    [result] = provider(app).create_activities("calls", [item])
+    assert result.ok, result.error
+    [message] = [m for m in emu.records("mail.message") if "[crmsync:n-1]" in (m["body"] or "")]
+    assert "<script>" not in message["body"] and "&lt;b&gt;not&lt;/b&gt;" in message["body"]
+    settle(emu)
+    assert pull(app, objects=["calls"])[0].exit_code == 0
+    [call] = app.store.records("odoo", "calls")
+    assert call.properties["notes"] == note and call.properties["title"] == "Call with Ann"

@@ -55,6 +55,15 @@ _WERKZEUG_404 = (
     "<p>The requested URL was not found on the server. If you entered the URL manually please check "
     "your spelling and try again.</p>\n"
 )
+_NO_DATABASE_404 = (
+    "<!DOCTYPE html>\n"
+    "<title>404 Not Found</title>\n"
+    "<h1>Not Found</h1>\n"
+    "<p>No database is selected and the requested URL was not found in the server-wide controllers.</p>\n"
+    "<p>Please verify the hostname, <a href=/web/login>login</a> and try again.</p>\n"
+    "\n"
+    "<!-- Alternatively, use the X-Odoo-Database header. -->\n"
+)
 _NGINX_PAGE = (
     "<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
     "<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -121,6 +130,8 @@ class _Field:
     default: Any = None
     manual: bool = False
     name: str = ""
+    # Html fields are sanitised on write (fields.Html(sanitize=True), the default) unless told otherwise.
+    sanitize: bool = True
 
 
 #: ``order`` strings that are ORDER BY id alone (normalised: lower case, single spaces) -> descending.
@@ -172,12 +183,13 @@ def _sel(string: str, *options: tuple[str, str], **kw: Any) -> _Field:
 _MODEL_METHODS = frozenset(
     {"create", "search", "search_read", "search_count", "fields_get", "name_search", "default_get"}
 )
-_RECORD_METHODS = frozenset({"read", "write", "unlink", "exists", "action_archive", "action_unarchive"})
+_RECORD_METHODS = frozenset({"read", "write", "unlink", "exists", "action_archive", "action_unarchive", "web_save"})
 _API_MODEL = _MODEL_METHODS | {"context_get", "check_object_reference"}
 _MUTATING = frozenset(
     {
         "create",
         "write",
+        "web_save",
         "unlink",
         "action_archive",
         "action_unarchive",
@@ -210,6 +222,7 @@ _FIELD_TYPES = (
 def _schema(version: int, crm: bool) -> dict[str, _Model]:
     mobile = {"mobile": _f("char", "Mobile")} if version < 19 else {}
     v18 = version >= 18
+    v19 = version >= 19
     partner = {
         "name": _f("char", "Name"),
         "complete_name": _f("char", "Complete Name", readonly=True, computed=True),
@@ -230,6 +243,7 @@ def _schema(version: int, crm: bool) -> dict[str, _Model]:
         "phone": _f("char", "Phone"),
         **mobile,
         "function": _f("char", "Job Position"),
+        "company_name": _f("char", "Company Name"),
         "website": _f("char", "Website Link"),
         "vat": _f("char", "Tax ID"),
         "ref": _f("char", "Reference"),
@@ -272,6 +286,7 @@ def _schema(version: int, crm: bool) -> dict[str, _Model]:
             order="name, login",
             methods=frozenset({"context_get"}),
         ),
+        _Model("res.users.log", "Users Log", "base", {}, order="id desc"),
         _Model(
             "res.company",
             "Companies",
@@ -385,7 +400,8 @@ def _schema(version: int, crm: bool) -> dict[str, _Model]:
             "Activity",
             "mail",
             {
-                "res_model_id": _m2o("ir.model", "Document Model", required=True),
+                # 19 dropped required (and the default user): an activity may belong to nobody.
+                "res_model_id": _m2o("ir.model", "Document Model", required=not v19),
                 "res_model": _f("char", "Related Document Model", readonly=True, computed=True),
                 "res_id": _f("many2one_reference", "Related Document ID"),
                 "res_name": _f("char", "Document Name", readonly=True, computed=True, store=False),
@@ -410,7 +426,7 @@ def _schema(version: int, crm: bool) -> dict[str, _Model]:
                     if v18
                     else {}
                 ),
-                "user_id": _m2o("res.users", "Assigned to", required=True),
+                "user_id": _m2o("res.users", "Assigned to", required=not v19),
                 "state": _sel(
                     "State",
                     ("overdue", "Overdue"),
@@ -433,7 +449,7 @@ def _schema(version: int, crm: bool) -> dict[str, _Model]:
             "mail",
             {
                 "subject": _f("char", "Subject"),
-                "body": _f("html", "Contents", default=""),
+                "body": _f("html", "Contents", default="", sanitize=False),
                 "model": _f("char", "Related Document Model"),
                 "res_id": _f("many2one_reference", "Related Document ID"),
                 "record_name": _f("char", "Message Record Name", readonly=True),
@@ -444,7 +460,9 @@ def _schema(version: int, crm: bool) -> dict[str, _Model]:
                     ("email_outgoing", "Outgoing Email"),
                     ("notification", "System notification"),
                     ("auto_comment", "Automated Targeted Notification"),
+                    *((("out_of_office", "Out-of-office Message"),) if v19 else ()),
                     ("user_notification", "User Specific Notification"),
+                    *((("sms", "SMS"), ("snailmail", "Snailmail")) if v19 else ()),
                     required=True,
                     default="comment",
                 ),
@@ -588,6 +606,20 @@ def _like_regex(pattern: str, *, wrap: bool, insensitive: bool) -> re.Pattern[st
     return re.compile(f"^{body}$", re.DOTALL | (re.IGNORECASE if insensitive else 0))
 
 
+_BLOCK_START = re.compile(r"^\s*<(?:p|div|ul|ol|table|h[1-6]|blockquote|pre|section|hr)\b", re.IGNORECASE)
+_BARE_AMP = re.compile(r"&(?!#\d+;|#x[0-9a-fA-F]+;|[A-Za-z][A-Za-z0-9]*;)")
+_BARE_LT = re.compile(r"<(?![A-Za-z/!])")
+_DANGEROUS = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def sanitize_html(text: str) -> str:
+    """What ``odoo.tools.html_sanitize`` makes of a value: entities escaped, bare text put in a ``<p>``."""
+    if not text.strip():
+        return text
+    text = _DANGEROUS.sub("", _BARE_LT.sub("&lt;", _BARE_AMP.sub("&amp;", text)))
+    return text if _BLOCK_START.match(text) else f"<p>{text}</p>"
+
+
 def _escape_html(text: str) -> str:
     return (
         text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&#34;").replace("'", "&#39;")
@@ -689,6 +721,10 @@ class OdooEmulator(Emulator):
         self.seed(partners=partners, companies=companies, leads=leads)
 
         self.route("POST", r"/jsonrpc", self._h_jsonrpc, name="/jsonrpc")
+        # The web client's JSON-RPC route, which odoorpc asks first for the server version.
+        self.route(
+            "POST", r"/web/webclient/version_info", self._h_webclient_version, name="/web/webclient/version_info"
+        )
         if version >= 19:
             self.route("POST", r"/json/2/(?P<model>[^/]+)/(?P<method>[^/]+)", self._h_json2, name="/json/2")
             for verb in ("GET", "POST", "PUT", "DELETE", "PATCH"):
@@ -832,6 +868,15 @@ class OdooEmulator(Emulator):
             default = _DEFAULT_BULK.get(model, lambda i: {"name": f"{m.description} {i}"})
             fn = vals_fn or default
             return [self._create_one(m, fn(i), call) for i in range(n)]
+
+    def add_user(self, login: str, name: str, *, email: str | None = None) -> int:
+        """Add an internal user (a sales rep) with its partner, as Settings > Users would."""
+        with self.lock:
+            self._autocommit()
+            call = self._call()
+            partner = self._create_one(self._model("res.partner"), {"name": name, "email": email or login}, call)
+            vals = {"login": login, "name": name, "email": email or login, "partner_id": partner, "company_id": 1}
+            return self._create_one(self._model("res.users"), vals, call)
 
     def edit(self, model: str, id: int, vals: dict[str, Any], at: datetime | None = None) -> None:
         """Change a record as another Odoo user would (write_date = ``at`` or now)."""
@@ -1034,7 +1079,14 @@ class OdooEmulator(Emulator):
         return self._json(response)
 
     def _h_version(self, request: httpx.Request) -> httpx.Response:
-        return self._json(self._version_info())
+        # /web/version is not common.version: it has neither server_version nor protocol_version.
+        info = self._version_info()
+        return self._json({"version_info": info["server_version_info"], "version": info["server_version"]})
+
+    def _h_webclient_version(self, request: httpx.Request) -> httpx.Response:
+        body = request_json(request)
+        rid = body.get("id") if isinstance(body, dict) else None
+        return self._json({"jsonrpc": "2.0", "id": rid, "result": self._version_info()})
 
     def _h_json2_404(self, request: httpx.Request) -> httpx.Response:
         return self._json2_error(http_error(404, "Did you mean POST /json/2/<model>/<method>?"))
@@ -1043,8 +1095,8 @@ class OdooEmulator(Emulator):
         header_db = request.headers.get("X-Odoo-Database")
         if header_db is not None and header_db != self.db:
             # dbfilter rejects an unknown database: the request is served without one, where no
-            # /json/2 route exists, so Werkzeug's HTML 404 comes back.
-            return self.error_response(404, "not found")
+            # /json/2 route exists, so Odoo's HTML 404 for "no database" comes back.
+            return httpx.Response(404, content=_NO_DATABASE_404.encode(), headers={"Content-Type": _HTML_CT})
         auth = request.headers.get("Authorization", "")
         match = re.match(r"^bearer\s+(.+)$", auth, re.IGNORECASE)
         if not match:
@@ -1097,8 +1149,7 @@ class OdooEmulator(Emulator):
         if db != self.db:
             raise RpcError(
                 "psycopg2.OperationalError",
-                'connection to server on socket "/var/run/postgresql/.s.PGSQL.5432" failed: '
-                f'FATAL:  database "{db}" does not exist\n',
+                f'connection to server at "127.0.0.1", port 5432 failed: FATAL:  database "{db}" does not exist\n',
             )
 
     def _dispatch_rpc(self, service: Any, method: Any, args: Any) -> Any:
@@ -1307,6 +1358,19 @@ class OdooEmulator(Emulator):
         self._maybe_partial(recs.model, len(recs.ids))
         self._write(m, recs.ids, vals, self._cur())
         return True
+
+    def _m_web_save(self, recs: _Recs, vals: Any, specification: Any, next_id: Any = None) -> list[dict[str, Any]]:
+        """The form view's save: write (or create) and read back in one transaction."""
+        if not isinstance(vals, dict) or not isinstance(specification, dict):
+            raise py_error("AttributeError", "'list' object has no attribute 'items'")
+        m = self._model(recs.model)
+        ids = recs.ids
+        if ids:
+            self._write(m, ids, vals, self._cur())
+        else:
+            ids = [self._create_one(m, vals, self._cur())]
+        names = self._field_names(m, [n for n in specification if n != "id"])
+        return [self._read_one(m, rec, names, None) for i in ids if (rec := self._row(m, i)) is not None]
 
     def _m_unlink(self, recs: _Recs) -> bool:
         self._unlink(self._model(recs.model), recs.ids, self._cur())
@@ -1550,6 +1614,8 @@ class OdooEmulator(Emulator):
         return messages[0] if messages else False
 
     def _activity_done_body(self, act: dict[str, Any], atype: dict[str, Any] | None, feedback: Any) -> str:
+        if self.version >= 19:
+            return self._activity_done_body_19(act, atype, feedback)
         # The rendering of the mail.message_activity_done QWeb template
         type_name = _escape_html(atype["name"]) if atype else ""
         parts = [
@@ -1567,6 +1633,31 @@ class OdooEmulator(Emulator):
                 '<div class="o_mail_note_title"><strong>Feedback:</strong></div>'
                 f"<div>{_escape_html(str(feedback))}</div>"
             )
+        parts.append("</div>")
+        return "".join(parts)
+
+    def _activity_done_body_19(self, act: dict[str, Any], atype: dict[str, Any] | None, feedback: Any) -> str:
+        """mail.message_activity_done as Odoo 19 renders it, whitespace included (recorded on a real server)."""
+        icon = (atype or {}).get("icon") or "fa-tasks"
+        parts = [
+            f'<div>\n    <p>\n        <span class="fa {_escape_html(icon)} fa-fw"></span>'
+            f"<span>{_escape_html(atype['name']) if atype else ''}</span> done\n"
+        ]
+        if act.get("user_id") != self._cur().uid:
+            # The template names the assignee whenever it is not the current user, even when nobody is.
+            user = self._model("res.users").records.get(act.get("user_id") or 0)
+            parts.append(f"         (originally assigned to {_escape_html(user['name']) if user else ''})\n")
+        if act.get("summary"):
+            parts.append(f"        <span>: </span><span>{_escape_html(act['summary'])}</span>\n")
+        parts.append("    </p>\n    \n")
+        if act.get("note"):
+            parts.append(
+                '        <div class="o_mail_note_title fw-bold">Original note:</div>\n'
+                f"        <div>{act['note']}</div>\n"
+            )
+        if feedback:
+            lines = "<br>".join(_escape_html(line) for line in str(feedback).split("\n"))
+            parts.append(f'    <div>\n        <div class="fw-bold">Feedback:</div>\n            {lines}\n    </div>\n')
         parts.append("</div>")
         return "".join(parts)
 
@@ -1648,6 +1739,8 @@ class OdooEmulator(Emulator):
     # -- values in ---------------------------------------------------------------------------------
     def _convert(self, m: _Model, fld: _Field, value: Any) -> Any:
         t = fld.type
+        if t == "html" and fld.sanitize:
+            return None if value is None or value is False else sanitize_html(str(value))
         if t in ("char", "text", "html"):
             return None if value is None or value is False else str(value)
         if t == "selection":
@@ -1732,8 +1825,8 @@ class OdooEmulator(Emulator):
                 out["is_company"] = value == "company"
                 continue
             if name == "res_model" and m.name == "mail.activity":
-                # res_model is related to res_model_id.model: writing it picks the ir.model row
-                if value and "res_model_id" not in vals:
+                # Up to 18 writing the related res_model picks the ir.model row; 19 ignores it.
+                if value and "res_model_id" not in vals and self.version < 19:
                     out["res_model_id"] = self._ir_model_id(str(value))
                 continue
             if fld.computed or fld.type == "one2many":
@@ -1799,13 +1892,27 @@ class OdooEmulator(Emulator):
         elif m.name == "res.partner":
             vals.setdefault("company_id", None)
         elif m.name == "mail.activity":
-            vals.setdefault("user_id", call.uid)
+            if self.version < 19:
+                vals.setdefault("user_id", call.uid)
+            elif vals.get("res_model_id") is None:
+                raise odoo_error(
+                    "ValidationError",
+                    "The operation cannot be completed: Activities have to be linked to records with a not null "
+                    "res_id.",
+                )
             if vals.get("date_deadline") is None:
                 vals["date_deadline"] = self._today()
         elif m.name == "mail.message" and vals.get("date") is None:
             vals["date"] = call.stamp
 
     def _not_null(self, m: _Model, fld: _Field) -> RpcError:
+        if self.version >= 19:
+            return odoo_error(
+                "ValidationError",
+                f"The operation cannot be completed: Missing required value for the field '{fld.string}' "
+                f"({fld.name}).\nModel: '{m.description}' ({m.name})\n- create/update: a mandatory field is not set\n"
+                "- delete: another model requires the record being deleted, you can archive it instead\n",
+            )
         return odoo_error(
             "ValidationError",
             "The operation cannot be completed:\n- Create/update: a mandatory field is not set.\n"
@@ -1951,6 +2058,13 @@ class OdooEmulator(Emulator):
 
     # -- unlink --------------------------------------------------------------------------------------
     def _unlink(self, m: _Model, ids: list[int], call: _Call) -> None:
+        if m.name == "res.users.log":
+            raise odoo_error(
+                "AccessError",
+                f"You are not allowed to delete '{m.description}' ({m.name}) records.\n\n"
+                "No group currently allows this operation.\n\n"
+                "Contact your administrator to request access if necessary.",
+            )
         missing = [i for i in ids if self._row(m, i) is None]
         if missing:
             raise self._missing(m, missing)
@@ -2368,6 +2482,11 @@ class OdooEmulator(Emulator):
             return self._date_leaf(getter, op, value)
         one_second = timedelta(seconds=1)
         values = value if op in ("in", "not in") and isinstance(value, (list, tuple)) else [value]
+        if self.version >= 19:
+            for v in values:
+                # 19's domain optimizer refuses an aware value instead of converting it.
+                if isinstance(v, str) and re.search(r"(?:Z|[+-]\d\d:?\d\d)$", v.strip()) and len(v.strip()) > 10:
+                    raise py_error("ValueError", f"expecting only datetimes with no timezone: {v!r}")
         parsed = [_parse_domain_dt(v) for v in values]
         if op in ("<", "<=", ">", ">="):
             point, is_date = parsed[0]

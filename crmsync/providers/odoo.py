@@ -14,12 +14,18 @@ Facts this file relies on are in shared/reference/odoo.md; the ones that shaped 
   done with one ``action_done``; on 19 the done activity is archived (pull reads it), up to 18 it
   is deleted and only its chatter message remains (pull reads that). The idempotency marker lives
   in ``x_crmsync_outcome_id`` when the database has it, else as ``[crmsync:<marker>]`` in the note,
-  which the "activity done" message copies.
+  which the "activity done" message copies;
+* what a real 19 server answers is recorded in tests/recordings/odoo19: ``GET /web/version`` is
+  ``{version_info, version}``, not common.version's ``{server_version_info, ...}``; a note is
+  sanitised into HTML (so crmsync sends text as HTML and reads it back as text); an activity
+  created without ``user_id`` belongs to nobody (so every one gets an owner: the rep's user from
+  ``owner_email``, else the connection's); a JSON-2 call for a missing database is an HTML 404.
 """
 
 from __future__ import annotations
 
 import email.utils
+import html
 import itertools
 import json
 import logging
@@ -105,6 +111,14 @@ class OdooFault(FatalProviderError):
     @property
     def retriable(self) -> bool:
         return self.kind in RETRIABLE_ERRORS
+
+
+class MissingDatabase(AuthError, ConfigError):
+    """The connection's database is not on the server (renamed or dropped): nothing works until reconnected.
+
+    An ``AuthError`` so that a run stops as a whole (exit 3) rather than per object, and a
+    ``ConfigError`` because it is one.
+    """
 
 
 class _ItemError(Exception):
@@ -198,17 +212,61 @@ def _digits(phone: Any) -> str:
     return re.sub(r"[^\d+]", "", str(phone or ""))
 
 
+#: "Original note:" as its title in mail.message_activity_done: ``<strong>`` up to 18, ``fw-bold`` on 19.
+_NOTE_TITLE_RE = re.compile(r"Original note:\s*(?:</strong>\s*)?</div>\s*<div[^>]*>(.*)", re.DOTALL)
+#: Where the feedback block starts (it follows the note): its own ``<div>`` wrapper on 19.
+_FEEDBACK_RE = re.compile(r'(?:<div>\s*)?<div class="[^"]*">\s*(?:<strong>\s*)?Feedback:', re.DOTALL)
+#: The summary after "<type> done" (and "(originally assigned to ...)"): ``: <span>`` or ``<span>: </span><span>``.
+_SUMMARY_RE = re.compile(
+    r"</span>\s*done\b(?:\s*\([^)]*\))?\s*(?:<span>\s*:\s*</span>|:)\s*<span[^>]*>(.*?)</span>", re.DOTALL
+)
+
+
 def _done_note(body: str) -> str:
-    """The original note inside an "activity done" message (mail.message_activity_done)."""
-    found = re.search(r"Original note:\s*</strong>\s*</div>\s*<div[^>]*>(.*)", body, re.DOTALL)
+    """The original note inside an "activity done" message (mail.message_activity_done, 16 to 19)."""
+    found = _NOTE_TITLE_RE.search(body)
     if not found:
         return ""
     rest = found.group(1)
-    feedback = rest.find('<div class="o_mail_note_title">')
-    if feedback >= 0:
-        rest = rest[:feedback]
-    # Drop the closing tags of the note's own <div> and of the message wrapper.
-    return re.sub(r"(?:\s*</div>){1,2}\s*$", "", rest)
+    feedback = _FEEDBACK_RE.search(rest)
+    if feedback:
+        # The note's own <div> closes before the feedback block; the message wrapper after it.
+        return re.sub(r"\s*</div>\s*$", "", rest[: feedback.start()])
+    return re.sub(r"\s*</div>\s*</div>\s*$", "", rest)
+
+
+def _done_summary(body: str) -> str | None:
+    found = _SUMMARY_RE.search(body)
+    return html.unescape(found.group(1)).strip() if found else None
+
+
+def _note_html(text: str) -> str:
+    """A plain-text note as the HTML Odoo keeps (it would sanitise raw text into ``<p>`` itself)."""
+    if not text:
+        return ""
+    lines = [html.escape(line, quote=False) for line in text.split("\n")]
+    return f"<p>{'<br>'.join(lines)}</p>"
+
+
+def _html_text(value: str) -> str:
+    """An Odoo html value back as plain text: paragraphs and ``<br>`` become line breaks."""
+    text = re.sub(r"<br\s*/?>", "\n", value, flags=re.IGNORECASE)
+    text = re.sub(r"</(?:p|div|li|h[1-6])>\s*<(?:p|div|ul|ol|li|h[1-6])[^>]*>", "\n", text, flags=re.IGNORECASE)
+    text = re.sub(r"<[^>]+>", "", text)
+    return html.unescape(text).strip()
+
+
+def server_version(info: Mapping[str, Any]) -> tuple[int, str]:
+    """(major, label) from either shape Odoo answers with.
+
+    ``GET /web/version`` gives ``{version_info, version}``; ``common.version`` gives
+    ``{server_version_info, server_version, ...}``. A SaaS major reads ``"saas~18"``.
+    """
+    parts = info.get("version_info") or info.get("server_version_info") or []
+    label = str(info.get("version") or info.get("server_version") or "")
+    head = str(parts[0]) if isinstance(parts, list) and parts else label
+    found = re.search(r"\d+", head)
+    return (int(found.group()) if found else 0), label
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
@@ -248,6 +306,8 @@ class OdooProvider(Provider):
         self._model_ids: dict[str, int] = {}
         self._stages: dict[str, int] | None = None
         self._users: dict[str, int | None] = {}
+        #: Owner emails with no Odoo user this run -> how many records fell back to the connection's user.
+        self.owner_fallbacks: dict[str, int] = {}
         self._warned: set[str] = set()
         self._server_time: datetime | None = None
 
@@ -285,14 +345,17 @@ class OdooProvider(Provider):
             hint = EXPIRY_HINT if self.version >= 18 else "check the login and API key, then connect again"
             return AuthError(f"Odoo refused the API key of {self.login!r} on database {self.db!r}", hint=hint)
         if kind.startswith("psycopg2.OperationalError") and "does not exist" in message:
-            return ConfigError(
-                f"database {self.db!r} does not exist on this Odoo server",
-                hint="check --db-name (Odoo's database list)",
-            )
+            return self._missing_database()
         fault = OdooFault(kind, message, status=status)
         if fault.retriable:
             return RetriableError(str(fault), status=status, code=kind)
         return fault
+
+    def _missing_database(self) -> MissingDatabase:
+        return MissingDatabase(
+            f"database {self.db!r} does not exist on the Odoo server at {self.ctx.base_url}",
+            hint="check the database name and --base-url, then run `crmsync connect odoo` again with --db-name",
+        )
 
     def _call(self, model: str, method: str, ids: Sequence[int] | None = None, **kwargs: Any) -> Any:
         """Call a model method with named arguments (``ids`` for record methods) on either transport."""
@@ -314,6 +377,9 @@ class OdooProvider(Provider):
             self._note_date(response)
             if response.status_code == 401:
                 raise self._fault("odoo.exceptions.AccessDenied", "Invalid apikey", 401)
+            if response.status_code == 404 and _json_error(response) is None:
+                # Odoo's own 404s (unknown model or method) are JSON; an HTML page means no database.
+                raise self._missing_database()
             if response.status_code != 200:
                 body = _json_error(response) or {}
                 kind = str(body.get("name") or f"HTTP {response.status_code}")
@@ -328,18 +394,23 @@ class OdooProvider(Provider):
         args = [self.db, self.uid, self._key, model, method, positional, kwargs]
         return self._jsonrpc("object", "execute_kw", args, endpoint=f"/jsonrpc {endpoint}")
 
-    def _version_info(self) -> dict[str, Any]:
+    def _version_info(self) -> tuple[int, str]:
+        """(major, label) of the server, on the connection's own transport."""
         if self.transport == "json2":
-            response = self.http.get("/web/version", endpoint="/web/version")
-            self._note_date(response)
-            return dict(response.json())
-        return dict(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version"))
+            return self._detect_version()
+        return server_version(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version") or {})
 
     def _server_now(self) -> datetime:
         """The server's clock (HTTP Date), not ours: the window bounds are compared to its write_date."""
         self._server_time = None
         self._version_info()
         return self._server_time or datetime.now(UTC)
+
+    def _major(self) -> int:
+        """The server's major version; asked once when the connection did not record it."""
+        if not self.version:
+            self.version = self._version_info()[0]
+        return self.version
 
     # ================================================================================ connection
     @classmethod
@@ -375,20 +446,19 @@ class OdooProvider(Provider):
         register_secret(secret)
         probe = cls._bare(ctx, base_url, secret, login, settings={"transport": "jsonrpc"})
         try:
-            info = probe._detect_version()
-            major = int((info.get("server_version_info") or [0])[0] or 0)
+            major, label = probe._detect_version()
             db = str(opts.get("db") or "") or probe._single_database()
         finally:
             probe.close()
         transport = wanted or ("json2" if major >= 19 else "jsonrpc")
         if transport == "json2" and major < 19:
-            raise UsageError(f"JSON-2 needs Odoo 19 or later; this server runs {info.get('server_version')}")
+            raise UsageError(f"JSON-2 needs Odoo 19 or later; this server runs {label or 'an unknown version'}")
         settings: dict[str, Any] = {
             "db": db,
             "user": login,
             "transport": transport,
             "version": major,
-            "server_version": info.get("server_version"),
+            "server_version": label,
         }
         ctx.secrets.set(ctx.name, {"kind": kind, kind: secret, "login": login})
         provider = cls._bare(ctx, base_url, secret, login, settings=settings)
@@ -424,15 +494,18 @@ class OdooProvider(Provider):
         )
         return provider
 
-    def _detect_version(self) -> dict[str, Any]:
+    def _detect_version(self) -> tuple[int, str]:
+        """``GET /web/version`` (no database, no key needed), else ``common.version`` over JSON-RPC."""
         response = self.http.get("/web/version", endpoint="/web/version", expect=(301, 302, 303, 404, 405))
         self._note_date(response)
         if response.status_code == 200:
             try:
-                return dict(response.json())
+                body = response.json()
             except ValueError:
-                pass
-        return dict(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version"))
+                body = None
+            if isinstance(body, dict) and server_version(body)[0]:
+                return server_version(body)
+        return server_version(self._jsonrpc("common", "version", [], endpoint="/jsonrpc common.version") or {})
 
     def _single_database(self) -> str:
         try:
@@ -458,9 +531,11 @@ class OdooProvider(Provider):
                     hint=EXPIRY_HINT if self.version >= 18 else None,
                 )
             if response.status_code == 404:
+                if _json_error(response) is None:  # Odoo's HTML page for a database it does not have
+                    raise self._missing_database()
                 raise ConfigError(
-                    f"database {self.db!r} is not served at this address (or JSON-2 is not available)",
-                    hint="check --db-name and --base-url",
+                    f"JSON-2 is not served at {self.ctx.base_url} for database {self.db!r}",
+                    hint="check --base-url, or connect with --transport jsonrpc",
                 )
             return int(response.json().get("uid") or 0)
         uid = self._jsonrpc(
@@ -473,16 +548,14 @@ class OdooProvider(Provider):
 
     def check(self) -> Health:
         self.uid = self._authenticate()
-        info = self._version_info()
+        major, label = self._version_info()
+        self.version = major or self.version
         users = self._call("res.users", "read", [self.uid], fields=["name", "company_id"])
         if not users:
             raise AuthError(f"the Odoo user {self.login!r} (uid {self.uid}) cannot read itself")
         company = users[0]["company_id"][1] if users[0].get("company_id") else None
         crm = self._has_model("crm.lead")
-        detail = (
-            f"Odoo {info.get('server_version')} database {self.db}, user {self.login} (uid {self.uid}), "
-            f"{self.transport}"
-        )
+        detail = f"Odoo {label} database {self.db}, user {self.login} (uid {self.uid}), {self.transport}"
         if not crm:
             detail += "; CRM app missing"
         return Health(
@@ -490,7 +563,7 @@ class OdooProvider(Provider):
             account=self.db,
             detail=detail,
             extra={
-                "version": info.get("server_version"),
+                "version": label,
                 "uid": self.uid,
                 "transport": self.transport,
                 "company": company,
@@ -646,27 +719,68 @@ class OdooProvider(Provider):
                 return sid
         raise _ItemError(f"no CRM stage named {name!r}; stages: {', '.join(stages)}")
 
-    def _user_id(self, email_or_login: str) -> int | None:
-        key = email_or_login.strip().lower()
+    # -- owners ---------------------------------------------------------------------------------
+    def resolve_owners(self, emails: Sequence[str]) -> dict[str, int]:
+        """Owner emails -> res.users ids, matched on login first, then on email; unknown ones are left out.
+
+        Batched (one ``search_read`` per 100 emails not seen before) and cached for this provider's
+        life, which is one run.
+        """
+        wanted = list(dict.fromkeys(str(e).strip().lower() for e in emails if e and str(e).strip()))
         with self._lock:
-            if key in self._users:
-                return self._users[key]
-        rows = self._call(
-            "res.users",
-            "search_read",
-            domain=["|", ("login", "=ilike", key), ("email", "=ilike", key)],
-            fields=["login"],
-            limit=1,
-        )
-        uid = int(rows[0]["id"]) if rows else None
+            new = [e for e in wanted if e not in self._users]
+        for chunk in _chunks(new, 100):
+            leaves = [leaf for e in chunk for leaf in (("login", "=ilike", e), ("email", "=ilike", e))]
+            rows = self._call("res.users", "search_read", domain=_or(leaves), fields=["login", "email"], order="id asc")
+            found: dict[str, int] = {}
+            for field in ("login", "email"):  # a login names one user; an email may be shared
+                for row in rows:
+                    key = str(row.get(field) or "").strip().lower()
+                    if key in chunk:
+                        found.setdefault(key, int(row["id"]))
+            with self._lock:
+                self._users.update({e: found.get(e) for e in chunk})
         with self._lock:
-            self._users[key] = uid
-        return uid
+            return {e: uid for e in wanted if (uid := self._users.get(e))}
+
+    def _own_uid(self) -> int:
+        if not self.uid:
+            self.uid = self._authenticate()
+        return self.uid
+
+    def _owner_id(self, value: Any) -> int:
+        """The user a record is assigned to: the owner email's user, else the connection's own user.
+
+        Odoo 19 leaves an activity without ``user_id`` unassigned (in nobody's queue), so there is
+        always an owner; an unknown email is warned about once and counted in ``owner_fallbacks``.
+        """
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        email = str(value or "").strip().lower()
+        if email:
+            uid = self.resolve_owners([email]).get(email)
+            if uid:
+                return uid
+            with self._lock:
+                self.owner_fallbacks[email] = self.owner_fallbacks.get(email, 0) + 1
+                first = self.owner_fallbacks[email] == 1
+            if first:
+                log.warning(
+                    "owner %s is not an Odoo user (login or email) on %s: assigned to %s instead",
+                    email,
+                    self.db,
+                    self.login,
+                )
+        return self._own_uid()
+
+    def _resolve_batch(self, items: Sequence[Outgoing] | Sequence[OutgoingActivity]) -> None:
+        """Resolve a batch's owner emails in one look-up before its items are built one by one."""
+        self.resolve_owners([v for i in items if isinstance(v := i.properties.get("user_id"), str)])
 
     # ================================================================================ pull
     def _calls_from_messages(self) -> bool:
         # Up to 18 a done activity is deleted: only its chatter message is left to read.
-        return self.version < 19 and not self.ctx.settings.get("calls_from_activities")
+        return self._major() < 19 and not self.ctx.settings.get("calls_from_activities")
 
     def _source(self, obj: str) -> tuple[str, list[Any]]:
         """(model, domain) that selects ``obj``'s records."""
@@ -773,15 +887,14 @@ class OdooProvider(Provider):
             props["crmsync_marker"] = marker
             if isinstance(text, str):
                 note = _done_note(text) if model == "mail.message" else text
-                props["note"] = MARKER_HTML_RE.sub("", note).strip() or False
+                props["note"] = _html_text(MARKER_HTML_RE.sub("", note)) or False
             type_id = _m2o_id(row.get("mail_activity_type_id" if model == "mail.message" else "activity_type_id"))
             if type_id:
                 self._activity_types()
                 props["activity_type_xmlid"] = self._type_xmlids.get(type_id, False)
             if model == "mail.message":
                 props["date_deadline"] = str(row["date"])[:10] if row.get("date") else False
-                summary = re.search(r"done(?:\s*\([^)]*\))?\s*:\s*<span[^>]*>(.*?)</span>", str(text), re.DOTALL)
-                props["summary"] = summary.group(1) if summary else False
+                props["summary"] = _done_summary(str(text)) or False
             res_model = row.get("model") if model == "mail.message" else row.get("res_model")
             res_id = row.get("res_id")
             if res_id:
@@ -970,8 +1083,9 @@ class OdooProvider(Provider):
         out: dict[str, RemoteRecord] = {}
         for kind, values in by_kind.items():
             rows = self._matches(obj, kind, list(dict.fromkeys(values)), read)
-            records = {value: self._records(obj, model, [row])[0] for value, row in rows.items()}
-            for value, rec in records.items():
+            # One _records call for all matches: a deal's partner is read in one batch, not per deal.
+            records = self._records(obj, model, list(rows.values()))
+            for value, rec in zip(rows, records, strict=True):
                 out[match_key({kind: value})] = rec
         return out
 
@@ -984,7 +1098,7 @@ class OdooProvider(Provider):
             if stage not in (None, "", False):
                 props["stage_id"] = self._stage_id(stage)
         if isinstance(props.get("user_id"), str):
-            props["user_id"] = self._user_id(props["user_id"]) or False
+            props["user_id"] = self._owner_id(props["user_id"])
         assoc = item.associations
         if obj == "contacts" and assoc.get("companies"):
             props["parent_id"] = int(assoc["companies"])
@@ -1005,6 +1119,7 @@ class OdooProvider(Provider):
         if obj in ("calls", "tasks"):
             return self._update_activities(items)
         model = MODELS[obj]
+        self._resolve_batch(items)
         results: dict[str, ItemResult] = {}
         creates: list[tuple[Any, dict[str, Any]]] = []
         updates: list[tuple[Any, dict[str, Any]]] = []
@@ -1081,7 +1196,7 @@ class OdooProvider(Provider):
             res_model, res_id = "crm.lead", assoc["deals"]
         else:
             raise _ItemError("an activity needs a contact, company or deal to attach to")
-        note = str(props.pop("note", "") or "")
+        note = _note_html(str(props.pop("note", "") or ""))
         if not marker_field:
             # No field to carry the marker: the note carries it (and the "done" message copies the note).
             note = f"{note}<p>[crmsync:{item.marker}]</p>"
@@ -1094,8 +1209,8 @@ class OdooProvider(Provider):
         }
         if marker_field:
             vals[MARKER_FIELD] = item.marker
-        if isinstance(vals.get("user_id"), str):
-            vals["user_id"] = self._user_id(vals["user_id"]) or False
+        # Never unassigned: Odoo 19 gives an activity no user by default.
+        vals["user_id"] = self._owner_id(vals.get("user_id"))
         vals.setdefault("date_deadline", datetime.now(UTC).date().isoformat())
         kept = set(self._available("mail.activity", list(vals)))
         return {k: v for k, v in vals.items() if k in kept}
@@ -1104,6 +1219,7 @@ class OdooProvider(Provider):
         if not self._has_model("mail.activity"):
             return self._post_messages(obj, items)
         marker_field = MARKER_FIELD in self._model_fields("mail.activity")
+        self._resolve_batch(items)
         results: dict[str, ItemResult] = {}
         pairs: list[tuple[Any, dict[str, Any]]] = []
         for item in items:
@@ -1168,9 +1284,12 @@ class OdooProvider(Provider):
         return results
 
     def _update_activities(self, items: Sequence[Outgoing]) -> list[ItemResult]:
+        self._resolve_batch(items)
         pairs = []
         for item in items:
             props = {k: v for k, v in item.properties.items() if k not in PSEUDO}
+            if "user_id" in props:
+                props["user_id"] = self._owner_id(props["user_id"])
             pairs.append(
                 (item, {k: v for k, v in props.items() if k in set(self._available("mail.activity", list(props)))})
             )

@@ -181,10 +181,12 @@ class Problem:
 def check(app: App, doc: dict[str, Any], *, max_age: timedelta, live: bool = False) -> list[Problem]:
     """Health problems, one per line for a monitoring probe."""
     problems: list[Problem] = []
+    # A live check answers for the credentials as they are now, so it overrides a stored auth state.
+    live_problems, live_ok = _live_check(app, doc) if live else ([], set())
     webhook_age = app.config.webhook.max_pending_minutes * 60
     for c in doc["connections"]:
         name = c["name"]
-        if c["auth"]["state"] != "ok":
+        if c["auth"]["state"] != "ok" and name not in live_ok:
             problems.append(
                 Problem(name, "auth", f"{name}: credentials {c['auth']['state']}; run `crmsync connect` again")
             )
@@ -225,23 +227,30 @@ def check(app: App, doc: dict[str, Any], *, max_age: timedelta, live: bool = Fal
                     f"{name}: {c['webhook']['pending']} webhook event(s) pending, oldest {int(pend_age)}s",
                 )
             )
-    if live:
-        from crmsync.errors import AuthError, CrmsyncError
+    return problems + live_problems
 
-        for conn in app.connections([c["name"] for c in doc["connections"]]):
-            try:
-                health = app.provider(conn).check()
-                app.store.touch_connection(conn.name, ok=health.ok, auth_state="ok" if health.ok else None)
-                if health.missing_scopes:
-                    problems.append(
-                        Problem(conn.name, "auth", f"{conn.name}: missing scopes {', '.join(health.missing_scopes)}")
-                    )
-            except AuthError as exc:
-                app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
-                problems.append(Problem(conn.name, "auth", f"{conn.name}: {exc}"))
-            except CrmsyncError as exc:
-                problems.append(Problem(conn.name, "unreachable", f"{conn.name}: {exc}"))
-    return problems
+
+def _live_check(app: App, doc: dict[str, Any]) -> tuple[list[Problem], set[str]]:
+    """Each CRM's own check: the problems found and the connections whose credentials work now."""
+    from crmsync.errors import AuthError, CrmsyncError
+
+    problems: list[Problem] = []
+    ok: set[str] = set()
+    for conn in app.connections([c["name"] for c in doc["connections"]]):
+        try:
+            health = app.provider(conn).check()
+            app.store.touch_connection(conn.name, ok=health.ok, auth_state="ok" if health.ok else None)
+            ok.add(conn.name)
+            if health.missing_scopes:
+                problems.append(
+                    Problem(conn.name, "auth", f"{conn.name}: missing scopes {', '.join(health.missing_scopes)}")
+                )
+        except AuthError as exc:
+            app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
+            problems.append(Problem(conn.name, "auth", f"{conn.name}: {exc}"))
+        except CrmsyncError as exc:
+            problems.append(Problem(conn.name, "unreachable", f"{conn.name}: {exc}"))
+    return problems, ok
 
 
 def store_metrics(app: App) -> str:
