@@ -767,7 +767,7 @@ class WebhookReceiver:
         """The bound address (``http://127.0.0.1:PORT``)."""
         assert self._httpd is not None, "start() first"
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def hook_url(self, provider: str, connection: str) -> str:
         """The URL to give the CRM (built on the public URL when one is set)."""
@@ -1136,13 +1136,13 @@ class _Overflow:
         if b"\r\n\r\n" in head or len(head) >= 8192:
             self._finish(sock, head)
 
-    def _finish(self, sock: socket.socket, head: bytes) -> None:
+    def _finish(self, sock: socket.socket, head: bytes | bytearray) -> None:
         self._answer(sock, head)
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
         self._held[sock] = (time.monotonic() + self.LINGER, bytearray(), True)
 
-    def _answer(self, sock: socket.socket, head: bytes) -> None:
+    def _answer(self, sock: socket.socket, head: bytes | bytearray) -> None:
         if head.startswith(self.health):
             status, extra, body = "200 OK", "", _HEALTHY
         else:
@@ -1348,8 +1348,8 @@ def serve(
             time.sleep(0.1)
     finally:
         receiver.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def zoho_subscribe(
