@@ -237,9 +237,14 @@ def read_csv(stream: IO[bytes], name: str, delimiter: str | None = None) -> Iter
             if not taken:
                 return
             start, text = taken[0][0], taken[0][1].rstrip("\r\n")
-            if len(taken) > 1 or "end of data" in str(exc):
+            too_long = "field larger" in str(exc)
+            if "end of data" in str(exc) or (
+                len(taken) > 1 and (not too_long or _swallowed_rows(taken[1:], sep, len(header)))
+            ):
                 feed.give_back_all_but_first()
                 reason = "unclosed quote: a quoted field starts on this line and is not closed where it should be"
+            elif too_long:
+                reason = f"a cell longer than {csv.field_size_limit()} characters"
             else:
                 reason = f"invalid CSV: {exc}"
             yield Parsed(start, text, error=InputError(reason, path=name, line=start))
