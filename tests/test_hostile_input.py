@@ -149,6 +149,18 @@ def test_a_quoted_field_over_several_lines_is_one_row_numbered_by_its_first_line
     assert [(p.line, p.outcome.notes if p.outcome else p.error) for p in parsed] == [(2, "first\nsecond"), (4, None)]
 
 
+def test_a_runaway_quote_loses_no_row_after_it_and_a_long_cell_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    rows = [csv_row(f"r{i}", "note " + "y" * 100) for i in range(3000)]  # far past the csv cell limit
+    src.write_text(",".join(HEADER) + "\n" + csv_row("a", '"oops') + "\n" + "\n".join(rows) + "\n")
+    parsed = list(read_outcomes(str(src)))
+    assert [p.line for p in parsed if p.error] == [2]
+    assert len([p for p in parsed if p.outcome]) == 3000
+    src.write_text(",".join(HEADER) + "\n" + csv_row("a", '"' + "x" * 200_000 + '"') + "\n" + csv_row("b") + "\n")
+    parsed = list(read_outcomes(str(src)))
+    assert "a cell longer than 131072 characters" in str(parsed[0].error) and parsed[1].outcome is not None
+
+
 @pytest.mark.parametrize(
     ("header", "expected"),
     [("id,notes", ","), ("id;notes;x", ";"), ("id\tnotes", "\t"), ("id|notes", "|"), ('"a;b",c', ","), ("id", ",")],
