@@ -73,8 +73,6 @@ ZOHO_CHANNEL_KEY = "webhook_channel_id"  # Zoho: the watch channel's id
 ZOHO_URL_PARAM = "crmsync_key"
 MAX_AGE_SECONDS = 300.0  # HubSpot: reject v3 timestamps older than 5 minutes (and as far ahead)
 SECRET_RELOAD_SECONDS = 5.0
-MAX_CONNECTIONS = 64  # connections served at once, one thread each; beyond, 503 + Retry-After
-REQUEST_DEADLINE_SECONDS = 10.0  # a request's line, headers and body must all arrive within this
 LOG_EVERY_SECONDS = 60.0  # one log line per kind of problem per minute; the metrics count every one
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # same rule as `crmsync connect --name`
