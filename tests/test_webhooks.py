@@ -862,7 +862,8 @@ def _slow_socket(url: str, first: bytes = b"POST /hooks/hubspot/hs HTTP/1.1\r\n"
 
 
 def test_200_slow_connections_stay_within_the_thread_cap_and_healthz_still_answers(app: App) -> None:
-    r = WebhookReceiver(app, host="127.0.0.1", port=0, request_deadline=3).start()
+    # The deadline outlasts opening 200 connections even on a loaded machine, so the pool stays full.
+    r = WebhookReceiver(app, host="127.0.0.1", port=0, request_deadline=6).start()
     assert r.max_connections == 64  # the default
     threads_before = threading.active_count()
     socks = []
@@ -884,7 +885,10 @@ def test_200_slow_connections_stay_within_the_thread_cap_and_healthz_still_answe
                 answered.append(b"")
         refused = [a for a in answered if a.startswith(b"HTTP/1.1 503")]
         assert len(refused) == 200 - r.max_connections  # the rest were cut at the deadline, unanswered
-        assert threading.active_count() <= threads_before + 2
+        settled = time.monotonic() + 3
+        while threading.active_count() > threads_before and time.monotonic() < settled:
+            time.sleep(0.05)
+        assert threading.active_count() <= threads_before
     finally:
         for sock in socks:
             sock.close()
@@ -921,14 +925,14 @@ def test_a_trickling_request_is_cut_at_the_deadline_not_kept_alive_by_each_byte(
         # Headers that never end, one byte every 0.1 s: a per-read timeout would never fire.
         with _slow_socket(r.url) as sock:
             elapsed, answer = _trickle(sock, b"X-Slow: " + b"x" * 100)
-        assert 0.9 <= elapsed < 2.5 and answer == b""
+        assert 0.9 <= elapsed < 4 and answer == b""
         # Whole headers, then a body that trickles: answered 408 at the deadline.
         body = json.dumps([hs_event(1)]).encode()
         head = "".join(f"{k}: {v}\r\n" for k, v in signed_headers(body, HS_URI).items())
         request_head = f"POST {HS_PATH} HTTP/1.1\r\nContent-Length: {len(body)}\r\n{head}\r\n"
         with _slow_socket(r.url, request_head.encode()) as sock:
             elapsed, answer = _trickle(sock, body)
-        assert 0.9 <= elapsed < 2.5 and answer.startswith(b"HTTP/1.1 408")
+        assert 0.9 <= elapsed < 4 and answer.startswith(b"HTTP/1.1 408")
         assert _events(app) == []
         assert httpx.get(r.url + "/healthz").status_code == 200
     finally:
