@@ -23,7 +23,7 @@ import pytest
 from crmsync.app import App
 from crmsync.config import load_config
 from crmsync.emulators.hubspot import HubSpotEmulator
-from crmsync.errors import ConfigError, MappingError
+from crmsync.errors import ConfigError, MappingError, UsageError
 from crmsync.jsonlimits import MAX_DEPTH, first_too_deep, loads, value_end
 from crmsync.mapping import Mapping
 from crmsync.store import CrmConnection
@@ -167,6 +167,14 @@ def test_a_runaway_quote_loses_no_row_after_it_and_a_long_cell_is_named(tmp_path
 )
 def test_the_header_line_decides_the_delimiter(header: str, expected: str) -> None:
     assert sniff_delimiter(header + "\r\n") == expected
+
+
+def test_delimiter_mistakes_are_usage_errors_before_anything_is_read(tmp_path: Path) -> None:
+    missing = str(tmp_path / "not-there.csv")
+    with pytest.raises(UsageError, match="--delimiter must be one of"):
+        read_outcomes(missing, delimiter=":")
+    with pytest.raises(UsageError, match="--delimiter is for CSV input"):
+        read_outcomes(missing, "jsonl", delimiter=";")
 
 
 @pytest.fixture

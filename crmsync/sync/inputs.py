@@ -358,6 +358,7 @@ def read_outcomes(source: str, fmt: str = "auto", *, delimiter: str | None = Non
     """Every record of ``source`` ('-' for stdin), validated, in input order.
 
     ``delimiter`` (``,`` ``;`` ``tab`` ``|``) is for CSV and implies it; without it the header decides.
+    Bad options raise ``UsageError`` here, before anything is read.
     """
     if delimiter is not None and delimiter not in DELIMITERS:
         raise UsageError("--delimiter must be one of: , ; tab |")
@@ -366,6 +367,10 @@ def read_outcomes(source: str, fmt: str = "auto", *, delimiter: str | None = Non
         kind = "csv"
     elif delimiter is not None and kind != "csv":
         raise UsageError(f"--delimiter is for CSV input, not --format {kind}")
+    return _records(source, kind, delimiter)
+
+
+def _records(source: str, kind: str, delimiter: str | None) -> Iterator[Parsed]:
     name = "<stdin>" if source == "-" else source
     stream = open_binary(source)
     try:
