@@ -1050,12 +1050,12 @@ _HEALTHY = b'{"ok": true}'
 class _Overflow:
     """Answers connections beyond the cap from one thread: 200 to ``/healthz``, 503 to the rest.
 
-    The request line is awaited briefly (without a thread per connection) so that a load
-    balancer's health check still passes while slow clients hold every worker.
+    The first bytes of each request are awaited briefly (without a thread per connection) so
+    that a load balancer's health check still passes while slow clients hold every worker.
     """
 
-    WAIT = 1.0  # seconds for the request line, then the 503 goes out anyway
-    LINGER = 1.0  # seconds to drain what the client still sends, so the 503 is not lost to a reset
+    WAIT = 1.0  # seconds for the first bytes of a request, then the 503 goes out anyway
+    LINGER = 0.5  # seconds to drain what the client still sends, so the answer is not lost to a reset
     MAX_HELD = 1024  # sockets held at once; beyond, answered at once without reading
 
     def __init__(self, health_paths: tuple[str, ...], log_once: LogOnce) -> None:
@@ -1104,6 +1104,10 @@ class _Overflow:
             now = time.monotonic()
             for sock in incoming:
                 if len(self._held) >= self.MAX_HELD:
+                    # Under pressure, answered sockets stop draining first: they already have their 503.
+                    for answered_sock in [held for held, (_, _, done) in self._held.items() if done]:
+                        self._close(answered_sock)
+                if len(self._held) >= self.MAX_HELD:
                     self._answer(sock, b"")
                     self._close(sock)
                     continue
@@ -1131,7 +1135,8 @@ class _Overflow:
         if answered:
             return  # draining
         head += data
-        if b"\r\n\r\n" in head or len(head) >= 8192:
+        # Decided as soon as the first bytes tell: only a health check is worth waiting for.
+        if head.startswith(self.health) or not any(h.startswith(bytes(head[: len(h)])) for h in self.health):
             self._finish(sock, head)
 
     def _finish(self, sock: socket.socket, head: bytes | bytearray) -> None:
