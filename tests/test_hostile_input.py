@@ -161,6 +161,16 @@ def test_a_runaway_quote_loses_no_row_after_it_and_a_long_cell_is_named(tmp_path
     assert "a cell longer than 131072 characters" in str(parsed[0].error) and parsed[1].outcome is not None
 
 
+def test_old_mac_line_ends_and_bad_bytes_spoil_only_their_own_row(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    body = ",".join(HEADER) + "\r" + csv_row("a", '"two\rlines"') + "\r" + csv_row("b") + "\r"
+    src.write_bytes(body.encode() + csv_row("c", "caf\xe9").encode("latin-1") + b"\r" + csv_row("d").encode())
+    parsed = list(read_outcomes(str(src)))
+    assert [(p.line, p.outcome.id if p.outcome else None) for p in parsed] == [(2, "a"), (4, "b"), (5, None), (6, "d")]
+    assert parsed[0].outcome is not None and parsed[0].outcome.notes == "two\rlines"
+    assert str(parsed[2].error) == f"{src}:5: not UTF-8 text"
+
+
 @pytest.mark.parametrize(
     ("header", "expected"),
     [("id,notes", ","), ("id;notes;x", ";"), ("id\tnotes", "\t"), ("id|notes", "|"), ('"a;b",c', ","), ("id", ",")],

@@ -14,7 +14,7 @@ import json
 import re
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -152,6 +152,7 @@ def _unflatten(row: dict[str, str], *, decimal_comma: bool = False) -> dict[str,
 DELIMITERS = {",": ",", ";": ";", "\t": "\t", "tab": "\t", "|": "|"}
 _DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
 _QUOTED = re.compile(r'"[^"]*"?')
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 
 
 def sniff_delimiter(header: str) -> str:
@@ -162,15 +163,20 @@ def sniff_delimiter(header: str) -> str:
     return "," if best == 0 or counts[","] == best else max(counts, key=lambda d: counts[d])
 
 
-def _text_lines(stream: IO[bytes]) -> Iterator[tuple[int, str, bool]]:
-    """(line number, text with its line ending, False when the line is not UTF-8) without the BOM."""
-    for number, chunk in enumerate(stream, start=1):
-        if number == 1 and chunk.startswith(codecs.BOM_UTF8):
-            chunk = chunk[len(codecs.BOM_UTF8) :]
-        try:
-            yield number, chunk.decode("utf-8"), True
-        except UnicodeDecodeError:
-            yield number, chunk.decode("utf-8", "replace"), False
+def _text_lines(stream: IO[bytes]) -> Generator[tuple[int, str, bool], None, None]:
+    """(line number, text with its line ending, False when the line is not UTF-8) without the BOM.
+
+    Lines end at CRLF, LF or a lone CR (old Mac Excel); bad bytes spoil only their own line.
+    """
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    try:
+        for number, line in enumerate(text, start=1):
+            if _UNDECODABLE.search(line) is None:
+                yield number, line, True
+            else:
+                yield number, line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), False
+    finally:
+        text.detach()
 
 
 class _Feed:
@@ -209,6 +215,13 @@ def read_csv(stream: IO[bytes], name: str, delimiter: str | None = None) -> Iter
     error, and the lines after it are read as rows again.
     """
     lines = _text_lines(stream)
+    try:
+        yield from _csv_records(lines, name, delimiter)
+    finally:
+        lines.close()  # gives the stream back before its owner closes it
+
+
+def _csv_records(lines: Iterator[tuple[int, str, bool]], name: str, delimiter: str | None) -> Iterator[Parsed]:
     first = next(lines, None)
     if first is None:
         return
