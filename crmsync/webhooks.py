@@ -1085,10 +1085,12 @@ class _Overflow:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
         self._thread.join(timeout=5)
-        for sock in list(self._held):
+        with self._lock:
+            left, self._incoming = [*self._held, *self._incoming], []
+        for sock in left:
             self._close(sock)
-        for s in (self._wake_r, self._wake_w):
-            s.close()
+        for end in (self._wake_r, self._wake_w):
+            end.close()
         self._selector.close()
 
     def _run(self) -> None:
@@ -1122,6 +1124,8 @@ class _Overflow:
                         self._finish(sock, head)
 
     def _readable(self, sock: socket.socket) -> None:
+        if sock not in self._held:
+            return
         _, head, answered = self._held[sock]
         try:
             data = sock.recv(4096)
