@@ -950,6 +950,22 @@ def test_metrics_answer_loopback_clients_only(receiver: WebhookReceiver, client:
     assert "crm_webhook_events_total" in client.get("/metrics").text
 
 
+@pytest.mark.parametrize(("address", "status"), [("203.0.113.9", b"403"), ("127.0.0.1", b"200")])
+def test_the_handler_refuses_metrics_by_its_client_address(
+    receiver: WebhookReceiver, address: str, status: bytes
+) -> None:
+    from crmsync.webhooks import _make_handler
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()  # a TCP pair: the handler sets TCP options on its end
+    with ours, theirs:
+        theirs.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        _make_handler(receiver)(ours, (address, 40000), receiver._httpd)  # serves the one request
+        theirs.settimeout(5)
+        assert theirs.recv(64).startswith(b"HTTP/1.1 " + status)
+
+
 @pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
 def test_serve_warns_when_bound_beyond_loopback(tmp_path: Path, home: Path, host: str, warned: bool) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_SECRET")}
