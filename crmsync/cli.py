@@ -464,6 +464,9 @@ def push(
     source: Annotated[str | None, typer.Argument(help="Outcomes file (JSONL, CSV, JSON array) or - for stdin.")] = None,
     connection: ConnOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto (by extension), jsonl, csv or json.")] = "auto",
+    delimiter: Annotated[
+        str | None, typer.Option("--delimiter", help="CSV cell separator: , ; tab | [read from the header line].")
+    ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Any invalid record aborts before anything is queued (exit 2).")
     ] = False,
@@ -523,6 +526,7 @@ def push(
             source=source,
             connection=connection,
             fmt=fmt,
+            delimiter=delimiter,
             strict=strict,
             rejects=rejects,
             dry_run=dry_run,

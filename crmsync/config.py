@@ -66,6 +66,8 @@ class WebhookSettings(_Model):
     public_url: str | None = None
     trust_proxy: bool = False
     body_limit: int = Field(default=1_048_576, gt=0)
+    max_connections: int = Field(default=64, gt=0, description="connections served at once; beyond, 503")
+    request_deadline_seconds: float = Field(default=10.0, gt=0, description="a whole request must arrive within")
     follow_interval_seconds: float = Field(default=5.0, gt=0)
     max_pending_minutes: float = Field(default=15.0, gt=0)
 

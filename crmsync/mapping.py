@@ -122,7 +122,7 @@ import yaml
 
 from crmsync.errors import MappingError
 from crmsync.providers.base import OBJECTS, SECTION, FieldInfo
-from crmsync.yamlio import KeyPath, YamlDoc, parse_yaml
+from crmsync.yamlio import KeyPath, YamlDoc, load_data, parse_yaml
 
 if TYPE_CHECKING:
     import phonenumbers  # imported on first use at run time: _phonenumbers()
@@ -1644,8 +1644,8 @@ class Mapping:
     def _finish(self, text: str | None, expected: dict[str, Any]) -> str:
         if text is not None:
             try:
-                parsed = yaml.safe_load(text)
-            except yaml.YAMLError:
+                parsed = load_data(text, self.source, MappingError)
+            except MappingError:
                 parsed = None
             if _same_data(parsed, expected):
                 Mapping.from_text(self.provider, text, source=self.source, default_region=self.default_region)
@@ -1669,8 +1669,8 @@ def _indent(line: str) -> str:
 
 def _parse_transform_text(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        return load_data(text, "--transform", MappingError)
+    except MappingError as exc:
         raise MappingError(f"--transform {text!r}: not valid YAML ({exc})") from None
 
 

@@ -20,6 +20,12 @@ Design choices that matter:
 * The receiver binds loopback by default: on the internet it belongs behind a TLS-terminating
   reverse proxy, and ``public_url`` says which URL the CRM signs (``X-Forwarded-Proto``/``-Host``
   are honoured only with ``trust_proxy``, because anyone can send them).
+* **Hostile traffic costs little.** Every route authenticates before it parses (HubSpot: the
+  signature over the raw body; Zoho: the notify URL's secret in the query, before the body is
+  even read), JSON nesting is bounded, at most ``max_connections`` connections get a thread
+  (the rest are answered 503 from one overflow thread, ``/healthz`` 200), a request must arrive
+  whole within ``request_deadline`` seconds however slowly it trickles, ``/metrics`` answers
+  loopback clients only, and each kind of problem is logged once a minute, without a traceback.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import io
+import ipaddress
 import json
 import logging
 import re
 import secrets
+import selectors
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from crmsync.errors import ConfigError, UsageError
+from crmsync.jsonlimits import loads as json_loads
 from crmsync.model import utcnow
 
 if TYPE_CHECKING:
@@ -61,6 +73,7 @@ ZOHO_CHANNEL_KEY = "webhook_channel_id"  # Zoho: the watch channel's id
 ZOHO_URL_PARAM = "crmsync_key"
 MAX_AGE_SECONDS = 300.0  # HubSpot: reject v3 timestamps older than 5 minutes (and as far ahead)
 SECRET_RELOAD_SECONDS = 5.0
+LOG_EVERY_SECONDS = 60.0  # one log line per kind of problem per minute; the metrics count every one
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # same rule as `crmsync connect --name`
 _ROUTE = re.compile(rf"^/hooks/(?P<provider>hubspot|zoho)/(?P<connection>{_NAME})$")
@@ -342,6 +355,28 @@ def zoho_events(payload: Any) -> list[Event]:
     return rows
 
 
+# -- logging ---------------------------------------------------------------------------------------
+class LogOnce:
+    """At most one log line per kind of problem per interval; the others go to debug.
+
+    A flood of bad requests must not become a flood of log lines (or of tracebacks): the
+    metrics count every request, the log says that it happens.
+    """
+
+    def __init__(self, every: float = LOG_EVERY_SECONDS) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = now - self._last.get(kind, float("-inf")) >= self.every
+            if due:
+                self._last[kind] = now
+        log.log(level if due else logging.DEBUG, message, *args)
+
+
 # -- storing ---------------------------------------------------------------------------------------
 @dataclass
 class _Job:
@@ -369,6 +404,7 @@ class EventWriter:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.log_once = LogOnce()
         self._pending: list[_Job] = []
         self._lock = threading.Lock()  # guards _pending and _accepting (held briefly)
         self._commit_lock = threading.Lock()  # one transaction at a time on self._conn
@@ -450,7 +486,14 @@ class EventWriter:
                     with conn.begin():
                         (job.inserted,) = self._write(conn, [job])
                 except Exception as exc:
-                    log.error("storing %d webhook event(s) for %s failed: %s", len(job.events), job.connection, exc)
+                    self.log_once(
+                        "store",
+                        logging.ERROR,
+                        "storing %d webhook event(s) for %s failed: %s",
+                        len(job.events),
+                        job.connection,
+                        exc,
+                    )
                     job.error = exc
                     conn = self._reconnect(conn)
                 job.done = True
@@ -664,6 +707,8 @@ class WebhookReceiver:
         body_limit: int | None = None,
         max_age: float = MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.time,
+        max_connections: int | None = None,
+        request_deadline: float | None = None,
     ) -> None:
         settings = app.config.webhook
         self.app = app
@@ -674,6 +719,8 @@ class WebhookReceiver:
         self.public_url = (public_url or settings.public_url or "").rstrip("/") or None
         self.trust_proxy = settings.trust_proxy if trust_proxy is None else trust_proxy
         self.body_limit = body_limit or settings.body_limit
+        self.max_connections = max_connections or settings.max_connections
+        self.request_deadline = request_deadline or settings.request_deadline_seconds
         self.max_age = max_age
         self.clock = clock
         self._scheme: str | None = None
@@ -689,7 +736,7 @@ class WebhookReceiver:
         self._providers: dict[str, str] = {}
         self._providers_loaded = 0.0
         self._counters: dict[tuple[str, str, str], Any] = {}
-        self._warned: dict[str, float] = {}
+        self.log_once = LogOnce()
         self._inflight = 0
         self._closing = False
         self._idle = threading.Condition()
@@ -703,7 +750,7 @@ class WebhookReceiver:
         for name in self._providers:
             self.secrets.get(name)
         try:
-            self._httpd = _Server((self.host, self.port), _make_handler(self))
+            self._httpd = _Server((self.host, self.port), self)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         self.writer.start()
@@ -718,7 +765,7 @@ class WebhookReceiver:
         """The bound address (``http://127.0.0.1:PORT``)."""
         assert self._httpd is not None, "start() first"
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def hook_url(self, provider: str, connection: str) -> str:
         """The URL to give the CRM (built on the public URL when one is set)."""
@@ -799,12 +846,22 @@ class WebhookReceiver:
         return f"{scheme or 'http'}://{netloc or headers.get('host', '')}{signed_path}"
 
     def handle(
-        self, method: str, raw_path: str, headers: Mapping[str, str], read_body: Callable[[int], bytes]
+        self,
+        method: str,
+        raw_path: str,
+        headers: Mapping[str, str],
+        read_body: Callable[[int], bytes],
+        *,
+        client: str = "",
     ) -> Answer:
-        """Answer one request (``headers`` with lower-cased names)."""
-        if method == "GET" and raw_path.split("?")[0] in ("/healthz", self._prefix + "/healthz"):
+        """Answer one request (``headers`` with lower-cased names; ``client`` is the peer's address)."""
+        path_only = raw_path.split("?")[0]
+        if method == "GET" and path_only in ("/healthz", self._prefix + "/healthz"):
             return Answer(200, {"ok": True})
-        if method == "GET" and raw_path.split("?")[0] in ("/metrics", self._prefix + "/metrics"):
+        if method == "GET" and path_only in ("/metrics", self._prefix + "/metrics"):
+            if not _local_client(client, headers):
+                self.log_once("metrics", logging.WARNING, "refused /metrics to %s: loopback clients only", client)
+                return Answer(403, {"error": "forbidden"})
             return Answer(200, {}, text=self.metrics.text())
         # Answers given before the body is read close the connection: the unread body would
         # otherwise be parsed as the next request.
@@ -819,12 +876,21 @@ class WebhookReceiver:
             return Answer(411, {"error": "length required"}, close=True)
         if not length.isdigit():
             return Answer(400, {"error": "bad content-length"}, close=True)
+        known = self._provider_of(connection) == provider
         if int(length) > self.body_limit:
-            if self._provider_of(connection) == provider:  # no metric series for made-up names
+            if known:  # no metric series for made-up names
                 self._count(provider, connection, "too_large")
             return Answer(413, {"error": "body too large"}, close=True)
+        params = parse_qs(query)
+        if provider == "zoho" and known:
+            # Zoho signs nothing; the notify URL's secret is the caller's proof, checked unread.
+            try:
+                self._verify(connection, lambda s: _check_zoho_url(s, params))
+            except VerificationFailed as exc:
+                self._count(provider, connection, "received")
+                return self._rejected(provider, connection, str(exc), close=True)
         body = read_body(int(length))
-        if self._provider_of(connection) != provider:
+        if not known:
             return Answer(404, {"error": "not found"})
         self._count(provider, connection, "received")
         try:
@@ -836,15 +902,13 @@ class WebhookReceiver:
                 doc = _json(body)
                 if not isinstance(doc, dict):
                     raise MalformedEvent("a Zoho notification is a JSON object")
-                params = parse_qs(query)
                 self._verify(connection, lambda s: _check_zoho(s, doc, params))
                 events = zoho_events(doc)
         except VerificationFailed as exc:
-            self._count(provider, connection, "rejected")
-            self._warn_rejected(connection, str(exc))
-            return Answer(401, {"error": "unauthorized"})
+            return self._rejected(provider, connection, str(exc))
         except MalformedEvent as exc:
             self._count(provider, connection, "malformed")
+            self.log_once(f"malformed:{connection}", logging.WARNING, "webhook for %s malformed: %s", connection, exc)
             return Answer(400, {"error": f"malformed notification: {exc}"})
         self._count(provider, connection, "verified", len(events))
         if not events:
@@ -854,22 +918,18 @@ class WebhookReceiver:
         except Exception as exc:
             self._count(provider, connection, "error", len(events))
             if not isinstance(exc, WriterStopped):
-                log.error("webhook for %s not stored: %s", connection, exc)
+                self.log_once("store", logging.ERROR, "webhook for %s not stored: %s", connection, exc)
             return Answer(503, {"error": "not stored, retry later"}, {"Retry-After": "5"})
         stored = sum(inserted)
         self._count(provider, connection, "stored", stored)
         self._count(provider, connection, "duplicate", len(inserted) - stored)
         return Answer(200, {"stored": stored, "duplicates": len(inserted) - stored})
 
-    def _warn_rejected(self, connection: str, reason: str) -> None:
-        # At most one warning a minute per connection: a flood of forged requests must not
-        # become a flood of log lines (the metric counts every one).
-        now = time.monotonic()
-        if now - self._warned.get(connection, float("-inf")) >= 60:
-            self._warned[connection] = now
-            log.warning("webhook for %s rejected: %s", connection, reason)
-        else:
-            log.debug("webhook for %s rejected: %s", connection, reason)
+    def _rejected(self, provider: str, connection: str, reason: str, *, close: bool = False) -> Answer:
+        self._count(provider, connection, "rejected")
+        # A flood of forged requests must not become a flood of log lines (the metric counts each).
+        self.log_once(f"rejected:{connection}", logging.WARNING, "webhook for %s rejected: %s", connection, reason)
+        return Answer(401, {"error": "unauthorized"}, close=close)
 
     def _verify(self, connection: str, check: Callable[[dict[str, str]], None]) -> None:
         try:
@@ -909,22 +969,253 @@ def _check_zoho(secret: dict[str, str], doc: dict[str, Any], params: Mapping[str
     )
 
 
+def _check_zoho_url(secret: dict[str, str], params: Mapping[str, Sequence[str]]) -> None:
+    """The notify URL's secret in the request's query: what a Zoho caller proves before its body is read."""
+    url_secret = secret.get(SECRET_KEY)
+    if not url_secret:
+        raise VerificationFailed("no Zoho notify URL secret stored for this connection")
+    copies = params.get(ZOHO_URL_PARAM, [])
+    results = [_same(url_secret, c) for c in copies]
+    if not results or not all(results):
+        raise VerificationFailed("Zoho notify URL secret missing or wrong in the request URL")
+
+
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json_loads(body)
+    except ValueError as exc:  # TooDeep and UnicodeDecodeError are ValueErrors too
+        detail = f": {exc}" if "nested" in str(exc) else ""
+        raise MalformedEvent(f"the body is not JSON{detail}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address or a name) only reaches this machine."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        raise MalformedEvent("the body is not JSON") from None
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return False
+        return bool(infos) and all(is_loopback(str(info[4][0])) for info in infos)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _local_client(client: str, headers: Mapping[str, str]) -> bool:
+    # A reverse proxy on this machine connects from loopback on behalf of anyone: its
+    # forwarding headers mark a request as not local.
+    if "x-forwarded-for" in headers or "forwarded" in headers or "x-real-ip" in headers:
+        return False
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _first(value: str | None) -> str | None:
     return value.split(",", 1)[0].strip() or None if value else None
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket as a raw stream whose every read fits in what is left of the request's deadline.
+
+    A per-read timeout restarts with every byte, so a client trickling one byte a second could
+    hold a thread for ever; this one ends the whole request at its deadline.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+
+_BUSY = b'{"error": "busy, retry later"}'
+_HEALTHY = b'{"ok": true}'
+
+
+class _Overflow:
+    """Answers connections beyond the cap from one thread: 200 to ``/healthz``, 503 to the rest.
+
+    The first bytes of each request are awaited briefly (without a thread per connection) so
+    that a load balancer's health check still passes while slow clients hold every worker.
+    """
+
+    WAIT = 1.0  # seconds for the first bytes of a request, then the 503 goes out anyway
+    LINGER = 0.5  # seconds to drain what the client still sends, so the answer is not lost to a reset
+    MAX_HELD = 1024  # sockets held at once; beyond, answered at once without reading
+
+    def __init__(self, health_paths: tuple[str, ...], log_once: LogOnce) -> None:
+        self.health = tuple(f"GET {p} ".encode() for p in health_paths)
+        self.health += tuple(f"GET {p}?".encode() for p in health_paths)
+        self.log_once = log_once
+        self._selector = selectors.DefaultSelector()
+        self._held: dict[socket.socket, tuple[float, bytearray, bool]] = {}  # deadline, head, answered
+        self._lock = threading.Lock()
+        self._incoming: list[socket.socket] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="webhook-overflow", daemon=True)
+        self._thread.start()
+
+    def add(self, sock: socket.socket) -> None:
+        self.log_once("busy", logging.WARNING, "webhook receiver at its connection limit: answering 503 (Retry-After)")
+        with self._lock:
+            self._incoming.append(sock)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def stop(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+        self._thread.join(timeout=5)
+        with self._lock:
+            left, self._incoming = [*self._held, *self._incoming], []
+        for sock in left:
+            self._close(sock)
+        for end in (self._wake_r, self._wake_w):
+            end.close()
+        self._selector.close()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            for key, _ in self._selector.select(timeout=0.1):
+                if key.fileobj is self._wake_r:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                self._readable(key.fileobj)  # type: ignore[arg-type]
+            with self._lock:
+                incoming, self._incoming = self._incoming, []
+            now = time.monotonic()
+            for sock in incoming:
+                if len(self._held) >= self.MAX_HELD:
+                    # Under pressure, answered sockets stop draining first: they already have their 503.
+                    for answered_sock in [held for held, (_, _, done) in self._held.items() if done]:
+                        self._close(answered_sock)
+                if len(self._held) >= self.MAX_HELD:
+                    self._answer(sock, b"")
+                    self._close(sock)
+                    continue
+                sock.setblocking(False)
+                self._held[sock] = (now + self.WAIT, bytearray(), False)
+                self._selector.register(sock, selectors.EVENT_READ)
+            for sock, (deadline, head, answered) in list(self._held.items()):
+                if now >= deadline:
+                    if answered:
+                        self._close(sock)
+                    else:
+                        self._finish(sock, head)
+
+    def _readable(self, sock: socket.socket) -> None:
+        if sock not in self._held:
+            return
+        _, head, answered = self._held[sock]
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(sock)
+            return
+        if answered:
+            return  # draining
+        head += data
+        # Decided as soon as the first bytes tell: only a health check is worth waiting for.
+        if head.startswith(self.health) or not any(h.startswith(bytes(head[: len(h)])) for h in self.health):
+            self._finish(sock, head)
+
+    def _finish(self, sock: socket.socket, head: bytes | bytearray) -> None:
+        self._answer(sock, head)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        self._held[sock] = (time.monotonic() + self.LINGER, bytearray(), True)
+
+    def _answer(self, sock: socket.socket, head: bytes | bytearray) -> None:
+        if head.startswith(self.health):
+            status, extra, body = "200 OK", "", _HEALTHY
+        else:
+            status, extra, body = "503 Service Unavailable", "Retry-After: 1\r\n", _BUSY
+        response = (
+            f"HTTP/1.1 {status}\r\nServer: crmsync\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        with contextlib.suppress(OSError):
+            sock.send(response)  # a few hundred bytes always fit in an empty send buffer
+
+    def _close(self, sock: socket.socket) -> None:
+        if self._held.pop(sock, None) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
 class _Server(ThreadingHTTPServer):
+    """One thread per connection up to ``receiver.max_connections``; the rest go to ``_Overflow``."""
+
     daemon_threads = True
+    block_on_close = False  # stop() waits for requests in flight; idle readers end at their deadline
     allow_reuse_address = True
     # A small backlog drops SYNs under a burst of new connections: each costs a 1 s retransmit.
     request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], receiver: WebhookReceiver) -> None:
+        self.receiver = receiver
+        self.slots = threading.BoundedSemaphore(receiver.max_connections)
+        super().__init__(address, _make_handler(receiver))
+        health = ("/healthz", receiver._prefix + "/healthz") if receiver._prefix else ("/healthz",)
+        self.overflow = _Overflow(health, receiver.log_once)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.overflow.add(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        kind = type(exc).__name__
+        self.receiver.log_once(
+            f"connection:{kind}",
+            logging.WARNING,
+            "webhook connection from %s failed: %s: %s",
+            client_address[0],
+            kind,
+            exc,
+        )
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.overflow.stop()
 
 
 def _make_handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
@@ -932,8 +1223,19 @@ def _make_handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"  # keep-alive: HubSpot and load tests reuse connections
         server_version = "crmsync"
         sys_version = ""
-        timeout = 15  # a stalled client cannot hold a thread for long
+        timeout = receiver.request_deadline  # for writes; reads follow the request's deadline
         disable_nagle_algorithm = True  # headers and body go out in separate writes
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()
+            self._reader = _DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self._reader)
+
+        def handle_one_request(self) -> None:
+            # The deadline covers a keep-alive connection's idle wait too: idle connections hold slots.
+            self._reader.deadline = time.monotonic() + receiver.request_deadline
+            super().handle_one_request()
 
         def _serve(self) -> None:
             if not receiver._enter():
@@ -942,9 +1244,28 @@ def _make_handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
             try:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 try:
-                    answer = receiver.handle(self.command, self.path, headers, self.rfile.read)
-                except Exception:
-                    log.exception("webhook receiver bug")
+                    answer = receiver.handle(
+                        self.command, self.path, headers, self.rfile.read, client=str(self.client_address[0])
+                    )
+                except TimeoutError:
+                    receiver.log_once(
+                        "timeout", logging.INFO, "webhook request cut at its %.0f s deadline", receiver.request_deadline
+                    )
+                    answer = Answer(408, {"error": "request timeout"}, close=True)
+                except OSError as exc:
+                    receiver.log_once(f"connection:{type(exc).__name__}", logging.INFO, "webhook client gone: %s", exc)
+                    self.close_connection = True
+                    return
+                except Exception as exc:
+                    # A bug: one line a minute here, the traceback only with --verbose.
+                    receiver.log_once(
+                        f"bug:{type(exc).__name__}",
+                        logging.ERROR,
+                        "webhook receiver bug: %s: %s",
+                        type(exc).__name__,
+                        exc,
+                    )
+                    log.debug("webhook receiver bug", exc_info=True)
                     answer = Answer(500, {"error": "internal error"}, close=True)
                 self._send(answer)
             finally:
@@ -965,11 +1286,16 @@ def _make_handler(receiver: WebhookReceiver) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
             head = f"{self.protocol_version} {answer.status} {HTTPStatus(answer.status).phrase}\r\n"
             head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+            self.connection.settimeout(receiver.request_deadline)  # a client that never reads is cut too
             # One write per answer: headers and body in separate segments cost a syscall each.
             self.wfile.write(head.encode("latin-1") + (payload if self.command != "HEAD" else b""))
             self.log_request(answer.status)
 
         do_POST = do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
+
+        def log_error(self, format: str, *args: Any) -> None:
+            # The stdlib reports timeouts and bad request lines here, once per request.
+            receiver.log_once("request", logging.INFO, "webhook request refused: %s", format % args)
 
         def log_message(self, format: str, *args: Any) -> None:
             if log.isEnabledFor(logging.DEBUG):
@@ -1029,8 +1355,8 @@ def serve(
             time.sleep(0.1)
     finally:
         receiver.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def zoho_subscribe(

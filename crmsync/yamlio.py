@@ -29,9 +29,7 @@ class YamlDoc:
     def where(self, keypath: KeyPath) -> str:
         """``file:line: a.b.c`` for messages."""
         dotted = ".".join(str(k) for k in keypath)
-        return (
-            f"{self.path}:{self.line(keypath)}: {dotted}" if dotted else f"{self.path}:{self.line(keypath)}"
-        )
+        return f"{self.path}:{self.line(keypath)}: {dotted}" if dotted else f"{self.path}:{self.line(keypath)}"
 
 
 def _walk(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
@@ -51,11 +49,64 @@ def _walk(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+#: Budgets for one document. Anchors and aliases stay usable (``<<: *defaults``), but a file whose
+#: aliases expand into a huge tree (a "billion laughs" bomb) or nest absurdly deep is refused
+#: before anything walks the expanded data.
+MAX_ALIASES = 100
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_budget(root: yaml.Node, path: str, error: type[CrmsyncError]) -> None:
+    """Refuse a composed document beyond the alias, expanded-size or depth budget (file:line).
+
+    Composing shares an aliased node instead of copying it, so this walk is linear in the file
+    even when the expanded tree would not fit in memory.
+    """
+    sizes: dict[int, int] = {}  # expanded size of every node done, by identity
+    on_path = {id(root)}
+    aliases, line = 0, root.start_mark.line + 1
+    stack = [(root, iter(_children(root)))]
+    while stack:
+        node, pending = stack[-1]
+        child = next(pending, None)
+        if child is None:
+            stack.pop()
+            on_path.discard(id(node))
+            size = sizes[id(node)] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if size > MAX_NODES:
+                where = node.start_mark.line + 1
+                raise error(f"{path}:{where}: YAML aliases expand this to more than {MAX_NODES} nodes")
+            continue
+        if id(child) in on_path:
+            raise error(f"{path}:{line}: a YAML alias refers to a node that contains it")
+        if id(child) in sizes:
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise error(f"{path}:{line}: more than {MAX_ALIASES} YAML aliases")
+            continue
+        line = child.start_mark.line + 1
+        if len(stack) >= MAX_DEPTH:
+            raise error(f"{path}:{line}: nested deeper than {MAX_DEPTH} levels")
+        on_path.add(id(child))
+        stack.append((child, iter(_children(child))))
+
+
 def parse_yaml(text: str, path: str, error: type[CrmsyncError]) -> YamlDoc:
-    """Parse ``text`` safely, in one pass; a syntax error becomes ``error`` with the file and line."""
+    """Parse ``text`` safely, in one pass; a syntax error or a blown budget becomes ``error`` with file:line."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            check_budget(node, path, error)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
@@ -69,6 +120,11 @@ def parse_yaml(text: str, path: str, error: type[CrmsyncError]) -> YamlDoc:
     if node is not None:
         _walk(node, (), lines)
     return YamlDoc(data, lines, path, node)
+
+
+def load_data(text: str, path: str, error: type[CrmsyncError]) -> Any:
+    """Only the data of a YAML text, under the same budgets (every YAML crmsync reads goes through here)."""
+    return parse_yaml(text, path, error).data
 
 
 def load_yaml(path: Path, error: type[CrmsyncError]) -> YamlDoc:

@@ -6,8 +6,10 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -764,3 +767,217 @@ def test_killing_the_receiver_loses_no_acknowledged_event(tmp_path: Path, home: 
     rows = list_events(store, limit=10 * total)
     assert sorted(int(e.remote_id) for e in rows) == list(range(1, total + 1))  # each once
     store.close()
+
+
+# -- hostile traffic ---------------------------------------------------------------------------------
+DEEP_BODY = b"[" * 30_000 + b"]" * 30_000  # far past the recursion limit, within the 64 KiB body limit
+ZOHO_PATH = "/hooks/zoho/zo?crmsync_key=" + ZOHO["url_secret"]
+
+
+@pytest.fixture
+def webhook_log() -> Iterator[list[logging.LogRecord]]:
+    """Every record of the receiver's logger, whatever an earlier CLI test did to propagation."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("crmsync.webhooks")
+    handler, level, propagate = Keep(logging.DEBUG), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # an in-process CLI test may have left a handler on a closed stream
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def _no_traceback(records: list[logging.LogRecord]) -> None:
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records if r.exc_info]
+    assert not [r for r in records if "Traceback" in r.getMessage()]
+
+
+def test_nested_or_unsigned_bodies_get_400_or_401_on_every_route_without_a_traceback(
+    app: App, client: httpx.Client, webhook_log: list[logging.LogRecord]
+) -> None:
+    zoho_deep = json.dumps(_zoho_body()).encode()[:-1] + b', "x": ' + DEEP_BODY + b"}"
+    answers = {
+        "hubspot unsigned": client.post(HS_PATH, content=DEEP_BODY).status_code,
+        "hubspot signed": client.post(
+            HS_PATH, content=DEEP_BODY, headers=signed_headers(DEEP_BODY, HS_URI)
+        ).status_code,
+        "zoho without the URL secret": client.post("/hooks/zoho/zo", content=zoho_deep).status_code,
+        "zoho with a wrong URL secret": client.post("/hooks/zoho/zo?crmsync_key=wrong", content=zoho_deep).status_code,
+        "zoho with the URL secret": client.post(ZOHO_PATH, content=zoho_deep).status_code,
+    }
+    assert answers == {
+        "hubspot unsigned": 401,
+        "hubspot signed": 400,
+        "zoho without the URL secret": 401,
+        "zoho with a wrong URL secret": 401,
+        "zoho with the URL secret": 400,
+    }
+    assert _events(app) == []
+    _no_traceback(webhook_log)
+    assert client.get("/healthz").status_code == 200
+
+
+def test_callers_are_authenticated_before_their_body_is_parsed(app: App, client: httpx.Client) -> None:
+    # Not JSON at all: a 401 (not a 400) shows the caller was turned away before any parsing.
+    assert client.post(HS_PATH, content=b"{not json").status_code == 401
+    assert client.post("/hooks/zoho/zo?crmsync_key=wrong", content=b"{not json").status_code == 401
+    assert client.post(ZOHO_PATH, content=b"{not json").status_code == 400
+    assert _metric(app, "rejected", "zo", "zoho") == 1 and _metric(app, "malformed", "zo", "zoho") == 1
+
+
+def test_a_flood_of_bad_requests_logs_one_line_per_kind(
+    app: App, client: httpx.Client, receiver: WebhookReceiver, webhook_log: list[logging.LogRecord]
+) -> None:
+    for _ in range(20):
+        assert client.post(HS_PATH, content=b"[]").status_code == 401
+        assert client.post(ZOHO_PATH, content=DEEP_BODY).status_code == 400
+    loud = [r.getMessage() for r in webhook_log if r.levelno >= logging.INFO]
+    assert len([m for m in loud if "rejected" in m]) == 1
+    assert len([m for m in loud if "malformed" in m]) == 1
+    assert _metric(app, "rejected") == 20  # the metric still counts every one
+
+    def broken(raw_path: str) -> None:
+        raise RuntimeError("a bug")
+
+    receiver.route = broken  # type: ignore[assignment,method-assign]
+    for _ in range(5):
+        assert client.post(HS_PATH, content=b"[]").status_code == 500
+    bugs = [r for r in webhook_log if "receiver bug" in r.getMessage()]
+    assert [r.levelno for r in bugs if r.levelno >= logging.INFO] == [logging.ERROR]
+    assert not [r for r in bugs if r.exc_info and r.levelno > logging.DEBUG]
+
+
+def _slow_socket(url: str, first: bytes = b"POST /hooks/hubspot/hs HTTP/1.1\r\n") -> socket.socket:
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(first)
+    return sock
+
+
+def test_200_slow_connections_stay_within_the_thread_cap_and_healthz_still_answers(app: App) -> None:
+    # The deadline outlasts opening 200 connections even on a loaded machine, so the pool stays full.
+    r = WebhookReceiver(app, host="127.0.0.1", port=0, request_deadline=6).start()
+    assert r.max_connections == 64  # the default
+    threads_before = threading.active_count()
+    socks = []
+    try:
+        for _ in range(200):
+            socks.append(_slow_socket(r.url))
+        time.sleep(0.5)
+        assert threading.active_count() <= threads_before + r.max_connections + 2
+        health = httpx.get(r.url + "/healthz", timeout=5)
+        assert health.status_code == 200 and health.json() == {"ok": True}
+        busy = httpx.post(r.url + HS_PATH, content=b"[]", timeout=5)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        answered = []
+        for sock in socks:
+            sock.settimeout(8)
+            try:
+                answered.append(sock.recv(64))
+            except OSError:
+                answered.append(b"")
+        refused = [a for a in answered if a.startswith(b"HTTP/1.1 503")]
+        assert len(refused) == 200 - r.max_connections  # the rest were cut at the deadline, unanswered
+        settled = time.monotonic() + 3
+        while threading.active_count() > threads_before and time.monotonic() < settled:
+            time.sleep(0.05)
+        assert threading.active_count() <= threads_before
+    finally:
+        for sock in socks:
+            sock.close()
+        r.stop()
+
+
+def _trickle(sock: socket.socket, data: bytes, every: float = 0.1) -> tuple[float, bytes]:
+    """Send ``data`` a byte at a time until the receiver answers or hangs up: (seconds, answer)."""
+    started = time.monotonic()
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(every)
+        try:
+            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None:
+                break  # an answer, or b"" for a closed connection
+        except BlockingIOError:
+            continue
+        except OSError:
+            break
+    elapsed = time.monotonic() - started
+    sock.settimeout(3)
+    try:
+        return elapsed, sock.recv(4096)
+    except OSError:
+        return elapsed, b""
+
+
+def test_a_trickling_request_is_cut_at_the_deadline_not_kept_alive_by_each_byte(app: App) -> None:
+    r = WebhookReceiver(app, host="127.0.0.1", port=0, request_deadline=1.0).start()
+    try:
+        # Headers that never end, one byte every 0.1 s: a per-read timeout would never fire.
+        with _slow_socket(r.url) as sock:
+            elapsed, answer = _trickle(sock, b"X-Slow: " + b"x" * 100)
+        assert 0.9 <= elapsed < 4 and answer == b""
+        # Whole headers, then a body that trickles: answered 408 at the deadline.
+        body = json.dumps([hs_event(1)]).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in signed_headers(body, HS_URI).items())
+        request_head = f"POST {HS_PATH} HTTP/1.1\r\nContent-Length: {len(body)}\r\n{head}\r\n"
+        with _slow_socket(r.url, request_head.encode()) as sock:
+            elapsed, answer = _trickle(sock, body)
+        assert 0.9 <= elapsed < 4 and answer.startswith(b"HTTP/1.1 408")
+        assert _events(app) == []
+        assert httpx.get(r.url + "/healthz").status_code == 200
+    finally:
+        r.stop()
+
+
+def test_metrics_answer_loopback_clients_only(receiver: WebhookReceiver, client: httpx.Client) -> None:
+    def metrics(client_address: str, **headers: str) -> int:
+        return receiver.handle("GET", "/metrics", headers, lambda n: b"", client=client_address).status
+
+    assert [metrics(a) for a in ("127.0.0.1", "::1", "::ffff:127.0.0.1")] == [200, 200, 200]
+    assert [metrics(a) for a in ("203.0.113.9", "10.0.0.5", "::ffff:192.0.2.1", "")] == [403, 403, 403, 403]
+    assert metrics("127.0.0.1", **{"x-forwarded-for": "203.0.113.9"}) == 403  # a proxy on this machine
+    assert client.get("/metrics").status_code == 200
+    assert "crm_webhook_events_total" in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(("address", "status"), [("203.0.113.9", b"403"), ("127.0.0.1", b"200")])
+def test_the_handler_refuses_metrics_by_its_client_address(
+    receiver: WebhookReceiver, address: str, status: bytes
+) -> None:
+    from crmsync.webhooks import _make_handler
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()  # a TCP pair: the handler sets TCP options on its end
+    with ours, theirs:
+        theirs.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        _make_handler(receiver)(ours, (address, 40000), receiver._httpd)  # serves the one request
+        theirs.settimeout(5)
+        assert theirs.recv(64).startswith(b"HTTP/1.1 " + status)
+
+
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_serve_warns_when_bound_beyond_loopback(tmp_path: Path, home: Path, host: str, warned: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_SECRET")}
+    env.update({"CRMSYNC_HOME": str(home), "NO_COLOR": "1", "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"})
+    cmd = [sys.executable, "-m", "crmsync", "--json", "webhook", "serve", "--host", host, "--port", "0"]
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        assert "listening" in json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    stderr = err_path.read_text()
+    assert ("TLS-terminating reverse proxy" in stderr) is warned, stderr
+    assert "Traceback" not in stderr

@@ -83,12 +83,18 @@ def register(app: typer.Typer) -> None:
         """
         from crmsync.errors import CrmsyncError
         from crmsync.sync.pull import pull
-        from crmsync.webhooks import WebhookReceiver, connections_with_hooks
+        from crmsync.webhooks import WebhookReceiver, connections_with_hooks, is_loopback
         from crmsync.webhooks import serve as run
 
         a = STATE.app()
         hooks = connections_with_hooks(a, connection)
         receiver = WebhookReceiver(a, host=host, port=port, public_url=public_url, trust_proxy=trust_proxy or None)
+        if not is_loopback(receiver.host):
+            log.warning(
+                "listening on %s, which is not loopback: the receiver speaks plain HTTP, so put a "
+                "TLS-terminating reverse proxy in front of it (README, Webhooks)",
+                receiver.host,
+            )
         every = interval if interval is not None else a.config.webhook.follow_interval_seconds
         if every <= 0:
             raise UsageError("--interval must be more than 0 seconds")

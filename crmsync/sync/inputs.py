@@ -11,8 +11,10 @@ import codecs
 import csv
 import io
 import json
+import re
 import sys
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +22,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from crmsync.errors import InputError, UsageError
+from crmsync.jsonlimits import MAX_DEPTH, TooDeep, first_too_deep, value_end
 from crmsync.model import CallOutcome
 
 FORMATS = ("auto", "jsonl", "csv", "json")
@@ -103,6 +106,11 @@ def read_jsonl(stream: IO[bytes], name: str) -> Iterator[Parsed]:
             continue
         if not text.strip():
             continue
+        deep = first_too_deep(text)
+        if deep is not None:
+            reason = str(TooDeep(MAX_DEPTH, deep + 1))
+            yield Parsed(number, text, error=InputError(f"invalid JSON: {reason}", path=name, line=number))
+            continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -113,7 +121,7 @@ def read_jsonl(stream: IO[bytes], name: str) -> Iterator[Parsed]:
         yield _validate(obj, name, number, text)
 
 
-def _unflatten(row: dict[str, str]) -> dict[str, Any]:
+def _unflatten(row: dict[str, str], *, decimal_comma: bool = False) -> dict[str, Any]:
     """CSV headers like ``contact.email`` become nested objects; empty cells are absent."""
     out: dict[str, Any] = {}
     for key, value in row.items():
@@ -130,46 +138,151 @@ def _unflatten(row: dict[str, str]) -> dict[str, Any]:
         except ValueError:
             pass
     if "deal" in out and "amount" in out["deal"]:
+        amount = out["deal"]["amount"]
+        if decimal_comma and _DECIMAL_COMMA.fullmatch(amount):
+            amount = amount.replace(",", ".")  # Excel writes 12,5 where it writes ; between cells
         try:
-            out["deal"]["amount"] = float(out["deal"]["amount"])
+            out["deal"]["amount"] = float(amount)
         except ValueError:
             pass
     return out
 
 
-def read_csv(stream: IO[bytes], name: str) -> Iterator[Parsed]:
-    text_stream = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+#: ``--delimiter`` values; without one, the header line decides among these.
+DELIMITERS = {",": ",", ";": ";", "\t": "\t", "tab": "\t", "|": "|"}
+_DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+_QUOTED = re.compile(r'"[^"]*"?')
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+
+
+def sniff_delimiter(header: str) -> str:
+    """The candidate delimiter found most often outside quotes in the header line (comma on a tie)."""
+    bare = _QUOTED.sub("", header)
+    counts = {d: bare.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts.values())
+    return "," if best == 0 or counts[","] == best else max(counts, key=lambda d: counts[d])
+
+
+def _text_lines(stream: IO[bytes]) -> Generator[tuple[int, str, bool], None, None]:
+    """(line number, text with its line ending, False when the line is not UTF-8) without the BOM.
+
+    Lines end at CRLF, LF or a lone CR (old Mac Excel); bad bytes spoil only their own line.
+    """
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     try:
-        reader = csv.DictReader(text_stream)
-        try:
-            header = reader.fieldnames
-        except UnicodeDecodeError:
-            yield Parsed(1, "", error=InputError("not UTF-8 text", path=name, line=1))
-            return
-        if not header:
-            return
-        line = 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except UnicodeDecodeError:
-                yield Parsed(line + 1, "", error=InputError("not UTF-8 text", path=name, line=line + 1))
-                return
-            except csv.Error as exc:
-                yield Parsed(
-                    reader.line_num, "", error=InputError(f"invalid CSV: {exc}", path=name, line=reader.line_num)
-                )
-                return
-            line = reader.line_num
-            raw = json.dumps(row, ensure_ascii=False)
-            if None in row:
-                yield Parsed(line, raw, error=InputError("more cells than header columns", path=name, line=line))
-                continue
-            yield _validate(_unflatten(row), name, line, raw)
+        for number, line in enumerate(text, start=1):
+            if _UNDECODABLE.search(line) is None:
+                yield number, line, True
+            else:
+                yield number, line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), False
     finally:
-        text_stream.detach()
+        text.detach()
+
+
+class _Feed:
+    """The lines the csv module reads, remembering which ones the current record took.
+
+    Lines can be given back: after an unclosed quote, the lines it swallowed are read again
+    as rows of their own instead of being lost in one runaway field.
+    """
+
+    def __init__(self, lines: Iterator[tuple[int, str, bool]]) -> None:
+        self._lines = lines
+        self.back: deque[tuple[int, str, bool]] = deque()
+        self.taken: list[tuple[int, str, bool]] = []
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> str:
+        item = self.back.popleft() if self.back else next(self._lines)
+        self.taken.append(item)
+        return item[1]
+
+    def give_back_all_but_first(self) -> None:
+        self.back.extendleft(reversed(self.taken[1:]))
+
+
+def _swallowed_rows(lines: list[tuple[int, str, bool]], sep: str, columns: int) -> bool:
+    """True when a line inside a quoted field has a whole row's worth of delimiters."""
+    return columns > 1 and any(text.count(sep) >= columns - 1 for _, text, _ in lines)
+
+
+def read_csv(stream: IO[bytes], name: str, delimiter: str | None = None) -> Iterator[Parsed]:
+    """Rows of a CSV file (comma, semicolon, tab or pipe; Excel's BOM and CRLF are fine).
+
+    Records are numbered by the line they start on. A quote that is never closed is that row's
+    error, and the lines after it are read as rows again.
+    """
+    lines = _text_lines(stream)
+    try:
+        yield from _csv_records(lines, name, delimiter)
+    finally:
+        lines.close()  # gives the stream back before its owner closes it
+
+
+def _csv_records(lines: Iterator[tuple[int, str, bool]], name: str, delimiter: str | None) -> Iterator[Parsed]:
+    first = next(lines, None)
+    if first is None:
+        return
+    _, header_line, utf8 = first
+    if not utf8:
+        yield Parsed(1, header_line.rstrip("\r\n"), error=InputError("not UTF-8 text", path=name, line=1))
+        return
+    if not header_line.strip():
+        return
+    sep = DELIMITERS[delimiter] if delimiter else sniff_delimiter(header_line)
+    try:
+        header = [h.strip() for h in next(csv.reader([header_line], delimiter=sep, strict=True))]
+    except csv.Error as exc:
+        yield Parsed(1, header_line.rstrip("\r\n"), error=InputError(f"invalid CSV header: {exc}", path=name, line=1))
+        return
+    feed = _Feed(lines)
+    reader = csv.reader(feed, delimiter=sep, strict=True)
+    while True:
+        feed.taken.clear()
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            taken = feed.taken
+            if not taken:
+                return
+            start, text = taken[0][0], taken[0][1].rstrip("\r\n")
+            too_long = "field larger" in str(exc)
+            if "end of data" in str(exc) or (
+                len(taken) > 1 and (not too_long or _swallowed_rows(taken[1:], sep, len(header)))
+            ):
+                feed.give_back_all_but_first()
+                reason = "unclosed quote: a quoted field starts on this line and is not closed where it should be"
+            elif too_long:
+                reason = f"a cell longer than {csv.field_size_limit()} characters"
+            else:
+                reason = f"invalid CSV: {exc}"
+            yield Parsed(start, text, error=InputError(reason, path=name, line=start))
+            continue
+        taken = list(feed.taken)
+        if not taken or not any(cells):
+            continue  # a blank line
+        start = taken[0][0]
+        raw_text = "".join(t for _, t, _ in taken).rstrip("\r\n")
+        if len(taken) > 1 and (len(cells) != len(header) or _swallowed_rows(taken[1:], sep, len(header))):
+            # A runaway quote that happened to close before a delimiter: the row shape gives it away.
+            feed.give_back_all_but_first()
+            reason = "unclosed quote: a quoted field starts on this line and is not closed where it should be"
+            yield Parsed(start, taken[0][1].rstrip("\r\n"), error=InputError(reason, path=name, line=start))
+            continue
+        bad = next((n for n, _, ok in taken if not ok), None)
+        if bad is not None:
+            yield Parsed(bad, raw_text, error=InputError("not UTF-8 text", path=name, line=bad))
+            continue
+        row = dict(zip(header, cells, strict=False))
+        raw = json.dumps(row, ensure_ascii=False)
+        if len(cells) > len(header):
+            yield Parsed(start, raw, error=InputError("more cells than header columns", path=name, line=start))
+            continue
+        yield _validate(_unflatten(row, decimal_comma=sep != ","), name, start, raw)
 
 
 def read_json_array(stream: IO[bytes], name: str) -> Iterator[Parsed]:
@@ -219,6 +332,21 @@ def read_json_array(stream: IO[bytes], name: str) -> Iterator[Parsed]:
             if buf[0] == ",":
                 buf = buf[1:]
                 continue
+            if buf[0] in "[{" and buf.count("[") + buf.count("{") > MAX_DEPTH:
+                end, deep = value_end(buf, 0)
+                if deep and end is None and not eof and len(buf) < MAX_LINE and fill():
+                    continue  # skip the whole element, not just what has arrived of it
+                if deep:
+                    yield Parsed(
+                        line,
+                        buf[:200],
+                        error=InputError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels", path=name, line=line),
+                    )
+                    if end is None:
+                        return
+                    line += buf[:end].count("\n")
+                    buf = buf[end:]
+                    continue
             try:
                 obj, end = decoder.raw_decode(buf)
             except json.JSONDecodeError as exc:
@@ -239,14 +367,30 @@ def read_json_array(stream: IO[bytes], name: str) -> Iterator[Parsed]:
         reader.detach()
 
 
-def read_outcomes(source: str, fmt: str = "auto") -> Iterator[Parsed]:
-    """Every record of ``source`` ('-' for stdin), validated, in input order."""
+def read_outcomes(source: str, fmt: str = "auto", *, delimiter: str | None = None) -> Iterator[Parsed]:
+    """Every record of ``source`` ('-' for stdin), validated, in input order.
+
+    ``delimiter`` (``,`` ``;`` ``tab`` ``|``) is for CSV and implies it; without it the header decides.
+    Bad options raise ``UsageError`` here, before anything is read.
+    """
+    if delimiter is not None and delimiter not in DELIMITERS:
+        raise UsageError("--delimiter must be one of: , ; tab |")
     kind = detect_format(source, fmt)
+    if delimiter is not None and fmt == "auto":
+        kind = "csv"
+    elif delimiter is not None and kind != "csv":
+        raise UsageError(f"--delimiter is for CSV input, not --format {kind}")
+    return _records(source, kind, delimiter)
+
+
+def _records(source: str, kind: str, delimiter: str | None) -> Iterator[Parsed]:
     name = "<stdin>" if source == "-" else source
     stream = open_binary(source)
-    reader = {"jsonl": read_jsonl, "csv": read_csv, "json": read_json_array}[kind]
     try:
-        yield from reader(stream, name)
+        if kind == "csv":
+            yield from read_csv(stream, name, delimiter)
+        else:
+            yield from {"jsonl": read_jsonl, "json": read_json_array}[kind](stream, name)
     finally:
         if source != "-":
             stream.close()

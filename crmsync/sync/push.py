@@ -147,10 +147,10 @@ def _write_reject(handle: Any, parsed: Parsed) -> None:
     )
 
 
-def validate_all(source: str, fmt: str) -> tuple[int, list[InputError]]:
+def validate_all(source: str, fmt: str, delimiter: str | None = None) -> tuple[int, list[InputError]]:
     """First pass of --strict: every error of the file, nothing queued."""
     n, errors = 0, []
-    for parsed in read_outcomes(source, fmt):
+    for parsed in read_outcomes(source, fmt, delimiter=delimiter):
         n += 1
         if parsed.error:
             errors.append(parsed.error)
@@ -331,6 +331,7 @@ def push(
     source: str | None,
     connection: str | None = None,
     fmt: str = "auto",
+    delimiter: str | None = None,
     strict: bool = False,
     rejects: Path | None = None,
     dry_run: bool = False,
@@ -350,7 +351,7 @@ def push(
     try:
         if source is not None and strict:
             path, cleanup = _spooled(source)
-            n, errors = validate_all(path, fmt)
+            n, errors = validate_all(path, fmt, delimiter)
             if errors:
                 shown = "\n  ".join(str(e) for e in errors[:20])
                 more = f"\n  … and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -360,7 +361,7 @@ def push(
         if dry_run:
             if path is None:
                 raise UsageError("--dry-run needs an input file (or - for stdin)")
-            plan(app, conn, mapping, read_outcomes(path, fmt), summary, sink=sink, rejects=rejects)
+            plan(app, conn, mapping, read_outcomes(path, fmt, delimiter=delimiter), summary, sink=sink, rejects=rejects)
         else:
             with _delivery_lock(app, conn.name, lock_timeout):
                 run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
@@ -383,7 +384,7 @@ def push(
                             enqueue(
                                 app,
                                 conn.name,
-                                read_outcomes(path, fmt),
+                                read_outcomes(path, fmt, delimiter=delimiter),
                                 summary,
                                 update=update,
                                 rejects=reject_handle,
