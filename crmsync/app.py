@@ -59,9 +59,12 @@ class App:
 
     @cached_property
     def store(self) -> Store:
+        from crmsync.credentials import private_dir
         from crmsync.store import Store
 
         _ = self.config  # the config may name the db
+        # The data directory holds the store, the locks and maybe secret files: the user's only.
+        private_dir(self.paths.data_dir)
         return Store.open(self.paths.db)
 
     @cached_property
@@ -74,8 +77,15 @@ class App:
             # Workers on several hosts: token refreshes are serialised through the shared store.
             from crmsync.scaleout import SharedSecretStore
 
-            return SharedSecretStore(self.store.engine, lock_dir=self.paths.locks_dir, env=self.env)
-        return SecretStore(lock_dir=self.paths.locks_dir, env=self.env)
+            return SharedSecretStore(
+                self.store.engine, lock_dir=self.paths.locks_dir, env=self.env, secrets_dir=self.secrets_dir
+            )
+        return SecretStore(lock_dir=self.paths.locks_dir, env=self.env, secrets_dir=self.secrets_dir)
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where ``connect --insecure-storage`` keeps secret files (0700, each file 0600)."""
+        return self.paths.data_dir / "secrets"
 
     @property
     def redis_url(self) -> str | None:
@@ -218,7 +228,9 @@ class App:
             with advisory_lock(self.store, connection, timeout=wait):
                 yield
             return
-        self.paths.locks_dir.mkdir(parents=True, exist_ok=True)
+        from crmsync.credentials import private_dir
+
+        private_dir(self.paths.locks_dir)
         base = self.paths.locks_dir / f"{safe_name(self.paths.db)}.{safe_name(connection)}"
         lock = FileLock(f"{base}.lock")
         owner = Path(f"{base}.owner")

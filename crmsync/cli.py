@@ -229,8 +229,17 @@ def connect(
     password: Annotated[
         bool, typer.Option("--password", help="Odoo: the secret is a password, not an API key (not advised).")
     ] = False,
+    insecure_storage: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-storage",
+            help="Keep the secret in a file readable only by you (data directory, mode 0600), not the OS keyring.",
+        ),
+    ] = False,
 ) -> None:
-    """Create or renew a connection; secrets go to the OS keyring.
+    """Create or renew a connection; the secret goes to the OS keyring (or see --insecure-storage).
+
+    With CRMSYNC_SECRET_<NAME> set, the secret is taken from there and stored nowhere.
 
     Example: crmsync connect hubspot --name prod   (prompts for the private-app token)
     """
@@ -256,6 +265,7 @@ def connect(
         base_url=base_url,
         options={k: v for k, v in options.items() if v not in (None, False)},
         io=CliIO(token_stdin),
+        insecure_storage=insecure_storage,
     )
     if STATE.json:
         emit_json(

@@ -102,7 +102,13 @@ def test_status_json_snapshot() -> None:
         "provider": "hubspot",
         "account": "42",
         "base_url": "http://x",
-        "auth": {"state": "ok", "token_expires_at": None, "last_ok_at": "<time>", "last_checked_at": "<time>"},
+        "auth": {
+            "state": "ok",
+            "token_expires_at": None,
+            "secret": {"storage": "none", "where": None},
+            "last_ok_at": "<time>",
+            "last_checked_at": "<time>",
+        },
         "objects": {
             "contacts": {
                 "stored": 3,
@@ -142,6 +148,7 @@ def test_status_plain_snapshot(home: Path) -> None:
     assert lines[4] == "  most common error: Property values were not valid"
     assert lines[5] == "webhook events pending: 1 (oldest 30m)   conflicts open: 0"
     assert lines[6] == "last pull: 7 requests, 1 retries, 1 rate-limited"
+    assert lines[7] == "secret: none"
     assert all(len(line) <= 80 for line in lines)
 
 

@@ -33,6 +33,7 @@ def describe_cursor(cursor: dict[str, Any] | None) -> str:
 
 def render_status(doc: dict[str, Any]) -> None:
     """The dashboard: one block per connection, readable at 80 columns."""
+    from rich.markup import escape
     from rich.table import Table
 
     from crmsync.cli import console
@@ -77,6 +78,10 @@ def render_status(doc: dict[str, Any]) -> None:
                 f"last {rl['command']}: {rl['requests']} requests, {rl['retries']} retries, "
                 f"{rl['rate_limited']} rate-limited" + (f"; quota: {q}" if q else "")
             )
+        secret = auth.get("secret") or {}
+        if secret:
+            kept = f"{secret['storage']} {secret['where']}" if secret.get("where") else secret["storage"]
+            out.print(f"secret: {escape(kept)}")
         out.print("")
 
 

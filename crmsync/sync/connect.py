@@ -1,11 +1,23 @@
-"""`crmsync connect`: provider-specific credential flow, then a verified connection row."""
+"""`crmsync connect`: provider-specific credential flow, then a verified connection row.
+
+Nothing one-time is spent on a secret that cannot be kept: where the secret will live (the OS
+keyring, a 0600 file with ``--insecure-storage``, or the environment) is proven writable before
+the provider's flow starts, and the secret is written there only once the connection is verified,
+so a failed connect leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from crmsync.errors import CrmsyncError, UsageError
+import httpx
+
+from crmsync.credentials import PendingSecrets, Storage, env_name
+from crmsync.errors import ConfigError, RetriableError, UsageError
+from crmsync.model import utcnow
 from crmsync.providers import get_provider
 from crmsync.providers.base import ConnectContext, ConnectIO
 from crmsync.store import CrmConnection
@@ -14,39 +26,137 @@ if TYPE_CHECKING:
     from crmsync.app import App
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: A server that does not answer at connect time is a typo or a server that is down: say so
+#: quickly instead of retrying as a sync run would.
+CONNECT_TIMEOUT = httpx.Timeout(30.0, connect=4.0)
+CONNECT_DEADLINE = 8.0
+CONNECT_ATTEMPTS = 2
+#: Keys of a secret document that ``io.secret`` answers with when the secret comes from the env.
+_PROMPTED_KEYS = ("token", "api_key", "password", "client_secret")
+
+
+def check_base_url(base_url: str | None) -> str | None:
+    """A usable --base-url (scheme and host), without its trailing slash; UsageError otherwise."""
+    if not base_url:
+        return None
+    parts = urlsplit(base_url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(
+            f"--base-url {base_url!r}: give a full URL with http:// or https://, e.g. http://{base_url.strip()}"
+            if parts.scheme not in ("http", "https")
+            else f"--base-url {base_url!r}: the URL names no host"
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise UsageError(f"--base-url {base_url!r}: the port is not a number from 0 to 65535") from None
+    return base_url.strip().rstrip("/")
+
+
+class EnvSecretIO:
+    """ConnectIO answering secret prompts from ``CRMSYNC_SECRET_<NAME>`` instead of a person."""
+
+    def __init__(self, io: ConnectIO, raw: str) -> None:
+        self.io, self.interactive = io, io.interactive
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            self.value = next((str(doc[k]) for k in _PROMPTED_KEYS if doc.get(k)), "")
+        else:
+            self.value = raw.strip()
+
+    def secret(self, prompt: str) -> str:
+        return self.value
+
+    def ask(self, prompt: str) -> str:
+        return self.io.ask(prompt)
+
+    def info(self, message: str) -> None:
+        self.io.info(message)
+
+    def open_url(self, url: str) -> bool:
+        return self.io.open_url(url)
 
 
 def connect(
-    app: App, *, provider: str, name: str, base_url: str | None, options: dict[str, Any], io: ConnectIO
+    app: App,
+    *,
+    provider: str,
+    name: str,
+    base_url: str | None,
+    options: dict[str, Any],
+    io: ConnectIO,
+    insecure_storage: bool = False,
 ) -> CrmConnection:
-    """Run the provider's connect flow and record the connection (no secrets in the store)."""
+    """Run the provider's connect flow and record the connection (no secrets in the store).
+
+    The secret is kept in the OS keyring, in a 0600 file under the data directory with
+    ``insecure_storage``, or left in ``CRMSYNC_SECRET_<NAME>`` when that is set.
+    """
     if not NAME_RE.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 63)")
     cls = get_provider(provider)
+    base_url = check_base_url(base_url)
+    from_env = app.env.get(env_name(name))
+    storage: Storage = "file" if insecure_storage else "env" if from_env else "keyring"
+    app.secrets.probe(name, storage)  # before any prompt, grant code or request
+    if from_env:
+        io = EnvSecretIO(io, from_env)
+    pending = PendingSecrets(app.secrets, name)
+    hosts: list[str] = [urlsplit(base_url).netloc] if base_url else []
+
+    def client(url: str, auth: Any) -> Any:
+        hosts.append(urlsplit(url).netloc)
+        http = app.http_client(cls, name, url, auth)
+        http.deadline, http.max_attempts = min(http.deadline, CONNECT_DEADLINE), CONNECT_ATTEMPTS
+        http.client.timeout = CONNECT_TIMEOUT
+        return http
+
+    def token_client() -> httpx.Client:
+        tokens = app.token_client(name)
+        tokens.timeout = CONNECT_TIMEOUT
+        tokens.event_hooks["request"].append(lambda request: _before_token_request(request, storage, name, hosts))
+        return tokens
+
     ctx = ConnectContext(
-        name=name,
-        base_url=base_url.rstrip("/") if base_url else None,
-        options=options,
-        secrets=app.secrets,
-        io=io,
-        client=lambda url, auth: app.http_client(cls, name, url, auth),
-        token_client=lambda: app.token_client(name),
+        name=name, base_url=base_url, options=options, secrets=pending, io=io, client=client, token_client=token_client
     )
     try:
         result = cls.connect(ctx)
-    except CrmsyncError:
-        raise
-    from crmsync.model import utcnow
-
+    except RetriableError as exc:
+        host = hosts[-1] if hosts else "the server"
+        raise RetriableError(
+            f"cannot reach {host}: {exc.message}", hint="check --base-url and that the server is up"
+        ) from None
+    now = utcnow()
     conn = CrmConnection(
         name=name,
         provider=cls.name,
         account_id=result.account_id,
         base_url=result.base_url,
         scopes=result.scopes,
-        settings=result.settings,
-        last_checked_at=utcnow(),
-        last_ok_at=utcnow(),
+        settings={**result.settings, "secret_storage": storage},
+        last_checked_at=now,
+        last_ok_at=now,
         auth_state="ok",
     )
-    return app.store.save_connection(conn)
+    pending.commit(storage)
+    try:
+        return app.store.save_connection(conn)
+    except BaseException:
+        if storage != "env":
+            app.secrets.delete(name)
+        raise
+
+
+def _before_token_request(request: httpx.Request, storage: Storage, name: str, hosts: list[str]) -> None:
+    """Refuse to spend an authorisation code whose tokens would have nowhere to be kept."""
+    hosts.append(request.url.netloc.decode("ascii"))
+    if storage == "env" and b"grant_type=authorization_code" in request.content:
+        raise ConfigError(
+            f"{env_name(name)} is set, so crmsync keeps no secret of its own for {name!r}, "
+            "and the tokens this authorisation returns would be lost",
+            hint=f"unset {env_name(name)} and connect with an OS keyring or --insecure-storage",
+        )

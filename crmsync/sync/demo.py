@@ -24,8 +24,9 @@ def run_demo(
     from crmsync.sync.push import push
     from crmsync.sync.status import gather
 
-    # A throwaway credential store: the demo must run where no keyring daemon exists, and must
-    # never leave its fake token in the user's real keyring.
+    # A throwaway credential store, set explicitly (keyring never picks it itself): the demo must
+    # run where no keyring daemon exists, and must never leave its fake token in the real keyring.
+    previous = keyring.get_keyring()
     keyring.set_keyring(MemoryKeyring())
     with tempfile.TemporaryDirectory(prefix="crmsync-demo-") as tmp:
         emulator = build_hubspot(
@@ -57,3 +58,4 @@ def run_demo(
         finally:
             app.close()
             server.stop()
+            keyring.set_keyring(previous)

@@ -48,6 +48,17 @@ def _token_expiry(app: App, conn: CrmConnection) -> str | None:
     return datetime.fromtimestamp(float(exp), tz=UTC).isoformat(timespec="seconds") if exp else None
 
 
+def _secret_location(app: App, conn: CrmConnection) -> dict[str, str | None]:
+    """Where the secret lives (keyring, file and its path, environment and its variable), never the secret."""
+    try:
+        where = app.secrets.locate(conn.name).as_dict()
+    except Exception as exc:  # an unreadable keyring must not take status down
+        return {"storage": "unknown", "where": type(exc).__name__}
+    if where["storage"] == "none" and conn.settings.get("secret_storage"):
+        where["storage"] = f"missing (was {conn.settings['secret_storage']})"
+    return where
+
+
 def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = None) -> dict[str, Any]:
     """The status document of one connection."""
     now = now or utcnow()
@@ -129,6 +140,7 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
         "auth": {
             "state": conn.auth_state,
             "token_expires_at": _token_expiry(app, conn),
+            "secret": _secret_location(app, conn),
             "last_ok_at": _iso(conn.last_ok_at),
             "last_checked_at": _iso(conn.last_checked_at),
         },
