@@ -69,10 +69,11 @@ class App:
 
     @cached_property
     def secrets(self) -> Any:
-        from crmsync.credentials import SecretStore
+        from crmsync.credentials import SecretStore, private_dir
         from crmsync.store import db_url
 
         _ = self.config  # the config may name the db
+        private_dir(self.paths.data_dir)  # before secrets/ and locks/ are made inside it
         if db_url(self.paths.db).startswith("postgresql"):
             # Workers on several hosts: token refreshes are serialised through the shared store.
             from crmsync.scaleout import SharedSecretStore

@@ -1,12 +1,19 @@
 """The OAuth 2.0 authorization-code flow with a loopback redirect, shared by HubSpot and Zoho.
 
 A one-shot HTTP server on 127.0.0.1 and a random port receives the redirect; ``state`` is a
-random value checked on return. Without a browser (``--no-browser``, or none could open) the
-URL is printed and the user pastes back the redirected URL or just the code.
+random value checked on return: a request with another state (a stale tab, a page on the same
+machine guessing the port) gets an error page and the listener keeps waiting for the real one.
+PKCE (RFC 7636, S256) binds the code to this process: the authorisation request carries the
+challenge and the token request the verifier, so a code seen by anyone else is worth nothing.
+Without a browser (``--no-browser``, or none could open) the URL is printed and the user pastes
+back the redirected URL or just the code.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
 import secrets
 import threading
 import urllib.parse
@@ -29,11 +36,28 @@ class CodeGrant:
     code: str
     redirect_uri: str
     params: dict[str, str]
+    #: The PKCE verifier to send with the token request (empty when PKCE was not used).
+    code_verifier: str = ""
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE verifier and its S256 challenge: base64url(SHA-256(verifier)) without padding."""
+    verifier = secrets.token_urlsafe(64)  # 86 characters, within RFC 7636's 43..128
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 class _Catcher(HTTPServer):
     result: dict[str, str] | None = None
     done: threading.Event
+    state: str
+
+
+def _page(title: str, text: str) -> bytes:
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>crmsync: {html.escape(title)}</title></head>"
+        f"<body><h1>{html.escape(title)}</h1><p>{html.escape(text)}</p></body></html>"
+    ).encode()
 
 
 def _handler() -> type[BaseHTTPRequestHandler]:
@@ -41,20 +65,34 @@ def _handler() -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             return
 
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_GET(self) -> None:
             parsed = urllib.parse.urlsplit(self.path)
             if parsed.path != CALLBACK_PATH:
-                self.send_response(404)
-                self.end_headers()
+                self._answer(404, _page("Not found", "This address only receives crmsync's authorisation."))
                 return
             server: _Catcher = self.server  # type: ignore[assignment]
-            server.result = dict(urllib.parse.parse_qsl(parsed.query))
-            body = b"crmsync: authorisation received. You can close this window."
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            returned = dict(urllib.parse.parse_qsl(parsed.query))
+            if not secrets.compare_digest(returned.get("state", ""), server.state):
+                # Not the redirect crmsync started: refuse it and keep waiting for the real one.
+                self._answer(
+                    400,
+                    _page(
+                        "Authorisation not accepted",
+                        "This redirect does not belong to the crmsync connect now waiting (its state differs). "
+                        "Start the authorisation from the URL crmsync printed.",
+                    ),
+                )
+                return
+            server.result = returned
+            self._answer(200, _page("Authorisation received", "You can close this window and return to crmsync."))
             server.done.set()
 
     return Handler
@@ -67,13 +105,18 @@ def authorize(
     params: dict[str, str],
     no_browser: bool = False,
     timeout: float = 300.0,
+    pkce: bool = True,
 ) -> CodeGrant:
-    """Run the code flow; returns the code, the redirect URI used and every returned parameter."""
+    """Run the code flow; returns the code, the redirect URI used, every returned parameter and
+    the PKCE verifier the token request must carry."""
     state = secrets.token_urlsafe(24)
+    verifier, challenge = pkce_pair() if pkce else ("", "")
     server = _Catcher(("127.0.0.1", 0), _handler())
     server.done = threading.Event()
+    server.state = state
     redirect_uri = f"http://127.0.0.1:{server.server_address[1]}{CALLBACK_PATH}"
-    query = urllib.parse.urlencode({**params, "redirect_uri": redirect_uri, "state": state})
+    extra = {"code_challenge": challenge, "code_challenge_method": "S256"} if pkce else {}
+    query = urllib.parse.urlencode({**params, "redirect_uri": redirect_uri, "state": state, **extra})
     url = f"{authorize_url}{'&' if '?' in authorize_url else '?'}{query}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -108,7 +151,7 @@ def authorize(
     code = returned.get("code")
     if not code:
         raise AuthError("the redirect carried no authorisation code")
-    return CodeGrant(code=code, redirect_uri=redirect_uri, params=returned)
+    return CodeGrant(code=code, redirect_uri=redirect_uri, params=returned, code_verifier=verifier)
 
 
 TokenRequest = Callable[[Any, str, dict[str, str]], dict[str, Any]]  # (client, url, form) -> token fields

@@ -249,6 +249,7 @@ class HubSpotProvider(Provider):
                     "client_secret": client_secret,
                     "redirect_uri": grant.redirect_uri,
                     "code": grant.code,
+                    "code_verifier": grant.code_verifier,
                 },
             )
             secret = {**register, **tokens, "expires_at": time.time() + float(tokens.pop("expires_in", 1800))}

@@ -338,7 +338,7 @@ class ZohoProvider(Provider):
             )
             token_server = _accounts_server(grant.params.get("accounts-server"), accounts)
             dc = str(grant.params.get("location") or dc).lower()
-            form.update({"code": grant.code, "redirect_uri": grant.redirect_uri})
+            form.update({"code": grant.code, "redirect_uri": grant.redirect_uri, "code_verifier": grant.code_verifier})
         tokens = _token_request(ctx.token_client(), f"{token_server}/oauth/v2/token", form)
         if not tokens.get("refresh_token"):
             raise AuthError(
