@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
-from crmsync.credentials import SecretStore
+from crmsync.credentials import SecretStore, Storage
 from crmsync.errors import LockHeldError, RetriableError
 
 if TYPE_CHECKING:
@@ -309,12 +309,12 @@ class SharedSecretStore(SecretStore):
             return dict(kept)
         return secret
 
-    def set(self, connection: str, secret: Mapping[str, Any]) -> None:
+    def set(self, connection: str, secret: Mapping[str, Any], *, storage: Storage | None = None) -> None:
         from crmsync.credentials import env_name, keyring_usable
 
         if keyring_usable() or connection not in self.refreshing:
             # Only a refresh may fall back: a new secret (connect) must reach a real keyring.
-            super().set(connection, secret)
+            super().set(connection, secret, storage=storage)
             return
         self._register(secret)
         self._refreshed[connection] = dict(secret)

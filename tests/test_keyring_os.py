@@ -7,6 +7,7 @@ SecretService backend, not an in-memory one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,68 @@ def test_secret_round_trip_through_gnome_keyring(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok")
+
+
+@pytest.mark.skipif(
+    any(shutil.which(t) is None for t in NEEDS),
+    reason="needs gnome-keyring and dbus-run-session "
+    "(apt-get install gnome-keyring dbus-daemon dbus-user-session; .ci/run installs them)",
+)
+def test_cli_connect_keeps_the_token_in_gnome_keyring_and_a_failed_connect_keeps_nothing(tmp_path: Path) -> None:
+    from crmsync.emulators.hubspot import HubSpotEmulator
+
+    emulator = HubSpotEmulator(seed=1, contacts=3)
+    server = emulator.serve()
+    token = emulator.private_app_token
+    check = tmp_path / "check.py"
+    check.write_text(
+        textwrap.dedent("""
+        import json, sys
+        import keyring
+        assert json.loads(keyring.get_password("crmsync", "prod"))["token"] == sys.argv[1]
+        assert keyring.get_password("crmsync", "bad") is None
+        assert keyring.get_password("crmsync", "crmsync-probe") is None
+        print("keyring ok")
+    """)
+    )
+    crmsync = f"{sys.executable} -m crmsync"
+    cmd = (
+        "echo -n crmsync-test | gnome-keyring-daemon --unlock --components=secrets >/dev/null 2>&1; "
+        f"echo {token} | {crmsync} connect hubspot --name prod --base-url {server.url} --token-stdin || exit 11; "
+        f"echo pat-na1-wrong | {crmsync} connect hubspot --name bad --base-url {server.url} --token-stdin; "
+        "test $? -eq 3 || exit 12; "
+        f"{crmsync} pull -c prod --object contacts >/dev/null || exit 13; "
+        f"{crmsync} --json status -c prod || exit 14; "
+        f"{sys.executable} {check} {token}"
+    )
+    home = tmp_path / "home"
+    (home / ".local" / "share" / "keyrings").mkdir(parents=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHON_KEYRING_BACKEND", "DBUS_SESSION_BUS_ADDRESS") and not k.startswith("CRMSYNC_SECRET")
+    }
+    env.update(
+        {
+            "HOME": str(home),
+            "XDG_DATA_HOME": str(home / ".local" / "share"),
+            "XDG_RUNTIME_DIR": str(tmp_path),
+            "CRMSYNC_HOME": str(tmp_path / "data"),
+            "NO_COLOR": "1",
+        }
+    )
+    try:
+        proc = subprocess.run(
+            ["dbus-run-session", "--", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=180
+        )
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert status["connections"][0]["auth"]["secret"] == {"storage": "keyring", "where": None}
+    assert proc.stdout.rstrip().endswith("keyring ok")
+    assert token not in proc.stdout + proc.stderr
+    assert not (tmp_path / "data" / "secrets").exists()
 
 
 def test_headless_without_keyring_gives_options_not_a_traceback(tmp_path: Path) -> None:
