@@ -447,3 +447,28 @@ def test_oauth_code_flows_use_pkce_s256(crm: str) -> None:
     assert s256(exchange_form["code_verifier"]) == query["code_challenge"]
     assert 43 <= len(exchange_form["code_verifier"]) <= 128
     assert io.browsed() == [400, 200]  # the forged redirect did not end the flow
+
+
+@pytest.mark.parametrize("insecure_storage", [False, True], ids=["keyring", "file"])
+def test_an_odoo_connect_to_a_wrong_database_leaves_no_secret_behind(
+    isolated: MemoryKeyring, insecure_storage: bool
+) -> None:
+    from crmsync.emulators.odoo import OdooEmulator
+    from crmsync.errors import CrmsyncError
+
+    emu = OdooEmulator(version=17)
+    app = App(transport=lambda _n: emu.transport())
+    options = {"db": f"{emu.db}-typo", "user": emu.login}
+    with pytest.raises(CrmsyncError):
+        connect(
+            app,
+            provider="odoo",
+            name="o",
+            base_url="http://odoo.test",
+            options=options,
+            io=ScriptIO(emu.api_key),
+            insecure_storage=insecure_storage,
+        )
+    assert isolated.entries == {}
+    assert not app.secrets_dir.exists() or not any(app.secrets_dir.iterdir())
+    assert app.store.connection("o") is None
