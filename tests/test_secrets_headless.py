@@ -254,6 +254,39 @@ def test_connect_from_the_environment_never_spends_a_code_it_cannot_keep(
     assert "access_token" in exchange(url, emu, code)
 
 
+def test_an_oauth_secret_in_the_environment_is_renewed_at_connect_not_reauthorised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoho: tuple[ZohoEmulator, str]
+) -> None:
+    emu, url = zoho
+    monkeypatch.setenv("CRMSYNC_HOME", str(tmp_path / "elsewhere"))
+    made = App()  # the JSON document as crmsync stores it, made on another machine
+    options = {"client_id": emu.client_id, "grant_code": emu.grant_code()}
+    connect(made, provider="zoho", name="z", base_url=url, options=options, io=ScriptIO(emu.client_secret))
+    doc = made.secrets.get("z") or {}
+    made.close()
+    env = headless_env(tmp_path, **{env_name("z"): json.dumps(doc)})
+    connected = run(["connect", "zoho", "-n", "z", "--base-url", url], env, stdin="")
+    assert connected.code == 0, connected.stderr
+    pulled = run(["pull", "-c", "z", "--object", "contacts"], env)
+    assert pulled.code == 0, pulled.stderr
+    assert not Path(env["CRMSYNC_HOME"], "secrets").exists()
+    for out in (connected, pulled):
+        assert doc["refresh_token"] not in out.stdout + out.stderr
+        assert doc["client_secret"] not in out.stdout + out.stderr
+
+    hub = HubSpotEmulator(seed=2, contacts=2)
+    server = hub.serve()
+    try:
+        _, refresh = hub.issue_token()
+        secret = {"kind": "oauth", "client_id": hub.client_id, "client_secret": hub.client_secret}
+        env[env_name("hs")] = json.dumps({**secret, "refresh_token": refresh})
+        result = run(["--json", "connect", "hubspot", "-n", "hs", "--base-url", server.url], env, stdin="")
+        assert result.code == 0, result.stderr
+        assert result.json()["account"] == str(hub.portal_id)
+    finally:
+        server.stop()
+
+
 def test_demo_runs_in_an_empty_home_without_a_keyring_daemon(tmp_path: Path) -> None:
     env = headless_env(tmp_path)
     result = run(["demo", "--contacts", "20"], env, timeout=300)

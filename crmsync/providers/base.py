@@ -162,6 +162,8 @@ class ConnectContext:
     client: Any  # Callable[[str, Auth | None], HttpClient]
     #: A bare httpx.Client for OAuth token endpoints (same transport).
     token_client: Any  # Callable[[], httpx.Client]
+    #: A secret document given in ``CRMSYNC_SECRET_<NAME>``: an OAuth one is renewed, not re-authorised.
+    given: dict[str, Any] | None = None
 
 
 @dataclass

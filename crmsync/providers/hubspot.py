@@ -224,34 +224,38 @@ class HubSpotProvider(Provider):
         base_url = (ctx.base_url or API).rstrip("/")
         opts = ctx.options
         settings: dict[str, Any] = {}
-        if opts.get("oauth"):
-            client_id = opts.get("client_id") or ""
+        given = ctx.given or {}
+        if opts.get("oauth") or given.get("kind") == "oauth":
+            client_id = opts.get("client_id") or given.get("client_id") or ""
             if not client_id:
                 raise UsageError("--oauth needs --client-id")
             client_secret = ctx.io.secret("HubSpot app client secret")
             register = {"kind": "oauth", "client_id": client_id, "client_secret": client_secret}
             token_url = opts.get("token_url") or f"{base_url}/oauth/v3/token"
-            authorize_url = opts.get("authorize_url") or (
-                AUTHORIZE_URL if base_url == API else f"{base_url}/oauth/authorize"
-            )
-            grant = oauth.authorize(
-                ctx.io,
-                authorize_url=authorize_url,
-                params={"client_id": client_id, "scope": opts.get("scopes") or DEFAULT_OAUTH_SCOPES},
-                no_browser=bool(opts.get("no_browser")),
-            )
-            tokens = _token_request(
-                ctx.token_client(),
-                token_url,
-                {
+            if given.get("refresh_token"):
+                # The environment's secret already holds a grant: renew it rather than ask for another.
+                form = {"grant_type": "refresh_token", "refresh_token": str(given["refresh_token"])}
+            else:
+                authorize_url = opts.get("authorize_url") or (
+                    AUTHORIZE_URL if base_url == API else f"{base_url}/oauth/authorize"
+                )
+                grant = oauth.authorize(
+                    ctx.io,
+                    authorize_url=authorize_url,
+                    params={"client_id": client_id, "scope": opts.get("scopes") or DEFAULT_OAUTH_SCOPES},
+                    no_browser=bool(opts.get("no_browser")),
+                )
+                form = {
                     "grant_type": "authorization_code",
-                    "client_id": client_id,
-                    "client_secret": client_secret,
                     "redirect_uri": grant.redirect_uri,
                     "code": grant.code,
                     "code_verifier": grant.code_verifier,
-                },
+                }
+            tokens = _token_request(
+                ctx.token_client(), token_url, {"client_id": client_id, "client_secret": client_secret, **form}
             )
+            if form.get("refresh_token"):
+                tokens.setdefault("refresh_token", form["refresh_token"])
             secret = {**register, **tokens, "expires_at": time.time() + float(tokens.pop("expires_in", 1800))}
             secret.pop("expires_in", None)
             settings.update({"auth": "oauth", "token_url": token_url, "oauth_base": base_url})

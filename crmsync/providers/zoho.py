@@ -309,19 +309,24 @@ class ZohoProvider(Provider):
         dc = str(opts.get("dc") or "us").lower()
         if dc not in ACCOUNTS:
             raise UsageError(f"--dc {dc!r}: choose one of {', '.join(ACCOUNTS)}")
-        client_id = str(opts.get("client_id") or "")
+        given = ctx.given or {}
+        client_id = str(opts.get("client_id") or given.get("client_id") or "")
         if not client_id:
             raise UsageError("Zoho needs --client-id (a client of api-console.zoho.com)")
         # For Zoho, --base-url names the accounts server (an emulator, a proxy); the API domain
         # always comes from the token response.
-        accounts = str(opts.get("accounts_url") or ctx.base_url or ACCOUNTS[dc]).rstrip("/")
+        accounts = opts.get("accounts_url") or ctx.base_url or given.get("accounts_url") or ACCOUNTS[dc]
+        accounts = str(accounts).rstrip("/")
         scopes = ",".join(s for s in re.split(r"[\s,]+", str(opts.get("scopes") or DEFAULT_SCOPES)) if s)
         client_secret = ctx.io.secret("Zoho client secret").strip()
         if not client_secret:
             raise UsageError("no client secret was given")
         form = {"client_id": client_id, "client_secret": client_secret, "grant_type": "authorization_code"}
         token_server = accounts
-        if opts.get("grant_code"):
+        if given.get("refresh_token") and not opts.get("grant_code"):
+            # The environment's secret already holds a grant: renew it rather than ask for another.
+            form.update({"grant_type": "refresh_token", "refresh_token": str(given["refresh_token"])})
+        elif opts.get("grant_code"):
             form["code"] = str(opts["grant_code"]).strip()
         else:
             grant = oauth.authorize(
@@ -340,6 +345,8 @@ class ZohoProvider(Provider):
             dc = str(grant.params.get("location") or dc).lower()
             form.update({"code": grant.code, "redirect_uri": grant.redirect_uri, "code_verifier": grant.code_verifier})
         tokens = _token_request(ctx.token_client(), f"{token_server}/oauth/v2/token", form)
+        if form["grant_type"] == "refresh_token":
+            tokens = {"refresh_token": form["refresh_token"], "scope": given.get("scope"), **tokens}
         if not tokens.get("refresh_token"):
             raise AuthError(
                 "Zoho returned no refresh token", hint="authorise with access_type=offline and prompt=consent"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -53,6 +54,19 @@ def check_base_url(base_url: str | None) -> str | None:
     return base_url.strip().rstrip("/")
 
 
+def given_secret(app: App, name: str) -> str | None:
+    """The secret ``CRMSYNC_SECRET_<NAME>`` (or the file ``CRMSYNC_SECRET_FILE_<NAME>`` names) holds."""
+    if app.env.get(env_name(name)) is not None:
+        return app.env[env_name(name)]
+    path = app.env.get(env_name(name, file=True))
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file named by {env_name(name, file=True)}: {exc.strerror}") from None
+
+
 class EnvSecretIO:
     """ConnectIO answering secret prompts from ``CRMSYNC_SECRET_<NAME>`` instead of a person."""
 
@@ -62,8 +76,9 @@ class EnvSecretIO:
             doc = json.loads(raw)
         except ValueError:
             doc = None
-        if isinstance(doc, dict):
-            self.value = next((str(doc[k]) for k in _PROMPTED_KEYS if doc.get(k)), "")
+        self.doc: dict[str, Any] | None = doc if isinstance(doc, dict) else None
+        if self.doc is not None:
+            self.value = next((str(self.doc[k]) for k in _PROMPTED_KEYS if self.doc.get(k)), "")
         else:
             self.value = raw.strip()
 
@@ -93,17 +108,20 @@ def connect(
     """Run the provider's connect flow and record the connection (no secrets in the store).
 
     The secret is kept in the OS keyring, in a 0600 file under the data directory with
-    ``insecure_storage``, or left in ``CRMSYNC_SECRET_<NAME>`` when that is set.
+    ``insecure_storage``, or left in ``CRMSYNC_SECRET_<NAME>`` (or ``CRMSYNC_SECRET_FILE_<NAME>``)
+    when that is set; an OAuth secret given there is renewed with its refresh token.
     """
     if not NAME_RE.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 63)")
     cls = get_provider(provider)
     base_url = check_base_url(base_url)
-    from_env = app.env.get(env_name(name))
-    storage: Storage = "file" if insecure_storage else "env" if from_env else "keyring"
+    from_env = given_secret(app, name)
+    storage: Storage = "file" if insecure_storage else "env" if from_env is not None else "keyring"
     app.secrets.probe(name, storage)  # before any prompt, grant code or request
-    if from_env:
+    given: dict[str, Any] | None = None
+    if from_env is not None:
         io = EnvSecretIO(io, from_env)
+        given = io.doc
     pending = PendingSecrets(app.secrets, name)
     hosts: list[str] = [urlsplit(base_url).netloc] if base_url else []
 
@@ -121,7 +139,14 @@ def connect(
         return tokens
 
     ctx = ConnectContext(
-        name=name, base_url=base_url, options=options, secrets=pending, io=io, client=client, token_client=token_client
+        name=name,
+        base_url=base_url,
+        options=options,
+        secrets=pending,
+        io=io,
+        client=client,
+        token_client=token_client,
+        given=given,
     )
     try:
         result = cls.connect(ctx)
@@ -157,6 +182,7 @@ def _before_token_request(request: httpx.Request, storage: Storage, name: str, h
     if storage == "env" and b"grant_type=authorization_code" in request.content:
         raise ConfigError(
             f"{env_name(name)} is set, so crmsync keeps no secret of its own for {name!r}, "
-            "and the tokens this authorisation returns would be lost",
-            hint=f"unset {env_name(name)} and connect with an OS keyring or --insecure-storage",
+            "and the tokens a new authorisation returns would be lost",
+            hint=f"put the JSON secret with its refresh_token there, or unset {env_name(name)} "
+            "and connect with an OS keyring or --insecure-storage",
         )
