@@ -93,12 +93,14 @@ def write_private(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    # The rename itself must reach the disk, or a crash could bring back the previous file.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # The rename itself must reach the disk, or a crash could bring back the previous file
+    # (Windows cannot open a directory for this, and its rename is already durable enough).
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 class MemoryKeyring(KeyringBackend):
