@@ -153,7 +153,7 @@ def connect(
     except RetriableError as exc:
         host = hosts[-1] if hosts else "the server"
         raise RetriableError(
-            f"cannot reach {host}: {exc.message}", hint="check --base-url and that the server is up"
+            f"connecting to {host} failed: {exc.message}", hint="check --base-url and that the server is up"
         ) from None
     now = utcnow()
     conn = CrmConnection(
