@@ -178,7 +178,7 @@ def test_insecure_storage_connects_and_later_processes_find_the_secret(
 
     # An expired access token is refreshed and written back in place, still 0600.
     secret_file.write_text(json.dumps({**doc, "expires_at": 0}))
-    again = run(["pull", "-c", "z", "--object", "contacts"], env)
+    again = run(["--verbose", "pull", "-c", "z", "--object", "contacts"], env)  # debug logs too
     outputs += [again.stdout, again.stderr]
     assert again.code == 0, again.stderr
     refreshed = json.loads(secret_file.read_text())
