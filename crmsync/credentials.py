@@ -74,8 +74,11 @@ NO_KEYRING_HELP = (
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and its parents) with mode 0700; an existing directory is left as it is."""
     if not path.is_dir():
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+        except OSError as exc:
+            raise ConfigError(f"cannot create the directory {path}: {exc.strerror}") from None
     return path
 
 

@@ -508,3 +508,12 @@ def test_an_odoo_connect_to_a_wrong_database_leaves_no_secret_behind(
     assert isolated.entries == {}
     assert not app.secrets_dir.exists() or not any(app.secrets_dir.iterdir())
     assert app.store.connection("o") is None
+
+
+def test_a_data_directory_that_cannot_be_created_is_one_line_exit_3(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = headless_env(tmp_path, CRMSYNC_HOME=str(blocker / "data"))
+    result = run(["connect", "hubspot", "-n", "x", "--token-stdin", "--insecure-storage"], env, stdin="pat-na1-x\n")
+    assert result.code == 3
+    assert str(blocker / "data") in one_line_error(result)
