@@ -1,4 +1,8 @@
-"""Test isolation: every test gets its own CRMSYNC_HOME and an in-memory keyring."""
+"""Test isolation: every test gets its own CRMSYNC_HOME and an in-memory keyring.
+
+The in-memory keyring is set explicitly: keyring never selects it by itself, so tests that need
+the real discovery (no backend on a headless box) run crmsync in a child process instead.
+"""
 
 from __future__ import annotations
 

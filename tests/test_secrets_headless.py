@@ -517,3 +517,23 @@ def test_a_data_directory_that_cannot_be_created_is_one_line_exit_3(tmp_path: Pa
     result = run(["connect", "hubspot", "-n", "x", "--token-stdin", "--insecure-storage"], env, stdin="pat-na1-x\n")
     assert result.code == 3
     assert str(blocker / "data") in one_line_error(result)
+
+
+def test_two_runs_refreshing_a_file_secret_at_once_refresh_it_once(
+    tmp_path: Path, zoho: tuple[ZohoEmulator, str]
+) -> None:
+    emu, url = zoho
+    env = headless_env(tmp_path)
+    args = ["connect", "zoho", "-n", "z", "--base-url", url, "--client-id", emu.client_id]
+    args += ["--grant-code", emu.grant_code(), "--insecure-storage", "--token-stdin"]
+    assert run(args, env, stdin=emu.client_secret + "\n").code == 0
+    secret_file = Path(env["CRMSYNC_HOME"], "secrets", "z.json")
+    secret_file.write_text(json.dumps({**json.loads(secret_file.read_text()), "expires_at": 0}))
+    token_calls = emu.stats.by_route["POST oauth.token"]
+    cmd = [sys.executable, "-m", "crmsync", "pull", "-c", "z", "--object", "contacts", "--lock-timeout", "60"]
+    runs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in runs]
+    assert [code for code, _ in results] == [0, 0], results
+    assert emu.stats.by_route["POST oauth.token"] == token_calls + 1  # the second run used the first's token
+    assert json.loads(secret_file.read_text())["expires_at"] > time.time()
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
