@@ -34,7 +34,7 @@ import httpx
 
 from crmsync.credentials import SecretStore
 from crmsync.errors import AuthError, ConfigError, FatalProviderError, RetriableError, UsageError
-from crmsync.http import RETRIABLE_STATUS, ResponsePolicy
+from crmsync.http import RETRIABLE_STATUS, ResponsePolicy, UnconfirmedWrite
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -67,6 +67,7 @@ DT_FORMAT = "%Y-%m-%d %H:%M:%S"
 CALL_XMLID = "mail.mail_activity_data_call"
 TASK_SUFFIX = ":task"  # the engine marks a follow-up task as "<outcome id>:task"
 TODO_XMLID = "mail.mail_activity_data_todo"
+CONFIRM_ATTEMPTS = 4  # action_done sent again after lost answers, for the activities still open
 
 #: The Odoo model behind each object type.
 MODELS = {
@@ -260,14 +261,14 @@ class OdooProvider(Provider):
             except (TypeError, ValueError):
                 pass
 
-    def _jsonrpc(self, service: str, method: str, args: list[Any], *, endpoint: str) -> Any:
+    def _jsonrpc(self, service: str, method: str, args: list[Any], *, endpoint: str, replay: bool = True) -> Any:
         body = {
             "jsonrpc": "2.0",
             "method": "call",
             "id": next(self._ids),
             "params": {"service": service, "method": method, "args": args},
         }
-        response = self.http.post("/jsonrpc", json=body, endpoint=endpoint)
+        response = self.http.post("/jsonrpc", json=body, endpoint=endpoint, replay=replay)
         self._note_date(response)
         try:
             payload = response.json()
@@ -294,8 +295,14 @@ class OdooProvider(Provider):
             return RetriableError(str(fault), status=status, code=kind)
         return fault
 
-    def _call(self, model: str, method: str, ids: Sequence[int] | None = None, **kwargs: Any) -> Any:
-        """Call a model method with named arguments (``ids`` for record methods) on either transport."""
+    def _call(
+        self, model: str, method: str, ids: Sequence[int] | None = None, *, replay: bool = True, **kwargs: Any
+    ) -> Any:
+        """Call a model method with named arguments (``ids`` for record methods) on either transport.
+
+        ``replay=False`` for calls that would act twice if sent twice (``create``, ``action_done``):
+        a lost answer raises ``UnconfirmedWrite`` instead of a retry.
+        """
         endpoint = f"{model}.{method}"
         if self.transport == "json2":
             payload = dict(kwargs)
@@ -307,6 +314,7 @@ class OdooProvider(Provider):
                     json=payload,
                     endpoint=f"/json/2/{endpoint}",
                     expect=(401, 403, 404, 422),
+                    replay=replay,
                 )
             except FatalProviderError as exc:  # a JSON 500: an exception Odoo did not sort
                 kind = exc.code or f"HTTP {exc.status}"
@@ -326,7 +334,7 @@ class OdooProvider(Provider):
         elif ids is not None:
             positional = [list(ids)]
         args = [self.db, self.uid, self._key, model, method, positional, kwargs]
-        return self._jsonrpc("object", "execute_kw", args, endpoint=f"/jsonrpc {endpoint}")
+        return self._jsonrpc("object", "execute_kw", args, endpoint=f"/jsonrpc {endpoint}", replay=replay)
 
     def _version_info(self) -> dict[str, Any]:
         if self.transport == "json2":
@@ -916,8 +924,15 @@ class OdooProvider(Provider):
                     }
                 ],
             )
-        except OdooFault as exc:
-            log.warning("could not add %s.%s (%s): deals are matched through the local mirror only", model, name, exc)
+        except (OdooFault, UnconfirmedWrite) as exc:
+            # Perhaps it exists after all (another run made it, or this create's answer was lost
+            # and its retry met it): read the fields again rather than assume it missing.
+            with self._lock:
+                self._fields.pop(model, None)
+            if name not in self._model_fields(model):
+                log.warning(
+                    "could not add %s.%s (%s): deals are matched through the local mirror only", model, name, exc
+                )
             return
         with self._lock:
             self._fields.pop(model, None)
@@ -1051,7 +1066,14 @@ class OdooProvider(Provider):
         if not pairs:
             return {}
         try:
-            ids = self._call(model, "create", vals_list=[vals for _, vals in pairs])
+            ids = self._call(model, "create", vals_list=[vals for _, vals in pairs], replay=False)
+        except UnconfirmedWrite as exc:
+            # Odoo keeps no key unique: a re-sent create would make a second record. Push looks
+            # these up by their key or marker and sends again only what is not there.
+            return {
+                item.ref: ItemResult(item.ref, False, error=str(exc), retriable=True, unconfirmed=True)
+                for item, _ in pairs
+            }
         except OdooFault as exc:
             if len(pairs) == 1:
                 item = pairs[0][0]
@@ -1125,17 +1147,38 @@ class OdooProvider(Provider):
         ]
 
     def _mark_done(self, done: list[tuple[str, int]]) -> list[str]:
-        """``action_done`` on the batch's activities in one call; returns the refs that failed."""
-        if not done:
-            return []
-        try:
-            self._call("mail.activity", "action_done", [rid for _, rid in done])
-            return []
-        except OdooFault as exc:
-            if len(done) == 1:
-                log.warning("marking activity %s done failed: %s", done[0][1], exc)
-                return [done[0][0]]
-            return [ref for pair in done for ref in self._mark_done([pair])]
+        """``action_done`` on the batch's activities in one call; returns the refs that failed.
+
+        Not replayed (up to 18 a done activity is deleted, so a second ``action_done`` fails): after
+        a lost answer the activities still open are read back and only those are marked again.
+        """
+        for _ in range(CONFIRM_ATTEMPTS):
+            if not done:
+                return []
+            try:
+                self._call("mail.activity", "action_done", [rid for _, rid in done], replay=False)
+                return []
+            except UnconfirmedWrite:
+                done = self._still_open(done)
+            except OdooFault as exc:
+                if len(done) == 1:
+                    log.warning("marking activity %s done failed: %s", done[0][1], exc)
+                    return [done[0][0]]
+                return [ref for pair in done for ref in self._mark_done([pair])]
+        return [ref for ref, _ in done]
+
+    def _still_open(self, done: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The activities of ``done`` not yet done: on 19 still active, before that not yet deleted."""
+        archived = "active" in self._model_fields("mail.activity")
+        rows = self._call(
+            "mail.activity",
+            "search_read",
+            domain=[("id", "in", [rid for _, rid in done])],
+            fields=["active"] if archived else ["id"],
+            context={"active_test": False},
+        )
+        open_ids = {int(r["id"]) for r in rows if not archived or r.get("active")}
+        return [(ref, rid) for ref, rid in done if rid in open_ids]
 
     def _post_messages(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
         """No mail.activity (stripped-down database): log each call as a note in the chatter."""
@@ -1155,11 +1198,15 @@ class OdooProvider(Provider):
                     "res.partner",
                     "message_post",
                     [int(target)],
+                    replay=False,
                     body=body,
                     message_type="comment",
                     subtype_xmlid="mail.mt_note",
                     **({"body_is_html": True} if self.version >= 18 else {}),
                 )
+            except UnconfirmedWrite as exc:
+                results.append(ItemResult(item.ref, False, error=str(exc), retriable=True, unconfirmed=True))
+                continue
             except OdooFault as exc:
                 results.append(ItemResult(item.ref, False, error=str(exc)))
                 continue
