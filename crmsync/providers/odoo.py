@@ -985,8 +985,8 @@ class OdooProvider(Provider):
         out: dict[str, RemoteRecord] = {}
         for kind, values in by_kind.items():
             rows = self._matches(obj, kind, list(dict.fromkeys(values)), read)
-            records = {value: self._records(obj, model, [row])[0] for value, row in rows.items()}
-            for value, rec in records.items():
+            # One call for all rows: a deal's linked partners are read in one batch, not per deal.
+            for value, rec in zip(rows, self._records(obj, model, list(rows.values())), strict=True):
                 out[match_key({kind: value})] = rec
         return out
 

@@ -1053,7 +1053,7 @@ def _run_lanes(
         return mine, _settle(app, part, mine)
 
     def count(part: PushSummary, closed: list[Receipt]) -> None:
-        for name in ("field_conflicts", "writes", "created", "updated", "failed", "requeued"):
+        for name in ("field_conflicts", "writes", "created", "already", "updated", "failed", "requeued"):
             setattr(summary, name, getattr(summary, name) + getattr(part, name))
         receipts.update((r.id, r) for r in closed)
 
