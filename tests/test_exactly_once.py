@@ -348,3 +348,25 @@ def test_hubspot_marker_property_whose_creation_answer_was_lost_is_found_not_ass
     assert dropped == ["/crm/v3/properties/calls", "/crm/v3/objects/calls/batch/create"]
     assert (summary.created, summary.failed, summary.exit_code) == (100, 0, 0), summary
     assert len(emu.records("calls")) == 100 and len(emu.records("tasks")) == 20
+
+
+def test_a_plain_rerun_of_a_failed_outcome_says_failed_and_retry_failed_sends_it(home: Path, tmp_path: Path) -> None:
+    crm = CRMS["hubspot"]
+    src = tmp_path / "outcomes.jsonl"
+    src.write_text(outcomes(3, stage=crm.stage, dispositions=crm.dispositions))
+    emu = crm.make(Faults(partial_rate=1.0))  # every batch item refused: the outcomes end failed
+    app = App(transport=lambda _name: emu.transport())
+    try:
+        crm.connect(app, emu, "http://crm.test")
+        first = push(app, source=str(src), connection="c")
+        assert (first.failed, first.exit_code) == (3, 1)
+        emu.faults.partial_rate = 0.0
+        got: list[Any] = []
+        again = push(app, source=str(src), connection="c", sink=got.append)
+        assert (again.failed, again.already, again.exit_code) == (3, 0, 1)  # not "already sent", not exit 0
+        assert {r.status for r in got} == {"failed"} and all("--retry-failed" in (r.error or "") for r in got)
+        retried = push(app, source=str(src), connection="c", retry_failed=True)
+        assert (retried.created, retried.failed, retried.exit_code) == (3, 0, 0), retried
+    finally:
+        app.close()
+    assert len(emu.records("calls")) == 3

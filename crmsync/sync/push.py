@@ -182,8 +182,12 @@ def enqueue(
     parsed_out: dict[str, ParsedOutcome] | None = None,
     on_objects: Callable[[set[str]], None] | None = None,
     on_queued: Callable[[list[dict[str, dict[str, Any]]]], None] | None = None,
+    retry_failed: bool = False,
 ) -> None:
     """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects.
+
+    An outcome fed again whose delivery failed counts as failed again, unless ``retry_failed``
+    (then it is queued again: ``_reset_failed``).
 
     ``parsed_out`` receives the first CHUNK queued outcomes with their canonical records, so that
     delivery's first round need not parse again what was just parsed. ``on_objects`` is told, after
@@ -221,7 +225,7 @@ def enqueue(
                 {
                     row.outcome_id: row
                     for row in db.execute(
-                        select(t.id, t.outcome_id, t.content_hash, t.state, t.steps).where(
+                        select(t.id, t.outcome_id, t.content_hash, t.state, t.steps, t.last_error).where(
                             t.connection == conn, t.outcome_id.in_(ids)
                         )
                     )
@@ -265,6 +269,17 @@ def enqueue(
                         }
                     )
                     summary.queued += 1
+                    continue
+                if prior_hash == digest and prior is not None and prior.state == "failed" and oid not in seen:
+                    seen[oid] = digest
+                    if retry_failed:
+                        summary.queued += 1
+                        continue
+                    # Fed again but not in the CRM: a re-run must not pass it off as sent (exit 0).
+                    summary.failed += 1
+                    if sink:
+                        error = f"{prior.last_error or 'failed'} (sent again only with --retry-failed)"
+                        sink(Receipt(oid, "failed", remote_ids=_public_steps(prior.steps), error=error, line=p.line))
                     continue
                 if prior_hash == digest:
                     summary.already += 1
@@ -393,6 +408,7 @@ def push(
                                 parsed_out=parsed,
                                 on_objects=warm.prepare if warm else None,
                                 on_queued=ahead.add if ahead else None,
+                                retry_failed=retry_failed,
                             )
                         finally:
                             if reject_handle:
