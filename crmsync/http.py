@@ -316,6 +316,10 @@ class ResponsePolicy:
         """True for a retriable status that no wait within the deadline can fix (daily quota)."""
         return False
 
+    def may_have_written(self, response: httpx.Response) -> bool:
+        """True when a write answered so may still have been done (a 5xx from a proxy or the CRM)."""
+        return response.status_code >= 500
+
     def observe(self, response: httpx.Response, client: HttpClient, bucket: str) -> None:
         """Look at every response (e.g. rate-limit headers) and slow the bucket down if needed."""
 
@@ -623,15 +627,16 @@ class HttpClient:
                     f"{self.provider} rejected the credentials of connection {self.connection!r}: {redact(message)}",
                     hint="run `crmsync connect` again to renew them",
                 )
+            if not replay and self.policy.may_have_written(response):
+                message, _ = self.policy.error_message(response)
+                raise UnconfirmedWrite(
+                    f"{self.provider} {method} {endpoint} -> HTTP {response.status_code}: {redact(message)}",
+                    status=response.status_code,
+                )
             if self.policy.is_retriable(response):
                 message, _ = self.policy.error_message(response)
                 if self.policy.give_up(response):
                     raise RetriableError(f"{self.provider}: {redact(message)}", status=response.status_code)
-                if not replay and response.status_code != 429:
-                    raise UnconfirmedWrite(
-                        f"{self.provider} {method} {endpoint} -> HTTP {response.status_code}: {redact(message)}",
-                        status=response.status_code,
-                    )
                 wait = self.policy.retry_after(response)
                 if response.status_code == 429 and limiter is not None:
                     overrun = getattr(limiter, "overrun", None)

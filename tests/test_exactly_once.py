@@ -33,6 +33,7 @@ from crmsync.emulators.base import Emulator, Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.emulators.odoo import OdooEmulator
 from crmsync.emulators.zoho import ZohoEmulator
+from crmsync.http import HttpClient, UnconfirmedWrite
 from crmsync.sync.connect import connect
 from crmsync.sync.push import push
 from tests.e2e import ScriptIO, cli_env, run_cli
@@ -370,3 +371,43 @@ def test_a_plain_rerun_of_a_failed_outcome_says_failed_and_retry_failed_sends_it
     finally:
         app.close()
     assert len(emu.records("calls")) == 3
+
+
+@pytest.mark.parametrize(
+    ("failure", "unconfirmed"),
+    [
+        (httpx.RemoteProtocolError("Server disconnected without sending a response."), True),
+        (httpx.ReadTimeout("read timed out"), True),
+        (502, True),
+        (500, True),
+        (httpx.ConnectError("connection refused"), False),  # never reached the CRM: sent again
+        (429, False),  # counted, not done: sent again
+    ],
+)
+def test_a_write_sent_without_replay_is_never_sent_twice_after_it_may_have_arrived(
+    failure: Exception | int, unconfirmed: bool
+) -> None:
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        if len(sent) > 1:
+            return httpx.Response(201, json={"ok": True})
+        if isinstance(failure, int):
+            return httpx.Response(failure, json={"message": "boom"}, headers={"Retry-After": "0"})
+        raise failure
+
+    client = HttpClient(
+        provider="t",
+        connection="t",
+        base_url="http://crm.test",
+        transport=httpx.MockTransport(answer),
+        sleep=lambda _s: None,
+    )
+    if unconfirmed:
+        with pytest.raises(UnconfirmedWrite):
+            client.post("/create", json={}, replay=False)
+        assert sent == ["/create"]
+    else:
+        assert client.post("/create", json={}, replay=False).status_code == 201
+        assert sent == ["/create", "/create"]

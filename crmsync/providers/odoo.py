@@ -124,6 +124,10 @@ class OdooPolicy(ResponsePolicy):
             return True
         return response.status_code == 500 and not _json_error(response)
 
+    def may_have_written(self, response: httpx.Response) -> bool:
+        # A JSON 500 is an Odoo exception: its transaction was rolled back, nothing was written.
+        return response.status_code >= 500 and not _json_error(response)
+
     def error_message(self, response: httpx.Response) -> tuple[str, str | None]:
         body = _json_error(response)
         if body:
