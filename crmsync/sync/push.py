@@ -7,8 +7,12 @@ Exactly-once rests on three things:
    remote id is committed as soon as its batch answers, so a retry resumes at the failed step;
    contacts, companies and deals are matched or upserted by natural or unique keys, so re-sending
    them cannot duplicate;
-3. before a call or task batch is sent, its outbox rows are marked in flight (committed); a run that
-   finds rows still in flight asks the CRM for their idempotency markers before sending anything.
+3. the CRM, not the store, says whether a call or task was logged: each carries an idempotency
+   marker; rows are marked in flight (committed) before their batch is sent, and rows still in
+   flight, or (where the CRM does not keep markers unique) never sent from this store, are looked
+   up by marker before anything is sent. A write whose answer was lost is not re-sent blind
+   (``replay=False``, ``ItemResult.unconfirmed``): it is looked up by marker or key and sent again
+   only if it is not there, within the run.
 
 On SQLite one push per connection runs at a time (the run lock). On PostgreSQL pushes run
 concurrently (workers on several hosts): each leases batches of pending rows (``SELECT … FOR
