@@ -941,11 +941,13 @@ class HubSpotProvider(Provider):
         except UnconfirmedWrite as exc:
             return {i.ref: ItemResult(i.ref, False, error=str(exc), retriable=True, unconfirmed=True) for i in items}
         except FatalProviderError as exc:
+            if action == "create" and exc.status == 409:
+                # A whole batch refused for the first key or marker it already holds (nothing was
+                # created): every item is looked up by the engine, and what is not there sent again.
+                return {i.ref: ItemResult(i.ref, False, error=str(exc), exists=True) for i in items}
             if len(items) == 1:
-                exists = action == "create" and exc.status == 409
-                return {items[0].ref: ItemResult(items[0].ref, False, error=str(exc), exists=exists)}
-            # One bad input can fail the whole request (400, or 409 naming the first existing key):
-            # split and retry so it fails alone.
+                return {items[0].ref: ItemResult(items[0].ref, False, error=str(exc))}
+            # One bad input can fail the whole request (400): split and retry so it fails alone.
             half = len(items) // 2
             results.update(self._batch(obj, action, inputs[:half], items[:half], created=created, replay=replay))
             results.update(self._batch(obj, action, inputs[half:], items[half:], created=created, replay=replay))

@@ -1264,16 +1264,14 @@ def _entity_step(
         if not unsure:
             break
         # Records the CRM already holds (someone else created them, or our own write whose answer
-        # was lost): read them, apply the conflict rules, update. Lost creates not there: again.
+        # was lost): read them, apply the conflict rules, update. Those not there (a lost answer
+        # before the write, a whole batch refused for a neighbour's key): created again.
         _lookup(app, conn, provider, mapping, obj, unsure, crm)
         again = _Plan()
         for k in unsure:
-            if k in crm or results[k].unconfirmed:
-                del results[k]
-                plan.merged.pop(k, None)
-                _plan_key(
-                    mapping, obj, k, by_key[k], crm.get(k), rules, again, summary, conn.name, create_only=k in blind
-                )
+            del results[k]
+            plan.merged.pop(k, None)
+            _plan_key(mapping, obj, k, by_key[k], crm.get(k), rules, again, summary, conn.name, create_only=k in blind)
         for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(again.outgoing, provider.batch_size)):
             results[r.ref] = r
         plan.resolved.update(again.resolved)
@@ -1618,10 +1616,11 @@ def _activity_step(
                 results[it.row.outcome_id] = ItemResult(
                     it.row.outcome_id, True, remote_id=rid, created=lost.unconfirmed
                 )
-            elif lost.unconfirmed:
-                creates.append(it)  # the answer was lost and the CRM has no such activity: not done
             else:
-                lost.retriable = True  # refused as existing, yet not found by its marker (search lag)
+                # Not there: the answer was lost before the write, or a whole batch was refused for
+                # a neighbour's marker. Sent again (a CRM that refused it keeps refusing a real one).
+                lost.retriable = True
+                creates.append(it)
     if updates:
         outs = [
             Outgoing(
