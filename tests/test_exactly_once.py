@@ -411,3 +411,46 @@ def test_a_write_sent_without_replay_is_never_sent_twice_after_it_may_have_arriv
     else:
         assert client.post("/create", json={}, replay=False).status_code == 201
         assert sent == ["/create", "/create"]
+
+
+def test_hubspot_whole_batch_conflicts_from_a_new_store_cost_one_lookup_a_batch(home: Path, tmp_path: Path) -> None:
+    """HubSpot may refuse a whole batch create for the first unique value it already holds (409,
+    nothing created), as reported for contacts. A push from a new store then looks each refused
+    batch up once and creates nothing; it does not split batches down to single items."""
+    crm = CRMS["hubspot"]
+    src = tmp_path / "outcomes.jsonl"
+    src.write_text(outcomes(200, stage=crm.stage, dispositions=crm.dispositions))
+    emu: Any = crm.make(None)
+    inner = emu.transport()
+    unique = {
+        "contacts": "email",
+        "deals": "crmsync_deal_key",
+        "calls": "crmsync_outcome_id",
+        "tasks": "crmsync_outcome_id",
+    }
+
+    def whole_batch(request: httpx.Request) -> httpx.Response:
+        obj = request.url.path.removeprefix("/crm/v3/objects/").removesuffix("/batch/create")
+        if request.method == "POST" and obj in unique:
+            for item in json.loads(request.content)["inputs"]:
+                value = str(item["properties"].get(unique[obj], ""))
+                held = {str(r["properties"].get(unique[obj], "")).lower(): r["id"] for r in emu.records(obj)}
+                if value.lower() in held:
+                    rid = held[value.lower()]
+                    message = f"A {obj[:-1]} with the unique value {value!r} already exists. Existing ID: {rid}"
+                    return httpx.Response(409, json={"status": "error", "message": message, "category": "CONFLICT"})
+        return inner.handle_request(request)
+
+    transport = httpx.MockTransport(whole_batch)
+    for store in ("first", "second"):
+        app = App(db=str(tmp_path / f"{store}.db"), transport=lambda _name: transport)
+        try:
+            crm.connect(app, emu, "http://crm.test")
+            before = crm.snapshot(emu)
+            summary = push(app, source=str(src), connection="c")
+        finally:
+            app.close()
+        assert summary.failed == 0 and summary.created + summary.already == 200, summary
+    assert (summary.already, summary.created, summary.failed) == (200, 0, 0), summary
+    assert crm.snapshot(emu) == before
+    assert summary.requests <= 30, summary  # a lookup per refused batch, not a split per item
