@@ -454,3 +454,27 @@ def test_hubspot_whole_batch_conflicts_from_a_new_store_cost_one_lookup_a_batch(
     assert (summary.already, summary.created, summary.failed) == (200, 0, 0), summary
     assert crm.snapshot(emu) == before
     assert summary.requests <= 30, summary  # a lookup per refused batch, not a split per item
+
+
+def test_zoho_marker_field_without_unique_values_is_looked_up_before_creating(home: Path, tmp_path: Path) -> None:
+    """An org whose crmsync_outcome_id allows duplicates: Zoho would log a call twice, so push asks
+    for the markers of outcomes the store never sent before creating them."""
+    import dataclasses
+
+    crm = CRMS["zoho"]
+    emu: Any = crm.make(None)
+    for module in ("Calls", "Tasks"):
+        specs = emu.fields_by_module[module]
+        specs[:] = [dataclasses.replace(f, unique=False) if f.api_name == "crmsync_outcome_id" else f for f in specs]
+        emu._unique[module].pop("crmsync_outcome_id", None)
+    src = tmp_path / "outcomes.jsonl"
+    src.write_text(outcomes(30, stage=crm.stage, dispositions=crm.dispositions))
+    for store in ("first", "second"):
+        app = App(db=str(tmp_path / f"{store}.db"), transport=lambda _name: emu.transport())
+        try:
+            crm.connect(app, emu, None)  # type: ignore[arg-type]
+            summary = push(app, source=str(src), connection="c")
+        finally:
+            app.close()
+    assert (summary.already, summary.created, summary.failed) == (30, 0, 0), summary
+    assert len(emu.records("Calls")) == 30 and len(emu.records("Tasks")) == 6

@@ -511,7 +511,8 @@ class ZohoProvider(Provider):
                 )
             if name == MARKER and not (self._fields_meta(obj).get(name) or {}).get("unique"):
                 # Duplicates allowed: push looks such activities up by marker before creating them.
-                self.unique_markers = self.unique_markers - {obj}
+                with self._lock:
+                    self.unique_markers = self.unique_markers - {obj}
 
     # -- pull ------------------------------------------------------------------------------------
     def _columns(self, obj: str, fields: Sequence[str]) -> list[str]:
