@@ -264,6 +264,30 @@ CRMS = {
 }
 
 
+def _odoo_with_marker_field(version: int) -> Callable[[Faults | None], Emulator]:
+    def make(faults: Faults | None) -> Emulator:
+        emu = OdooEmulator(version=version, faults=faults)
+        emu.add_field("mail.activity", "x_crmsync_outcome_id", "char")
+        return emu
+
+    return make
+
+
+#: Databases that have the marker field: calls are looked up by it (19), or by their message (up to 18).
+WITH_FIELD = {
+    f"odoo-{v}-marker-field": Crm(
+        "odoo",
+        _odoo_with_marker_field(v),
+        _odoo_connect,
+        _odoo_snapshot,
+        _odoo_kind,
+        "Qualified",
+        ("connected", "voicemail"),
+    )
+    for v in (17, 19)
+}
+
+
 def _remove_store(home: Path) -> None:
     """A new machine: nothing of the data directory is left (store, locks, config)."""
     for entry in home.iterdir():
@@ -274,9 +298,9 @@ def _remove_store(home: Path) -> None:
 
 
 # -- 1. the CRM, not the store, says what was logged ------------------------------------------------
-@pytest.mark.parametrize("which", list(CRMS))
+@pytest.mark.parametrize("which", [*CRMS, *WITH_FIELD])
 def test_a_push_from_a_new_store_logs_nothing_twice(which: str, home: Path, tmp_path: Path) -> None:
-    crm = CRMS[which]
+    crm = CRMS.get(which) or WITH_FIELD[which]
     emu = crm.make(None)
     src = tmp_path / "outcomes.jsonl"
     src.write_text(outcomes(40, stage=crm.stage, dispositions=crm.dispositions))

@@ -67,6 +67,8 @@ DT_FORMAT = "%Y-%m-%d %H:%M:%S"
 CALL_XMLID = "mail.mail_activity_data_call"
 TASK_SUFFIX = ":task"  # the engine marks a follow-up task as "<outcome id>:task"
 TODO_XMLID = "mail.mail_activity_data_todo"
+LOOKUP_IN = 1000  # markers per search on the marker field
+LOOKUP_ILIKE = 100  # markers per search on notes or message bodies (one OR-ed ilike each)
 CONFIRM_ATTEMPTS = 4  # action_done sent again after lost answers, for the activities still open
 
 #: The Odoo model behind each object type.
@@ -1108,8 +1110,9 @@ class OdooProvider(Provider):
         else:
             raise _ItemError("an activity needs a contact, company or deal to attach to")
         note = str(props.pop("note", "") or "")
-        if not marker_field:
-            # No field to carry the marker: the note carries it (and the "done" message copies the note).
+        if not marker_field or (obj == "calls" and self._calls_from_messages()):
+            # No field to carry the marker, or (up to 18) a done call leaves only its message, which
+            # copies the note and not the field: the note carries it.
             note = f"{note}<p>[crmsync:{item.marker}]</p>"
         vals: dict[str, Any] = {
             **props,
@@ -1242,7 +1245,8 @@ class OdooProvider(Provider):
             *(["active"] if "active" in self._model_fields("mail.activity") else []),
             *([MARKER_FIELD] if marker_field else []),
         ]
-        for chunk in _chunks(wanted, 100):
+        # An ``in`` on the marker field takes many values a query; each note marker is an ``ilike`` of its own.
+        for chunk in _chunks(wanted, LOOKUP_IN if marker_field else LOOKUP_ILIKE):
             if marker_field:
                 domain: list[Any] = [(MARKER_FIELD, "in", chunk)]
             else:
@@ -1275,7 +1279,7 @@ class OdooProvider(Provider):
 
     def _find_in_messages(self, markers: Sequence[str], *, any_type: bool = False) -> dict[str, str]:
         found: dict[str, str] = {}
-        for chunk in _chunks(list(markers), 100):
+        for chunk in _chunks(list(markers), LOOKUP_ILIKE):
             domain = _or([("body", "ilike", f"[crmsync:{m}]") for m in chunk])
             rows = self._call("mail.message", "search_read", domain=domain, fields=["body"], order="id asc")
             for row in rows:
