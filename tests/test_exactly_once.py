@@ -530,3 +530,29 @@ def test_zoho_marker_field_without_unique_values_is_looked_up_before_creating(ho
             app.close()
     assert (summary.already, summary.created, summary.failed) == (30, 0, 0), summary
     assert len(emu.records("Calls")) == 30 and len(emu.records("Tasks")) == 6
+
+
+def test_hubspot_marker_property_refused_yet_not_listed_stops_the_push_with_a_hint(home: Path, tmp_path: Path) -> None:
+    """A 409 for a property the portal does not list (archived): never push on without the marker."""
+    from crmsync.errors import FatalProviderError
+
+    crm = CRMS["hubspot"]
+    emu: Any = crm.make(None)
+    inner = emu.transport()
+
+    def archived(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/crm/v3/properties/calls":
+            return httpx.Response(409, json={"status": "error", "message": "exists", "category": "CONFLICT"})
+        return inner.handle_request(request)
+
+    transport = httpx.MockTransport(archived)
+    src = tmp_path / "outcomes.jsonl"
+    src.write_text(outcomes(3, stage=crm.stage, dispositions=crm.dispositions))
+    app = App(transport=lambda _name: transport)
+    try:
+        crm.connect(app, emu, "http://crm.test")
+        with pytest.raises(FatalProviderError, match="archived"):
+            push(app, source=str(src), connection="c")
+    finally:
+        app.close()
+    assert emu.records("calls") == []

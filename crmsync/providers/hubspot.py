@@ -429,7 +429,10 @@ class HubSpotProvider(Provider):
                 with self._lock:
                     self._props.pop(obj, None)
                 if name not in self._properties(obj):
-                    raise FatalProviderError(f"HubSpot refused to create property {obj}.{name} yet does not list it")
+                    raise FatalProviderError(
+                        f"HubSpot refused to create property {obj}.{name} ({r.status_code}) yet does not list it",
+                        hint="it may be archived: restore it in Settings > Properties, then push again",
+                    )
         self._ensured.add(key)
 
     def prepare_push(self) -> None:
