@@ -322,7 +322,7 @@ def test_a_push_from_a_new_store_logs_nothing_twice(which: str, home: Path, tmp_
     assert again.code == 0, again.stderr
     lines = again.json_lines()
     summary = lines[-1]["summary"]
-    assert (summary["already"], summary["created"], summary["failed"]) == (40, 0, 0), summary
+    assert (summary["already"], summary["created"], summary["failed"], summary["writes"]) == (40, 0, 0, 0), summary
     assert Counter(line["status"] for line in lines[:-1] if "status" in line) == {"already": 40}
     assert crm.snapshot(emu) == before  # no call, task, contact, company, deal or link more
 

@@ -1642,8 +1642,8 @@ def _activity_step(
                 it.row.in_flight = {k: v for k, v in it.row.in_flight.items() if k != obj}
                 if not res.created and it not in updates:
                     it.already.add(obj)
-                if obj == "calls":
-                    summary.writes += 1
+                elif obj == "calls":
+                    summary.writes += 1  # a call this push wrote (one found logged by another store is not)
             else:
                 it.failed = True
                 it.row.attempts += 1
