@@ -31,6 +31,14 @@ log = logging.getLogger("crmsync.http")
 RETRIABLE_STATUS = frozenset({429, 502, 503, 504})
 
 
+class UnconfirmedWrite(RetriableError):
+    """A write that may have reached the CRM but whose answer was lost (dropped connection, 5xx).
+
+    Raised instead of a retry for requests sent with ``replay=False``: sending such a write again
+    could do it twice, so the caller looks it up by its key or marker first.
+    """
+
+
 @dataclass(frozen=True)
 class RateLimit:
     """At most ``requests`` in any ``per_seconds`` window (a rolling window, as CRMs count)."""
@@ -308,6 +316,10 @@ class ResponsePolicy:
         """True for a retriable status that no wait within the deadline can fix (daily quota)."""
         return False
 
+    def may_have_written(self, response: httpx.Response) -> bool:
+        """True when a write answered so may still have been done (a 5xx from a proxy or the CRM)."""
+        return response.status_code >= 500
+
     def observe(self, response: httpx.Response, client: HttpClient, bucket: str) -> None:
         """Look at every response (e.g. rate-limit headers) and slow the bucket down if needed."""
 
@@ -496,11 +508,16 @@ class HttpClient:
         bucket: str = "default",
         endpoint: str | None = None,
         expect: Collection[int] = (),
+        replay: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send with limits and retries; return 2xx responses and any status in ``expect``.
 
+        ``replay=False`` is for writes the CRM would do twice if sent twice (creates without a unique
+        key): a failure after the request may have reached the CRM raises ``UnconfirmedWrite``.
+
         Raises:
+            UnconfirmedWrite: with ``replay=False``, the write may or may not have been done.
             AuthError: 401/403 that a refresh does not fix.
             RetriableError: 429/5xx/timeouts past the retry budget or deadline.
             FatalProviderError: any other status.
@@ -518,7 +535,7 @@ class HttpClient:
         try:
             for attempt in retrier:
                 with attempt:
-                    return self._send(method, url, bucket, endpoint, expect, started, **kwargs)
+                    return self._send(method, url, bucket, endpoint, expect, started, replay=replay, **kwargs)
         except _Retry as exc:
             self.stats.errors += 1
             raise RetriableError(
@@ -563,6 +580,8 @@ class HttpClient:
         endpoint: str,
         expect: Collection[int],
         started: float,
+        *,
+        replay: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
         if time.monotonic() - started > self.deadline:
@@ -583,6 +602,11 @@ class HttpClient:
                     response = self.client.send(request)
                 except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
                     self._observe(endpoint, 0, time.monotonic() - t0)
+                    unsent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+                    if not replay and not isinstance(exc, unsent):
+                        raise UnconfirmedWrite(
+                            f"{self.provider} {method} {endpoint}: no answer ({type(exc).__name__})"
+                        ) from None
                     raise _Retry(f"{type(exc).__name__}: {redact(str(exc))}", None) from None
             finally:
                 self.semaphore.release()
@@ -602,6 +626,12 @@ class HttpClient:
                 raise AuthError(
                     f"{self.provider} rejected the credentials of connection {self.connection!r}: {redact(message)}",
                     hint="run `crmsync connect` again to renew them",
+                )
+            if not replay and self.policy.may_have_written(response):
+                message, _ = self.policy.error_message(response)
+                raise UnconfirmedWrite(
+                    f"{self.provider} {method} {endpoint} -> HTTP {response.status_code}: {redact(message)}",
+                    status=response.status_code,
                 )
             if self.policy.is_retriable(response):
                 message, _ = self.policy.error_message(response)

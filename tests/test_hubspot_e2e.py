@@ -316,10 +316,10 @@ def test_new_contacts_are_created_blind_and_only_existing_ones_looked_up(
     assert summary.field_conflicts == 10
 
 
-def test_a_whole_batch_409_is_split_until_only_the_existing_contact_is_left(tmp_path: Path) -> None:
+def test_a_whole_batch_409_is_looked_up_and_the_rest_sent_again(tmp_path: Path) -> None:
     """The reference leaves open whether HubSpot answers a duplicate email in a batch create per item
-    (207) or for the whole batch (409). For the latter, halves are retried until the one existing
-    contact stands alone; it is then looked up and updated: nothing duplicated, nothing lost."""
+    (207) or for the whole batch (409). For the latter, the batch's keys are looked up: the existing
+    contact is updated, the others created again: nothing duplicated, nothing lost."""
     emulator = HubSpotEmulator(seed=4)
     [rid] = emulator.bulk_create("contacts", 1, properties_fn=lambda i: {"email": "person7@example.org"})
     inner = emulator.transport()

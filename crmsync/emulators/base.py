@@ -45,6 +45,11 @@ class Faults:
     partial_rate: float = 0.0  # share of batch items that fail with a per-item error
     token_ttl: float | None = None  # seconds an issued OAuth access token lives (None = provider default)
     seed: int = 0
+    #: Per request, once processed: is its answer lost? (A proxy that forwards a write and drops the
+    #: reply, at the points a test picks: a route, a body, a seeded draw.) Called under the lock.
+    lose_reply: Callable[[httpx.Request], bool] | None = None
+    #: What the client gets instead of a lost answer: 0 = the connection drops, else this status.
+    lost_reply_status: int = 0
 
 
 class DroppedConnection(Exception):
@@ -115,9 +120,7 @@ class Emulator:
         return time.time() + self.clock_offset
 
     # -- routing -------------------------------------------------------------------------------
-    def route(
-        self, method: str, pattern: str, handler: Handler, *, bucket: str = "default", name: str = ""
-    ) -> None:
+    def route(self, method: str, pattern: str, handler: Handler, *, bucket: str = "default", name: str = "") -> None:
         """Register ``handler(request, **path_params)`` for METHOD and a path regex with named groups."""
         self._routes.append((method, re.compile(f"^{pattern}$"), handler, bucket, name or pattern))
 
@@ -210,6 +213,12 @@ class Emulator:
             response = handler(request, **params)
             if f.lost_ack_rate and self.rng.random() < f.lost_ack_rate:
                 self.stats.dropped += 1
+                raise DroppedConnection()
+            if f.lose_reply is not None and f.lose_reply(request):
+                self.stats.dropped += 1
+                if f.lost_reply_status:
+                    message = "injected: the request was processed, its answer lost"
+                    return self._log(request, self.error_response(f.lost_reply_status, message))
                 raise DroppedConnection()
             return self._log(request, response)
 

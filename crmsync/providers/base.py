@@ -125,8 +125,12 @@ class ItemResult:
     error: str | None = None
     #: True when a retry may succeed (rate limit, 5xx); False for validation errors.
     retriable: bool = False
-    #: A ``create_only`` item whose key the CRM already holds: nothing was written.
+    #: The CRM already holds this item's key or marker (a ``create_only`` item, a call or task):
+    #: nothing was written; ``remote_id`` names the record when the CRM said which.
     exists: bool = False
+    #: The write may have been done, but its answer was lost (``http.UnconfirmedWrite``): the
+    #: engine looks the item up by its key or marker before it sends it again.
+    unconfirmed: bool = False
 
 
 class ConnectIO(Protocol):
@@ -209,6 +213,10 @@ class Provider(ABC):
     #: without looking them up first, and looks up (and applies the conflict rules to) only the
     #: ones the CRM reports as existing: one request per batch instead of two.
     optimistic_creates: ClassVar[frozenset[str]] = frozenset()
+    #: Activity types ("calls", "tasks") whose idempotency marker the CRM keeps unique, so a create
+    #: of one that exists is refused (``exists``) instead of logged twice. For the others push asks
+    #: ``find_activities`` before creating what this store has no record of having sent.
+    unique_markers: frozenset[str] = frozenset()  # an instance may narrow it once it has seen the CRM's fields
     #: Webhook routes this provider can receive (see webhooks.py).
     supports_webhooks: ClassVar[bool] = False
     default_base_url: ClassVar[str] = ""
@@ -300,7 +308,11 @@ class Provider(ABC):
         """Make sure what push relies on exists (e.g. idempotency properties). Idempotent."""
 
     def prepare_objects(self, objects: Sequence[str]) -> None:
-        """Like prepare_push, for the object types one push batch touches (default: prepare_push)."""
+        """Like prepare_push, for the object types one push batch touches (default: prepare_push).
+
+        A property or field that already exists (made by another run, or by a create whose answer
+        was lost and whose retry met it) is read back and used, never taken for missing.
+        """
         self.prepare_push()
 
     def lookup_batch(self, obj: str, kind: str) -> int:
@@ -327,11 +339,21 @@ class Provider(ABC):
 
     @abstractmethod
     def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
-        """Create calls or tasks (``obj`` = "calls" | "tasks") with their associations and markers."""
+        """Create calls or tasks (``obj`` = "calls" | "tasks") with their associations and markers.
+
+        Returns:
+            One result per item, same refs: ``exists`` when the CRM refused a marker it already
+            holds, ``unconfirmed`` when the answer was lost; never sends a create twice itself.
+        """
 
     @abstractmethod
     def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
-        """Return ``{marker: remote_id}`` for activities that already exist (after a lost reply)."""
+        """Return ``{marker: remote_id}`` for activities that already exist, in as few requests as the CRM allows.
+
+        Asked after a lost reply, after ``exists``, and (where markers are not unique) before
+        creating activities the local store has no record of having sent. A call found created but
+        not finished (Odoo: not yet marked done) is finished here.
+        """
 
     # -- housekeeping ------------------------------------------------------------------------
     def quota(self) -> dict[str, Any]:

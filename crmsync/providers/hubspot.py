@@ -27,7 +27,7 @@ import httpx
 
 from crmsync.credentials import SecretStore, StaticAuth
 from crmsync.errors import AuthError, FatalProviderError, UsageError
-from crmsync.http import RateLimit, ResponsePolicy
+from crmsync.http import RateLimit, ResponsePolicy, UnconfirmedWrite
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -184,6 +184,7 @@ class HubSpotProvider(Provider):
     # (the last window's spread is added to the run); 25 send it in well under a second.
     default_concurrency = 25
     optimistic_creates = frozenset({"contacts", "deals"})  # email and crmsync_deal_key are unique
+    unique_markers = frozenset({"calls", "tasks"})  # crmsync_outcome_id has hasUniqueValue
     supports_webhooks = True
     default_base_url = API
     policy_class = HubSpotPolicy
@@ -427,6 +428,16 @@ class HubSpotProvider(Provider):
             )
             if r.status_code == 201:
                 props[name] = r.json()
+            else:
+                # It exists: made by another run, or by this request whose first answer was lost and
+                # whose retry met it. Read it back rather than assume it missing (finds would skip it).
+                with self._lock:
+                    self._props.pop(obj, None)
+                if name not in self._properties(obj):
+                    raise FatalProviderError(
+                        f"HubSpot refused to create property {obj}.{name} ({r.status_code}) yet does not list it",
+                        hint="it may be archived: restore it in Settings > Properties, then push again",
+                    )
         self._ensured.add(key)
 
     def prepare_push(self) -> None:
@@ -877,8 +888,9 @@ class HubSpotProvider(Provider):
             ]
             results.update(self._batch(obj, "upsert", inputs, [u[0] for u in upserts], created=None))
         if plain:
+            # No unique key guards these: a create whose answer was lost is looked up, not re-sent.
             inputs = [{"properties": i.properties, "objectWriteTraceId": i.ref} for i in plain]
-            results.update(self._batch(obj, "create", inputs, plain, created=True))
+            results.update(self._batch(obj, "create", inputs, plain, created=True, replay=False))
         self._associate(
             obj,
             [
@@ -912,9 +924,19 @@ class HubSpotProvider(Provider):
         return self._batch(obj, "create", inputs, items, created=True)
 
     def _batch(
-        self, obj: str, action: str, inputs: list[dict[str, Any]], items: Sequence[Any], *, created: bool | None
+        self,
+        obj: str,
+        action: str,
+        inputs: list[dict[str, Any]],
+        items: Sequence[Any],
+        *,
+        created: bool | None,
+        replay: bool = True,
     ) -> dict[str, ItemResult]:
-        """One batch request; 207 errors become per-item failures, matched by objectWriteTraceId."""
+        """One batch request; 207 errors become per-item failures, matched by objectWriteTraceId.
+
+        ``replay=False``: a lost answer is not retried but reported per item as ``unconfirmed``.
+        """
         results: dict[str, ItemResult] = {}
         try:
             response = self.http.post(
@@ -922,15 +944,21 @@ class HubSpotProvider(Provider):
                 json={"inputs": inputs},
                 endpoint=f"/crm/v3/objects/{{type}}/batch/{action}",
                 expect=(207,),
+                replay=replay,
             )
+        except UnconfirmedWrite as exc:
+            return {i.ref: ItemResult(i.ref, False, error=str(exc), retriable=True, unconfirmed=True) for i in items}
         except FatalProviderError as exc:
+            if action == "create" and exc.status == 409:
+                # A whole batch refused for the first key or marker it already holds (nothing was
+                # created): every item is looked up by the engine, and what is not there sent again.
+                return {i.ref: ItemResult(i.ref, False, error=str(exc), exists=True) for i in items}
             if len(items) == 1:
-                exists = action == "create" and exc.status == 409
-                return {items[0].ref: ItemResult(items[0].ref, False, error=str(exc), exists=exists)}
+                return {items[0].ref: ItemResult(items[0].ref, False, error=str(exc))}
             # One bad input can fail the whole request (400): split and retry so it fails alone.
             half = len(items) // 2
-            results.update(self._batch(obj, action, inputs[:half], items[:half], created=created))
-            results.update(self._batch(obj, action, inputs[half:], items[half:], created=created))
+            results.update(self._batch(obj, action, inputs[:half], items[:half], created=created, replay=replay))
+            results.update(self._batch(obj, action, inputs[half:], items[half:], created=created, replay=replay))
             return results
         body = response.json()
         refs = [i.ref for i in items]
@@ -1017,14 +1045,9 @@ class HubSpotProvider(Provider):
                     "objectWriteTraceId": item.ref,
                 }
             )
-        results = self._batch(obj, "create", inputs, items, created=True)
-        # A unique-value conflict means an earlier, unacknowledged create went through: read it back.
-        lost = [i for i in items if not results.get(i.ref, ItemResult(i.ref, False)).ok]
-        if lost:
-            existing = self.find_activities(obj, [i.marker for i in lost])
-            for item in lost:
-                if item.marker in existing:
-                    results[item.ref] = ItemResult(item.ref, True, remote_id=existing[item.marker], created=False)
+        # Not replayed: the engine tells a lost answer (ours, look it up) from a unique-value
+        # conflict met first time (``exists``: logged before, by another store).
+        results = self._batch(obj, "create", inputs, items, created=True, replay=False)
         return [
             results.get(i.ref) or ItemResult(i.ref, False, error="no result from HubSpot", retriable=True)
             for i in items

@@ -40,7 +40,7 @@ import httpx
 
 from crmsync.credentials import SecretStore
 from crmsync.errors import AuthError, ConfigError, FatalProviderError, RetriableError, UsageError
-from crmsync.http import RETRIABLE_STATUS, ResponsePolicy
+from crmsync.http import RETRIABLE_STATUS, ResponsePolicy, UnconfirmedWrite
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -73,6 +73,9 @@ DT_FORMAT = "%Y-%m-%d %H:%M:%S"
 CALL_XMLID = "mail.mail_activity_data_call"
 TASK_SUFFIX = ":task"  # the engine marks a follow-up task as "<outcome id>:task"
 TODO_XMLID = "mail.mail_activity_data_todo"
+LOOKUP_IN = 1000  # markers per search on the marker field
+LOOKUP_ILIKE = 100  # markers per search on notes or message bodies (one OR-ed ilike each)
+CONFIRM_ATTEMPTS = 4  # action_done sent again after lost answers, for the activities still open
 
 #: The Odoo model behind each object type.
 MODELS = {
@@ -136,6 +139,10 @@ class OdooPolicy(ResponsePolicy):
         if response.status_code in RETRIABLE_STATUS or response.status_code == 409:
             return True
         return response.status_code == 500 and not _json_error(response)
+
+    def may_have_written(self, response: httpx.Response) -> bool:
+        # A JSON 500 is an Odoo exception: its transaction was rolled back, nothing was written.
+        return response.status_code >= 500 and not _json_error(response)
 
     def error_message(self, response: httpx.Response) -> tuple[str, str | None]:
         body = _json_error(response)
@@ -320,14 +327,14 @@ class OdooProvider(Provider):
             except (TypeError, ValueError):
                 pass
 
-    def _jsonrpc(self, service: str, method: str, args: list[Any], *, endpoint: str) -> Any:
+    def _jsonrpc(self, service: str, method: str, args: list[Any], *, endpoint: str, replay: bool = True) -> Any:
         body = {
             "jsonrpc": "2.0",
             "method": "call",
             "id": next(self._ids),
             "params": {"service": service, "method": method, "args": args},
         }
-        response = self.http.post("/jsonrpc", json=body, endpoint=endpoint)
+        response = self.http.post("/jsonrpc", json=body, endpoint=endpoint, replay=replay)
         self._note_date(response)
         try:
             payload = response.json()
@@ -357,8 +364,14 @@ class OdooProvider(Provider):
             hint="check the database name and --base-url, then run `crmsync connect odoo` again with --db-name",
         )
 
-    def _call(self, model: str, method: str, ids: Sequence[int] | None = None, **kwargs: Any) -> Any:
-        """Call a model method with named arguments (``ids`` for record methods) on either transport."""
+    def _call(
+        self, model: str, method: str, ids: Sequence[int] | None = None, *, replay: bool = True, **kwargs: Any
+    ) -> Any:
+        """Call a model method with named arguments (``ids`` for record methods) on either transport.
+
+        ``replay=False`` for calls that would act twice if sent twice (``create``, ``action_done``):
+        a lost answer raises ``UnconfirmedWrite`` instead of a retry.
+        """
         endpoint = f"{model}.{method}"
         if self.transport == "json2":
             payload = dict(kwargs)
@@ -370,6 +383,7 @@ class OdooProvider(Provider):
                     json=payload,
                     endpoint=f"/json/2/{endpoint}",
                     expect=(401, 403, 404, 422),
+                    replay=replay,
                 )
             except FatalProviderError as exc:  # a JSON 500: an exception Odoo did not sort
                 kind = exc.code or f"HTTP {exc.status}"
@@ -392,7 +406,7 @@ class OdooProvider(Provider):
         elif ids is not None:
             positional = [list(ids)]
         args = [self.db, self.uid, self._key, model, method, positional, kwargs]
-        return self._jsonrpc("object", "execute_kw", args, endpoint=f"/jsonrpc {endpoint}")
+        return self._jsonrpc("object", "execute_kw", args, endpoint=f"/jsonrpc {endpoint}", replay=replay)
 
     def _version_info(self) -> tuple[int, str]:
         """(major, label) of the server, on the connection's own transport."""
@@ -1029,8 +1043,15 @@ class OdooProvider(Provider):
                     }
                 ],
             )
-        except OdooFault as exc:
-            log.warning("could not add %s.%s (%s): deals are matched through the local mirror only", model, name, exc)
+        except (OdooFault, UnconfirmedWrite) as exc:
+            # Perhaps it exists after all (another run made it, or this create's answer was lost
+            # and its retry met it): read the fields again rather than assume it missing.
+            with self._lock:
+                self._fields.pop(model, None)
+            if name not in self._model_fields(model):
+                log.warning(
+                    "could not add %s.%s (%s): deals are matched through the local mirror only", model, name, exc
+                )
             return
         with self._lock:
             self._fields.pop(model, None)
@@ -1083,9 +1104,8 @@ class OdooProvider(Provider):
         out: dict[str, RemoteRecord] = {}
         for kind, values in by_kind.items():
             rows = self._matches(obj, kind, list(dict.fromkeys(values)), read)
-            # One _records call for all matches: a deal's partner is read in one batch, not per deal.
-            records = self._records(obj, model, list(rows.values()))
-            for value, rec in zip(rows, records, strict=True):
+            # One call for all rows: a deal's linked partners are read in one batch, not per deal.
+            for value, rec in zip(rows, self._records(obj, model, list(rows.values())), strict=True):
                 out[match_key({kind: value})] = rec
         return out
 
@@ -1166,7 +1186,14 @@ class OdooProvider(Provider):
         if not pairs:
             return {}
         try:
-            ids = self._call(model, "create", vals_list=[vals for _, vals in pairs])
+            ids = self._call(model, "create", vals_list=[vals for _, vals in pairs], replay=False)
+        except UnconfirmedWrite as exc:
+            # Odoo keeps no key unique: a re-sent create would make a second record. Push looks
+            # these up by their key or marker and sends again only what is not there.
+            return {
+                item.ref: ItemResult(item.ref, False, error=str(exc), retriable=True, unconfirmed=True)
+                for item, _ in pairs
+            }
         except OdooFault as exc:
             if len(pairs) == 1:
                 item = pairs[0][0]
@@ -1197,8 +1224,9 @@ class OdooProvider(Provider):
         else:
             raise _ItemError("an activity needs a contact, company or deal to attach to")
         note = _note_html(str(props.pop("note", "") or ""))
-        if not marker_field:
-            # No field to carry the marker: the note carries it (and the "done" message copies the note).
+        if not marker_field or (obj == "calls" and self._calls_from_messages()):
+            # No field to carry the marker, or (up to 18) a done call leaves only its message, which
+            # copies the note and not the field: the note carries it.
             note = f"{note}<p>[crmsync:{item.marker}]</p>"
         vals: dict[str, Any] = {
             **props,
@@ -1241,17 +1269,38 @@ class OdooProvider(Provider):
         ]
 
     def _mark_done(self, done: list[tuple[str, int]]) -> list[str]:
-        """``action_done`` on the batch's activities in one call; returns the refs that failed."""
-        if not done:
-            return []
-        try:
-            self._call("mail.activity", "action_done", [rid for _, rid in done])
-            return []
-        except OdooFault as exc:
-            if len(done) == 1:
-                log.warning("marking activity %s done failed: %s", done[0][1], exc)
-                return [done[0][0]]
-            return [ref for pair in done for ref in self._mark_done([pair])]
+        """``action_done`` on the batch's activities in one call; returns the refs that failed.
+
+        Not replayed (up to 18 a done activity is deleted, so a second ``action_done`` fails): after
+        a lost answer the activities still open are read back and only those are marked again.
+        """
+        for _ in range(CONFIRM_ATTEMPTS):
+            if not done:
+                return []
+            try:
+                self._call("mail.activity", "action_done", [rid for _, rid in done], replay=False)
+                return []
+            except UnconfirmedWrite:
+                done = self._still_open(done)
+            except OdooFault as exc:
+                if len(done) == 1:
+                    log.warning("marking activity %s done failed: %s", done[0][1], exc)
+                    return [done[0][0]]
+                return [ref for pair in done for ref in self._mark_done([pair])]
+        return [ref for ref, _ in done]
+
+    def _still_open(self, done: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The activities of ``done`` not yet done: on 19 still active, before that not yet deleted."""
+        archived = "active" in self._model_fields("mail.activity")
+        rows = self._call(
+            "mail.activity",
+            "search_read",
+            domain=[("id", "in", [rid for _, rid in done])],
+            fields=["active"] if archived else ["id"],
+            context={"active_test": False},
+        )
+        open_ids = {int(r["id"]) for r in rows if not archived or r.get("active")}
+        return [(ref, rid) for ref, rid in done if rid in open_ids]
 
     def _post_messages(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
         """No mail.activity (stripped-down database): log each call as a note in the chatter."""
@@ -1271,11 +1320,15 @@ class OdooProvider(Provider):
                     "res.partner",
                     "message_post",
                     [int(target)],
+                    replay=False,
                     body=body,
                     message_type="comment",
                     subtype_xmlid="mail.mt_note",
                     **({"body_is_html": True} if self.version >= 18 else {}),
                 )
+            except UnconfirmedWrite as exc:
+                results.append(ItemResult(item.ref, False, error=str(exc), retriable=True, unconfirmed=True))
+                continue
             except OdooFault as exc:
                 results.append(ItemResult(item.ref, False, error=str(exc)))
                 continue
@@ -1310,7 +1363,8 @@ class OdooProvider(Provider):
             *(["active"] if "active" in self._model_fields("mail.activity") else []),
             *([MARKER_FIELD] if marker_field else []),
         ]
-        for chunk in _chunks(wanted, 100):
+        # An ``in`` on the marker field takes many values a query; each note marker is an ``ilike`` of its own.
+        for chunk in _chunks(wanted, LOOKUP_IN if marker_field else LOOKUP_ILIKE):
             if marker_field:
                 domain: list[Any] = [(MARKER_FIELD, "in", chunk)]
             else:
@@ -1343,7 +1397,7 @@ class OdooProvider(Provider):
 
     def _find_in_messages(self, markers: Sequence[str], *, any_type: bool = False) -> dict[str, str]:
         found: dict[str, str] = {}
-        for chunk in _chunks(list(markers), 100):
+        for chunk in _chunks(list(markers), LOOKUP_ILIKE):
             domain = _or([("body", "ilike", f"[crmsync:{m}]") for m in chunk])
             rows = self._call("mail.message", "search_read", domain=domain, fields=["body"], order="id asc")
             for row in rows:

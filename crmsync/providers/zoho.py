@@ -37,7 +37,7 @@ import httpx
 
 from crmsync.credentials import SecretStore
 from crmsync.errors import AuthError, ConfigError, FatalProviderError, UsageError
-from crmsync.http import RateLimit, ResponsePolicy, deferring
+from crmsync.http import RateLimit, ResponsePolicy, UnconfirmedWrite, deferring
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -268,6 +268,7 @@ class ZohoProvider(Provider):
     #: Zoho counts credits per day and calls in flight, not calls per second.
     default_rate_limits: dict[str, RateLimit] = {}
     default_concurrency = 5
+    unique_markers = frozenset({"calls", "tasks"})  # prepare_objects checks crmsync_outcome_id exists, unique
     supports_webhooks = True
     default_base_url = f"https://www.zohoapis.com{API_PATH}"
     policy_class = ZohoPolicy
@@ -515,6 +516,10 @@ class ZohoProvider(Provider):
                     hint=f"add a single-line custom field with API name {name}, 'Do not allow duplicate values' on "
                     f"(Setup > Customization > Modules and Fields > {MODULES[obj]})",
                 )
+            if name == MARKER and not (self._fields_meta(obj).get(name) or {}).get("unique"):
+                # Duplicates allowed: push looks such activities up by marker before creating them.
+                with self._lock:
+                    self.unique_markers = self.unique_markers - {obj}
 
     # -- pull ------------------------------------------------------------------------------------
     def _columns(self, obj: str, fields: Sequence[str]) -> list[str]:
@@ -842,7 +847,8 @@ class ZohoProvider(Provider):
             if dup_fields:
                 results.update(self._write("POST", f"/{module}/upsert", data, batch, dup_fields=list(dup_fields)))
             else:
-                results.update(self._write("POST", f"/{module}", data, batch, created=True))
+                # No unique key guards a plain insert: a lost answer is looked up, not re-sent.
+                results.update(self._write("POST", f"/{module}", data, batch, created=True, replay=False))
         return [
             results.get(i.ref) or ItemResult(i.ref, False, error="no result from Zoho", retriable=True) for i in items
         ]
@@ -856,15 +862,21 @@ class ZohoProvider(Provider):
         *,
         created: bool | None = None,
         dup_fields: list[str] | None = None,
+        replay: bool = True,
     ) -> dict[str, ItemResult]:
-        """One write of <= 100 records; results are matched to inputs by position."""
+        """One write of <= 100 records; results are matched to inputs by position.
+
+        ``replay=False`` (inserts): a lost answer is not retried but reported as ``unconfirmed``.
+        """
         body: dict[str, Any] = {"data": data, "trigger": list(self.triggers)}
         if dup_fields:
             body["duplicate_check_fields"] = dup_fields
         self._spend(max(1, math.ceil(len(data) / 10)))
         endpoint = re.sub(r"^/\w+", "/{module}", path)
         try:
-            response = self.http.request(method, path, json=body, endpoint=endpoint, expect=(207, 400))
+            response = self.http.request(method, path, json=body, endpoint=endpoint, expect=(207, 400), replay=replay)
+        except UnconfirmedWrite as exc:
+            return {i.ref: ItemResult(i.ref, False, error=str(exc), retriable=True, unconfirmed=True) for i in items}
         except FatalProviderError as exc:
             return {i.ref: ItemResult(i.ref, False, error=str(exc)) for i in items}
         payload = _json(response)
@@ -903,7 +915,9 @@ class ZohoProvider(Provider):
             else:
                 props.setdefault("Subject", "Follow up")
             data.append(props)
-        results = self._write("POST", f"/{MODULES[obj]}", data, items, created=True)
+        # Not replayed: a lost answer is looked up as ours; DUPLICATE_DATA met first time names the
+        # call another store logged.
+        results = self._write("POST", f"/{MODULES[obj]}", data, items, created=True, replay=False)
         return [
             results.get(i.ref) or ItemResult(i.ref, False, error="no result from Zoho", retriable=True) for i in items
         ]

@@ -7,8 +7,12 @@ Exactly-once rests on three things:
    remote id is committed as soon as its batch answers, so a retry resumes at the failed step;
    contacts, companies and deals are matched or upserted by natural or unique keys, so re-sending
    them cannot duplicate;
-3. before a call or task batch is sent, its outbox rows are marked in flight (committed); a run that
-   finds rows still in flight asks the CRM for their idempotency markers before sending anything.
+3. the CRM, not the store, says whether a call or task was logged: each carries an idempotency
+   marker; rows are marked in flight (committed) before their batch is sent, and rows still in
+   flight, or (where the CRM does not keep markers unique) never sent from this store, are looked
+   up by marker before anything is sent. A write whose answer was lost is not re-sent blind
+   (``replay=False``, ``ItemResult.unconfirmed``): it is looked up by marker or key and sent again
+   only if it is not there, within the run.
 
 On SQLite one push per connection runs at a time (the run lock). On PostgreSQL pushes run
 concurrently (workers on several hosts): each leases batches of pending rows (``SELECT … FOR
@@ -57,6 +61,8 @@ ParsedOutcome = tuple[datetime, dict[str, dict[str, Any]]]
 
 ENTITY_STEPS = ("companies", "contacts", "deals")
 ACTIVITY_STEPS = ("calls", "tasks")
+#: Look-ups and re-sends a step makes, within one run, for writes whose answers were lost.
+CONFIRM_ROUNDS = 4
 #: Outcomes per delivery round. Lanes (``_lanes``) overlap one object's lookups with other outcomes'
 #: writes only within a round, so a round holds enough to fill a rate window from its first second.
 CHUNK = 10_000
@@ -73,7 +79,7 @@ class Receipt:
     """What happened to one outcome (one JSON line with --json)."""
 
     id: str | None
-    status: str  # created | updated | unchanged | queued | failed | rejected | conflict | planned
+    status: str  # created | already | updated | unchanged | queued | failed | rejected | conflict | planned
     remote_ids: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     line: int | None = None
@@ -180,8 +186,12 @@ def enqueue(
     parsed_out: dict[str, ParsedOutcome] | None = None,
     on_objects: Callable[[set[str]], None] | None = None,
     on_queued: Callable[[list[dict[str, dict[str, Any]]]], None] | None = None,
+    retry_failed: bool = False,
 ) -> None:
     """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects.
+
+    An outcome fed again whose delivery failed counts as failed again, unless ``retry_failed``
+    (then it is queued again: ``_reset_failed``).
 
     ``parsed_out`` receives the first CHUNK queued outcomes with their canonical records, so that
     delivery's first round need not parse again what was just parsed. ``on_objects`` is told, after
@@ -219,7 +229,7 @@ def enqueue(
                 {
                     row.outcome_id: row
                     for row in db.execute(
-                        select(t.id, t.outcome_id, t.content_hash, t.state, t.steps).where(
+                        select(t.id, t.outcome_id, t.content_hash, t.state, t.steps, t.last_error).where(
                             t.connection == conn, t.outcome_id.in_(ids)
                         )
                     )
@@ -263,6 +273,17 @@ def enqueue(
                         }
                     )
                     summary.queued += 1
+                    continue
+                if prior_hash == digest and prior is not None and prior.state == "failed" and oid not in seen:
+                    seen[oid] = digest
+                    if retry_failed:
+                        summary.queued += 1
+                        continue
+                    # Fed again but not in the CRM: a re-run must not pass it off as sent (exit 0).
+                    summary.failed += 1
+                    if sink:
+                        error = f"{prior.last_error or 'failed'} (sent again only with --retry-failed)"
+                        sink(Receipt(oid, "failed", remote_ids=_public_steps(prior.steps), error=error, line=p.line))
                     continue
                 if prior_hash == digest:
                     summary.already += 1
@@ -392,6 +413,7 @@ def push(
                                 parsed_out=parsed,
                                 on_objects=warm.prepare if warm else None,
                                 on_queued=ahead.add if ahead else None,
+                                retry_failed=retry_failed,
                             )
                         finally:
                             if reject_handle:
@@ -405,8 +427,16 @@ def push(
                     provider = warm.provider() if warm else app.provider(conn)
                     before = warm.before if warm else provider.http.stats.as_dict()
                     deliver(
-                        app, conn, provider, mapping, summary, sink=sink, progress=progress, run_id=run_id,
-                        parsed=parsed, prepared=warm.gates if warm else None,
+                        app,
+                        conn,
+                        provider,
+                        mapping,
+                        summary,
+                        sink=sink,
+                        progress=progress,
+                        run_id=run_id,
+                        parsed=parsed,
+                        prepared=warm.gates if warm else None,
                         prefetched=ahead.found if ahead else None,
                     )
                 except (RetriableError, AuthError) as exc:
@@ -773,6 +803,10 @@ class _Item:
     failed: bool = False
     #: Match keys by object, worked out once (``_item_key``): lanes, lookups and steps all ask.
     keys: dict[str, str | None] = field(default_factory=dict)
+    #: Objects whose record this run created (not matched): nothing can be logged on a new contact.
+    created: set[str] = field(default_factory=set)
+    #: Activities the CRM already held, logged by someone else's run (a lost store, another machine).
+    already: set[str] = field(default_factory=set)
 
 
 def deliver(
@@ -1040,7 +1074,7 @@ def _run_lanes(
         return mine, _settle(app, part, mine)
 
     def count(part: PushSummary, closed: list[Receipt]) -> None:
-        for name in ("field_conflicts", "writes", "created", "updated", "failed", "requeued"):
+        for name in ("field_conflicts", "writes", "created", "already", "updated", "failed", "requeued"):
             setattr(summary, name, getattr(summary, name) + getattr(part, name))
         receipts.update((r.id, r) for r in closed)
 
@@ -1103,9 +1137,7 @@ def _claim_owner(app: App, shared: bool) -> contextlib.AbstractContextManager[st
     return contextlib.nullcontext(f"0:{socket.gethostname()}:{os.getpid()}")
 
 
-def _claim(
-    app: App, conn: str, after_id: int, owner: str, *, shared: bool, have: Collection[str] = ()
-) -> list[_Row]:
+def _claim(app: App, conn: str, after_id: int, owner: str, *, shared: bool, have: Collection[str] = ()) -> list[_Row]:
     """Lease the next CHUNK pending rows that no live run holds.
 
     Under SQLite's run lock nobody else can hold a claim, so any claim found is a dead run's. On
@@ -1228,21 +1260,25 @@ def _entity_step(
     if plan.outgoing:
         for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(plan.outgoing, provider.batch_size)):
             results[r.ref] = r
-    collided = [k for k, r in results.items() if r.exists]
-    if collided:
-        # Records someone else created meanwhile: read them, apply the conflict rules, update.
-        _lookup(app, conn, provider, mapping, obj, collided, crm)
+    unsure = [k for k, r in results.items() if r.exists or r.unconfirmed]
+    for _ in range(CONFIRM_ROUNDS):
+        if not unsure:
+            break
+        # Records the CRM already holds (someone else created them, or our own write whose answer
+        # was lost): read them, apply the conflict rules, update. Those not there (a lost answer
+        # before the write, a whole batch refused for a neighbour's key): created again.
+        _lookup(app, conn, provider, mapping, obj, unsure, crm)
         again = _Plan()
-        for k in collided:
-            if k in crm:
-                del results[k]
-                plan.merged.pop(k, None)
-                _plan_key(mapping, obj, k, by_key[k], crm[k], rules, again, summary, conn.name)
+        for k in unsure:
+            del results[k]
+            plan.merged.pop(k, None)
+            _plan_key(mapping, obj, k, by_key[k], crm.get(k), rules, again, summary, conn.name, create_only=k in blind)
         for r in _parallel(provider, lambda b: provider.upsert(obj, b), _batches(again.outgoing, provider.batch_size)):
             results[r.ref] = r
         plan.resolved.update(again.resolved)
         plan.merged.update(again.merged)
         plan.conflicts.extend(again.conflicts)
+        unsure = [o.ref for o in again.outgoing if (r := results.get(o.ref)) and (r.exists or r.unconfirmed)]
     if plan.outgoing:
         provider.flush(obj)
     for k, rid in plan.resolved.items():
@@ -1425,7 +1461,6 @@ def _plan_key(
     plan.merged[k] = {**((existing[0] or {}) if existing else {}), **values}
 
 
-
 def _s(value: Any) -> str | None:
     return None if value is None else str(value)[:500]
 
@@ -1471,6 +1506,8 @@ def _record_step(
         for it in its:
             if res is not None and res.ok and res.remote_id:
                 it.row.steps = {**it.row.steps, obj: res.remote_id}
+                if res.created:
+                    it.created.add(obj)
             else:
                 it.failed = True
                 it.row.last_error = f"{obj}: {res.error if res else 'no result'}"
@@ -1514,27 +1551,39 @@ def _activity_step(
     items: list[_Item],
     summary: PushSummary,
 ) -> None:
+    """Create (or update) one activity type of a lane; never one the CRM already holds.
+
+    The CRM, not the store, says whether a call was logged: rows sent before without a recorded
+    answer are asked for by marker before anything is sent; where the CRM does not refuse a second
+    activity with the same marker (``Provider.unique_markers``), so are the outcomes this store has
+    no record of having sent, but those whose contact this run created (nothing can be logged on
+    a contact that did not exist). A refused marker (``exists``) or a lost answer (``unconfirmed``)
+    is looked up, and what is not there is sent again, within this run.
+    """
     need = [it for it in items if not it.failed and obj in it.canon and obj not in it.row.steps]
     need = [it for it in need if it.row.steps.get("contacts")]
     if not need:
         return
     marker = (lambda it: it.row.outcome_id) if obj == "calls" else (lambda it: f"{it.row.outcome_id}:task")
-    # Replies that were lost (killed mid-request): ask the CRM before sending anything again.
-    unsure = [it for it in need if it.row.in_flight.get(obj)]
     results: dict[str, ItemResult] = {}
-    if unsure:
-        found: dict[str, str] = {}
-        for batch in _batches([marker(it) for it in unsure], provider.batch_size):
-            found.update(provider.find_activities(obj, batch))
-        for it in unsure:
-            if marker(it) in found:
-                results[it.row.outcome_id] = ItemResult(
-                    it.row.outcome_id, True, remote_id=found[marker(it)], created=False
-                )
+    ask = [
+        it
+        for it in need
+        if it.row.in_flight.get(obj) or (obj not in provider.unique_markers and "contacts" not in it.created)
+    ]
+    if ask:
+        found = provider.find_activities(obj, [marker(it) for it in ask])
+        for it in ask:
+            if (rid := found.get(marker(it))) is not None:
+                # Sent by this store before (a killed run): ours. Never sent from here: someone else's.
+                ours = bool(it.row.in_flight.get(obj))
+                results[it.row.outcome_id] = ItemResult(it.row.outcome_id, True, remote_id=rid, created=ours)
     todo = [it for it in need if it.row.outcome_id not in results]
     updates = [it for it in todo if it.row.update_requested and (it.row.steps.get("previous") or {}).get(obj)]
     creates = [it for it in todo if it not in updates]
-    if creates:
+    for _ in range(CONFIRM_ROUNDS):
+        if not creates:
+            break
         now = utcnow().isoformat()
         for it in creates:
             it.row.in_flight = {**it.row.in_flight, obj: now}
@@ -1552,6 +1601,27 @@ def _activity_step(
         send = lambda b: _deferred(provider.create_activities, obj, b)  # noqa: E731
         for r in _parallel(provider, send, _batches(acts, provider.batch_size)):
             results[r.ref] = r
+        unsure = [
+            it
+            for it in creates
+            if (r := results.get(it.row.outcome_id)) is not None and (r.exists or r.unconfirmed) and not r.ok
+        ]
+        creates = []
+        if not unsure:
+            break
+        found = provider.find_activities(obj, [marker(it) for it in unsure])
+        for it in unsure:
+            lost = results[it.row.outcome_id]
+            if (rid := found.get(marker(it))) is not None:
+                # After a lost answer, ours; refused as existing, someone else's.
+                results[it.row.outcome_id] = ItemResult(
+                    it.row.outcome_id, True, remote_id=rid, created=lost.unconfirmed
+                )
+            else:
+                # Not there: the answer was lost before the write, or a whole batch was refused for
+                # a neighbour's marker. Sent again (a CRM that refused it keeps refusing a real one).
+                lost.retriable = True
+                creates.append(it)
     if updates:
         outs = [
             Outgoing(
@@ -1571,8 +1641,10 @@ def _activity_step(
             if res is not None and res.ok and res.remote_id:
                 it.row.steps = {**it.row.steps, obj: res.remote_id}
                 it.row.in_flight = {k: v for k, v in it.row.in_flight.items() if k != obj}
-                if obj == "calls":
-                    summary.writes += 1
+                if not res.created and it not in updates:
+                    it.already.add(obj)
+                elif obj == "calls":
+                    summary.writes += 1  # a call this push wrote (one found logged by another store is not)
             else:
                 it.failed = True
                 it.row.attempts += 1
@@ -1595,10 +1667,17 @@ def _settle(app: App, items: list[_Item], summary: PushSummary) -> list[Receipt]
         complete = all(row.steps.get(o) for o in needed)
         if complete and not it.failed:
             row.state, row.delivered_at, row.last_error = "done", now, None
-            status = "updated" if row.update_requested else "created"
+            activities = [o for o in needed if o in ACTIVITY_STEPS]
             if row.update_requested:
+                status = "updated"
                 summary.updated += 1
+            elif activities and it.already >= set(activities):
+                # Every activity of it was in the CRM already (logged from another store): nothing new.
+                status = "already"
+                row.steps = {**row.steps, "already": True}
+                summary.already += 1
             else:
+                status = "created"
                 summary.created += 1
         else:
             if row.state != "failed" and row.attempts >= 5:
@@ -1610,7 +1689,7 @@ def _settle(app: App, items: list[_Item], summary: PushSummary) -> list[Receipt]
                 summary.requeued += 1
         row.updated_at = now
         row.claimed_by = row.claimed_at = None
-        error = row.last_error if status != "created" else None
+        error = row.last_error if status not in ("created", "already") else None
         receipts.append(Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=error))
     with app.store.session() as s:
         _save_rows(s, (it.row for it in items))
@@ -1630,4 +1709,6 @@ def receipt(app: App, connection: str | None, outcome_id: str) -> Receipt:
     status = {"done": "created", "pending": "queued"}.get(row.state, row.state)
     if row.state == "done" and row.update_requested:
         status = "updated"
+    elif row.state == "done" and row.steps.get("already"):
+        status = "already"
     return Receipt(row.outcome_id, status, remote_ids=_public_steps(row.steps), error=row.last_error)
