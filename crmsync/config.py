@@ -58,6 +58,9 @@ class ConnectionSettings(_Model):
     mapping: Path | None = None
     oauth_authorize_url: str | None = None
     oauth_token_url: str | None = None
+    #: Pipedrive: the company's plan and seats, which set its daily token budget and burst limit.
+    plan: str | None = Field(default=None, pattern=r"^(lite|growth|premium|ultimate)$")
+    seats: int | None = Field(default=None, gt=0)
 
 
 class WebhookSettings(_Model):

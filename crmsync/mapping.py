@@ -141,7 +141,7 @@ __all__ = [
 
 VERSION = 1
 DIRECTIONS = ("both", "push", "pull")
-PROVIDERS = ("hubspot", "zoho", "odoo")
+PROVIDERS = ("hubspot", "zoho", "odoo", "pipedrive")
 OBJECT_OF = {section: obj for obj, section in SECTION.items()}
 
 #: Canonical fields per object type and their kind (string|number|date|datetime).

@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "hubspot": "crmsync.providers.hubspot:HubSpotProvider",
     "zoho": "crmsync.providers.zoho:ZohoProvider",
     "odoo": "crmsync.providers.odoo:OdooProvider",
+    "pipedrive": "crmsync.providers.pipedrive:PipedriveProvider",
 }
 
 
