@@ -74,6 +74,7 @@ def test_durations_round_trip_as_minutes() -> None:
 
 
 def test_push_logs_each_call_once_with_its_person_and_a_re_push_writes_nothing(home: Path, tmp_path: Path) -> None:
+    write_config(home, "pd", rate_limit=40)  # the Growth plan's burst, as a user on it configures
     emulator = PipedriveEmulator(plan="growth")
     recorder = Recorder(emulator)
     app = _app(emulator, recorder=recorder)
@@ -105,6 +106,7 @@ def test_push_logs_each_call_once_with_its_person_and_a_re_push_writes_nothing(h
 
 
 def test_a_new_store_finds_the_calls_already_logged_and_logs_none_again(home: Path, tmp_path: Path) -> None:
+    write_config(home, "pd", rate_limit=40)
     emulator = PipedriveEmulator(plan="growth")
     src = _outcomes(tmp_path / "o.jsonl", 40, company_every=3, deal_every=4)
     first = push(_app(emulator, db=str(tmp_path / "first.db")), source=str(src), connection="pd")
@@ -187,3 +189,30 @@ def test_the_emulator_refuses_a_token_in_the_query_string(query: dict[str, str])
     if query:
         params["api_token"] = emulator.api_token
     assert client.get("/v1/users/me", params=params).status_code == 401
+
+
+def test_every_request_and_answer_of_a_push_and_pull_fits_the_official_specs(home: Path, tmp_path: Path) -> None:
+    from tests.openapi_check import SpecCheck
+
+    emulator = PipedriveEmulator(plan="ultimate")
+    checked = SpecCheck.pipedrive().wrap(emulator)
+    app = App(transport=lambda name: checked)
+    connect(
+        app, provider="pipedrive", name="pd", base_url="http://pd.test", options={}, io=ScriptIO(emulator.api_token)
+    )
+    assert (
+        push(
+            app, source=str(_outcomes(tmp_path / "o.jsonl", 12, company_every=3, deal_every=4)), connection="pd"
+        ).exit_code
+        == 0
+    )
+    assert (
+        push(
+            app, source=str(_outcomes(tmp_path / "o2.jsonl", 12, prefix="p", company_every=2)), connection="pd"
+        ).exit_code
+        == 0
+    )
+    assert pull(app, objects=["contacts", "companies", "deals", "calls"])[0].exit_code == 0
+    assert checked.problems == [], "\n".join(checked.problems[:10])
+    assert checked.unchecked == []
+    assert checked.checked > 40

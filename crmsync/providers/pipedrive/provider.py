@@ -247,15 +247,18 @@ class PipedriveProvider(Provider):
         """crmsync's custom fields of an entity: label -> 40-character code (read once per run)."""
         with self._lock:
             if entity in self._codes:
-                return self._codes[entity]
+                return dict(self._codes[entity])
         codes = {
             str(f["field_name"]): str(f["field_code"])
             for f in self._field_docs(entity)
             if f.get("is_custom_field") and str(f.get("field_name")) in rec.CUSTOM
         }
         with self._lock:
-            self._codes[entity] = codes
-        return codes
+            # Merged, not replaced: prepare_objects may have created a field while this read ran.
+            merged = self._codes.setdefault(entity, {})
+            for label, code in codes.items():
+                merged.setdefault(label, code)
+            return dict(merged)
 
     def fields(self, obj: str) -> list[FieldInfo]:
         entity = rec.ENTITY[rec.OBJ[obj]]
@@ -362,7 +365,7 @@ class PipedriveProvider(Provider):
 
         The cursor is ``{"since": …}`` between runs and ``{"since", "until", "part", "next"}`` while a
         window is being read, so a killed run resumes on the page it stopped at. Deals are read in
-        two parts: live and deleted (``status=…,deleted``), then archived (``/deals/archived``).
+        three parts: live, deleted (``status=deleted``), archived (``/deals/archived``).
         """
         v2 = rec.OBJ[obj]
         state = dict(cursor or {})
@@ -377,7 +380,9 @@ class PipedriveProvider(Provider):
             state = {"since": rec.rfc3339(start), "until": rec.rfc3339(end), "part": 0, "next": None}
         parts = [(f"/api/v2/{v2}", {})]
         if v2 == "deals":
-            parts = [("/api/v2/deals", {"status": "open,won,lost,deleted"}), ("/api/v2/deals/archived", {})]
+            # The spec takes one status a request (the docs show a comma-separated list): live deals,
+            # then deleted ones (kept 30 days), then archived ones, which plain lists leave out.
+            parts = [("/api/v2/deals", {}), ("/api/v2/deals", {"status": "deleted"}), ("/api/v2/deals/archived", {})]
         for n, (path, extra) in enumerate(parts):
             if n < int(state.get("part") or 0):
                 continue
@@ -402,8 +407,7 @@ class PipedriveProvider(Provider):
         v2 = rec.OBJ[obj]
         out = []
         for chunk in _chunks(list(dict.fromkeys(ids)), IDS_MAX):
-            extra = {"status": "open,won,lost,deleted"} if v2 == "deals" else {}
-            body = self._req("GET", f"/api/v2/{v2}", "list", params={"ids": ",".join(chunk), "limit": PAGE, **extra})
+            body = self._req("GET", f"/api/v2/{v2}", "list", params={"ids": ",".join(chunk), "limit": PAGE})
             out += [self._record(obj, r) for r in body.get("data") or [] if self._wanted(obj, r)]
         return out
 
