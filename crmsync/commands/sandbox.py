@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
     @sandbox_app.command("serve")
     def serve(
-        provider: Annotated[str, typer.Argument(help="hubspot, zoho or odoo.")],
+        provider: Annotated[str, typer.Argument(help="hubspot, zoho, odoo or pipedrive.")],
         host: Annotated[str, typer.Option("--host", help="Interface (loopback by default).")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one.")] = 0,
         seed: Annotated[int, typer.Option("--seed", help="Seed for the generated data.")] = 0,
@@ -100,4 +100,9 @@ def build(
 
         emu = build_odoo(seed=seed, partners=contacts, companies=companies, leads=deals, faults=faults)
         return emu, {"db": emu.db, "login": emu.login, "api_key": emu.api_key}
-    raise UsageError(f"unknown provider {provider!r}; choose one of: hubspot, odoo, zoho")
+    if name == "pipedrive":
+        from crmsync.emulators.pipedrive import build_pipedrive
+
+        emu = build_pipedrive(seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
+        return emu, {"token": emu.api_token}
+    raise UsageError(f"unknown provider {provider!r}; choose one of: hubspot, odoo, pipedrive, zoho")

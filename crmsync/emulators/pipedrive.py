@@ -1012,3 +1012,36 @@ class PipedriveEmulator(Emulator):
                 "api_domain": api_domain,
             }
         )
+
+
+def build_pipedrive(
+    *,
+    seed: int = 0,
+    contacts: int = 100,
+    companies: int = 25,
+    deals: int = 10,
+    faults: Faults | None = None,
+    plan: str = "growth",
+) -> PipedriveEmulator:
+    """A Pipedrive company seeded with persons, organizations and deals (sandbox and benchmarks)."""
+    emu = PipedriveEmulator(faults=faults, seed=seed, plan=plan)
+    emu.bulk_create("organizations", companies, lambda i: {"name": f"Company {seed}-{i}"})
+    emu.bulk_create(
+        "persons",
+        contacts,
+        lambda i: {
+            "name": f"Person {i}",
+            "first_name": "Person",
+            "last_name": str(i),
+            "emails": [{"value": f"person{i}@example.com", "primary": True}],
+            # Numbers from the reserved 555-01xx block, widened by the index so any size stays unique.
+            "phones": [{"value": f"+1202555{i:07d}", "primary": True}],
+            "org_id": (i % companies) + 1 if companies else None,
+        },
+    )
+    emu.bulk_create(
+        "deals",
+        deals,
+        lambda i: {"title": f"Deal {i}", "value": 1000 + i, "person_id": (i % contacts) + 1 if contacts else None},
+    )
+    return emu
