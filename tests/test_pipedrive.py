@@ -216,3 +216,43 @@ def test_every_request_and_answer_of_a_push_and_pull_fits_the_official_specs(hom
     assert checked.problems == [], "\n".join(checked.problems[:10])
     assert checked.unchecked == []
     assert checked.checked > 40
+
+
+@pytest.mark.slow
+def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: Path) -> None:
+    import random
+
+    from tests.e2e import cli_env, run_cli
+    from tests.test_resilience import _run_and_kill
+
+    write_config(home, "pd", rate_limit=100000, search_rate_limit=100000)
+    emulator = PipedriveEmulator(limits=False, faults=Faults(latency_ms=5, seed=5))
+    server = emulator.serve()
+    try:
+        env = cli_env(home, "pd", emulator.api_token)
+        app = App()
+        connect(app, provider="pipedrive", name="pd", base_url=server.url, options={}, io=ScriptIO(emulator.api_token))
+        app.close()
+        src = _outcomes(tmp_path / "o.jsonl", 500, company_every=3, deal_every=4)
+        rng = random.Random(28)
+        kills = 0
+        for _ in range(30):
+            code = _run_and_kill(
+                ["--quiet", "push", str(src), "-c", "pd"],
+                env,
+                emulator,
+                after_requests=rng.randint(5, 120),
+                then=rng.uniform(0, 0.1),
+            )
+            kills += code is None
+        final = run_cli(["--json", "push", str(src), "-c", "pd"], env)
+        assert final.code == 0, final.stderr
+        assert kills >= 10
+        calls = _calls(emulator)
+        assert len(calls) == 500 and set(calls.values()) == {1}
+        emails = Counter(p["emails"][0]["value"] for p in emulator.records("persons"))
+        assert len(emails) == 500 and set(emails.values()) == {1}
+        assert len(emulator.records("organizations")) == 7 and len(emulator.records("deals")) == 125
+        assert len(_tasks(emulator)) == 100
+    finally:
+        server.stop()
