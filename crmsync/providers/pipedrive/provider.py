@@ -45,6 +45,7 @@ from crmsync.providers.base import (
     match_key,
 )
 from crmsync.providers.pipedrive import records as rec
+from crmsync.providers.pipedrive import webhook
 from crmsync.providers.pipedrive.budget import COSTS, Budget
 
 log = logging.getLogger("crmsync.pipedrive")
@@ -586,6 +587,31 @@ class PipedriveProvider(Provider):
             if len(found) == len(wanted):
                 break
         return found
+
+    # -- webhooks ----------------------------------------------------------------------------
+    def subscribe_webhooks(self, url: str, user: str, password: str) -> list[dict[str, Any]]:
+        """One v2.0 webhook per synced entity to ``url``, with these Basic credentials.
+
+        Existing webhooks to the same URL are deleted first (Pipedrive never shows their password,
+        and registering twice would deliver every event twice).
+        """
+        existing = self._req("GET", "/v1/webhooks", "v1").get("data") or []
+        for hook in existing:
+            if hook.get("subscription_url") == url:
+                self._req("DELETE", f"/v1/webhooks/{hook['id']}", "v1", endpoint="/v1/webhooks/{id}")
+        made = []
+        for entity in webhook.SUBSCRIBE:
+            body = {
+                "subscription_url": url,
+                "event_action": "*",
+                "event_object": entity,
+                "name": f"crmsync {self.ctx.connection} {entity}",
+                "http_auth_user": user,
+                "http_auth_password": password,
+                "version": "2.0",
+            }
+            made.append(self._req("POST", "/v1/webhooks", "v1", json=body).get("data") or {})
+        return made
 
     # -- housekeeping ------------------------------------------------------------------------
     def quota(self) -> dict[str, Any]:
