@@ -347,8 +347,13 @@ class Provider(ABC):
         """
 
     @abstractmethod
-    def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
+    def find_activities(
+        self, obj: str, markers: Sequence[str], *, context: Sequence[OutgoingActivity] = ()
+    ) -> dict[str, str]:
         """Return ``{marker: remote_id}`` for activities that already exist, in as few requests as the CRM allows.
+
+        ``context`` holds the activities as they would be sent (links, mapped properties), for a CRM
+        that can only look for a marker among one record's activities (Pipedrive).
 
         Asked after a lost reply, after ``exists``, and (where markers are not unique) before
         creating activities the local store has no record of having sent. A call found created but

@@ -1053,7 +1053,9 @@ class HubSpotProvider(Provider):
             for i in items
         ]
 
-    def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
+    def find_activities(
+        self, obj: str, markers: Sequence[str], *, context: Sequence[OutgoingActivity] = ()
+    ) -> dict[str, str]:
         if MARKER not in self._properties(obj):
             return {}
         found: dict[str, str] = {}

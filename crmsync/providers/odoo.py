@@ -1351,7 +1351,9 @@ class OdooProvider(Provider):
             results.get(i.ref) or ItemResult(i.ref, False, error="no result from Odoo", retriable=True) for i in items
         ]
 
-    def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
+    def find_activities(
+        self, obj: str, markers: Sequence[str], *, context: Sequence[OutgoingActivity] = ()
+    ) -> dict[str, str]:
         if not self._has_model("mail.activity"):
             return self._find_in_messages(markers, any_type=True)
         wanted = list(dict.fromkeys(markers))

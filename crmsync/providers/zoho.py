@@ -922,7 +922,9 @@ class ZohoProvider(Provider):
             results.get(i.ref) or ItemResult(i.ref, False, error="no result from Zoho", retriable=True) for i in items
         ]
 
-    def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
+    def find_activities(
+        self, obj: str, markers: Sequence[str], *, context: Sequence[OutgoingActivity] = ()
+    ) -> dict[str, str]:
         if not self._has_field(obj, MARKER):
             return {}
         wanted = {m.lower(): m for m in dict.fromkeys(markers)}

@@ -1571,8 +1571,17 @@ def _activity_step(
         for it in need
         if it.row.in_flight.get(obj) or (obj not in provider.unique_markers and "contacts" not in it.created)
     ]
+
+    def outgoing(it: _Item) -> OutgoingActivity:
+        return OutgoingActivity(
+            ref=it.row.outcome_id,
+            marker=marker(it),
+            properties=mapping.to_provider(obj, it.canon[obj]),
+            associations={a: it.row.steps[a] for a in ENTITY_STEPS if it.row.steps.get(a)},
+        )
+
     if ask:
-        found = provider.find_activities(obj, [marker(it) for it in ask])
+        found = provider.find_activities(obj, [marker(it) for it in ask], context=[outgoing(it) for it in ask])
         for it in ask:
             if (rid := found.get(marker(it))) is not None:
                 # Sent by this store before (a killed run): ours. Never sent from here: someone else's.
@@ -1589,15 +1598,7 @@ def _activity_step(
             it.row.in_flight = {**it.row.in_flight, obj: now}
         with app.store.session() as s:
             _save_rows(s, (it.row for it in creates))
-        acts = [
-            OutgoingActivity(
-                ref=it.row.outcome_id,
-                marker=marker(it),
-                properties=mapping.to_provider(obj, it.canon[obj]),
-                associations={a: it.row.steps[a] for a in ENTITY_STEPS if it.row.steps.get(a)},
-            )
-            for it in creates
-        ]
+        acts = [outgoing(it) for it in creates]
         send = lambda b: _deferred(provider.create_activities, obj, b)  # noqa: E731
         for r in _parallel(provider, send, _batches(acts, provider.batch_size)):
             results[r.ref] = r
@@ -1609,7 +1610,7 @@ def _activity_step(
         creates = []
         if not unsure:
             break
-        found = provider.find_activities(obj, [marker(it) for it in unsure])
+        found = provider.find_activities(obj, [marker(it) for it in unsure], context=[outgoing(it) for it in unsure])
         for it in unsure:
             lost = results[it.row.outcome_id]
             if (rid := found.get(marker(it))) is not None:

@@ -27,8 +27,8 @@ from typing import Any
 import httpx
 
 from crmsync.credentials import SecretStore, StaticAuth
-from crmsync.errors import AuthError, FatalProviderError, RetriableError, UsageError
-from crmsync.http import RateLimit, ResponsePolicy
+from crmsync.errors import AuthError, FatalProviderError, UsageError
+from crmsync.http import RateLimit, ResponsePolicy, UnconfirmedWrite
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -157,7 +157,6 @@ class PipedriveProvider(Provider):
         self.settle = timedelta(seconds=float(_opt(ctx.options, "lookback_seconds", SETTLE.total_seconds())))
         self.overlap = timedelta(seconds=float(_opt(ctx.options, "overlap_seconds", OVERLAP.total_seconds())))
         self._codes: dict[str, dict[str, str]] = {}  # entity -> label -> custom field code
-        self._fresh: set[tuple[str, str]] = set()  # (obj, id) created by this process: no activities yet
         self._users: dict[str, str] | None = None
         self._lock = threading.Lock()
 
@@ -484,84 +483,64 @@ class PipedriveProvider(Provider):
         payload = rec.body(v2, dict(item.properties), codes, item.associations)
         try:
             if item.remote_id:
-                self._req(
-                    "PATCH", f"/api/v2/{v2}/{item.remote_id}", "update", json=payload, endpoint=f"/api/v2/{v2}/{{id}}"
-                )
+                path = f"/api/v2/{v2}/{item.remote_id}"
+                self._req("PATCH", path, "update", json=payload, endpoint=f"/api/v2/{v2}/{{id}}")
                 return ItemResult(item.ref, True, remote_id=str(item.remote_id), created=False)
-            data = self._req("POST", f"/api/v2/{v2}", "create", json=payload, idempotent=False).get("data") or {}
-        except RetriableError as exc:
-            if exc.maybe_written and not item.remote_id:
-                # The reply was lost: the record may exist. The engine looks it up by its key before
-                # sending it again, so nothing is created twice.
-                return ItemResult(item.ref, False, error=str(exc), retriable=True)
-            raise
-        except FatalProviderError as exc:
-            return ItemResult(item.ref, False, error=str(exc), retriable=False)
-        rid = str(data["id"])
-        with self._lock:
-            self._fresh.add((v2, rid))
-        return ItemResult(item.ref, True, remote_id=rid, created=True)
-
-    # -- push: activities ------------------------------------------------------------------------
-    def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
-        """Look for the markers where a call may already exist, then create the rest one by one."""
-        existing = self._existing_markers(obj, items)
-        todo = [i for i in items if i.marker not in existing]
-        created = {r.ref: r for r in at_once(lambda item: self._create_activity(obj, item), todo)}
-        out = []
-        for item in items:
-            if item.marker in existing:
-                out.append(ItemResult(item.ref, True, remote_id=existing[item.marker], created=False))
-            else:
-                out.append(created[item.ref])
-        return out
-
-    def _create_activity(self, obj: str, item: OutgoingActivity) -> ItemResult:
-        payload = rec.activity_body(obj, dict(item.properties), item.marker, item.associations)
-        try:
-            data = self._req("POST", "/api/v2/activities", "create", json=payload, idempotent=False).get("data") or {}
-        except RetriableError as exc:
-            if not exc.maybe_written:
-                raise
-            # The reply was lost: read the scope's activities back once; found means it went through.
-            again = self._existing_markers(obj, [item], fresh_ok=False)
-            if item.marker in again:
-                return ItemResult(item.ref, True, remote_id=again[item.marker], created=False)
-            return ItemResult(item.ref, False, error=str(exc), retriable=True)
+            # No key makes a create safe to send twice: a lost answer is looked up by the engine.
+            data = self._req("POST", f"/api/v2/{v2}", "create", json=payload, replay=False).get("data") or {}
+        except UnconfirmedWrite as exc:
+            return ItemResult(item.ref, False, error=str(exc), retriable=True, unconfirmed=True)
         except FatalProviderError as exc:
             return ItemResult(item.ref, False, error=str(exc), retriable=False)
         return ItemResult(item.ref, True, remote_id=str(data["id"]), created=True)
 
-    def _scope(self, item: OutgoingActivity) -> tuple[str, str] | None:
-        if item.associations.get("contacts"):
-            return ("persons", str(item.associations["contacts"]))
-        if item.associations.get("deals"):
-            return ("deals", str(item.associations["deals"]))
-        if item.associations.get("companies"):
-            return ("organizations", str(item.associations["companies"]))
+    # -- push: activities ------------------------------------------------------------------------
+    def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
+        """One create per activity; a lost answer is ``unconfirmed`` and the engine looks for its marker."""
+        return at_once(lambda item: self._create_activity(obj, item), list(items))
+
+    def _create_activity(self, obj: str, item: OutgoingActivity) -> ItemResult:
+        payload = rec.activity_body(obj, dict(item.properties), item.marker, item.associations)
+        try:
+            data = self._req("POST", "/api/v2/activities", "create", json=payload, replay=False).get("data") or {}
+        except UnconfirmedWrite as exc:
+            return ItemResult(item.ref, False, error=str(exc), retriable=True, unconfirmed=True)
+        except FatalProviderError as exc:
+            return ItemResult(item.ref, False, error=str(exc), retriable=False)
+        return ItemResult(item.ref, True, remote_id=str(data["id"]), created=True)
+
+    @staticmethod
+    def _scope(item: OutgoingActivity) -> tuple[str, str] | None:
+        for obj, key in (("contacts", "person_id"), ("deals", "deal_id"), ("companies", "org_id")):
+            if item.associations.get(obj):
+                return (key, str(item.associations[obj]))
         return None
 
-    def _existing_markers(
-        self, obj: str, items: Sequence[OutgoingActivity], *, fresh_ok: bool = True
+    def find_activities(
+        self, obj: str, markers: Sequence[str], *, context: Sequence[OutgoingActivity] = ()
     ) -> dict[str, str]:
-        """Markers already logged, read from each scope's activities: one list request per scope.
+        """Markers already logged: one activity list per person (or deal) the activities belong to.
 
-        A person or deal this process created has no activities yet, so it costs nothing.
+        Activities carry no key Pipedrive can search, so the marker is looked for in the notes of
+        the scope's activities updated since the call (less ``MARKER_SKEW``; follow-ups alone: the
+        last ``TASK_LOOKBACK``). Markers without context are looked for in every activity updated in
+        the last ``TASK_LOOKBACK``.
         """
-        scopes: dict[tuple[str, str], datetime] = {}
-        for item in items:
-            scope = self._scope(item)
-            if scope is None or (fresh_ok and scope in self._fresh):
-                continue
-            when = rec.parse_time(item.properties.get("due_at")) if obj == "calls" else None
+        wanted = set(markers)
+        scopes: dict[tuple[str, str] | None, datetime] = {}
+        by_marker = {item.marker: item for item in context}
+        for marker in wanted:
+            item = by_marker.get(marker)
+            scope = self._scope(item) if item is not None else None
+            when = rec.parse_time(item.properties.get("due_at")) if item is not None and obj == "calls" else None
             since = (when - MARKER_SKEW) if when else datetime.now(UTC) - TASK_LOOKBACK
             scopes[scope] = min(scopes.get(scope, since), since)
-        wanted = {i.marker for i in items}
 
-        def read(scope: tuple[str, str]) -> dict[str, str]:
-            key = {"persons": "person_id", "deals": "deal_id", "organizations": "org_id"}[scope[0]]
+        def read(scope: tuple[str, str] | None) -> dict[str, str]:
+            params = {"updated_since": rec.rfc3339(scopes[scope]), "sort_by": "update_time"}
+            if scope is not None:
+                params[scope[0]] = scope[1]
             found: dict[str, str] = {}
-            params = {key: scope[1], "updated_since": rec.rfc3339(scopes[scope]), "sort_by": "update_time"}
             for rows, _ in self._walk("/api/v2/activities", params, None):
                 for row in rows:
                     marker = rec.marker_of(row.get("note"))
@@ -573,20 +552,6 @@ class PipedriveProvider(Provider):
         for part in at_once(read, list(scopes)):
             out.update(part)
         return out
-
-    def find_activities(self, obj: str, markers: Sequence[str]) -> dict[str, str]:
-        """Markers alone name no scope: read crmsync's recent activities (bounded by ``TASK_LOOKBACK``)."""
-        wanted = set(markers)
-        found: dict[str, str] = {}
-        since = rec.rfc3339(datetime.now(UTC) - TASK_LOOKBACK)
-        for rows, _ in self._walk("/api/v2/activities", {"updated_since": since, "sort_by": "update_time"}, None):
-            for row in rows:
-                marker = rec.marker_of(row.get("note"))
-                if marker in wanted and not row.get("is_deleted"):
-                    found.setdefault(marker, str(row["id"]))
-            if len(found) == len(wanted):
-                break
-        return found
 
     # -- webhooks ----------------------------------------------------------------------------
     def subscribe_webhooks(self, url: str, user: str, password: str) -> list[dict[str, Any]]:
