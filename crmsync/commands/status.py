@@ -75,7 +75,7 @@ def render_status(doc: dict[str, Any]) -> None:
             )
         out.print("")
     if doc.get("store"):
-        out.print(f"store: {doc['store']}", markup=False)
+        out.print(f"store: {doc['store']}", markup=False, soft_wrap=True)  # a path must stay pasteable
 
 
 def register(app: typer.Typer) -> None:
