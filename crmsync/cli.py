@@ -683,6 +683,18 @@ def _register() -> None:
 
     for module in (demo, mapcmd, sandbox, status, webhook, worker):
         module.register(app)
+    _mention_global_options(app)
+
+
+def _mention_global_options(typer_app: typer.Typer) -> None:
+    """Each command's --help says that the global options work after it too."""
+    for command in typer_app.registered_commands:
+        command.epilog = command.epilog or (
+            "Global options work here too: --json, -q/--quiet, -v/--verbose, --db, --config, --log-format."
+        )
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _mention_global_options(group.typer_instance)
 
 
 _register()

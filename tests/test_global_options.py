@@ -150,3 +150,9 @@ def test_status_push_pull_and_map_with_options_after_the_subcommand(
     elsewhere = run_cli(["log", "--db", str(other), "--json"], env)
     assert elsewhere.code == 0 and elsewhere.json() == {"runs": []} and other.exists()
     assert os.path.getsize(home / "crmsync.db") > 0
+
+
+def test_every_commands_help_says_global_options_work_after_it() -> None:
+    for typed in (["status", "--help"], ["map", "check", "--help"], ["sandbox", "serve", "-h"]):
+        result = CliRunner().invoke(app, typed)
+        assert result.exit_code == 0 and "Global options work here too: --json" in result.stdout
