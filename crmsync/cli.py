@@ -290,10 +290,13 @@ def _write_metrics(app_: Any, path: Path | None) -> None:
         return
     from crmsync.sync.status import store_metrics
 
+    # This also runs after a failed run, whose own error is the one to report: the file is still written.
     try:
         store_metrics(app_, app_.metrics)
     except CrmsyncError:
-        pass  # the run's own error is the one to report; its counters are still worth writing
+        pass
+    except Exception as exc:
+        logging.getLogger("crmsync.metrics").warning("metrics: the store's values are left out: %s", exc)
     app_.metrics.write(Path(target))
 
 
