@@ -187,3 +187,11 @@ def test_readme_names_no_file_outside_the_repository() -> None:
     assert "../" not in text
     for path in re.findall(r"`((?:examples|tests|crmsync|benchmarks|\.ci)/[\w./-]+)`", text):
         assert (ROOT / path).exists() or "<" in path, path
+
+
+def test_the_readme_shows_the_connect_line_sandbox_serve_prints() -> None:
+    from crmsync.commands.sandbox import connect_command
+    from crmsync.emulators.hubspot import build_hubspot
+
+    token = build_hubspot(seed=0, contacts=0, companies=0, deals=0, faults=None).private_app_token
+    assert connect_command("hubspot", "http://127.0.0.1:8080", {"token": token}) in README.read_text()
