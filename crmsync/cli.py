@@ -10,12 +10,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from crmsync import __version__
 from crmsync.errors import CrmsyncError, ExitCode, UsageError
@@ -24,11 +27,84 @@ EXIT_CODES = """Exit codes: 0 success · 1 partial failure (some records failed,
 2 usage or bad input · 3 authentication/configuration · 75 temporary failure (CRM unavailable or
 rate-limited past the deadline, lock held: try again later) · 130 interrupted."""
 
+# Options of the root group that may also follow the subcommand, as users of gh and kubectl type them.
+GLOBAL_OPTIONS = ("--json", "--quiet", "-q", "--verbose", "-v", "--config", "--db", "--log-format")
+
+
+def _option_arity(command: Any) -> dict[str, int]:
+    """How many values each of a command's option names takes (0 for flags)."""
+    arity: dict[str, int] = {}
+    for param in command.params:
+        if param.param_type_name != "option":
+            continue
+        takes = 0 if getattr(param, "is_flag", False) or getattr(param, "count", False) else max(param.nargs, 1)
+        for name in (*param.opts, *(param.secondary_opts or ())):
+            arity[name] = takes
+    return arity
+
+
+def hoist_global_options(root: Any, args: Sequence[str]) -> list[str]:
+    """Move global options found after a subcommand in front of it, so Click's root group parses them.
+
+    Values of the subcommand's own options (``--notes -q``) stay where they are, everything after
+    ``--`` is left alone, and an option the subcommand defines itself under the same name wins.
+    """
+    args = list(args)
+    globals_arity = {k: v for k, v in _option_arity(root).items() if k in GLOBAL_OPTIONS}
+    command, arity = root, _option_arity(root)
+    hoisted: list[str] = []
+    insert_at: int | None = None
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            break
+        if token.startswith("-") and token != "-":
+            name, has_value = token.split("=", 1)[0], "=" in token
+            if name in arity:
+                i += 1 if has_value else 1 + arity[name]
+                continue
+            if command is not root and name in globals_arity:
+                width = 1 if has_value else 1 + globals_arity[name]
+                hoisted.extend(args[i : i + width])
+                del args[i : i + width]
+                continue
+            i += 1
+            continue
+        subcommands = getattr(command, "commands", None)
+        if subcommands is not None:
+            child = subcommands.get(token)
+            if child is None:
+                break  # Click reports the unknown command
+            if insert_at is None:
+                insert_at = i
+            command, arity = child, _option_arity(child)
+        i += 1
+    if not hoisted or insert_at is None:
+        return args
+    return [*args[:insert_at], *hoisted, *args[insert_at:]]
+
+
+class GlobalOptionsGroup(TyperGroup):
+    """The root group: global options are accepted before and after the subcommand."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = hoist_global_options(self, args)
+        return super().parse_args(ctx, args)
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 app = typer.Typer(
     name="crmsync",
+    cls=GlobalOptionsGroup,
     help=f"Keep a sales team's call data and its CRM (HubSpot, Zoho CRM, Odoo) in step, both ways.\n\n{EXIT_CODES}",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -96,14 +172,16 @@ def _globals(
     db: Annotated[
         str | None, typer.Option("--db", help="Store: a path or SQLAlchemy URL (env CRMSYNC_DB).", show_default=False)
     ] = None,
-    log_format: Annotated[str, typer.Option("--log-format", help="text or json (structured logs on stderr).")] = "text",
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="text or json (structured logs on stderr).")
+    ] = LogFormat.text,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
 ) -> None:
     if version:
         typer.echo(__version__)
         raise typer.Exit()
     STATE.json, STATE.quiet, STATE.verbose, STATE.config, STATE.db = json_out, quiet, verbose, config, db
-    STATE.log_format = log_format
+    STATE.log_format = log_format.value
     _setup_logging(STATE)
 
 
@@ -115,6 +193,23 @@ def console(stderr: bool = False) -> Any:
     # Off a terminal, lay out for 80 columns (or $COLUMNS): logs and mails stay readable.
     width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 80)
     return Console(stderr=stderr, no_color=no_color, highlight=False, soft_wrap=False, width=width)
+
+
+def table(*columns: str, right: Sequence[str] = ()) -> Any:
+    """A borderless rich table whose cells wrap (long words fold) instead of being cut."""
+    from rich.table import Table
+
+    out = Table(box=None, pad_edge=False)
+    for name in columns:
+        out.add_column(name, justify="right" if name in right else "left", overflow="fold")
+    return out
+
+
+def add_row(to: Any, *cells: Any) -> None:
+    """Add a row of plain text: brackets in data (``[strip, lower]``) are shown, never read as markup."""
+    from rich.text import Text
+
+    to.add_row(*(Text("" if cell is None else str(cell)) for cell in cells))
 
 
 def emit_json(data: Any) -> None:
@@ -189,9 +284,20 @@ def finish(code: int) -> None:
 
 
 def _write_metrics(app_: Any, path: Path | None) -> None:
+    """The run's counters plus the store's gauges: the same families `crmsync metrics` prints."""
     target = path or app_.config.metrics_file
-    if target:
-        app_.metrics.write(Path(target))
+    if not target:
+        return
+    from crmsync.sync.status import store_metrics
+
+    # This also runs after a failed run, whose own error is the one to report: the file is still written.
+    try:
+        store_metrics(app_, app_.metrics)
+    except CrmsyncError:
+        pass
+    except Exception as exc:
+        logging.getLogger("crmsync.metrics").warning("metrics: the store's values are left out: %s", exc)
+    app_.metrics.write(Path(target))
 
 
 def _prune(app_: Any) -> None:
@@ -319,20 +425,45 @@ class CliIO:
 
 
 # -- pull / backfill --------------------------------------------------------------------------
+def progress_display(out: Any) -> Any:
+    """A rich Progress showing done/total, a bar and time left when the total is known, else a spinner
+    and the count so far (a bar over an unknown total would only pretend)."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    def known(task: Any) -> bool:
+        # A provider's total is an estimate: once more records than that arrived, it is unknown.
+        return task.total is not None and task.completed <= task.total
+
+    class KnownTotalBar(BarColumn):
+        def render(self, task: Any) -> Any:
+            return super().render(task) if known(task) else Text("")
+
+    class KnownTotalTimeLeft(TimeRemainingColumn):
+        def render(self, task: Any) -> Any:
+            return super().render(task) if known(task) else Text("")
+
+    class Count(ProgressColumn):
+        def render(self, task: Any) -> Any:
+            done = int(task.completed)
+            return Text(f"{done:,}/{int(task.total):,}" if known(task) else f"{done:,}")
+
+    return Progress(
+        SpinnerColumn(finished_text=" "),
+        TextColumn("{task.description}"),
+        KnownTotalBar(),
+        Count(),
+        KnownTotalTimeLeft(),
+        console=out,
+        transient=True,
+    )
+
+
 def _progress() -> Any:
     """A rich progress display on a TTY, else None (cron and pipes get nothing)."""
     if not tty():
         return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console(stderr=True),
-        transient=True,
-    )
+    prog = progress_display(console(stderr=True))
     tasks: dict[str, Any] = {}
 
     def update(conn: str, obj: str, done: int, total: int | None) -> None:
@@ -345,30 +476,19 @@ def _progress() -> Any:
 
 
 def _render_pull(results: list[Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=None, box=None, pad_edge=False)
-    for col in ("connection", "object", "read", "created", "updated", "archived", "unchanged", "error"):
-        table.add_column(col, justify="right" if col not in ("connection", "object", "error") else "left")
+    numbers = ("read", "created", "updated", "archived", "unchanged")
+    out = table("connection", "object", *numbers, "error", right=numbers)
     for r in results:
         for o in r.objects:
-            table.add_row(
-                r.connection,
-                o.object,
-                str(o.read),
-                str(o.created),
-                str(o.updated),
-                str(o.archived),
-                str(o.unchanged),
-                (o.error or "")[:60],
-            )
+            add_row(out, r.connection, o.object, o.read, o.created, o.updated, o.archived, o.unchanged, o.error)
         if r.error:
-            table.add_row(r.connection, "-", "", "", "", "", "", r.error[:60])
-    console().print(table)
+            add_row(out, r.connection, "-", "", "", "", "", "", r.error)
+    console().print(out)
     for r in results:
         console().print(
             f"{r.connection}: {r.requests} requests, {r.retries} retries, {r.rate_limited} rate-limited, "
-            f"{r.duration:.1f}s"
+            f"{r.duration:.1f}s",
+            markup=False,
         )
 
 
@@ -524,9 +644,7 @@ def push(
     prog = None
     progress_cb = None
     if tty() and not dry_run:
-        from rich.progress import Progress
-
-        prog = Progress(console=console(stderr=True), transient=True)
+        prog = progress_display(console(stderr=True))
         task = prog.add_task("delivering", total=None)
         progress_cb = lambda done, total: prog.update(task, completed=done, total=total)  # noqa: E731
         prog.start()
@@ -562,17 +680,12 @@ def push(
 
 def _render_push(s: Any) -> None:
     if s.dry_run:
-        from rich.table import Table
-
-        table = Table(box=None)
         actions = sorted({a for d in s.plan_counts.values() for a in d})
-        table.add_column("object")
-        for act in actions:
-            table.add_column(act, justify="right")
+        plan = table("object", *actions, right=actions)
         for obj, d in s.plan_counts.items():
-            table.add_row(obj, *[str(d.get(act, 0)) for act in actions])
+            add_row(plan, obj, *[d.get(act, 0) for act in actions])
         console().print(f"plan for {s.read} outcomes ({s.rejected} invalid), no CRM request made:")
-        console().print(table)
+        console().print(plan)
         return
     console().print(
         f"{s.connection}: read {s.read}, queued {s.queued}, created {s.created}, updated {s.updated}, "
@@ -587,6 +700,18 @@ def _register() -> None:
 
     for module in (demo, mapcmd, sandbox, status, webhook, worker):
         module.register(app)
+    _mention_global_options(app)
+
+
+def _mention_global_options(typer_app: typer.Typer) -> None:
+    """Each command's --help says that the global options work after it too."""
+    for command in typer_app.registered_commands:
+        command.epilog = command.epilog or (
+            "Global options work here too: --json, -q/--quiet, -v/--verbose, --db, --config, --log-format."
+        )
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _mention_global_options(group.typer_instance)
 
 
 _register()

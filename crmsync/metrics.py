@@ -2,7 +2,9 @@
 
 Commands that touch a CRM count into this registry; ``--metrics-file`` (or ``metrics_file:``)
 writes it atomically at the end of the run (prometheus_client writes a temp file and renames it),
-so a textfile collector never reads half a file.
+so a textfile collector never reads half a file. ``crmsync metrics`` prints the same registry
+class, so both outputs carry the same families: the store's gauges (``set_store_state``) in both,
+the per-run counters with the values of the run that counted them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, write_to_textfile
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    write_to_textfile,
+)
+
+# `*_created` timestamps would make each counter a second family that only the run that counted it has.
+disable_created_metrics()
 
 _ID_SEGMENT = re.compile(r"/(?:\d{2,}|[0-9a-f]{8}-[0-9a-f-]{27,})(?=/|$)")
 
@@ -50,6 +63,13 @@ class Metrics:
         self.webhook_events = Counter(
             "crm_webhook_events", "Webhook events by result", ["provider", "connection", "result"], registry=r
         )
+        self.records_stored = Gauge(
+            "crm_records_stored", "Records in the local store", ["connection", "object", "archived"], registry=r
+        )
+        self.webhook_pending = Gauge(
+            "crm_webhook_events_pending", "Webhook events not yet applied", ["connection"], registry=r
+        )
+        self.conflicts_open = Gauge("crm_conflicts_open", "Field conflicts kept open", ["connection"], registry=r)
         self._lock = threading.Lock()
 
     def observe_request(self, provider: str, connection: str, endpoint: str, status: int, seconds: float) -> None:
@@ -65,6 +85,21 @@ class Metrics:
         for action, n in counts.items():
             if isinstance(n, int) and n:
                 self.records.labels(connection, obj, action).inc(n)
+
+    def set_store_state(self, status: dict[str, Any], last_success: dict[tuple[str, str], float]) -> None:
+        """Set the gauges that describe the store from a status document (``sync.status.gather``) and
+        the finish times of each (connection, command)'s last successful run."""
+        for c in status["connections"]:
+            name = c["name"]
+            for state in ("pending", "done", "failed", "conflict"):
+                self.outbox.labels(name, state).set(c["outbox"][state])
+            for obj, o in c["objects"].items():
+                self.records_stored.labels(name, obj, "false").set(o["stored"] - o["archived"])
+                self.records_stored.labels(name, obj, "true").set(o["archived"])
+            self.webhook_pending.labels(name).set(c["webhook"]["pending"])
+            self.conflicts_open.labels(name).set(c["conflicts_open"])
+        for (name, command), at in last_success.items():
+            self.last_success.labels(name, command).set(at)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

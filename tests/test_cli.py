@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from keyring.backend import KeyringBackend
 
 from crmsync.app import App
 from crmsync.config import load_config
@@ -156,3 +159,142 @@ def test_push_schema_is_json_schema(home: Path) -> None:
 def test_json_mode_keeps_stdout_machine_readable(home: Path) -> None:
     result = run_cli(["--json", "status"], cli_env(home))
     assert result.code == 3 and result.stdout == ""
+
+
+class FileKeyring(KeyringBackend):
+    """An OS keyring's stand-in that outlives the process: a JSON file named by CRMSYNC_TEST_KEYRING."""
+
+    priority = 1  # type: ignore[assignment]
+
+    def _entries(self) -> dict[str, str]:
+        path = Path(os.environ["CRMSYNC_TEST_KEYRING"])
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self._entries().get(f"{service}/{username}")
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        entries = self._entries()
+        entries[f"{service}/{username}"] = password
+        Path(os.environ["CRMSYNC_TEST_KEYRING"]).write_text(json.dumps(entries))
+
+    def delete_password(self, service: str, username: str) -> None:
+        entries = self._entries()
+        entries.pop(f"{service}/{username}", None)
+        Path(os.environ["CRMSYNC_TEST_KEYRING"]).write_text(json.dumps(entries))
+
+
+def shell_env(home: Path) -> dict[str, str]:
+    """A user's shell: this venv's crmsync on PATH, a keyring that persists between processes."""
+    env = cli_env(home)
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHON_KEYRING_BACKEND": "tests.test_cli.FileKeyring",
+            "PYTHONPATH": str(Path(__file__).parents[1]),
+            "CRMSYNC_TEST_KEYRING": str(home / "keyring.json"),
+        }
+    )
+    return env
+
+
+@pytest.mark.parametrize("provider", ["hubspot", "zoho", "odoo"])
+def test_sandbox_serve_prints_a_connect_line_that_works_when_pasted(home: Path, provider: str) -> None:
+    env = shell_env(home)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "crmsync", "sandbox", "serve", provider, "--contacts", "5"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        printed = [server.stdout.readline()]
+        while printed[-1] and not printed[-1].startswith("printf "):
+            printed.append(server.stdout.readline())
+        assert printed[0].startswith("http://127.0.0.1:")
+        line = printed[-1].strip()
+        assert f"crmsync connect {provider} --name sandbox --base-url {printed[0].strip()}" in line
+        secret = shlex.split(line)[2]
+        assert secret not in line.split("|", 1)[1]  # the secret is piped, never an argument
+        connected = subprocess.run(["sh", "-c", line], env=env, capture_output=True, text=True, timeout=120)
+        assert connected.returncode == 0, connected.stderr
+        assert "connected sandbox" in connected.stdout
+        pulled = run_cli(["pull", "--object", "contacts", "--json"], env)
+        assert pulled.code == 0, pulled.stderr
+        assert pulled.json()["results"][0]["objects"]["contacts"]["read"] >= 5
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_schedule_prints_lines_that_run_from_crons_empty_environment(home: Path) -> None:
+    from crmsync.store import CrmConnection
+
+    (home / "config.yaml").write_text("redis_url: redis://127.0.0.1:1/0\n")  # a closed port: no queue
+    App().store.save_connection(
+        CrmConnection(name="prod", provider="hubspot", account_id="1", base_url="http://x", scopes=[], settings={})
+    )
+    printed = run_cli(["schedule", "--every", "5m", "-c", "prod"], cli_env(home))
+    assert printed.code == 0, printed.stderr
+    crontab = [line for line in printed.stdout.splitlines() if not line.startswith("#")]
+    assert len(crontab) == 2 and all(line.startswith("*/5 * * * * ") for line in crontab)
+    assert f"--config {home / 'config.yaml'}" in crontab[0]
+    command = crontab[0].removeprefix("*/5 * * * * ")
+    cron = {"PATH": "/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/sh"}
+    ran = subprocess.run(["sh", "-c", command], env=cron, capture_output=True, text=True, timeout=120)
+    # It found the config and the connection, and reached for the configured queue.
+    assert ran.returncode == 75, ran.stdout + ran.stderr
+    assert "cannot reach the job queue at redis://127.0.0.1:1/0" in ran.stderr
+    missing = run_cli(["schedule"], {**cli_env(home), "CRMSYNC_CONFIG": str(home / "nowhere.yaml")})
+    assert "nowhere.yaml" not in "".join(x for x in missing.stdout.splitlines() if not x.startswith("#"))
+
+
+def _pull_result(error: str) -> Any:
+    from crmsync.sync.pull import ObjectResult
+
+    obj = ObjectResult(object="contacts")
+    obj.error = error
+    return type(
+        "Result",
+        (),
+        {"connection": "prod", "objects": [obj], "error": None, "requests": 1, "retries": 0, "rate_limited": 0},
+    )()
+
+
+def test_table_cells_wrap_whole_and_show_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    from crmsync.cli import _render_pull, add_row, console, table
+
+    error = "ConnectError [Errno 111] Connection refused by crm.example.com:443 while reading [strip, lower]"
+    result = _pull_result(error)
+    result.duration = 0.5
+    _render_pull([result])
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert "".join(error.split()) in "".join(out.split())
+    rules = table("canonical field", "transform")
+    add_row(rules, "contact.email", "[strip, lower]")
+    add_row(rules, "contact.phone", "[bold]e164[/bold]")
+    console().print(rules)
+    shown = capsys.readouterr().out
+    assert "[strip, lower]" in shown and "[bold]e164[/bold]" in shown
+
+
+def test_progress_shows_counts_and_a_bar_only_with_a_total() -> None:
+    import io
+
+    from rich.console import Console
+
+    from crmsync.cli import progress_display
+
+    buffer = io.StringIO()
+    out = Console(file=buffer, force_terminal=True, width=100, color_system=None)
+    progress = progress_display(out)
+    unknown = progress.add_task("hs/contacts", total=None)
+    progress.update(unknown, completed=1234)
+    known = progress.add_task("delivering", total=5000)
+    progress.update(known, completed=1200)
+    out.print(progress.make_tasks_table(progress.tasks))
+    backfill, push = buffer.getvalue().splitlines()[:2]
+    assert "1,234" in backfill and "━" not in backfill and "1,234/" not in backfill
+    assert "1,200/5,000" in push and "━" in push

@@ -149,7 +149,9 @@ def test_status_plain_snapshot(home: Path) -> None:
     assert lines[5] == "webhook events pending: 1 (oldest 30m)   conflicts open: 0"
     assert lines[6] == "last pull: 7 requests, 1 retries, 1 rate-limited"
     assert lines[7] == "secret: none"
-    assert all(len(line) <= 80 for line in lines)
+    # The store's path is the one line that may be longer: it stays whole, to be pasted.
+    assert lines[-1] == f"store: {home / 'crmsync.db'}"
+    assert all(len(line) <= 80 for line in lines[:-1])
 
 
 def _check(app: App, **kw: object) -> list[str]:
@@ -259,9 +261,17 @@ def test_metrics_file_after_pull_and_push_and_no_secret_anywhere(home: Path, tmp
         assert calls and calls[0].value == 20.0
         reqs = [s for s in families["crm_requests"].samples if s.name == "crm_requests_total"]
         assert sum(s.value for s in reqs) > 0
-        assert {s.labels["command"] for s in families["crm_last_success_timestamp_seconds"].samples} == {"push"}
-        store_text = run_cli(["metrics"], env).stdout
-        assert any(f.name == "crm_outbox_items" for f in text_string_to_metric_families(store_text))
+        # The push run's file also carries the pull's last success (from the store), so a textfile that
+        # pull and push both write never loses one of them.
+        assert {s.labels["command"] for s in families["crm_last_success_timestamp_seconds"].samples} == {
+            "pull",
+            "push",
+        }
+        store_families = {f.name: f for f in text_string_to_metric_families(run_cli(["metrics"], env).stdout)}
+        assert set(store_families) == set(families)
+        assert "crm_requests" in store_families and "crm_records_stored" in families
+        store_outbox = {s.labels["state"]: s.value for s in store_families["crm_outbox_items"].samples}
+        assert store_outbox == outbox
 
         # The scan: the token appears in no output, log, metrics file or database row.
         haystack = "\n".join(outputs) + metrics.read_text()

@@ -12,9 +12,6 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        db: Annotated[
-            str | None, typer.Option("--db", help="Keep the demo store here (default: a temporary one).")
-        ] = None,
         contacts: Annotated[int, typer.Option("--contacts", help="Seeded contacts in the emulator.")] = 200,
         outcomes: Annotated[
             str | None, typer.Option("--outcomes", help="Outcomes to push (default: the bundled examples).")
@@ -22,12 +19,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run connect, pull, push and status against a local HubSpot emulator (no network, no setup).
 
+        The store is a temporary one unless the global --db names where to keep it.
+
         Example: crmsync demo --json | jq .status
         """
         from crmsync.commands.status import render_status
         from crmsync.sync.demo import run_demo
 
-        result = run_demo(db=db or STATE.db, contacts=contacts, outcomes=outcomes, log=info)
+        result = run_demo(db=STATE.db, contacts=contacts, outcomes=outcomes, log=info)
         if STATE.json:
             emit_json(result)
         else:

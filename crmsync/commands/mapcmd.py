@@ -63,9 +63,7 @@ def _section(obj: str) -> str:
 
 
 def render_preview(item: PreviewItem) -> None:
-    from rich.table import Table
-
-    from crmsync.cli import console
+    from crmsync.cli import add_row, console, table
 
     out = console()
     if item.error is not None:
@@ -73,38 +71,33 @@ def render_preview(item: PreviewItem) -> None:
         sys.stdout.write(f"invalid: {item.error}\n")
         return
     out.print(f"line {item.line}: outcome {item.id}", markup=False)
-    table = Table(box=None, pad_edge=False, show_header=False)
-    for col in ("object", "field", "value"):
-        table.add_column(col, overflow="fold")
+    rows = table("object", "field", "value")
+    rows.show_header = False
     for obj, payload in item.payloads.items():
         if not payload:
-            table.add_row(f"  {obj}", "(nothing mapped)", "")
+            add_row(rows, f"  {obj}", "(nothing mapped)", "")
         for i, (name, value) in enumerate(payload.items()):
-            table.add_row(f"  {obj}" if i == 0 else "", name, _value(value))
+            add_row(rows, f"  {obj}" if i == 0 else "", name, _value(value))
     for obj, error in item.errors.items():
-        table.add_row(f"  {obj}", "error", error)
-    out.print(table)
+        add_row(rows, f"  {obj}", "error", error)
+    out.print(rows)
 
 
 def render_pulled(p: PulledPreview) -> None:
-    from rich.table import Table
-
-    from crmsync.cli import console
+    from crmsync.cli import add_row, console, table
 
     out = console()
     out.print(f"{p.connection} {p.object} {p.id}", markup=False)
-    table = Table(box=None, pad_edge=False)
     cols = ["canonical field", "stored", "CRM field", "raw CRM value"]
     if p.stale:
         cols.append("mapped now")
-    for col in cols:
-        table.add_column(col, overflow="fold")
+    rows = table(*cols)
     for r in p.rows:
         cells = [r.canonical or "-", _cell(r.value), r.field or "-", _cell(r.raw)]
         if p.stale:
             cells.append(_cell(r.current))
-        table.add_row(*cells)
-    out.print(table)
+        add_row(rows, *cells)
+    out.print(rows)
     if p.current_error:
         sys.stdout.write(f"the mapping in force cannot read this record: {p.current_error}\n")
     elif p.stale:
@@ -125,7 +118,7 @@ class _LazyOps:
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, console, emit_json, split_objects
+    from crmsync.cli import STATE, add_row, console, emit_json, split_objects, table
 
     ops = _LazyOps()
 
@@ -176,20 +169,16 @@ def register(app: typer.Typer) -> None:
 
         Example: crmsync map show -c prod --object contact
         """
-        from rich.table import Table
-
         shown = ops.show_mapping(STATE.app(), connection, objects=split_objects(obj))
         if STATE.json:
             emit_json(shown.as_dict())
             return
         origin = str(shown.info.path) if shown.source == "file" else f"built-in {shown.info.provider} default"
         _say(f"{shown.info.connection} ({shown.info.provider}): {origin}")
-        table = Table(box=None, pad_edge=False)
-        for col in ("object", "canonical field", "CRM field", "transform", "direction"):
-            table.add_column(col, overflow="fold")
+        rules = table("object", "canonical field", "CRM field", "transform", "direction")
         for r in shown.rows:
-            table.add_row(r.object, r.canonical, r.field, r.transform or "-", r.direction)
-        console().print(table)
+            add_row(rules, r.object, r.canonical, r.field, r.transform or "-", r.direction)
+        console().print(rules)
 
     @map_app.command("set")
     def set_cmd(

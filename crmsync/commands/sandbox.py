@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import threading
 from typing import Annotated
@@ -41,6 +42,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve an emulator until interrupted; the first line of stdout is its base URL.
 
+        It then prints the credentials and the `crmsync connect` command line that connects to it
+        (the secret piped on stdin, never an argument).
+
         Example: crmsync sandbox serve hubspot --port 0 --contacts 1000 --latency-ms 150 --rate-limit 100/10
         """
         from crmsync.emulators.base import Faults
@@ -66,6 +70,7 @@ def register(app: typer.Typer) -> None:
         sys.stdout.write(server.url + "\n")
         for key, value in creds.items():
             sys.stdout.write(f"{key}={value}\n")
+        sys.stdout.write(f"# to connect, paste:\n{connect_command(provider, server.url, creds)}\n")
         sys.stdout.flush()
         try:
             threading.Event().wait()
@@ -73,6 +78,21 @@ def register(app: typer.Typer) -> None:
             pass
         finally:
             server.stop()
+
+
+def connect_command(provider: str, url: str, creds: dict[str, str], *, name: str = "sandbox") -> str:
+    """The shell line that connects crmsync to a sandbox emulator: the secret goes through stdin."""
+    q = shlex.quote
+    provider = provider.lower()
+    if provider == "hubspot":
+        secret, options = creds["token"], []
+    elif provider == "zoho":
+        secret = creds["client_secret"]
+        options = ["--client-id", q(creds["client_id"]), "--grant-code", q(creds["grant_code"])]
+    else:
+        secret, options = creds["api_key"], ["--db-name", q(creds["db"]), "--user", q(creds["login"])]
+    words = ["crmsync", "connect", provider, "--name", q(name), "--base-url", q(url), *options, "--token-stdin"]
+    return f"printf '%s\\n' {q(secret)} | {' '.join(words)}"
 
 
 def build(

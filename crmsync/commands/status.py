@@ -34,9 +34,8 @@ def describe_cursor(cursor: dict[str, Any] | None) -> str:
 def render_status(doc: dict[str, Any]) -> None:
     """The dashboard: one block per connection, readable at 80 columns."""
     from rich.markup import escape
-    from rich.table import Table
 
-    from crmsync.cli import console
+    from crmsync.cli import add_row, console, table
     from crmsync.timeutil import human_age
 
     out = console()
@@ -44,26 +43,21 @@ def render_status(doc: dict[str, Any]) -> None:
         auth = c["auth"]
         exp = f", token until {auth['token_expires_at']}" if auth.get("token_expires_at") else ""
         out.print(
-            f"[bold]{c['name']}[/bold]  {c['provider']}  account {c['account'] or '-'}  auth {auth['state']}{exp}"
+            f"[bold]{escape(c['name'])}[/bold]  {c['provider']}  account {escape(c['account'] or '-')}  "
+            f"auth {auth['state']}{exp}"
         )
-        table = Table(box=None, pad_edge=False, show_edge=False)
-        for col, just in (
-            ("object", "left"),
-            ("stored", "right"),
-            ("archived", "right"),
-            ("last pull", "right"),
-            ("cursor", "left"),
-        ):
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        objects = table(
+            "object", "stored", "archived", "last pull", "cursor", right=("stored", "archived", "last pull")
+        )
         for obj, o in c["objects"].items():
             cur = describe_cursor(o["cursor"])
-            table.add_row(obj, str(o["stored"]), str(o["archived"]), human_age(o["last_pull_age_seconds"]), cur)
-        out.print(table)
+            add_row(objects, obj, o["stored"], o["archived"], human_age(o["last_pull_age_seconds"]), cur)
+        out.print(objects)
         ob = c["outbox"]
         line = f"outbox: {ob['pending']} pending, {ob['failed']} failed, {ob['delivered_today']} delivered today"
         out.print(line)
         if ob["top_error"]:
-            out.print(f"  most common error: {ob['top_error'][:58]}")
+            out.print(f"  most common error: {ob['top_error']}", markup=False)
         wh = c["webhook"]
         out.print(
             f"webhook events pending: {wh['pending']}"
@@ -76,13 +70,16 @@ def render_status(doc: dict[str, Any]) -> None:
             q = ", ".join(f"{k} {v}" for k, v in quota.items())
             out.print(
                 f"last {rl['command']}: {rl['requests']} requests, {rl['retries']} retries, "
-                f"{rl['rate_limited']} rate-limited" + (f"; quota: {q}" if q else "")
+                f"{rl['rate_limited']} rate-limited" + (f"; quota: {q}" if q else ""),
+                markup=False,
             )
         secret = auth.get("secret") or {}
         if secret:
             kept = f"{secret['storage']} {secret['where']}" if secret.get("where") else secret["storage"]
             out.print(f"secret: {escape(kept)}")
         out.print("")
+    if doc.get("store"):
+        out.print(f"store: {doc['store']}", markup=False, soft_wrap=True)  # a path must stay pasteable
 
 
 def register(app: typer.Typer) -> None:
@@ -107,6 +104,7 @@ def register(app: typer.Typer) -> None:
         """
         from datetime import timedelta
 
+        from crmsync.commands.worker import masked
         from crmsync.sync.status import check as do_check
         from crmsync.sync.status import gather
         from crmsync.timeutil import parse_age
@@ -114,6 +112,7 @@ def register(app: typer.Typer) -> None:
         app_ = STATE.app()
         doc = gather(app_, connection)
         if not check:
+            doc["store"] = masked(app_.paths.db)
             if STATE.json:
                 emit_json(doc)
             else:
@@ -147,9 +146,11 @@ def register(app: typer.Typer) -> None:
 
         Example: crmsync log -c prod --object contact --record 12345 --since 30d
         """
-        from crmsync.cli import console, parse_when, split_objects
+        from crmsync.cli import add_row, console, parse_when, split_objects, table
 
         app_ = STATE.app()
+        if connection:
+            app_.connection(connection)  # an unknown name is a configuration error (exit 3), as everywhere
         when = parse_when(since, name="--since")
         objects = split_objects(obj)
         if record or objects:
@@ -175,17 +176,11 @@ def register(app: typer.Typer) -> None:
             if STATE.json:
                 emit_json({"changes": rows})
                 return
-            from rich.table import Table
-
-            table = Table(box=None)
-            for col in ("at", "object", "record", "action", "command", "fields"):
-                table.add_column(col)
+            changed = table("at", "object", "record", "action", "command", "fields")
             for r in rows:
-                fields = ", ".join(f"{k}: {v[0]!r}→{v[1]!r}" for k, v in r["changes"].items() if isinstance(v, list))[
-                    :60
-                ]
-                table.add_row(r["at"], r["object"], r["record"], r["action"], r["command"] or "-", fields)
-            console().print(table)
+                fields = ", ".join(f"{k}: {v[0]!r}→{v[1]!r}" for k, v in r["changes"].items() if isinstance(v, list))
+                add_row(changed, r["at"], r["object"], r["record"], r["action"], r["command"] or "-", fields)
+            console().print(changed)
             return
         runs_list = app_.store.runs(connection, since=when, limit=limit)
         rows = [
@@ -209,22 +204,12 @@ def register(app: typer.Typer) -> None:
         if STATE.json:
             emit_json({"runs": rows})
             return
-        from rich.table import Table
-
-        table = Table(box=None)
-        for col in ("id", "started", "connection", "command", "status", "requests", "error"):
-            table.add_column(col)
+        listed = table("id", "started", "connection", "command", "status", "requests", "error", right=("requests",))
         for r in rows:
-            table.add_row(
-                str(r["id"]),
-                r["started_at"],
-                r["connection"],
-                r["command"],
-                r["status"],
-                str(r["requests"]),
-                (r["error"] or "")[:40],
+            add_row(
+                listed, r["id"], r["started_at"], r["connection"], r["command"], r["status"], r["requests"], r["error"]
             )
-        console().print(table)
+        console().print(listed)
 
     @app.command()
     def metrics() -> None:
@@ -234,4 +219,4 @@ def register(app: typer.Typer) -> None:
         """
         from crmsync.sync.status import store_metrics
 
-        sys.stdout.write(store_metrics(STATE.app()))
+        sys.stdout.write(store_metrics(STATE.app()).text())

@@ -49,7 +49,7 @@ def renew_channels(app: Any, names: list[str], last: dict[str, float], public_ur
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, console, emit_json, info
+    from crmsync.cli import STATE, add_row, console, emit_json, info, table
 
     webhook_app = typer.Typer(help="Receive CRM webhooks (HubSpot, Zoho) and apply them on pull.", no_args_is_help=True)
     app.add_typer(webhook_app, name="webhook")
@@ -213,14 +213,11 @@ def register(app: typer.Typer) -> None:
         if STATE.json:
             emit_json({"events": rows})
             return
-        from rich.table import Table
-
-        table = Table(box=None)
-        for col in ("id", "received", "connection", "object", "record", "type", "occurred", "processed"):
-            table.add_column(col)
+        listed = table("id", "received", "connection", "object", "record", "type", "occurred", "processed")
         for r in rows:
-            table.add_row(
-                str(r["id"]),
+            add_row(
+                listed,
+                r["id"],
                 r["received_at"] or "-",
                 r["connection"],
                 r["object"],
@@ -229,7 +226,7 @@ def register(app: typer.Typer) -> None:
                 r["occurred_at"] or "-",
                 r["processed_at"] or "pending",
             )
-        console().print(table)
+        console().print(listed)
 
 
 def _event_row(e: Any) -> dict[str, Any]:

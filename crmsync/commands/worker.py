@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import urllib.parse
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -79,6 +81,34 @@ def cron_expression(every: str) -> str:
         f"--every {every}: cron cannot repeat that evenly; "
         "use a divisor of an hour (1m…30m) or of a day (1h…12h), or 1d"
     )
+
+
+def _cron_command(app_: Any, cfg: Any) -> tuple[list[str], list[str]]:
+    """The crmsync command line that finds this store and queue from cron's empty environment, and
+    what it still cannot carry (a URL with a password stays out of the crontab)."""
+    from crmsync.cli import STATE
+
+    beside = Path(sys.executable).with_name("crmsync")
+    exe = str(beside) if beside.exists() else shutil.which("crmsync")
+    words = [shlex.quote(exe)] if exe else [shlex.quote(sys.executable), "-m", "crmsync"]
+    if os.environ.get("CRMSYNC_HOME"):
+        home = Path(os.environ["CRMSYNC_HOME"]).expanduser().resolve()
+        words.insert(0, f"CRMSYNC_HOME={shlex.quote(str(home))}")
+    config_file = app_.paths.config_file.expanduser().resolve()
+    if config_file.exists():
+        words += ["--config", shlex.quote(str(config_file))]
+    missing = []
+    db = STATE.db or os.environ.get("CRMSYNC_DB")
+    if db and masked(db) == db:
+        words += ["--db", shlex.quote(db)]
+    elif not cfg.db:
+        missing.append("db")
+    redis_env = os.environ.get("CRMSYNC_REDIS_URL")
+    if redis_env and masked(redis_env) == redis_env and not cfg.redis_url:
+        words.insert(0, f"CRMSYNC_REDIS_URL={shlex.quote(redis_env)}")
+    elif not cfg.redis_url:
+        missing.append("redis_url")
+    return words, missing
 
 
 def register(app: typer.Typer) -> None:
@@ -211,7 +241,7 @@ def register(app: typer.Typer) -> None:
 
         Install them on ONE host with `crontab -e`: enqueueing is cheap, and a pull that is already
         running makes the next one a no-op, so a missed or doubled tick does no harm.
-        Example: crmsync --config /etc/crmsync/config.yaml schedule --every 5m   (paste into `crontab -e`)
+        Example: crmsync schedule --every 5m --jobs pull   (paste the lines into `crontab -e`)
         """
         spec = cron_expression(every)
         wanted = [j.strip() for j in jobs.split(",") if j.strip()]
@@ -221,23 +251,15 @@ def register(app: typer.Typer) -> None:
                 f"--jobs {jobs!r}: choose pull, push or pull,push (backfills are one-off: crmsync enqueue backfill)"
             )
         a = STATE.app()
-        exe = shutil.which("crmsync") or f"{sys.executable} -m crmsync"
-        config_file = a.paths.config_file.expanduser().resolve()
-        conns = "".join(f" -c {c}" for c in connection or [])
-        lines = [f"{spec} {exe} --config {config_file} --quiet enqueue {j}{conns}" for j in wanted]
-        missing = []
         cfg = a.config
-        if not (cfg.db or os.environ.get("CRMSYNC_DB")):
-            missing.append("db")
-        if not (cfg.redis_url or os.environ.get("CRMSYNC_REDIS_URL")):
-            missing.append("redis_url")
+        words, missing = _cron_command(a, cfg)
+        conns = "".join(f" -c {shlex.quote(c)}" for c in connection or [])
+        lines = [f"{spec} {' '.join(words)} --quiet enqueue {j}{conns}" for j in wanted]
         if STATE.json:
             emit_json({"schedule": spec, "cron": lines, "config_missing": missing})
             return
         out = [f"# crmsync: enqueue {' and '.join(wanted)} every {every} (install on one host; workers run the jobs)"]
-        if not config_file.exists() or missing:
-            out.append(
-                f"# cron starts with an almost empty environment: {config_file} must set "
-                f"{' and '.join(missing) or 'db and redis_url'}"
-            )
+        if missing:
+            where = a.paths.config_file if a.paths.config_file.exists() else "a config file (--config)"
+            out.append(f"# cron starts with an almost empty environment: {where} must set {' and '.join(missing)}")
         sys.stdout.write("\n".join(out + lines) + "\n")

@@ -19,6 +19,7 @@ from crmsync.store import CrmConflict, CrmOutbox, CrmSyncLog, CrmWebhookEvent
 
 if TYPE_CHECKING:
     from crmsync.app import App
+    from crmsync.metrics import Metrics
     from crmsync.store import CrmConnection
 
 
@@ -265,32 +266,18 @@ def _live_check(app: App, doc: dict[str, Any]) -> tuple[list[Problem], set[str]]
     return problems, ok
 
 
-def store_metrics(app: App) -> str:
-    """`crmsync metrics`: current values from the store, in the Prometheus text format."""
-    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+def store_metrics(app: App, metrics: Metrics | None = None) -> Metrics:
+    """The store's current state set into ``metrics`` (a new registry by default), for both exports."""
+    from crmsync.metrics import Metrics
 
-    r = CollectorRegistry()
-    outbox = Gauge("crm_outbox_items", "Outbox items by state", ["connection", "state"], registry=r)
-    records = Gauge(
-        "crm_records_stored", "Records in the local store", ["connection", "object", "archived"], registry=r
-    )
-    last = Gauge(
-        "crm_last_success_timestamp_seconds", "When a command last succeeded", ["connection", "command"], registry=r
-    )
-    pending = Gauge("crm_webhook_events_pending", "Webhook events not yet applied", ["connection"], registry=r)
-    conflicts = Gauge("crm_conflicts_open", "Field conflicts kept open", ["connection"], registry=r)
+    out = metrics or Metrics()
     doc = gather(app)
+    last: dict[tuple[str, str], float] = {}
     for c in doc["connections"]:
-        for state in ("pending", "done", "failed", "conflict"):
-            outbox.labels(c["name"], state).set(c["outbox"][state])
-        for obj, o in c["objects"].items():
-            records.labels(c["name"], obj, "false").set(o["stored"] - o["archived"])
-            records.labels(c["name"], obj, "true").set(o["archived"])
         for cmd in ("pull", "push", "backfill"):
             run = app.store.last_run(c["name"], cmd)
             if run and run.finished_at:
                 ts = run.finished_at if run.finished_at.tzinfo else run.finished_at.replace(tzinfo=UTC)
-                last.labels(c["name"], cmd).set(ts.timestamp())
-        pending.labels(c["name"]).set(c["webhook"]["pending"])
-        conflicts.labels(c["name"]).set(c["conflicts_open"])
-    return generate_latest(r).decode()
+                last[(c["name"], cmd)] = ts.timestamp()
+    out.set_store_state(doc, last)
+    return out
