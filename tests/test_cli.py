@@ -198,7 +198,7 @@ def shell_env(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("provider", ["hubspot", "zoho", "odoo"])
+@pytest.mark.parametrize("provider", ["hubspot", "zoho", "odoo", "pipedrive"])
 def test_sandbox_serve_prints_a_connect_line_that_works_when_pasted(home: Path, provider: str) -> None:
     env = shell_env(home)
     server = subprocess.Popen(

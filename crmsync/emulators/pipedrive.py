@@ -1025,6 +1025,7 @@ def build_pipedrive(
 ) -> PipedriveEmulator:
     """A Pipedrive company seeded with persons, organizations and deals (sandbox and benchmarks)."""
     emu = PipedriveEmulator(faults=faults, seed=seed, plan=plan)
+    emu.clock_offset = -3600  # seeded an hour ago: a pull's window (which ends a minute before now) holds it
     emu.bulk_create("organizations", companies, lambda i: {"name": f"Company {seed}-{i}"})
     emu.bulk_create(
         "persons",
@@ -1044,4 +1045,5 @@ def build_pipedrive(
         deals,
         lambda i: {"title": f"Deal {i}", "value": 1000 + i, "person_id": (i % contacts) + 1 if contacts else None},
     )
+    emu.clock_offset = 0.0
     return emu
