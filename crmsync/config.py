@@ -61,6 +61,8 @@ class ConnectionSettings(_Model):
     #: Pipedrive: the company's plan and seats, which set its daily token budget and burst limit.
     plan: str | None = Field(default=None, pattern=r"^(lite|growth|premium|ultimate)$")
     seats: int | None = Field(default=None, gt=0)
+    #: Pipedrive: the share of the daily token budget one push may plan to spend (default 0.5).
+    budget_share: float | None = Field(default=None, gt=0, le=1)
 
 
 class WebhookSettings(_Model):

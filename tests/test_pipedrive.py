@@ -256,3 +256,14 @@ def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: 
         assert len(_tasks(emulator)) == 100
     finally:
         server.stop()
+
+
+def test_a_push_that_cannot_fit_the_budget_stops_before_its_first_write(home: Path, tmp_path: Path) -> None:
+    write_config(home, "pd", plan="lite", seats=1, budget_share=0.01)  # 300 tokens
+    emulator = PipedriveEmulator(plan="lite", seats=1)
+    app = _app(emulator)
+    writes = emulator.stats.writes
+    summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 10)), connection="pd")
+    assert summary.exit_code == 75
+    assert "may need up to" in (summary.error or "") and "may use 300" in (summary.error or "")
+    assert emulator.stats.writes == writes  # nothing was sent

@@ -360,6 +360,16 @@ class Provider(ABC):
         not finished (Odoo: not yet marked done) is finished here.
         """
 
+    def check_budget(self, needs: Mapping[str, int]) -> None:
+        """Refuse a push that cannot fit in what the CRM allows today, before its first write.
+
+        ``needs`` counts the records the push may write per object type (``calls`` is the number of
+        outcomes). The default has nothing to check: rate limits are waited out, not budgeted.
+
+        Raises:
+            RetriableError: the push would spend more than its configured share of the day's budget.
+        """
+
     # -- housekeeping ------------------------------------------------------------------------
     def quota(self) -> dict[str, Any]:
         """What the CRM last said about remaining quota (daily calls, credits); {} when unknown."""

@@ -426,6 +426,7 @@ def push(
                         _reset_failed(app, conn.name)
                     provider = warm.provider() if warm else app.provider(conn)
                     before = warm.before if warm else provider.http.stats.as_dict()
+                    provider.check_budget(_needs(app, conn.name, parsed))
                     deliver(
                         app,
                         conn,
@@ -600,6 +601,24 @@ class _Prefetch:
         self.dispatch.shutdown(wait=True, cancel_futures=True)
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _needs(app: App, conn: str, parsed: dict[str, ParsedOutcome]) -> dict[str, int]:
+    """What the queued outcomes may write, per object type (for ``Provider.check_budget``).
+
+    Outcomes read in this run are counted by what they carry; a backlog from earlier runs counts
+    as calls with every other object too (the upper bound).
+    """
+    pending = _count_pending(app, conn)
+    needs = {"calls": pending}
+    for _, canon in parsed.values():
+        for obj in canon:
+            if obj != "calls":
+                needs[obj] = needs.get(obj, 0) + 1
+    backlog = max(0, pending - len(parsed))
+    for obj in ("contacts", "companies", "deals", "tasks"):
+        needs[obj] = needs.get(obj, 0) + backlog
+    return needs
 
 
 def _shared(app: App) -> bool:

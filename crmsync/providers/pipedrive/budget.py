@@ -22,6 +22,8 @@ BASE_TOKENS = 30_000
 class Budget:
     plan: str = "lite"
     seats: int = 1
+    #: The share of the day's budget one push may plan to spend (``budget_share``).
+    share: float = 0.5
     spent: int = 0
     requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -30,7 +32,10 @@ class Budget:
     def from_settings(cls, settings: Mapping[str, Any], options: Mapping[str, Any]) -> Budget:
         plan = str(options.get("plan") or settings.get("plan") or "lite").lower()
         seats = int(options.get("seats") or settings.get("seats") or 1)
-        return cls(plan=plan if plan in PLAN_MULTIPLIER else "lite", seats=max(1, seats))
+        share = float(options.get("budget_share") or 0.5)
+        return cls(
+            plan=plan if plan in PLAN_MULTIPLIER else "lite", seats=max(1, seats), share=min(1.0, max(0.0, share))
+        )
 
     @property
     def daily(self) -> int:
@@ -45,10 +50,10 @@ class Budget:
         return {"daily_tokens": self.daily, "tokens_spent_this_run": self.spent, "requests": self.requests}
 
 
-def push_cost(outcomes: int, *, new_people: int, with_task: int) -> tuple[int, int]:
-    """(requests, tokens) of a push with no batch endpoints: per outcome a call (5), per follow-up a
-    task (5), per new person a search (20) and a create (5), per known person one activity list (10)."""
-    known = outcomes - new_people
-    requests = outcomes + with_task + 2 * new_people + known
-    tokens = 5 * outcomes + 5 * with_task + 25 * new_people + 10 * known
-    return requests, tokens
+def push_tokens(needs: Mapping[str, int]) -> int:
+    """Tokens a push may spend at most (no batch endpoints): each call and task a create (5); each
+    person, company and deal a search (20) and a create or update (5); and, per call, one list of its
+    person's activities where the store has no record of sending it (10)."""
+    calls, tasks = needs.get("calls", 0), needs.get("tasks", 0)
+    records = sum(needs.get(obj, 0) for obj in ("contacts", "companies", "deals"))
+    return 5 * calls + 5 * tasks + 25 * records + 10 * calls

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from crmsync.credentials import SecretStore, StaticAuth
-from crmsync.errors import AuthError, FatalProviderError, UsageError
+from crmsync.errors import AuthError, FatalProviderError, RetriableError, UsageError
 from crmsync.http import RateLimit, ResponsePolicy, UnconfirmedWrite
 from crmsync.providers.base import (
     ConnectContext,
@@ -44,6 +44,7 @@ from crmsync.providers.base import (
     at_once,
     match_key,
 )
+from crmsync.providers.pipedrive import budget as budget_mod
 from crmsync.providers.pipedrive import records as rec
 from crmsync.providers.pipedrive import webhook
 from crmsync.providers.pipedrive.budget import COSTS, Budget
@@ -577,6 +578,22 @@ class PipedriveProvider(Provider):
             }
             made.append(self._req("POST", "/v1/webhooks", "v1", json=body).get("data") or {})
         return made
+
+    def check_budget(self, needs: Mapping[str, int]) -> None:
+        """Refuse a push whose token cost could pass ``budget_share`` of the company's daily budget.
+
+        Pipedrive states no remaining budget, so the cost is an upper bound (every person, company
+        and deal searched and written) against the share of the budget the plan and seats give.
+        """
+        tokens = budget_mod.push_tokens(needs)
+        allowed = int(self.budget.daily * self.budget.share)
+        if tokens > allowed:
+            raise RetriableError(
+                f"this push may need up to {tokens:,} Pipedrive tokens and may use {allowed:,} "
+                f"({self.budget.share:.0%} of the {self.budget.daily:,} a day of the {self.budget.plan} plan "
+                f"with {self.budget.seats} seat(s)); nothing was sent",
+                hint="push fewer outcomes at once, or raise budget_share (or plan/seats) in config.yaml",
+            )
 
     # -- housekeeping ------------------------------------------------------------------------
     def quota(self) -> dict[str, Any]:
