@@ -1,0 +1,182 @@
+"""What a run says, as the user meets it: why records were rejected or failed, what an earlier run
+left queued, what Ctrl-C left behind, busy connections in a cron pull, and the health check."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import crmsync
+from crmsync.app import App
+from crmsync.emulators.hubspot import HubSpotEmulator
+from tests.e2e import cli_env, hubspot_app, run_cli
+from tests.test_hubspot_e2e import outcome_lines
+
+CSV_HEADER = "id,occurred_at,contact.email,contact.first_name,disposition,duration_seconds\n"
+
+
+def csv_row(i: int, *, email: str | None = None, disposition: str = "connected", duration: str = "60") -> str:
+    return f"c{i},2026-11-20T10:00:00+01:00,{email or f'p{i}@example.org'},P{i},{disposition},{duration}\n"
+
+
+@pytest.fixture
+def hubspot(home: Path) -> Iterator[tuple[HubSpotEmulator, dict[str, str]]]:
+    """A HubSpot emulator on loopback, connected as "hs"; the CLI's environment."""
+    emulator = HubSpotEmulator(seed=5)
+    server = emulator.serve()
+    try:
+        hubspot_app(server.url, emulator.private_app_token).close()
+        yield emulator, cli_env(home, "hs", emulator.private_app_token)
+    finally:
+        server.stop()
+
+
+def _runs(home: Path) -> list[tuple[str, str, str | None]]:
+    """(command, status, error) of every run in the store, oldest first, read as another process would."""
+    with sqlite3.connect(home / "crmsync.db") as db:
+        return list(db.execute("select command, status, error from crm_sync_log order by id"))
+
+
+# -- say why ------------------------------------------------------------------------------------
+def test_a_push_with_three_bad_csv_rows_says_why_on_stderr(hubspot: Any, tmp_path: Path) -> None:
+    emulator, env = hubspot
+    src = tmp_path / "calls.csv"
+    src.write_text(
+        CSV_HEADER
+        + csv_row(1)
+        + csv_row(2, email="not-an-email")
+        + csv_row(3)
+        + csv_row(4, disposition="maybe")
+        + csv_row(5, duration="long")
+    )
+    result = run_cli(["push", str(src), "-c", "hs"], env)
+    assert result.code == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("crmsync: ")]
+    assert len(errors) == 3, result.stderr
+    assert errors[0] == f"crmsync: {src}:3: contact.email: not an email address"
+    assert errors[1].startswith(f"crmsync: {src}:5: disposition: unknown value 'maybe'; expected one of")
+    assert errors[2].startswith(f"crmsync: {src}:6: duration_seconds: ") and "integer" in errors[2]
+    assert "rejected 3" in result.stdout and "created 2" in result.stdout
+    assert len(emulator.records("calls")) == 2
+
+
+def test_past_the_first_five_rejects_the_rest_are_counted_and_rejects_file_named(hubspot: Any, tmp_path: Path) -> None:
+    _, env = hubspot
+    src = tmp_path / "calls.csv"
+    src.write_text(CSV_HEADER + "".join(csv_row(i, email=f"bad{i}") for i in range(8)) + csv_row(9))
+    result = run_cli(["--quiet", "push", str(src), "-c", "hs"], env)
+    lines = result.stderr.splitlines()
+    assert result.code == 1 and len([x for x in lines if "not an email address" in x]) == 5
+    assert "crmsync: 3 more invalid; `--rejects FILE` keeps them all" in lines
+    kept = tmp_path / "rejects.jsonl"
+    again = run_cli(["--quiet", "push", str(src), "-c", "hs", "--rejects", str(kept)], env)
+    assert f"crmsync: 3 more invalid; all of them are in {kept}" in again.stderr.splitlines()
+    assert len(kept.read_text().splitlines()) == 8
+
+
+def test_failed_deliveries_print_the_crms_reason_and_conflicts_point_at_update(
+    hubspot: Any, home: Path, tmp_path: Path
+) -> None:
+    emulator, env = hubspot
+    app = App()
+    mapping = app.mapping_path(app.connection("hs"))
+    app.close()
+    mapping.parent.mkdir(parents=True, exist_ok=True)
+    default = (Path(crmsync.__file__).parent / "mappings" / "hubspot.yaml").read_text()
+    mapping.write_text(default.replace("first_name: firstname", "first_name: first_nme"))
+    src = tmp_path / "calls.csv"
+    src.write_text(CSV_HEADER + "".join(csv_row(i) for i in range(7)))
+    failed = run_cli(["push", str(src), "-c", "hs"], env)
+    assert failed.code == 1
+    assert 'crmsync: failed (7): contacts: Property "first_nme" does not exist' in failed.stderr.splitlines()
+    assert "crmsync: after fixing the cause: crmsync push --retry-failed" in failed.stderr.splitlines()
+    assert emulator.records("calls") == []
+
+    mapping.write_text(default)
+    fixed = run_cli(["push", str(src), "-c", "hs", "--retry-failed"], env)
+    assert fixed.code == 0, fixed.stderr
+    assert len(emulator.records("calls")) == 7
+    src.write_text(CSV_HEADER + csv_row(0, duration="61") + csv_row(1, duration="62"))
+    changed = run_cli(["push", str(src), "-c", "hs"], env)
+    assert changed.code == 1
+    assert (
+        "crmsync: 2 outcome id(s) were queued before with other content (c0, c1); --update sends it"
+        in changed.stderr.splitlines()
+    )
+
+
+def test_a_backlog_from_an_earlier_run_is_reported_apart_from_this_inputs_counts(hubspot: Any, tmp_path: Path) -> None:
+    emulator, env = hubspot
+    first = tmp_path / "monday.jsonl"
+    first.write_text(outcome_lines(4, prefix="mon"))
+    # Queued but not delivered: the CRM is down for the whole of Monday's run.
+    emulator.faults.error_rate = 1.0
+    down = run_cli(["--json", "push", str(first), "-c", "hs"], env)
+    assert down.code != 0 and run_cli(["push", "--status", "mon-0", "-c", "hs"], env).stdout.startswith("mon-0: queued")
+    emulator.faults.error_rate = 0.0
+    second = tmp_path / "tuesday.jsonl"
+    second.write_text(outcome_lines(3, prefix="tue"))
+    result = run_cli(["--json", "push", str(second), "-c", "hs"], env)
+    assert result.code == 0, result.stderr
+    summary = result.json_lines()[-1]["summary"]
+    assert (summary["read"], summary["queued"], summary["created"]) == (3, 3, 3)
+    assert summary["backlog"] == {"created": 4}
+    text = run_cli(["push", str(second), "-c", "hs"], env)
+    assert "hs: read 3, queued 0, created 0, updated 0, failed 0, rejected 0, conflicts 0, seen before 3" in text.stdout
+    assert "earlier run" not in text.stdout
+    assert len(emulator.records("calls")) == 7
+
+
+def test_the_backlog_line_in_the_default_output(hubspot: Any, tmp_path: Path) -> None:
+    emulator, env = hubspot
+    first = tmp_path / "a.jsonl"
+    first.write_text(outcome_lines(2, prefix="a"))
+    emulator.faults.error_rate = 1.0
+    assert run_cli(["--quiet", "push", str(first), "-c", "hs"], env).code != 0
+    emulator.faults.error_rate = 0.0
+    second = tmp_path / "b.jsonl"
+    second.write_text(outcome_lines(1, prefix="b"))
+    result = run_cli(["push", str(second), "-c", "hs"], env)
+    assert result.code == 0, result.stderr
+    assert "hs: read 1, queued 1, created 1," in result.stdout
+    assert "hs: queued by an earlier run: created 2, updated 0, failed 0, queued again 0" in result.stdout
+
+
+# -- dry run --------------------------------------------------------------------------------------
+def test_dry_run_shows_a_conflict_where_the_push_reports_one(hubspot: Any, tmp_path: Path) -> None:
+    emulator, env = hubspot
+    emulator.bulk_create("contacts", 1, properties_fn=lambda i: {"email": "ada@example.org", "firstname": "Augusta"})
+    assert run_cli(["--quiet", "pull", "-c", "hs", "--object", "contacts"], env).code == 0
+    outcome = {
+        "id": "d1",
+        "occurred_at": "2026-11-20T10:00:00+01:00",
+        "contact": {"email": "ada@example.org", "first_name": "Ada"},
+        "disposition": "connected",
+    }
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps(outcome) + "\n")
+    plan = run_cli(["--json", "push", str(src), "-c", "hs", "--dry-run"], env)
+    receipt, summary = plan.json_lines()[0], plan.json_lines()[-1]["summary"]
+    assert receipt["plan"] == {"contacts": "conflict", "calls": "create"}
+    assert "contacts.first_name: the CRM has 'Augusta', the outcome 'Ada'" in receipt["error"]
+    real = run_cli(["--json", "push", str(src), "-c", "hs"], env)
+    assert real.code == 0, real.stderr
+    assert summary["field_conflicts"] == real.json_lines()[-1]["summary"]["field_conflicts"] == 1
+
+    # The same id with other content: the push reports a conflict, and so does the plan.
+    src.write_text(json.dumps({**outcome, "notes": "changed"}) + "\n")
+    plan = run_cli(["--json", "push", str(src), "-c", "hs", "--dry-run"], env)
+    assert plan.json_lines()[0]["status"] == "conflict"
+    assert plan.json_lines()[0]["plan"] == {"contacts": "conflict", "calls": "conflict"}
+    assert plan.json_lines()[-1]["summary"]["conflicts"] == 1
+    text = run_cli(["push", str(src), "-c", "hs", "--dry-run"], env)
+    assert "--update sends it" in text.stderr
+    updating = run_cli(["--json", "push", str(src), "-c", "hs", "--dry-run", "--update"], env)
+    assert updating.json_lines()[0]["plan"]["calls"] == "update"
+    real = run_cli(["--json", "push", str(src), "-c", "hs"], env)
+    assert real.json_lines()[0]["status"] == "conflict"
