@@ -4,17 +4,24 @@ left queued, what Ctrl-C left behind, busy connections in a cron pull, and the h
 from __future__ import annotations
 
 import json
+import re
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import crmsync
 from crmsync.app import App
+from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
-from tests.e2e import cli_env, hubspot_app, run_cli
+from tests.e2e import cli_env, hubspot_app, run_cli, write_config
 from tests.test_hubspot_e2e import outcome_lines
 
 CSV_HEADER = "id,occurred_at,contact.email,contact.first_name,disposition,duration_seconds\n"
@@ -180,3 +187,80 @@ def test_dry_run_shows_a_conflict_where_the_push_reports_one(hubspot: Any, tmp_p
     assert updating.json_lines()[0]["plan"]["calls"] == "update"
     real = run_cli(["--json", "push", str(src), "-c", "hs"], env)
     assert real.json_lines()[0]["status"] == "conflict"
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------------
+def _calls_in_the_crm(base_url: str, token: str) -> list[str]:
+    """The idempotency markers of every call in the CRM, read page by page through its API."""
+    markers: list[str] = []
+    params = {"limit": "100", "properties": "crmsync_outcome_id"}
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}) as client:
+        while True:
+            body = client.get("/crm/v3/objects/calls", params=params).raise_for_status().json()
+            markers += [r["properties"]["crmsync_outcome_id"] for r in body["results"]]
+            after = body.get("paging", {}).get("next", {}).get("after")
+            if not after:
+                return markers
+            params["after"] = after
+
+
+def _delivered(db: Path) -> int:
+    """Outcomes done in the outbox, read as another process would."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("select count(*) from crm_outbox where state = 'done'").fetchone()[0])
+    except sqlite3.OperationalError:  # busy for a moment
+        return 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_push_says_what_is_left_logs_interrupted_and_a_rerun_ends_exactly_once(
+    home: Path, tmp_path: Path
+) -> None:
+    n = 5000
+    emulator = HubSpotEmulator(seed=17, faults=Faults(latency_ms=100, seed=17))
+    server = emulator.serve()
+    proc: subprocess.Popen[str] | None = None
+    try:
+        write_config(home, "hs", rate_limit=100_000, search_rate_limit=1000)
+        hubspot_app(server.url, emulator.private_app_token).close()
+        env = cli_env(home, "hs", emulator.private_app_token)
+        src = tmp_path / "outcomes.jsonl"
+        src.write_text(outcome_lines(n, company_every=3, deal_every=4))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crmsync", "push", str(src), "-c", "hs"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        done = 0
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = _delivered(home / "crmsync.db")
+            if done:
+                break  # the first lane has closed its outcomes; the others are still at work
+            time.sleep(0.02)
+        assert done < n, "the push ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("crmsync: interrupted: ") and last.endswith(" still queued; re-run to resume"), stderr
+        delivered, queued = (int(x) for x in re.findall(r"\d+", last.split(": ", 2)[2])[:2])
+        assert 0 < delivered < n and delivered + queued == n
+        assert f"hs: {queued} still queued" in stdout
+        assert "Traceback" not in stderr
+        assert _runs(home)[-1][:2] == ("push", "interrupted")
+        assert delivered <= len(_calls_in_the_crm(server.url, emulator.private_app_token)) < n
+
+        again = run_cli(["push", str(src), "-c", "hs"], env)
+        assert again.code == 0, again.stderr
+        assert f"hs: read {n}, queued 0, created 0" in again.stdout
+        assert _runs(home)[-1][:2] == ("push", "ok")
+        markers = _calls_in_the_crm(server.url, emulator.private_app_token)
+        assert len(markers) == len(set(markers)) == n
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        server.stop()
