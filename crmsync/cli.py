@@ -512,6 +512,7 @@ def pull(
 
     Example (cron, every 5 minutes): crmsync --quiet pull --metrics-file /var/lib/node_exporter/crmsync.prom
     """
+    from crmsync.sync.pull import exit_code
     from crmsync.sync.pull import pull as do_pull
 
     a = STATE.app()
@@ -541,7 +542,7 @@ def pull(
     for r in results:
         if r.error and not STATE.json:
             sys.stderr.write(f"crmsync: {r.connection}: {r.error}\n")
-    finish(max((r.exit_code for r in results), default=0))
+    finish(exit_code(results))
 
 
 @app.command()

@@ -3,6 +3,7 @@ left queued, what Ctrl-C left behind, busy connections in a cron pull, and the h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -21,7 +22,8 @@ import crmsync
 from crmsync.app import App
 from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
-from tests.e2e import cli_env, hubspot_app, run_cli, write_config
+from crmsync.sync.pull import backfill
+from tests.e2e import cli_env, hubspot_app, pull_stopped_before_page, run_cli, write_config
 from tests.test_hubspot_e2e import outcome_lines
 
 CSV_HEADER = "id,occurred_at,contact.email,contact.first_name,disposition,duration_seconds\n"
@@ -264,3 +266,120 @@ def test_ctrl_c_mid_push_says_what_is_left_logs_interrupted_and_a_rerun_ends_exa
         if proc is not None and proc.poll() is None:
             proc.kill()
         server.stop()
+
+
+# -- cron: busy connections, failed runs ----------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from crmsync.app import App
+with App().run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def two_portals(home: Path) -> Iterator[tuple[HubSpotEmulator, HubSpotEmulator, dict[str, str]]]:
+    """Connections "a" and "b", each to a HubSpot emulator of its own with a few contacts."""
+    portals = [HubSpotEmulator(seed=21), HubSpotEmulator(seed=22)]
+    servers = [p.serve() for p in portals]
+    try:
+        env = cli_env(home)
+        for name, portal, server in zip("ab", portals, servers, strict=True):
+            portal.seed(contacts=3)
+            hubspot_app(server.url, portal.private_app_token, name=name).close()
+            env.update(cli_env(home, name, portal.private_app_token))
+        yield portals[0], portals[1], env
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextlib.contextmanager
+def _locked_by_another_process(connection: str, env: dict[str, str]) -> Iterator[None]:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, connection], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_pull_pulls_every_free_connection_and_reports_the_busy_one(two_portals: Any, home: Path) -> None:
+    _, _, env = two_portals
+    with _locked_by_another_process("b", env):
+        result = run_cli(["--json", "pull", "--object", "contacts"], env)
+        text = run_cli(["pull", "--object", "contacts"], env)
+        only_b = run_cli(["pull", "-c", "b", "--object", "contacts"], env)
+    assert result.code == 75, result.stderr
+    by_name = {r["connection"]: r for r in result.json()["results"]}
+    assert by_name["a"]["objects"]["contacts"]["read"] == 3 and not by_name["a"]["busy"]
+    assert by_name["b"]["busy"] and by_name["b"]["objects"] == {}
+    assert text.code == 75 and "crmsync: b: connection 'b' is busy" in text.stderr
+    assert only_b.code == 75 and only_b.stderr.startswith("crmsync: error: connection 'b' is busy")
+    assert [r[:2] for r in _runs(home)] == [("pull", "ok"), ("pull", "ok")]  # a, twice; b never started
+
+
+def test_a_real_failure_elsewhere_wins_over_the_busy_connections_75(two_portals: Any, home: Path) -> None:
+    _, _, env = two_portals
+    env = {**env, "CRMSYNC_SECRET_A": "pat-na1-00000000-0000-0000-0000-000000000000"}  # a token the CRM refuses
+    with _locked_by_another_process("b", env):
+        result = run_cli(["pull", "--object", "contacts"], env)
+        both = run_cli(["pull", "--object", "contacts", "-c", "b", "-c", "b"], env)
+    assert result.code == 3, result.stderr
+    assert "crmsync: b: connection 'b' is busy" in result.stderr
+    assert both.code == 75 and both.stderr.startswith("crmsync: error: every connection is busy")
+
+
+def test_status_check_is_unhealthy_after_a_failed_push(hubspot: Any, home: Path, tmp_path: Path) -> None:
+    emulator, env = hubspot
+    emulator.seed(contacts=2)
+    assert run_cli(["--quiet", "pull"], env).code == 0
+    healthy = run_cli(["status", "--check"], env)
+    assert (healthy.code, healthy.stdout) == (0, "healthy\n")
+    src = tmp_path / "o.jsonl"
+    src.write_text(outcome_lines(2))
+    emulator.faults.error_rate = 1.0
+    assert run_cli(["--quiet", "push", str(src), "-c", "hs"], env).code != 0
+    emulator.faults.error_rate = 0.0
+    assert _runs(home)[-1][:2] == ("push", "failed")
+    check = run_cli(["status", "--check"], env)
+    assert check.code == 1
+    assert check.stdout.startswith("hs: the last push (") and "failed: " in check.stdout
+    assert run_cli(["--quiet", "push", str(src), "-c", "hs"], env).code == 0
+    assert run_cli(["status", "--check"], env).code == 0
+
+
+def test_status_check_is_unhealthy_after_a_failed_pull(hubspot: Any) -> None:
+    emulator, env = hubspot
+    assert run_cli(["--quiet", "pull"], env).code == 0
+    emulator.faults.error_rate = 1.0
+    assert run_cli(["--quiet", "pull"], env).code != 0
+    check = run_cli(["--json", "status", "--check"], env)
+    assert check.code == 1
+    assert [p["kind"] for p in check.json()["problems"]] == ["failed_run"]
+    assert "the last pull" in check.json()["problems"][0]["message"]
+
+
+def test_an_interrupted_pull_or_backfill_is_logged_as_interrupted(home: Path) -> None:
+    emulator = HubSpotEmulator(seed=9)
+    emulator.seed(contacts=250)
+    app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda name: emulator.transport())
+    try:
+        assert pull_stopped_before_page(app, 1, ["contacts"])
+        apply = app.store.apply_page
+        app.store.apply_page = _interrupt  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            backfill(app, objects=["contacts"])
+        app.store.apply_page = apply  # type: ignore[method-assign]
+        assert [(r.command, r.status) for r in reversed(app.store.runs("hs"))] == [
+            ("pull", "interrupted"),
+            ("backfill", "interrupted"),
+        ]
+    finally:
+        app.close()
+
+
+def _interrupt(*args: Any, **kwargs: Any) -> Any:
+    raise KeyboardInterrupt
