@@ -583,10 +583,10 @@ def push(
                     app.metrics.count_records(
                         conn.name,
                         "calls",
-                        {
-                            "created": summary.created,
-                            "updated": summary.updated,
-                            "failed": summary.failed,
+                        {  # what the run did, the backlog's outcomes included
+                            "created": summary.created + summary.backlog.get("created", 0),
+                            "updated": summary.updated + summary.backlog.get("updated", 0),
+                            "failed": summary.failed + summary.backlog.get("failed", 0),
                             "rejected": summary.rejected,
                         },
                     )
@@ -751,7 +751,7 @@ def _delivery_lock(app: App, conn: str, timeout: float | None) -> contextlib.Abs
 
 
 def _counts(s: PushSummary) -> dict[str, Any]:
-    return {
+    counts: dict[str, Any] = {
         k: getattr(s, k)
         for k in (
             "read",
@@ -767,6 +767,9 @@ def _counts(s: PushSummary) -> dict[str, Any]:
             "field_conflicts",
         )
     }
+    if s.backlog:
+        counts["backlog"] = dict(s.backlog)
+    return counts
 
 
 def _outbox_gauges(app: App, conn: str) -> None:
