@@ -22,7 +22,8 @@ import crmsync
 from crmsync.app import App
 from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
-from crmsync.sync.pull import backfill
+from crmsync.sync.pull import backfill, pull
+from crmsync.sync.push import push
 from tests.e2e import cli_env, hubspot_app, pull_stopped_before_page, run_cli, write_config
 from tests.test_hubspot_e2e import outcome_lines
 
@@ -383,3 +384,31 @@ def test_an_interrupted_pull_or_backfill_is_logged_as_interrupted(home: Path) ->
 
 def _interrupt(*args: Any, **kwargs: Any) -> Any:
     raise KeyboardInterrupt
+
+
+def test_a_dry_run_conflict_the_outcome_wins_is_an_update_with_the_disagreement_named(home: Path) -> None:
+    (home / "config.yaml").write_text("conflicts:\n  contact.first_name: outcome-wins\n")
+    emulator = HubSpotEmulator(seed=4)
+    emulator.bulk_create("contacts", 1, properties_fn=lambda i: {"email": "ada@example.org", "firstname": "Augusta"})
+    app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda name: emulator.transport())
+    try:
+        pull(app, objects=["contacts"])
+        src = home / "d.jsonl"
+        src.write_text(
+            json.dumps(
+                {
+                    "id": "w1",
+                    "occurred_at": "2026-11-20T10:00:00+01:00",
+                    "contact": {"email": "ada@example.org", "first_name": "Ada"},
+                    "disposition": "connected",
+                }
+            )
+            + "\n"
+        )
+        receipts: list[Any] = []
+        summary = push(app, source=str(src), connection="hs", dry_run=True, sink=receipts.append)
+        assert receipts[0].plan == {"contacts": "update", "calls": "create"}
+        assert receipts[0].error.endswith("(outcome-wins: the outcome's is sent)")
+        assert summary.field_conflicts == 1 and summary.disagreements == [f"w1: {receipts[0].error}"]
+    finally:
+        app.close()

@@ -873,7 +873,9 @@ def plan(
                                 occurred_at=outcome.occurred_at,
                                 crm_updated_at=rec.remote_updated_at,
                             )
-                            action = "conflict" if conflicts else "update" if send else "match"
+                            # As status counts them: a conflict stays open where the CRM's value is kept.
+                            kept = any(x.resolution == "kept_crm" for x in conflicts)
+                            action = "conflict" if kept else "update" if send else "match"
                             summary.field_conflicts += len(conflicts)
                             disagreements += [_disagreement(obj, x) for x in conflicts]
                         elif k and k in links[obj]:
