@@ -41,14 +41,21 @@ def hubspot(home: Path) -> Iterator[tuple[HubSpotEmulator, dict[str, str]]]:
     server = emulator.serve()
     try:
         hubspot_app(server.url, emulator.private_app_token).close()
-        yield emulator, cli_env(home, "hs", emulator.private_app_token)
+        yield emulator, user_env(home, "hs", emulator.private_app_token)
     finally:
         server.stop()
 
 
+def user_env(home: Path, connection: str, secret: str) -> dict[str, str]:
+    """The CLI's environment as a cron job has it: an empty HOME, no keyring, the secret in the environment."""
+    empty = home.parent / "empty-home"
+    empty.mkdir(exist_ok=True)
+    return {**cli_env(home, connection, secret), "HOME": str(empty)}
+
+
 def _runs(home: Path) -> list[tuple[str, str, str | None]]:
     """(command, status, error) of every run in the store, oldest first, read as another process would."""
-    with sqlite3.connect(home / "crmsync.db") as db:
+    with contextlib.closing(sqlite3.connect(home / "crmsync.db")) as db:
         return list(db.execute("select command, status, error from crm_sync_log order by id"))
 
 
@@ -210,7 +217,7 @@ def _calls_in_the_crm(base_url: str, token: str) -> list[str]:
 def _delivered(db: Path) -> int:
     """Outcomes done in the outbox, read as another process would."""
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
             return int(conn.execute("select count(*) from crm_outbox where state = 'done'").fetchone()[0])
     except sqlite3.OperationalError:  # busy for a moment
         return 0
@@ -227,7 +234,7 @@ def test_ctrl_c_mid_push_says_what_is_left_logs_interrupted_and_a_rerun_ends_exa
     try:
         write_config(home, "hs", rate_limit=100_000, search_rate_limit=1000)
         hubspot_app(server.url, emulator.private_app_token).close()
-        env = cli_env(home, "hs", emulator.private_app_token)
+        env = user_env(home, "hs", emulator.private_app_token)
         src = tmp_path / "outcomes.jsonl"
         src.write_text(outcome_lines(n, company_every=3, deal_every=4))
         proc = subprocess.Popen(
@@ -285,11 +292,11 @@ def two_portals(home: Path) -> Iterator[tuple[HubSpotEmulator, HubSpotEmulator, 
     portals = [HubSpotEmulator(seed=21), HubSpotEmulator(seed=22)]
     servers = [p.serve() for p in portals]
     try:
-        env = cli_env(home)
+        env: dict[str, str] = {}
         for name, portal, server in zip("ab", portals, servers, strict=True):
             portal.seed(contacts=3)
             hubspot_app(server.url, portal.private_app_token, name=name).close()
-            env.update(cli_env(home, name, portal.private_app_token))
+            env.update(user_env(home, name, portal.private_app_token))
         yield portals[0], portals[1], env
     finally:
         for server in servers:
