@@ -419,3 +419,25 @@ def test_a_dry_run_conflict_the_outcome_wins_is_an_update_with_the_disagreement_
         assert summary.field_conflicts == 1 and summary.disagreements == [f"w1: {receipts[0].error}"]
     finally:
         app.close()
+
+
+def test_ctrl_c_while_the_input_is_read_queues_nothing_and_says_so(home: Path) -> None:
+    emulator = HubSpotEmulator(seed=6)
+    app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda name: emulator.transport())
+    try:
+        src = home / "o.jsonl"
+        src.write_text(outcome_lines(3) + "not json\n" + outcome_lines(3, prefix="late"))
+
+        def ctrl_c_at_the_bad_line(receipt: Any) -> None:
+            if receipt.status == "rejected":
+                raise KeyboardInterrupt
+
+        summary = push(app, source=str(src), connection="hs", sink=ctrl_c_at_the_bad_line)
+        assert (summary.exit_code, summary.interrupted, summary.queued) == (130, True, 0)
+        assert summary.error == "interrupted while reading the input: nothing was queued or sent; run the push again"
+        assert [(r.command, r.status) for r in app.store.runs("hs")] == [("push", "interrupted")]
+        assert emulator.records("calls") == [] and _runs(home) == [("push", "interrupted", "interrupted")]
+        again = push(app, source=str(src), connection="hs")
+        assert (again.created, again.rejected, again.backlog) == (6, 1, {})
+    finally:
+        app.close()
