@@ -697,11 +697,9 @@ def _render_push(s: Any) -> None:
         f"failed {s.failed}, rejected {s.rejected}, conflicts {s.conflicts}, seen before {s.already}"
     )
     if s.backlog:
-        b = s.backlog
-        out.print(
-            f"{s.connection}: queued by an earlier run: created {b.get('created', 0)}, updated {b.get('updated', 0)}, "
-            f"failed {b.get('failed', 0)}, queued again {b.get('queued', 0)}"
-        )
+        labels = {"created": "created", "updated": "updated", "already": "already in the CRM", "queued": "queued again"}
+        done = ", ".join(f"{labels.get(k, k)} {n}" for k, n in s.backlog.items())
+        out.print(f"{s.connection}: queued by an earlier run: {done}")
     out.print(
         f"{s.connection}: {s.pending} still queued; {s.requests} requests, {s.rate_limited} rate-limited, "
         f"{s.duration:.1f}s"

@@ -120,8 +120,8 @@ class PushSummary:
     dry_run: bool = False
     plan_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     interrupted: bool = False
-    #: Outcomes an earlier run queued that this run closed (created, updated, failed, queued), kept
-    #: out of the counts above, which describe this input.
+    #: Outcomes an earlier run queued that this run closed (created, updated, already, failed,
+    #: queued), kept out of the counts above, which describe this input.
     backlog: dict[str, int] = field(default_factory=dict)
     #: The first few reasons, for the default output (``--json`` receipts carry every one).
     reject_reasons: list[str] = field(default_factory=list)
@@ -161,7 +161,7 @@ class _Tally:
             reason = _readable(r.error)
             if reason in s.failure_reasons or len(s.failure_reasons) < REASONS_SHOWN:
                 s.failure_reasons[reason] = s.failure_reasons.get(reason, 0) + 1
-        if r.id in self.backlog and r.status in ("created", "updated", "failed", "queued"):
+        if r.id in self.backlog and r.status in ("created", "updated", "already", "failed", "queued"):
             s.backlog[r.status] = s.backlog.get(r.status, 0) + 1
         if self.sink is not None:
             self.sink(r)
@@ -612,7 +612,8 @@ def _interrupted(s: PushSummary, *, queued: bool) -> str:
     """What an interrupted push did, and what is left for the re-run."""
     if not queued:
         return "interrupted while reading the input: nothing was queued or sent; run the push again"
-    delivered = s.created + s.updated + s.backlog.get("created", 0) + s.backlog.get("updated", 0)
+    closed = ("created", "updated", "already")  # already: found logged in the CRM, so done
+    delivered = s.created + s.updated + sum(s.backlog.get(k, 0) for k in closed)
     return f"interrupted: {delivered} outcome(s) delivered, {s.pending} still queued; re-run to resume"
 
 
