@@ -262,7 +262,9 @@ def test_ctrl_c_mid_push_says_what_is_left_logs_interrupted_and_a_rerun_ends_exa
         assert f"hs: {queued} still queued" in stdout
         assert "Traceback" not in stderr
         assert _runs(home)[-1][:2] == ("push", "interrupted")
-        assert delivered <= len(_calls_in_the_crm(server.url, emulator.private_app_token)) < n
+        # Some still queued may have their call logged already (the lane stopped before closing them):
+        # the re-run closes those without sending them again.
+        assert delivered <= len(_calls_in_the_crm(server.url, emulator.private_app_token))
 
         again = run_cli(["push", str(src), "-c", "hs"], env)
         assert again.code == 0, again.stderr
