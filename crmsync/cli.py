@@ -512,6 +512,7 @@ def pull(
 
     Example (cron, every 5 minutes): crmsync --quiet pull --metrics-file /var/lib/node_exporter/crmsync.prom
     """
+    from crmsync.sync.pull import exit_code
     from crmsync.sync.pull import pull as do_pull
 
     a = STATE.app()
@@ -541,7 +542,7 @@ def pull(
     for r in results:
         if r.error and not STATE.json:
             sys.stderr.write(f"crmsync: {r.connection}: {r.error}\n")
-    finish(max((r.exit_code for r in results), default=0))
+    finish(exit_code(results))
 
 
 @app.command()
@@ -671,8 +672,10 @@ def push(
             _write_metrics(a, metrics_file)
     if STATE.json:
         emit_json({"summary": summary.as_dict()})
-    elif not STATE.quiet:
-        _render_push(summary)
+    else:
+        if not STATE.quiet:
+            _render_push(summary)
+        _push_reasons(summary, rejects)
     if summary.error:
         sys.stderr.write(f"crmsync: {summary.error}\n")
     finish(summary.exit_code)
@@ -687,11 +690,40 @@ def _render_push(s: Any) -> None:
         console().print(f"plan for {s.read} outcomes ({s.rejected} invalid), no CRM request made:")
         console().print(plan)
         return
-    console().print(
+    out = console()
+    out.soft_wrap = True  # a summary line stays one line in a log, however long its numbers
+    out.print(
         f"{s.connection}: read {s.read}, queued {s.queued}, created {s.created}, updated {s.updated}, "
-        f"already sent {s.already}, conflicts {s.conflicts}, rejected {s.rejected}, failed {s.failed}, "
-        f"pending {s.pending}; {s.requests} requests, {s.rate_limited} rate-limited, {s.duration:.1f}s"
+        f"failed {s.failed}, rejected {s.rejected}, conflicts {s.conflicts}, seen before {s.already}"
     )
+    if s.backlog:
+        labels = {"created": "created", "updated": "updated", "already": "already in the CRM", "queued": "queued again"}
+        done = ", ".join(f"{labels.get(k, k)} {n}" for k, n in s.backlog.items())
+        out.print(f"{s.connection}: queued by an earlier run: {done}")
+    out.print(
+        f"{s.connection}: {s.pending} still queued; {s.requests} requests, {s.rate_limited} rate-limited, "
+        f"{s.duration:.1f}s"
+    )
+
+
+def _push_reasons(s: Any, rejects: Path | None) -> None:
+    """Why records were rejected, failed or conflicted: the first few on stderr, the rest counted."""
+    lines = list(s.reject_reasons)
+    if s.rejected > len(s.reject_reasons):
+        keep = f"all of them are in {rejects}" if rejects else "`--rejects FILE` keeps them all"
+        lines.append(f"{s.rejected - len(s.reject_reasons)} more invalid; {keep}")
+    failed = s.failed + s.backlog.get("failed", 0)
+    lines += [f"failed ({n}): {reason}" for reason, n in s.failure_reasons.items()]
+    if (others := failed - sum(s.failure_reasons.values())) > 0:
+        lines.append(f"{others} more failed (with --json each receipt has its reason)")
+    if failed:
+        lines.append("after fixing the cause: crmsync push --retry-failed")
+    if s.conflicts:
+        ids = ", ".join(s.conflict_ids) + (", …" if s.conflicts > len(s.conflict_ids) else "")
+        lines.append(f"{s.conflicts} outcome id(s) were queued before with other content ({ids}); --update sends it")
+    lines += [f"conflict: {d}" for d in s.disagreements]
+    for line in lines:
+        sys.stderr.write(f"crmsync: {line}\n")
 
 
 # -- the rest lives in crmsync/commands (status, map, log, metrics, demo, sandbox, webhook) ----

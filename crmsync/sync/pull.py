@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from crmsync.errors import AuthError, CrmsyncError, ExitCode, RetriableError
+from crmsync.errors import AuthError, CrmsyncError, ExitCode, LockHeldError, RetriableError
 from crmsync.providers.base import Page, Provider, RemoteRecord, match_key, run_ahead
 from crmsync.store import ApplyCounts, Canonical, Store
 
@@ -72,6 +72,7 @@ class ConnectionResult:
     exit_code: int = 0
     events_applied: int = 0
     reconciled: int = 0
+    busy: bool = False  # another run held the connection's lock: nothing was pulled
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +88,7 @@ class ConnectionResult:
             "reconciled": self.reconciled,
             "error": self.error,
             "exit_code": self.exit_code,
+            "busy": self.busy,
         }
 
 
@@ -170,11 +172,16 @@ def pull(
     lock_timeout: float | None = None,
     progress: Progress | None = None,
 ) -> list[ConnectionResult]:
-    """Pull every named (or configured) connection; one result per connection."""
+    """Pull every named (or configured) connection; one result per connection.
+
+    A connection whose lock another run holds is skipped (its result ``busy``) and the others are
+    pulled; only when every one is busy does ``LockHeldError`` stop the pull.
+    """
     results = []
+    busy: list[LockHeldError] = []
     for conn in app.connections(list(connections) if connections else None):
-        results.append(
-            _run(
+        try:
+            result = _run(
                 app,
                 conn,
                 "pull",
@@ -193,8 +200,25 @@ def pull(
                     progress=progress,
                 ),
             )
-        )
+        except LockHeldError as exc:
+            busy.append(exc)
+            result = ConnectionResult(conn.name, conn.provider, "pull", error=str(exc), exit_code=exc.exit_code)
+            result.busy = True
+        results.append(result)
+    if len(busy) == len(results) == 1:
+        raise busy[0]
+    if len(busy) == len(results):
+        raise LockHeldError("every connection is busy: " + "; ".join(e.message for e in busy), hint=busy[0].hint)
     return results
+
+
+def exit_code(results: Sequence[ConnectionResult]) -> int:
+    """A pull's exit code: a failure's that needs a person (1, 2, 3) wins over a temporary one (75),
+    and a busy connection's 75 counts only when nothing else failed."""
+    codes = {r.exit_code for r in results if r.exit_code and not r.busy}
+    if lasting := codes - {ExitCode.TEMPFAIL}:
+        return max(lasting)
+    return ExitCode.TEMPFAIL if codes or any(r.busy for r in results) else ExitCode.OK
 
 
 def backfill(

@@ -46,7 +46,7 @@ from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, Usag
 from crmsync.model import CallOutcome, canonical, company_key, contact_key, utcnow
 from crmsync.providers.base import ItemResult, Outgoing, OutgoingActivity, Provider, match_key
 from crmsync.store import Canonical, CrmConflict, CrmOutbox, encoded, insert_rows, retry_on_conflict, update_rows
-from crmsync.sync.conflicts import resolve
+from crmsync.sync.conflicts import Conflict, resolve
 from crmsync.sync.inputs import Parsed, read_outcomes
 
 if TYPE_CHECKING:
@@ -119,6 +119,15 @@ class PushSummary:
     exit_code: int = 0
     dry_run: bool = False
     plan_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    interrupted: bool = False
+    #: Outcomes an earlier run queued that this run closed (created, updated, already, failed,
+    #: queued), kept out of the counts above, which describe this input.
+    backlog: dict[str, int] = field(default_factory=dict)
+    #: The first few reasons, for the default output (``--json`` receipts carry every one).
+    reject_reasons: list[str] = field(default_factory=list)
+    failure_reasons: dict[str, int] = field(default_factory=dict)  # reason -> outcomes that failed so
+    conflict_ids: list[str] = field(default_factory=list)
+    disagreements: list[str] = field(default_factory=list)  # a dry run's field conflicts (id: field: values)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -126,6 +135,64 @@ class PushSummary:
         if not self.dry_run:
             d.pop("plan_counts")
         return d
+
+
+#: Reasons of each kind kept for the default output.
+REASONS_SHOWN = 5
+
+
+class _Tally:
+    """Every receipt of a run passes here on its way to the caller's sink: the first few reasons
+    are kept for the summary, and outcomes that an earlier run queued (``backlog``, their ids) are
+    counted apart."""
+
+    def __init__(self, summary: PushSummary, sink: ReceiptSink | None, backlog: Collection[str] = ()) -> None:
+        self.summary, self.sink, self.backlog = summary, sink, backlog
+
+    def __call__(self, r: Receipt) -> None:
+        s = self.summary
+        if r.status == "rejected" and len(s.reject_reasons) < REASONS_SHOWN:
+            s.reject_reasons.append(str(r.error))
+        elif r.status == "conflict" and r.id and len(s.conflict_ids) < REASONS_SHOWN:
+            s.conflict_ids.append(r.id)
+        elif r.status == "planned" and r.error and len(s.disagreements) < REASONS_SHOWN:
+            s.disagreements.append(f"{r.id}: {r.error}")
+        elif r.status == "failed" and r.error:
+            reason = _readable(r.error)
+            if reason in s.failure_reasons or len(s.failure_reasons) < REASONS_SHOWN:
+                s.failure_reasons[reason] = s.failure_reasons.get(reason, 0) + 1
+        if r.id in self.backlog and r.status in ("created", "updated", "already", "failed", "queued"):
+            s.backlog[r.status] = s.backlog.get(r.status, 0) + 1
+        if self.sink is not None:
+            self.sink(r)
+
+    def split_backlog(self) -> None:
+        """Take what the backlog's outcomes added to the run's counts out of this input's."""
+        s = self.summary
+        for status, n in s.backlog.items():
+            name = "requeued" if status == "queued" else status
+            setattr(s, name, getattr(s, name) - n)
+
+
+def _readable(error: str) -> str:
+    """An item's error with the messages of a JSON error list it quotes pulled out (HubSpot's
+    \"Property values were not valid: [{... "message": ...}]\")."""
+    import json
+
+    head, bracket, rest = error.partition("[")
+    if not bracket:
+        return error
+    try:
+        details = json.loads(bracket + rest)
+    except ValueError:
+        return error
+    if not isinstance(details, list):
+        return error
+    messages = [str(d["message"]) for d in details if isinstance(d, dict) and d.get("message")]
+    if not messages:
+        return error
+    prefix = head.split(":", 1)[0] + ": " if ":" in head else ""
+    return prefix + "; ".join(messages)
 
 
 ReceiptSink = Callable[[Receipt], None]
@@ -246,14 +313,8 @@ def enqueue(
                 dumped = outcome.model_dump(mode="json")
                 digest = outcome.content_hash(dumped)
                 prior = existing.get(oid)
-                if oid in seen:
-                    prior_hash = seen[oid]
-                elif prior is not None:
-                    prior_hash = prior.content_hash
-                else:
-                    prior_hash = None
-                if prior_hash is None:
-                    seen[oid] = digest
+                verdict = _verdict(oid, digest, prior, seen, update=update, retry_failed=retry_failed)
+                if verdict == "new":
                     if canon := _keep_parsed(parsed_out, oid, outcome):
                         chunk_objects.update(canon)
                         kept.append(canon)
@@ -274,24 +335,22 @@ def enqueue(
                     )
                     summary.queued += 1
                     continue
-                if prior_hash == digest and prior is not None and prior.state == "failed" and oid not in seen:
-                    seen[oid] = digest
-                    if retry_failed:
+                if verdict in ("failed", "retry"):
+                    if verdict == "retry":
                         summary.queued += 1
                         continue
                     # Fed again but not in the CRM: a re-run must not pass it off as sent (exit 0).
                     summary.failed += 1
-                    if sink:
-                        error = f"{prior.last_error or 'failed'} (sent again only with --retry-failed)"
-                        sink(Receipt(oid, "failed", remote_ids=_public_steps(prior.steps), error=error, line=p.line))
+                    if sink and prior is not None:
+                        remote_ids = _public_steps(prior.steps)
+                        sink(Receipt(oid, "failed", remote_ids=remote_ids, error=_failed_before(prior), line=p.line))
                     continue
-                if prior_hash == digest:
+                if verdict == "unchanged":
                     summary.already += 1
                     if sink and prior is not None and prior.state == "done":
                         sink(Receipt(oid, "unchanged", remote_ids=_public_steps(prior.steps), line=p.line))
                     continue
-                if update and prior is not None and oid not in seen:
-                    seen[oid] = digest
+                if verdict == "update" and prior is not None:
                     if canon := _keep_parsed(parsed_out, oid, outcome):
                         chunk_objects.update(canon)
                         kept.append(canon)
@@ -313,14 +372,7 @@ def enqueue(
                     continue
                 summary.conflicts += 1
                 if sink:
-                    sink(
-                        Receipt(
-                            oid,
-                            "conflict",
-                            error="this id was already sent with different content; use --update to send the change",
-                            line=p.line,
-                        )
-                    )
+                    sink(Receipt(oid, "conflict", error=CONFLICT, line=p.line))
             if new_rows:
                 insert_rows(db, CrmOutbox.__table__, new_rows)  # type: ignore[attr-defined]
             if on_objects is not None and not chunk_objects <= objects:
@@ -328,6 +380,38 @@ def enqueue(
                 on_objects(set(objects))
             if on_queued is not None and kept:
                 on_queued(kept)
+
+
+def _failed_before(prior: Any) -> str:
+    """Why an outcome fed again is failed again (``_verdict``): its outbox row's last error."""
+    return f"{prior.last_error or 'failed'} (sent again only with --retry-failed)"
+
+
+#: Why an outcome is a conflict (``_verdict``), in its receipt.
+CONFLICT = "this id was already sent with different content; use --update to send the change"
+
+
+def _verdict(oid: str, digest: str, prior: Any, seen: dict[str, str], *, update: bool, retry_failed: bool) -> str:
+    """What an outcome of the input is to the outbox: new, unchanged, failed (its delivery failed
+    before), retry (that, with --retry-failed), update or conflict.
+
+    ``prior`` is the outbox row under its id (its ``content_hash`` and ``state``), if any; ``seen``
+    the ids this input queued so far (with their hashes), which a new, retried or updated outcome
+    joins. Enqueue and the dry run both decide here, so a dry run shows what the push would do.
+    """
+    before = seen.get(oid, prior.content_hash if prior is not None else None)
+    if before is None:
+        seen[oid] = digest
+        return "new"
+    if before == digest and prior is not None and prior.state == "failed" and oid not in seen:
+        seen[oid] = digest
+        return "retry" if retry_failed else "failed"
+    if before == digest:
+        return "unchanged"
+    if update and prior is not None and oid not in seen:
+        seen[oid] = digest
+        return "update"
+    return "conflict"
 
 
 def _keep_parsed(
@@ -382,11 +466,27 @@ def push(
         if dry_run:
             if path is None:
                 raise UsageError("--dry-run needs an input file (or - for stdin)")
-            plan(app, conn, mapping, read_outcomes(path, fmt, delimiter=delimiter), summary, sink=sink, rejects=rejects)
+            tally = _Tally(summary, sink)
+            parsed_input = read_outcomes(path, fmt, delimiter=delimiter)
+            plan(
+                app,
+                conn,
+                mapping,
+                parsed_input,
+                summary,
+                sink=tally,
+                rejects=rejects,
+                update=update,
+                retry_failed=retry_failed,
+            )
         else:
             with _delivery_lock(app, conn.name, lock_timeout):
                 run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
                 status, error = "ok", None
+                # With an input, what was queued before it is a backlog, counted apart from it.
+                earlier = ("pending", "failed") if retry_failed else ("pending",)
+                tally = _Tally(summary, sink, _queued_ids(app, conn.name, earlier) if path is not None else ())
+                queued = path is None  # this input's outcomes are in the outbox (enqueue committed)
                 provider: Provider | None = None
                 before: dict[str, int] = {}
                 warm = _Warmup(app, conn) if path is not None else None
@@ -409,7 +509,7 @@ def push(
                                 summary,
                                 update=update,
                                 rejects=reject_handle,
-                                sink=sink,
+                                sink=tally,
                                 parsed_out=parsed,
                                 on_objects=warm.prepare if warm else None,
                                 on_queued=ahead.add if ahead else None,
@@ -418,6 +518,7 @@ def push(
                         finally:
                             if reject_handle:
                                 reject_handle.close()
+                        queued = True
                         if ahead is not None:
                             ahead.flush()
                         if summary.read == 0:
@@ -433,7 +534,7 @@ def push(
                         provider,
                         mapping,
                         summary,
-                        sink=sink,
+                        sink=tally,
                         progress=progress,
                         run_id=run_id,
                         parsed=parsed,
@@ -448,7 +549,22 @@ def push(
                 except InputError:
                     status = "failed"
                     raise
+                except KeyboardInterrupt:
+                    # Ctrl-C: every step taken is committed and the claims are handed back (deliver),
+                    # so the run ends here as interrupted and a re-run delivers the rest once.
+                    status = error = "interrupted"
+                    summary.interrupted, summary.exit_code = True, ExitCode.INTERRUPTED
+                except Exception as exc:  # the CRM refused the run, or a bug: logged as failed either way
+                    status, error = "failed", str(exc)
+                    raise
                 finally:
+                    tally.split_backlog()
+                    if summary.interrupted:
+                        if not queued:
+                            summary.queued = 0  # enqueue's one transaction was rolled back
+                        with contextlib.suppress(Exception):
+                            summary.pending = _count_pending(app, conn.name)
+                        summary.error = _interrupted(summary, queued=queued)
                     if ahead is not None:
                         ahead.close()
                     if warm is not None:
@@ -457,7 +573,9 @@ def push(
                     summary.requests = stats.get("requests", 0)
                     summary.retries = stats.get("retries", 0)
                     summary.rate_limited = stats.get("rate_limited", 0)
-                    if status == "ok" and (summary.failed or summary.rejected or summary.conflicts):
+                    if status == "ok" and (
+                        summary.failed or summary.rejected or summary.conflicts or summary.backlog.get("failed")
+                    ):
                         status = "partial"
                     app.store.finish_run(run_id, status=status, counts=_counts(summary), stats=stats, error=error)
                     _outbox_gauges(app, conn.name)
@@ -466,10 +584,10 @@ def push(
                     app.metrics.count_records(
                         conn.name,
                         "calls",
-                        {
-                            "created": summary.created,
-                            "updated": summary.updated,
-                            "failed": summary.failed,
+                        {  # what the run did, the backlog's outcomes included
+                            "created": summary.created + summary.backlog.get("created", 0),
+                            "updated": summary.updated + summary.backlog.get("updated", 0),
+                            "failed": summary.failed + summary.backlog.get("failed", 0),
                             "rejected": summary.rejected,
                         },
                     )
@@ -477,15 +595,34 @@ def push(
         cleanup()
         summary.duration = time.monotonic() - started
         app.metrics.sync_seconds.labels(conn.provider, conn.name, "push").observe(summary.duration)
-    if not summary.exit_code and (summary.failed or summary.rejected or summary.conflicts):
+    if not summary.exit_code and (
+        summary.failed or summary.rejected or summary.conflicts or summary.backlog.get("failed")
+    ):
         summary.exit_code = ExitCode.PARTIAL
-    if not summary.exit_code and summary.requeued and not dry_run:
+    if not summary.exit_code and (summary.requeued or summary.backlog.get("queued")) and not dry_run:
         # Items left queued after retriable errors (5xx/429 per item): a later run delivers them.
         summary.exit_code = ExitCode.TEMPFAIL
         summary.error = summary.error or (
-            f"{summary.requeued} outcome(s) still queued after temporary errors; run push again"
+            f"{summary.requeued + summary.backlog.get('queued', 0)} outcome(s) still queued after temporary errors;"
+            " run push again"
         )
     return summary
+
+
+def _interrupted(s: PushSummary, *, queued: bool) -> str:
+    """What an interrupted push did, and what is left for the re-run."""
+    if not queued:
+        return "interrupted while reading the input: nothing was queued or sent; run the push again"
+    closed = ("created", "updated", "already")  # already: found logged in the CRM, so done
+    delivered = s.created + s.updated + sum(s.backlog.get(k, 0) for k in closed)
+    return f"interrupted: {delivered} outcome(s) delivered, {s.pending} still queued; re-run to resume"
+
+
+def _queued_ids(app: App, conn: str, states: Sequence[str]) -> set[str]:
+    """The ids of a connection's outcomes in ``states``."""
+    t = CrmOutbox.__table__.c  # type: ignore[attr-defined]
+    with app.store.session() as s:
+        return set(s.exec(select(t.outcome_id).where(t.connection == conn, t.state.in_(states))))
 
 
 class _Warmup:
@@ -634,7 +771,7 @@ def _delivery_lock(app: App, conn: str, timeout: float | None) -> contextlib.Abs
 
 
 def _counts(s: PushSummary) -> dict[str, Any]:
-    return {
+    counts: dict[str, Any] = {
         k: getattr(s, k)
         for k in (
             "read",
@@ -650,6 +787,9 @@ def _counts(s: PushSummary) -> dict[str, Any]:
             "field_conflicts",
         )
     }
+    if s.backlog:
+        counts["backlog"] = dict(s.backlog)
+    return counts
 
 
 def _outbox_gauges(app: App, conn: str) -> None:
@@ -682,10 +822,18 @@ def plan(
     *,
     sink: ReceiptSink | None,
     rejects: Path | None,
+    update: bool = False,
+    retry_failed: bool = False,
 ) -> None:
-    """The plan per outcome from the local mirror: no CRM request, no outbox write."""
+    """The plan per outcome from the local mirror: no CRM request, no outbox write.
+
+    An outcome is new, unchanged, failed before, an update or a conflict by the rule enqueue applies
+    (``_verdict``); a record in the mirror whose values the outcome contradicts is a conflict, as
+    delivery records it (``resolve``).
+    """
     rules = app.config.conflict_rules()
     counts: dict[str, dict[str, int]] = {}
+    seen: dict[str, str] = {}
     reject_handle = open(rejects, "w", encoding="utf-8") if rejects else None  # noqa: SIM115
     try:
         for chunk in _chunks(parsed, ENQUEUE_CHUNK):
@@ -720,20 +868,24 @@ def plan(
                     )  # type: ignore[attr-defined]
                 }
             for p, outcome, c in canon:
+                oid = str(outcome.id)
                 steps: dict[str, str] = {}
-                prior = outbox.get(str(outcome.id))
+                disagreements: list[str] = []
+                prior = outbox.get(oid)
+                verdict = _verdict(oid, outcome.content_hash(), prior, seen, update=update, retry_failed=retry_failed)
                 for obj in (*ENTITY_STEPS, *ACTIVITY_STEPS):
                     if obj not in c:
                         continue
-                    if obj in ACTIVITY_STEPS:
-                        action = (
-                            "skip" if prior is not None and prior.content_hash == outcome.content_hash() else "create"
-                        )
+                    if verdict in ("unchanged", "failed", "conflict"):
+                        action = "conflict" if verdict == "conflict" else "skip"
+                    elif obj in ACTIVITY_STEPS:
+                        sent = verdict == "update" and prior is not None and (prior.steps or {}).get(obj)
+                        action = "update" if sent else "create"
                     else:
                         k = _entity_key(obj, c)
                         rec = mirror[obj].get(k) if k else None
                         if rec is not None:
-                            send, _ = resolve(
+                            send, conflicts = resolve(
                                 obj,
                                 c[obj],
                                 rec.properties,
@@ -741,7 +893,11 @@ def plan(
                                 occurred_at=outcome.occurred_at,
                                 crm_updated_at=rec.remote_updated_at,
                             )
-                            action = "update" if send else "match"
+                            # As status counts them: a conflict stays open where the CRM's value is kept.
+                            kept = any(x.resolution == "kept_crm" for x in conflicts)
+                            action = "conflict" if kept else "update" if send else "match"
+                            summary.field_conflicts += len(conflicts)
+                            disagreements += [_disagreement(obj, x) for x in conflicts]
                         elif k and k in links[obj]:
                             action = "match"
                         else:
@@ -749,12 +905,26 @@ def plan(
                     steps[obj] = action
                     counts.setdefault(obj, {}).setdefault(action, 0)
                     counts[obj][action] += 1
+                if verdict == "conflict":
+                    summary.conflicts += 1
+                    planned = Receipt(oid, "conflict", error=CONFLICT, line=p.line, plan=steps)
+                elif verdict == "failed" and prior is not None:
+                    summary.failed += 1
+                    planned = Receipt(oid, "failed", error=_failed_before(prior), line=p.line, plan=steps)
+                else:
+                    planned = Receipt(oid, "planned", line=p.line, plan=steps, error="; ".join(disagreements) or None)
                 if sink:
-                    sink(Receipt(str(outcome.id), "planned", line=p.line, plan=steps))
+                    sink(planned)
     finally:
         if reject_handle:
             reject_handle.close()
     summary.plan_counts = counts
+
+
+def _disagreement(obj: str, c: Conflict) -> str:
+    """One field conflict as a dry run reports it."""
+    kept = "the CRM's value stays" if c.resolution == "kept_crm" else "the outcome's is sent"
+    return f"{obj}.{c.field}: the CRM has {c.crm_value!r}, the outcome {c.outcome_value!r} ({c.rule}: {kept})"
 
 
 def _item_key(it: _Item, obj: str) -> str | None:

@@ -183,7 +183,7 @@ def gather(app: App, connections: list[str] | None = None) -> dict[str, Any]:
 @dataclass
 class Problem:
     connection: str
-    kind: str  # stale | failed_outbox | auth | webhook_backlog | unreachable
+    kind: str  # stale | failed_run | failed_outbox | auth | webhook_backlog | unreachable
     message: str
 
     @property
@@ -222,6 +222,7 @@ def check(app: App, doc: dict[str, Any], *, max_age: timedelta, live: bool = Fal
                 )
         if not c["objects"]:
             problems.append(Problem(name, "stale", f"{name}: never pulled successfully"))
+        problems += _failed_runs(app, name)
         if c["outbox"]["failed"]:
             problems.append(
                 Problem(
@@ -264,6 +265,24 @@ def _live_check(app: App, doc: dict[str, Any]) -> tuple[list[Problem], set[str]]
         except CrmsyncError as exc:
             problems.append(Problem(conn.name, "unreachable", f"{conn.name}: {exc}"))
     return problems, ok
+
+
+def _failed_runs(app: App, name: str) -> list[Problem]:
+    """The last finished pull and push of a connection, each a problem if it failed (a pull also if
+    some object failed): cron's next run may fix it, but until then the data is not flowing."""
+    last: dict[str, CrmSyncLog] = {}
+    for run in app.store.runs(name, limit=200):
+        if run.command in ("pull", "push") and run.finished_at is not None:
+            last.setdefault(run.command, run)
+    problems = []
+    for command, run in last.items():
+        if run.status == "failed" or (command == "pull" and run.status == "partial"):
+            counts = run.counts or {}
+            errors = [str(c["error"]) for c in counts.values() if isinstance(c, dict) and c.get("error")]
+            why = run.error or "; ".join(errors) or run.status
+            when = _iso(run.finished_at)
+            problems.append(Problem(name, "failed_run", f"{name}: the last {command} ({when}) failed: {why}"[:300]))
+    return problems
 
 
 def store_metrics(app: App, metrics: Metrics | None = None) -> Metrics:
