@@ -770,8 +770,8 @@ def test_the_first_rounds_lookups_are_sent_while_the_input_is_queued_and_not_aga
     read_outcomes = push_mod.read_outcomes
     answered_while_queuing: list[bool] = []
 
-    def slow_input(path: str, fmt: str) -> Any:
-        for n, parsed in enumerate(read_outcomes(path, fmt)):
+    def slow_input(path: str, fmt: str, delimiter: str | None = None) -> Any:
+        for n, parsed in enumerate(read_outcomes(path, fmt, delimiter=delimiter)):
             if n == 200:  # two full search batches queued so far: the first answer comes before the rest is read
                 answered_while_queuing.append(first.wait(10.0))
             yield parsed
