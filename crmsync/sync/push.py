@@ -147,7 +147,11 @@ class _Tally:
     counted apart."""
 
     def __init__(self, summary: PushSummary, sink: ReceiptSink | None, backlog: Collection[str] = ()) -> None:
-        self.summary, self.sink, self.backlog = summary, sink, backlog
+        self.summary, self.sink, self.backlog = summary, sink, set(backlog)
+
+    def in_input(self, ids: list[str]) -> None:
+        """Outcomes of this input are not a backlog, even if an earlier run queued them (--retry-failed)."""
+        self.backlog.difference_update(ids)
 
     def __call__(self, r: Receipt) -> None:
         s = self.summary
@@ -253,9 +257,12 @@ def enqueue(
     parsed_out: dict[str, ParsedOutcome] | None = None,
     on_objects: Callable[[set[str]], None] | None = None,
     on_queued: Callable[[list[dict[str, dict[str, Any]]]], None] | None = None,
+    on_ids: Callable[[list[str]], None] | None = None,
     retry_failed: bool = False,
 ) -> None:
     """Queue every valid outcome in ONE transaction; report duplicates, conflicts and rejects.
+
+    ``on_ids`` is told the ids of each chunk's valid outcomes (what this input holds).
 
     An outcome fed again whose delivery failed counts as failed again, unless ``retry_failed``
     (then it is queued again: ``_reset_failed``).
@@ -291,6 +298,8 @@ def enqueue(
                 valid.append((p, p.outcome))
             summary.valid += len(valid)
             ids = [o.id for _, o in valid]
+            if on_ids is not None:
+                on_ids([i for i in ids if i])
             t = CrmOutbox.__table__.c  # type: ignore[attr-defined]
             existing = (
                 {
@@ -513,6 +522,7 @@ def push(
                                 parsed_out=parsed,
                                 on_objects=warm.prepare if warm else None,
                                 on_queued=ahead.add if ahead else None,
+                                on_ids=tally.in_input,
                                 retry_failed=retry_failed,
                             )
                         finally:
