@@ -617,6 +617,10 @@ def push(
     schema: Annotated[bool, typer.Option("--schema", help="Print the CallOutcome JSON Schema and exit.")] = False,
     lock_timeout: LockOpt = None,
     metrics_file: MetricsOpt = None,
+    strict_owners: Annotated[
+        bool,
+        typer.Option("--strict-owners", help="An owner_email that is no CRM user fails its outcome (default: yours)."),
+    ] = False,
 ) -> None:
     """Push call outcomes into the CRM, exactly once, however often it is re-run.
 
@@ -664,6 +668,7 @@ def push(
             lock_timeout=lock_timeout,
             sink=sink,
             progress=progress_cb,
+            strict_owners=strict_owners,
         )
     finally:
         if prog:
@@ -704,6 +709,8 @@ def _render_push(s: Any) -> None:
         f"{s.connection}: {s.pending} still queued; {s.requests} requests, {s.rate_limited} rate-limited, "
         f"{s.duration:.1f}s"
     )
+    if s.owners_defaulted:
+        out.print(f"{s.owners_defaulted} outcome(s) named an owner_email that is no CRM user: yours instead")
 
 
 def _push_reasons(s: Any, rejects: Path | None) -> None:

@@ -31,7 +31,9 @@ Canonical fields (object types are plural in the API, singular in the file):
 - deal: name, stage, amount (number), currency, close_date (``YYYY-MM-DD``), key, owner_email
 - call: outcome_id, occurred_at (ISO 8601 with offset), disposition, direction (inbound|outbound),
   duration_seconds (int), notes, recording_url, owner_email, title
-- task: outcome_id, type (call|email|meeting|todo), due_at (ISO 8601 with offset), notes, title
+- task: outcome_id, type (call|email|meeting|todo), due_at (ISO 8601 with offset), notes, title, owner_email
+
+``owner_email`` reaches the mapping as the CRM user id push resolved it to (``Provider.resolve_owners``).
 
 Missing values: a canonical value that is absent or ``None`` is not sent (unless a ``default``,
 ``constant`` or ``template`` supplies one); ``""`` is sent as ``""`` (most CRMs read that as "clear").

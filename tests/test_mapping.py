@@ -132,7 +132,7 @@ def zoho_store(obj: str, props: dict[str, Any]) -> dict[str, Any]:
         kolkata = timedelta(hours=5, minutes=30)
         local = datetime.fromisoformat(out["Call_Start_Time"]).astimezone(UTC) + kolkata
         out["Call_Start_Time"] = local.replace(tzinfo=None).isoformat() + "+05:30"
-    out["Owner"] = {"id": "4150868000000225013", "name": "Rep"}
+    out["Modified_By"] = {"id": "4150868000000225013", "name": "Rep"}
     return out
 
 
@@ -250,7 +250,8 @@ def test_queries() -> None:
     m = Mapping.load("hubspot")
     assert m.field_for("contacts", "email") == "email"
     assert m.field_for("contact", "phone") == "phone"
-    assert m.field_for("contacts", "owner_email") is None
+    assert m.field_for("contacts", "owner_email") == "hubspot_owner_id"
+    assert Mapping.load("odoo").field_for("contacts", "owner_email") is None
     fields = m.provider_fields("calls")
     assert "hs_timestamp" in fields and "hs_call_status" not in fields  # push-only rules are not read
     assert len(fields) == len(set(fields))
@@ -718,6 +719,7 @@ def test_check_reports_each_kind_of_problem() -> None:
         FieldInfo("lastname"),
         FieldInfo("phone", type="phone"),
         FieldInfo("jobtitle", read_only=True),
+        FieldInfo("hubspot_owner_id", type="enumeration"),
         FieldInfo("hs_persona", required=True),
         FieldInfo("hs_object_id", required=True, read_only=True),
     ]
@@ -733,6 +735,7 @@ def test_check_reports_each_kind_of_problem() -> None:
         FieldInfo("hs_call_disposition", type="enumeration", options=list(HS_GUIDS.values())[:4]),
         FieldInfo("hs_call_status", type="enumeration", options=["BUSY", "QUEUED"]),
         FieldInfo("hs_call_recording_url"),
+        FieldInfo("hubspot_owner_id", type="enumeration"),
     ]
     found = {p.kind: p for p in m.check("calls", calls)}
     assert found["unknown_field"].field == "crmsync_outcome_id"
@@ -749,6 +752,7 @@ def test_check_reports_each_kind_of_problem() -> None:
         FieldInfo("deal_currency_code", type="enumeration"),
         FieldInfo("closedate", type="datetime"),
         FieldInfo("crmsync_deal_key", unique=True),
+        FieldInfo("hubspot_owner_id", type="enumeration"),
     ]
     mismatch = [p for p in m.check("deals", deals) if p.kind == "type_mismatch"]
     assert [(p.canonical, p.field) for p in mismatch] == [("amount", "amount")]
@@ -818,7 +822,7 @@ def test_unset_rule_and_new_sections() -> None:
     text = m.unset_rule("contacts", "phone")
     new = Mapping.from_text("zoho", text)
     assert new.field_for("contacts", "phone") is None
-    assert [r.canonical for r in new.rules("contacts")] == ["email", "first_name", "last_name", "title"]
+    assert [r.canonical for r in new.rules("contacts")] == ["email", "first_name", "last_name", "title", "owner_email"]
     assert "Zoho requires Last_Name" in text
     with pytest.raises(MappingError, match=r"no rule for contact\.phone"):
         new.unset_rule("contacts", "phone")

@@ -337,6 +337,24 @@ class Provider(ABC):
     def flush(self, obj: str) -> None:
         """Send what the provider gathered across ``upsert`` calls of one step (e.g. links). Default: nothing."""
 
+    def resolve_owners(self, emails: Sequence[str]) -> dict[str, str]:
+        """The CRM users behind reps' email addresses, for the owner of records and activities.
+
+        Args:
+            emails: email addresses, any case; duplicates allowed.
+        Returns:
+            ``{lower-cased email: CRM user id}`` for the emails that are users of the CRM; unknown
+            ones are left out. A provider lists the CRM's users at most once per instance (a run).
+        Raises:
+            AuthError: the credentials may not read users (a scope is missing).
+            NotImplementedError: this provider maps ``owner_email`` itself; push leaves it as it is.
+        """
+        raise NotImplementedError
+
+    def default_owner(self) -> str | None:
+        """The CRM user id of the connection's own user (owner when no rep is known), or None if unknown."""
+        return None
+
     @abstractmethod
     def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
         """Create calls or tasks (``obj`` = "calls" | "tasks") with their associations and markers.

@@ -81,7 +81,8 @@ REQUIRED_SCOPES = [
     "crm.objects.deals.read",
     "crm.objects.deals.write",
 ]
-DEFAULT_OAUTH_SCOPES = " ".join([*REQUIRED_SCOPES, "crm.schemas.contacts.write", "oauth"])
+DEFAULT_OAUTH_SCOPES = " ".join([*REQUIRED_SCOPES, "crm.schemas.contacts.write", "crm.objects.owners.read", "oauth"])
+OWNERS_PAGE = 500  # the owners API's largest page
 
 
 def modified_prop(obj: str) -> str:
@@ -197,6 +198,9 @@ class HubSpotProvider(Provider):
         self._props: dict[str, dict[str, dict[str, Any]]] = {}
         self._pending_links: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self._lock = threading.Lock()
+        #: The portal's owners, listed once: email -> owner id, and HubSpot user id -> owner id.
+        self._owners: tuple[dict[str, str], dict[str, str]] | None = None
+        self._owners_lock = threading.Lock()
 
     # -- connection ------------------------------------------------------------------------------
     @classmethod
@@ -866,6 +870,10 @@ class HubSpotProvider(Provider):
         creates = [i for i in items if not i.remote_id and i.ref not in blind_refs]
         if blind:
             results.update(self._create_only(obj, blind))
+        for item in [i for i in updates if not i.properties]:
+            # Nothing to change, only links to make (an existing record meets a new company): no write.
+            results[item.ref] = ItemResult(item.ref, True, remote_id=item.remote_id, created=False)
+        updates = [i for i in updates if i.properties]
         if updates:
             inputs = [{"id": i.remote_id, "properties": i.properties, "objectWriteTraceId": i.ref} for i in updates]
             results.update(self._batch(obj, "update", inputs, updates, created=False))
@@ -888,8 +896,9 @@ class HubSpotProvider(Provider):
             ]
             results.update(self._batch(obj, "upsert", inputs, [u[0] for u in upserts], created=None))
         if plain:
-            # No unique key guards these: a create whose answer was lost is looked up, not re-sent.
-            inputs = [{"properties": i.properties, "objectWriteTraceId": i.ref} for i in plain]
+            # No unique key guards these: a create whose answer was lost is looked up, not re-sent. The
+            # spec requires `associations` on every create input; the links go in one v4 batch (flush).
+            inputs = [{"properties": i.properties, "associations": [], "objectWriteTraceId": i.ref} for i in plain]
             results.update(self._batch(obj, "create", inputs, plain, created=True, replay=False))
         self._associate(
             obj,
@@ -1033,6 +1042,79 @@ class HubSpotProvider(Provider):
                     endpoint="/crm/v4/associations/{from}/{to}/batch/associate/default",
                     expect=(207,),
                 )
+
+    # -- owners ------------------------------------------------------------------------------------
+    def _owner_index(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Every active owner of the portal, read once (paged) and kept for this provider's life."""
+        with self._owners_lock:
+            if self._owners is not None:
+                return self._owners
+            by_email: dict[str, str] = {}
+            by_user: dict[str, str] = {}
+            after: str | None = None
+            while True:
+                params: dict[str, Any] = {"limit": OWNERS_PAGE, "archived": "false"}
+                if after:
+                    params["after"] = after
+                try:
+                    body = self.http.get("/crm/v3/owners/", params=params, endpoint="/crm/v3/owners").json()
+                except AuthError as exc:
+                    raise AuthError(
+                        f"HubSpot refused to list owners: {exc.message}",
+                        hint="grant the crm.objects.owners.read scope to the private app (or OAuth app)",
+                    ) from exc
+                for owner in body.get("results", []):
+                    if owner.get("id") and owner.get("email"):
+                        by_email.setdefault(str(owner["email"]).lower(), str(owner["id"]))
+                    if owner.get("id") and owner.get("userId") is not None:
+                        by_user[str(owner["userId"])] = str(owner["id"])
+                after = ((body.get("paging") or {}).get("next") or {}).get("after")
+                if not after:
+                    break
+            self._owners = (by_email, by_user)
+            return self._owners
+
+    def resolve_owners(self, emails: Sequence[str]) -> dict[str, str]:
+        """Owner ids (``hubspot_owner_id``) of the given emails, from one paged listing of the owners."""
+        if not emails:
+            return {}
+        by_email, _ = self._owner_index()
+        wanted = {e.strip().lower() for e in emails if e}
+        return {e: by_email[e] for e in wanted if e in by_email}
+
+    def default_owner(self) -> str | None:
+        """The owner id of the user behind the token (the private app's or the OAuth grant's user)."""
+        secret = self.ctx.secrets.get(self.ctx.connection) or {}
+        if secret.get("kind") == "oauth" and secret.get("access_token"):
+            self.http.auth.headers()  # refreshes first if the token is about to expire
+            secret = self.ctx.secrets.get(self.ctx.connection) or secret
+            info = self.http.request(
+                "POST",
+                "/oauth/v3/token/introspect",
+                data={
+                    "client_id": secret.get("client_id", ""),
+                    "client_secret": secret.get("client_secret", ""),
+                    "token": secret["access_token"],
+                    "token_type_hint": "access_token",
+                },
+                endpoint="/oauth/v3/token/introspect",
+                expect=(400, 404),
+            )
+            user = info.json().get("user_id") if info.status_code == 200 else None
+        elif secret.get("token"):
+            info = self.http.request(
+                "POST",
+                "/oauth/v2/private-apps/get/access-token-info",
+                json={"tokenKey": secret["token"]},
+                endpoint="/oauth/v2/private-apps/get/access-token-info",
+                expect=(400, 404),
+            )
+            user = info.json().get("userId") if info.status_code == 200 else None
+        else:
+            user = None
+        if user is None:
+            return None
+        return self._owner_index()[1].get(str(user))
 
     def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
         self.prepare_objects([obj])

@@ -280,6 +280,10 @@ class ZohoProvider(Provider):
         self._meta: dict[str, dict[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._credits = 0
+        #: The org's active users, listed once: email -> user id; and the connection's own user id.
+        self._users: dict[str, str] | None = None
+        self._me: list[str | None] = []
+        self._users_lock = threading.Lock()
 
     # -- connection ------------------------------------------------------------------------------
     @classmethod
@@ -528,6 +532,8 @@ class ZohoProvider(Provider):
         return list(dict.fromkeys(["Modified_Time", *(f for f, _ in LINKS.get(obj, [])), *wanted]))
 
     def _record(self, obj: str, row: dict[str, Any]) -> RemoteRecord:
+        if isinstance(row.get("Owner"), dict):
+            row = {**row, "Owner": row["Owner"].get("id")}  # the user id, as push writes it
         assoc: dict[str, list[str]] = {t: [] for t in LINK_TARGETS.get(obj, [])}
         for field, target in LINKS.get(obj, []):
             value = row.get(field)
@@ -797,6 +803,48 @@ class ZohoProvider(Provider):
             stage = (self._fields_meta("deals").get("Stage") or {}).get("pick_list_values") or []
             props["Stage"] = stage[0]["actual_value"] if stage else "Qualification"
 
+    # -- owners ------------------------------------------------------------------------------------
+    def _user_pages(self, kind: str) -> Iterator[dict[str, Any]]:
+        """The users of one ``type`` (ActiveUsers, CurrentUser), 200 a page; 204 ends the list."""
+        page = 1
+        while True:
+            response = self._get("/users", params={"type": kind, "page": page, "per_page": 200}, endpoint="/users")
+            body = _json(response) if response.status_code != 204 else {}
+            yield from body.get("users") or []
+            if not (body.get("info") or {}).get("more_records"):
+                return
+            page += 1
+
+    def resolve_owners(self, emails: Sequence[str]) -> dict[str, str]:
+        """User ids (``Owner``) of the given emails, from one paged listing of the org's active users."""
+        if not emails:
+            return {}
+        with self._users_lock:
+            if self._users is None:
+                users: dict[str, str] = {}
+                for user in self._user_pages("ActiveUsers"):
+                    if user.get("email") and user.get("id"):
+                        users.setdefault(str(user["email"]).lower(), str(user["id"]))
+                self._users = users
+        wanted = {e.strip().lower() for e in emails if e}
+        return {e: self._users[e] for e in wanted if e in self._users}
+
+    def default_owner(self) -> str | None:
+        """The user id of the user who granted the connection's token."""
+        with self._users_lock:
+            if not self._me:
+                me = next(self._user_pages("CurrentUser"), None)
+                self._me.append(str(me["id"]) if me and me.get("id") else None)
+        return self._me[0]
+
+    @staticmethod
+    def _owned(props: dict[str, Any]) -> dict[str, Any]:
+        """``Owner`` as Zoho takes it: the mapping gives the user id, Zoho wants ``{"id": ...}``."""
+        owner = props.get("Owner")
+        if owner is not None and not isinstance(owner, dict):
+            return {**props, "Owner": {"id": str(owner)}}
+        return props
+
     def _links(self, obj: str, associations: Mapping[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if obj in ("contacts", "deals") and associations.get("companies"):
@@ -831,11 +879,13 @@ class ZohoProvider(Provider):
         results: dict[str, ItemResult] = {}
         updates = [i for i in items if i.remote_id]
         if updates:
-            data = [{"id": i.remote_id, **i.properties, **self._links(obj, i.associations)} for i in updates]
+            data = [
+                self._owned({"id": i.remote_id, **i.properties, **self._links(obj, i.associations)}) for i in updates
+            ]
             results.update(self._write("PUT", f"/{module}", data, updates, created=False))
         groups: dict[tuple[str, ...], list[tuple[Outgoing, dict[str, Any]]]] = {}
         for item in (i for i in items if not i.remote_id):
-            props = {**item.properties, **self._links(obj, item.associations)}
+            props = self._owned({**item.properties, **self._links(obj, item.associations)})
             if obj == "deals":
                 name, value = next(iter(item.match.items())) if item.match else ("", "")
                 props[DEAL_KEY] = item.match.get("key") or props.get(DEAL_KEY) or f"{name}:{value}"
@@ -908,7 +958,7 @@ class ZohoProvider(Provider):
         self.prepare_objects([obj])
         data = []
         for item in items:
-            props = {**item.properties, MARKER: item.marker, **self._links(obj, item.associations)}
+            props = self._owned({**item.properties, MARKER: item.marker, **self._links(obj, item.associations)})
             if obj == "calls":
                 props.setdefault("Subject", "Call")
                 props.setdefault("Call_Type", "Outbound")  # the mapping's direction, when it has one

@@ -110,6 +110,7 @@ class PushSummary:
     pending: int = 0
     requeued: int = 0
     field_conflicts: int = 0
+    owners_defaulted: int = 0
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
@@ -454,8 +455,12 @@ def push(
     lock_timeout: float | None = None,
     sink: ReceiptSink | None = None,
     progress: Callable[[int, int], None] | None = None,
+    strict_owners: bool = False,
 ) -> PushSummary:
-    """Validate, queue and deliver outcomes; ``source`` None delivers what is already queued."""
+    """Validate, queue and deliver outcomes; ``source`` None delivers what is already queued.
+
+    ``strict_owners``: an ``owner_email`` the CRM has no user for fails its outcome (see ``_Owners``).
+    """
     conn = app.connection(connection)
     summary = PushSummary(connection=conn.name, provider=conn.provider, dry_run=dry_run)
     started = time.monotonic()
@@ -550,6 +555,7 @@ def push(
                         parsed=parsed,
                         prepared=warm.gates if warm else None,
                         prefetched=ahead.found if ahead else None,
+                        owners=_Owners(provider, strict=strict_owners),
                     )
                 except (RetriableError, AuthError) as exc:
                     status, error = "failed", str(exc)
@@ -795,6 +801,7 @@ def _counts(s: PushSummary) -> dict[str, Any]:
             "failed",
             "pending",
             "field_conflicts",
+            "owners_defaulted",
         )
     }
     if s.backlog:
@@ -1021,6 +1028,7 @@ def deliver(
     parsed: dict[str, ParsedOutcome] | None = None,
     prepared: dict[str, Future[None]] | None = None,
     prefetched: dict[str, dict[str, Future[dict[str, Any]]]] | None = None,
+    owners: _Owners | None = None,
 ) -> None:
     """Deliver every pending outbox item of a connection, CHUNK outcomes at a time.
 
@@ -1044,6 +1052,7 @@ def deliver(
     shared = _shared(app)
     threads = app.store.concurrent_writers
     lookups = _Lookups(app, conn, provider, mapping, threads=threads, prefetched=prefetched)
+    owners = owners or _Owners(provider, strict=False)
     ahead: tuple[list[int | None], list[tuple[list[_Item], dict[str, Known]]]] | None = None
     parsed = parsed or {}
     gates = prepared or {}
@@ -1078,6 +1087,7 @@ def deliver(
                             provider.prepare_objects(objects)
                         ready = True
                     lanes = lookups.start(_lanes(items, split=threads))
+                owners.apply(items, summary)
                 parsed.clear()  # this round's only (the first time the caller's dict: not kept alive by it)
                 ahead = None
                 if threads and not shared:
@@ -1105,6 +1115,73 @@ def deliver(
             if progress:
                 progress(done, total)
     summary.pending = _count_pending(app, conn.name)
+
+
+class _Owners:
+    """Who owns what an outcome writes: its ``owner_email`` as a CRM user, resolved once per run.
+
+    The run's emails go to ``Provider.resolve_owners`` in one call (later rounds ask only for emails
+    not seen yet); the CRM user id then replaces the email in the outcome's records before mapping.
+    Policy for an email the CRM has no user for: the connection's own user (``default_owner``), a
+    warning and one count in ``owners_defaulted``; with ``strict`` the outcome fails instead, before
+    anything of it is written. Calls and tasks without an ``owner_email`` get the connection's own
+    user too, so no activity is left unassigned where the CRM has owners.
+    """
+
+    OWNED = ("contacts", "deals", "calls", "tasks")
+
+    def __init__(self, provider: Provider, *, strict: bool) -> None:
+        self.provider, self.strict = provider, strict
+        self.users: dict[str, str | None] = {}  # email -> CRM user id (None: unknown to the CRM)
+        self._default: list[str | None] = []  # filled on first use
+        self._applied: dict[str, int] = {}  # outcome id -> id() of the records already given owners
+        self._warned: set[str] = set()
+        self.supported = True  # False once the provider says it maps owner_email itself
+
+    def default(self) -> str | None:
+        if not self._default:
+            self._default.append(self.provider.default_owner())
+        return self._default[0]
+
+    def apply(self, items: list[_Item], summary: PushSummary) -> None:
+        todo = [it for it in items if self._applied.get(it.row.outcome_id) != id(it.canon)]
+        emails = {it.row.outcome_id: _owner_email(it.canon) for it in todo}
+        new = sorted({e for e in emails.values() if e} - self.users.keys())
+        if new and self.supported:
+            try:
+                found = self.provider.resolve_owners(new)
+            except NotImplementedError:
+                self.supported = False
+            else:
+                self.users.update((e, found.get(e)) for e in new)
+        if not self.supported:
+            return
+        for it in todo:
+            self._applied[it.row.outcome_id] = id(it.canon)
+            email = emails[it.row.outcome_id]
+            owner = self.users.get(email) if email else None
+            if email and owner is None:
+                if self.strict:
+                    it.failed, it.row.state = True, "failed"
+                    it.row.last_error = f"owner_email {email} is not a user of the CRM (--strict-owners)"
+                    continue
+                summary.owners_defaulted += 1
+                if email not in self._warned:
+                    self._warned.add(email)
+                    log.warning("owner_email %s is no user of the CRM: the connection's user owns its records", email)
+            for obj in self.OWNED:
+                if obj in it.canon and (email or obj in ACTIVITY_STEPS):
+                    chosen = owner if owner is not None else self.default()
+                    if chosen is None:
+                        it.canon[obj].pop("owner_email", None)  # the CRM's own default applies
+                    else:
+                        it.canon[obj]["owner_email"] = chosen
+
+
+def _owner_email(canon: dict[str, dict[str, Any]]) -> str | None:
+    """The outcome's ``owner_email`` (the same on its contact, deal and call), lower-cased."""
+    email = next((c["owner_email"] for c in canon.values() if c.get("owner_email")), None)
+    return str(email).strip().lower() if email else None
 
 
 #: A lane's CRM lookups for one object: key -> (properties, remote id, updated at) or None, or the
@@ -1640,13 +1717,14 @@ def _plan_key(
         assoc["contacts"] = its[-1].row.steps.get("contacts") or ""
         assoc["companies"] = its[-1].row.steps.get("companies") or ""
     assoc = {a: v for a, v in assoc.items() if v}
-    if existing and not send:
+    if existing and not send and not assoc:
         plan.resolved[k] = existing[1]
         plan.merged[k] = {**(existing[0] or {}), **values} if existing[0] else values
         return
-    if obj == "deals":
+    if obj == "deals" and send:
         send.setdefault("key", values.get("key"))
-    props = mapping.to_provider(obj, send if existing else values)
+    # An existing record with nothing to change still gets the links the outcome implies (no properties).
+    props = mapping.to_provider(obj, send if existing else values) if send or not existing else {}
     plan.outgoing.append(
         Outgoing(
             ref=k,
