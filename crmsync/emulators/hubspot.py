@@ -51,6 +51,7 @@ SEARCH_LIMIT_MAX = 200
 SEARCH_WINDOW = 10_000
 ASSOC_READ_LIMIT = 1_000
 ASSOC_CREATE_LIMIT = 2_000
+OWNERS_LIMIT_MAX = 500
 DEFAULT_TOKEN_TTL = 1800.0
 AUTH_CODE_TTL = 600.0
 # HubSpot Professional private-app defaults (reference §6); used for the headers when no rate-limit
@@ -575,6 +576,15 @@ class HubSpotEmulator(Emulator):
         self._codes: dict[str, tuple[str, str, list[str], float]] = {}  # code -> client, redirect, scopes, exp
         self._dispositions: dict[str, str] = dict(DEFAULT_DISPOSITIONS)
         self._id_rng = random.Random(f"hubspot-ids-{seed}")
+        self._owner_rng = random.Random(f"hubspot-owners-{seed}")
+        # The connection's own user and two reps; add_owner() adds more.
+        self._owners: list[JSON] = []
+        for email, first, last, user_id in (
+            (self.user, "Emulator", "User", self.user_id),
+            ("ada.rep@example.com", "Ada", "Rep", self.user_id + 1),
+            ("ben.rep@example.com", "Ben", "Rep", self.user_id + 2),
+        ):
+            self.add_owner(email, first_name=first, last_name=last, user_id=user_id)
         self._header_window = _SlidingWindow(*DEFAULT_TEN_SECONDLY)
         self._daily_day = ""
         self._daily_count = 0
@@ -626,6 +636,13 @@ class HubSpotEmulator(Emulator):
         r("GET", f"/crm/v3/properties/{obj}", self._h_props_list, name="crm.properties.list")
         r("POST", f"/crm/v3/properties/{obj}", self._h_props_create, name="crm.properties.create")
         r("GET", f"/crm/v3/properties/{obj}/(?P<prop>[^/]+)", self._h_props_get, name="crm.properties.get")
+
+        r("GET", "/crm/v3/owners/?", self._h_owners, name="crm.owners.list")
+        r("GET", "/crm/v3/owners/(?P<owner_id>[^/]+)", self._h_owner, name="crm.owners.get")
+        r("GET", "/crm/v3/schemas/?", self._h_schemas, name="crm.schemas.list")
+        # Legacy property lists, still served and still read by Singer's tap-hubspot (4.x).
+        r("GET", "/properties/v(?P<version>[12])/(?P<obj>[a-z]+)/properties", self._h_legacy_props, name="legacy.props")
+        r("GET", "/companies/v2/properties", self._h_legacy_company_props, name="legacy.company-props")
 
         r("GET", "/calling/v1/dispositions", self._h_dispositions, name="calling.dispositions")
         r("GET", "/account-info/v3/details", self._h_account, name="account.details")
@@ -1943,6 +1960,58 @@ class HubSpotEmulator(Emulator):
         response.headers["Location"] = f"/crm/v3/properties/{o.name}/{name}"
         return response
 
+    # -- owners, schemas, legacy property lists ---------------------------------------------------
+    def _h_owners(self, request: httpx.Request) -> httpx.Response:
+        denied = self._require(request, "crm.objects.owners.read")
+        if denied:
+            return denied
+        params = request.url.params
+        try:
+            limit = int(params.get("limit", "100"))
+            start = int(params.get("after") or 0)
+        except ValueError:
+            return self._bad("limit and after must be integers")
+        if not 1 <= limit <= OWNERS_LIMIT_MAX or start < 0:
+            return self._bad(f"limit must be between 1 and {OWNERS_LIMIT_MAX}")
+        archived = self._flag(request, "archived")
+        email = (params.get("email") or "").lower()
+        rows = [o for o in self._owners if o["archived"] == archived and (not email or o["email"] == email)]
+        page = rows[start : start + limit]
+        body: JSON = {"results": page}
+        if start + limit < len(rows):
+            after = str(start + limit)
+            query = urlencode({**dict(params), "after": after})
+            base = self.host if self.host.startswith("http") else "https://api.hubapi.com"
+            body["paging"] = {"next": {"after": after, "link": f"{base}/crm/v3/owners/?{query}"}}
+        return json_response(body)
+
+    def _h_owner(self, request: httpx.Request, owner_id: str) -> httpx.Response:
+        denied = self._require(request, "crm.objects.owners.read")
+        if denied:
+            return denied
+        key = "userId" if request.url.params.get("idProperty") == "userId" else "id"
+        archived = self._flag(request, "archived")
+        for owner in self._owners:
+            if str(owner[key]) == owner_id and owner["archived"] == archived:
+                return json_response(owner)
+        return self.error_response(404, f"Owner {owner_id} not found", category="OBJECT_NOT_FOUND")
+
+    def _h_schemas(self, request: httpx.Request) -> httpx.Response:
+        # A portal without custom objects (this one) answers an empty list, not a 404.
+        return json_response({"results": []})
+
+    def _h_legacy_props(self, request: httpx.Request, version: str, obj: str) -> httpx.Response:
+        o = self._object(obj)
+        if o is None or o.name not in ("contacts", "companies", "deals"):
+            return self.error_response(404, f"Unknown object type {obj!r}", category="OBJECT_NOT_FOUND")
+        denied = self._require(request, f"crm.objects.{o.scope}.read", f"crm.schemas.{o.scope}.read")
+        if denied:
+            return denied
+        return json_response([_legacy_prop(p) for p in self._props[o.name].values() if not p.get("archived")])
+
+    def _h_legacy_company_props(self, request: httpx.Request) -> httpx.Response:
+        return self._h_legacy_props(request, "2", "companies")
+
     # -- dispositions, account -------------------------------------------------------------------
     def _h_dispositions(self, request: httpx.Request) -> httpx.Response:
         return json_response([{"id": gid, "label": label} for gid, label in self._dispositions.items()])
@@ -1968,7 +2037,7 @@ class HubSpotEmulator(Emulator):
         if key != self.private_app_token:
             return self.error_response(404, "Token not found", category="OBJECT_NOT_FOUND")
         return json_response(
-            {"userId": 1000001, "hubId": self.portal_id, "appId": 4242, "scopes": list(self.private_app_scopes)}
+            {"userId": self.user_id, "hubId": self.portal_id, "appId": 4242, "scopes": list(self.private_app_scopes)}
         )
 
     def _h_usage(self, request: httpx.Request) -> httpx.Response:
@@ -2180,6 +2249,42 @@ class HubSpotEmulator(Emulator):
             for info in self._tokens.values():
                 info.expires_at = min(info.expires_at, now - 1)
 
+    def add_owner(
+        self,
+        email: str,
+        *,
+        first_name: str = "",
+        last_name: str = "",
+        user_id: int | None = None,
+        archived: bool = False,
+    ) -> str:
+        """Add a HubSpot user as an owner (``/crm/v3/owners``); returns its owner id."""
+        with self.lock:
+            owner_id = str(self._owner_rng.randrange(10_000_000, 999_999_999))
+            uid = user_id if user_id is not None else self._owner_rng.randrange(10_000_000, 99_999_999)
+            stamp = iso_ms(SEED_EPOCH_MS)
+            self._owners.append(
+                {
+                    "id": owner_id,
+                    "email": email.lower(),
+                    "type": "PERSON",
+                    "firstName": first_name,
+                    "lastName": last_name,
+                    "userId": uid,
+                    "userIdIncludingInactive": uid,
+                    "createdAt": stamp,
+                    "updatedAt": stamp,
+                    "archived": archived,
+                    "teams": [],
+                }
+            )
+            return owner_id
+
+    def owner_id(self, email: str) -> str | None:
+        """The owner id of a live owner by email, or None."""
+        with self.lock:
+            return next((o["id"] for o in self._owners if o["email"] == email.lower() and not o["archived"]), None)
+
     def add_disposition(self, label: str) -> str:
         """Add a custom call outcome; returns its GUID."""
         with self.lock:
@@ -2344,6 +2449,36 @@ def _normalise(definition: JSON, value: str) -> str | None:
     return value
 
 
+def _legacy_prop(definition: JSON) -> JSON:
+    """A v3 property definition in the legacy v1/v2 shape (a flat object, options with readOnly)."""
+    meta = definition.get("modificationMetadata") or {}
+    return {
+        "name": definition["name"],
+        "label": definition["label"],
+        "description": definition.get("description", ""),
+        "groupName": definition["groupName"],
+        "type": definition["type"],
+        "fieldType": definition["fieldType"],
+        "options": [{**o, "description": "", "readOnly": False} for o in definition.get("options", [])],
+        "displayOrder": definition.get("displayOrder", -1),
+        "calculated": definition.get("calculated", False),
+        "externalOptions": definition.get("externalOptions", False),
+        "hasUniqueValue": definition.get("hasUniqueValue", False),
+        "hidden": definition.get("hidden", False),
+        "hubspotDefined": definition.get("hubspotDefined", False),
+        "formField": definition.get("formField", False),
+        "readOnlyValue": bool(meta.get("readOnlyValue", False)),
+        "readOnlyDefinition": bool(meta.get("readOnlyDefinition", False)),
+        "mutableDefinitionNotDeletable": bool(definition.get("hubspotDefined", False)),
+        "favorited": False,
+        "favoritedOrder": -1,
+        "displayMode": "current_value",
+        "showCurrencySymbol": False,
+        "searchableInGlobalSearch": False,
+        "deleted": False,
+    }
+
+
 def _bulk_defaults(obj: str, rid: int, ms: int) -> dict[str, str]:
     if obj == "contacts":
         return {"email": f"bulk{rid}@example.com", "firstname": "Bulk", "lastname": f"Contact {rid}"}
@@ -2399,14 +2534,21 @@ class _Seeder:
             (r.props.get("firstname", ""), r.props.get("lastname", "")) for r in stores["contacts"].records.values()
         }
         self.phones = {r.props.get("phone") for s in stores.values() for r in s.records.values()}
+        # Where the search for a free numbered domain or email resumes, so each is found in O(1).
+        self.next_suffix: dict[str, int] = {}
 
     def _ms(self) -> tuple[int, int]:
         created = SEED_EPOCH_MS + self.rng.randrange(0, 300 * 86_400_000)
         return created, created + self.rng.randrange(0, 30 * 86_400_000)
 
     def _phone(self) -> str:
+        # Each block of 100,000 numbers (an area code) takes at most 50,000 seeded phones, so a draw
+        # finds a free number in two tries on average however many records are seeded.
+        block = len(self.phones) // 50_000
+        area = 617 if block == 0 else 200 + (block - 1) % 800
+        exchange = 556 + (block - 1) // 800 if block else 555
         while True:
-            phone = f"+1 617 555 {self.rng.randrange(10_000):04d}{self.rng.randrange(10)}"
+            phone = f"+1 {area} {exchange} {self.rng.randrange(10_000):04d}{self.rng.randrange(10)}"
             if phone not in self.phones:
                 self.phones.add(phone)
                 return phone
@@ -2438,10 +2580,11 @@ class _Seeder:
             name = f"{rng.choice(_WORDS_A)} {rng.choice(_WORDS_B)}"
             base = name.lower().replace(" ", "")
             domain = f"{base}.example.com"
-            n = 2
+            n = self.next_suffix.get(base, 2)
             while domain in self.domains:
                 domain = f"{base}{n}.example.com"
                 n += 1
+            self.next_suffix[base] = n
             break
         self.domains.add(domain)
         city = rng.choice(_CITIES)
@@ -2458,7 +2601,11 @@ class _Seeder:
 
     def _contact(self, company: _Record | None) -> _Record:
         rng = self.rng
-        for attempt in range(50):
+        # Past half of a name pool, free names are rare: start at the next pool, or take a repeat.
+        plain = len(_FIRST) * len(_LAST)
+        first_try = 20 if len(self.names) >= plain // 2 else 0
+        last_try = first_try + 1 if len(self.names) >= plain * 26 // 2 else 50
+        for attempt in range(first_try, last_try):
             first, last = rng.choice(_FIRST), rng.choice(_LAST)
             if attempt >= 20:  # past the name pool: a middle initial keeps full names unique
                 first = f"{first} {chr(65 + rng.randrange(26))}."
@@ -2467,10 +2614,11 @@ class _Seeder:
         self.names.add((first, last))
         domain = company.props["domain"] if company else "example.net"
         local = re.sub(r"[^a-z]+", ".", f"{first}.{last}".lower()).strip(".")
-        email, n = f"{local}@{domain}", 2
+        email, n = f"{local}@{domain}", self.next_suffix.get(f"{local}@{domain}", 2)
         emails = self.emu._stores["contacts"].unique.setdefault("email", {})
         while email in emails:
             email, n = f"{local}{n}@{domain}", n + 1
+        self.next_suffix[f"{local}@{domain}"] = n
         props = {
             "firstname": first,
             "lastname": last,

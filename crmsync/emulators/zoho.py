@@ -291,10 +291,16 @@ def _module_fields(unique_email: bool) -> dict[str, list[FieldSpec]]:
             FieldSpec("Closed_Time", "Closed Time", "datetime", read_only=True),
             FieldSpec("crmsync_outcome_id", "crmsync outcome id", "text", length=100, unique=True, custom=True),
         ),
+        # The standard Notes module: Parent_Id names its module inside the lookup ({"module": {...}, "id"}).
+        "Notes": _common(
+            FieldSpec("Note_Title", "Note Title", "text", length=120),
+            FieldSpec("Note_Content", "Note Content", "textarea", length=32000, mandatory=True),
+            FieldSpec("Parent_Id", "Parent ID", "multimodulelookup", modules=("Contacts", "Accounts", "Deals")),
+        ),
     }
 
 
-MODULES: tuple[str, ...] = ("Contacts", "Accounts", "Deals", "Calls", "Tasks")
+MODULES: tuple[str, ...] = ("Contacts", "Accounts", "Deals", "Calls", "Tasks", "Notes")
 #: Field naming a record in lookups ({"name": ...}) and in /deleted's display_name.
 DISPLAY_FIELD = {
     "Contacts": "Full_Name",
@@ -302,6 +308,7 @@ DISPLAY_FIELD = {
     "Deals": "Deal_Name",
     "Calls": "Subject",
     "Tasks": "Subject",
+    "Notes": "Note_Title",
 }
 #: System-defined duplicate-check fields used by upsert without duplicate_check_fields (v8 docs).
 SYSTEM_DUPLICATE_FIELDS = {"Contacts": ("Email",), "Accounts": ("Account_Name",), "Deals": ("Deal_Name",)}
@@ -367,6 +374,16 @@ class RecordError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"code": self.code, "details": self.details, "message": self.message, "status": "error"}
+
+
+def _se_module(item: dict[str, Any], name: str) -> str | None:
+    """The module a multi-module lookup points at: ``$se_module``, or (Notes) the lookup's own ``module``."""
+    raw = item.get(name)
+    inner = raw.get("module") if isinstance(raw, dict) else None
+    if isinstance(inner, dict) and inner.get("api_name"):
+        return str(inner["api_name"])
+    value = item.get("$se_module")
+    return str(value) if value else None
 
 
 def _invalid_module() -> ApiError:
@@ -976,6 +993,7 @@ class ZohoEmulator(Emulator):
             r(method, rf"{API}/actions/watch", self._watch, name="watch")
         r("GET", rf"{API}/org", self._org, name="org")
         r("GET", rf"{API}/users", self._users, name="users")
+        r("GET", rf"{API}/users/(?P<uid>\d+)", self._user_one, name="users.get")
         r("GET", rf"{API}/{_MODULE_RE}/actions/count", self._count, name="records.count")
         r("GET", rf"{API}/{_MODULE_RE}/search", self._search, bucket="search", name="records.search")
         r("GET", rf"{API}/{_MODULE_RE}/deleted", self._list_deleted, name="records.deleted")
@@ -1413,6 +1431,9 @@ class ZohoEmulator(Emulator):
             out[name] = self._value(module, rec, spec)
             if spec.data_type == "multimodulelookup":
                 out["$se_module"] = rec.get("$se_module") if out[name] else None
+                if name == "Parent_Id" and out[name]:
+                    target = rec["$se_module"]
+                    out[name] = {**out[name], "module": {"api_name": target, "id": self.module_ids[target]}}
         out["id"] = rec["id"]
         return out
 
@@ -1697,8 +1718,9 @@ class ZohoEmulator(Emulator):
                     "required field not found",
                     {"api_name": spec.api_name, "json_path": f"{path}.{spec.api_name}"},
                 )
-        if "What_Id" in values:
-            values["$se_module"] = item.get("$se_module") if values["What_Id"] else None
+        for name in ("What_Id", "Parent_Id"):
+            if name in values:
+                values["$se_module"] = _se_module(item, name) if values[name] else None
         if module == "Deals" and values.get("Stage") and "Probability" not in item:
             values["Probability"] = STAGE_PROBABILITY[values["Stage"]]  # Zoho fills it from the stage
         return values
@@ -1766,7 +1788,7 @@ class ZohoEmulator(Emulator):
                 return rid
             target = spec.lookup
             if dt == "multimodulelookup":
-                target = item.get("$se_module")
+                target = _se_module(item, name)
                 if not target:
                     raise RecordError(
                         "MANDATORY_NOT_FOUND",
@@ -3209,36 +3231,82 @@ class ZohoEmulator(Emulator):
             }
         )
 
+    def _user_json(self, u: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": u["id"],
+            "zuid": u["zuid"],
+            "full_name": u["name"],
+            "first_name": u["first_name"],
+            "last_name": u["last_name"],
+            "email": u["email"],
+            "role": {"name": "CEO", "id": self.org_prefix + "000000026005"},
+            "profile": {"name": "Administrator", "id": self.org_prefix + "000000026011"},
+            "status": u.get("status", "active"),
+            "confirm": True,
+            "locale": "en_US",
+            "language": "en_US",
+            "country_locale": "en_US",
+            "time_format": "hh:mm a",
+            "date_format": "MMM d, yyyy",
+            "Isonline": False,
+        }
+
     def _users(self, request: httpx.Request) -> httpx.Response:
         self._charge(1)
-        kind = request.url.params.get("type", "AllUsers")
-        users = self.users[:1] if kind == "CurrentUser" else self.users
-        role = {"name": "CEO", "id": self.org_prefix + "000000026005"}
-        profile = {"name": "Administrator", "id": self.org_prefix + "000000026011"}
-        out = [
-            {
-                "id": u["id"],
-                "zuid": u["zuid"],
-                "full_name": u["name"],
-                "first_name": u["first_name"],
-                "last_name": u["last_name"],
-                "email": u["email"],
-                "role": role,
-                "profile": profile,
-                "status": "active",
-                "confirm": True,
-                "locale": "en_US",
-                "language": "en_US",
-                "country_locale": "en_US",
-                "time_format": "hh:mm a",
-                "date_format": "MMM d, yyyy",
-                "Isonline": False,
-            }
-            for u in users
-        ]
+        params = request.url.params
+        kind = params.get("type", "AllUsers")
+        kinds = {
+            "AllUsers": lambda u: True,
+            "ActiveUsers": lambda u: u.get("status", "active") == "active",
+            "DeactiveUsers": lambda u: u.get("status") == "disabled",
+            "ConfirmedUsers": lambda u: True,
+            "AdminUsers": lambda u: u is self.current_user,
+            "ActiveConfirmedUsers": lambda u: u.get("status", "active") == "active",
+            "CurrentUser": lambda u: u is self.current_user,
+        }
+        if kind not in kinds:
+            raise _invalid_param("type", supported_values=list(kinds))
+        try:
+            page, per_page = int(params.get("page", "1")), int(params.get("per_page", "200"))
+        except ValueError:
+            raise _invalid_param("page") from None
+        if page < 1 or not 1 <= per_page <= 200:
+            raise _invalid_param("per_page" if page >= 1 else "page")
+        users = [u for u in self.users if kinds[kind](u)]
+        chunk = users[(page - 1) * per_page : page * per_page]
+        if not chunk:
+            return httpx.Response(204)
+        more = page * per_page < len(users)
         return json_response(
-            {"users": out, "info": {"per_page": 200, "count": len(out), "page": 1, "more_records": False}}
+            {
+                "users": [self._user_json(u) for u in chunk],
+                "info": {"per_page": per_page, "count": len(chunk), "page": page, "more_records": more},
+            }
         )
+
+    def _user_one(self, request: httpx.Request, uid: str) -> httpx.Response:
+        self._charge(1)
+        user = next((u for u in self.users if u["id"] == uid), None)
+        if user is None:
+            raise ApiError(400, "INVALID_DATA", "the id given seems to be invalid", {"resource_path_index": 1})
+        return json_response({"users": [self._user_json(user)]})
+
+    def add_user(self, email: str, *, first_name: str = "", last_name: str = "Rep", status: str = "active") -> str:
+        """Add a CRM user (a rep who may own records); returns its user id."""
+        with self.lock:
+            uid = self._next_id()
+            self.users.append(
+                {
+                    "id": uid,
+                    "name": f"{first_name} {last_name}".strip(),
+                    "first_name": first_name,
+                    "last_name": last_name,
+                    "email": email.lower(),
+                    "zuid": str(75092200 + len(self.users)),
+                    "status": status,
+                }
+            )
+            return uid
 
     # ==========================================================================================
     # notifications
