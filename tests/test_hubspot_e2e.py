@@ -836,3 +836,89 @@ def test_a_key_looked_up_ahead_and_not_found_is_still_matched_by_its_link(
     push_mod._lookup(app, conn, provider, app.mapping(conn), "companies", list(ahead), crm, ahead)
     assert crm == {"domain:linked.example": ({}, "901", None)}
     assert ahead == {}  # each answer taken once
+
+
+def _v4_targets(emulator: HubSpotEmulator, from_obj: str, from_id: str, to_obj: str) -> set[str]:
+    """The ids linked to one record, read through the v4 associations API (as an integrator would)."""
+    api = httpx.Client(
+        transport=emulator.transport(),
+        base_url="https://api.hubapi.com",
+        headers={"Authorization": f"Bearer {emulator.private_app_token}"},
+    )
+    body = api.get(f"/crm/v4/objects/{from_obj}/{from_id}/associations/{to_obj}").raise_for_status().json()
+    return {str(r["toObjectId"]) for r in body["results"]}
+
+
+def test_existing_contacts_meeting_new_companies_are_associated_with_them(tmp_path: Path) -> None:
+    """Contacts HubSpot already holds (unknown to the mirror) and contacts pushed before: both get linked."""
+    emulator = HubSpotEmulator(seed=12)
+    existing = emulator.bulk_create(
+        "contacts",
+        20,
+        properties_fn=lambda i: {"email": f"person{i}@example.org", "firstname": "P", "lastname": f"N{i}"},
+    )
+    app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda _n: emulator.transport())
+    first = tmp_path / "first.jsonl"
+    first.write_text(outcome_lines(30, prefix="a"))  # 20 existing contacts, 10 new ones, no companies
+    assert push(app, source=str(first), connection="hs").created == 30
+    emulator.keep_log = True
+    second = tmp_path / "second.jsonl"
+    second.write_text(outcome_lines(30, prefix="b", company_every=1, deal_every=3))
+    summary = push(app, source=str(second), connection="hs")
+    assert (summary.created, summary.failed) == (30, 0), summary
+    contacts = {r["properties"]["email"]: r["id"] for r in emulator.records("contacts")}
+    companies = {r["properties"]["domain"]: r["id"] for r in emulator.records("companies")}
+    assert len(contacts) == 30 and set(existing) <= set(contacts.values()) and len(companies) == 7
+    for i in range(30):
+        contact, company = contacts[f"person{i}@example.org"], companies[f"co{i % 7}.example"]
+        assert company in _v4_targets(emulator, "contacts", contact, "companies"), i
+        assert contact in _v4_targets(emulator, "companies", company, "contacts"), i
+    for deal in emulator.records("deals"):
+        i = int(deal["properties"]["dealname"].split()[1])
+        assert _v4_targets(emulator, "deals", deal["id"], "contacts") == {contacts[f"person{i}@example.org"]}
+        assert _v4_targets(emulator, "deals", deal["id"], "companies") == {companies[f"co{i % 7}.example"]}
+    # The links of unchanged contacts cost one v4 batch, not a contact update each.
+    paths = [p for m, p, _ in emulator.stats.log if m == "POST"]
+    assert "/crm/v3/objects/contacts/batch/update" not in paths
+    assert paths.count("/crm/v4/associations/contacts/companies/batch/associate/default") == 1
+
+
+def test_every_batch_create_body_carries_associations_as_the_spec_requires(tmp_path: Path) -> None:
+    """Phone-only contacts go through batch/create (no email to upsert on): `associations` must be there."""
+    emulator = HubSpotEmulator(seed=13)
+    spec = SpecCheck.hubspot()
+    transport = spec.wrap(emulator)
+    creates: list[dict[str, Any]] = []
+    inner = transport.handle_request
+
+    def spy(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/batch/create"):
+            creates.append(json.loads(request.content))
+        return inner(request)
+
+    app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda _n: httpx.MockTransport(spy))
+    lines = [
+        json.dumps(
+            {
+                "id": f"p-{i}",
+                "occurred_at": "2026-11-20T10:00:00Z",
+                "contact": {"phone": f"+1 617 555 01{i:02d}", "last_name": f"N{i}"},
+                "company": {"name": f"Phone Co {i % 3}"},
+                "disposition": "busy",
+                "next_step": {"type": "todo", "due_at": "2026-12-01T09:00:00Z"},
+            }
+        )
+        for i in range(12)
+    ]
+    src = tmp_path / "p.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    summary = push(app, source=str(src), connection="hs")
+    assert (summary.created, summary.failed) == (12, 0), summary
+    assert transport.problems == [], transport.problems[:5]
+    inputs = [inp for body in creates for inp in body["inputs"]]
+    assert len(inputs) >= 12 * 3  # contacts, calls, tasks (and the companies)
+    assert all("associations" in inp for inp in inputs)
+    contacts = {r["properties"]["lastname"]: r["id"] for r in emulator.records("contacts")}
+    companies = {r["properties"]["name"]: r["id"] for r in emulator.records("companies")}
+    for i in range(12):
+        assert _v4_targets(emulator, "contacts", contacts[f"N{i}"], "companies") == {companies[f"Phone Co {i % 3}"]}
