@@ -640,6 +640,8 @@ class HubSpotEmulator(Emulator):
         r("GET", "/crm/v3/owners/?", self._h_owners, name="crm.owners.list")
         r("GET", "/crm/v3/owners/(?P<owner_id>[^/]+)", self._h_owner, name="crm.owners.get")
         r("GET", "/crm/v3/schemas/?", self._h_schemas, name="crm.schemas.list")
+        # The path the official SDKs use for the same listing.
+        r("GET", "/crm-object-schemas/v3/schemas/?", self._h_schemas, name="crm.schemas.list.sdk")
         # Legacy property lists, still served and still read by Singer's tap-hubspot (4.x).
         r("GET", "/properties/v(?P<version>[12])/(?P<obj>[a-z]+)/properties", self._h_legacy_props, name="legacy.props")
         r("GET", "/companies/v2/properties", self._h_legacy_company_props, name="legacy.company-props")
