@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -810,3 +811,78 @@ def test_spec_check_catches_a_non_conforming_exchange() -> None:
     assert any("response" in p and "total" in p for p in problems)
     assert CHECK.check(httpx.Request("GET", f"{BASE}/calling/v1/dispositions"), httpx.Response(200, json=[])) == []
     assert CHECK.spec_for("/calling/v1/dispositions") is None
+
+
+# -- owners, schemas, legacy property lists, seeding at scale ----------------------------------------
+def test_owners_list_in_pages_filter_by_email_and_get_by_id(hub: Hub) -> None:
+    for n in range(7):
+        hub.emu.add_owner(f"rep{n}@example.com", first_name="Rep", last_name=str(n))
+    hub.emu.add_owner("left@example.com", archived=True)
+    seen: list[dict[str, Any]] = []
+    after = None
+    while True:
+        params: dict[str, Any] = {"limit": 4, **({"after": after} if after else {})}
+        body = hub.client.get("/crm/v3/owners/", params=params).raise_for_status().json()
+        seen.extend(body["results"])
+        after = body.get("paging", {}).get("next", {}).get("after")
+        if not after:
+            break
+    emails = [o["email"] for o in seen]
+    assert len(emails) == len(set(emails)) == 10 and "left@example.com" not in emails  # 3 built in + 7
+    owner = next(o for o in seen if o["email"] == "rep3@example.com")
+    assert owner["type"] == "PERSON" and owner["archived"] is False and owner["teams"] == []
+    assert {"id", "userId", "firstName", "lastName", "createdAt", "updatedAt"} <= set(owner)
+    by_email = hub.client.get("/crm/v3/owners", params={"email": "REP3@example.com"}).json()["results"]
+    assert [o["id"] for o in by_email] == [owner["id"]]
+    assert hub.client.get(f"/crm/v3/owners/{owner['id']}").json() == owner
+    by_user = hub.client.get(f"/crm/v3/owners/{owner['userId']}", params={"idProperty": "userId"})
+    assert by_user.json()["id"] == owner["id"]
+    assert hub.client.get("/crm/v3/owners/1").status_code == 404
+    archived = hub.client.get("/crm/v3/owners/", params={"archived": "true"}).json()["results"]
+    assert [o["email"] for o in archived] == ["left@example.com"]
+    assert hub.client.get("/crm/v3/owners/", params={"limit": 501}).status_code == 400
+
+
+def test_owners_need_the_owners_scope(make_hub: Any) -> None:
+    scopes = [s for s in HubSpotEmulator().private_app_scopes if s != "crm.objects.owners.read"]
+    hub = make_hub(scopes=scopes)
+    r = hub.client.get("/crm/v3/owners/")
+    assert r.status_code == 403 and r.json()["category"] == "MISSING_SCOPES"
+
+
+def test_a_portal_without_custom_objects_lists_no_schemas(hub: Hub) -> None:
+    for path in ("/crm/v3/schemas", "/crm-object-schemas/v3/schemas"):
+        r = hub.client.get(path)
+        assert r.status_code == 200 and r.json() == {"results": []}
+
+
+def test_legacy_property_lists_that_singer_tap_hubspot_reads(hub: Hub) -> None:
+    for path in ("/properties/v1/deals/properties", "/properties/v2/contacts/properties", "/companies/v2/properties"):
+        body = hub.client.get(path).raise_for_status().json()
+        assert isinstance(body, list) and body, path
+        assert all({"name", "label", "type", "fieldType", "groupName", "options"} <= set(p) for p in body), path
+    deals = {p["name"]: p for p in hub.client.get("/properties/v1/deals/properties").json()}
+    assert deals["dealstage"]["type"] == "enumeration" and deals["dealstage"]["options"][0]["readOnly"] is False
+    assert hub.client.get("/properties/v1/widgets/properties").status_code == 404
+
+
+def test_standard_objects_the_app_has_no_scope_for_answer_403(hub: Hub) -> None:
+    r = hub.client.get("/crm/v3/properties/tickets")
+    assert r.status_code == 403 and r.json()["errors"][0]["context"]["requiredGranularScopes"] == ["tickets"]
+    assert hub.client.get("/crm/v3/properties/widgets").status_code == 400  # not a HubSpot object at all
+
+
+def test_seed_phones_stay_unique_past_a_hundred_thousand() -> None:
+    """The seeder once drew phones from 100,000 numbers and looped for ever past them."""
+    import random
+
+    from crmsync.emulators.hubspot import _Seeder
+
+    seeder = _Seeder(HubSpotEmulator(), random.Random(1))
+    phones: list[str] = []
+    drawing = threading.Thread(target=lambda: phones.extend(seeder._phone() for _ in range(160_000)), daemon=True)
+    drawing.start()
+    drawing.join(timeout=120)
+    assert not drawing.is_alive(), "the seeder ran out of phone numbers"
+    assert len(set(phones)) == 160_000
+    assert all(len(p.replace(" ", "")) == 13 and p.startswith("+1 ") for p in phones[::997])

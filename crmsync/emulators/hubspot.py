@@ -52,6 +52,14 @@ SEARCH_WINDOW = 10_000
 ASSOC_READ_LIMIT = 1_000
 ASSOC_CREATE_LIMIT = 2_000
 OWNERS_LIMIT_MAX = 500
+#: Standard HubSpot objects the emulator does not model, answered as a portal whose app lacks their scope.
+UNGRANTED_OBJECTS = {
+    "tickets": "tickets",
+    "0-5": "tickets",
+    "products": "e-commerce",
+    "line_items": "e-commerce",
+    "quotes": "crm.objects.quotes.read",
+}
 DEFAULT_TOKEN_TTL = 1800.0
 AUTH_CODE_TTL = 600.0
 # HubSpot Professional private-app defaults (reference §6); used for the headers when no rate-limit
@@ -757,18 +765,7 @@ class HubSpotEmulator(Emulator):
         granted = self._scopes_of(request)
         if any(scope in granted for scope in any_of):
             return None
-        return self.error_response(
-            403,
-            "This app hasn't been granted all required scopes to make this call. Read more about required "
-            "scopes here: https://developers.hubspot.com/scopes.",
-            category="MISSING_SCOPES",
-            errors=[
-                {
-                    "message": "One or more of the following scopes are required.",
-                    "context": {"requiredGranularScopes": list(any_of)},
-                }
-            ],
-        )
+        return self._missing_scopes(*any_of)
 
     def _object_access(self, request: httpx.Request, obj: ObjectType, access: str) -> httpx.Response | None:
         return self._require(request, f"crm.objects.{obj.scope}.{access}")
@@ -832,7 +829,26 @@ class HubSpotEmulator(Emulator):
         return _BY_ALIAS.get(name.lower())
 
     def _unknown_object(self, name: str) -> httpx.Response:
+        scope = UNGRANTED_OBJECTS.get(name.lower())
+        if scope is not None:
+            # A standard object the emulated private app holds no scope for (tickets, products ...).
+            return self._missing_scopes(scope)
         return self._bad(f"Unable to infer object type from: {name}")
+
+    def _missing_scopes(self, *scopes: str) -> httpx.Response:
+        """403 MISSING_SCOPES naming the scopes any one of which would do."""
+        return self.error_response(
+            403,
+            "This app hasn't been granted all required scopes to make this call. Read more about required "
+            "scopes here: https://developers.hubspot.com/scopes.",
+            category="MISSING_SCOPES",
+            errors=[
+                {
+                    "message": "One or more of the following scopes are required.",
+                    "context": {"requiredGranularScopes": list(scopes)},
+                }
+            ],
+        )
 
     def _now_ms(self) -> int:
         return int(self.now() * 1000)
