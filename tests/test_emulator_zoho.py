@@ -1181,6 +1181,47 @@ def test_org_and_current_user(zoho: Zoho) -> None:
     assert [u["full_name"] for u in users["users"]] == ["Patricia Boyle"] and users["info"]["count"] == 1
 
 
+def test_users_page_by_type_and_one_by_id(zoho: Zoho) -> None:
+    reps = [zoho.emu.add_user(f"zrep{n:05d}@zylkr.com", first_name="Rep") for n in range(3)]
+    zoho.emu.add_user("zgone0001@zylkr.com", status="disabled")
+    first = zoho.get("users", type="ActiveUsers", page=1, per_page=3).json()
+    assert len(first["users"]) == 3 and first["info"] == {"per_page": 3, "count": 3, "page": 1, "more_records": True}
+    rest = zoho.get("users", type="ActiveUsers", page=2, per_page=3).json()
+    assert rest["info"]["more_records"] is False
+    active = [u["email"] for u in first["users"] + rest["users"]]
+    assert active == ["crmsyncqa@zylkr.com", "aburrows1@zylkr.com", *(f"zrep{n:05d}@zylkr.com" for n in range(3))]
+    assert zoho.get("users", type="ActiveUsers", page=9).status_code == 204
+    assert [u["status"] for u in zoho.get("users").json()["users"]].count("disabled") == 1
+    one = zoho.get(f"users/{reps[1]}").json()["users"]
+    assert [u["email"] for u in one] == ["zrep00001@zylkr.com"]
+
+
+def test_the_standard_notes_module(zoho: Zoho) -> None:
+    fields = {f["api_name"]: f for f in zoho.get("settings/fields", module="Notes").json()["fields"]}
+    assert {"Note_Title", "Note_Content", "Parent_Id", "Owner"} <= set(fields)
+    assert fields["Parent_Id"]["data_type"] == "multimodulelookup"
+    contact = zoho.ids("Contacts")[0]
+    note = {
+        "Note_Title": "Recap",
+        "Note_Content": "Demo next week",
+        "Parent_Id": {"module": {"api_name": "Contacts"}, "id": contact},
+    }
+    r = zoho.write("POST", "Notes", [note])
+    assert r.status_code == 201, r.text
+    nid = r.json()["data"][0]["details"]["id"]
+    got = zoho.get(f"Notes/{nid}").json()["data"][0]
+    assert got["Note_Content"] == "Demo next week" and got["Parent_Id"]["id"] == contact
+    assert got["Parent_Id"]["module"]["api_name"] == "Contacts" and got["Owner"]["id"] == zoho.emu.current_user["id"]
+    listed = zoho.get("Notes", fields="Note_Title,Parent_Id").json()["data"]
+    assert [n["id"] for n in listed] == [nid]
+    bad = zoho.write(
+        "POST", "Notes", [{"Note_Title": "No body", "Parent_Id": {"module": {"api_name": "Contacts"}, "id": contact}}]
+    )
+    assert bad.json()["data"][0]["code"] == "MANDATORY_NOT_FOUND"
+    wrong = zoho.write("POST", "Notes", [{**note, "Parent_Id": {"module": {"api_name": "Calls"}, "id": contact}}])
+    assert wrong.json()["data"][0]["code"] == "INVALID_DATA"
+
+
 # -- notifications -----------------------------------------------------------------------------------
 
 

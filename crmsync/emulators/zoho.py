@@ -3289,9 +3289,10 @@ class ZohoEmulator(Emulator):
         user = next((u for u in self.users if u["id"] == uid), None)
         if user is None:
             raise ApiError(400, "INVALID_DATA", "the id given seems to be invalid", {"resource_path_index": 1})
-        return json_response({"users": [self._user_json(user)]})
+        info = {"per_page": 200, "count": 1, "page": 1, "more_records": False}  # the spec requires info here too
+        return json_response({"users": [self._user_json(user)], "info": info})
 
-    def add_user(self, email: str, *, first_name: str = "", last_name: str = "Rep", status: str = "active") -> str:
+    def add_user(self, email: str, *, first_name: str = "Sales", last_name: str = "Rep", status: str = "active") -> str:
         """Add a CRM user (a rep who may own records); returns its user id."""
         with self.lock:
             uid = self._next_id()
