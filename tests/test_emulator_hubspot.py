@@ -886,3 +886,51 @@ def test_seed_phones_stay_unique_past_a_hundred_thousand() -> None:
     assert not drawing.is_alive(), "the seeder ran out of phone numbers"
     assert len(set(phones)) == 160_000
     assert all(len(p.replace(" ", "")) == 13 and p.startswith("+1 ") for p in phones[::997])
+
+
+def test_sandbox_serves_more_contacts_than_the_old_phone_pool(tmp_path: Path) -> None:
+    """`sandbox serve hubspot --contacts 100500` once never printed its URL (the seeder looped for ever)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "CRMSYNC_HOME": str(tmp_path), "NO_COLOR": "1"}
+    args = ["serve", "hubspot", "--contacts", "100500", "--companies", "10", "--deals", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crmsync", "sandbox", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        stdout = proc.stdout
+        reader = threading.Thread(target=lambda: lines.extend([stdout.readline(), stdout.readline()]), daemon=True)
+        reader.start()
+        reader.join(timeout=180)
+        assert len(lines) == 2, "no URL: the seeding did not finish"
+        url, token = lines[0].strip(), lines[1].strip().partition("=")[2]
+        assert url.startswith("http://127.0.0.1:")
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        body = {"filterGroups": [], "sorts": [], "limit": 1, "after": "0", "properties": ["phone"]}
+        assert client.post("/crm/v3/objects/contacts/search", json=body).json()["total"] == 100_500
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "seeding 100,500 contacts" in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_sandbox_refuses_a_negative_size(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    env = {**os.environ, "CRMSYNC_HOME": str(tmp_path), "NO_COLOR": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "crmsync", "sandbox", "serve", "hubspot", "--contacts", "-5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -11,6 +11,9 @@ import typer
 
 from crmsync.errors import UsageError
 
+#: Seeds at least this large say so on stderr before the URL line (which waits for the seeding).
+BIG_SEED = 100_000
+
 
 def register(app: typer.Typer) -> None:
     sandbox_app = typer.Typer(help="Local emulators of the CRMs' APIs.", no_args_is_help=True)
@@ -22,9 +25,9 @@ def register(app: typer.Typer) -> None:
         host: Annotated[str, typer.Option("--host", help="Interface (loopback by default).")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one.")] = 0,
         seed: Annotated[int, typer.Option("--seed", help="Seed for the generated data.")] = 0,
-        contacts: Annotated[int, typer.Option("--contacts", help="Seeded contacts.")] = 100,
-        companies: Annotated[int, typer.Option("--companies", help="Seeded companies.")] = 25,
-        deals: Annotated[int, typer.Option("--deals", help="Seeded deals.")] = 10,
+        contacts: Annotated[int, typer.Option("--contacts", min=0, help="Seeded contacts (any number).")] = 100,
+        companies: Annotated[int, typer.Option("--companies", min=0, help="Seeded companies.")] = 25,
+        deals: Annotated[int, typer.Option("--deals", min=0, help="Seeded deals.")] = 10,
         latency_ms: Annotated[
             float, typer.Option("--latency-ms", help="How long each answer takes (the emulator's work inside it).")
         ] = 0.0,
@@ -65,6 +68,9 @@ def register(app: typer.Typer) -> None:
             token_ttl=token_ttl,
             seed=seed,
         )
+        if contacts + companies + deals >= BIG_SEED:
+            # Seeding a million records takes a minute or two; the URL line follows once it is done.
+            sys.stderr.write(f"seeding {contacts:,} contacts, {companies:,} companies and {deals:,} deals…\n")
         emulator, creds = build(provider, seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
         server = emulator.serve(host, port)
         sys.stdout.write(server.url + "\n")
