@@ -255,7 +255,7 @@ def test_zoho_users_are_read_in_pages_and_strict_owners_fails_unknown_reps(tmp_p
     rep = next(u["id"] for u in emu.users if u["email"] == "rep00240zz@zylkr.com")
     assert zoho_owners_of(emu, "Calls") == {"o-0": rep}
     assert [r["Email"] for r in emu.records("Contacts")] == ["o0@example.org"]
-    assert len([p for _, p, _ in emu.stats.log if p == "/crm/v8/users"]) == 2  # 251 active users: two pages
+    assert len([p for _, p, _ in emu.stats.log if p == "/crm/v8/users"]) == 3  # two pages, and the current user
 
 
 # -- the policy on its own ---------------------------------------------------------------------------

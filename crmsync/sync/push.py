@@ -1133,18 +1133,34 @@ class _Owners:
     def __init__(self, provider: Provider, *, strict: bool) -> None:
         self.provider, self.strict = provider, strict
         self.users: dict[str, str | None] = {}  # email -> CRM user id (None: unknown to the CRM)
-        self._default: list[str | None] = []  # filled on first use
+        self._default: Future[str | None] | None = None  # asked for alongside the first resolve
         self._applied: dict[str, int] = {}  # outcome id -> id() of the records already given owners
         self._warned: set[str] = set()
         self.supported = True  # False once the provider says it maps owner_email itself
 
     def default(self) -> str | None:
-        if not self._default:
-            self._default.append(self.provider.default_owner())
-        return self._default[0]
+        self._ask_default()
+        assert self._default is not None
+        return self._default.result()
+
+    def _ask_default(self) -> None:
+        """Start reading the connection's own user in a thread of its own (it waits on no one)."""
+        if self._default is not None:
+            return
+        self._default = Future()
+
+        def read(answer: Future[str | None]) -> None:
+            try:
+                answer.set_result(self.provider.default_owner())
+            except BaseException as exc:  # raised in the lane that needs the answer
+                answer.set_exception(exc)
+
+        threading.Thread(target=read, args=(self._default,), name="default-owner", daemon=True).start()
 
     def apply(self, items: list[_Item], summary: PushSummary) -> None:
         todo = [it for it in items if self._applied.get(it.row.outcome_id) != id(it.canon)]
+        if todo:
+            self._ask_default()
         emails = {it.row.outcome_id: _owner_email(it.canon) for it in todo}
         new = sorted({e for e in emails.values() if e} - self.users.keys())
         if new and self.supported:
