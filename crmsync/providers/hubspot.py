@@ -1114,7 +1114,12 @@ class HubSpotProvider(Provider):
             user = None
         if user is None:
             return None
-        return self._owner_index()[1].get(str(user))
+        try:
+            return self._owner_index()[1].get(str(user))
+        except AuthError as exc:
+            # Without the owners scope a push that names no rep still goes ahead, its calls unassigned.
+            log.warning("%s: calls without a known rep are left unassigned", exc)
+            return None
 
     def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
         self.prepare_objects([obj])
