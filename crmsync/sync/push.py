@@ -1125,7 +1125,8 @@ class _Owners:
     Policy for an email the CRM has no user for: the connection's own user (``default_owner``), a
     warning and one count in ``owners_defaulted``; with ``strict`` the outcome fails instead, before
     anything of it is written. Calls and tasks without an ``owner_email`` get the connection's own
-    user too, so no activity is left unassigned where the CRM has owners.
+    user too, so no activity is left unassigned where the CRM has owners. A provider that cannot
+    name its own user (``default_owner`` None) gets the email as it is and applies its own fallback.
     """
 
     OWNED = ("contacts", "deals", "calls", "tasks")
@@ -1182,6 +1183,8 @@ class _Owners:
                     it.row.last_error = f"owner_email {email} is not a user of the CRM (--strict-owners)"
                     continue
                 summary.owners_defaulted += 1
+                if self.default() is None:
+                    continue  # the provider cannot name its own user: it applies (and reports) its fallback
                 if email not in self._warned:
                     self._warned.add(email)
                     log.warning("owner_email %s is no user of the CRM: the connection's user owns its records", email)
