@@ -304,3 +304,18 @@ def test_without_the_owners_scope_a_push_naming_no_rep_still_goes_ahead(tmp_path
     summary = push(app, source=str(src), connection="hs")
     assert (summary.created, summary.failed, summary.exit_code) == (2, 0, 0), summary
     assert hubspot_owners_of(hubspot_api(emu), "calls") == {"o-0": None, "o-1": None}
+
+
+def test_zoho_without_the_users_scope_pushes_unnamed_reps_and_refuses_named_ones(tmp_path: Path) -> None:
+    emu = ZohoEmulator(seed=13)
+    scopes = [s for s in emu.scopes if s != "ZohoCRM.users.READ"]
+    app = zoho_app(emu, scopes=scopes)
+    src = tmp_path / "o.jsonl"
+    src.write_text(outcomes([None], stage="Qualification"))
+    summary = push(app, source=str(src), connection="z")
+    assert (summary.created, summary.failed, summary.exit_code) == (1, 0, 0), summary
+    assert zoho_owners_of(emu, "Calls") == {"o-0": emu.current_user["id"]}  # Zoho's own default owner
+    named = tmp_path / "named.jsonl"
+    named.write_text(outcomes(["aburrows1@zylkr.com"], prefix="n", stage="Qualification"))
+    refused = push(app, source=str(named), connection="z")
+    assert refused.exit_code == 3 and "ZohoCRM.users.READ" in (refused.error or ""), refused

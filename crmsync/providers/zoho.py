@@ -822,9 +822,15 @@ class ZohoProvider(Provider):
         with self._users_lock:
             if self._users is None:
                 users: dict[str, str] = {}
-                for user in self._user_pages("ActiveUsers"):
-                    if user.get("email") and user.get("id"):
-                        users.setdefault(str(user["email"]).lower(), str(user["id"]))
+                try:
+                    for user in self._user_pages("ActiveUsers"):
+                        if user.get("email") and user.get("id"):
+                            users.setdefault(str(user["email"]).lower(), str(user["id"]))
+                except AuthError as exc:
+                    raise AuthError(
+                        f"Zoho refused to list users: {exc.message}",
+                        hint=f"connect again with --scopes {DEFAULT_SCOPES} (ZohoCRM.users.READ)",
+                    ) from exc
                 self._users = users
         wanted = {e.strip().lower() for e in emails if e}
         return {e: self._users[e] for e in wanted if e in self._users}
@@ -833,7 +839,12 @@ class ZohoProvider(Provider):
         """The user id of the user who granted the connection's token."""
         with self._users_lock:
             if not self._me:
-                me = next(self._user_pages("CurrentUser"), None)
+                try:
+                    me = next(self._user_pages("CurrentUser"), None)
+                except AuthError as exc:
+                    # Without ZohoCRM.users.READ a push that names no rep goes ahead: Zoho makes you the owner.
+                    log.warning("%s: records without a known rep keep Zoho's default owner", exc)
+                    me = None
                 self._me.append(str(me["id"]) if me and me.get("id") else None)
         return self._me[0]
 
