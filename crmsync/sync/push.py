@@ -1135,7 +1135,7 @@ class _Owners:
         self.provider, self.strict = provider, strict
         self.users: dict[str, str | None] = {}  # email -> CRM user id (None: unknown to the CRM)
         self._default: Future[str | None] | None = None  # asked for alongside the first resolve
-        self._applied: dict[str, int] = {}  # outcome id -> id() of the records already given owners
+        self._applied: dict[str, int] = {}  # the last round's outcome ids -> id() of their records
         self._warned: set[str] = set()
         self.supported = True  # False once the provider says it maps owner_email itself
 
@@ -1160,6 +1160,7 @@ class _Owners:
 
     def apply(self, items: list[_Item], summary: PushSummary) -> None:
         todo = [it for it in items if self._applied.get(it.row.outcome_id) != id(it.canon)]
+        self._applied = {}  # only the last round's records could come again; more would grow with the run
         if todo:
             self._ask_default()
         emails = {it.row.outcome_id: _owner_email(it.canon) for it in todo}
