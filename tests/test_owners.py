@@ -24,7 +24,9 @@ from tests.test_provider_zoho import zoho_app
 REPS = ("ada.rep@example.com", "ben.rep@example.com")
 
 
-def outcomes(owners: list[str | None], *, prefix: str = "o", stage: str = "appointmentscheduled") -> str:
+def outcomes(
+    owners: list[str | None], *, prefix: str = "o", stage: str = "appointmentscheduled", deal: bool = True
+) -> str:
     """One outcome per entry: a new contact, a follow-up task and a deal, owned by ``owners[i]``."""
     lines = []
     for i, owner in enumerate(owners):
@@ -38,6 +40,8 @@ def outcomes(owners: list[str | None], *, prefix: str = "o", stage: str = "appoi
         }
         if owner is not None:
             o["owner_email"] = owner
+        if not deal:
+            del o["deal"]
         lines.append(json.dumps(o))
     return "\n".join(lines) + "\n"
 
@@ -319,3 +323,24 @@ def test_zoho_without_the_users_scope_pushes_unnamed_reps_and_refuses_named_ones
     named.write_text(outcomes(["aburrows1@zylkr.com"], prefix="n", stage="Qualification"))
     refused = push(app, source=str(named), connection="z")
     assert refused.exit_code == 3 and "ZohoCRM.users.READ" in (refused.error or ""), refused
+
+
+def test_hubspot_oauth_connection_owns_unnamed_calls_as_the_user_who_granted_it(tmp_path: Path) -> None:
+    from crmsync.app import App
+    from crmsync.sync.connect import connect
+    from tests.e2e import ScriptIO
+
+    emu = HubSpotEmulator(seed=14)
+    server = emu.serve()
+    try:
+        app = App()
+        io = ScriptIO(emu.client_secret, open_with=lambda url: httpx.get(url, follow_redirects=True))
+        options = {"oauth": True, "client_id": emu.client_id}
+        connect(app, provider="hubspot", name="hs", base_url=server.url, options=options, io=io)
+        src = tmp_path / "o.jsonl"
+        src.write_text(outcomes([None], deal=False))  # the default OAuth scopes may not add deal properties
+        summary = push(app, source=str(src), connection="hs")
+    finally:
+        server.stop()
+    assert (summary.created, summary.failed) == (1, 0), summary.error
+    assert hubspot_owners_of(hubspot_api(emu), "calls") == {"o-0": emu.owner_id(emu.user)}
