@@ -24,9 +24,7 @@ from tests.test_provider_zoho import zoho_app
 REPS = ("ada.rep@example.com", "ben.rep@example.com")
 
 
-def outcomes(
-    owners: list[str | None], *, prefix: str = "o", stage: str = "appointmentscheduled", deal: bool = True
-) -> str:
+def outcomes(owners: list[str | None], *, prefix: str = "o", stage: str = "appointmentscheduled") -> str:
     """One outcome per entry: a new contact, a follow-up task and a deal, owned by ``owners[i]``."""
     lines = []
     for i, owner in enumerate(owners):
@@ -40,8 +38,6 @@ def outcomes(
         }
         if owner is not None:
             o["owner_email"] = owner
-        if not deal:
-            del o["deal"]
         lines.append(json.dumps(o))
     return "\n".join(lines) + "\n"
 
@@ -338,7 +334,7 @@ def test_hubspot_oauth_connection_owns_unnamed_calls_as_the_user_who_granted_it(
         options = {"oauth": True, "client_id": emu.client_id}
         connect(app, provider="hubspot", name="hs", base_url=server.url, options=options, io=io)
         src = tmp_path / "o.jsonl"
-        src.write_text(outcomes([None], deal=False))  # the default OAuth scopes may not add deal properties
+        src.write_text(outcomes([None]))
         summary = push(app, source=str(src), connection="hs")
     finally:
         server.stop()

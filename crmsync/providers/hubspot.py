@@ -81,7 +81,9 @@ REQUIRED_SCOPES = [
     "crm.objects.deals.read",
     "crm.objects.deals.write",
 ]
-DEFAULT_OAUTH_SCOPES = " ".join([*REQUIRED_SCOPES, "crm.schemas.contacts.write", "crm.objects.owners.read", "oauth"])
+#: What push needs on top: its unique properties (on contacts' calls and tasks, companies, deals) and the owners.
+PUSH_SCOPES = ["crm.schemas.contacts.write", "crm.schemas.companies.write", "crm.schemas.deals.write"]
+DEFAULT_OAUTH_SCOPES = " ".join([*REQUIRED_SCOPES, *PUSH_SCOPES, "crm.objects.owners.read", "oauth"])
 OWNERS_PAGE = 500  # the owners API's largest page
 
 
