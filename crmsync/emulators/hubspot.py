@@ -1,5 +1,6 @@
 """A stateful, offline look-alike of HubSpot's CRM API (v3 objects, search, v4 associations, properties,
-OAuth, account info, call dispositions).
+owners, OAuth, account info, call dispositions), plus what peers' connectors read first: the custom-object
+schemas (none) and the legacy v1/v2 property lists.
 
 Built from ``shared/reference/hubspot.md`` and the official OpenAPI specs in ``tests/specs/hubspot/``;
 ``tests/openapi_check.py`` validates the emulator's requests and responses against those specs.

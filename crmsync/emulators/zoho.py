@@ -18,6 +18,8 @@ What it models, because real integrations trip over exactly these:
 * COQL with the bracket rule, 2000 rows a call, 100,000 in total, lookups as ``{"id"}`` only.
 * Search where ``equals`` on text behaves like *contains* (as the v8 docs warn), and an optional
   index lag (``search_lag``) during which fresh writes are invisible to search.
+* The standard Notes module (``Parent_Id`` names its module inside the lookup) and the users API
+  (``type``, ``page``/``per_page``, one user by id), so Zoho's own SDK can work against it.
 * Deleted records in a recycle bin (``/deleted``), notification channels with Zoho's expiry rules and
   the callback bodies Zoho would POST, credits per the reference, and Zoho's own 429 (no Retry-After).
 """
