@@ -934,3 +934,13 @@ def test_sandbox_refuses_a_negative_size(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_a_record_owner_must_be_one_of_the_portals_owners(hub: Hub) -> None:
+    ada = hub.emu.owner_id("ada.rep@example.com")
+    made = hub.create("contacts", {"email": "owned@example.org", "hubspot_owner_id": str(ada)})
+    assert made.status_code == 201 and made.json()["properties"]["hubspot_owner_id"] == ada
+    bad = hub.create("contacts", {"email": "bad@example.org", "hubspot_owner_id": "ada.rep@example.com"})
+    assert bad.status_code == 400 and "INVALID_OPTION" in bad.text
+    gone = hub.emu.add_owner("left@example.com", archived=True)
+    assert hub.create("contacts", {"email": "gone@example.org", "hubspot_owner_id": gone}).status_code == 400

@@ -588,6 +588,7 @@ class HubSpotEmulator(Emulator):
         self._owner_rng = random.Random(f"hubspot-owners-{seed}")
         # The connection's own user and two reps; add_owner() adds more.
         self._owners: list[JSON] = []
+        self._live_owners: set[str] = set()  # ids a record's hubspot_owner_id may take
         for email, first, last, user_id in (
             (self.user, "Emulator", "User", self.user_id),
             ("ada.rep@example.com", "Ada", "Rep", self.user_id + 1),
@@ -975,6 +976,9 @@ class HubSpotEmulator(Emulator):
             if normalised is None:
                 invalid(name, _invalid_code(definition), f"{value!r} is not a valid {definition['type']} for {name}")
                 continue
+            if definition.get("referencedObjectType") == "OWNER" and not self._is_owner(normalised):
+                invalid(name, "INVALID_OPTION", f"{value} was not one of the allowed options: the portal's owners")
+                continue
             out[name] = normalised
         if creating:
             for name in obj.required:
@@ -991,6 +995,9 @@ class HubSpotEmulator(Emulator):
                 ],
             )
         return out
+
+    def _is_owner(self, owner_id: str) -> bool:
+        return owner_id in self._live_owners
 
     def _check_unique(self, obj: ObjectType, props: Mapping[str, str], self_id: int | None) -> None:
         store = self._stores[obj.name]
@@ -2289,7 +2296,7 @@ class HubSpotEmulator(Emulator):
                     "type": "PERSON",
                     "firstName": first_name,
                     "lastName": last_name,
-                    "userId": uid,
+                    "userId": None if archived else uid,  # HubSpot keeps only the "including inactive" id
                     "userIdIncludingInactive": uid,
                     "createdAt": stamp,
                     "updatedAt": stamp,
@@ -2297,6 +2304,8 @@ class HubSpotEmulator(Emulator):
                     "teams": [],
                 }
             )
+            if not archived:
+                self._live_owners.add(owner_id)
             return owner_id
 
     def owner_id(self, email: str) -> str | None:
