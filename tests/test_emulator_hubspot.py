@@ -857,7 +857,8 @@ def test_a_portal_without_custom_objects_lists_no_schemas(hub: Hub) -> None:
 
 
 def test_legacy_property_lists_that_singer_tap_hubspot_reads(hub: Hub) -> None:
-    for path in ("/properties/v1/deals/properties", "/properties/v2/contacts/properties", "/companies/v2/properties"):
+    legacy = ("/properties/v1/deals/properties", "/properties/v2/contact/properties", "/companies/v2/properties")
+    for path in legacy:
         body = hub.client.get(path).raise_for_status().json()
         assert isinstance(body, list) and body, path
         assert all({"name", "label", "type", "fieldType", "groupName", "options"} <= set(p) for p in body), path

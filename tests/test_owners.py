@@ -187,9 +187,13 @@ def test_cli_strict_owners_reports_the_failure_and_exits_1(tmp_path: Path, home:
         src.write_text(outcomes([REPS[0], "nobody@example.com"]))
         env = cli_env(home, "hs", emu.private_app_token)
         result = run_cli(["--json", "push", str(src), "-c", "hs", "--strict-owners"], env)
+        lenient = run_cli(["push", str(src), "-c", "hs", "--retry-failed"], env)  # the default policy
     finally:
         server.stop()
     assert result.code == 1, result.stderr
+    assert lenient.code == 0, lenient.stderr
+    assert "1 outcome(s) named an owner_email that is no CRM user: yours instead" in lenient.stdout
+    assert emu.records("calls")[-1]["properties"]["hubspot_owner_id"] == emu.owner_id(emu.user)
     docs = result.json_lines()
     failed = [d for d in docs if d.get("status") == "failed"]
     assert [d["id"] for d in failed] == ["o-1"] and "nobody@example.com" in failed[0]["error"]
