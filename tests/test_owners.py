@@ -344,3 +344,16 @@ def test_hubspot_oauth_connection_owns_unnamed_calls_as_the_user_who_granted_it(
         server.stop()
     assert (summary.created, summary.failed) == (1, 0), summary.error
     assert hubspot_owners_of(hubspot_api(emu), "calls") == {"o-0": emu.owner_id(emu.user)}
+
+
+def test_hubspot_unknown_rep_and_no_owner_for_the_token_leaves_hubspots_default(tmp_path: Path) -> None:
+    """The token's user is no owner (a deactivated user's app): the call is written, with no owner."""
+    emu = HubSpotEmulator(seed=15)
+    emu.user_id = 1  # the private app's user, who is not among the owners
+    app = hubspot_app("http://hubspot.test", emu.private_app_token, transport=lambda _n: emu.transport())
+    src = tmp_path / "o.jsonl"
+    src.write_text(outcomes(["gone@example.com", REPS[1]]))
+    summary = push(app, source=str(src), connection="hs")
+    assert (summary.created, summary.failed, summary.owners_defaulted) == (2, 0, 1), summary.error
+    ben = emu.owner_id(REPS[1])
+    assert hubspot_owners_of(hubspot_api(emu), "calls") == {"o-0": None, "o-1": ben}

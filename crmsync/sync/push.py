@@ -1125,8 +1125,9 @@ class _Owners:
     Policy for an email the CRM has no user for: the connection's own user (``default_owner``), a
     warning and one count in ``owners_defaulted``; with ``strict`` the outcome fails instead, before
     anything of it is written. Calls and tasks without an ``owner_email`` get the connection's own
-    user too, so no activity is left unassigned where the CRM has owners. A provider that cannot
-    name its own user (``default_owner`` None) gets the email as it is and applies its own fallback.
+    user too, so no activity is left unassigned where the CRM has owners (when the connection's user
+    is not known either, the CRM's own default owner applies). A provider without ``default_owner``
+    gets an unknown email as it is and applies its own fallback.
     """
 
     OWNED = ("contacts", "deals", "calls", "tasks")
@@ -1138,6 +1139,8 @@ class _Owners:
         self._applied: dict[str, int] = {}  # the last round's outcome ids -> id() of their records
         self._warned: set[str] = set()
         self.supported = True  # False once the provider says it maps owner_email itself
+        # A provider that cannot name its own user applies its own fallback to an unknown email.
+        self.own_fallback = type(provider).default_owner is Provider.default_owner
 
     def default(self) -> str | None:
         self._ask_default()
@@ -1184,8 +1187,8 @@ class _Owners:
                     it.row.last_error = f"owner_email {email} is not a user of the CRM (--strict-owners)"
                     continue
                 summary.owners_defaulted += 1
-                if self.default() is None:
-                    continue  # the provider cannot name its own user: it applies (and reports) its fallback
+                if self.own_fallback:
+                    continue  # the email goes to the provider as it is: it applies (and reports) its fallback
                 if email not in self._warned:
                     self._warned.add(email)
                     log.warning("owner_email %s is no user of the CRM: the connection's user owns its records", email)
