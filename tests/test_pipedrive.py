@@ -267,3 +267,36 @@ def test_a_push_that_cannot_fit_the_budget_stops_before_its_first_write(home: Pa
     assert summary.exit_code == 75
     assert "may need up to" in (summary.error or "") and "may use 300" in (summary.error or "")
     assert emulator.stats.writes == writes  # nothing was sent
+
+
+def test_calls_and_follow_ups_are_owned_by_the_rep_or_the_connection_user(home: Path, tmp_path: Path) -> None:
+    emulator = PipedriveEmulator(plan="ultimate")
+    app = _app(emulator)
+    lines = []
+    for i, owner in enumerate(["rep1@example.com", "REP2@example.com", "nobody@example.com", None]):
+        o: dict[str, Any] = {
+            "id": f"own-{i}",
+            "occurred_at": "2026-12-01T10:00:00+00:00",
+            "contact": {"email": f"c{i}@example.org"},
+            "disposition": "connected",
+            "next_step": {"type": "call", "due_at": "2026-12-09T09:00:00+00:00"},
+        }
+        if owner:
+            o["owner_email"] = owner
+        lines.append(json.dumps(o))
+    src = tmp_path / "o.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    summary = push(app, source=str(src), connection="pd")
+    assert summary.exit_code == 0, summary.as_dict()
+    owners = {marker_of(a["note"]): a["owner_id"] for a in emulator.records("activities")}
+    assert owners == {
+        "own-0": 2,
+        "own-0:task": 2,
+        "own-1": 3,
+        "own-1:task": 3,
+        "own-2": 1,
+        "own-2:task": 1,
+        "own-3": 1,
+        "own-3:task": 1,
+    }
+    assert summary.owners_defaulted == 1

@@ -146,6 +146,9 @@ def body(obj: str, props: dict[str, Any], codes: dict[str, str], links_to: dict[
             continue  # activity pseudo-fields: see activity_body
         elif len(key) == 40 and re.fullmatch(r"[0-9a-f]{40}", key):
             custom[key] = value
+        elif key == "owner_id":
+            if value not in (None, ""):
+                out[key] = int(value)  # v2 takes ids as numbers, never numeric strings
         else:
             out[key] = value
     if custom:
