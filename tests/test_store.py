@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from crmsync.app import App
 from crmsync.errors import ConfigError, LockHeldError
-from crmsync.store import SCHEMA_HEAD, Canonical, Store
+from crmsync.store import DEFAULT_STORE_WAIT, SCHEMA_HEAD, Canonical, Store
 
 
 def rec(i: int, name: str = "x") -> Canonical:
@@ -38,8 +38,12 @@ def test_store_file_is_private_and_wal(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "s.db").st_mode) == 0o600
     with store.engine.connect() as c:
         assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert c.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == DEFAULT_STORE_WAIT * 1000
         assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_HEAD
+    with store.waiting(1.5), store.engine.connect() as c:  # a run's lock timeout is the store's wait too
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == 1500
+    with store.engine.connect() as c:
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == DEFAULT_STORE_WAIT * 1000
 
 
 def test_store_from_a_newer_crmsync_is_refused(tmp_path: Path) -> None:
