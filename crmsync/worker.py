@@ -8,13 +8,23 @@ same library function as the command line, so a job and a CLI run write the same
 
 The broker is Redis at ``CRMSYNC_REDIS_URL``, else the config file's ``redis_url``, else
 ``redis://127.0.0.1:6379/0``; it is chosen when this module is imported, as Dramatiq requires.
+
+A job is acknowledged only after it ran (Dramatiq's default: a fetched message stays in its
+worker's unacknowledged set until then). When a worker process dies, its unacknowledged jobs go
+back on the queue once it has missed ``HEARTBEAT_TIMEOUT_MS`` of heartbeats: ``Heartbeat`` beats
+for every live worker process and gives the broker's requeue of dead workers' jobs a chance on a
+clock, so a killed worker's job runs again on another within seconds, without a new ``enqueue``.
+Its outbox claims are taken over at once (their run's advisory lock died with it) and its run is
+marked ``abandoned`` by the next run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
+from typing import Any
 
 try:
     import dramatiq
@@ -45,7 +55,49 @@ def broker_url(env: Mapping[str, str] | None = None) -> str:
     return load_config(paths.config_file, required=bool(env.get("CRMSYNC_CONFIG"))).redis_url or DEFAULT_REDIS_URL
 
 
-broker = RedisBroker(url=broker_url(), namespace=NAMESPACE)
+#: A worker process silent for this long is dead, and its unacknowledged jobs are queued again.
+HEARTBEAT_TIMEOUT_MS = 15_000
+#: How often each worker process beats (well inside the timeout, so a busy worker is never taken for dead).
+HEARTBEAT_SECONDS = 3.0
+#: Out of a million broker commands, how many also requeue dead workers' jobs (Dramatiq's default is
+#: 1,000, which left a killed worker's job waiting minutes for enough traffic).
+MAINTENANCE_CHANCE = 250_000
+
+
+class Heartbeat(dramatiq.Middleware):
+    """Each worker process beats on a clock, and with each beat the broker may requeue dead workers' jobs.
+
+    Dramatiq's Redis broker beats (and requeues) only as a side effect of its commands: a worker
+    whose consumers stop fetching while its jobs run would look dead, and requeueing would wait
+    for other traffic. One daemon thread per worker process keeps both going.
+    """
+
+    def __init__(self, interval: float = HEARTBEAT_SECONDS) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        self._stop.clear()
+        threading.Thread(target=self._beat, args=(broker,), name="crmsync-heartbeat", daemon=True).start()
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self._stop.set()
+
+    def _beat(self, broker: Any) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                broker.do_qsize(QUEUE)  # any broker command beats; this one only reads
+            except Exception as exc:  # Redis away for a moment: the consumers report it too
+                log.debug("heartbeat failed: %s", exc)
+
+
+broker = RedisBroker(
+    url=broker_url(),
+    namespace=NAMESPACE,
+    heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+    maintenance_chance=MAINTENANCE_CHANCE,
+)
+broker.add_middleware(Heartbeat())
 dramatiq.set_broker(broker)
 
 
