@@ -118,7 +118,7 @@ def test_a_locked_store_exits_75_store_busy_within_the_lock_timeout(
         started = time.monotonic()
         pulled = cli(env, db, "pull", "--lock-timeout", "1")
         elapsed = time.monotonic() - started
-        line = one_line(pulled, 75, "store busy", str(db), "waited 1 s")
+        one_line(pulled, 75, "store busy", str(db), "waited 1 s")
         assert elapsed < start_up * 1.5 + 3, (elapsed, start_up)  # the lock timeout, not SQLite's old 30 s
         one_line(cli(env, db, "push", str(src), "-c", "hs", "--lock-timeout", "1"), 75, "store busy")
         status = cli(env, db, "status")
@@ -321,3 +321,26 @@ def test_a_postgres_store_refusing_the_password_exits_3(tmp_path: Path) -> None:
     result = run_cli(["--db", wrong, "status"], env, timeout=60)
     one_line(result, 3, "refused", "password authentication failed")
     assert "not-the-password" not in result.stderr
+
+
+def test_a_store_filling_up_mid_pull_stops_the_pull_with_75_not_a_partial_1(
+    crm: tuple[HubSpotEmulator, Any], tmp_path: Path
+) -> None:
+    from crmsync.sync.pull import pull
+
+    emulator, srv = crm
+    emulator.seed(contacts=1500)
+    app = hubspot_app(srv.url, emulator.private_app_token, db=str(tmp_path / "s.db"))
+
+    @event.listens_for(app.store.engine, "connect")
+    def _cap(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute("PRAGMA max_page_count=1")  # no page beyond those the file has
+
+    app.store.engine.dispose()
+    try:
+        result = pull(app, objects=["contacts"])[0]
+    except StoreFullError:
+        pass  # the run log could not be closed either: the same fault, raised
+    else:
+        assert result.exit_code == 75 and "store full" in (result.error or ""), result
+    app.close()
