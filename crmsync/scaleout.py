@@ -56,7 +56,7 @@ def _holder(db: Connection, key: int) -> str:
         row = db.execute(
             text(
                 "SELECT a.application_name, a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.granted "
+                "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database() "
                 "AND l.classid = CAST(:hi AS bigint)::oid AND l.objid = CAST(:lo AS bigint)::oid LIMIT 1"
             ),
             {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},

@@ -24,6 +24,7 @@ import json
 import logging
 import operator
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -462,7 +463,7 @@ def _low_on_space(path: Path) -> bool:
     return False
 
 
-def store_fault(exc: BaseException, *, url: str, wait: float | None = None) -> StoreError | None:
+def store_fault(exc: BaseException, *, url: str) -> StoreError | None:
     """The ``StoreError`` a database or file-system exception means, or None if it is not a store fault.
 
     The one place where driver errors become exit codes: locked past the wait or out of space -> 75
@@ -473,7 +474,7 @@ def store_fault(exc: BaseException, *, url: str, wait: float | None = None) -> S
     try:
         where, backend = describe_store(url), make_url(url).get_backend_name()
     except ArgumentError:
-        where, backend = url, ""
+        where, backend = _masked(url), ""
     if isinstance(orig, StoreError):
         return orig
     if isinstance(orig, sqlite3.Error):
@@ -484,10 +485,13 @@ def store_fault(exc: BaseException, *, url: str, wait: float | None = None) -> S
         return _postgres_fault(orig, where)
     if type(exc).__module__.startswith("sqlalchemy") and not isinstance(exc, IntegrityError):
         if isinstance(exc, ArgumentError | NoSuchModuleError):
-            return StoreError(
-                f"cannot use the store {url!r}: {exc}", hint="--db takes a file path or an SQLAlchemy URL"
-            )
+            return StoreError(f"cannot use the store {where!r}", hint="--db takes a file path or an SQLAlchemy URL")
     return None
+
+
+def _masked(url: str) -> str:
+    """A URL that SQLAlchemy could not parse, with anything like a password replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def _sqlite_fault(orig: sqlite3.Error, where: str) -> StoreError | None:
@@ -633,7 +637,7 @@ class Store:
         try:
             parsed = make_url(url)
         except ArgumentError as exc:
-            raise store_fault(exc, url=url) or StoreError(f"cannot use the store {url!r}") from exc
+            raise store_fault(exc, url=url) or StoreError(f"cannot use the store {_masked(url)!r}") from exc
         marker: _OpenMarker | None = None
         if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
             path = Path(parsed.database)
@@ -655,7 +659,7 @@ class Store:
                         "cannot be written)",
                         hint="crmsync writes its store on every run: make the file and its directory writable",
                     )
-            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            engine = create_engine(url, connect_args={"timeout": DEFAULT_STORE_WAIT, "check_same_thread": False})
             marker = _OpenMarker(path)
         elif parsed.get_backend_name() == "sqlite":
             from sqlalchemy.pool import StaticPool
@@ -741,6 +745,8 @@ class Store:
     # -- faults ----------------------------------------------------------------------------------
     def _on_error(self, ctx: Any) -> None:
         """SQLAlchemy's handle_error: raise the ``StoreError`` a driver error means (see ``store_fault``)."""
+        if getattr(ctx, "is_pre_ping", False):
+            return  # a pooled connection the server dropped: SQLAlchemy opens a new one (or reports that)
         fault = store_fault(ctx.original_exception, url=self.url)
         orig = ctx.original_exception
         if fault is None and isinstance(orig, sqlite3.DatabaseError) and type(orig) is sqlite3.DatabaseError:
@@ -1793,11 +1799,15 @@ def advisory_key(name: str, purpose: str) -> int:
 
 
 def held_advisory_keys(db: Any) -> set[int]:
-    """The advisory-lock keys some PostgreSQL session holds right now (a dead session holds none)."""
+    """The advisory-lock keys some session holds in this database right now (a dead session holds none).
+
+    Advisory locks are per database: another database on the same server may use the same keys.
+    """
     rows = db.execute(
         text(
             "SELECT classid::bigint, objid::bigint FROM pg_locks "
-            "WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+            "WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
     )
     keys = set()

@@ -20,10 +20,11 @@ marked ``abandoned`` by the next run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 try:
@@ -33,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("crmsync workers need the worker extra: pip install 'crmsync[worker]'") from exc
 
 from crmsync.app import App
-from crmsync.errors import AuthError, ConfigError, ExitCode, LockHeldError, UsageError
+from crmsync.errors import AuthError, ConfigError, ExitCode, LockHeldError, StoreError, UsageError
 from crmsync.sync.pull import ConnectionResult
 from crmsync.sync.push import PushSummary
 
@@ -123,6 +124,17 @@ def _settle(what: str, exit_code: int, error: str | None) -> None:
     raise JobRejected(f"{what}: {error}")
 
 
+@contextlib.contextmanager
+def _store_faults(what: str) -> Iterator[None]:
+    """A store fault as a job's fate: retried later when it may pass (busy, full, unreachable), else failed."""
+    try:
+        yield
+    except StoreError as exc:
+        if exc.exit_code == ExitCode.TEMPFAIL:
+            raise JobFailed(f"{what}: {exc}") from exc
+        raise JobRejected(f"{what}: {exc}") from exc
+
+
 def _redacted_logs() -> None:
     """Dramatiq sets up the worker's log handlers: make them redact secrets as the CLI's do."""
     from crmsync.redact import RedactingFilter
@@ -209,7 +221,8 @@ def backfill_object(connection: str, obj: str | None = None, *, app: App | None 
 @dramatiq.actor(queue_name=QUEUE, max_retries=0, time_limit=30 * 60_000, throws=NOT_RETRIED)
 def crm_pull_delta_job(connection: str) -> None:
     """Pull the changes of one connection since its cursor."""
-    result = pull_delta(connection)
+    with _store_faults(f"pull {connection}"):
+        result = pull_delta(connection)
     if result is not None:
         _settle(f"pull {connection}", result.exit_code, result.error)
 
@@ -217,7 +230,8 @@ def crm_pull_delta_job(connection: str) -> None:
 @dramatiq.actor(queue_name=QUEUE, max_retries=5, time_limit=60 * 60_000, throws=NOT_RETRIED)
 def crm_push_outcomes_job(connection: str) -> None:
     """Deliver the queued outcomes of one connection (several may run at once on PostgreSQL)."""
-    summary = push_outcomes(connection)
+    with _store_faults(f"push {connection}"):
+        summary = push_outcomes(connection)
     if summary is not None:
         _settle(f"push {connection}", summary.exit_code, summary.error)
 
@@ -225,7 +239,8 @@ def crm_push_outcomes_job(connection: str) -> None:
 @dramatiq.actor(queue_name=QUEUE, max_retries=20, time_limit=24 * 3600_000, throws=NOT_RETRIED)
 def crm_backfill_job(connection: str, object: str | None = None) -> None:
     """Import the history of one object (None: every object) of a connection, resumably."""
-    result = backfill_object(connection, object)
+    with _store_faults(f"backfill {connection}"):
+        result = backfill_object(connection, object)
     _settle(f"backfill {connection}", result.exit_code, result.error)
 
 

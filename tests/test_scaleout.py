@@ -162,6 +162,22 @@ def test_schedule_cli_prints_cron_lines(home: Path) -> None:
     assert run_cli(["schedule", "--every", "7m"], env).code == 2
 
 
+def test_a_store_fault_fails_a_job_for_good_or_for_a_retry_by_its_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("dramatiq")
+    from crmsync.worker import JobFailed, JobRejected, crm_push_outcomes_job
+
+    garbage = tmp_path / "s.db"
+    garbage.write_bytes(b"not a database " * 1000)
+    monkeypatch.setenv("CRMSYNC_DB", str(garbage))
+    with pytest.raises(JobRejected, match="corrupt"):  # a person must act: never retried
+        crm_push_outcomes_job.fn("hs")
+    monkeypatch.setenv("CRMSYNC_DB", "postgresql+psycopg://crmsync:x@127.0.0.1:1/crmsync")
+    with pytest.raises(JobFailed, match="cannot reach the store"):  # may pass later: retried
+        crm_push_outcomes_job.fn("hs")
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------------
 @pytest.mark.scaleout
 def test_store_migrates_on_postgres_once_even_when_workers_start_together(pg: str) -> None:
@@ -193,6 +209,23 @@ def test_store_migrates_on_postgres_once_even_when_workers_start_together(pg: st
     assert store.cursor("hs", "contacts") == {"mode": "search", "ts": 5}
     assert store.record("hs", "contacts", "1").properties["tags"] == ["x", "ü"]  # type: ignore[union-attr]
     assert store.find_by_keys("hs", "contacts", ["email:a@example.com"])["email:a@example.com"].remote_id == "1"
+    store.close()
+
+
+@pytest.mark.scaleout
+def test_a_pooled_connection_the_server_dropped_is_replaced_not_reported(pg: str) -> None:
+    store = Store.open(pg)
+    assert store.connections() == []
+    admin = create_engine(PG_URL)
+    with admin.begin() as c:  # a server restart, or an idle-session timeout
+        c.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    admin.dispose()
+    assert store.connections() == []  # the pre-ping saw the dead session and opened another
     store.close()
 
 

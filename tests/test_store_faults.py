@@ -201,6 +201,7 @@ def test_a_full_disk_exits_75_with_the_path_and_free_space(
     line = one_line(cli(env, db, "push", str(src), "-c", "hs"), 75, "store full", str(db), "free")
     assert "bytes free" in line or "KB free" in line
     one_line(cli(env, db, "pull"), 75, str(db))
+    one_line(cli(env, db, "status"), 75, str(db))
     filler.unlink()
     push_exactly_once(env, db, crm[0], src)
 
