@@ -16,6 +16,7 @@ after something else changed the file (``_OpenMarker``), and whenever SQLite rep
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
@@ -29,6 +30,7 @@ import shutil
 import socket
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -690,6 +692,8 @@ class Store:
             raise
         store.wait = wait if wait is not None and wait > 0 else DEFAULT_STORE_WAIT
         store._marker = marker
+        if marker is not None:
+            _OPEN_STORES.add(store)
         return store
 
     def _sqlite_setup(self, path: Path | None) -> None:
@@ -759,6 +763,26 @@ class Store:
         if fault is not None:
             raise fault from orig
 
+    def check_writable(self) -> None:
+        """Meet now the fault a run's first write would meet: the store locked past the wait, or no room.
+
+        For read-only commands (``status``), so they report what the next pull or push would hit.
+
+        Raises:
+            StoreBusyError: another process holds the write lock longer than ``wait``.
+            StoreFullError: the store's file system has (almost) no space left.
+        """
+        if self.path is None:
+            return
+        if _low_on_space(self.path):
+            raise StoreFullError(
+                f"store full: cannot write {self.path} ({free_space(self.path)})",
+                hint="free some space or move the store (--db), then run the command again",
+            )
+        with self.engine.connect() as c:
+            c.exec_driver_sql("BEGIN IMMEDIATE")  # takes the write lock, writes nothing
+            c.exec_driver_sql("ROLLBACK")
+
     def check_integrity(self) -> None:
         """``PRAGMA quick_check`` of a SQLite store.
 
@@ -801,6 +825,7 @@ class Store:
                 guard.close()
         self._run_guards.clear()
         self.engine.dispose()
+        _OPEN_STORES.discard(self)
         if self._marker is not None:
             self._marker.leave()
             self._marker = None
@@ -1716,6 +1741,18 @@ class _OpenMarker:
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+#: SQLite stores not closed yet: closed at exit, so a command that never closes its store (the CLI
+#: leaves that to the process's end) still records a clean shutdown and the next open skips the check.
+_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    for store in list(_OPEN_STORES):
+        with contextlib.suppress(Exception):
+            store.close()
 
 
 def _read_state(fd: int) -> dict[str, Any]:
