@@ -65,7 +65,7 @@ class App:
         _ = self.config  # the config may name the db
         # The data directory holds the store, the locks and maybe secret files: the user's only.
         private_dir(self.paths.data_dir)
-        return Store.open(self.paths.db)
+        return Store.open(self.paths.db, wait=self.config.lock_timeout)
 
     @cached_property
     def secrets(self) -> Any:
@@ -226,7 +226,7 @@ class App:
         if self.store.url.startswith("postgresql"):
             from crmsync.scaleout import advisory_lock
 
-            with advisory_lock(self.store, connection, timeout=wait):
+            with advisory_lock(self.store, connection, timeout=wait), self.store.waiting(wait):
                 yield
             return
         from crmsync.credentials import private_dir
@@ -249,7 +249,9 @@ class App:
                     ) from None
         try:
             owner.write_text(f"{os.getpid()} on {socket.gethostname()}")
-            yield
+            # The same wait holds for the store itself: another process's SQLite lock is another run.
+            with self.store.waiting(wait):
+                yield
         finally:
             with contextlib.suppress(OSError):
                 owner.unlink()

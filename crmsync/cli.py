@@ -766,10 +766,7 @@ def main() -> None:
     try:
         rv = app(standalone_mode=False)
     except CrmsyncError as exc:
-        from crmsync.redact import redact
-
-        sys.stderr.write(f"crmsync: error: {redact(str(exc))}\n")
-        sys.exit(int(exc.exit_code))
+        _fail(exc)
     except Exit as exc:
         sys.exit(exc.exit_code)
     except Abort:
@@ -785,4 +782,25 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("crmsync: interrupted\n")
         sys.exit(ExitCode.INTERRUPTED)
+    except Exception as exc:
+        # A database error raised outside the store's engine (its handle_error maps the rest).
+        from crmsync.store import store_fault
+
+        fault = store_fault(exc, url=STATE._app.store.url if STATE._app and "store" in vars(STATE._app) else "")
+        if fault is None:
+            raise
+        fault.__cause__ = exc
+        _fail(fault)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _fail(exc: CrmsyncError) -> None:
+    """One line on stderr and the error's exit code; with --verbose, the underlying traceback first."""
+    from crmsync.redact import redact
+
+    if STATE.verbose and exc.__cause__ is not None:
+        import traceback
+
+        sys.stderr.write(redact("".join(traceback.format_exception(exc.__cause__))))
+    sys.stderr.write(f"crmsync: error: {redact(str(exc))}\n")
+    sys.exit(int(exc.exit_code))

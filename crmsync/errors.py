@@ -10,6 +10,11 @@ stderr and the exit code below. A traceback therefore always means a bug.
     ├── ConfigError                   3  no connection, bad config file, no keyring
     ├── AuthError                     3  credentials rejected, expired, or a scope missing
     ├── LockHeldError                 75 another run holds the connection's lock
+    ├── StoreError                    3  the store cannot be opened or written: read-only, missing, refused
+    │   ├── StoreCorruptError         3  the store file is damaged (the message says how to rebuild it)
+    │   ├── StoreBusyError            75 another process holds the store's lock past the wait
+    │   ├── StoreFullError            75 the disk (or the database server) has no room left
+    │   └── StoreUnreachableError     75 the database server does not answer
     ├── ProviderError                 1  the CRM said no
     │   ├── RetriableError            75 429/5xx/timeouts still failing at the deadline
     │   └── FatalProviderError        1  4xx that no retry will fix
@@ -74,6 +79,32 @@ class AuthError(CrmsyncError):
 
 
 class LockHeldError(CrmsyncError):
+    exit_code = ExitCode.TEMPFAIL
+
+
+class StoreError(CrmsyncError):
+    """The local store cannot be used; the message names it (``store.store_fault`` decides which)."""
+
+    exit_code = ExitCode.AUTH
+
+
+class StoreCorruptError(StoreError):
+    """The store file is damaged; ``saved`` is where its queued outcomes were written, if anywhere."""
+
+    def __init__(self, message: str, *, hint: str | None = None, saved: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.saved = saved
+
+
+class StoreBusyError(StoreError):
+    exit_code = ExitCode.TEMPFAIL
+
+
+class StoreFullError(StoreError):
+    exit_code = ExitCode.TEMPFAIL
+
+
+class StoreUnreachableError(StoreError):
     exit_code = ExitCode.TEMPFAIL
 
 

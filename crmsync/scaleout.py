@@ -16,7 +16,6 @@ Nothing here imports redis or psycopg until it is used: the worker extra stays o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -29,6 +28,7 @@ from sqlalchemy import text
 
 from crmsync.credentials import SecretStore, Storage
 from crmsync.errors import LockHeldError, RetriableError
+from crmsync.store import advisory_key, held_advisory_keys
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -47,8 +47,7 @@ def is_postgres(url: str) -> bool:
 
 def lock_key(connection: str, purpose: str = "run") -> int:
     """A stable signed 64-bit advisory-lock key for (purpose, connection)."""
-    digest = hashlib.sha256(f"crmsync:{purpose}:{connection}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return advisory_key(connection, purpose)
 
 
 def _holder(db: Connection, key: int) -> str:
@@ -57,7 +56,7 @@ def _holder(db: Connection, key: int) -> str:
         row = db.execute(
             text(
                 "SELECT a.application_name, a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.granted "
+                "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database() "
                 "AND l.classid = CAST(:hi AS bigint)::oid AND l.objid = CAST(:lo AS bigint)::oid LIMIT 1"
             ),
             {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},
@@ -121,22 +120,14 @@ def dead_owners(db: Any, owners: Iterable[str]) -> list[str]:
     owners = [o for o in owners if o]
     if not owners:
         return []
-    live = {
-        (int(classid), int(objid))
-        for classid, objid in db.execute(
-            text(
-                "SELECT classid::bigint, objid::bigint FROM pg_locks "
-                "WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-            )
-        )
-    }
+    live = held_advisory_keys(db)  # the same liveness the run log's abandoned runs are judged by
     dead = []
     for owner in owners:
         try:
             key = int(owner.split(":", 1)[0])
         except ValueError:
             continue  # not ours to judge: its lease still expires
-        if ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF) not in live:
+        if key not in live:
             dead.append(owner)
     return dead
 

@@ -6,21 +6,34 @@ when the store opens; a store written by a newer crmsync is refused.
 
 The rule that matters most: a page of pulled records and the cursor that follows it are
 written in ONE transaction (``apply_page``), so a crash between pages repeats at most a page.
+
+Every fault of the database itself (locked, full, read-only, corrupt, unreachable, credentials
+refused) becomes a ``StoreError`` here, in ``store_fault``, called from the engine's
+``handle_error`` event: the rest of crmsync never sees a driver exception for those. A SQLite
+store is checked with ``PRAGMA quick_check`` when it opens after crmsync did not close it, or
+after something else changed the file (``_OpenMarker``), and whenever SQLite reports damage.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import functools
 import hashlib
 import json
+import logging
 import operator
 import os
+import re
+import shutil
 import socket
+import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,12 +55,32 @@ from sqlalchemy import (
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError
 from sqlmodel import Field, Session, SQLModel, select
 
+from crmsync.errors import (
+    StoreBusyError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreUnreachableError,
+)
 from crmsync.model import utcnow
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no unclean-shutdown marker, corruption is still caught on use
+    fcntl = None  # type: ignore[assignment]
+
 T = TypeVar("T")
+
+log = logging.getLogger("crmsync.store")
+
+#: How long a statement waits for another process's SQLite lock when the run names no lock timeout.
+DEFAULT_STORE_WAIT = 5.0
+#: The opening read waits no longer than this unless a lock timeout was given: in WAL mode only a
+#: process holding the whole file exclusively blocks readers, and that does not end in seconds.
+OPEN_WAIT = 1.0
 
 SCHEMA_HEAD = "0002"  # newest migration this crmsync knows; keep in step with migrations/versions
 
@@ -129,7 +162,7 @@ class CrmSyncLog(SQLModel, table=True):
     command: str
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
-    status: str = "running"  # running | ok | partial | failed | interrupted
+    status: str = "running"  # running | ok | partial | failed | interrupted | abandoned
     counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, default=dict))
     requests: int = 0
     retries: int = 0
@@ -381,6 +414,169 @@ def db_url(value: str | Path) -> str:
     return f"sqlite:///{Path(text_value).expanduser().resolve()}"
 
 
+# -- store faults ----------------------------------------------------------------------------------
+# SQLite's primary result codes (the low byte of an extended code).
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
+_SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
+#: Below this much free space an I/O or open error is taken for a full disk.
+_LOW_SPACE = 1 << 20
+#: Messages with which PostgreSQL refuses a connection that no retry will fix (bad login, no database).
+_PG_REFUSALS = (
+    "authentication failed",
+    "password",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "not permitted to log in",
+)
+
+
+def describe_store(url: str) -> str:
+    """The store as an operator names it: the file path, or the URL without its password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return parsed.render_as_string(hide_password=True)
+
+
+def free_space(path: Path) -> str:
+    """Free space on the file system holding ``path``, for a message ("12 KB free on /srv")."""
+    probe = path if path.exists() else path.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return "free space unknown"
+    return f"{_human_bytes(usage.free)} free on its file system"
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} bytes"  # pragma: no cover
+
+
+def _low_on_space(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(path if path.exists() else path.parent).free < _LOW_SPACE
+    return False
+
+
+def store_fault(exc: BaseException, *, url: str) -> StoreError | None:
+    """The ``StoreError`` a database or file-system exception means, or None if it is not a store fault.
+
+    The one place where driver errors become exit codes: locked past the wait or out of space -> 75
+    (try again later), read-only, unopenable or refused -> 3, damaged -> ``StoreCorruptError`` (3;
+    ``Store`` adds the recovery hint after checking and saving the outbox).
+    """
+    orig = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's exception
+    try:
+        where, backend = describe_store(url), make_url(url).get_backend_name()
+    except ArgumentError:
+        where, backend = _masked(url), ""
+    if isinstance(orig, StoreError):
+        return orig
+    if isinstance(orig, sqlite3.Error):
+        return _sqlite_fault(orig, where)
+    if isinstance(orig, OSError) and backend == "sqlite":
+        return _os_fault(orig, where)
+    if type(orig).__module__.split(".")[0] in ("psycopg", "psycopg2"):
+        return _postgres_fault(orig, where)
+    if type(exc).__module__.startswith("sqlalchemy") and not isinstance(exc, IntegrityError):
+        if isinstance(exc, ArgumentError | NoSuchModuleError):
+            return StoreError(f"cannot use the store {where!r}", hint="--db takes a file path or an SQLAlchemy URL")
+    return None
+
+
+def _masked(url: str) -> str:
+    """A URL that SQLAlchemy could not parse, with anything like a password replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _sqlite_fault(orig: sqlite3.Error, where: str) -> StoreError | None:
+    code = getattr(orig, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    detail = str(orig)
+    path = Path(where)
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return StoreBusyError(
+            f"store busy: {where} is locked by another process ({detail})",
+            hint="try again later, or pass --lock-timeout SECONDS to wait longer",
+        )
+    if primary == _SQLITE_FULL or (primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) and _low_on_space(path)):
+        return StoreFullError(
+            f"store full: cannot write {where} ({free_space(path)}; {detail})",
+            hint="free some space or move the store (--db), then run the command again",
+        )
+    if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_AUTH):
+        return StoreError(
+            f"the store {where} is read-only ({detail})",
+            hint="crmsync writes its store on every run: make the file and its directory writable",
+        )
+    if primary == _SQLITE_CANTOPEN:
+        return StoreError(
+            f"cannot open the store {where} ({detail})",
+            hint="check that its directory exists and is writable, or point --db elsewhere",
+        )
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StoreCorruptError(f"the store {where} is corrupt ({detail})")
+    if primary == _SQLITE_IOERR:
+        return StoreError(f"cannot read or write the store {where} (I/O error: {detail})", hint="check the disk")
+    return None
+
+
+def _os_fault(orig: OSError, where: str) -> StoreError | None:
+    if orig.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFullError(
+            f"store full: cannot write {where} ({free_space(Path(where))})",
+            hint="free some space or move the store (--db), then run the command again",
+        )
+    if orig.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreError(
+            f"the store {where} is read-only ({orig.strerror})",
+            hint="crmsync writes its store on every run: make the file and its directory writable",
+        )
+    return StoreError(f"cannot open the store {where} ({orig.strerror or orig})")
+
+
+def _postgres_fault(orig: BaseException, where: str) -> StoreError | None:
+    state = getattr(orig, "sqlstate", None) or ""
+    detail = " ".join(str(orig).split())[:300]
+    if not state:
+        # Connection-phase errors carry no SQLSTATE: a refusal by the server, or no server at all.
+        if any(word in detail.lower() for word in _PG_REFUSALS) and "timeout" not in detail.lower():
+            return StoreError(
+                f"the database refused crmsync's connection to {where} ({detail})",
+                hint="check the user, password and database name in --db / CRMSYNC_DB / the config's db",
+            )
+        if type(orig).__name__ in ("OperationalError", "InterfaceError"):
+            return StoreUnreachableError(
+                f"cannot reach the store at {where} ({detail})", hint="the database server is down or unreachable"
+            )
+        return None
+    if state.startswith("08") or state.startswith("57P"):
+        return StoreUnreachableError(f"lost the store at {where} ({detail})", hint="try again later")
+    if state == "53100":
+        return StoreFullError(f"store full: the database server of {where} is out of disk space ({detail})")
+    if state.startswith("53") or state == "55P03" or state.startswith("40"):
+        return StoreBusyError(f"store busy: {where} ({detail})", hint="try again later")
+    if state.startswith("28") or state in ("3D000", "42501"):
+        return StoreError(
+            f"the database refused crmsync's connection to {where} ({detail})",
+            hint="check the user, password, database name and grants",
+        )
+    if state == "25006":
+        return StoreError(f"the store {where} is read-only ({detail})", hint="point --db at the primary server")
+    if state in ("XX001", "XX002"):
+        return StoreCorruptError(
+            f"the store {where} is corrupt ({detail})", hint="restore the database from a backup, or rebuild it"
+        )
+    return None
+
+
 @dataclass
 class Canonical:
     """A pulled record after mapping: what apply_page stores."""
@@ -422,29 +618,97 @@ class Store:
         self.write_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
+        self.path: Path | None = None  # the SQLite file, if the store is one
+        self._wait = DEFAULT_STORE_WAIT
+        self._marker: _OpenMarker | None = None
+        self._run_guards: dict[int, Connection] = {}  # PostgreSQL: one session per live run, holding its lock
+        event.listen(engine, "handle_error", self._on_error)
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, url_or_path: str | Path, *, migrate: bool = True) -> Store:
-        """Open (creating and migrating as needed) the store at a path or SQLAlchemy URL."""
+    def open(cls, url_or_path: str | Path, *, migrate: bool = True, wait: float | None = None) -> Store:
+        """Open (creating and migrating as needed) the store at a path or SQLAlchemy URL.
+
+        ``wait`` is how long a statement waits for another process's lock (the run's lock
+        timeout); None: ``DEFAULT_STORE_WAIT``, and at most ``OPEN_WAIT`` for the first read.
+
+        Raises:
+            StoreError: the store cannot be used (see ``store_fault``); nothing was written.
+        """
         url = db_url(url_or_path)
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            raise store_fault(exc, url=url) or StoreError(f"cannot use the store {_masked(url)!r}") from exc
+        marker: _OpenMarker | None = None
         if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
             path = Path(parsed.database)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                # Create it 0600 before SQLite does, so no other user can ever read it.
-                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-                os.close(fd)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    # Create it 0600 before SQLite does, so no other user can ever read it.
+                    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                    os.close(fd)
+            except OSError as exc:
+                raise store_fault(exc, url=url) or StoreError(f"cannot open the store {path} ({exc})") from exc
             with contextlib.suppress(OSError):
                 os.chmod(path, 0o600)
-            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            for target in (path, path.parent):
+                if not os.access(target, os.W_OK):
+                    # SQLite would read it and fail on the first write, half-way through a run.
+                    raise StoreError(
+                        f"the store {path} is read-only ({'its directory' if target != path else 'the file'} "
+                        "cannot be written)",
+                        hint="crmsync writes its store on every run: make the file and its directory writable",
+                    )
+            engine = create_engine(url, connect_args={"timeout": DEFAULT_STORE_WAIT, "check_same_thread": False})
+            marker = _OpenMarker(path)
+        elif parsed.get_backend_name() == "sqlite":
+            from sqlalchemy.pool import StaticPool
 
-            @event.listens_for(engine, "connect")
-            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
+            engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+        else:
+            args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+            try:
+                engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+            except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+                raise StoreError(
+                    f"cannot use the store {describe_store(url)} ({exc})",
+                    hint="--db takes a file path or an SQLAlchemy URL whose driver is installed",
+                ) from exc
+        store = cls(engine, url)
+        if engine.dialect.name == "sqlite":
+            store._sqlite_setup(Path(parsed.database) if marker else None)
+        store.wait = wait if wait is not None and wait > 0 else OPEN_WAIT
+        try:
+            if marker is not None and marker.enter():
+                store.check_integrity()
+            if migrate:
+                store.migrate()
+        except BaseException:
+            store.close()
+            if marker is not None:
+                marker.leave(record=False)  # still "open": the next run looks again
+            raise
+        store.wait = wait if wait is not None and wait > 0 else DEFAULT_STORE_WAIT
+        store._marker = marker
+        if marker is not None:
+            _OPEN_STORES.add(store)
+        return store
+
+    def _sqlite_setup(self, path: Path | None) -> None:
+        """Pragmas on every new SQLite connection, and the current wait on every checkout."""
+        self.path = path
+        on_file = path is not None
+
+        @event.listens_for(self.engine, "connect")
+        def _pragmas(dbapi_conn: Any, record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            wait_ms = int(self._wait * 1000)
+            cur.execute(f"PRAGMA busy_timeout={wait_ms}")
+            record.info["wait_ms"] = wait_ms
+            if on_file:
                 cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA synchronous=NORMAL")
                 # 32 MB of page cache (default 2 MB): a large mirror's indexes stay in memory while pulling.
                 cur.execute("PRAGMA cache_size=-32000")
@@ -454,26 +718,123 @@ class Store:
                 cur.execute("PRAGMA wal_autocheckpoint=10000")
                 cur.execute("PRAGMA journal_size_limit=67108864")
                 cur.execute("PRAGMA foreign_keys=ON")
-                cur.close()
-        elif parsed.get_backend_name() == "sqlite":
-            from sqlalchemy.pool import StaticPool
+            cur.close()
 
-            engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
-        else:
-            engine = create_engine(url, pool_pre_ping=True)
-        store = cls(engine, url)
-        if migrate:
-            store.migrate()
-        return store
+        @event.listens_for(self.engine, "checkout")
+        def _current_wait(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+            wait_ms = int(self._wait * 1000)
+            if record.info.get("wait_ms") != wait_ms:
+                dbapi_conn.execute(f"PRAGMA busy_timeout={wait_ms}")
+                record.info["wait_ms"] = wait_ms
+
+    @property
+    def wait(self) -> float:
+        """Seconds a statement waits for another process's lock on the store (SQLite's busy timeout)."""
+        return self._wait
+
+    @wait.setter
+    def wait(self, seconds: float) -> None:
+        self._wait = max(0.0, float(seconds))
+
+    @contextlib.contextmanager
+    def waiting(self, seconds: float | None) -> Iterator[None]:
+        """Within the block, wait ``seconds`` for a locked store (a run's lock timeout); None: the default."""
+        before = self._wait
+        self.wait = seconds if seconds is not None and seconds > 0 else DEFAULT_STORE_WAIT
+        try:
+            yield
+        finally:
+            self._wait = before
+
+    # -- faults ----------------------------------------------------------------------------------
+    def _on_error(self, ctx: Any) -> None:
+        """SQLAlchemy's handle_error: raise the ``StoreError`` a driver error means (see ``store_fault``)."""
+        if getattr(ctx, "is_pre_ping", False):
+            return  # a pooled connection the server dropped: SQLAlchemy opens a new one (or reports that)
+        fault = store_fault(ctx.original_exception, url=self.url)
+        orig = ctx.original_exception
+        if fault is None and isinstance(orig, sqlite3.DatabaseError) and type(orig) is sqlite3.DatabaseError:
+            # Any other DatabaseError may be damage SQLite did not name: look before calling it a bug.
+            fault = self._corruption(str(orig))
+        elif isinstance(fault, StoreCorruptError) or (type(fault) is StoreError and "(I/O error" in fault.message):
+            fault = self._corruption(str(orig)) or fault
+        if isinstance(fault, StoreBusyError) and self.path is not None:
+            fault.message += f"; waited {self._wait:g} s"
+        if fault is not None:
+            raise fault from orig
+
+    def check_writable(self) -> None:
+        """Meet now the fault a run's first write would meet: the store locked past the wait, or no room.
+
+        For read-only commands (``status``), so they report what the next pull or push would hit.
+
+        Raises:
+            StoreBusyError: another process holds the write lock longer than ``wait``.
+            StoreFullError: the store's file system has (almost) no space left.
+        """
+        if self.path is None:
+            return
+        if _low_on_space(self.path):
+            raise StoreFullError(
+                f"store full: cannot write {self.path} ({free_space(self.path)})",
+                hint="free some space or move the store (--db), then run the command again",
+            )
+        with self.engine.connect() as c:
+            c.exec_driver_sql("BEGIN IMMEDIATE")  # takes the write lock, writes nothing
+            c.exec_driver_sql("ROLLBACK")
+
+    def check_integrity(self) -> None:
+        """``PRAGMA quick_check`` of a SQLite store.
+
+        Raises:
+            StoreCorruptError: the check found damage (the queued outcomes were saved first).
+        """
+        if self.path is None:
+            return
+        fault = self._corruption(None)
+        if fault is not None:
+            raise fault
+
+    def _corruption(self, seen: str | None) -> StoreCorruptError | None:
+        """Check the SQLite file; if damaged, save the queued outcomes and say how to recover."""
+        if self.path is None:
+            return StoreCorruptError(f"the store is corrupt ({seen})") if seen else None
+        problems = _quick_check(self.path, timeout=self._wait)
+        if not problems and seen is None:
+            return None
+        if not problems and seen is not None and "malformed" not in seen and "not a database" not in seen:
+            return None
+        # quick_check's rows span lines ("*** in database main ***\nPage 5: ..."): one line, a few problems.
+        detail = " ".join(" ".join(problems[:3]).replace("*** in database main ***", "").split()) if problems else seen
+        saved = save_queued(self.path, timeout=self._wait)
+        where = self.path
+        kept = "; ".join(f"{n} queued outcome(s) of {c} saved to {f}" for c, (f, n) in saved.items())
+        again = "".join(f"; then crmsync push {f} -c {c}" for c, (f, _) in saved.items())
+        return StoreCorruptError(
+            f"the store {where} is corrupt ({detail}); {kept or 'no queued outcome could be read from it'}",
+            hint=(
+                f"move it aside (mv {where} {where}.corrupt) and rebuild the store from the CRM: "
+                f"crmsync connect … and crmsync backfill -c NAME{again}"
+            ),
+            saved=", ".join(str(f) for f, _ in saved.values()) or None,
+        )
+
+    def close(self) -> None:
+        for guard in list(self._run_guards.values()):
+            with contextlib.suppress(Exception):
+                guard.close()
+        self._run_guards.clear()
+        self.engine.dispose()
+        _OPEN_STORES.discard(self)
+        if self._marker is not None:
+            self._marker.leave()
+            self._marker = None
 
     def migrate(self) -> None:
         """Apply pending migrations; refuse a store written by a newer crmsync."""
         from crmsync.migrations import upgrade
 
         upgrade(self.engine, head=SCHEMA_HEAD)
-
-    def close(self) -> None:
-        self.engine.dispose()
 
     @property
     def concurrent_writers(self) -> bool:
@@ -885,12 +1246,90 @@ class Store:
 
     # -- run log -----------------------------------------------------------------------------------
     def start_run(self, connection: str, command: str, *, mapping_hash: str | None = None) -> int:
-        with self.session() as s:
-            run = CrmSyncLog(connection=connection, command=command, mapping_hash=mapping_hash)
-            s.add(run)
-            s.flush()
-            assert run.id is not None
-            return run.id
+        """Open a run log row (status ``running``), after marking the connection's dead runs abandoned.
+
+        On PostgreSQL the run's row becomes visible together with an advisory lock its session
+        holds until ``finish_run``, so ``abandon_dead_runs`` on any host can tell it is alive.
+        """
+        self.abandon_dead_runs(connection)
+        run = CrmSyncLog(connection=connection, command=command, mapping_hash=mapping_hash)
+        if self.engine.dialect.name != "postgresql":
+            with self.session() as s:
+                s.add(run)
+                s.flush()
+                assert run.id is not None
+                return run.id
+        db = self.engine.connect()
+        try:
+            with Session(bind=db, expire_on_commit=False) as s:
+                s.add(run)
+                s.flush()
+                assert run.id is not None
+                s.execute(text("SELECT pg_advisory_lock(CAST(:k AS bigint))"), {"k": _run_key(run.id)})
+                s.commit()
+        except BaseException:
+            db.invalidate()  # the lock, if taken, must not live on in the pool
+            db.close()
+            raise
+        self._run_guards[run.id] = db
+        return run.id
+
+    def _release_run(self, run_id: int) -> None:
+        db = self._run_guards.pop(run_id, None)
+        if db is None:
+            return
+        try:
+            db.execute(text("SELECT pg_advisory_unlock(CAST(:k AS bigint))"), {"k": _run_key(run_id)})
+            db.commit()
+        except Exception:
+            db.invalidate()  # a session that may still hold the lock is not given back to the pool
+        finally:
+            db.close()
+
+    def abandon_dead_runs(self, connection: str | None = None) -> int:
+        """Mark ``abandoned`` the running runs whose process is gone; how many were marked.
+
+        On PostgreSQL a run is alive while its advisory lock is held (any host); on SQLite, runs of
+        this host whose pid has ended (other hosts' cannot be judged). Best effort: a store that
+        cannot be written now is left as it is.
+        """
+        try:
+            with self.session() as s:
+                q = sa_select(CrmSyncLog.id, CrmSyncLog.host, CrmSyncLog.pid, CrmSyncLog.started_at).where(
+                    CrmSyncLog.status == "running"
+                )
+                if connection:
+                    q = q.where(CrmSyncLog.connection == connection)
+                rows = s.execute(q).all()
+            if not rows:
+                return 0
+            if self.engine.dialect.name == "postgresql":
+                with self.engine.connect() as db:
+                    held = held_advisory_keys(db)
+                dead = [r for r in rows if _run_key(r.id) not in held]
+            else:
+                me, mine = socket.gethostname(), os.getpid()
+                dead = [r for r in rows if r.host == me and r.pid != mine and process_gone(r.pid, r.started_at)]
+            if not dead:
+                return 0
+            now = utcnow()
+            with self.session() as s:
+                for r in dead:
+                    s.execute(
+                        update(CrmSyncLog)
+                        .where(CrmSyncLog.id == r.id, CrmSyncLog.status == "running")  # type: ignore[arg-type]
+                        .values(
+                            status="abandoned",
+                            finished_at=now,
+                            error=f"its process (pid {r.pid} on {r.host}) ended without finishing the run",
+                        )
+                    )
+            for r in dead:
+                log.warning("run %s (pid %s on %s) was abandoned: its process is gone", r.id, r.pid, r.host)
+            return len(dead)
+        except StoreError as exc:
+            log.debug("dead runs not marked: %s", exc)
+            return 0
 
     def finish_run(
         self,
@@ -901,19 +1340,22 @@ class Store:
         stats: dict[str, int] | None = None,
         error: str | None = None,
     ) -> None:
-        with self.session() as s:
-            run = s.get(CrmSyncLog, run_id)
-            if run is None:
-                return
-            run.finished_at = utcnow()
-            run.status = status
-            run.counts = counts
-            if stats:
-                run.requests = stats.get("requests", 0)
-                run.retries = stats.get("retries", 0)
-                run.rate_limited = stats.get("rate_limited", 0)
-            run.error = error
-            s.add(run)
+        try:
+            with self.session() as s:
+                run = s.get(CrmSyncLog, run_id)
+                if run is None:
+                    return
+                run.finished_at = utcnow()
+                run.status = status
+                run.counts = counts
+                if stats:
+                    run.requests = stats.get("requests", 0)
+                    run.retries = stats.get("retries", 0)
+                    run.rate_limited = stats.get("rate_limited", 0)
+                run.error = error
+                s.add(run)
+        finally:
+            self._release_run(run_id)
 
     def runs(
         self, connection: str | None = None, *, since: datetime | None = None, limit: int = 50
@@ -1183,9 +1625,7 @@ class _Bulk:
             if not self.direct:
                 # Parameter names must not be column names in an UPDATE's SET (SQLAlchemy reserves them).
                 stmt = (
-                    update(table)
-                    .where(table.c[key] == bindparam("k_"))
-                    .values({c: bindparam(f"v_{c}") for c in sets})
+                    update(table).where(table.c[key] == bindparam("k_")).values({c: bindparam(f"v_{c}") for c in sets})
                 )
                 self.db.execute(stmt, [{**{f"v_{c}": _plain(r[c]) for c in sets}, "k_": r[key]} for r in group])
                 continue
@@ -1239,6 +1679,213 @@ def _by_keys(rows: list[dict[str, Any]]) -> Iterator[tuple[tuple[str, ...], list
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+# -- SQLite integrity ------------------------------------------------------------------------------
+class _OpenMarker:
+    """Whether a SQLite store needs ``quick_check`` on open, from a small state file beside it.
+
+    The last crmsync process to close the store records the file's size and modification time
+    there; a process that opens the store alone (a non-blocking exclusive ``flock``) checks it
+    when the record says the store was left open (a crash) or the file differs from what was
+    recorded (someone else wrote it). Any other process takes a shared lock and trusts it. The
+    kernel drops the locks of a killed process, so a crash never leaves the marker stuck.
+    """
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.state = db.with_name(db.name + "-crmsync")
+        self.fd: int | None = None
+
+    def enter(self) -> bool:
+        """Take the marker; True when the store should be checked before use."""
+        if fcntl is None:
+            return False
+        try:
+            self.fd = os.open(self.state, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False  # a read-only directory fails later, with its own message
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)  # another crmsync has it open: it checked
+            return False
+        try:
+            recorded = _read_state(self.fd)
+            stat = self.db.stat()
+            wal = self.db.with_name(self.db.name + "-wal")
+            needed = stat.st_size > 0 and (
+                recorded.get("open", True)
+                or recorded.get("size") != stat.st_size
+                or recorded.get("mtime_ns") != stat.st_mtime_ns
+                or (wal.exists() and wal.stat().st_size > 0)
+            )
+            _write_state(self.fd, {"open": True})
+        except OSError:
+            needed = False
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        return needed
+
+    def leave(self, *, record: bool = True) -> None:
+        """Release the marker; the last process out records the file as it leaves it."""
+        if self.fd is None or fcntl is None:
+            return
+        try:
+            if not record:
+                return
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stat = self.db.stat()
+            _write_state(self.fd, {"open": False, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        except OSError:
+            pass  # others still have it open (the last one records it), or the disk is full
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+#: SQLite stores not closed yet: closed at exit, so a command that never closes its store (the CLI
+#: leaves that to the process's end) still records a clean shutdown and the next open skips the check.
+_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    for store in list(_OPEN_STORES):
+        with contextlib.suppress(Exception):
+            store.close()
+
+
+def _read_state(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        value = json.loads(os.read(fd, 4096) or b"{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_state(fd: int, value: dict[str, Any]) -> None:
+    data = json.dumps(value).encode()
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.ftruncate(fd, 0)
+    os.write(fd, data)
+
+
+def _quick_check(path: Path, *, timeout: float = DEFAULT_STORE_WAIT) -> list[str]:
+    """``PRAGMA quick_check`` of a SQLite file: the problems found ([] when healthy or not checkable now)."""
+    try:
+        con = sqlite3.connect(str(path), timeout=timeout)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = [str(r[0]) for r in con.execute("PRAGMA quick_check(20)")]
+        return [] if rows == ["ok"] else rows
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN, _SQLITE_FULL, _SQLITE_READONLY):
+            return []  # cannot look now: not a sign of damage
+        if code == _SQLITE_IOERR and _low_on_space(path):
+            return []
+        return [str(exc)]
+    finally:
+        con.close()
+
+
+def save_queued(path: Path, *, timeout: float = DEFAULT_STORE_WAIT) -> dict[str, tuple[Path, int]]:
+    """Write what a (damaged) store's outbox still queues, as far as it reads: connection -> (file, count).
+
+    One file per connection, ``<store>.queued-<connection>.jsonl``, in the form ``crmsync push``
+    reads (the outcomes as queued); nothing when no outcome could be read.
+    """
+    found: dict[str, list[str]] = {}
+    try:
+        con = sqlite3.connect(str(path), timeout=timeout)
+    except sqlite3.Error:
+        return {}
+    try:
+        rows = con.execute(
+            "SELECT connection, payload FROM crm_outbox WHERE state IN ('pending', 'failed') ORDER BY id"
+        )
+        for connection, payload in rows:
+            with contextlib.suppress(ValueError, TypeError):
+                if isinstance(json.loads(payload), dict):
+                    found.setdefault(str(connection), []).append(payload)
+    except sqlite3.Error:
+        pass  # keep what was read before the damage
+    finally:
+        con.close()
+    saved: dict[str, tuple[Path, int]] = {}
+    for connection, lines in found.items():
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in connection)[:80]
+        target = path.with_name(f"{path.name}.queued-{safe}.jsonl")
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write("\n".join(lines) + "\n")
+        except OSError:
+            continue
+        saved[connection] = (target, len(lines))
+    return saved
+
+
+# -- run liveness ----------------------------------------------------------------------------------
+def advisory_key(name: str, purpose: str) -> int:
+    """A stable signed 64-bit PostgreSQL advisory-lock key for (purpose, name)."""
+    digest = hashlib.sha256(f"crmsync:{purpose}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def held_advisory_keys(db: Any) -> set[int]:
+    """The advisory-lock keys some session holds in this database right now (a dead session holds none).
+
+    Advisory locks are per database: another database on the same server may use the same keys.
+    """
+    rows = db.execute(
+        text(
+            "SELECT classid::bigint, objid::bigint FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    )
+    keys = set()
+    for hi, lo in rows:
+        value = (int(hi) << 32) | int(lo)
+        keys.add(value - (1 << 64) if value >= 1 << 63 else value)
+    return keys
+
+
+def _run_key(run_id: int) -> int:
+    return advisory_key(str(run_id), "live-run")
+
+
+def process_gone(pid: int, started_at: datetime | None) -> bool:
+    """Whether process ``pid`` on this host has ended (or its number now belongs to a newer process)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    if started_at is None:
+        return False
+    began = _process_start(pid)
+    when = started_at if started_at.tzinfo else started_at.replace(tzinfo=UTC)
+    return began is not None and began > when.timestamp() + 1
+
+
+def _process_start(pid: int) -> float | None:
+    """When a process started (epoch seconds), on Linux; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 _EXISTING = _existing_records()

@@ -8,13 +8,24 @@ same library function as the command line, so a job and a CLI run write the same
 
 The broker is Redis at ``CRMSYNC_REDIS_URL``, else the config file's ``redis_url``, else
 ``redis://127.0.0.1:6379/0``; it is chosen when this module is imported, as Dramatiq requires.
+
+A job is acknowledged only after it ran (Dramatiq's default: a fetched message stays in its
+worker's unacknowledged set until then). When a worker process dies, its unacknowledged jobs go
+back on the queue once it has missed ``HEARTBEAT_TIMEOUT_MS`` of heartbeats: ``Heartbeat`` beats
+for every live worker process and gives the broker's requeue of dead workers' jobs a chance on a
+clock, so a killed worker's job runs again on another within seconds, without a new ``enqueue``.
+Its outbox claims are taken over at once (their run's advisory lock died with it) and its run is
+marked ``abandoned`` by the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 try:
     import dramatiq
@@ -23,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("crmsync workers need the worker extra: pip install 'crmsync[worker]'") from exc
 
 from crmsync.app import App
-from crmsync.errors import AuthError, ConfigError, ExitCode, LockHeldError, UsageError
+from crmsync.errors import AuthError, ConfigError, ExitCode, LockHeldError, StoreError, UsageError
 from crmsync.sync.pull import ConnectionResult
 from crmsync.sync.push import PushSummary
 
@@ -45,7 +56,49 @@ def broker_url(env: Mapping[str, str] | None = None) -> str:
     return load_config(paths.config_file, required=bool(env.get("CRMSYNC_CONFIG"))).redis_url or DEFAULT_REDIS_URL
 
 
-broker = RedisBroker(url=broker_url(), namespace=NAMESPACE)
+#: A worker process silent for this long is dead, and its unacknowledged jobs are queued again.
+HEARTBEAT_TIMEOUT_MS = 15_000
+#: How often each worker process beats (well inside the timeout, so a busy worker is never taken for dead).
+HEARTBEAT_SECONDS = 3.0
+#: Out of a million broker commands, how many also requeue dead workers' jobs (Dramatiq's default is
+#: 1,000, which left a killed worker's job waiting minutes for enough traffic).
+MAINTENANCE_CHANCE = 250_000
+
+
+class Heartbeat(dramatiq.Middleware):
+    """Each worker process beats on a clock, and with each beat the broker may requeue dead workers' jobs.
+
+    Dramatiq's Redis broker beats (and requeues) only as a side effect of its commands: a worker
+    whose consumers stop fetching while its jobs run would look dead, and requeueing would wait
+    for other traffic. One daemon thread per worker process keeps both going.
+    """
+
+    def __init__(self, interval: float = HEARTBEAT_SECONDS) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+
+    def after_worker_boot(self, broker: Any, worker: Any) -> None:
+        self._stop.clear()
+        threading.Thread(target=self._beat, args=(broker,), name="crmsync-heartbeat", daemon=True).start()
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self._stop.set()
+
+    def _beat(self, broker: Any) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                broker.do_qsize(QUEUE)  # any broker command beats; this one only reads
+            except Exception as exc:  # Redis away for a moment: the consumers report it too
+                log.debug("heartbeat failed: %s", exc)
+
+
+broker = RedisBroker(
+    url=broker_url(),
+    namespace=NAMESPACE,
+    heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
+    maintenance_chance=MAINTENANCE_CHANCE,
+)
+broker.add_middleware(Heartbeat())
 dramatiq.set_broker(broker)
 
 
@@ -69,6 +122,17 @@ def _settle(what: str, exit_code: int, error: str | None) -> None:
     if exit_code == ExitCode.TEMPFAIL:
         raise JobFailed(f"{what}: {error}")
     raise JobRejected(f"{what}: {error}")
+
+
+@contextlib.contextmanager
+def _store_faults(what: str) -> Iterator[None]:
+    """A store fault as a job's fate: retried later when it may pass (busy, full, unreachable), else failed."""
+    try:
+        yield
+    except StoreError as exc:
+        if exc.exit_code == ExitCode.TEMPFAIL:
+            raise JobFailed(f"{what}: {exc}") from exc
+        raise JobRejected(f"{what}: {exc}") from exc
 
 
 def _redacted_logs() -> None:
@@ -157,7 +221,8 @@ def backfill_object(connection: str, obj: str | None = None, *, app: App | None 
 @dramatiq.actor(queue_name=QUEUE, max_retries=0, time_limit=30 * 60_000, throws=NOT_RETRIED)
 def crm_pull_delta_job(connection: str) -> None:
     """Pull the changes of one connection since its cursor."""
-    result = pull_delta(connection)
+    with _store_faults(f"pull {connection}"):
+        result = pull_delta(connection)
     if result is not None:
         _settle(f"pull {connection}", result.exit_code, result.error)
 
@@ -165,7 +230,8 @@ def crm_pull_delta_job(connection: str) -> None:
 @dramatiq.actor(queue_name=QUEUE, max_retries=5, time_limit=60 * 60_000, throws=NOT_RETRIED)
 def crm_push_outcomes_job(connection: str) -> None:
     """Deliver the queued outcomes of one connection (several may run at once on PostgreSQL)."""
-    summary = push_outcomes(connection)
+    with _store_faults(f"push {connection}"):
+        summary = push_outcomes(connection)
     if summary is not None:
         _settle(f"push {connection}", summary.exit_code, summary.error)
 
@@ -173,7 +239,8 @@ def crm_push_outcomes_job(connection: str) -> None:
 @dramatiq.actor(queue_name=QUEUE, max_retries=20, time_limit=24 * 3600_000, throws=NOT_RETRIED)
 def crm_backfill_job(connection: str, object: str | None = None) -> None:
     """Import the history of one object (None: every object) of a connection, resumably."""
-    result = backfill_object(connection, object)
+    with _store_faults(f"backfill {connection}"):
+        result = backfill_object(connection, object)
     _settle(f"backfill {connection}", result.exit_code, result.error)
 
 

@@ -7,6 +7,7 @@ they are unreachable the tests skip, saying so. Each test starts from an empty s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -161,6 +162,22 @@ def test_schedule_cli_prints_cron_lines(home: Path) -> None:
     assert run_cli(["schedule", "--every", "7m"], env).code == 2
 
 
+def test_a_store_fault_fails_a_job_for_good_or_for_a_retry_by_its_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("dramatiq")
+    from crmsync.worker import JobFailed, JobRejected, crm_push_outcomes_job
+
+    garbage = tmp_path / "s.db"
+    garbage.write_bytes(b"not a database " * 1000)
+    monkeypatch.setenv("CRMSYNC_DB", str(garbage))
+    with pytest.raises(JobRejected, match="corrupt"):  # a person must act: never retried
+        crm_push_outcomes_job.fn("hs")
+    monkeypatch.setenv("CRMSYNC_DB", "postgresql+psycopg://crmsync:x@127.0.0.1:1/crmsync")
+    with pytest.raises(JobFailed, match="cannot reach the store"):  # may pass later: retried
+        crm_push_outcomes_job.fn("hs")
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------------
 @pytest.mark.scaleout
 def test_store_migrates_on_postgres_once_even_when_workers_start_together(pg: str) -> None:
@@ -192,6 +209,23 @@ def test_store_migrates_on_postgres_once_even_when_workers_start_together(pg: st
     assert store.cursor("hs", "contacts") == {"mode": "search", "ts": 5}
     assert store.record("hs", "contacts", "1").properties["tags"] == ["x", "ü"]  # type: ignore[union-attr]
     assert store.find_by_keys("hs", "contacts", ["email:a@example.com"])["email:a@example.com"].remote_id == "1"
+    store.close()
+
+
+@pytest.mark.scaleout
+def test_a_pooled_connection_the_server_dropped_is_replaced_not_reported(pg: str) -> None:
+    store = Store.open(pg)
+    assert store.connections() == []
+    admin = create_engine(PG_URL)
+    with admin.begin() as c:  # a server restart, or an idle-session timeout
+        c.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    admin.dispose()
+    assert store.connections() == []  # the pre-ping saw the dead session and opened another
     store.close()
 
 
@@ -592,3 +626,89 @@ def test_apply_page_creates_updates_and_archives_on_postgresql(pg: str) -> None:
     assert records["4"].properties == {"email": "p4@x.example", "n": 104} and records["3"].archived
     assert store.cursor("pgc", "contacts") == {"p": 2}
     store.close()
+
+
+@pytest.mark.scaleout
+def test_a_job_whose_worker_is_killed_completes_on_the_other_worker_within_a_minute(
+    pg: str, redis_url: str, server: tuple[HubSpotEmulator, Any], home: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the worker process delivering a push: no new enqueue, the job runs again elsewhere."""
+    pytest.importorskip("dramatiq")
+    from crmsync.sync.inputs import read_outcomes
+    from crmsync.sync.push import PushSummary, enqueue
+
+    emulator, srv = server
+    emulator.faults.latency_ms = 30  # every step takes a while: the kill lands mid-delivery
+    token = emulator.private_app_token
+    app = hubspot_app(srv.url, token, db=pg)
+    src = tmp_path / "outcomes.jsonl"
+    src.write_text(outcomes(1000))
+    enqueue(
+        app, "hs", read_outcomes(str(src), "auto"), PushSummary("hs", "hubspot"), update=False, rejects=None, sink=None
+    )
+    app.close()
+    env = worker_env(home, token)
+    env["dramatiq_queue_prefetch"] = "1"
+    logs = [(tmp_path / f"worker{i}.log").open("w") for i in range(2)]
+    fleet = [  # two hosts' worth: killing one's process stops that host's workers, not the other's
+        subprocess.Popen(
+            [sys.executable, "-m", "crmsync", "worker", "--processes", "1", "--threads", "1"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for log in logs
+    ]
+
+    def tail() -> str:
+        return "\n".join((tmp_path / f"worker{i}.log").read_text()[-2000:] for i in range(2))
+
+    try:
+        assert run_cli(["enqueue", "push", "-c", "hs"], env).code == 0
+        deadline = time.monotonic() + 120
+        batches = ("POST crm.objects.batch.upsert", "POST crm.objects.batch.create")
+        victim = None
+        while time.monotonic() < deadline:
+            running = [r for r in runs(pg, "push") if r.status == "running"]
+            if running and sum(emulator.stats.by_route[b] for b in batches) >= 2:
+                victim = running[0]
+                break
+            time.sleep(0.05)
+        assert victim is not None, "no worker started the push:\n" + tail()
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        store = Store.open(pg)
+        try:
+            while time.monotonic() - killed_at < 60:
+                with store.session() as s:
+                    states = [r.state for r in s.exec(select(CrmOutbox))]
+                if set(states) == {"done"}:
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"the job did not complete within 60 s of the kill: {states.count('done')} done\n" + tail())
+        finally:
+            store.close()
+    finally:
+        for proc in fleet:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in fleet:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in logs:
+            log.close()
+
+    markers = [c["properties"]["crmsync_outcome_id"] for c in emulator.records("calls")]
+    assert len(markers) == len(set(markers)) == 1000  # exactly once
+    assert len(emulator.records("contacts")) == 1000
+    pushes = {r.id: r for r in runs(pg, "push")}
+    assert pushes[victim.id].status == "abandoned", pushes[victim.id]
+    assert str(victim.pid) in (pushes[victim.id].error or "")
+    finished = [r for r in pushes.values() if r.id != victim.id and r.status == "ok"]
+    assert finished and all(r.pid != victim.pid for r in finished)

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from crmsync.app import App
 from crmsync.errors import ConfigError, LockHeldError
-from crmsync.store import SCHEMA_HEAD, Canonical, Store
+from crmsync.store import DEFAULT_STORE_WAIT, SCHEMA_HEAD, Canonical, Store
 
 
 def rec(i: int, name: str = "x") -> Canonical:
@@ -38,8 +38,12 @@ def test_store_file_is_private_and_wal(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "s.db").st_mode) == 0o600
     with store.engine.connect() as c:
         assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert c.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == DEFAULT_STORE_WAIT * 1000
         assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_HEAD
+    with store.waiting(1.5), store.engine.connect() as c:  # a run's lock timeout is the store's wait too
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == 1500
+    with store.engine.connect() as c:
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == DEFAULT_STORE_WAIT * 1000
 
 
 def test_store_from_a_newer_crmsync_is_refused(tmp_path: Path) -> None:
@@ -244,8 +248,10 @@ json_values = st.recursive(
     | st.text()
     | st.datetimes(timezones=st.none() | st.just(UTC))
     | st.decimals(allow_nan=False),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.integers() | st.booleans() | st.none(), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers() | st.booleans() | st.none(), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -267,3 +273,48 @@ def test_stored_json_text_is_what_json_dumps_gives(value: object) -> None:
     compact = {"default": str, "separators": (",", ":")}
     assert outcome(store._COMPACT_JSON, value) == outcome(json.dumps, value, **compact)
     assert outcome(store._SORTED_JSON, value) == outcome(json.dumps, value, sort_keys=True, **compact)
+
+
+KILLED_RUN = (
+    "import os, sys; from crmsync.store import Store; "
+    "s = Store.open(sys.argv[1]); print(s.start_run(sys.argv[2], 'pull'), flush=True); os.kill(os.getpid(), 9)"
+)
+
+
+def test_runs_whose_process_died_are_marked_abandoned_by_the_next_run_and_by_status(tmp_path: Path) -> None:
+    from crmsync.store import CrmSyncLog
+
+    db = tmp_path / "s.db"
+    Store.open(db).close()
+
+    def killed_run(connection: str) -> int:
+        done = subprocess.run([sys.executable, "-c", KILLED_RUN, str(db), connection], capture_output=True, text=True)
+        assert done.returncode == -9, done.stderr
+        return int(done.stdout)
+
+    dead_c, dead_d = killed_run("c"), killed_run("d")
+    store = Store.open(db)
+    with store.session() as s:  # a run on another host cannot be judged from here: left alone
+        other = CrmSyncLog(connection="c", command="pull", host="elsewhere.example", pid=1)
+        s.add(other)
+        s.flush()
+        other_id = other.id
+    mine = store.start_run("c", "push")  # the next run of connection c marks its dead runs
+    status = {r.id: r for r in store.runs(limit=10)}
+    assert status[dead_c].status == "abandoned" and f"pid {status[dead_c].pid} " in (status[dead_c].error or "")
+    assert status[dead_d].status == "running"  # another connection's: status marks those
+    assert status[mine].status == "running" and status[other_id].status == "running"
+    assert store.abandon_dead_runs() == 1  # what `status` does
+    status = {r.id: r for r in store.runs(limit=10)}
+    assert status[dead_d].status == "abandoned" and status[dead_d].finished_at is not None
+    assert status[mine].status == "running" and status[other_id].status == "running"
+    store.close()
+
+
+def test_a_pid_taken_by_a_newer_process_does_not_keep_a_dead_run_alive() -> None:
+    from crmsync.store import process_gone
+
+    assert not process_gone(os.getpid(), datetime.now(UTC))
+    if Path("/proc/self/stat").exists():  # Linux tells when a process began
+        assert process_gone(os.getpid(), datetime(2000, 1, 1, tzinfo=UTC))  # it began after that run
+    assert process_gone(2**22 + 12345, None)  # above Linux's pid limit: no such process

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from crmsync.errors import AuthError, CrmsyncError, ExitCode, LockHeldError, RetriableError
+from crmsync.errors import AuthError, CrmsyncError, ExitCode, LockHeldError, RetriableError, StoreError
 from crmsync.providers.base import Page, Provider, RemoteRecord, match_key, run_ahead
 from crmsync.store import ApplyCounts, Canonical, Store
 
@@ -392,7 +392,7 @@ def _pull_connection(
                 vanished = app.store.mark_missing(conn.name, obj, live, run_id=run_id)
                 with counting:
                     res.reconciled += vanished
-        except (RetriableError, AuthError):
+        except (RetriableError, AuthError, StoreError):
             raise  # the whole connection stops; the cursor stays at the last good page
         except CrmsyncError as exc:
             out.error = str(exc)
@@ -463,7 +463,7 @@ def _backfill_connection(
                 app, conn, mapping, obj, pages, out, run_id, cursor_kind="backfill", progress=progress, cancel=cancel
             )
         except CrmsyncError as exc:
-            if isinstance(exc, (RetriableError, AuthError)):
+            if isinstance(exc, (RetriableError, AuthError, StoreError)):
                 raise
             out.error = str(exc)
             return

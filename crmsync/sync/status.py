@@ -176,6 +176,8 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
 def gather(app: App, connections: list[str] | None = None) -> dict[str, Any]:
     """The status document: ``{"generated_at", "connections": [...]}``."""
     conns = app.connections(connections)
+    app.store.check_writable()  # a locked or full store is what the next pull would meet: say so
+    app.store.abandon_dead_runs()  # a run whose process died shows as abandoned, not running forever
     now = utcnow()
     return {"generated_at": _iso(now), "connections": [connection_status(app, c, now=now) for c in conns]}
 
