@@ -102,7 +102,10 @@ class LogFormat(StrEnum):
 app = typer.Typer(
     name="crmsync",
     cls=GlobalOptionsGroup,
-    help=f"Keep a sales team's call data and its CRM (HubSpot, Zoho CRM, Odoo, Pipedrive) in step, both ways.\n\n{EXIT_CODES}",
+    help=(
+        "Keep a sales team's call data and its CRM (HubSpot, Zoho CRM, Odoo, Pipedrive) in step, both ways."
+        f"\n\n{EXIT_CODES}"
+    ),
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
