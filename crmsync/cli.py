@@ -24,8 +24,9 @@ from crmsync import __version__
 from crmsync.errors import CrmsyncError, ExitCode, UsageError
 
 EXIT_CODES = """Exit codes: 0 success · 1 partial failure (some records failed, the rest done) ·
-2 usage or bad input · 3 authentication/configuration · 75 temporary failure (CRM unavailable or
-rate-limited past the deadline, lock held: try again later) · 130 interrupted."""
+2 usage or bad input · 3 authentication/configuration, or a store that is read-only, unopenable or corrupt ·
+75 temporary failure (CRM unavailable or rate-limited past the deadline, lock held, store busy or full:
+try again later) · 130 interrupted."""
 
 # Options of the root group that may also follow the subcommand, as users of gh and kubectl type them.
 GLOBAL_OPTIONS = ("--json", "--quiet", "-q", "--verbose", "-v", "--config", "--db", "--log-format")
