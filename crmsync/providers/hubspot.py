@@ -296,14 +296,14 @@ class HubSpotProvider(Provider):
             base_url=base_url, account_id=health.account, scopes=health.scopes, settings=settings, health=health
         )
 
-    def check(self) -> Health:
-        details = self.http.get("/account-info/v3/details", endpoint="/account-info/v3/details").json()
-        account = str(details.get("portalId", "")) or None
-        scopes: list[str] = []
+    def _token_info(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The connection's secret and what HubSpot says of its token (scopes, user), or None.
+
+        OAuth tokens through v3 introspection (the v1 GET is deprecated, going away in Feb 2027),
+        private-app tokens through their access-token-info.
+        """
         secret = self.ctx.secrets.get(self.ctx.connection) or {}
-        expires_at = None
         if secret.get("kind") == "oauth" and secret.get("access_token"):
-            # v3 introspection (the v1 GET is deprecated, going away in Feb 2027).
             self.http.auth.headers()  # refreshes first if the token is about to expire
             secret = self.ctx.secrets.get(self.ctx.connection) or secret
             info = self.http.request(
@@ -318,10 +318,6 @@ class HubSpotProvider(Provider):
                 endpoint="/oauth/v3/token/introspect",
                 expect=(400, 404),
             )
-            if info.status_code == 200 and info.json().get("active"):
-                scopes = list(info.json().get("scopes", []))
-            if secret.get("expires_at"):
-                expires_at = datetime.fromtimestamp(float(secret["expires_at"]), tz=UTC)
         elif secret.get("token"):
             info = self.http.request(
                 "POST",
@@ -330,8 +326,20 @@ class HubSpotProvider(Provider):
                 endpoint="/oauth/v2/private-apps/get/access-token-info",
                 expect=(400, 404),
             )
-            if info.status_code == 200:
-                scopes = list(info.json().get("scopes", []))
+        else:
+            return secret, None
+        return secret, (info.json() if info.status_code == 200 else None)
+
+    def check(self) -> Health:
+        details = self.http.get("/account-info/v3/details", endpoint="/account-info/v3/details").json()
+        account = str(details.get("portalId", "")) or None
+        scopes: list[str] = []
+        secret, info = self._token_info()
+        expires_at = None
+        if info and (secret.get("kind") != "oauth" or info.get("active")):
+            scopes = list(info.get("scopes", []))
+        if secret.get("kind") == "oauth" and secret.get("access_token") and secret.get("expires_at"):
+            expires_at = datetime.fromtimestamp(float(secret["expires_at"]), tz=UTC)
         missing: list[str] = []
         if scopes:
             missing = [s for s in REQUIRED_SCOPES if s not in scopes]
@@ -1086,34 +1094,8 @@ class HubSpotProvider(Provider):
 
     def default_owner(self) -> str | None:
         """The owner id of the user behind the token (the private app's or the OAuth grant's user)."""
-        secret = self.ctx.secrets.get(self.ctx.connection) or {}
-        if secret.get("kind") == "oauth" and secret.get("access_token"):
-            self.http.auth.headers()  # refreshes first if the token is about to expire
-            secret = self.ctx.secrets.get(self.ctx.connection) or secret
-            info = self.http.request(
-                "POST",
-                "/oauth/v3/token/introspect",
-                data={
-                    "client_id": secret.get("client_id", ""),
-                    "client_secret": secret.get("client_secret", ""),
-                    "token": secret["access_token"],
-                    "token_type_hint": "access_token",
-                },
-                endpoint="/oauth/v3/token/introspect",
-                expect=(400, 404),
-            )
-            user = info.json().get("user_id") if info.status_code == 200 else None
-        elif secret.get("token"):
-            info = self.http.request(
-                "POST",
-                "/oauth/v2/private-apps/get/access-token-info",
-                json={"tokenKey": secret["token"]},
-                endpoint="/oauth/v2/private-apps/get/access-token-info",
-                expect=(400, 404),
-            )
-            user = info.json().get("userId") if info.status_code == 200 else None
-        else:
-            user = None
+        secret, info = self._token_info()
+        user = info.get("user_id" if secret.get("kind") == "oauth" else "userId") if info else None
         if user is None:
             return None
         try:
