@@ -225,7 +225,7 @@ def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: 
     from tests.e2e import cli_env, run_cli
     from tests.test_resilience import _run_and_kill
 
-    write_config(home, "pd", rate_limit=100000, search_rate_limit=100000)
+    write_config(home, "pd", rate_limit=100000, search_rate_limit=100000, plan="ultimate", seats=50)
     emulator = PipedriveEmulator(limits=False, faults=Faults(latency_ms=5, seed=5))
     server = emulator.serve()
     try:
