@@ -2392,16 +2392,7 @@ class ZohoEmulator(Emulator):
             if (kind == "all" or e["type"] == kind) and (ims is None or e["deleted_time"] > ims)
         ]
         entries.sort(key=lambda e: (e["deleted_time"], int(e["id"])), reverse=True)
-        window = entries[(page - 1) * per_page : page * per_page]
-        if not window:
-            return httpx.Response(204)
-        more = page * per_page < len(entries)
-        return json_response(
-            {
-                "data": [self._deleted_entry(e) for e in window],
-                "info": {"per_page": per_page, "count": len(window), "page": page, "more_records": more},
-            }
-        )
+        return _page_answer("data", entries, page, per_page, self._deleted_entry)
 
     # -- search --------------------------------------------------------------------------------
     def _search_match(self, module: str, rec: dict[str, Any], cond: tuple[str, str, str, str]) -> bool:
@@ -3275,16 +3266,7 @@ class ZohoEmulator(Emulator):
         if page < 1 or not 1 <= per_page <= 200:
             raise _invalid_param("per_page" if page >= 1 else "page")
         users = [u for u in self.users if kinds[kind](u)]
-        chunk = users[(page - 1) * per_page : page * per_page]
-        if not chunk:
-            return httpx.Response(204)
-        more = page * per_page < len(users)
-        return json_response(
-            {
-                "users": [self._user_json(u) for u in chunk],
-                "info": {"per_page": per_page, "count": len(chunk), "page": page, "more_records": more},
-            }
-        )
+        return _page_answer("users", users, page, per_page, self._user_json)
 
     def _user_one(self, request: httpx.Request, uid: str) -> httpx.Response:
         self._charge(1)
@@ -3654,3 +3636,15 @@ class _LimitExceeded(Exception):
 def build_zoho(**kwargs: Any) -> ZohoEmulator:
     """Factory for ``crmsync sandbox serve zoho`` (keyword arguments as ZohoEmulator takes them)."""
     return ZohoEmulator(**kwargs)
+
+
+def _page_answer(
+    key: str, items: list[Any], page: int, per_page: int, render: Callable[[Any], dict[str, Any]]
+) -> httpx.Response:
+    """One page of a Zoho list: ``{key: rows, info: {per_page, count, page, more_records}}``, 204 past the end."""
+    window = items[(page - 1) * per_page : page * per_page]
+    if not window:
+        return httpx.Response(204)
+    more = page * per_page < len(items)
+    info = {"per_page": per_page, "count": len(window), "page": page, "more_records": more}
+    return json_response({key: [render(x) for x in window], "info": info})
