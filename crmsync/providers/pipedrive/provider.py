@@ -111,11 +111,6 @@ class PipedrivePolicy(ResponsePolicy):
     def give_up(self, response: httpx.Response) -> bool:
         return response.status_code == 429 and "budget" in str(self._body(response).get("error", "")).lower()
 
-    def is_retriable(self, response: httpx.Response) -> bool:
-        # A 403 HTML page is Cloudflare's ban after hammering through 429s: waiting inside the run
-        # would only extend it, so it is not retried (it surfaces as a failure naming the cause).
-        return super().is_retriable(response)
-
     def observe(self, response: httpx.Response, client: Any, bucket: str) -> None:
         h = response.headers
         try:
@@ -130,6 +125,8 @@ class PipedrivePolicy(ResponsePolicy):
     def error_message(self, response: httpx.Response) -> tuple[str, str | None]:
         body = self._body(response)
         if not body:
+            # A 403 HTML page is Cloudflare's ban after hammering through 429s. It is not retried (403
+            # is not retriable): waiting inside the run would only extend it.
             if response.status_code == 403 and "html" in response.headers.get("content-type", ""):
                 return "Pipedrive's edge refused the request (HTML 403: too many rate-limited requests?)", "BANNED"
             return response.text[:300], None
