@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlmodel import select
 
+from crmsync.app import App
 from crmsync.commands.worker import cron_expression
 from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
@@ -518,24 +519,34 @@ def test_two_dramatiq_workers_push_2000_outcomes_exactly_once_within_the_rate_li
     assert human.code == 0 and "last push" in human.stdout
 
 
+def _slow_push_queued(
+    server: tuple[HubSpotEmulator, Any], pg: str, tmp_path: Path, n: int
+) -> tuple[HubSpotEmulator, str, App]:
+    """``n`` outcomes queued on a PostgreSQL store for a HubSpot emulator that answers in 30 ms (so a
+    kill lands mid-delivery): the emulator, its token and the connected app."""
+    from crmsync.sync.inputs import read_outcomes
+    from crmsync.sync.push import PushSummary, enqueue
+
+    emulator, srv = server
+    emulator.faults.latency_ms = 30
+    token = emulator.private_app_token
+    app = hubspot_app(srv.url, token, db=pg)
+    src = tmp_path / "outcomes.jsonl"
+    src.write_text(outcomes(n))
+    enqueue(
+        app, "hs", read_outcomes(str(src), "auto"), PushSummary("hs", "hubspot"), update=False, rejects=None, sink=None
+    )
+    return emulator, token, app
+
+
 @pytest.mark.scaleout
 def test_a_killed_push_worker_hands_its_claims_over_at_once(
     pg: str, redis_url: str, server: tuple[HubSpotEmulator, Any], home: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("dramatiq")
-    from crmsync.sync.inputs import read_outcomes
-    from crmsync.sync.push import PushSummary, enqueue
     from crmsync.worker import push_outcomes
 
-    emulator, srv = server
-    emulator.faults.latency_ms = 30  # every step takes a while: the kill lands mid-delivery
-    token = emulator.private_app_token
-    app = hubspot_app(srv.url, token, db=pg)
-    src = tmp_path / "outcomes.jsonl"
-    src.write_text(outcomes(1500))
-    enqueue(
-        app, "hs", read_outcomes(str(src), "auto"), PushSummary("hs", "hubspot"), update=False, rejects=None, sink=None
-    )
+    emulator, token, app = _slow_push_queued(server, pg, tmp_path, 1500)
     job = "from crmsync.worker import crm_push_outcomes_job; crm_push_outcomes_job('hs')"
     victim = subprocess.Popen([sys.executable, "-c", job], env=worker_env(home, token), cwd=ROOT)
     deadline = time.monotonic() + 60
@@ -634,18 +645,8 @@ def test_a_job_whose_worker_is_killed_completes_on_the_other_worker_within_a_min
 ) -> None:
     """SIGKILL the worker process delivering a push: no new enqueue, the job runs again elsewhere."""
     pytest.importorskip("dramatiq")
-    from crmsync.sync.inputs import read_outcomes
-    from crmsync.sync.push import PushSummary, enqueue
 
-    emulator, srv = server
-    emulator.faults.latency_ms = 30  # every step takes a while: the kill lands mid-delivery
-    token = emulator.private_app_token
-    app = hubspot_app(srv.url, token, db=pg)
-    src = tmp_path / "outcomes.jsonl"
-    src.write_text(outcomes(1000))
-    enqueue(
-        app, "hs", read_outcomes(str(src), "auto"), PushSummary("hs", "hubspot"), update=False, rejects=None, sink=None
-    )
+    emulator, token, app = _slow_push_queued(server, pg, tmp_path, 1000)
     app.close()
     env = worker_env(home, token)
     env["dramatiq_queue_prefetch"] = "1"
