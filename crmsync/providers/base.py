@@ -397,6 +397,12 @@ class Provider(ABC):
         self.http.close()
 
 
+def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of at most ``size``, in order (a request's batch)."""
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
 def at_once(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``fn`` over ``items``, each in its own thread (in line for a single one), results in order.
 

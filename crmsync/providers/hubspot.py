@@ -40,6 +40,7 @@ from crmsync.providers.base import (
     Provider,
     RemoteRecord,
     at_once,
+    chunks,
     match_key,
 )
 
@@ -492,7 +493,7 @@ class HubSpotProvider(Provider):
         """Linked ids per record, one v4 batch read per target type and 1,000 ids."""
         out: dict[str, dict[str, list[str]]] = {i: {} for i in ids}
         for to in PULL_ASSOCIATIONS.get(obj, []):
-            for chunk in _chunks(list(ids), 1000):
+            for chunk in chunks(list(ids), 1000):
                 body = self.http.post(
                     f"/crm/v4/associations/{obj}/{to}/batch/read",
                     json={"inputs": [{"id": i} for i in chunk]},
@@ -799,7 +800,7 @@ class HubSpotProvider(Provider):
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         out: list[RemoteRecord] = []
         props = sorted({*fields, modified_prop(obj), "hs_object_id"})
-        for chunk in _chunks(list(dict.fromkeys(ids)), BATCH):
+        for chunk in chunks(list(dict.fromkeys(ids)), BATCH):
             body = self.http.post(
                 f"/crm/v3/objects/{obj}/batch/read",
                 json={"properties": props, "propertiesWithHistory": [], "inputs": [{"id": i} for i in chunk]},
@@ -836,7 +837,7 @@ class HubSpotProvider(Provider):
                 id_prop = id_props[kind]
                 if id_prop not in ("email",) and id_prop not in self._properties(obj):
                     continue  # never pushed here: nothing can carry the key yet
-                for chunk in _chunks(values, BATCH):
+                for chunk in chunks(values, BATCH):
                     body = self.http.post(
                         f"/crm/v3/objects/{obj}/batch/read",
                         json={
@@ -857,7 +858,7 @@ class HubSpotProvider(Provider):
                 prop = {"phone": "phone", "domain": "domain", "name": "name"}.get(kind)
                 if prop is None:
                     continue
-                for chunk in _chunks(values, IN_MAX):
+                for chunk in chunks(values, IN_MAX):
                     body = self._search(
                         obj,
                         [[{"propertyName": prop, "operator": "IN", "values": chunk}]],
@@ -1045,7 +1046,7 @@ class HubSpotProvider(Provider):
             for key in queued:
                 del self._pending_links[key]
         for (_, to), links in queued.items():
-            for chunk in _chunks(links, 2000):
+            for chunk in chunks(links, 2000):
                 self.http.post(
                     f"/crm/v4/associations/{obj}/{to}/batch/associate/default",
                     json={"inputs": [{"from": {"id": a}, "to": {"id": b}} for a, b in chunk]},
@@ -1130,7 +1131,7 @@ class HubSpotProvider(Provider):
         if MARKER not in self._properties(obj):
             return {}
         found: dict[str, str] = {}
-        for chunk in _chunks(list(dict.fromkeys(markers)), BATCH):
+        for chunk in chunks(list(dict.fromkeys(markers)), BATCH):
             body = self.http.post(
                 f"/crm/v3/objects/{obj}/batch/read",
                 json={
@@ -1162,11 +1163,6 @@ def _prop_ms(record: RemoteRecord, prop: str) -> int | None:
 
 def _plural(name: str) -> str:
     return name if name.endswith("s") else name + "s"
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield list(items[i : i + size])
 
 
 def _token_request(client: httpx.Client, url: str, form: dict[str, str]) -> dict[str, Any]:

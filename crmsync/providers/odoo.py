@@ -53,6 +53,7 @@ from crmsync.providers.base import (
     Provider,
     ProviderContext,
     RemoteRecord,
+    chunks,
     match_key,
     walk_both_ends,
 )
@@ -274,11 +275,6 @@ def server_version(info: Mapping[str, Any]) -> tuple[int, str]:
     head = str(parts[0]) if isinstance(parts, list) and parts else label
     found = re.search(r"\d+", head)
     return (int(found.group()) if found else 0), label
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield list(items[i : i + size])
 
 
 class OdooProvider(Provider):
@@ -743,7 +739,7 @@ class OdooProvider(Provider):
         wanted = list(dict.fromkeys(str(e).strip().lower() for e in emails if e and str(e).strip()))
         with self._lock:
             new = [e for e in wanted if e not in self._users]
-        for chunk in _chunks(new, 100):
+        for chunk in chunks(new, 100):
             leaves = [leaf for e in chunk for leaf in (("login", "=ilike", e), ("email", "=ilike", e))]
             rows = self._call("res.users", "search_read", domain=_or(leaves), fields=["login", "email"], order="id asc")
             found: dict[str, int] = {}
@@ -991,7 +987,7 @@ class OdooProvider(Provider):
         model, _ = self._source(obj)
         read = self._read_fields(obj, model, fields)
         out: list[RemoteRecord] = []
-        for chunk in _chunks([int(i) for i in dict.fromkeys(ids)], BATCH):
+        for chunk in chunks([int(i) for i in dict.fromkeys(ids)], BATCH):
             rows = self._call(model, "read", chunk, fields=read, context={"active_test": False})
             out.extend(self._records(obj, model, rows))
         return out
@@ -1060,7 +1056,7 @@ class OdooProvider(Provider):
         """Records of ``obj`` whose ``kind`` (email, phone, domain, name, key) equals one of ``values``."""
         model, base = self._source(obj)
         found: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(values, BATCH):
+        for chunk in chunks(values, BATCH):
             if kind == "email" and obj == "contacts":
                 leaves, field, norm = (
                     [("email", "=ilike", v) for v in chunk],
@@ -1366,7 +1362,7 @@ class OdooProvider(Provider):
             *([MARKER_FIELD] if marker_field else []),
         ]
         # An ``in`` on the marker field takes many values a query; each note marker is an ``ilike`` of its own.
-        for chunk in _chunks(wanted, LOOKUP_IN if marker_field else LOOKUP_ILIKE):
+        for chunk in chunks(wanted, LOOKUP_IN if marker_field else LOOKUP_ILIKE):
             if marker_field:
                 domain: list[Any] = [(MARKER_FIELD, "in", chunk)]
             else:
@@ -1399,7 +1395,7 @@ class OdooProvider(Provider):
 
     def _find_in_messages(self, markers: Sequence[str], *, any_type: bool = False) -> dict[str, str]:
         found: dict[str, str] = {}
-        for chunk in _chunks(list(markers), LOOKUP_ILIKE):
+        for chunk in chunks(list(markers), LOOKUP_ILIKE):
             domain = _or([("body", "ilike", f"[crmsync:{m}]") for m in chunk])
             rows = self._call("mail.message", "search_read", domain=domain, fields=["body"], order="id asc")
             for row in rows:

@@ -51,6 +51,7 @@ from crmsync.providers.base import (
     ProviderContext,
     RemoteRecord,
     at_once,
+    chunks,
     match_key,
     run_ahead,
     walk_both_ends,
@@ -170,11 +171,6 @@ def domain_of(url: Any) -> str:
 
 def _phone_key(value: Any) -> str:
     return re.sub(r"[^\d+]", "", str(value or ""))
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield list(items[i : i + size])
 
 
 # -- responses ---------------------------------------------------------------------------------------
@@ -559,11 +555,11 @@ class ZohoProvider(Provider):
         rows, more = self._coql(
             f"select {', '.join(head)} from {module} where {where} order by {order} limit {limit}", limit
         )
-        for extra in _chunks(tail, COQL_COLUMNS):
+        for extra in chunks(tail, COQL_COLUMNS):
             by_id = {str(r["id"]): r for r in rows}
             per_query = COQL_IN * COQL_CRITERIA
-            for ids in _chunks(list(by_id), per_query):
-                cond = _nest("or", [f"id in ({', '.join(g)})" for g in _chunks(ids, COQL_IN)])
+            for ids in chunks(list(by_id), per_query):
+                cond = _nest("or", [f"id in ({', '.join(g)})" for g in chunks(ids, COQL_IN)])
                 part, _ = self._coql(
                     f"select {', '.join(extra)} from {module} where {cond} limit {COQL_ROWS}", COQL_ROWS
                 )
@@ -691,8 +687,8 @@ class ZohoProvider(Provider):
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         columns = self._columns(obj, fields)
         out: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(list(dict.fromkeys(str(i) for i in ids)), BATCH):
-            for cols in _chunks(columns, COQL_COLUMNS):
+        for chunk in chunks(list(dict.fromkeys(str(i) for i in ids)), BATCH):
+            for cols in chunks(columns, COQL_COLUMNS):
                 r = self._get(
                     f"/{MODULES[obj]}",
                     params={"ids": ",".join(chunk), "fields": ",".join(cols), "per_page": BATCH},
@@ -753,10 +749,10 @@ class ZohoProvider(Provider):
             if kind == "domain":
                 # Website holds a URL: match by substring, then compare the bare domains here.
                 conds = [f"{field} like {quote('%' + v + '%')}" for v in dict.fromkeys(values)]
-                queries = [(_nest("or", c), []) for c in _chunks(conds, COQL_CRITERIA)]
+                queries = [(_nest("or", c), []) for c in chunks(conds, COQL_CRITERIA)]
             else:
                 per_query = COQL_IN * COQL_CRITERIA
-                queries = [(_in_groups(field, c), c) for c in _chunks(list(dict.fromkeys(values)), per_query)]
+                queries = [(_in_groups(field, c), c) for c in chunks(list(dict.fromkeys(values)), per_query)]
             while queries:
                 where, asked = queries.pop()
                 # Ordered by id, each key's oldest record comes first.
@@ -990,7 +986,7 @@ class ZohoProvider(Provider):
             return {}
         wanted = {m.lower(): m for m in dict.fromkeys(markers)}
         found: dict[str, str] = {}
-        for chunk in _chunks(list(wanted.values()), COQL_IN * COQL_CRITERIA):
+        for chunk in chunks(list(wanted.values()), COQL_IN * COQL_CRITERIA):
             rows, _ = self._coql(
                 f"select id, {MARKER} from {MODULES[obj]} where {_in_groups(MARKER, chunk)} limit {COQL_ROWS}",
                 COQL_ROWS,

@@ -42,6 +42,7 @@ from crmsync.providers.base import (
     ProviderContext,
     RemoteRecord,
     at_once,
+    chunks,
     match_key,
 )
 from crmsync.providers.pipedrive import budget as budget_mod
@@ -404,7 +405,7 @@ class PipedriveProvider(Provider):
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         v2 = rec.OBJ[obj]
         out = []
-        for chunk in _chunks(list(dict.fromkeys(ids)), IDS_MAX):
+        for chunk in chunks(list(dict.fromkeys(ids)), IDS_MAX):
             body = self._req("GET", f"/api/v2/{v2}", "list", params={"ids": ",".join(chunk), "limit": PAGE})
             out += [self._record(obj, r) for r in body.get("data") or [] if self._wanted(obj, r)]
         return out
@@ -607,11 +608,6 @@ class PipedriveProvider(Provider):
 def _opt(options: Mapping[str, Any], name: str, default: float) -> float:
     value = options.get(name)
     return default if value is None else float(value)
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield list(items[i : i + size])
 
 
 def _token_request(client: httpx.Client, url: str, form: dict[str, str]) -> dict[str, Any]:
