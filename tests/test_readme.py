@@ -190,7 +190,7 @@ def test_readme_names_no_file_outside_the_repository() -> None:
 
 
 def test_the_readme_shows_the_connect_line_sandbox_serve_prints() -> None:
-    from crmsync.commands.sandbox import connect_command
+    from crmsync.cli.sandbox import connect_command
     from crmsync.emulators.hubspot import build_hubspot
 
     token = build_hubspot(seed=0, contacts=0, companies=0, deals=0, faults=None).private_app_token

@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, text
 from sqlmodel import select
 
 from crmsync.app import App
-from crmsync.commands.worker import cron_expression
+from crmsync.cli.worker import cron_expression
 from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.errors import LockHeldError, UsageError

@@ -739,7 +739,7 @@ def _push_reasons(s: Any, rejects: Path | None) -> None:
 
 # -- the rest lives in crmsync/commands (status, map, log, metrics, demo, sandbox, webhook) ----
 def _register() -> None:
-    from crmsync.commands import demo, mapcmd, sandbox, status, webhook, worker
+    from crmsync.cli import demo, mapcmd, sandbox, status, webhook, worker
 
     for module in (demo, mapcmd, sandbox, status, webhook, worker):
         module.register(app)

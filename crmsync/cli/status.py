@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         """
         from datetime import timedelta
 
-        from crmsync.commands.worker import masked
+        from crmsync.cli.worker import masked
         from crmsync.sync.status import check as do_check
         from crmsync.sync.status import gather
         from crmsync.timeutil import parse_age

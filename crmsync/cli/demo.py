@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
         Example: crmsync demo --json | jq .status
         """
-        from crmsync.commands.status import render_status
+        from crmsync.cli.status import render_status
         from crmsync.sync.demo import run_demo
 
         result = run_demo(db=STATE.db, contacts=contacts, outcomes=outcomes, log=info)
