@@ -222,6 +222,9 @@ class Provider(ABC):
     default_base_url: ClassVar[str] = ""
     #: Sorts this CRM's responses (rate-limit headers, token-expiry bodies) for HttpClient.
     policy_class: ClassVar[type[ResponsePolicy]] = ResponsePolicy
+    #: How the CRM writes a link to another record, for a mapping's ``ref_id: {ref: <provider>}``:
+    #: "object" (``{"id": "42"}``) or "int" (42); None when it takes no such shape.
+    reference_shape: ClassVar[str | None] = None
 
     def __init__(self, ctx: ProviderContext) -> None:
         self.ctx = ctx

@@ -280,6 +280,7 @@ def server_version(info: Mapping[str, Any]) -> tuple[int, str]:
 class OdooProvider(Provider):
     name = "odoo"
     label = "Odoo"
+    reference_shape = "int"  # a many2one field is written as the integer id
     objects = ("contacts", "companies", "deals", "calls")
     batch_size = BATCH
     default_rate_limits: dict[str, Any] = {}  # Odoo has none; its workers are the limit

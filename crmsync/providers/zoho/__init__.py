@@ -259,6 +259,7 @@ class ZohoPolicy(ResponsePolicy):
 class ZohoProvider(Provider):
     name = "zoho"
     label = "Zoho CRM"
+    reference_shape = "object"  # a lookup field is written as {"id": "…"}
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     batch_size = BATCH
     #: Zoho counts credits per day and calls in flight, not calls per second.
