@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,12 @@ from crmsync.mapping import (
     TRANSFORMS,
     Mapping,
     TransformError,
+    check_rules,
     dump_rules,
+    set_rule,
+    unset_rule,
 )
+from crmsync.providers import get_provider, provider_names
 from crmsync.providers.base import OBJECTS, FieldInfo
 
 PROVIDERS = ("hubspot", "zoho", "odoo")
@@ -182,6 +187,17 @@ def test_default_mappings_cover_the_essentials(provider: str) -> None:
         assert needed <= {r.canonical for r in m.rules(obj)}, (provider, obj)
 
 
+@pytest.mark.parametrize("provider", provider_names())
+def test_every_registered_provider_ships_a_default_mapping(provider: str) -> None:
+    """A new CRM in the registry needs crmsync/mappings/<name>.yaml mapping what push matches and marks by."""
+    m = Mapping.load(provider)
+    assert m.is_default and m.source == f"builtin:{provider}.yaml"
+    keys = {"contacts": {"email", "phone"}, "companies": {"name"}, "deals": {"name"}, "calls": {"outcome_id"}}
+    keys["tasks"] = {"outcome_id"}
+    for obj in get_provider(provider).objects:
+        assert keys[obj] <= {r.canonical for r in m.rules(obj)}, (provider, obj)
+
+
 def test_hubspot_dispositions_use_the_default_guids() -> None:
     m = Mapping.load("hubspot")
     for disposition, guid in HS_GUIDS.items():
@@ -243,7 +259,7 @@ def test_load_falls_back_to_the_default(tmp_path: Path) -> None:
     own.write_text(Mapping.default_text("zoho").replace("Title", "Designation"), encoding="utf-8")
     assert Mapping.load("zoho", own).hash != default.hash
     with pytest.raises(MappingError, match="no built-in mapping"):
-        Mapping.default_text("salesforce")
+        Mapping.default_text("nosuchcrm")
 
 
 def test_queries() -> None:
@@ -307,6 +323,9 @@ def test_ref_id_falsy_none_domain_fullname() -> None:
     assert push(odoo, "7") == 7
     assert pull(odoo, [7, "Acme"]) == "7"
     assert pull(odoo, False) == "<absent>"
+    assert push(custom("{ref_id: {ref: object}}"), 42) == {"id": "42"}
+    assert push(custom("{ref_id: {ref: int}}"), {"id": "42", "name": "Acme"}) == 42
+    assert pull(custom("{ref_id: int}"), [42, "Acme"]) == "42"
     dom = custom("domain")
     assert push(dom, "https://www.Acme.com/about?x=1") == "acme.com"
     assert pull(dom, "http://acme.com:8080/") == "acme.com"
@@ -314,6 +333,34 @@ def test_ref_id_falsy_none_domain_fullname() -> None:
     assert pull(custom("falsy_none"), 0) == 0
     assert pull(custom("[strip, lower, upper]"), "  MiXed ") == "  MiXed "  # normalisers pass through on pull
     assert push(custom("[strip, lower]"), "  MiXed ") == "mixed"
+
+
+@pytest.mark.parametrize("ref", ["hubspot", "nosuchcrm", "3", "{id: 1}"])
+def test_ref_id_names_a_shape_or_a_provider_that_has_one(ref: str) -> None:
+    """A provider without a reference_shape (HubSpot links by association) is as wrong as an unknown name."""
+    with pytest.raises(MappingError, match=r"ref_id takes \{ref: object\}, \{ref: int\} or \{ref: PROVIDER\}"):
+        custom(f"{{ref_id: {{ref: {ref}}}}}")
+
+
+def test_ref_id_by_provider_name_follows_the_providers_reference_shape() -> None:
+    for name in provider_names():
+        shape = get_provider(name).reference_shape
+        if shape is None:
+            continue
+        expected = {"id": "7"} if shape == "object" else 7
+        assert push(custom(f"{{ref_id: {{ref: {name}}}}}"), "7") == expected, name
+
+
+def test_mapping_code_names_no_provider() -> None:
+    """Provider names come from the registry and the providers: none is spelled in mapping code."""
+    root = Path(__file__).parents[1] / "crmsync"
+    files = [*sorted((root / "mapping").glob("*.py")), root / "sync" / "mapping_ops.py", root / "cli" / "mapcmd.py"]
+    names = "|".join(provider_names())
+    literal = re.compile(rf"""(["'])(?:{names})\1""", re.IGNORECASE)
+    found = [
+        f"{f.name}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1) if literal.search(line)
+    ]
+    assert not found
 
 
 # -- errors name file:line:key, all at once ---------------------------------------------------------
@@ -398,11 +445,9 @@ def test_push_only_rules_may_use_one_way_transforms() -> None:
 
 
 def test_every_transform_is_documented() -> None:
-    import crmsync.mapping as module
-
-    doc = module.__doc__ or ""
+    doc = (Path(__file__).parents[1] / "docs" / "mapping.md").read_text(encoding="utf-8")
     for name in TRANSFORMS:
-        assert f"``{name}" in doc, name
+        assert f"`{name}" in doc, name
 
 
 # -- transform properties (hypothesis) -------------------------------------------------------------
@@ -468,9 +513,10 @@ def test_e164_shortcut_equals_full_reparse_in_every_region() -> None:
             # National numbers typed with the national prefix twice or in front of the country code.
             texts |= {nsn, prefix + nsn, prefix + prefix + nsn, f"+{example.country_code}{prefix}{nsn}"}
             for text in texts:
-                assert m.to_provider("contacts", {"phone": text}).get("Phone") == _e164_by_full_reparse(
-                    text, region
-                ), (region, text)
+                assert m.to_provider("contacts", {"phone": text}).get("Phone") == _e164_by_full_reparse(text, region), (
+                    region,
+                    text,
+                )
                 checked += 1
     assert checked > 3000
 
@@ -498,7 +544,7 @@ def test_e164_of_north_american_numbers_equals_full_reparse(text: str, region: s
 
 def test_e164_fast_path_equals_full_reparse_for_every_shape_it_takes() -> None:
     """Every shape of the fast path's grammar, area codes on both sides of its 2-9 rule, +1 regions and others."""
-    import crmsync.mapping as mapping
+    from crmsync.mapping import phone
 
     rule = "version: 1\ncontact:\n  phone: {field: Phone, transform: e164}\n"
     fast = 0
@@ -511,18 +557,18 @@ def test_e164_fast_path_equals_full_reparse_for_every_shape_it_takes() -> None:
                         text = intl + area.format(digits[:3]) + digits[3:6] + sep + digits[6:]
                         got = m.to_provider("contacts", {"phone": text}).get("Phone")
                         assert got == _e164_by_full_reparse(text, region), (region, text)
-                        fast += bool(mapping._NANP.fullmatch(text))
+                        fast += bool(phone._NANP.fullmatch(text))
     assert fast > 1000
 
 
 def test_e164_fast_path_takes_the_usual_shapes() -> None:
-    import crmsync.mapping as mapping
+    from crmsync.mapping import phone
 
     us = custom("e164")
     shapes = ["+1 617 555 0134", "+1-617-555-0134", "+1 (617) 555-0134", "+16175550134", "(617) 555-0134",
               "617.555.0134", "6175550134", "+1.617.555.0134"]  # fmt: skip
     assert {push(us, s) for s in shapes} == {"+16175550134"}
-    assert all(mapping._NANP.fullmatch(s) for s in shapes)
+    assert all(phone._NANP.fullmatch(s) for s in shapes)
     for text in shapes:
         assert _e164_by_full_reparse(text, "US") == "+16175550134"
 
@@ -723,7 +769,7 @@ def test_check_reports_each_kind_of_problem() -> None:
         FieldInfo("hs_persona", required=True),
         FieldInfo("hs_object_id", required=True, read_only=True),
     ]
-    problems = {(p.canonical, p.field, p.kind) for p in m.check("contacts", contacts)}
+    problems = {(p.canonical, p.field, p.kind) for p in check_rules(m, "contacts", contacts)}
     assert problems == {("title", "jobtitle", "read_only"), (None, "hs_persona", "required_unmapped")}
 
     calls = [
@@ -737,9 +783,9 @@ def test_check_reports_each_kind_of_problem() -> None:
         FieldInfo("hs_call_recording_url"),
         FieldInfo("hubspot_owner_id", type="enumeration"),
     ]
-    found = {p.kind: p for p in m.check("calls", calls)}
+    found = {p.kind: p for p in check_rules(m, "calls", calls)}
     assert found["unknown_field"].field == "crmsync_outcome_id"
-    not_options = {p.field: p for p in m.check("calls", calls) if p.kind == "not_an_option"}
+    not_options = {p.field: p for p in check_rules(m, "calls", calls) if p.kind == "not_an_option"}
     assert set(not_options) == {"hs_call_disposition", "hs_call_status"}
     assert HS_GUIDS["wrong_number"] in not_options["hs_call_disposition"].message
     assert "COMPLETED" in not_options["hs_call_status"].message
@@ -754,16 +800,16 @@ def test_check_reports_each_kind_of_problem() -> None:
         FieldInfo("crmsync_deal_key", unique=True),
         FieldInfo("hubspot_owner_id", type="enumeration"),
     ]
-    mismatch = [p for p in m.check("deals", deals) if p.kind == "type_mismatch"]
+    mismatch = [p for p in check_rules(m, "deals", deals) if p.kind == "type_mismatch"]
     assert [(p.canonical, p.field) for p in mismatch] == [("amount", "amount")]
     assert "number" in mismatch[0].message and "bool" in mismatch[0].message
 
-    assert m.check("deals", [*deals[:2], FieldInfo("amount", type="number"), *deals[3:]]) == []
+    assert check_rules(m, "deals", [*deals[:2], FieldInfo("amount", type="number"), *deals[3:]]) == []
 
 
 def test_check_suggests_close_names() -> None:
     m = Mapping.from_text("zoho", "version: 1\ncontact:\n  email: Emial\n")
-    (problem,) = m.check("contacts", [FieldInfo("Email", type="email")])
+    (problem,) = check_rules(m, "contacts", [FieldInfo("Email", type="email")])
     assert problem.kind == "unknown_field" and "did you mean Email" in problem.message and problem.line == 3
 
 
@@ -772,7 +818,7 @@ def test_check_suggests_close_names() -> None:
 
 def test_set_rule_keeps_comments_and_other_rules() -> None:
     m = Mapping.load("hubspot")
-    text = m.set_rule("contacts", "phone", "mobilephone", transform="e164")
+    text = set_rule(m, "contacts", "phone", "mobilephone", transform="e164")
     assert "# crmsync field mapping for HubSpot" in text
     assert "# pipeline stage ids" in text
     new = Mapping.from_text("hubspot", text)
@@ -785,63 +831,63 @@ def test_set_rule_keeps_comments_and_other_rules() -> None:
 def test_set_rule_variants() -> None:
     m = Mapping.load("hubspot")
     # no transform given: the existing one stays
-    kept = Mapping.from_text("hubspot", m.set_rule("contact", "email", "work_email"))
+    kept = Mapping.from_text("hubspot", set_rule(m, "contact", "email", "work_email"))
     assert kept.rules("contacts")[0].spec == ["strip", "lower"] and kept.field_for("contacts", "email") == "work_email"
     # a multi-line rule is replaced whole
-    text = m.set_rule("calls", "disposition", "hs_call_disposition", transform="{value_map: {connected: X}}")
+    text = set_rule(m, "calls", "disposition", "hs_call_disposition", transform="{value_map: {connected: X}}")
     assert "9d9162e7" not in text
     assert (
         Mapping.from_text("hubspot", text).to_provider("calls", {"disposition": "connected"})["hs_call_disposition"]
         == "X"
     )
     # a new rule goes at the end of its section, with a list of transforms and a direction
-    text = m.set_rule(
-        "contacts", "custom.lead_source", "hs_lead_source", transform=["strip", "upper"], direction="push"
+    text = set_rule(
+        m, "contacts", "custom.lead_source", "hs_lead_source", transform=["strip", "upper"], direction="push"
     )
     new = Mapping.from_text("hubspot", text)
     rule = new.rules("contacts")[-1]
     assert (rule.canonical, rule.field, rule.direction) == ("custom.lead_source", "hs_lead_source", "push")
     assert "hs_lead_source" not in new.provider_fields("contacts")
     # [] drops the transform
-    plain = Mapping.from_text("hubspot", m.set_rule("contacts", "phone", "phone", transform=[]))
+    plain = Mapping.from_text("hubspot", set_rule(m, "contacts", "phone", "phone", transform=[]))
     assert plain.to_provider("contacts", {"phone": "(415) 555-0132"}) == {"phone": "(415) 555-0132"}
 
 
 def test_set_rule_rejects_what_would_break_the_file() -> None:
     m = Mapping.load("hubspot")
     with pytest.raises(MappingError, match="unknown transform 'e165'"):
-        m.set_rule("contacts", "phone", "phone", transform="e164x".replace("4x", "5"))
+        set_rule(m, "contacts", "phone", "phone", transform="e164x".replace("4x", "5"))
     with pytest.raises(MappingError, match="unknown canonical field"):
-        m.set_rule("contacts", "fone", "phone")
+        set_rule(m, "contacts", "fone", "phone")
     with pytest.raises(MappingError, match="cannot be undone on pull"):
-        m.set_rule("contacts", "title", "jobtitle", transform="{constant: X}")
+        set_rule(m, "contacts", "title", "jobtitle", transform="{constant: X}")
 
 
 def test_unset_rule_and_new_sections() -> None:
     m = Mapping.load("zoho")
-    text = m.unset_rule("contacts", "phone")
+    text = unset_rule(m, "contacts", "phone")
     new = Mapping.from_text("zoho", text)
     assert new.field_for("contacts", "phone") is None
     assert [r.canonical for r in new.rules("contacts")] == ["email", "first_name", "last_name", "title", "owner_email"]
     assert "Zoho requires Last_Name" in text
     with pytest.raises(MappingError, match=r"no rule for contact\.phone"):
-        new.unset_rule("contacts", "phone")
+        unset_rule(new, "contacts", "phone")
     # remove a whole section's rules, then add to a section that does not exist
     for rule in new.rules("tasks"):
-        new = Mapping.from_text("zoho", new.unset_rule("tasks", rule.canonical))
+        new = Mapping.from_text("zoho", unset_rule(new, "tasks", rule.canonical))
     assert new.rules("tasks") == []
     small = Mapping.from_text("zoho", "version: 1\ncontact:\n  email: Email\n")
-    added = Mapping.from_text("zoho", small.set_rule("companies", "name", "Account_Name"))
+    added = Mapping.from_text("zoho", set_rule(small, "companies", "name", "Account_Name"))
     assert added.field_for("companies", "name") == "Account_Name"
 
 
 def test_set_rule_on_flow_style_files() -> None:
     m = Mapping.from_text("hubspot", "version: 1\ncontact: {email: email, phone: phone}\ncompany: {}\n")
-    text = m.set_rule("contacts", "phone", "mobilephone", transform="e164")
+    text = set_rule(m, "contacts", "phone", "mobilephone", transform="e164")
     assert Mapping.from_text("hubspot", text).field_for("contacts", "phone") == "mobilephone"
-    text = m.set_rule("companies", "name", "name")
+    text = set_rule(m, "companies", "name", "name")
     assert Mapping.from_text("hubspot", text).field_for("companies", "name") == "name"
-    text = m.unset_rule("contacts", "email")
+    text = unset_rule(m, "contacts", "email")
     assert Mapping.from_text("hubspot", text).field_for("contacts", "email") is None
 
 

@@ -19,12 +19,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crmsync.errors import AuthError, ConfigError, CrmsyncError, MappingError, RetriableError, UsageError
-from crmsync.mapping import DIRECTIONS, Mapping, Problem, RuleRow, TransformError, dump_rules
+from crmsync.mapping import (
+    DIRECTIONS,
+    Mapping,
+    Problem,
+    RuleRow,
+    TransformError,
+    check_rules,
+    default_text,
+    dump_rules,
+    set_rule,
+    unset_rule,
+)
+from crmsync.model import canonical as canonical_records
 from crmsync.providers.base import OBJECTS, SECTION
+from crmsync.sync.inputs import read_outcomes
+from crmsync.sync.push import ENTITY_STEPS
 
 if TYPE_CHECKING:
     from crmsync.app import App
-    from crmsync.providers.base import FieldInfo, Provider
+    from crmsync.providers.base import FieldInfo
     from crmsync.store import CrmConnection
 
 _OBJECT_OF = {section: obj for obj, section in SECTION.items()}
@@ -38,6 +52,11 @@ def normalise_object(name: str) -> str:
     if key in _OBJECT_OF:
         return _OBJECT_OF[key]
     raise UsageError(f"unknown object {name!r}; use one of {', '.join(SECTION.values())}")
+
+
+def section(obj: str) -> str:
+    """The mapping-file section of an object type (``contacts`` -> ``contact``)."""
+    return SECTION.get(obj, obj)
 
 
 # -- where the file is ------------------------------------------------------------------------------
@@ -77,7 +96,7 @@ def _current(app: App, conn: CrmConnection) -> Mapping:
         return Mapping.load(conn.provider, path, default_region=_region(app, conn))
     return Mapping.from_text(
         conn.provider,
-        Mapping.default_text(conn.provider),
+        default_text(conn.provider),
         source=str(path),
         path=path,
         default_region=_region(app, conn),
@@ -129,7 +148,7 @@ def init_mapping(app: App, connection: str | None, *, force: bool = False) -> Ma
         raise UsageError(
             f"{info.path} already exists; not overwritten", hint="pass --force to replace it with the default"
         )
-    text = Mapping.default_text(info.provider)
+    text = default_text(info.provider)
     write_atomic(info.path, text)
     info.exists = True
     return info
@@ -210,7 +229,7 @@ def set_mapping_rule(
     conn, info = _located(app, connection)
     mapping = _current(app, conn)
     spec: Any = [] if clear_transform else (transform or None)
-    text = mapping.set_rule(obj, canonical, target.strip(), transform=spec, direction=direction)
+    text = set_rule(mapping, obj, canonical, target.strip(), transform=spec, direction=direction)
     write_atomic(info.path, text)
     info.exists = True
     new = Mapping.from_text(
@@ -224,7 +243,7 @@ def unset_mapping_rule(app: App, connection: str | None, key: str) -> ChangeResu
     """Remove the rule for ``object.canonical`` (``map unset``)."""
     obj, canonical = parse_key(key)
     conn, info = _located(app, connection)
-    text = _current(app, conn).unset_rule(obj, canonical)
+    text = unset_rule(_current(app, conn), obj, canonical)
     write_atomic(info.path, text)
     info.exists = True
     return ChangeResult(info, obj, canonical, "unset")
@@ -259,7 +278,7 @@ def edit_mapping(app: App, connection: str | None) -> EditResult:
     so the work is not lost.
     """
     conn, info = _located(app, connection)
-    before = _read(info.path) if info.exists else Mapping.default_text(conn.provider)
+    before = _read(info.path) if info.exists else default_text(conn.provider)
     # The .yaml suffix gives editors their syntax highlighting.
     fd, tmp_name = tempfile.mkstemp(prefix=f"crmsync-map-{info.connection}-", suffix=".yaml")
     tmp = Path(tmp_name)
@@ -326,24 +345,13 @@ class CheckResult:
 def _problem_dict(p: Problem) -> dict[str, Any]:
     d = asdict(p)
     d["object"] = d.pop("obj")
-    d["section"] = SECTION.get(p.obj, p.obj)
+    d["section"] = section(p.obj)
     return d
 
 
-def _managed_fields(provider: Provider, obj: str) -> set[str]:
-    """Fields the provider creates or fills itself (idempotency keys, links, owner), if it says so.
-
-    Read through ``getattr``: ``managed_fields(obj)`` is optional for providers.
-    """
-    hook = getattr(provider, "managed_fields", None)
-    if not callable(hook):
-        return set()
-    return {f if isinstance(f, str) else f.name for f in hook(obj)}
-
-
 def _created_on_push(name: str, managed: set[str]) -> bool:
-    # crmsync's own idempotency fields are recognised by name too (every provider names them
-    # crmsync_*, Odoo x_crmsync_*): a CRM that has not seen a push yet lacks them.
+    # crmsync's own idempotency fields are recognised by name too (every provider's contain
+    # "crmsync"): a CRM that has not seen a push yet lacks them.
     return name in managed or "crmsync" in name.lower()
 
 
@@ -375,8 +383,8 @@ def check_mapping(app: App, connection: str | None) -> CheckResult:
                 )
             continue
         result.objects.append(obj)
-        managed = _managed_fields(provider, obj)
-        for problem in mapping.check(obj, fields):
+        managed = set(provider.managed_fields(obj))
+        for problem in check_rules(mapping, obj, fields):
             if problem.kind == "unknown_field" and problem.field and _created_on_push(problem.field, managed):
                 note = f"{problem.field} does not exist yet; crmsync creates it on the first push"
                 result.notes.append(replace(problem, kind="created_on_push", message=note))
@@ -419,10 +427,6 @@ def preview_outcomes(
     (an update sends only the changed fields); the provider adds associations and its idempotency
     marker on top.
     """
-    from crmsync.model import canonical
-    from crmsync.sync.inputs import read_outcomes
-    from crmsync.sync.push import ENTITY_STEPS
-
     if limit is not None and limit < 1:
         raise UsageError("--limit must be at least 1")
     mapping = app.mapping(app.connection(connection))
@@ -433,7 +437,7 @@ def preview_outcomes(
             yield PreviewItem(parsed.line, error=str(parsed.error))
             continue
         item = PreviewItem(parsed.line, id=str(parsed.outcome.id) if parsed.outcome.id is not None else None)
-        for obj, values in canonical(parsed.outcome).items():
+        for obj, values in canonical_records(parsed.outcome).items():
             if obj in ENTITY_STEPS:
                 # push merges entity values without empties before mapping them
                 values = {k: v for k, v in values.items() if v not in (None, "")}
