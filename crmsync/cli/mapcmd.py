@@ -8,13 +8,26 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from crmsync.cli import STATE, add_row, console, emit_json, split_objects, table
 from crmsync.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
+    from crmsync.sync import mapping_ops as ops
     from crmsync.sync.mapping_ops import CheckResult, PreviewItem, PulledPreview
+else:
 
-# cli.ConnOpt's twin: typer evaluates these annotations in this module's globals, and importing
-# crmsync.cli at the top would be circular.
+    class _LazyOps:
+        """crmsync.sync.mapping_ops on first use: it pulls in the mapping engine and the store,
+        which `crmsync --help` should not pay for."""
+
+        def __getattr__(self, name: str) -> Any:
+            from crmsync.sync import mapping_ops
+
+            return getattr(mapping_ops, name)
+
+    ops = _LazyOps()
+
+# cli.ConnOpt's twin: typer evaluates these annotations in this module's globals.
 ConnOpt = Annotated[
     str | None, typer.Option("--connection", "-c", help="Connection name (optional when only one exists).")
 ]
@@ -31,7 +44,7 @@ def render_check(result: CheckResult) -> None:
     for note, problems in (("", result.problems), ("note: ", result.notes)):
         for p in problems:
             where = f"{result.source}:{p.line}" if p.line else result.source
-            key = f"{_section(p.obj)}.{p.canonical}" if p.canonical else _section(p.obj)
+            key = f"{ops.section(p.obj)}.{p.canonical}" if p.canonical else ops.section(p.obj)
             target = f" -> {p.field}" if p.field and p.canonical else ""
             out.write(f"{where}: {key}{target}: {note}{p.message} [{p.kind}]\n")
     checked = ", ".join(result.objects) or "no objects"
@@ -50,21 +63,12 @@ def _cell(value: Any) -> str:
 
 def _say(message: str) -> None:
     """A plain line on stdout (rich would wrap long paths mid-word); nothing with --quiet/--json."""
-    from crmsync.cli import STATE
-
     if not STATE.quiet and not STATE.json:
         sys.stdout.write(message + "\n")
 
 
-def _section(obj: str) -> str:
-    from crmsync.providers.base import SECTION
-
-    return SECTION.get(obj, obj)
-
-
 def render_preview(item: PreviewItem) -> None:
-    from crmsync.cli import add_row, console, table
-
+    """One outcome's payload per object, or why it cannot be sent."""
     out = console()
     if item.error is not None:
         # the error already starts with file:line
@@ -84,8 +88,7 @@ def render_preview(item: PreviewItem) -> None:
 
 
 def render_pulled(p: PulledPreview) -> None:
-    from crmsync.cli import add_row, console, table
-
+    """A stored record's canonical fields next to the raw CRM fields they came from."""
     out = console()
     out.print(f"{p.connection} {p.object} {p.id}", markup=False)
     cols = ["canonical field", "stored", "CRM field", "raw CRM value"]
@@ -107,21 +110,8 @@ def render_pulled(p: PulledPreview) -> None:
         )
 
 
-class _LazyOps:
-    """crmsync.sync.mapping_ops on first use: it pulls in the mapping engine and phonenumbers,
-    which `crmsync --help` should not pay for."""
-
-    def __getattr__(self, name: str) -> Any:
-        from crmsync.sync import mapping_ops
-
-        return getattr(mapping_ops, name)
-
-
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, add_row, console, emit_json, split_objects, table
-
-    ops = _LazyOps()
-
+    """Add the `map` command group to ``app``."""
     map_app = typer.Typer(
         help="Field mappings: how canonical fields (contact.email, call.disposition …) become a CRM's fields.",
         no_args_is_help=True,
@@ -205,7 +195,7 @@ def register(app: typer.Typer) -> None:
         elif done.rule:
             r = done.rule
             extra = f" ({r.transform}, {r.direction})" if r.transform else f" ({r.direction})"
-            _say(f"{_section(r.object)}.{r.canonical} -> {r.field}{extra}; saved {done.info.path}")
+            _say(f"{ops.section(r.object)}.{r.canonical} -> {r.field}{extra}; saved {done.info.path}")
 
     @map_app.command("unset")
     def unset_cmd(
@@ -220,7 +210,7 @@ def register(app: typer.Typer) -> None:
         if STATE.json:
             emit_json(done.as_dict())
         else:
-            _say(f"removed {_section(done.object)}.{done.canonical}; saved {done.info.path}")
+            _say(f"removed {ops.section(done.object)}.{done.canonical}; saved {done.info.path}")
 
     @map_app.command("edit")
     def edit_cmd(connection: ConnOpt = None) -> None:
