@@ -97,7 +97,9 @@ def _finish(mapping: Mapping, text: str | None, expected: dict[str, Any]) -> str
 
 
 def _same_data(a: Any, b: Any) -> bool:
-    norm = lambda x: json.dumps(x, sort_keys=True, default=str)  # noqa: E731
+    def norm(x: Any) -> str:
+        return json.dumps(x, sort_keys=True, default=str)
+
     return norm(a if a is not None else {}) == norm(b)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +37,7 @@ from crmsync.yamlio import KeyPath, YamlDoc, parse_yaml
 
 #: The mapping-file format this crmsync reads (``version: 1``).
 VERSION = 1
+#: A rule's ``direction``: both ways (the default), local -> CRM only, CRM -> local only.
 DIRECTIONS = ("both", "push", "pull")
 
 
@@ -205,7 +207,9 @@ class Mapping:
         if errors:
             raise MappingError("\n".join(errors))
 
-    def _rule(self, doc: YamlDoc, obj: str, section: str, canonical: str, spec: Any, err: Any) -> FieldRule | None:
+    def _rule(
+        self, doc: YamlDoc, obj: str, section: str, canonical: str, spec: Any, err: Callable[[KeyPath, str], None]
+    ) -> FieldRule | None:
         kp: KeyPath = (section, canonical)
         fields = CANONICAL_FIELDS[obj]
         ok = True

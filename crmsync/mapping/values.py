@@ -32,6 +32,7 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
+#: A transform written without an argument (``e164``), distinct from ``{e164: null}``.
 NOARG: Any = object()
 
 
@@ -40,6 +41,7 @@ class BadValue(Exception):
 
 
 def is_empty(value: Any) -> bool:
+    """Missing, None or ``""``: what push leaves out and a ``default`` fills."""
     return value is MISSING or value is None or (isinstance(value, str) and value == "")
 
 
@@ -72,12 +74,14 @@ def parse_number(value: Any) -> int | float:
 
 
 def as_fraction(value: Any) -> Fraction:
+    """A number as an exact fraction (decimal arithmetic for ``scale`` and epochs)."""
     number = parse_number(value)
     # repr() of a float is its shortest round-tripping decimal, so 0.1 scales to exactly 100.
     return Fraction(number) if isinstance(number, int) else Fraction(repr(number))
 
 
 def from_fraction(value: Fraction) -> int | float:
+    """An int when whole, else a float."""
     return int(value) if value.denominator == 1 else float(value)
 
 
@@ -91,6 +95,7 @@ def as_text(value: Any) -> str:
 
 
 def zone_named(name: Any) -> tzinfo:
+    """The time zone of an IANA name (``UTC``, ``Europe/Berlin``)."""
     if not isinstance(name, str) or not name:
         raise BadValue(f"tz must be a time zone name such as UTC or Europe/Berlin, not {name!r}")
     if name.upper() in ("UTC", "Z"):
@@ -137,11 +142,12 @@ def as_date(value: Any) -> date:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: A number written as text: CRMs send epoch timestamps as strings too.
 DIGITS = re.compile(r"^-?\d+(\.\d+)?$")
-_TIME_DIRECTIVES = re.compile(r"%[-#]?[HIMSfpTXcrRsz]")
 
 
 def epoch_to_datetime(value: Any, unit: str) -> datetime:
+    """An epoch timestamp in ``unit`` (``s`` or ``ms``) as an aware UTC datetime."""
     amount = as_fraction(value)
     if unit == "ms":
         amount /= 1000
@@ -154,22 +160,25 @@ def epoch_to_datetime(value: Any, unit: str) -> datetime:
 
 
 def datetime_to_epoch(dt: datetime, unit: str) -> int:
+    """An aware datetime as a whole epoch timestamp in ``unit`` (``s`` or ``ms``), rounded down."""
     step = timedelta(milliseconds=1) if unit == "ms" else timedelta(seconds=1)
     return (dt - _EPOCH) // step
 
 
 def canonical_datetime(dt: datetime) -> str:
+    """The canonical text of an instant: ISO 8601 with its offset."""
     return dt.isoformat()
 
 
+#: Plain values (picklist entries, constants) as opposed to lists and mappings.
 SCALAR = (str, int, float, bool)
-
 
 _TRUE = {"true", "yes", "1", "on", "y", "t"}
 _FALSE = {"false", "no", "0", "off", "n", "f"}
 
 
 def as_bool(value: Any) -> bool:
+    """``true/false/yes/no/1/0`` (any case) as a bool."""
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -187,6 +196,7 @@ _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 def domain_of(value: Any) -> Any:
+    """``https://www.Acme.com/about`` -> ``acme.com``; non-strings pass through."""
     if not isinstance(value, str):
         return value
     text = _SCHEME.sub("", value.strip().lower())
