@@ -427,7 +427,7 @@ def test_a_required_field_the_provider_fills_itself_is_a_note(
     def managed_fields(self: HubSpotProvider, obj: str) -> set[str]:
         return {"hs_timestamp"} if obj == "calls" else set()
 
-    monkeypatch.setattr(HubSpotProvider, "managed_fields", managed_fields, raising=False)
+    monkeypatch.setattr(HubSpotProvider, "managed_fields", managed_fields)
     r = run("--json", "map", "check", "-c", conn)
     assert r.code == 0, r.out
     assert ("set_by_provider", "hs_timestamp") in {(p["kind"], p["field"]) for p in r.json()["notes"]}
