@@ -1,28 +1,30 @@
-"""Webhooks: signature checks (HubSpot v1/v2/v3, Zoho channel token) and a receiver that stores events.
+"""Webhooks: the receiver that verifies, normalises and stores CRM change events, for any CRM.
 
-The receiver only verifies, normalises and stores; ``pull`` turns the stored events into one batch
-read of the changed records (``crmsync.sync.events``). Nothing in the request path calls a CRM, so
-an answer never waits on one, and a 2xx is sent only after the event is committed: a CRM that got
-a 2xx may forget the event, so we must not.
+Each CRM's part (signatures or credentials, payload parsing, subscriptions) is its provider's
+webhook capability (``Provider.webhooks()``, ``providers/capabilities.py``); this module routes
+``/hooks/<provider>/<connection>`` to it and knows no CRM. The receiver only verifies, normalises
+and stores; ``pull`` turns the stored events into one batch read of the changed records
+(``crmsync.sync.events``). Nothing in the request path calls a CRM, so an answer never waits on
+one, and a 2xx is sent only after the event is committed: a CRM that got a 2xx may forget the
+event, so we must not.
 
 Design choices that matter:
 
-* **One connection, group commits** (``EventWriter``): the request thread holding the commit
-  lock commits every request queued meanwhile in one transaction. SQLite has one writer at a
-  time anyway; queueing in-process avoids its sleeping busy handler (latency spikes) and lets
+* **One connection, group commits** (``store.events.EventWriter``): the request thread holding the
+  commit lock commits every request queued meanwhile in one transaction. SQLite has one writer at
+  a time anyway; queueing in-process avoids its sleeping busy handler (latency spikes) and lets
   one fsync (``synchronous=FULL``: a 2xx survives power loss too) cover many requests. The
-  events of one request always commit together (a HubSpot array is atomic).
-* **Dedupe keys** say what happened, not who sent it: HubSpot's ``eventId`` is not unique, so the
-  key is subscriptionType + objectId + propertyName + occurredAt; Zoho's is channel + server_time +
-  operation + ids. A redelivery is acknowledged and counted as a duplicate, never stored twice.
+  events of one request always commit together (an array of events is atomic).
+* **Dedupe keys** say what happened, not who sent it (each capability builds them). A redelivery
+  is acknowledged and counted as a duplicate, never stored twice.
 * **Secrets** are read from the keyring once per connection and cached; a failed check re-reads
   them (at most every few seconds), so a rotated secret works without a restart.
 * The receiver binds loopback by default: on the internet it belongs behind a TLS-terminating
   reverse proxy, and ``public_url`` says which URL the CRM signs (``X-Forwarded-Proto``/``-Host``
   are honoured only with ``trust_proxy``, because anyone can send them).
-* **Hostile traffic costs little.** Every route authenticates before it parses (HubSpot: the
-  signature over the raw body; Zoho: the notify URL's secret in the query, before the body is
-  even read), JSON nesting is bounded, at most ``max_connections`` connections get a thread
+* **Hostile traffic costs little.** Every route authenticates before it parses (a signature over
+  the raw body, Basic credentials, or a secret in the URL's query checked before the body is even
+  read), JSON nesting is bounded, at most ``max_connections`` connections get a thread
   (the rest are answered 503 from one overflow thread, ``/healthz`` 200), a request must arrive
   whole within ``request_deadline`` seconds however slowly it trickles, ``/metrics`` answers
   loopback clients only, and each kind of problem is logged once a minute, without a traceback.
@@ -30,329 +32,75 @@ Design choices that matter:
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import hmac
 import io
 import ipaddress
 import json
 import logging
 import re
-import secrets
 import selectors
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from crmsync.errors import ConfigError, UsageError
-from crmsync.jsonlimits import loads as json_loads
-from crmsync.model import utcnow
+from crmsync.providers import get_provider, provider_names
+from crmsync.providers.capabilities import (
+    MalformedEvent,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookSupport,
+    json_body,
+)
+from crmsync.store.events import EventWriter, WriterStopped
 
 if TYPE_CHECKING:
     from crmsync.app import App
-    from crmsync.store import CrmWebhookEvent, Store
 
 log = logging.getLogger("crmsync.webhooks")
 
-PROVIDERS = ("hubspot", "zoho")
-#: Keyring keys (in the connection's secret document) the receiver reads.
-SECRET_KEY = "webhook_secret"  # HubSpot: the app's client secret; Zoho: the notify URL's secret
-ZOHO_TOKEN_KEY = "webhook_token"  # Zoho: the watch channel's token
-ZOHO_CHANNEL_KEY = "webhook_channel_id"  # Zoho: the watch channel's id
-#: Query parameter of the Zoho notify URL that carries the URL secret.
-ZOHO_URL_PARAM = "crmsync_key"
-MAX_AGE_SECONDS = 300.0  # HubSpot: reject v3 timestamps older than 5 minutes (and as far ahead)
+MAX_AGE_SECONDS = 300.0  # signed timestamps older than 5 minutes (or as far ahead) are refused
 SECRET_RELOAD_SECONDS = 5.0
 LOG_EVERY_SECONDS = 60.0  # one log line per kind of problem per minute; the metrics count every one
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # same rule as `crmsync connect --name`
-_ROUTE = re.compile(rf"^/hooks/(?P<provider>hubspot|zoho)/(?P<connection>{_NAME})$")
+_ROUTE = re.compile(rf"^/hooks/(?P<provider>[a-z][a-z0-9_-]{{0,31}})/(?P<connection>{_NAME})$")
 
 
-# -- HubSpot signatures ----------------------------------------------------------------------------
-# HubSpot decodes exactly these escapes in the URI before signing v3 (and leaves %20, %26, %3D …).
-_V3_ESCAPES = re.compile(r"%(3A|2F|3F|40|21|24|27|28|29|2A|2C|3B)", re.IGNORECASE)
-
-
-def hubspot_v3_uri(uri: str) -> str:
-    """The URI as HubSpot signs it for v3: only ``: / ? @ ! $ ' ( ) * , ;`` are decoded."""
-    return _V3_ESCAPES.sub(lambda m: chr(int(m.group(1), 16)), uri)
-
-
-def hubspot_signature_v1(secret: str, body: bytes) -> str:
-    """v1: hex SHA-256 of client secret + raw body."""
-    return hashlib.sha256(secret.encode() + body).hexdigest()
-
-
-def hubspot_signature_v2(secret: str, method: str, uri: str, body: bytes) -> str:
-    """v2: hex SHA-256 of client secret + method + URI (exactly as requested) + raw body."""
-    return hashlib.sha256(secret.encode() + method.upper().encode() + uri.encode() + body).hexdigest()
-
-
-def hubspot_signature_v3(secret: str, method: str, uri: str, body: bytes, timestamp: str) -> str:
-    """v3: base64 HMAC-SHA256 keyed by the client secret over method + URI + raw body + timestamp."""
-    message = method.upper().encode() + hubspot_v3_uri(uri).encode() + body + timestamp.encode()
-    return base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
-
-
-class VerificationFailed(Exception):
-    """A request failed verification; the reason is for logs and never goes into a response."""
-
-
-def _same(expected: str, given: str) -> bool:
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogateescape"))
-
-
-def verify_hubspot(
-    *,
-    secret: str,
-    method: str,
-    uri: str,
-    body: bytes,
-    headers: Mapping[str, str],
-    now: float | None = None,
-    max_age: float = MAX_AGE_SECONDS,
-) -> str:
-    """Check a HubSpot request's signature; returns the version that matched.
-
-    ``headers`` must have lower-cased names. A v3 signature, when present, is the only one
-    checked: falling back to v1 would let a replayed request skip the timestamp window.
-
-    Raises:
-        VerificationFailed: no valid signature, or a v3 timestamp outside ``max_age``.
-    """
-    v3 = headers.get("x-hubspot-signature-v3")
-    if v3 is not None:
-        stamp = headers.get("x-hubspot-request-timestamp", "")
-        if not stamp.isdigit():
-            raise VerificationFailed("v3 signature without a valid X-HubSpot-Request-Timestamp")
-        now_ms = int((time.time() if now is None else now) * 1000)
-        skew = now_ms - int(stamp)
-        if skew > max_age * 1000:
-            raise VerificationFailed("v3 timestamp older than the allowed window")
-        if -skew > max_age * 1000:
-            raise VerificationFailed("v3 timestamp in the future")
-        if not _same(hubspot_signature_v3(secret, method, uri, body, stamp), v3):
-            raise VerificationFailed("v3 signature mismatch")
-        return "v3"
-    given = headers.get("x-hubspot-signature")
-    if given is None:
-        raise VerificationFailed("no HubSpot signature header")
-    version = headers.get("x-hubspot-signature-version", "").lower()
-    if version == "v1":
-        expected = hubspot_signature_v1(secret, body)
-    elif version == "v2":
-        expected = hubspot_signature_v2(secret, method, uri, body)
-    else:
-        raise VerificationFailed("missing or unknown X-HubSpot-Signature-Version")
-    if not _same(expected, given.lower()):
-        raise VerificationFailed(f"{version} signature mismatch")
-    return version
-
-
-# -- Zoho ------------------------------------------------------------------------------------------
-def verify_zoho(
-    *,
-    token: str | None,
-    channel_id: str | None,
-    url_secret: str | None,
-    event: Mapping[str, Any],
-    query: Mapping[str, Sequence[str]],
-) -> None:
-    """Check a Zoho notification: channel token, channel id, and the notify URL's secret.
-
-    Zoho signs nothing, so all three must match. The URL secret is looked for in the request's
-    query string and in the body's ``query_params`` (Zoho echoes the notify URL's query there);
-    every copy present must match and at least one must be.
-
-    Raises:
-        VerificationFailed: a value is missing or wrong, or the connection has none stored.
-    """
-    if not (token and channel_id and url_secret):
-        raise VerificationFailed("no Zoho channel token/id/URL secret stored for this connection")
-    if not _same(token, str(event.get("token") or "")):
-        raise VerificationFailed("Zoho channel token mismatch")
-    if not _same(str(channel_id), str(event.get("channel_id") or "")):
-        raise VerificationFailed("Zoho channel id mismatch")
-    copies = list(query.get(ZOHO_URL_PARAM, []))
-    params = event.get("query_params")
-    if isinstance(params, Mapping) and ZOHO_URL_PARAM in params:
-        value = params[ZOHO_URL_PARAM]
-        copies.extend(str(v) for v in (value if isinstance(value, list) else [value]))
-    # Evaluate every comparison (no short-circuit) so timing says nothing about which failed.
-    results = [_same(url_secret, c) for c in copies]
-    if not results or not all(results):
-        raise VerificationFailed("Zoho notify URL secret missing or wrong")
-
-
-# -- event normalisation ---------------------------------------------------------------------------
-class MalformedEvent(ValueError):
-    """The body is JSON but not a notification we understand (answered 400)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One stored row: a hint that one record changed (pull fetches it fresh)."""
-
-    dedupe_key: str
-    object: str
-    remote_id: str
-    event_type: str  # creation | update | deletion | restore | merge
-    occurred_at: datetime | None
-    payload: dict[str, Any] = field(hash=False, compare=False)
-
-
-_HS_OBJECTS = {"contact": "contacts", "company": "companies", "deal": "deals", "call": "calls", "task": "tasks"}
-_HS_TYPE_IDS = {"0-1": "contacts", "0-2": "companies", "0-3": "deals", "0-27": "tasks", "0-48": "calls"}
-_HS_ACTIONS = {
-    "creation": "creation",
-    "propertyChange": "update",
-    "deletion": "deletion",
-    "privacyDeletion": "deletion",
-    "restore": "restore",
-}
-
-
-def _ms_datetime(value: Any, what: str) -> tuple[int, datetime]:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
-        raise MalformedEvent(f"{what} must be epoch milliseconds")
-    ms = int(value)
-    try:
-        return ms, datetime.fromtimestamp(ms / 1000, UTC)
-    except (OverflowError, OSError, ValueError):
-        raise MalformedEvent(f"{what} is out of range") from None
-
-
-def _remote_id(value: Any, what: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or str(value) == "":
-        raise MalformedEvent(f"{what} must be an id")
-    return str(value)
-
-
-def _hs_object(prefix: str, type_id: Any) -> str | None:
-    if prefix == "object":
-        return _HS_TYPE_IDS.get(str(type_id)) if type_id is not None else None
-    return _HS_OBJECTS.get(prefix)
-
-
-def hubspot_events(payload: Any) -> list[Event]:
-    """HubSpot's JSON array of events -> stored rows (unknown object types are left out).
-
-    Merges become a deletion of each merged-away id plus a change of the survivor; an
-    association change is a change of both sides.
-
-    Raises:
-        MalformedEvent: the body is not an array of HubSpot events (nothing is stored then).
-    """
-    items = payload if isinstance(payload, list) else [payload]
-    out: list[Event] = []
-    for n, ev in enumerate(items):
-        if not isinstance(ev, dict):
-            raise MalformedEvent(f"event {n} is not an object")
-        st = ev.get("subscriptionType")
-        if not isinstance(st, str) or "." not in st:
-            raise MalformedEvent(f"event {n} has no subscriptionType")
-        occurred_ms, occurred = _ms_datetime(ev.get("occurredAt"), f"event {n} occurredAt")
-        prefix, action = st.split(".", 1)
-        obj = _hs_object(prefix, ev.get("objectTypeId"))
-        if action == "associationChange":
-            out.extend(_hs_association(ev, st, obj, occurred_ms, occurred, n))
+def capabilities() -> dict[str, WebhookSupport]:
+    """The webhook capability of every registered provider that has one, by provider name."""
+    found = {}
+    for name in provider_names():
+        try:
+            support = get_provider(name).webhooks()
+        except UsageError:  # a provider left out of this build
             continue
-        if obj is None:
-            continue
-        if action == "merge":
-            out.extend(_hs_merge(ev, st, obj, occurred_ms, occurred, n))
-            continue
-        event_type = _HS_ACTIONS.get(action)
-        if event_type is None:
-            continue  # e.g. conversation events: nothing to pull
-        rid = _remote_id(ev.get("objectId"), f"event {n} objectId")
-        key = f"{st}:{rid}:{ev.get('propertyName') or ''}:{occurred_ms}"
-        out.append(Event(key, obj, rid, event_type, occurred, ev))
-    return out
+        if support is not None:
+            found[name] = support
+    return found
 
 
-def _hs_merge(ev: dict[str, Any], st: str, obj: str, ms: int, at: datetime, n: int) -> list[Event]:
-    survivor = _remote_id(
-        ev.get("newObjectId") or ev.get("primaryObjectId") or ev.get("objectId"), f"event {n} merge target"
-    )
-    merged = ev.get("mergedObjectIds") or []
-    if not isinstance(merged, list):
-        raise MalformedEvent(f"event {n} mergedObjectIds must be a list")
-    gone = [_remote_id(i, f"event {n} mergedObjectIds") for i in merged]
-    primary = ev.get("primaryObjectId")
-    if primary is not None and str(primary) != survivor:
-        gone.append(str(primary))  # merged into a new record: the primary is gone too
-    base = f"{st}:{ev.get('objectId') or survivor}::{ms}"
-    rows = [Event(f"{base}|keep:{survivor}", obj, survivor, "merge", at, ev)]
-    rows += [
-        Event(f"{base}|gone:{rid}", obj, rid, "deletion", at, ev) for rid in dict.fromkeys(gone) if rid != survivor
-    ]
-    return rows
-
-
-def _hs_association(ev: dict[str, Any], st: str, obj: str | None, ms: int, at: datetime, n: int) -> list[Event]:
-    kind = str(ev.get("associationType") or ev.get("associationTypeId") or "")
-    sides = kind.split("_TO_", 1) if "_TO_" in kind else ["", ""]
-    from_obj = _hs_object("object", ev["fromObjectTypeId"]) if "fromObjectTypeId" in ev else obj
-    from_obj = from_obj or _HS_OBJECTS.get(sides[0].lower())
-    to_obj = _hs_object("object", ev["toObjectTypeId"]) if "toObjectTypeId" in ev else None
-    to_obj = to_obj or _HS_OBJECTS.get(sides[1].lower())
-    from_id = _remote_id(ev.get("fromObjectId"), f"event {n} fromObjectId")
-    to_id = _remote_id(ev.get("toObjectId"), f"event {n} toObjectId")
-    base = f"{st}:{from_id}:{to_id}:{kind}:{bool(ev.get('associationRemoved'))}:{ms}"
-    rows = []
-    if from_obj:
-        rows.append(Event(f"{base}|from", from_obj, from_id, "update", at, ev))
-    if to_obj:
-        rows.append(Event(f"{base}|to", to_obj, to_id, "update", at, ev))
-    return rows
-
-
-_ZOHO_OBJECTS = {"Contacts": "contacts", "Accounts": "companies", "Deals": "deals", "Calls": "calls", "Tasks": "tasks"}
-_ZOHO_OPERATIONS = {
-    "insert": "creation",
-    "create": "creation",
-    "update": "update",
-    "edit": "update",
-    "delete": "deletion",
-}
-#: Body keys that carry secrets: verified, then never stored.
-_ZOHO_SECRET_FIELDS = ("token", "query_params")
-
-
-def zoho_events(payload: Any) -> list[Event]:
-    """A Zoho notification -> one stored row per record id (modules we do not sync are left out).
-
-    Raises:
-        MalformedEvent: the body is not a Zoho notification (nothing is stored then).
-    """
-    if not isinstance(payload, dict):
-        raise MalformedEvent("a Zoho notification is a JSON object")
-    module, operation, ids = payload.get("module"), payload.get("operation"), payload.get("ids")
-    if not isinstance(module, str) or not isinstance(operation, str) or not isinstance(ids, list):
-        raise MalformedEvent("a Zoho notification needs module, operation and ids")
-    ms, occurred = _ms_datetime(payload.get("server_time"), "server_time")
-    obj = _ZOHO_OBJECTS.get(module)
-    if obj is None:
-        return []
-    event_type = _ZOHO_OPERATIONS.get(operation.lower(), "update")
-    kept = {k: v for k, v in payload.items() if k not in _ZOHO_SECRET_FIELDS}
-    channel = payload.get("channel_id") or ""
-    rows = []
-    for rid in dict.fromkeys(_remote_id(i, "ids") for i in ids):
-        rows.append(Event(f"{channel}:{ms}:{operation}:{module}:{rid}", obj, rid, event_type, occurred, kept))
-    return rows
+def capability(app: App, connection: str | None) -> tuple[Any, WebhookSupport]:
+    """(connection, its provider's webhook capability), or a usage error naming the CRMs that have one."""
+    conn = app.connection(connection)
+    cls = get_provider(conn.provider)
+    support = cls.webhooks()
+    if support is None:
+        able = ", ".join(s.label for s in capabilities().values())
+        raise UsageError(
+            f"{conn.name} is a {cls.label} connection, and {cls.label} sends no webhooks crmsync can receive "
+            f"(webhooks exist for {able}); `crmsync pull` keeps it in step"
+        )
+    return conn, support
 
 
 # -- logging ---------------------------------------------------------------------------------------
@@ -377,264 +125,6 @@ class LogOnce:
         log.log(level if due else logging.DEBUG, message, *args)
 
 
-# -- storing ---------------------------------------------------------------------------------------
-@dataclass
-class _Job:
-    connection: str
-    provider: str
-    events: Sequence[Event]
-    received_at: datetime
-    done: bool = False
-    inserted: list[bool] = field(default_factory=list)
-    error: BaseException | None = None
-
-
-class WriterStopped(Exception):
-    """The writer is shutting down: the request is refused (the CRM retries it)."""
-
-
-class EventWriter:
-    """Commits the events of concurrent requests in group transactions on one connection.
-
-    There is no writer thread: whichever request thread holds the commit lock commits every job
-    queued so far, its own included. While one commit waits on the disk, the next requests queue
-    up and share the next commit, so one fsync serves many requests and no thread hand-off is
-    paid per request.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.log_once = LogOnce()
-        self._pending: list[_Job] = []
-        self._lock = threading.Lock()  # guards _pending and _accepting (held briefly)
-        self._commit_lock = threading.Lock()  # one transaction at a time on self._conn
-        self._accepting = False
-        self._conn: Any = None
-        self._stmt = _insert_ignore(store)
-        self._known = _known_keys()
-        self._sqlite = store.engine.dialect.name == "sqlite"
-        table = self._stmt.table
-        self._processors = [table.c[name].type.bind_processor(store.engine.dialect) for name in _COLUMNS]
-        self._sql = (
-            f"INSERT INTO {table.name} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-            "ON CONFLICT (connection, dedupe_key) DO NOTHING"
-        )
-
-    def start(self) -> None:
-        with self._commit_lock:
-            self._conn = self._connect()
-        with self._lock:
-            self._accepting = True
-
-    def submit(self, connection: str, provider: str, events: Sequence[Event], *, timeout: float = 30.0) -> list[bool]:
-        """Store events atomically; returns per event whether it was new (False: a duplicate).
-
-        Returns only after the commit. Raises what the commit raised, ``WriterStopped`` when
-        shutting down, or ``TimeoutError`` (the events may still commit; dedupe absorbs the retry).
-        """
-        job = _Job(connection, provider, events, utcnow())
-        with self._lock:
-            if not self._accepting:
-                raise WriterStopped()
-            self._pending.append(job)
-        if not self._commit_lock.acquire(timeout=timeout):
-            raise TimeoutError("the store did not commit in time")
-        try:
-            if not job.done:
-                self._commit_pending()
-        finally:
-            self._commit_lock.release()
-        if job.error is not None:
-            raise job.error
-        return job.inserted
-
-    def stop(self) -> None:
-        """Commit everything already submitted, then close the connection."""
-        with self._lock:
-            self._accepting = False
-        with self._commit_lock:
-            if self._conn is None:
-                return
-            self._commit_pending()
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-
-    def _commit_pending(self) -> None:
-        with self._lock:
-            jobs, self._pending = self._pending, []
-        if jobs:
-            self._conn = self._commit_group(self._conn, jobs)
-
-    def _connect(self) -> Any:
-        conn = self.store.engine.connect()
-        if conn.dialect.name == "sqlite":
-            # Survive power loss too, not only a killed process: the CRM forgets what we acknowledge.
-            conn.exec_driver_sql("PRAGMA synchronous=FULL")
-            conn.commit()
-        return conn
-
-    def _commit_group(self, conn: Any, jobs: list[_Job]) -> Any:
-        try:
-            with conn.begin():
-                results = self._write(conn, jobs)
-        except Exception:
-            # One job's failure must not fail its neighbours: retry each in its own transaction.
-            conn = self._reconnect(conn)
-            for job in jobs:
-                try:
-                    with conn.begin():
-                        (job.inserted,) = self._write(conn, [job])
-                except Exception as exc:
-                    self.log_once(
-                        "store",
-                        logging.ERROR,
-                        "storing %d webhook event(s) for %s failed: %s",
-                        len(job.events),
-                        job.connection,
-                        exc,
-                    )
-                    job.error = exc
-                    conn = self._reconnect(conn)
-                job.done = True
-            return conn
-        for job, inserted in zip(jobs, results, strict=True):
-            job.inserted = inserted
-            job.done = True
-        return conn
-
-    def _reconnect(self, conn: Any) -> Any:
-        if not conn.closed and not conn.invalidated:
-            return conn
-        with contextlib.suppress(Exception):
-            conn.close()
-        return self._connect()
-
-    def _write(self, conn: Any, jobs: Sequence[_Job]) -> list[list[bool]]:
-        """Insert the events of ``jobs``; per job, which events were new (not already stored)."""
-        if self._sqlite:
-            return self._write_sqlite(conn, jobs)
-        return self._write_portable(conn, jobs)
-
-    def _write_sqlite(self, conn: Any, jobs: Sequence[_Job]) -> list[list[bool]]:
-        # The DB-API cursor directly: SQLAlchemy's per-statement overhead was most of the
-        # receiver's CPU per event. Values go through the columns' own bind processors, so they
-        # are stored exactly as the ORM would store them.
-        cur = conn.connection.dbapi_connection.cursor()
-        try:
-            results = []
-            for job in jobs:
-                flags = []
-                for ev in job.events:
-                    cur.execute(self._sql, self._values(job, ev))
-                    flags.append(cur.rowcount == 1)
-                results.append(flags)
-            return results
-        finally:
-            cur.close()
-
-    def _write_portable(self, conn: Any, jobs: Sequence[_Job]) -> list[list[bool]]:
-        # Known keys are looked up first so duplicates can be reported; ON CONFLICT DO NOTHING
-        # still guards against another process inserting the same event meanwhile.
-        wanted: dict[str, list[str]] = {}
-        for job in jobs:
-            wanted.setdefault(job.connection, []).extend(ev.dedupe_key for ev in job.events)
-        seen: set[tuple[str, str]] = set()
-        for connection, keys in wanted.items():
-            for i in range(0, len(keys), 500):
-                rows = conn.execute(self._known, {"connection": connection, "keys": keys[i : i + 500]})
-                seen.update((connection, key) for (key,) in rows)
-        params: list[dict[str, Any]] = []
-        results: list[list[bool]] = []
-        for job in jobs:
-            flags = []
-            for ev in job.events:
-                new = (job.connection, ev.dedupe_key) not in seen
-                flags.append(new)
-                if new:
-                    seen.add((job.connection, ev.dedupe_key))
-                    params.append(dict(zip(_COLUMNS, self._fields(job, ev), strict=True)))
-            results.append(flags)
-        if params:
-            conn.execute(self._stmt, params)
-        return results
-
-    @staticmethod
-    def _fields(job: _Job, ev: Event) -> tuple[Any, ...]:
-        return (
-            job.connection,
-            job.provider,
-            ev.dedupe_key,
-            ev.object,
-            ev.remote_id,
-            ev.event_type,
-            ev.occurred_at,
-            ev.payload,
-            job.received_at,
-            None,
-        )
-
-    def _values(self, job: _Job, ev: Event) -> list[Any]:
-        return [p(v) if p is not None else v for p, v in zip(self._processors, self._fields(job, ev), strict=True)]
-
-
-_COLUMNS = (
-    "connection",
-    "provider",
-    "dedupe_key",
-    "object",
-    "remote_id",
-    "event_type",
-    "occurred_at",
-    "payload",
-    "received_at",
-    "processed_at",
-)
-
-
-def _known_keys() -> Any:
-    from sqlalchemy import bindparam, select
-
-    from crmsync.store import CrmWebhookEvent
-
-    table = CrmWebhookEvent.__table__  # type: ignore[attr-defined]
-    return select(table.c.dedupe_key).where(
-        table.c.connection == bindparam("connection"), table.c.dedupe_key.in_(bindparam("keys", expanding=True))
-    )
-
-
-def _insert_ignore(store: Store) -> Any:
-    """INSERT … ON CONFLICT (connection, dedupe_key) DO NOTHING for SQLite and PostgreSQL."""
-    from crmsync.store import CrmWebhookEvent
-
-    table = CrmWebhookEvent.__table__  # type: ignore[attr-defined]
-    dialect = store.engine.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-    else:
-        raise ConfigError(f"the webhook receiver supports SQLite and PostgreSQL stores, not {dialect}")
-    return insert(table).on_conflict_do_nothing(index_elements=["connection", "dedupe_key"])
-
-
-def list_events(
-    store: Store, *, connection: str | None = None, pending: bool = False, limit: int = 100
-) -> list[CrmWebhookEvent]:
-    """Stored events, newest first (``pending``: only those no pull has applied yet)."""
-    from sqlmodel import select
-
-    from crmsync.store import CrmWebhookEvent
-
-    with store.session() as s:
-        q = select(CrmWebhookEvent)
-        if connection:
-            q = q.where(CrmWebhookEvent.connection == connection)
-        if pending:
-            q = q.where(CrmWebhookEvent.processed_at == None)  # noqa: E711
-        return list(s.exec(q.order_by(CrmWebhookEvent.id.desc()).limit(limit)))  # type: ignore[union-attr]
-
-
 # -- secrets ---------------------------------------------------------------------------------------
 @dataclass
 class _Secret:
@@ -645,8 +135,15 @@ class _Secret:
 class SecretCache:
     """Webhook secrets per connection, read from the keyring once and again on a miss."""
 
-    def __init__(self, secrets: Any, *, reload_after: float = SECRET_RELOAD_SECONDS) -> None:
+    def __init__(
+        self,
+        secrets: Any,
+        capability_of: Callable[[str], WebhookSupport | None],
+        *,
+        reload_after: float = SECRET_RELOAD_SECONDS,
+    ) -> None:
         self.secrets = secrets
+        self.capability_of = capability_of  # connection -> its CRM's capability (which keys to read)
         self.reload_after = reload_after
         self._cache: dict[str, _Secret] = {}
         self._lock = threading.Lock()
@@ -673,8 +170,10 @@ class SecretCache:
             except Exception as exc:  # a broken keyring must not take the receiver down
                 log.warning("cannot read the webhook secret of %s: %s", connection, type(exc).__name__)
                 doc = {}
-            values = {k: str(doc[k]) for k in (SECRET_KEY, ZOHO_TOKEN_KEY, ZOHO_CHANNEL_KEY) if doc.get(k)}
-            for key in (SECRET_KEY, ZOHO_TOKEN_KEY):
+            support = self.capability_of(connection)
+            keys = support.secret_keys if support is not None else ()
+            values = {k: str(doc[k]) for k in keys if doc.get(k)}
+            for key in support.hidden_keys if support is not None else ():
                 register_secret(values.get(key))
             self._cache[connection] = _Secret(values, time.monotonic())
             return values
@@ -691,7 +190,7 @@ class Answer:
 
 
 class WebhookReceiver:
-    """The HTTP receiver: ``/hooks/hubspot/{connection}`` and ``/hooks/zoho/{connection}``, POST only.
+    """The HTTP receiver: ``/hooks/{provider}/{connection}`` for every CRM with webhooks, POST only.
 
     Also ``GET /healthz`` (for a load balancer) and ``GET /metrics`` (Prometheus text).
     """
@@ -731,12 +230,13 @@ class WebhookReceiver:
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
                 raise ConfigError(f"webhook public URL {self.public_url!r}: use scheme://host[:port][/path]")
             self._scheme, self._netloc, self._prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
-        self.secrets = SecretCache(app.secrets)
-        self.writer = EventWriter(self.store)
+        self.capabilities = capabilities()
+        self.secrets = SecretCache(app.secrets, lambda name: self.capabilities.get(self._providers.get(name, "")))
+        self.log_once = LogOnce()
+        self.writer = EventWriter(self.store, log_once=self.log_once)
         self._providers: dict[str, str] = {}
         self._providers_loaded = 0.0
         self._counters: dict[tuple[str, str, str], Any] = {}
-        self.log_once = LogOnce()
         self._inflight = 0
         self._closing = False
         self._idle = threading.Condition()
@@ -770,7 +270,8 @@ class WebhookReceiver:
     def hook_url(self, provider: str, connection: str) -> str:
         """The URL to give the CRM (built on the public URL when one is set)."""
         base = self.public_url or self.url
-        query = f"?{ZOHO_URL_PARAM}=***" if provider == "zoho" else ""  # the secret stays in the keyring
+        support = self.capabilities.get(provider)
+        query = support.hook_query({}, reveal=False) if support is not None else ""  # secrets stay in the keyring
         return f"{base}/hooks/{provider}/{connection}{query}"
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -829,7 +330,7 @@ class WebhookReceiver:
         else:
             signed = self._prefix + path
         m = _ROUTE.match(path)
-        if m is None:
+        if m is None or m["provider"] not in self.capabilities:
             return None
         return m["provider"], m["connection"], query, signed + ("?" + query if query else "")
 
@@ -881,11 +382,19 @@ class WebhookReceiver:
             if known:  # no metric series for made-up names
                 self._count(provider, connection, "too_large")
             return Answer(413, {"error": "body too large"}, close=True)
-        params = parse_qs(query)
-        if provider == "zoho" and known:
-            # Zoho signs nothing; the notify URL's secret is the caller's proof, checked unread.
+        support = self.capabilities[provider]
+        request = WebhookRequest(
+            method=method,
+            uri=self.signed_uri(signed_path, headers),
+            headers=headers,
+            query=parse_qs(query),
+            now=self.clock(),
+            max_age=self.max_age,
+        )
+        if known:
+            # What the caller can prove before its body is read (a secret in the URL) is checked unread.
             try:
-                self._verify(connection, lambda s: _check_zoho_url(s, params))
+                self._verify(connection, lambda s: support.check_before_body(s, request))
             except VerificationFailed as exc:
                 self._count(provider, connection, "received")
                 return self._rejected(provider, connection, str(exc), close=True)
@@ -894,16 +403,8 @@ class WebhookReceiver:
             return Answer(404, {"error": "not found"})
         self._count(provider, connection, "received")
         try:
-            if provider == "hubspot":
-                uri = self.signed_uri(signed_path, headers)
-                self._verify(connection, lambda s: self._check_hubspot(s, method, uri, body, headers))
-                events = hubspot_events(_json(body))
-            else:
-                doc = _json(body)
-                if not isinstance(doc, dict):
-                    raise MalformedEvent("a Zoho notification is a JSON object")
-                self._verify(connection, lambda s: _check_zoho(s, doc, params))
-                events = zoho_events(doc)
+            self._verify(connection, lambda s: support.verify(s, request, body))
+            events = support.events(json_body(body))
         except VerificationFailed as exc:
             return self._rejected(provider, connection, str(exc))
         except MalformedEvent as exc:
@@ -939,16 +440,6 @@ class WebhookReceiver:
                 raise
             check(self.secrets.get(connection))  # the secret was rotated since we cached it
 
-    def _check_hubspot(
-        self, secret: dict[str, str], method: str, uri: str, body: bytes, headers: Mapping[str, str]
-    ) -> None:
-        value = secret.get(SECRET_KEY)
-        if not value:
-            raise VerificationFailed("no webhook secret stored (run `crmsync webhook secret`)")
-        verify_hubspot(
-            secret=value, method=method, uri=uri, body=body, headers=headers, now=self.clock(), max_age=self.max_age
-        )
-
     def _count(self, provider: str, connection: str, result: str, n: int = 1) -> None:
         if not n:
             return
@@ -957,35 +448,6 @@ class WebhookReceiver:
         if counter is None:
             counter = self._counters[key] = self.metrics.webhook_events.labels(*key)
         counter.inc(n)
-
-
-def _check_zoho(secret: dict[str, str], doc: dict[str, Any], params: Mapping[str, Sequence[str]]) -> None:
-    verify_zoho(
-        token=secret.get(ZOHO_TOKEN_KEY),
-        channel_id=secret.get(ZOHO_CHANNEL_KEY),
-        url_secret=secret.get(SECRET_KEY),
-        event=doc,
-        query=params,
-    )
-
-
-def _check_zoho_url(secret: dict[str, str], params: Mapping[str, Sequence[str]]) -> None:
-    """The notify URL's secret in the request's query: what a Zoho caller proves before its body is read."""
-    url_secret = secret.get(SECRET_KEY)
-    if not url_secret:
-        raise VerificationFailed("no Zoho notify URL secret stored for this connection")
-    copies = params.get(ZOHO_URL_PARAM, [])
-    results = [_same(url_secret, c) for c in copies]
-    if not results or not all(results):
-        raise VerificationFailed("Zoho notify URL secret missing or wrong in the request URL")
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json_loads(body)
-    except ValueError as exc:  # TooDeep and UnicodeDecodeError are ValueErrors too
-        detail = f": {exc}" if "nested" in str(exc) else ""
-        raise MalformedEvent(f"the body is not JSON{detail}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -1359,44 +821,81 @@ def serve(
             signal.signal(signum, handler)
 
 
-def zoho_subscribe(
-    app: App, connection: str | None, *, public_url: str | None = None, renew_within: timedelta = timedelta(days=1)
-) -> dict[str, Any]:
-    """Create the Zoho watch channel that calls this receiver, or renew it when it expires soon.
-
-    The channel id, its token and the notify URL's secret are generated once and kept in the
-    connection's keyring entry, where the receiver reads them; they are stored before the channel
-    is enabled, because Zoho may call back at once.
-    """
-    conn = app.connection(connection)
-    if conn.provider != "zoho":
-        raise UsageError(f"{conn.name} is a {conn.provider} connection; watch channels are a Zoho feature")
-    base = (public_url or app.config.webhook.public_url or "").rstrip("/")
-    if not base:
-        raise UsageError("Zoho must reach the receiver: pass --public-url or set webhook.public_url in the config")
-    doc = app.secrets.get(conn.name) or {}
-    existing = doc.get(ZOHO_CHANNEL_KEY)
-    channel = str(existing or secrets.randbelow(9 * 10**15) + 10**15)  # Zoho wants a numeric id
-    token = str(doc.get(ZOHO_TOKEN_KEY) or secrets.token_urlsafe(24))  # 32 characters; Zoho allows 50
-    url_secret = str(doc.get(SECRET_KEY) or secrets.token_urlsafe(24))
-    app.secrets.update(conn.name, **{ZOHO_CHANNEL_KEY: channel, ZOHO_TOKEN_KEY: token, SECRET_KEY: url_secret})
-    provider: Any = app.provider(conn)
-    expiry = provider.renew_if_needed(channel_id=channel, within=renew_within) if existing else None
-    renewed = expiry is not None
-    if expiry is None:
-        notify_url = f"{base}/hooks/zoho/{conn.name}?{ZOHO_URL_PARAM}={url_secret}"
-        expiry = provider.subscribe(channel_id=channel, notify_url=notify_url, token=token)
-    return {
-        "connection": conn.name,
-        "channel_id": channel,
-        "expires_at": expiry.isoformat(),
-        "renewed": renewed,
-        "notify_url": f"{base}/hooks/zoho/{conn.name}?{ZOHO_URL_PARAM}=***",
-    }
-
-
 def connections_with_hooks(app: App, names: Iterable[str] | None = None) -> list[tuple[str, str]]:
     """(connection, provider) pairs the receiver has routes for."""
     # With no names, no connection at all is fine: routes appear as connections are added.
     conns = app.connections(list(names)) if names else app.store.connections()
-    return [(c.name, c.provider) for c in conns if c.provider in PROVIDERS]
+    able = capabilities()
+    return [(c.name, c.provider) for c in conns if c.provider in able]
+
+
+def subscribe(
+    app: App, connection: str | None, *, public_url: str | None = None, renew_within: timedelta = timedelta(days=1)
+) -> dict[str, Any]:
+    """Register this receiver with the connection's CRM (or renew the subscription it has).
+
+    What the CRM's calls must carry (credentials, channel tokens, URL secrets) is generated once
+    and kept in the connection's secret, where the receiver reads it; it is stored before the CRM
+    is told, because the CRM may call back at once.
+    """
+    conn, support = capability(app, connection)
+    if not support.subscribes:
+        raise UsageError(
+            f"{support.label} webhooks are set up in {support.label} itself: point them at "
+            f"PUBLIC_URL/hooks/{conn.provider}/{conn.name} and store the secret with `crmsync webhook secret`"
+        )
+    base = (public_url or app.config.webhook.public_url or "").rstrip("/")
+    if not base:
+        raise UsageError(
+            f"{support.label} must reach the receiver: pass --public-url or set webhook.public_url in the config"
+        )
+    doc = app.secrets.get(conn.name) or {}
+    values = support.prepare_secret(doc)
+    if values:
+        app.secrets.update(conn.name, **values)
+    secret = {k: str(v) for k, v in {**doc, **values}.items() if isinstance(v, str | int)}
+    path = f"{base}/hooks/{conn.provider}/{conn.name}"
+    report = support.subscribe(
+        app.provider(conn), secret, path + support.hook_query(secret, reveal=True), renew_within=renew_within
+    )
+    return {"connection": conn.name, **report, "notify_url": path + support.hook_query(secret, reveal=False)}
+
+
+def store_secret(app: App, connection: str | None, value: str, *, channel_id: str | None = None) -> dict[str, Any]:
+    """Keep a webhook secret the CRM gave (read by `webhook secret`); returns the URL the CRM must call."""
+    conn, support = capability(app, connection)
+    doc = app.secrets.get(conn.name) or {}
+    values = support.accept_secret(value, doc, channel_id=channel_id)
+    app.secrets.update(conn.name, **values)
+    base = (app.config.webhook.public_url or "PUBLIC_URL").rstrip("/")
+    query = support.hook_query({**{k: str(v) for k, v in doc.items()}, **values}, reveal=True)
+    return {"connection": conn.name, "stored": True, "notify_url": f"{base}/hooks/{conn.provider}/{conn.name}{query}"}
+
+
+def secret_prompt(app: App, connection: str | None) -> str:
+    """What `webhook secret` asks for on this connection, or a usage error where crmsync makes the secret."""
+    conn, support = capability(app, connection)
+    if support.secret_prompt is None:
+        raise UsageError(
+            f"crmsync generates the {support.label} webhook credentials: run `crmsync webhook subscribe -c {conn.name}`"
+        )
+    return support.secret_prompt
+
+
+def renew(
+    app: App, names: Iterable[str], last: dict[str, float], public_url: str | None, *, every: float = 3600
+) -> None:
+    """Renew, at most every ``every`` seconds each, the subscriptions of ``names`` that expire."""
+    from crmsync.errors import CrmsyncError
+
+    for name in names:
+        if time.monotonic() - last.get(name, float("-inf")) < every:
+            continue
+        last[name] = time.monotonic()
+        try:
+            _, support = capability(app, name)
+            if not (support.renews and support.subscribed(app.secrets.get(name) or {})):
+                continue  # nothing made by `webhook subscribe`, or nothing that expires
+            subscribe(app, name, public_url=public_url)
+        except CrmsyncError as exc:
+            log.warning("renewing the webhook subscription of %s failed: %s", name, exc)
