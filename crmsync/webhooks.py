@@ -97,7 +97,7 @@ def capability(app: App, connection: str | None) -> tuple[Any, WebhookSupport]:
     if support is None:
         able = ", ".join(s.label for s in capabilities().values())
         raise UsageError(
-            f"{conn.name} is a {cls.label} connection, and {cls.label} sends no webhooks crmsync can receive "
+            f"{conn.name} is a connection to {cls.label}, which sends no webhooks crmsync can receive "
             f"(webhooks exist for {able}); `crmsync pull` keeps it in step"
         )
     return conn, support
