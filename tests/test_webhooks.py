@@ -589,7 +589,7 @@ def test_zoho_channel_callbacks_reach_the_store_and_pull(tmp_path: Path) -> None
     from crmsync.emulators.zoho import ZohoEmulator
     from crmsync.sync.connect import connect
     from crmsync.sync.pull import pull
-    from crmsync.webhooks import subscribe
+    from crmsync.webhooks.subscriptions import subscribe
     from tests.e2e import ScriptIO
 
     emu = ZohoEmulator(seed=3, contacts=5)
@@ -951,14 +951,14 @@ def test_metrics_answer_loopback_clients_only(receiver: WebhookReceiver, client:
 def test_the_handler_refuses_metrics_by_its_client_address(
     receiver: WebhookReceiver, address: str, status: bytes
 ) -> None:
-    from crmsync.webhooks import _make_handler
+    from crmsync.webhooks.server import make_handler
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         theirs = socket.create_connection(listener.getsockname())
         ours, _ = listener.accept()  # a TCP pair: the handler sets TCP options on its end
     with ours, theirs:
         theirs.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        _make_handler(receiver)(ours, (address, 40000), receiver._httpd)  # serves the one request
+        make_handler(receiver)(ours, (address, 40000), receiver._httpd)  # serves the one request
         theirs.settimeout(5)
         assert theirs.recv(64).startswith(b"HTTP/1.1 " + status)
 

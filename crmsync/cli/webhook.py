@@ -64,8 +64,9 @@ def register(app: typer.Typer) -> None:
         """
         from crmsync.errors import CrmsyncError
         from crmsync.sync.pull import pull
-        from crmsync.webhooks import WebhookReceiver, connections_with_hooks, is_loopback, renew
+        from crmsync.webhooks import WebhookReceiver, connections_with_hooks, is_loopback
         from crmsync.webhooks import serve as run
+        from crmsync.webhooks.subscriptions import renew
 
         a = STATE.app()
         hooks = connections_with_hooks(a, connection)
@@ -130,7 +131,7 @@ def register(app: typer.Typer) -> None:
 
         Example: printf '%s' "$HUBSPOT_CLIENT_SECRET" | crmsync webhook secret -c prod
         """
-        from crmsync.webhooks import secret_prompt, store_secret
+        from crmsync.webhooks.subscriptions import secret_prompt, store_secret
 
         a = STATE.app()
         prompt = secret_prompt(a, connection)
@@ -154,7 +155,7 @@ def register(app: typer.Typer) -> None:
 
         Example: crmsync webhook subscribe -c zoho-prod --public-url https://hooks.example.com
         """
-        from crmsync.webhooks import subscribe as do_subscribe
+        from crmsync.webhooks.subscriptions import subscribe as do_subscribe
 
         doc = do_subscribe(STATE.app(), connection, public_url=public_url)
         if STATE.json:
