@@ -59,6 +59,7 @@ from crmsync.webhooks.server import Answer, LogOnce, Server
 
 if TYPE_CHECKING:
     from crmsync.app import App
+    from crmsync.store import CrmConnection
 
 log = logging.getLogger("crmsync.webhooks")
 
@@ -82,7 +83,7 @@ def capabilities() -> dict[str, WebhookSupport]:
     return found
 
 
-def capability(app: App, connection: str | None) -> tuple[Any, WebhookSupport]:
+def capability(app: App, connection: str | None) -> tuple[CrmConnection, WebhookSupport]:
     """(connection, its provider's webhook capability), or a usage error naming the CRMs that have one."""
     conn = app.connection(connection)
     cls = get_provider(conn.provider)
