@@ -167,7 +167,7 @@ def run(
     of httpx threads tops out near 1,000 requests/s on its own, and would measure itself.
     """
     from crmsync.store import CrmConnection, Store
-    from crmsync.webhooks import list_events
+    from crmsync.store.events import list_events
 
     if quick:
         events = min(events, 1000)

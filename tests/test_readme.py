@@ -190,8 +190,8 @@ def test_readme_names_no_file_outside_the_repository() -> None:
 
 
 def test_the_readme_shows_the_connect_line_sandbox_serve_prints() -> None:
-    from crmsync.cli.sandbox import connect_command
-    from crmsync.emulators.hubspot import build_hubspot
+    from crmsync.cli.sandbox import make_sandbox
+    from crmsync.emulators.sandbox import SandboxOptions
 
-    token = build_hubspot(seed=0, contacts=0, companies=0, deals=0, faults=None).private_app_token
-    assert connect_command("hubspot", "http://127.0.0.1:8080", {"token": token}) in README.read_text()
+    name, box = make_sandbox("hubspot", SandboxOptions(contacts=0, companies=0, deals=0))
+    assert box.connect_command(name, "http://127.0.0.1:8080") in README.read_text()

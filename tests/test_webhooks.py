@@ -26,22 +26,19 @@ from sqlmodel import select
 
 from crmsync.app import App
 from crmsync.model import to_utc
-from crmsync.store import CrmConnection, CrmWebhookEvent, Store
-from crmsync.webhooks import (
-    MalformedEvent,
-    VerificationFailed,
-    WebhookReceiver,
+from crmsync.providers.capabilities import MalformedEvent, VerificationFailed
+from crmsync.providers.hubspot.webhook import (
     hubspot_events,
     hubspot_signature_v1,
     hubspot_signature_v2,
     hubspot_signature_v3,
     hubspot_v3_uri,
-    list_events,
-    serve,
     verify_hubspot,
-    verify_zoho,
-    zoho_events,
 )
+from crmsync.providers.zoho.webhook import verify_zoho, zoho_events
+from crmsync.store import CrmConnection, CrmWebhookEvent, Store
+from crmsync.store.events import list_events
+from crmsync.webhooks import WebhookReceiver, serve
 
 # -- the reference's test vectors (hubspot.md §7) ----------------------------------------------------
 VEC_SECRET = "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"
@@ -592,7 +589,7 @@ def test_zoho_channel_callbacks_reach_the_store_and_pull(tmp_path: Path) -> None
     from crmsync.emulators.zoho import ZohoEmulator
     from crmsync.sync.connect import connect
     from crmsync.sync.pull import pull
-    from crmsync.webhooks import zoho_subscribe
+    from crmsync.webhooks.subscriptions import subscribe
     from tests.e2e import ScriptIO
 
     emu = ZohoEmulator(seed=3, contacts=5)
@@ -600,12 +597,12 @@ def test_zoho_channel_callbacks_reach_the_store_and_pull(tmp_path: Path) -> None
     app = App(db=str(tmp_path / "zoho.db"), transport=lambda _name: transport)
     options = {"client_id": emu.client_id, "grant_code": emu.grant_code()}
     connect(app, provider="zoho", name="z", base_url=None, options=options, io=ScriptIO(emu.client_secret))
-    first = zoho_subscribe(app, "z", public_url=PUBLIC)
+    first = subscribe(app, "z", public_url=PUBLIC)
     assert not first["renewed"] and "***" in first["notify_url"]
     channels = emu.channels()  # one per watched module, all on the same channel id and URL
     assert {c["channel_id"] for c in channels} == {first["channel_id"]}
     assert all(c["notify_url"].startswith(PUBLIC + "/hooks/zoho/z?crmsync_key=") for c in channels)
-    again = zoho_subscribe(app, "z", public_url=PUBLIC, renew_within=timedelta(days=30))
+    again = subscribe(app, "z", public_url=PUBLIC, renew_within=timedelta(days=30))
     assert again["renewed"] and again["channel_id"] == first["channel_id"]
     assert len(emu.channels()) == len(channels)
 
@@ -954,14 +951,14 @@ def test_metrics_answer_loopback_clients_only(receiver: WebhookReceiver, client:
 def test_the_handler_refuses_metrics_by_its_client_address(
     receiver: WebhookReceiver, address: str, status: bytes
 ) -> None:
-    from crmsync.webhooks import _make_handler
+    from crmsync.webhooks.server import make_handler
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         theirs = socket.create_connection(listener.getsockname())
         ours, _ = listener.accept()  # a TCP pair: the handler sets TCP options on its end
     with ours, theirs:
         theirs.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        _make_handler(receiver)(ours, (address, 40000), receiver._httpd)  # serves the one request
+        make_handler(receiver)(ours, (address, 40000), receiver._httpd)  # serves the one request
         theirs.settimeout(5)
         assert theirs.recv(64).startswith(b"HTTP/1.1 " + status)
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import shlex
+import importlib
 import sys
 import threading
-from typing import Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from crmsync.errors import UsageError
+from crmsync.providers import get_provider, provider_names
+
+if TYPE_CHECKING:
+    from crmsync.emulators.sandbox import Sandbox, SandboxOptions
 
 #: Seeds at least this large say so on stderr before the URL line (which waits for the seeding).
 BIG_SEED = 100_000
@@ -21,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
     @sandbox_app.command("serve")
     def serve(
-        provider: Annotated[str, typer.Argument(help="hubspot, zoho, odoo or pipedrive.")],
+        provider: Annotated[str, typer.Argument(help=f"{', '.join(provider_names())}.")],
         host: Annotated[str, typer.Option("--host", help="Interface (loopback by default).")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one.")] = 0,
         seed: Annotated[int, typer.Option("--seed", help="Seed for the generated data.")] = 0,
@@ -51,6 +56,7 @@ def register(app: typer.Typer) -> None:
         Example: crmsync sandbox serve hubspot --port 0 --contacts 1000 --latency-ms 150 --rate-limit 100/10
         """
         from crmsync.emulators.base import Faults
+        from crmsync.emulators.sandbox import SandboxOptions
 
         limits = {}
         if rate_limit:
@@ -71,12 +77,13 @@ def register(app: typer.Typer) -> None:
         if contacts + companies + deals >= BIG_SEED:
             # Seeding a million records takes a minute or two; the URL line follows once it is done.
             sys.stderr.write(f"seeding {contacts:,} contacts, {companies:,} companies and {deals:,} deals…\n")
-        emulator, creds = build(provider, seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
-        server = emulator.serve(host, port)
+        options = SandboxOptions(seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
+        name, box = make_sandbox(provider, options)
+        server = box.serve(host, port)
         sys.stdout.write(server.url + "\n")
-        for key, value in creds.items():
+        for key, value in box.credentials.items():
             sys.stdout.write(f"{key}={value}\n")
-        sys.stdout.write(f"# to connect, paste:\n{connect_command(provider, server.url, creds)}\n")
+        sys.stdout.write(f"# to connect, paste:\n{box.connect_command(name, server.url)}\n")
         sys.stdout.flush()
         try:
             threading.Event().wait()
@@ -86,51 +93,10 @@ def register(app: typer.Typer) -> None:
             server.stop()
 
 
-def connect_command(provider: str, url: str, creds: dict[str, str], *, name: str = "sandbox") -> str:
-    """The shell line that connects crmsync to a sandbox emulator: the secret goes through stdin."""
-    q = shlex.quote
-    provider = provider.lower()
-    if provider in ("hubspot", "pipedrive"):
-        secret, options = creds["token"], []
-    elif provider == "zoho":
-        secret = creds["client_secret"]
-        options = ["--client-id", q(creds["client_id"]), "--grant-code", q(creds["grant_code"])]
-    else:
-        secret, options = creds["api_key"], ["--db-name", q(creds["db"]), "--user", q(creds["login"])]
-    # The sandbox's credentials are made up, so a file keeps them where no OS keyring exists.
-    words = ["crmsync", "connect", provider, "--name", q(name), "--base-url", q(url), *options, "--token-stdin"]
-    words.append("--insecure-storage")
-    return f"printf '%s\\n' {q(secret)} | {' '.join(words)}"
-
-
-def build(
-    provider: str, *, seed: int, contacts: int, companies: int, deals: int, faults: object
-) -> tuple[object, dict[str, str]]:
-    """An emulator and the credentials a connection to it needs (fake, for the sandbox only)."""
-    name = provider.lower()
-    if name == "hubspot":
-        from crmsync.emulators.hubspot import build_hubspot
-
-        emu = build_hubspot(seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
-        return emu, {"token": emu.private_app_token}
-    if name == "zoho":
-        from crmsync.emulators.zoho import build_zoho
-
-        emu = build_zoho(seed=seed, contacts=contacts, accounts=companies, deals=deals, faults=faults)
-        # A Self Client grant code lets `connect zoho --grant-code` work without a browser.
-        return emu, {
-            "client_id": emu.client_id,
-            "client_secret": emu.client_secret,
-            "grant_code": emu.grant_code(ttl=3600),
-        }
-    if name == "odoo":
-        from crmsync.emulators.odoo import build_odoo
-
-        emu = build_odoo(seed=seed, partners=contacts, companies=companies, leads=deals, faults=faults)
-        return emu, {"db": emu.db, "login": emu.login, "api_key": emu.api_key}
-    if name == "pipedrive":
-        from crmsync.emulators.pipedrive import build_pipedrive
-
-        emu = build_pipedrive(seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
-        return emu, {"token": emu.api_token}
-    raise UsageError(f"unknown provider {provider!r}; choose one of: hubspot, odoo, pipedrive, zoho")
+def make_sandbox(provider: str, options: SandboxOptions) -> tuple[str, Sandbox]:
+    """(the provider's registered name, its seeded sandbox), from the emulator module the provider names."""
+    cls = get_provider(provider)
+    if cls.emulator is None:
+        raise UsageError(f"{cls.label} has no emulator in this build")
+    factory: Callable[[SandboxOptions], Sandbox] = importlib.import_module(cls.emulator).sandbox
+    return cls.name, factory(options)

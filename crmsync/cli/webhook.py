@@ -29,29 +29,10 @@ def _read_secret(prompt: str) -> str:
     return value
 
 
-def renew_channels(app: Any, names: list[str], last: dict[str, float], public_url: str | None) -> None:
-    """Hourly, renew the Zoho watch channels of ``names`` that have one (a channel lasts a week)."""
-    import time
-
-    from crmsync.errors import CrmsyncError
-    from crmsync.webhooks import ZOHO_CHANNEL_KEY, zoho_subscribe
-
-    for name in names:
-        if time.monotonic() - last.get(name, float("-inf")) < 3600:
-            continue
-        last[name] = time.monotonic()
-        if not (app.secrets.get(name) or {}).get(ZOHO_CHANNEL_KEY):
-            continue  # no channel made by `webhook subscribe`: nothing to renew
-        try:
-            zoho_subscribe(app, name, public_url=public_url)
-        except CrmsyncError as exc:
-            log.warning("renewing the Zoho channel of %s failed: %s", name, exc)
-
-
 def register(app: typer.Typer) -> None:
     from crmsync.cli import STATE, add_row, console, emit_json, info, table
 
-    webhook_app = typer.Typer(help="Receive CRM webhooks (HubSpot, Zoho) and apply them on pull.", no_args_is_help=True)
+    webhook_app = typer.Typer(help="Receive CRM webhooks and apply them on pull.", no_args_is_help=True)
     app.add_typer(webhook_app, name="webhook")
 
     @webhook_app.command("serve")
@@ -74,10 +55,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         connection: ConnsOpt = None,
     ) -> None:
-        """Receive webhooks on /hooks/hubspot/NAME and /hooks/zoho/NAME; stop with SIGTERM or Ctrl-C.
+        """Receive webhooks on /hooks/PROVIDER/NAME for every CRM that sends them; stop with SIGTERM or Ctrl-C.
 
         It listens on loopback: put a TLS-terminating reverse proxy in front of it for the internet,
-        and pass the URL the CRM calls as --public-url (HubSpot signs that URL).
+        and pass the URL the CRM calls as --public-url (a CRM that signs requests signs that URL).
 
         Example: crmsync webhook serve --public-url https://hooks.example.com --follow --interval 5
         """
@@ -85,6 +66,7 @@ def register(app: typer.Typer) -> None:
         from crmsync.sync.pull import pull
         from crmsync.webhooks import WebhookReceiver, connections_with_hooks, is_loopback
         from crmsync.webhooks import serve as run
+        from crmsync.webhooks.subscriptions import renew
 
         a = STATE.app()
         hooks = connections_with_hooks(a, connection)
@@ -108,7 +90,7 @@ def register(app: typer.Typer) -> None:
                         log.warning("pull %s: %s", res.connection, res.error)
             except CrmsyncError as exc:
                 log.warning("pull: %s", exc)
-            renew_channels(a, [name for name, provider in hooks if provider == "zoho"], renewed_at, public_url)
+            renew(a, [name for name, _ in hooks], renewed_at, public_url)
             write_metrics()
 
         def ready(r: WebhookReceiver) -> None:
@@ -121,7 +103,7 @@ def register(app: typer.Typer) -> None:
             for name, url in urls.items():
                 info(f"{name}: {url}")
             if not urls:
-                info("no HubSpot or Zoho connection yet: routes appear as connections are added")
+                info("no connection to a CRM that sends webhooks yet: routes appear as connections are added")
 
         def write_metrics() -> None:
             if a.config.metrics_file:
@@ -135,65 +117,52 @@ def register(app: typer.Typer) -> None:
     def secret(
         connection: ConnOpt = None,
         channel_id: Annotated[
-            str | None, typer.Option("--channel-id", help="Zoho: the watch channel's id (stdin gives its token).")
+            str | None,
+            typer.Option(
+                "--channel-id", help="The watch channel's id, for a CRM with channels (stdin gives its token)."
+            ),
         ] = None,
     ) -> None:
-        """Store the webhook signing secret from stdin in the keyring (HubSpot: the app's client secret).
+        """Store the webhook secret the CRM gave from stdin in the keyring, and print the URL it must call.
 
-        For Zoho, stdin gives the watch channel's token; a secret for the notify URL is generated
-        and the URL to register with Zoho is printed.
+        HubSpot: the app's client secret. Zoho: the watch channel's token (with --channel-id); a
+        secret for the notify URL is generated. Where crmsync makes the credentials itself, use
+        `webhook subscribe` instead.
 
         Example: printf '%s' "$HUBSPOT_CLIENT_SECRET" | crmsync webhook secret -c prod
         """
-        import secrets as pysecrets
-
-        from crmsync.webhooks import SECRET_KEY, ZOHO_CHANNEL_KEY, ZOHO_TOKEN_KEY, ZOHO_URL_PARAM
+        from crmsync.webhooks.subscriptions import secret_prompt, store_secret
 
         a = STATE.app()
-        conn = a.connection(connection)
-        if conn.provider == "hubspot":
-            value = _read_secret("HubSpot app client secret")
-            a.secrets.update(conn.name, **{SECRET_KEY: value})
-            path = f"/hooks/hubspot/{conn.name}"
-        elif conn.provider == "zoho":
-            if not channel_id:
-                raise UsageError("Zoho needs --channel-id (the watch channel's id); stdin gives its token")
-            token = _read_secret("Zoho channel token")
-            if len(token) > 50:
-                raise UsageError("a Zoho channel token has at most 50 characters")
-            url_secret = (a.secrets.get(conn.name) or {}).get(SECRET_KEY) or pysecrets.token_urlsafe(24)
-            a.secrets.update(conn.name, **{SECRET_KEY: url_secret, ZOHO_TOKEN_KEY: token, ZOHO_CHANNEL_KEY: channel_id})
-            path = f"/hooks/zoho/{conn.name}?{ZOHO_URL_PARAM}={url_secret}"
-        else:
-            raise UsageError(f"{conn.name} is a {conn.provider} connection; webhooks exist for hubspot and zoho")
-        base = a.config.webhook.public_url or "PUBLIC_URL"
+        prompt = secret_prompt(a, connection)
+        doc = store_secret(a, connection, _read_secret(prompt), channel_id=channel_id)
         if STATE.json:
-            emit_json({"connection": conn.name, "stored": True, "notify_url": base.rstrip("/") + path})
+            emit_json(doc)
         else:
-            info(f"stored the webhook secret of {conn.name}; the CRM must call {base.rstrip('/')}{path}")
+            info(f"stored the webhook secret of {doc['connection']}; the CRM must call {doc['notify_url']}")
 
     @webhook_app.command("subscribe")
     def subscribe(
         connection: ConnOpt = None,
         public_url: Annotated[
-            str | None, typer.Option("--public-url", help="Base URL Zoho calls [config webhook.public_url].")
+            str | None, typer.Option("--public-url", help="Base URL the CRM calls [config webhook.public_url].")
         ] = None,
     ) -> None:
-        """Zoho: create the watch channel that calls this receiver, or renew it (channels last a week).
+        """Register this receiver with the CRM (Zoho: a watch channel; Pipedrive: webhooks), or renew it.
 
-        Run it again daily (cron) to renew; `webhook serve --follow` renews by itself.
+        The credentials the CRM's calls carry are generated and kept with the connection's secret.
+        Zoho's channels last a week: run it again daily (cron), or let `webhook serve --follow` renew.
 
         Example: crmsync webhook subscribe -c zoho-prod --public-url https://hooks.example.com
         """
-        from crmsync.webhooks import zoho_subscribe
+        from crmsync.webhooks.subscriptions import subscribe as do_subscribe
 
-        doc = zoho_subscribe(STATE.app(), connection, public_url=public_url)
+        doc = do_subscribe(STATE.app(), connection, public_url=public_url)
         if STATE.json:
             emit_json(doc)
         else:
-            verb = "renewed" if doc["renewed"] else "enabled"
-            info(f"{doc['connection']}: channel {doc['channel_id']} {verb} until {doc['expires_at']}")
-            info(f"Zoho calls {doc['notify_url']}")
+            info(f"{doc['connection']}: {doc['summary']}")
+            info(f"the CRM calls {doc['notify_url']}")
 
     @webhook_app.command("events")
     def events(
@@ -205,7 +174,7 @@ def register(app: typer.Typer) -> None:
 
         Example: crmsync webhook events --pending --json
         """
-        from crmsync.webhooks import list_events
+        from crmsync.store.events import list_events
 
         rows = [
             _event_row(e) for e in list_events(STATE.app().store, connection=connection, pending=pending, limit=limit)

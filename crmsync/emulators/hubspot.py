@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, urlencode
 import httpx
 
 from crmsync.emulators.base import Emulator, Faults, _SlidingWindow, json_response, request_json
+from crmsync.emulators.sandbox import Sandbox, SandboxOptions
 
 __all__ = ["DEFAULT_DISPOSITIONS", "HubSpotEmulator", "build_hubspot"]
 
@@ -2686,3 +2687,15 @@ class _Seeder:
 def build_hubspot(**kwargs: Any) -> HubSpotEmulator:
     """The factory behind ``crmsync sandbox serve hubspot --seed N --contacts N ...``."""
     return HubSpotEmulator(**kwargs)
+
+
+def sandbox(options: SandboxOptions) -> Sandbox:
+    """A seeded HubSpot for `crmsync sandbox serve` and `crmsync demo` (a private-app token connects)."""
+    emu = build_hubspot(
+        seed=options.seed,
+        contacts=options.contacts,
+        companies=options.companies,
+        deals=options.deals,
+        faults=options.faults,
+    )
+    return Sandbox(emu, secret=emu.private_app_token, credentials={"token": emu.private_app_token})

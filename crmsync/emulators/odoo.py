@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import httpx
 
 from crmsync.emulators.base import Emulator, Faults, request_json
+from crmsync.emulators.sandbox import Sandbox, SandboxOptions
 
 DEFAULT_API_KEY = "5b1f0c9e2d7a4e63b8f1a0c4d2e6f8a9b7c3d1e5"
 BOT_UID = 2
@@ -2670,3 +2671,20 @@ _DEFAULT_BULK: dict[str, Callable[[int], dict[str, Any]]] = {
 def build_odoo(**kwargs: Any) -> OdooEmulator:
     """Factory used by ``crmsync sandbox serve odoo`` (keyword arguments as ``OdooEmulator``)."""
     return OdooEmulator(**kwargs)
+
+
+def sandbox(options: SandboxOptions) -> Sandbox:
+    """A seeded Odoo for `crmsync sandbox serve` and `crmsync demo` (database, login and API key connect)."""
+    emu = build_odoo(
+        seed=options.seed,
+        partners=options.contacts,
+        companies=options.companies,
+        leads=options.deals,
+        faults=options.faults,
+    )
+    return Sandbox(
+        emu,
+        secret=emu.api_key,
+        credentials={"db": emu.db, "login": emu.login, "api_key": emu.api_key},
+        options={"db": emu.db, "user": emu.login},
+    )

@@ -1047,3 +1047,19 @@ def build_pipedrive(
     )
     emu.clock_offset = 0.0
     return emu
+
+
+# -- sandbox factory (added by engineer `capabilities`, issue #27: one `sandbox(options)` per emulator) --
+from crmsync.emulators.sandbox import Sandbox, SandboxOptions  # noqa: E402  (kept inside this block)
+
+
+def sandbox(options: SandboxOptions) -> Sandbox:
+    """A seeded Pipedrive company for `crmsync sandbox serve` and `crmsync demo` (an API token connects)."""
+    emu = build_pipedrive(
+        seed=options.seed,
+        contacts=options.contacts,
+        companies=options.companies,
+        deals=options.deals,
+        faults=options.faults,
+    )
+    return Sandbox(emu, secret=emu.api_token, credentials={"token": emu.api_token})

@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import httpx
 
 from crmsync.emulators.base import Emulator, Faults, json_response, request_json
+from crmsync.emulators.sandbox import Sandbox, SandboxOptions
 
 # -- constants -------------------------------------------------------------------------------------
 
@@ -3648,3 +3649,24 @@ def _page_answer(
     more = page * per_page < len(items)
     info = {"per_page": per_page, "count": len(window), "page": page, "more_records": more}
     return json_response({key: [render(x) for x in window], "info": info})
+
+
+def sandbox(options: SandboxOptions) -> Sandbox:
+    """A seeded Zoho CRM for `crmsync sandbox serve` and `crmsync demo`.
+
+    A Self Client grant code lets `connect zoho --grant-code` work without a browser.
+    """
+    emu = build_zoho(
+        seed=options.seed,
+        contacts=options.contacts,
+        accounts=options.companies,
+        deals=options.deals,
+        faults=options.faults,
+    )
+    grant = emu.grant_code(ttl=3600)
+    return Sandbox(
+        emu,
+        secret=emu.client_secret,
+        credentials={"client_id": emu.client_id, "client_secret": emu.client_secret, "grant_code": grant},
+        options={"client_id": emu.client_id, "grant_code": grant},
+    )

@@ -17,6 +17,8 @@ REGISTRY: dict[str, str] = {
     "odoo": "crmsync.providers.odoo:OdooProvider",
     "pipedrive": "crmsync.providers.pipedrive:PipedriveProvider",
 }
+#: The CRM `crmsync demo` runs against, through its emulator's sandbox.
+DEMO = "hubspot"
 
 
 def provider_names() -> list[str]:

@@ -26,6 +26,7 @@ from crmsync.http import ResponsePolicy
 if TYPE_CHECKING:
     from crmsync.credentials import SecretStore
     from crmsync.http import Auth, HttpClient, RateLimit
+    from crmsync.providers.capabilities import WebhookSupport
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -217,8 +218,23 @@ class Provider(ABC):
     #: of one that exists is refused (``exists``) instead of logged twice. For the others push asks
     #: ``find_activities`` before creating what this store has no record of having sent.
     unique_markers: frozenset[str] = frozenset()  # an instance may narrow it once it has seen the CRM's fields
-    #: Webhook routes this provider can receive (see webhooks.py).
-    supports_webhooks: ClassVar[bool] = False
+    #: Optional capabilities, as "module:Class" / module paths resolved only when asked for (so a
+    #: provider never imports its emulator): the CRM's webhooks (``webhooks()``), and the emulator
+    #: module whose ``sandbox(options)`` serves `crmsync sandbox serve` and `crmsync demo`.
+    webhook_support: ClassVar[str | None] = None
+    emulator: ClassVar[str | None] = None
+
+    @classmethod
+    def webhooks(cls) -> WebhookSupport | None:
+        """This CRM's webhook capability, or None when crmsync cannot receive its webhooks."""
+        import importlib
+
+        if cls.webhook_support is None:
+            return None
+        module, _, attr = cls.webhook_support.partition(":")
+        support: WebhookSupport = getattr(importlib.import_module(module), attr)(cls.label)
+        return support
+
     default_base_url: ClassVar[str] = ""
     #: Sorts this CRM's responses (rate-limit headers, token-expiry bodies) for HttpClient.
     policy_class: ClassVar[type[ResponsePolicy]] = ResponsePolicy

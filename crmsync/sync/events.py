@@ -10,50 +10,44 @@ transaction that stores the records they point at.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from sqlmodel import Session, select
-
-from crmsync.model import utcnow
-from crmsync.store import CrmWebhookEvent
+from crmsync.store.events import mark_processed, pending_events
 
 if TYPE_CHECKING:
     from crmsync.app import App
     from crmsync.mapping import Mapping
-    from crmsync.providers.base import Provider
-    from crmsync.store import CrmConnection
+    from crmsync.providers.base import Provider, RemoteRecord
+    from crmsync.store import CrmConnection, CrmWebhookEvent
 
 BATCH = 500
 
-
-def pending_events(app: App, connection: str, *, limit: int = BATCH) -> list[CrmWebhookEvent]:
-    with app.store.session() as s:
-        q = (
-            select(CrmWebhookEvent)
-            .where(CrmWebhookEvent.connection == connection, CrmWebhookEvent.processed_at == None)  # noqa: E711
-            .order_by(CrmWebhookEvent.id)  # type: ignore[arg-type]
-            .limit(limit)
-        )
-        return list(s.exec(q))
+#: ``(mapping, object, remote record) -> canonical record``: the pull's own conversion, passed in
+#: so that this module does not import the pull that calls it.
+Convert = Callable[["Mapping", str, "RemoteRecord"], Any]
 
 
 def apply_pending_events(
-    app: App, conn: CrmConnection, provider: Provider, mapping: Mapping, run_id: int, *, objects: Sequence[str]
+    app: App,
+    conn: CrmConnection,
+    provider: Provider,
+    mapping: Mapping,
+    run_id: int,
+    *,
+    objects: Sequence[str],
+    convert: Convert,
 ) -> int:
     """Apply every pending event of a connection; returns how many events were consumed."""
-    from crmsync.sync.pull import to_canonical
-
     consumed = 0
     while True:
-        events = pending_events(app, conn.name)
+        events = pending_events(app.store, conn.name, limit=BATCH)
         if not events:
             return consumed
         by_obj: dict[str, list[CrmWebhookEvent]] = defaultdict(list)
         for ev in events:
             by_obj[ev.object].append(ev)
         for obj, evs in by_obj.items():
-            event_ids = [e.id for e in evs]
             deleted = sorted({e.remote_id for e in evs if e.event_type == "deletion"})
             records = []
             if obj in objects and obj in provider.objects:
@@ -61,17 +55,16 @@ def apply_pending_events(
                 # deletion arrived late), so only ids the CRM no longer returns are archived.
                 wanted = sorted({e.remote_id for e in evs})
                 fetched = provider.fetch(obj, wanted, fields=mapping.provider_fields(obj))
-                records = [to_canonical(mapping, obj, r) for r in fetched]
+                records = [convert(mapping, obj, r) for r in fetched]
                 live = {r.id for r in fetched if not r.archived}
                 deleted = [rid for rid in deleted if rid not in live]
-
-            def mark(s: Session, ids: list[int | None] = event_ids) -> None:
-                now = utcnow()
-                for row in s.exec(select(CrmWebhookEvent).where(CrmWebhookEvent.id.in_(ids))):  # type: ignore[union-attr]
-                    row.processed_at = now
-                    s.add(row)
-
             app.store.apply_page(
-                conn.name, obj, records, cursor=None, deleted=deleted, run_id=run_id, before_commit=mark
+                conn.name,
+                obj,
+                records,
+                cursor=None,
+                deleted=deleted,
+                run_id=run_id,
+                before_commit=mark_processed([e.id for e in evs]),
             )
             consumed += len(evs)

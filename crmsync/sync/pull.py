@@ -374,7 +374,7 @@ def _pull_connection(
     objs = _objects(provider, objects)
     from crmsync.sync.events import apply_pending_events
 
-    res.events_applied = apply_pending_events(app, conn, provider, mapping, run_id, objects=objs)
+    res.events_applied = apply_pending_events(app, conn, provider, mapping, run_id, objects=objs, convert=to_canonical)
     counting = threading.Lock()  # the objects' walks run in threads of their own
 
     def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:

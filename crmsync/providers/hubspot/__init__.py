@@ -189,7 +189,8 @@ class HubSpotProvider(Provider):
     default_concurrency = 25
     optimistic_creates = frozenset({"contacts", "deals"})  # email and crmsync_deal_key are unique
     unique_markers = frozenset({"calls", "tasks"})  # crmsync_outcome_id has hasUniqueValue
-    supports_webhooks = True
+    webhook_support = "crmsync.providers.hubspot.webhook:HubSpotWebhooks"
+    emulator = "crmsync.emulators.hubspot"
     default_base_url = API
     policy_class = HubSpotPolicy
 

@@ -146,7 +146,8 @@ class PipedriveProvider(Provider):
     # rate_limit in config.yaml (Growth 40, Premium 100, Ultimate 120; OAuth tokens get 4x).
     default_rate_limits = {"default": RateLimit(20, 2.0), "search": RateLimit(10, 2.0)}
     default_concurrency = 8
-    supports_webhooks = False
+    webhook_support = "crmsync.providers.pipedrive.webhook:PipedriveWebhooks"
+    emulator = "crmsync.emulators.pipedrive"
     default_base_url = API
     policy_class = PipedrivePolicy
 

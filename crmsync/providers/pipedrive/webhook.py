@@ -11,9 +11,21 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import secrets as pysecrets
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from crmsync.providers.capabilities import (
+    Event,
+    MalformedEvent,
+    VerificationFailed,
+    WebhookRequest,
+    WebhookSupport,
+)
+
+if TYPE_CHECKING:
+    from crmsync.providers.base import Provider
 
 USER_KEY = "webhook_user"
 PASSWORD_KEY = "webhook_password"
@@ -22,52 +34,46 @@ OBJECTS = {"person": "contacts", "organization": "companies", "deal": "deals", "
 ACTIONS = {"create": "creation", "change": "update", "delete": "deletion"}
 #: One webhook per entity, every action: four of the 40 a user may have.
 SUBSCRIBE = ("person", "organization", "deal", "activity")
-
-
-class Unauthorized(Exception):
-    """The request's Basic credentials are missing or wrong."""
-
-
-class Malformed(ValueError):
-    """The body is not a Pipedrive v2.0 webhook event."""
+#: Meta fields kept with a stored event (the record itself is read fresh by the pull).
+KEPT_META = ("action", "entity", "entity_id", "id", "timestamp", "merged_to_id", "attempt")
 
 
 def check_basic(secret: Mapping[str, str], headers: Mapping[str, str]) -> None:
     """Compare the request's Basic credentials with the stored ones, in constant time.
 
     Raises:
-        Unauthorized: none stored, none sent, or a mismatch.
+        VerificationFailed: none stored, none sent, or a mismatch.
     """
     user, password = secret.get(USER_KEY), secret.get(PASSWORD_KEY)
     if not user or not password:
-        raise Unauthorized("no webhook credentials stored (run `crmsync webhook subscribe`)")
+        raise VerificationFailed("no webhook credentials stored (run `crmsync webhook subscribe`)")
     header = headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic" or not value:
-        raise Unauthorized("no Basic credentials in the request")
+        raise VerificationFailed("no Basic credentials in the request")
     try:
         given = base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise Unauthorized("malformed Basic credentials") from None
+        raise VerificationFailed("malformed Basic credentials") from None
     expected = f"{user}:{password}".encode()
     if not hmac.compare_digest(given, expected):
-        raise Unauthorized("wrong Basic credentials")
+        raise VerificationFailed("wrong Basic credentials")
 
 
-def parse_event(doc: Any) -> tuple[str, str, str, str, datetime | None, dict[str, Any]] | None:
-    """(dedupe key, object, remote id, event type, when, kept payload), or None for entities crmsync does not sync.
+def parse_event(doc: Any) -> Event | None:
+    """One v2.0 delivery as a stored row, or None for entities crmsync does not sync.
 
     Raises:
-        Malformed: not a v2.0 event (``meta`` with action, entity, entity_id and id).
+        MalformedEvent: not a v2.0 event (``meta`` with action, entity, entity_id and id).
     """
     if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
-        raise Malformed("a Pipedrive webhook is a JSON object with `meta` (payload version 2.0)")
+        raise MalformedEvent("a Pipedrive webhook is a JSON object with `meta` (payload version 2.0)")
     meta = doc["meta"]
     action, entity, rid, event_id = meta.get("action"), meta.get("entity"), meta.get("entity_id"), meta.get("id")
     if not all(
         isinstance(v, str | int) and not isinstance(v, bool) and str(v) for v in (action, entity, rid, event_id)
     ):
-        raise Malformed("meta needs action, entity, entity_id and id")
+        raise MalformedEvent("meta needs action, entity, entity_id and id")
     obj = OBJECTS.get(str(entity))
     if obj is None:
         return None
@@ -80,9 +86,46 @@ def parse_event(doc: Any) -> tuple[str, str, str, str, datetime | None, dict[str
             when = datetime.fromisoformat(meta["timestamp"].replace("Z", "+00:00")).astimezone(UTC)
         except ValueError:
             when = None
-    kept = {
-        "meta": {
-            k: meta.get(k) for k in ("action", "entity", "entity_id", "id", "timestamp", "merged_to_id", "attempt")
+    kept = {"meta": {k: meta.get(k) for k in KEPT_META}}
+    return Event(str(event_id), obj, str(rid), event_type, when, kept)
+
+
+class PipedriveWebhooks(WebhookSupport):
+    """Basic credentials crmsync generates; `webhook subscribe` creates one v1 webhook per entity."""
+
+    secret_keys: ClassVar[tuple[str, ...]] = (USER_KEY, PASSWORD_KEY)
+    hidden_keys: ClassVar[tuple[str, ...]] = (PASSWORD_KEY,)
+    subscribes: ClassVar[bool] = True
+
+    def verify(self, secret: Mapping[str, str], request: WebhookRequest, body: bytes) -> None:
+        check_basic(secret, request.headers)
+
+    def events(self, doc: Any) -> list[Event]:
+        event = parse_event(doc)
+        return [event] if event is not None else []
+
+    def prepare_secret(self, existing: Mapping[str, Any]) -> dict[str, str]:
+        # Kept once made: a subscribe run again re-creates the webhooks with the same credentials.
+        return {
+            USER_KEY: str(existing.get(USER_KEY) or f"crmsync-{pysecrets.token_hex(4)}"),
+            PASSWORD_KEY: str(existing.get(PASSWORD_KEY) or pysecrets.token_urlsafe(24)),
         }
-    }
-    return str(event_id), obj, str(rid), event_type, when, kept
+
+    def subscribed(self, secret: Mapping[str, Any]) -> bool:
+        return bool(secret.get(USER_KEY) and secret.get(PASSWORD_KEY))
+
+    def subscribe(
+        self, provider: Provider, secret: Mapping[str, str], hook_url: str, *, renew_within: timedelta
+    ) -> dict[str, Any]:
+        """Create the webhooks (any to the same URL are replaced: Pipedrive never shows their password)."""
+        from crmsync.providers.pipedrive.provider import PipedriveProvider
+
+        if not isinstance(provider, PipedriveProvider):
+            raise TypeError(f"Pipedrive webhooks need a Pipedrive provider, not {type(provider).__name__}")
+        made = provider.subscribe_webhooks(hook_url, secret[USER_KEY], secret[PASSWORD_KEY])
+        ids = [str(h.get("id")) for h in made]
+        return {
+            "webhooks": ids,
+            "entities": list(SUBSCRIBE),
+            "summary": f"{len(ids)} webhooks ({', '.join(SUBSCRIBE)}) created",
+        }

@@ -266,7 +266,8 @@ class ZohoProvider(Provider):
     default_rate_limits: dict[str, RateLimit] = {}
     default_concurrency = 5
     unique_markers = frozenset({"calls", "tasks"})  # prepare_objects checks crmsync_outcome_id exists, unique
-    supports_webhooks = True
+    webhook_support = "crmsync.providers.zoho.webhook:ZohoWebhooks"
+    emulator = "crmsync.emulators.zoho"
     default_base_url = f"https://www.zohoapis.com{API_PATH}"
     policy_class = ZohoPolicy
 
