@@ -20,11 +20,13 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crmsync.credentials import OAuthSession, SecretStore
 from crmsync.errors import AuthError, UsageError
-from crmsync.providers.base import ConnectIO
+
+if TYPE_CHECKING:
+    from crmsync.providers.base import ConnectIO
 
 CALLBACK_PATH = "/callback"
 
