@@ -475,9 +475,12 @@ def test_lanes_share_no_record_and_run_together_without_duplicates(
 ) -> None:
     """Many small lanes at once: a contact called with and without a company, companies and deals
     shared across outcomes; every record exactly once, every call on its contact."""
-    from crmsync.sync import push as push_mod
+    from crmsync.model import CallOutcome, canonical
+    from crmsync.sync.push import ENTITY_STEPS, PushSettings
+    from crmsync.sync.push.items import Item, entity_key
+    from crmsync.sync.push.lanes import split_lanes
 
-    monkeypatch.setattr(push_mod, "LANE", 5)
+    settings = PushSettings(lane_size=5)
     lines = []
     for i in range(240):
         o: dict = {
@@ -494,25 +497,25 @@ def test_lanes_share_no_record_and_run_together_without_duplicates(
     src = tmp_path / "l.jsonl"
     src.write_text("\n".join(lines) + "\n")
     items = [
-        push_mod._Item(type("Row", (), {"id": n, "steps": {}})(), outcome.occurred_at, push_mod.canonical(outcome))  # type: ignore[arg-type]
-        for n, outcome in enumerate(push_mod.CallOutcome.model_validate_json(line) for line in lines)
+        Item(type("Row", (), {"id": n, "steps": {}})(), outcome.occurred_at, canonical(outcome))  # type: ignore[arg-type]
+        for n, outcome in enumerate(CallOutcome.model_validate_json(line) for line in lines)
     ]
-    lanes = push_mod._lanes(items)
+    lanes = split_lanes(items, lane_size=settings.lane_size)
     assert len(lanes) > 3 and sum(map(len, lanes)) == 240
     owner: dict[tuple[str, str], int] = {}
     for n, lane in enumerate(lanes):
         assert [it.row.id for it in lane] == sorted(it.row.id for it in lane)  # input order kept
         for it in lane:
-            for obj in push_mod.ENTITY_STEPS:
-                if k := push_mod._entity_key(obj, it.canon):
+            for obj in ENTITY_STEPS:
+                if k := entity_key(obj, it.canon):
                     assert owner.setdefault((obj, k), n) == n, (obj, k)  # a record is in one lane only
 
     app = hubspot_app(server.url, emulator.private_app_token)
-    summary = push(app, source=str(src), connection="hs")
+    summary = push(app, source=str(src), connection="hs", settings=settings)
     assert (summary.created, summary.failed) == (240, 0)
     assert len(emulator.records("contacts")) == 90
     assert len(emulator.records("companies")) == 11
-    assert len(emulator.records("deals")) == len({push_mod._entity_key("deals", it.canon) for it in items} - {None})
+    assert len(emulator.records("deals")) == len({entity_key("deals", it.canon) for it in items} - {None})
     assert len(emulator.records("calls")) == 240
     contacts = {r["properties"]["email"]: r["id"] for r in emulator.records("contacts")}
     for call in emulator.records("calls"):
@@ -529,35 +532,38 @@ def test_lanes_close_their_outcomes_as_they_finish_and_a_stop_keeps_what_they_cl
     receipted in input order; the rest goes back to the queue, and a re-run delivers only that. A
     receipt reader gone at that moment does not turn the CRM's error into a broken pipe."""
     from crmsync.errors import ExitCode, RetriableError
-    from crmsync.sync import push as push_mod
+    from crmsync.sync.push import PushSettings, receipt
+    from crmsync.sync.push import lanes as push_lanes
 
-    monkeypatch.setattr(push_mod, "LANE", 5)
+    settings = PushSettings(lane_size=5)
     src = tmp_path / "f.jsonl"
     src.write_text(outcome_lines(40, prefix="f"))  # 40 contacts of their own: 8 lanes of 5
     closed = {k: threading.Event() for k in range(9)}  # lane k: outcomes f-5k ... f-5k+4
     closed[8].set()
     closing: list[int] = []
-    settle, activity = push_mod._settle, push_mod._activity_step
+    settle, activity = push_lanes.settle, push_lanes.activity_step
 
     def lane_of(items: list[Any]) -> int:
         return int(items[0].row.outcome_id.split("-")[1]) // 5
 
-    def last_first_settle(app: Any, items: list[Any], summary: Any) -> Any:
+    def last_first_settle(app: Any, items: list[Any], summary: Any, **kw: Any) -> Any:
         k = lane_of(items)
         assert closed[k + 1].wait(30)  # lanes close last one first; receipts still come in input order
-        out = settle(app, items, summary)
+        out = settle(app, items, summary, **kw)
         closing.append(k)
         closed[k].set()
         return out
 
-    def failing_activity(app: Any, conn: Any, provider: Any, mapping: Any, obj: str, part: list[Any], *a: Any) -> Any:
+    def failing_activity(
+        app: Any, conn: Any, provider: Any, mapping: Any, obj: str, part: list[Any], *a: Any, **kw: Any
+    ) -> Any:
         if obj == "calls" and lane_of(part) == 0:
             assert closed[1].wait(30)  # the other seven lanes are done before this one stops
             raise RetriableError("HubSpot is unavailable (test)")
-        return activity(app, conn, provider, mapping, obj, part, *a)
+        return activity(app, conn, provider, mapping, obj, part, *a, **kw)
 
-    monkeypatch.setattr(push_mod, "_settle", last_first_settle)
-    monkeypatch.setattr(push_mod, "_activity_step", failing_activity)
+    monkeypatch.setattr(push_lanes, "settle", last_first_settle)
+    monkeypatch.setattr(push_lanes, "activity_step", failing_activity)
     app = hubspot_app(server.url, emulator.private_app_token)
     receipts: list[Any] = []
 
@@ -566,22 +572,22 @@ def test_lanes_close_their_outcomes_as_they_finish_and_a_stop_keeps_what_they_cl
             raise BrokenPipeError("the reader went away")
         receipts.append(receipt)
 
-    summary = push(app, source=str(src), connection="hs", sink=sink)
+    summary = push(app, source=str(src), connection="hs", sink=sink, settings=settings)
     assert summary.exit_code == ExitCode.TEMPFAIL and summary.created == 35 and summary.pending == 5
     assert summary.error == "HubSpot is unavailable (test)"
     assert closing == [7, 6, 5, 4, 3, 2, 1]
     if not sink_breaks:
         assert [r.id for r in receipts] == [f"f-{i}" for i in range(5, 40)]  # input order, not closing order
         assert {r.status for r in receipts} == {"created"}
-    assert {push_mod.receipt(app, "hs", f"f-{i}").status for i in range(5)} == {"queued"}
+    assert {receipt(app, "hs", f"f-{i}").status for i in range(5)} == {"queued"}
     assert len(emulator.records("calls")) == 35
 
-    monkeypatch.setattr(push_mod, "_activity_step", activity)
-    monkeypatch.setattr(push_mod, "_settle", settle)
-    again = push(app, source=None, connection="hs")
+    monkeypatch.setattr(push_lanes, "activity_step", activity)
+    monkeypatch.setattr(push_lanes, "settle", settle)
+    again = push(app, source=None, connection="hs", settings=settings)
     assert (again.exit_code, again.created, again.pending) == (0, 5, 0)
     assert len(emulator.records("calls")) == 40 and len(emulator.records("contacts")) == 40
-    assert {push_mod.receipt(app, "hs", f"f-{i}").status for i in range(40)} == {"created"}
+    assert {receipt(app, "hs", f"f-{i}").status for i in range(40)} == {"created"}
 
 
 def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order(
@@ -658,7 +664,8 @@ def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_a
 def test_lanes_with_few_keys_of_an_object_share_one_lookup_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Consecutive lanes whose keys of an object fit one lookup call together are looked up in one
     (and share its answer); a lane whose keys fill a call, or a kind's own smaller limit, starts the next."""
-    from crmsync.sync import push as push_mod
+    from crmsync.sync.push.items import Item
+    from crmsync.sync.push.lanes import LaneLookups
 
     calls: list[tuple[str, list[int]]] = []
 
@@ -666,19 +673,22 @@ def test_lanes_with_few_keys_of_an_object_share_one_lookup_call(monkeypatch: pyt
         calls.append((obj, [it.row.id for it in items if obj in it.canon]))
         return {}
 
-    monkeypatch.setattr(push_mod, "_lookups_for", fake)
     row = lambda n: type("Row", (), {"id": n, "steps": {}})()  # noqa: E731
     deals_and_emails = [2, 1, 0, 2, 3]  # deals per lane (keys d-<lane>-<n>), each outcome with its own email
     lanes = [
         [
-            push_mod._Item(row(10 * lane + n), None, {"contacts": {"email": f"p{lane}-{n}@x.io"}, "deals": {"key": f"d{lane}{n}"}})  # type: ignore[arg-type]  # noqa: E501
+            Item(
+                row(10 * lane + n),
+                None,  # type: ignore[arg-type]
+                {"contacts": {"email": f"p{lane}-{n}@x.io"}, "deals": {"key": f"d{lane}{n}"}},
+            )
             for n in range(count)
         ]
-        + [push_mod._Item(row(10 * lane + 9), None, {"contacts": {"phone": f"+1202555{lane:04d}"}})]  # type: ignore[arg-type]
+        + [Item(row(10 * lane + 9), None, {"contacts": {"phone": f"+1202555{lane:04d}"}})]  # type: ignore[arg-type]
         for lane, count in enumerate(deals_and_emails)
     ]
     limits = type("Limits", (), {"lookup_batch": lambda self, obj, kind: {"key": 3, "email": 4}.get(kind, 1)})()
-    lookups = push_mod._Lookups(None, None, limits, None, threads=False)  # type: ignore[arg-type]
+    lookups = LaneLookups(None, None, limits, None, threads=False, look_up=fake)  # type: ignore[arg-type]
     started = lookups.start(lanes)
     deals = [ids for obj, ids in calls if obj == "deals"]
     assert deals == [[0, 1, 10], [30, 31], [40, 41, 42]]  # 2+1(+0) deals, then 2, then 3: a call of 3 keys at most
@@ -695,7 +705,8 @@ def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_firs
     companies only after its companies (whose lookups are the slow ones): contacts go in that order."""
     import threading
 
-    from crmsync.sync import push as push_mod
+    from crmsync.sync.push.items import Item
+    from crmsync.sync.push.lanes import LaneLookups
 
     done: dict[str, list[int]] = {}
     lock = threading.Lock()
@@ -705,16 +716,15 @@ def test_each_objects_lookups_go_first_for_the_lanes_that_reach_that_object_firs
             done.setdefault(obj, []).append(items[0].row.id)
         return {}
 
-    monkeypatch.setattr(push_mod, "_lookups_for", fake)
     row = lambda n: type("Row", (), {"id": n, "steps": {}})()  # noqa: E731
     with_company = {"companies": {"domain": "a.example"}, "contacts": {"email": "a@a.example"}}
     without = {"contacts": {"email": "b@b.example"}, "deals": {"key": "d-1"}}
     lanes = [
-        [push_mod._Item(row(0), None, with_company)],  # type: ignore[arg-type]
-        [push_mod._Item(row(1), None, without)],  # type: ignore[arg-type]
+        [Item(row(0), None, with_company)],  # type: ignore[arg-type]
+        [Item(row(1), None, without)],  # type: ignore[arg-type]
     ]
     one_key = type("OneKeyPerCall", (), {"lookup_batch": lambda self, obj, kind: 1})()  # no two lanes share a call
-    lookups = push_mod._Lookups(None, None, one_key, None, threads=True)  # type: ignore[arg-type]
+    lookups = LaneLookups(None, None, one_key, None, threads=True, look_up=fake)  # type: ignore[arg-type]
     try:
         started = lookups.start(lanes)
         for _, known in started:
@@ -750,9 +760,9 @@ def test_the_first_rounds_lookups_are_sent_while_the_input_is_queued_and_not_aga
     """Company searches start while the rest of the input is still read (before the outbox is
     committed); the lanes take their answers, found ones included, and search nothing again."""
     from crmsync.providers.hubspot import HubSpotProvider
-    from crmsync.sync import push as push_mod
+    from crmsync.sync.push import PushSettings
+    from crmsync.sync.push import command as push_command
 
-    monkeypatch.setattr(push_mod, "ENQUEUE_CHUNK", 50)
     emulator.bulk_create("companies", 5, properties_fn=lambda i: {"name": f"Old {i}", "domain": f"co{i * 40}.example"})
     src = tmp_path / "c.jsonl"
     src.write_text(_company_outcomes(250))
@@ -767,7 +777,7 @@ def test_the_first_rounds_lookups_are_sent_while_the_input_is_queued_and_not_aga
         return found
 
     monkeypatch.setattr(HubSpotProvider, "lookup", recorded)
-    read_outcomes = push_mod.read_outcomes
+    read_outcomes = push_command.read_outcomes
     answered_while_queuing: list[bool] = []
 
     def slow_input(path: str, fmt: str, delimiter: str | None = None) -> Any:
@@ -776,9 +786,9 @@ def test_the_first_rounds_lookups_are_sent_while_the_input_is_queued_and_not_aga
                 answered_while_queuing.append(first.wait(10.0))
             yield parsed
 
-    monkeypatch.setattr(push_mod, "read_outcomes", slow_input)
+    monkeypatch.setattr(push_command, "read_outcomes", slow_input)
     app = hubspot_app(server.url, emulator.private_app_token)
-    summary = push(app, source=str(src), connection="hs")
+    summary = push(app, source=str(src), connection="hs", settings=PushSettings(enqueue_chunk=50))
     assert (summary.created, summary.failed) == (250, 0)
     assert answered_while_queuing == [True]
     assert sorted(n for _, n in searched) == [50, 100, 100]  # 250 domains in batches of 100, each once
@@ -822,7 +832,7 @@ def test_a_key_looked_up_ahead_and_not_found_is_still_matched_by_its_link(
     (written by an earlier round, not yet searchable) is matched by its link, not created again."""
     from concurrent.futures import Future
 
-    from crmsync.sync import push as push_mod
+    from crmsync.sync.push.lookups import lookup
 
     app = hubspot_app(server.url, emulator.private_app_token)
     conn = app.connection("hs")
@@ -833,7 +843,7 @@ def test_a_key_looked_up_ahead_and_not_found_is_still_matched_by_its_link(
     ahead = {"domain:linked.example": answer, "domain:new.example": answer}
     crm: dict[str, Any] = {}
     monkeypatch.setattr(provider, "lookup", lambda *a, **k: pytest.fail("asked again"))
-    push_mod._lookup(app, conn, provider, app.mapping(conn), "companies", list(ahead), crm, ahead)
+    lookup(app, conn, provider, app.mapping(conn), "companies", list(ahead), crm, ahead)
     assert crm == {"domain:linked.example": ({}, "901", None)}
     assert ahead == {}  # each answer taken once
 

@@ -17,7 +17,10 @@ import pytest
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.emulators.zoho import ZohoEmulator
 from crmsync.providers.base import Provider
-from crmsync.sync.push import PushSummary, _Owners, push
+from crmsync.store.outbox import OutboxRow
+from crmsync.sync.push import PushSummary, push
+from crmsync.sync.push.items import Item
+from crmsync.sync.push.owners import Owners
 from tests.e2e import cli_env, hubspot_app, run_cli
 from tests.test_provider_zoho import zoho_app
 
@@ -289,13 +292,12 @@ class _NoOwners(Provider):
 
 
 def test_a_provider_that_does_not_resolve_owners_gets_owner_email_untouched() -> None:
-    from crmsync.sync.push import _Item, _Row
 
-    row = _Row(1, "o-1", "pending", {}, {}, 0, None, False, datetime.now(UTC), None, None, None)
+    row = OutboxRow(1, "o-1", "pending", {}, {}, 0, None, False, datetime.now(UTC), None, None, None)
     canon = {"deals": {"name": "D", "owner_email": "rep@x.io"}, "calls": {"owner_email": "rep@x.io"}}
-    item = _Item(row, None, canon)  # type: ignore[arg-type]
+    item = Item(row, None, canon)  # type: ignore[arg-type]
     summary = PushSummary("c", "none")
-    _Owners(_NoOwners(), strict=True).apply([item], summary)
+    Owners(_NoOwners(), strict=True).apply([item], summary)
     assert canon["deals"]["owner_email"] == "rep@x.io" and not item.failed and summary.owners_defaulted == 0
 
 

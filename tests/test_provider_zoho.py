@@ -408,12 +408,11 @@ def test_push_300_outcomes_costs_at_most_15_requests_and_a_rerun_creates_nothing
 def test_lanes_with_few_deals_share_one_deal_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Zoho keeps no deal key unique, so deals are looked up before they are written, 1,250 keys a
     COQL: five lanes of 20 outcomes, each outcome with a deal, spend one deal lookup, not five."""
-    from crmsync.sync import push as push_mod
+    from crmsync.sync.push import PushSettings, rounds
 
-    monkeypatch.setattr(push_mod, "LANE", 20)
     lanes: list[int] = []
-    split = push_mod._lanes
-    monkeypatch.setattr(push_mod, "_lanes", lambda items, **kw: lanes.append(len(out := split(items, **kw))) or out)
+    split = rounds.split_lanes
+    monkeypatch.setattr(rounds, "split_lanes", lambda items, **kw: lanes.append(len(out := split(items, **kw))) or out)
     looked: list[tuple[str, int]] = []
     lookup = ZohoProvider.lookup
 
@@ -426,7 +425,7 @@ def test_lanes_with_few_deals_share_one_deal_lookup(tmp_path: Path, monkeypatch:
     app = zoho_app(emu)
     src = tmp_path / "o.jsonl"
     src.write_text(outcome_lines(100, deal_every=1))
-    summary = push(app, source=str(src), connection="z")
+    summary = push(app, source=str(src), connection="z", settings=PushSettings(lane_size=20))
     assert (summary.created, summary.failed) == (100, 0), summary
     assert lanes == [5]
     assert [n for obj, n in looked if obj == "deals"] == [100]

@@ -244,13 +244,15 @@ def test_the_first_round_reuses_what_enqueue_parsed_only_because_a_reparse_is_id
 
 
 def test_delivery_takes_enqueued_outcomes_parsed(app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from crmsync.sync import push as push_mod
+    from crmsync.model import canonical
+    from crmsync.sync.push import intake, items
 
     src = tmp_path / "o.jsonl"
     src.write_text("\n".join(line(id=f"p{i}", contact={"email": f"p{i}@example.com"}) for i in range(30)) + "\n")
     made = []
-    real = push_mod.canonical
-    monkeypatch.setattr(push_mod, "canonical", lambda o: made.append(o.id) or real(o))
+    real = canonical
+    for module in (intake, items):  # where outcomes are parsed: on the way in, and from a row's payload
+        monkeypatch.setattr(module, "canonical", lambda o: made.append(o.id) or real(o))
     summary = push(app, source=str(src), connection="hs")
     assert summary.created == 30
     assert sorted(made) == sorted(f"p{i}" for i in range(30))  # once each, in enqueue: no row parsed again

@@ -11,11 +11,15 @@ Every disagreement is recorded (``crm_conflict``) and counted by ``status``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from crmsync.providers.base import SECTION
+
+#: Field (``section.name``) -> its rule.
+Rules = Mapping[str, str]
 
 FALLBACK_RULE = "newest-wins"
 
@@ -47,7 +51,7 @@ def resolve(
     outcome: dict[str, Any],
     crm: dict[str, Any] | None,
     *,
-    rules: dict[str, str],
+    rules: Rules,
     occurred_at: datetime | None,
     crm_updated_at: datetime | None,
 ) -> tuple[dict[str, Any], list[Conflict]]:

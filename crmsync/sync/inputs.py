@@ -285,86 +285,95 @@ def _csv_records(lines: Iterator[tuple[int, str, bool]], name: str, delimiter: s
         yield _validate(_unflatten(row, decimal_comma=sep != ","), name, start, raw)
 
 
+class _JsonArrayText:
+    """What ``read_json_array`` has read of its input and not consumed yet, and the line it starts on."""
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self.reader = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict")
+        self.name = name
+        self.buf, self.line, self.eof = "", 1, False
+
+    def fill(self) -> bool:
+        """Read more; False at the end of the input."""
+        try:
+            chunk = self.reader.read(1 << 16)
+        except UnicodeDecodeError:
+            raise InputError("not UTF-8 text", path=self.name, line=self.line) from None
+        self.buf += chunk
+        return bool(chunk)
+
+    def skip_space(self) -> None:
+        stripped = self.buf.lstrip()
+        self.line += self.buf[: len(self.buf) - len(stripped)].count("\n")
+        self.buf = stripped
+
+    def consume(self, end: int) -> str:
+        """Take the first ``end`` characters (an element), counting its lines."""
+        raw = self.buf[:end]
+        self.line += raw.count("\n")
+        self.buf = self.buf[end:]
+        return raw
+
+    def element(self, decoder: json.JSONDecoder) -> tuple[str, Parsed | None]:
+        """The next element: ("ok", it), ("more", None) to read on, ("skip", its error) or ("stop", the error)."""
+        buf, line = self.buf, self.line
+        if buf[0] in "[{" and buf.count("[") + buf.count("{") > MAX_DEPTH:
+            end, deep = value_end(buf, 0)
+            if deep and end is None and not self.eof and len(buf) < MAX_LINE and self.fill():
+                return "more", None  # skip the whole element, not just what has arrived of it
+            if deep:
+                error = InputError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels", path=self.name, line=line)
+                if end is None:
+                    return "stop", Parsed(line, buf[:200], error=error)
+                self.consume(end)
+                return "skip", Parsed(line, buf[:200], error=error)
+        try:
+            obj, end = decoder.raw_decode(buf)
+        except json.JSONDecodeError as exc:
+            if not self.eof and len(buf) < MAX_LINE and self.fill():
+                return "more", None
+            error = InputError(f"invalid JSON: {exc.msg}", path=self.name, line=line + exc.lineno - 1)
+            return "stop", Parsed(line, buf[:200], error=error)
+        return "ok", _validate(obj, self.name, line, self.consume(end))
+
+
 def read_json_array(stream: IO[bytes], name: str) -> Iterator[Parsed]:
     """Decode ``[ {...}, {...} ]`` one element at a time (line numbers are where each starts)."""
     decoder = json.JSONDecoder()
-    reader = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict")
-    buf, line, index, started, eof = "", 1, 0, False, False
-
-    def fill() -> bool:
-        nonlocal buf
-        try:
-            chunk = reader.read(1 << 16)
-        except UnicodeDecodeError:
-            raise InputError("not UTF-8 text", path=name, line=line) from None
-        buf += chunk
-        return bool(chunk)
-
+    text = _JsonArrayText(stream, name)
+    started = False
     try:
         while True:
-            stripped = buf.lstrip()
-            line += buf[: len(buf) - len(stripped)].count("\n")
-            buf = stripped
-            if not buf:
-                if eof or not fill():
-                    eof = True
-                    if not started:
-                        return
-                    yield Parsed(
-                        line,
-                        "",
-                        error=InputError("the JSON array is not closed (truncated input?)", path=name, line=line),
-                    )
+            text.skip_space()
+            if not text.buf:
+                if text.eof or not text.fill():
+                    text.eof = True
+                    if started:
+                        error = InputError("the JSON array is not closed (truncated input?)", path=name, line=text.line)
+                        yield Parsed(text.line, "", error=error)
                     return
                 continue
             if not started:
-                if buf[0] != "[":
-                    yield Parsed(
-                        line,
-                        buf[:80],
-                        error=InputError("a JSON input must be an array of objects", path=name, line=line),
-                    )
+                if text.buf[0] != "[":
+                    error = InputError("a JSON input must be an array of objects", path=name, line=text.line)
+                    yield Parsed(text.line, text.buf[:80], error=error)
                     return
-                started, buf = True, buf[1:]
+                started, text.buf = True, text.buf[1:]
                 continue
-            if buf[0] == "]":
+            if text.buf[0] == "]":
                 return
-            if buf[0] == ",":
-                buf = buf[1:]
+            if text.buf[0] == ",":
+                text.buf = text.buf[1:]
                 continue
-            if buf[0] in "[{" and buf.count("[") + buf.count("{") > MAX_DEPTH:
-                end, deep = value_end(buf, 0)
-                if deep and end is None and not eof and len(buf) < MAX_LINE and fill():
-                    continue  # skip the whole element, not just what has arrived of it
-                if deep:
-                    yield Parsed(
-                        line,
-                        buf[:200],
-                        error=InputError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels", path=name, line=line),
-                    )
-                    if end is None:
-                        return
-                    line += buf[:end].count("\n")
-                    buf = buf[end:]
-                    continue
-            try:
-                obj, end = decoder.raw_decode(buf)
-            except json.JSONDecodeError as exc:
-                if not eof and len(buf) < MAX_LINE and fill():
-                    continue
-                yield Parsed(
-                    line, buf[:200], error=InputError(f"invalid JSON: {exc.msg}", path=name, line=line + exc.lineno - 1)
-                )
+            action, parsed = text.element(decoder)
+            if parsed is not None:
+                yield parsed
+            if action == "stop":
                 return
-            raw = buf[:end]
-            index += 1
-            yield _validate(obj, name, line, raw)
-            line += raw.count("\n")
-            buf = buf[end:]
     except InputError as exc:
-        yield Parsed(line, "", error=exc)
+        yield Parsed(text.line, "", error=exc)
     finally:
-        reader.detach()
+        text.reader.detach()
 
 
 def read_outcomes(source: str, fmt: str = "auto", *, delimiter: str | None = None) -> Iterator[Parsed]:

@@ -1,0 +1,361 @@
+"""``push``: validate, queue and deliver outcomes in one run (or plan them, with ``dry_run``).
+
+The run's lifecycle (lock, run log, errors, metrics) is ``_lifecycle``; what the run does is
+``_PushRun``. The summary still carries an exit code, which the CLI passes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
+from crmsync.providers.base import Provider
+from crmsync.store.outbox import Outbox
+from crmsync.sync.inputs import read_outcomes
+from crmsync.sync.push.dry_run import dry_run as plan_dry_run
+from crmsync.sync.push.intake import Hooks, enqueue, spooled, validate_all
+from crmsync.sync.push.items import ParsedOutcome
+from crmsync.sync.push.lookahead import Prefetch, Warmup
+from crmsync.sync.push.owners import Owners
+from crmsync.sync.push.receipts import PushSummary, ReceiptSink, Tally
+from crmsync.sync.push.rounds import deliver
+from crmsync.sync.push.settings import DEFAULT, PushSettings
+
+if TYPE_CHECKING:
+    from crmsync.app import App
+    from crmsync.mapping import Mapping
+    from crmsync.store import CrmConnection
+
+#: Invalid records listed in a --strict refusal; the rest are counted.
+STRICT_SHOWN = 20
+
+
+def push(
+    app: App,
+    *,
+    source: str | None,
+    connection: str | None = None,
+    fmt: str = "auto",
+    delimiter: str | None = None,
+    strict: bool = False,
+    rejects: Path | None = None,
+    dry_run: bool = False,
+    update: bool = False,
+    retry_failed: bool = False,
+    lock_timeout: float | None = None,
+    sink: ReceiptSink | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    strict_owners: bool = False,
+    settings: PushSettings = DEFAULT,
+) -> PushSummary:
+    """Validate, queue and deliver outcomes; ``source`` None delivers what is already queued.
+
+    ``connection`` is the connection's name (None: the only one). ``strict_owners``: an
+    ``owner_email`` the CRM has no user for fails its outcome (see ``Owners``).
+    """
+    conn = app.connection(connection)
+    summary = PushSummary(connection=conn.name, provider=conn.provider, dry_run=dry_run)
+    started = time.monotonic()
+    mapping = app.mapping(conn)
+    cleanup: Callable[[], None] = lambda: None  # noqa: E731
+    path = source
+    try:
+        if source is not None and strict:
+            path, cleanup = spooled(source)
+            _refuse_invalid(path, fmt, delimiter)
+        if dry_run:
+            if path is None:
+                raise UsageError("--dry-run needs an input file (or - for stdin)")
+            plan_dry_run(
+                app,
+                conn,
+                mapping,
+                read_outcomes(path, fmt, delimiter=delimiter),
+                summary,
+                sink=Tally(summary, sink),
+                rejects=rejects,
+                update=update,
+                retry_failed=retry_failed,
+                settings=settings,
+            )
+        else:
+            work = _PushRun(
+                app,
+                conn,
+                mapping,
+                summary,
+                path=path,
+                fmt=fmt,
+                delimiter=delimiter,
+                rejects=rejects,
+                update=update,
+                retry_failed=retry_failed,
+                sink=sink,
+                progress=progress,
+                strict_owners=strict_owners,
+                settings=settings,
+            )
+            _lifecycle(app, conn, mapping, summary, work, lock_timeout=lock_timeout)
+    finally:
+        cleanup()
+        summary.duration = time.monotonic() - started
+        app.metrics.sync_seconds.labels(conn.provider, conn.name, "push").observe(summary.duration)
+    _set_exit_code(summary)
+    return summary
+
+
+def _refuse_invalid(path: str, fmt: str, delimiter: str | None) -> None:
+    """--strict: every error of the input, and nothing queued, if any record is invalid."""
+    n, errors = validate_all(path, fmt, delimiter)
+    if errors:
+        shown = "\n  ".join(str(e) for e in errors[:STRICT_SHOWN])
+        more = f"\n  … and {len(errors) - STRICT_SHOWN} more" if len(errors) > STRICT_SHOWN else ""
+        raise InputError(f"{len(errors)} of {n} records are invalid; nothing was queued (--strict):\n  {shown}{more}")
+
+
+def _set_exit_code(summary: PushSummary) -> None:
+    """The exit code a push's outcome maps to (kept on the summary until the CLI decides it)."""
+    if not summary.exit_code and summary.has_failures():
+        summary.exit_code = ExitCode.PARTIAL
+    if not summary.exit_code and (summary.requeued or summary.backlog.get("queued")) and not summary.dry_run:
+        # Items left queued after retriable errors (5xx/429 per item): a later run delivers them.
+        summary.exit_code = ExitCode.TEMPFAIL
+        summary.error = summary.error or (
+            f"{summary.requeued + summary.backlog.get('queued', 0)} outcome(s) still queued after temporary errors;"
+            " run push again"
+        )
+
+
+def _lifecycle(
+    app: App,
+    conn: CrmConnection,
+    mapping: Mapping,
+    summary: PushSummary,
+    work: _PushRun,
+    *,
+    lock_timeout: float | None,
+) -> None:
+    """One push run: lock, run log, the work, its errors, the run's status, gauges and metrics."""
+    outbox = Outbox(app.store)
+    # SQLite: one push per connection (the run lock). PostgreSQL: none; runs claim outbox rows.
+    lock = contextlib.nullcontext() if outbox.shared else app.run_lock(conn.name, timeout=lock_timeout)
+    with lock:
+        run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
+        status, error = "ok", None
+        work.start()
+        try:
+            work.run()
+        except (RetriableError, AuthError) as exc:
+            status, error = "failed", str(exc)
+            summary.error, summary.exit_code = str(exc), exc.exit_code
+            with contextlib.suppress(Exception):  # what a re-run will deliver (deliver stopped short)
+                summary.pending = outbox.count_pending(conn.name)
+        except InputError:
+            status = "failed"
+            raise
+        except KeyboardInterrupt:
+            # Ctrl-C: every step taken is committed and the claims are handed back (deliver),
+            # so the run ends here as interrupted and a re-run delivers the rest once.
+            status = error = "interrupted"
+            summary.interrupted, summary.exit_code = True, ExitCode.INTERRUPTED
+        except Exception as exc:  # the CRM refused the run, or a bug: logged as failed either way
+            status, error = "failed", str(exc)
+            raise
+        finally:
+            stats = work.wrap_up()
+            if status == "ok" and summary.has_failures():
+                status = "partial"
+            app.store.finish_run(run_id, status=status, counts=_counts(summary), stats=stats, error=error)
+            _record_metrics(app, conn.name, summary, outbox, ok=status == "ok")
+
+
+def _record_metrics(app: App, connection_name: str, summary: PushSummary, outbox: Outbox, *, ok: bool) -> None:
+    counts = outbox.state_counts(connection_name)
+    for state in ("pending", "done", "failed", "conflict"):
+        app.metrics.outbox.labels(connection_name, state).set(counts.get(state, 0))
+    if ok:
+        app.metrics.last_success.labels(connection_name, "push").set(time.time())
+    app.metrics.count_records(
+        connection_name,
+        "calls",
+        {  # what the run did, the backlog's outcomes included
+            "created": summary.created + summary.backlog.get("created", 0),
+            "updated": summary.updated + summary.backlog.get("updated", 0),
+            "failed": summary.failed + summary.backlog.get("failed", 0),
+            "rejected": summary.rejected,
+        },
+    )
+
+
+class _PushRun:
+    """What one push run does inside its lifecycle: queue the input (if any), then deliver."""
+
+    def __init__(
+        self,
+        app: App,
+        conn: CrmConnection,
+        mapping: Mapping,
+        summary: PushSummary,
+        *,
+        path: str | None,
+        fmt: str,
+        delimiter: str | None,
+        rejects: Path | None,
+        update: bool,
+        retry_failed: bool,
+        sink: ReceiptSink | None,
+        progress: Callable[[int, int], None] | None,
+        strict_owners: bool,
+        settings: PushSettings,
+    ) -> None:
+        self.app, self.conn, self.mapping, self.summary = app, conn, mapping, summary
+        self.path, self.fmt, self.delimiter, self.rejects = path, fmt, delimiter, rejects
+        self.update, self.retry_failed, self.sink, self.progress = update, retry_failed, sink, progress
+        self.strict_owners, self.settings = strict_owners, settings
+        self.outbox = Outbox(app.store)
+        self.tally = Tally(summary, sink)
+        self.queued = path is None  # this input's outcomes are in the outbox (enqueue committed)
+        self.provider: Provider | None = None
+        self.before: dict[str, int] = {}
+        self.warm: Warmup | None = None
+        self.ahead: Prefetch | None = None
+
+    def start(self) -> None:
+        """Under the run's lock: what was queued before the input is a backlog; look-ahead starts."""
+        app, conn = self.app, self.conn
+        if self.path is None:
+            return
+        earlier = ("pending", "failed") if self.retry_failed else ("pending",)
+        self.tally = Tally(self.summary, self.sink, self.outbox.queued_ids(conn.name, earlier))
+        self.warm = Warmup(app, conn)
+        # Not with workers sharing the outbox (the rows queued may be another's to deliver)
+        # nor with one store connection (an in-memory store: the lookups run in line).
+        if app.store.concurrent_writers and not self.outbox.shared:
+            self.ahead = Prefetch(app, conn, self.mapping, self.warm.provider_future, settings=self.settings)
+
+    def run(self) -> None:
+        app, conn, summary = self.app, self.conn, self.summary
+        parsed: dict[str, ParsedOutcome] = {}
+        if self.path is not None:
+            self._enqueue(self.path, parsed)
+        if self.retry_failed:
+            self.outbox.reset_failed(conn.name)
+        provider = self.provider = self.warm.provider() if self.warm else app.provider(conn)
+        self.before = self.warm.before if self.warm else provider.http.stats.as_dict()
+        provider.check_budget(_needs(self.outbox.count_pending(conn.name), parsed))
+        deliver(
+            app,
+            conn,
+            provider,
+            self.mapping,
+            summary,
+            sink=self.tally,
+            progress=self.progress,
+            parsed=parsed,
+            prepared=self.warm.gates if self.warm else None,
+            prefetched=self.ahead.found if self.ahead else None,
+            owners=Owners(provider, strict=self.strict_owners),
+            settings=self.settings,
+        )
+
+    def _enqueue(self, path: str, parsed: dict[str, ParsedOutcome]) -> None:
+        hooks = Hooks(
+            parsed_out=parsed,
+            on_objects=self.warm.prepare if self.warm else None,
+            on_queued=self.ahead.add if self.ahead else None,
+            on_ids=self.tally.in_input,
+        )
+        reject_handle: TextIO | None = open(self.rejects, "w", encoding="utf-8") if self.rejects else None  # noqa: SIM115
+        try:
+            enqueue(
+                self.app,
+                self.conn.name,
+                read_outcomes(path, self.fmt, delimiter=self.delimiter),
+                self.summary,
+                update=self.update,
+                rejects=reject_handle,
+                sink=self.tally,
+                hooks=hooks,
+                retry_failed=self.retry_failed,
+                settings=self.settings,
+            )
+        finally:
+            if reject_handle:
+                reject_handle.close()
+        self.queued = True
+        if self.ahead is not None:
+            self.ahead.flush()
+        if self.summary.read == 0:
+            raise InputError(f"{'<stdin>' if path == '-' else path}: no outcomes found (empty input)")
+
+    def wrap_up(self) -> dict[str, int]:
+        """After the run, however it ended: counts settled, look-ahead stopped; the run's request stats."""
+        summary = self.summary
+        self.tally.split_backlog()
+        if summary.interrupted:
+            if not self.queued:
+                summary.queued = 0  # enqueue's one transaction was rolled back
+            with contextlib.suppress(Exception):
+                summary.pending = self.outbox.count_pending(self.conn.name)
+            summary.error = _interrupted(summary, queued=self.queued)
+        if self.ahead is not None:
+            self.ahead.close()
+        if self.warm is not None:
+            self.warm.close()
+        stats = self.provider.http.stats.since(self.before) if self.provider else {}
+        summary.requests = stats.get("requests", 0)
+        summary.retries = stats.get("retries", 0)
+        summary.rate_limited = stats.get("rate_limited", 0)
+        return stats
+
+
+def _interrupted(s: PushSummary, *, queued: bool) -> str:
+    """What an interrupted push did, and what is left for the re-run."""
+    if not queued:
+        return "interrupted while reading the input: nothing was queued or sent; run the push again"
+    closed = ("created", "updated", "already")  # already: found logged in the CRM, so done
+    delivered = s.created + s.updated + sum(s.backlog.get(k, 0) for k in closed)
+    return f"interrupted: {delivered} outcome(s) delivered, {s.pending} still queued; re-run to resume"
+
+
+def _needs(pending: int, parsed: dict[str, ParsedOutcome]) -> dict[str, int]:
+    """What the queued outcomes may write, per object type (for ``Provider.check_budget``).
+
+    Outcomes read in this run are counted by what they carry; a backlog from earlier runs counts
+    as calls with every other object too (the upper bound).
+    """
+    needs = {"calls": pending}
+    for _, canon in parsed.values():
+        for obj in canon:
+            if obj != "calls":
+                needs[obj] = needs.get(obj, 0) + 1
+    backlog = max(0, pending - len(parsed))
+    for obj in ("contacts", "companies", "deals", "tasks"):
+        needs[obj] = needs.get(obj, 0) + backlog
+    return needs
+
+
+def _counts(s: PushSummary) -> dict[str, Any]:
+    """The run log's counts of a push."""
+    names = (
+        "read",
+        "valid",
+        "rejected",
+        "queued",
+        "already",
+        "conflicts",
+        "created",
+        "updated",
+        "failed",
+        "pending",
+        "field_conflicts",
+        "owners_defaulted",
+    )
+    counts: dict[str, Any] = {k: getattr(s, k) for k in names}
+    if s.backlog:
+        counts["backlog"] = dict(s.backlog)
+    return counts
