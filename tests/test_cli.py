@@ -263,12 +263,12 @@ def _pull_result(error: str) -> Any:
 
 
 def test_table_cells_wrap_whole_and_show_brackets(capsys: pytest.CaptureFixture[str]) -> None:
-    from crmsync.cli import _render_pull, add_row, console, table
+    from crmsync.cli.output import add_row, console, render_pull, table
 
     error = "ConnectError [Errno 111] Connection refused by crm.example.com:443 while reading [strip, lower]"
     result = _pull_result(error)
     result.duration = 0.5
-    _render_pull([result])
+    render_pull([result])
     out = capsys.readouterr().out
     assert all(len(line) <= 80 for line in out.splitlines())
     assert "".join(error.split()) in "".join(out.split())
@@ -285,7 +285,7 @@ def test_progress_shows_counts_and_a_bar_only_with_a_total() -> None:
 
     from rich.console import Console
 
-    from crmsync.cli import progress_display
+    from crmsync.cli.output import progress_display
 
     buffer = io.StringIO()
     out = Console(file=buffer, force_terminal=True, width=100, color_system=None)
