@@ -280,6 +280,7 @@ def server_version(info: Mapping[str, Any]) -> tuple[int, str]:
 class OdooProvider(Provider):
     name = "odoo"
     label = "Odoo"
+    connect_options = frozenset({"db", "user", "transport", "password"})
     objects = ("contacts", "companies", "deals", "calls")
     batch_size = BATCH
     default_rate_limits: dict[str, Any] = {}  # Odoo has none; its workers are the limit

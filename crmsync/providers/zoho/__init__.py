@@ -259,6 +259,7 @@ class ZohoPolicy(ResponsePolicy):
 class ZohoProvider(Provider):
     name = "zoho"
     label = "Zoho CRM"
+    connect_options = frozenset({"dc", "client_id", "grant_code", "scopes", "no_browser"})
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     batch_size = BATCH
     #: Zoho counts credits per day and calls in flight, not calls per second.
