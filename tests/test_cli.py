@@ -435,3 +435,20 @@ def test_a_pull_of_several_connections_exits_by_its_worst_lasting_failure(outcom
         return r
 
     assert for_results([result(k) for k in outcomes]) == code
+
+
+def test_no_command_module_imports_the_cli_package() -> None:
+    """Commands import cli.output/options/state/exits: the package (which imports them all) never."""
+    import ast
+
+    cli_dir = Path(__file__).parents[1] / "crmsync" / "cli"
+    offenders = []
+    for path in sorted(cli_dir.glob("*.py")):
+        if path.name in ("__init__.py", "app.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("crmsync.cli", "crmsync.cli.app"):
+                offenders.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.Import) and any(a.name in ("crmsync.cli", "crmsync.cli.app") for a in node.names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
