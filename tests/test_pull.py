@@ -184,3 +184,55 @@ def test_json_of_a_result_names_its_outcome() -> None:
 
     doc = ConnectionResult("hs", "hubspot", "pull", outcome=Outcome.BUSY).as_dict()
     assert doc["outcome"] == "busy" and doc["busy"] is True and "exit_code" not in doc  # the CLI adds it
+
+
+# -- the run lifecycle itself (sync/run.py), with the knobs push uses -------------------------------
+def test_a_run_with_its_own_lock_and_a_late_provider_records_what_settle_judged(app: App) -> None:
+    import contextlib
+
+    from crmsync.sync.run import run
+
+    conn = app.connection("hs")
+    locks: list[str] = []
+
+    @contextlib.contextmanager
+    def lock() -> Iterator[None]:
+        locks.append("held")
+        yield
+
+    def body(r: Any) -> None:
+        assert r.provider is None  # provider=False: the body builds it when it needs it
+        provider = r.use(app.provider(conn))
+        provider.check()
+
+    def settle(r: Any) -> None:
+        r.mark(Outcome.RETRY_LATER)
+        r.mark(Outcome.PARTIAL)  # the first mark stands
+        r.counts, r.records = {"calls": {"queued": 2}}, {"calls": {"failed": 2}}
+
+    r = run(app, conn, "push", body, lock=lock(), provider=False, settle=settle)
+    assert locks == ["held"] and r.outcome is Outcome.RETRY_LATER and r.stats["requests"] >= 1
+    assert [x[:2] for x in _runs(app)] == [("push", "ok")]  # the run log knows no retry_later: its work is done
+    assert app.store.runs("hs")[0].counts == {"calls": {"queued": 2}}
+    assert _metric(app, "crm_records_total", connection="hs", object="calls", action="failed") == 2
+
+
+def test_a_run_returns_only_the_errors_it_stops_on_and_records_ctrl_c_when_asked(app: App) -> None:
+    from crmsync.errors import InputError
+    from crmsync.sync.run import run
+
+    conn = app.connection("hs")
+
+    def fail(exc: BaseException) -> Any:
+        def body(r: Any) -> None:
+            raise exc
+
+        return body
+
+    stopped = run(app, conn, "push", fail(RetriableError("down")), stops=(RetriableError, AuthError))
+    assert stopped.outcome is Outcome.FAILED and isinstance(stopped.failure, RetriableError)
+    with pytest.raises(InputError):
+        run(app, conn, "push", fail(InputError("bad row")), stops=(RetriableError, AuthError))
+    interrupted = run(app, conn, "push", fail(KeyboardInterrupt()), record_interrupt=True)
+    assert interrupted.outcome is Outcome.INTERRUPTED and interrupted.failure is None
+    assert [x[:2] for x in _runs(app)] == [("push", "failed"), ("push", "failed"), ("push", "interrupted")]

@@ -64,9 +64,10 @@ class Run:
     records: dict[str, dict[str, int]] = field(default_factory=dict)
     _before: dict[str, int] = field(default_factory=dict, repr=False)
 
-    def use(self, provider: Provider) -> Provider:
-        """Count this provider's requests from now on (a body that builds its provider late calls this)."""
-        self.provider, self._before = provider, provider.http.stats.as_dict()
+    def use(self, provider: Provider, *, before: dict[str, int] | None = None) -> Provider:
+        """Count this provider's requests from now on, or since ``before`` (a snapshot of its stats
+        taken when it was built ahead of the run); a body that builds its provider late calls this."""
+        self.provider, self._before = provider, before if before is not None else provider.http.stats.as_dict()
         return provider
 
     def mark(self, outcome: Outcome) -> None:
