@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from crmsync import __version__
 from crmsync.cli import connect, demo, mapcmd, sandbox, status, sync, webhook, worker
-from crmsync.cli.exits import EXIT_CODES
+from crmsync.cli.exits import EXIT_CODES, done
 from crmsync.cli.exits import run as run_and_exit
 from crmsync.cli.state import STATE, Globals
 
@@ -152,7 +152,7 @@ def _globals(
 ) -> None:
     if version:
         typer.echo(__version__)
-        raise typer.Exit()
+        done()
     STATE.json, STATE.quiet, STATE.verbose, STATE.config, STATE.db = json_out, quiet, verbose, config, db
     STATE.log_format = log_format.value
     _setup_logging(STATE)

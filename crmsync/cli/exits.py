@@ -76,6 +76,16 @@ def for_health(problems: Iterable[bool]) -> ExitCode:
     return ExitCode.AUTH if any(auth) else ExitCode.PARTIAL
 
 
+def done() -> NoReturn:
+    """End the command now, successfully (``--version``)."""
+    raise typer.Exit(ExitCode.OK)
+
+
+def problems_found() -> NoReturn:
+    """End a check or preview that found problems (exit 1; it has printed them)."""
+    raise typer.Exit(ExitCode.PARTIAL)
+
+
 def finish(code: int) -> None:
     """End the command with ``code`` (returning normally means 0)."""
     if code:
