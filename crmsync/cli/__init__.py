@@ -5,14 +5,9 @@
 and ``crmsync.cli.state``, never this package.
 """
 
-# ruff: noqa: I001  (temporary: the names below must be bound before cli.app registers the commands)
 from __future__ import annotations
 
-# Until every command imports crmsync.cli.output/options/state (the next commit), the names they import from here.
-from crmsync.cli.options import parse_when, split_objects  # noqa: F401
-from crmsync.cli.output import add_row, console, emit_json, info, table  # noqa: F401
-from crmsync.cli.state import STATE
-
 from crmsync.cli.app import app, main
+from crmsync.cli.state import STATE
 
 __all__ = ["STATE", "app", "main"]

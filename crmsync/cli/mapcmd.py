@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from crmsync.errors import ExitCode, UsageError
+from crmsync.cli.exits import problems_found
+from crmsync.errors import UsageError
 
 if TYPE_CHECKING:
     from crmsync.sync.mapping_ops import CheckResult, PreviewItem, PulledPreview
@@ -50,7 +51,7 @@ def _cell(value: Any) -> str:
 
 def _say(message: str) -> None:
     """A plain line on stdout (rich would wrap long paths mid-word); nothing with --quiet/--json."""
-    from crmsync.cli import STATE
+    from crmsync.cli.state import STATE
 
     if not STATE.quiet and not STATE.json:
         sys.stdout.write(message + "\n")
@@ -63,7 +64,7 @@ def _section(obj: str) -> str:
 
 
 def render_preview(item: PreviewItem) -> None:
-    from crmsync.cli import add_row, console, table
+    from crmsync.cli.output import add_row, console, table
 
     out = console()
     if item.error is not None:
@@ -84,7 +85,7 @@ def render_preview(item: PreviewItem) -> None:
 
 
 def render_pulled(p: PulledPreview) -> None:
-    from crmsync.cli import add_row, console, table
+    from crmsync.cli.output import add_row, console, table
 
     out = console()
     out.print(f"{p.connection} {p.object} {p.id}", markup=False)
@@ -118,7 +119,9 @@ class _LazyOps:
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, add_row, console, emit_json, split_objects, table
+    from crmsync.cli.options import split_objects
+    from crmsync.cli.output import add_row, console, emit_json, table
+    from crmsync.cli.state import STATE
 
     ops = _LazyOps()
 
@@ -249,7 +252,7 @@ def register(app: typer.Typer) -> None:
         elif not (STATE.quiet and result.ok):
             render_check(result)
         if not result.ok:
-            raise typer.Exit(ExitCode.PARTIAL)
+            problems_found()
 
     @map_app.command("preview")
     def preview_cmd(
@@ -288,6 +291,6 @@ def register(app: typer.Typer) -> None:
             else:
                 render_preview(item)
         if invalid:
-            raise typer.Exit(ExitCode.PARTIAL)
+            problems_found()
 
     app.add_typer(map_app, name="map")

@@ -49,7 +49,8 @@ def renew_channels(app: Any, names: list[str], last: dict[str, float], public_ur
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, add_row, console, emit_json, info, table
+    from crmsync.cli.output import add_row, console, emit_json, info, table
+    from crmsync.cli.state import STATE
 
     webhook_app = typer.Typer(help="Receive CRM webhooks (HubSpot, Zoho) and apply them on pull.", no_args_is_help=True)
     app.add_typer(webhook_app, name="webhook")
