@@ -150,7 +150,7 @@ class Kit:
         app = App(env={"CRMSYNC_HOME": str(home)})
         try:
             result = pull(app, connections=[self.conn], objects=objects)[0]
-            if result.exit_code:
+            if result.outcome != "ok":  # partial or failed
                 raise RuntimeError(f"initial sync failed: {result.error}")
         finally:
             app.close()

@@ -37,6 +37,7 @@ from crmsync.app import App
 from crmsync.errors import AuthError, ConfigError, ExitCode, LockHeldError, StoreError, UsageError
 from crmsync.sync.pull import ConnectionResult
 from crmsync.sync.push import PushSummary
+from crmsync.sync.run import Outcome
 
 log = logging.getLogger("crmsync.worker")
 
@@ -122,6 +123,15 @@ def _settle(what: str, exit_code: int, error: str | None) -> None:
     if exit_code == ExitCode.TEMPFAIL:
         raise JobFailed(f"{what}: {error}")
     raise JobRejected(f"{what}: {error}")
+
+
+def _settle_run(what: str, result: ConnectionResult) -> None:
+    """A pull's or backfill's outcome as the job's fate (the same rule as ``_settle``)."""
+    if result.outcome in (Outcome.OK, Outcome.PARTIAL):
+        return
+    failure = result.failure
+    temporary = result.outcome is Outcome.BUSY or (failure is not None and failure.exit_code == ExitCode.TEMPFAIL)
+    raise (JobFailed if temporary else JobRejected)(f"{what}: {result.error}")
 
 
 @contextlib.contextmanager
@@ -224,7 +234,7 @@ def crm_pull_delta_job(connection: str) -> None:
     with _store_faults(f"pull {connection}"):
         result = pull_delta(connection)
     if result is not None:
-        _settle(f"pull {connection}", result.exit_code, result.error)
+        _settle_run(f"pull {connection}", result)
 
 
 @dramatiq.actor(queue_name=QUEUE, max_retries=5, time_limit=60 * 60_000, throws=NOT_RETRIED)
@@ -241,7 +251,7 @@ def crm_backfill_job(connection: str, object: str | None = None) -> None:
     """Import the history of one object (None: every object) of a connection, resumably."""
     with _store_faults(f"backfill {connection}"):
         result = backfill_object(connection, object)
-    _settle(f"backfill {connection}", result.exit_code, result.error)
+    _settle_run(f"backfill {connection}", result)
 
 
 JOBS = {"pull": crm_pull_delta_job, "push": crm_push_outcomes_job, "backfill": crm_backfill_job}

@@ -78,7 +78,11 @@ def test_no_import_cycles_not_even_inside_functions() -> None:
 
 def test_the_layer_contract_holds() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

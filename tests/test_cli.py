@@ -16,13 +16,38 @@ from keyring.backend import KeyringBackend
 from crmsync.app import App
 from crmsync.config import load_config
 from crmsync.errors import ConfigError
-from tests.e2e import cli_env, run_cli
+from tests.e2e import CliResult, cli_env, run_cli
+
+
+def invoke(args: list[str], *, stdin: str | None = None) -> CliResult:
+    """``crmsync ARGS`` in this process, through ``cli.main`` (where errors become exit codes)."""
+    from click.testing import CliRunner
+
+    from crmsync.cli import STATE, main
+
+    STATE._app = None  # a fresh App per command, as in a real process
+    with CliRunner().isolation(input=stdin) as (out, err, _):
+        argv, sys.argv = sys.argv, ["crmsync", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = argv
+            sys.stdout.flush()  # the captured streams are text wrappers over the bytes read below
+            sys.stderr.flush()
+            if STATE._app is not None:
+                STATE._app.close()
+            STATE._app = None
+        return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
+
 
 COMMANDS = ["connect", "pull", "push", "backfill", "map", "status", "log", "metrics", "demo", "sandbox", "webhook"]
 
 
-def test_help_lists_every_command_and_exit_codes(home: Path) -> None:
-    result = run_cli(["--help"], cli_env(home))
+def test_help_lists_every_command_and_exit_codes() -> None:
+    result = invoke(["--help"])
     assert result.code == 0
     for name in COMMANDS:
         assert f"  {name}" in result.stdout
@@ -55,18 +80,22 @@ def test_version_is_answered(home: Path) -> None:
     assert result.code == 0 and result.stdout.strip()
 
 
-def test_pull_without_a_connection_exits_3_with_one_line(home: Path) -> None:
-    result = run_cli(["pull"], cli_env(home))
+def test_pull_without_a_connection_exits_3_with_one_line() -> None:
+    result = invoke(["pull"])
     assert result.code == 3
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "crmsync connect" in result.stderr
 
 
-def test_unknown_provider_names_the_valid_ones(home: Path) -> None:
-    result = run_cli(["connect", "salesforce", "--name", "x", "--token-stdin"], cli_env(home), stdin="t\n")
+def test_unknown_provider_names_the_valid_ones() -> None:
+    result = invoke(["connect", "nosuchcrm", "--name", "x", "--token-stdin"], stdin="t\n")
     assert result.code == 2
-    assert "hubspot, odoo, pipedrive, zoho" in result.stderr
+    from crmsync.providers import provider_names
+
+    assert (
+        result.stderr == f"crmsync: error: unknown provider 'nosuchcrm'; choose one of: {', '.join(provider_names())}\n"
+    )
 
 
 def test_config_errors_name_key_path_and_line(tmp_path: Path) -> None:
@@ -149,15 +178,15 @@ def test_examples_outcomes_is_the_bundled_demo_file() -> None:
     ).read_text()
 
 
-def test_push_schema_is_json_schema(home: Path) -> None:
-    result = run_cli(["push", "--schema"], cli_env(home))
+def test_push_schema_is_json_schema() -> None:
+    result = invoke(["push", "--schema"])
     assert result.code == 0
     schema = result.json()
     assert schema["title"] == "CallOutcome" and "disposition" in schema["properties"]
 
 
-def test_json_mode_keeps_stdout_machine_readable(home: Path) -> None:
-    result = run_cli(["--json", "status"], cli_env(home))
+def test_json_mode_keeps_stdout_machine_readable() -> None:
+    result = invoke(["--json", "status"])
     assert result.code == 3 and result.stdout == ""
 
 
@@ -263,12 +292,12 @@ def _pull_result(error: str) -> Any:
 
 
 def test_table_cells_wrap_whole_and_show_brackets(capsys: pytest.CaptureFixture[str]) -> None:
-    from crmsync.cli import _render_pull, add_row, console, table
+    from crmsync.cli.output import add_row, console, render_pull, table
 
     error = "ConnectError [Errno 111] Connection refused by crm.example.com:443 while reading [strip, lower]"
     result = _pull_result(error)
     result.duration = 0.5
-    _render_pull([result])
+    render_pull([result])
     out = capsys.readouterr().out
     assert all(len(line) <= 80 for line in out.splitlines())
     assert "".join(error.split()) in "".join(out.split())
@@ -285,7 +314,7 @@ def test_progress_shows_counts_and_a_bar_only_with_a_total() -> None:
 
     from rich.console import Console
 
-    from crmsync.cli import progress_display
+    from crmsync.cli.output import progress_display
 
     buffer = io.StringIO()
     out = Console(file=buffer, force_terminal=True, width=100, color_system=None)
@@ -298,3 +327,128 @@ def test_progress_shows_counts_and_a_bar_only_with_a_total() -> None:
     backfill, push = buffer.getvalue().splitlines()[:2]
     assert "1,234" in backfill and "━" not in backfill and "1,234/" not in backfill
     assert "1,200/5,000" in push and "━" in push
+
+
+# -- connect: generic options, each provider refusing what it does not use ------------------------
+def test_connect_help_lists_the_registry_and_the_generic_options() -> None:
+    from crmsync.providers import provider_names
+
+    result = invoke(["connect", "--help"])
+    assert result.code == 0
+    text = " ".join(result.stdout.split())
+    assert ", ".join(provider_names()) in text
+    for flag in ("--jwt-key", "--login-host", "--tenant", "--certificate", "--user, --username"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("provider", "args", "refused"),
+    [
+        ("odoo", ["--oauth"], "--oauth"),
+        ("hubspot", ["--dc", "eu", "--db-name", "x"], "--dc, --db-name"),
+        ("zoho", ["--username", "me"], "--user"),
+        ("pipedrive", ["--tenant", "t"], "--tenant"),
+        ("hubspot", ["--login-host", "test.example.com"], "--login-host"),
+    ],
+)
+def test_a_provider_refuses_options_it_does_not_use_in_one_line(provider: str, args: list[str], refused: str) -> None:
+    from crmsync.providers import get_provider
+
+    args = ["connect", provider, "-n", "x", "--token-stdin", "--insecure-storage", *args]
+    result = invoke(args, stdin="secret\n")
+    assert result.code == 2, result.stderr
+    label = get_provider(provider).label
+    assert result.stderr == f"crmsync: error: {label} does not use {refused}; see crmsync connect --help\n"
+    assert not App().secrets_dir.exists()  # refused before the secret's file storage was even probed
+
+
+def test_connect_passes_generic_options_by_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import crmsync.sync.connect as connect_mod
+    from crmsync.store import CrmConnection
+
+    seen: dict[str, Any] = {}
+
+    def fake_connect(app: App, *, provider: str, name: str, options: dict[str, Any], **_: Any) -> CrmConnection:
+        seen.update(options)
+        return CrmConnection(name=name, provider=provider, account_id="acct", base_url="http://x", scopes=[])
+
+    monkeypatch.setattr(connect_mod, "connect", fake_connect)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("k")
+    cert.write_text("c")
+    args = ["--jwt-key", str(key), "--login-host", "test.example.com", "--tenant", "acme.onmicrosoft.com"]
+    args += ["--certificate", str(cert), "--username", "bot@acme.com"]
+    result = invoke(["--json", "connect", "future", "-n", "x", *args])
+    assert result.code == 0, result.stderr
+    assert seen == {
+        "jwt_key": str(key),
+        "login_host": "test.example.com",
+        "tenant": "acme.onmicrosoft.com",
+        "certificate": str(cert),
+        "user": "bot@acme.com",
+    }
+    assert result.json()["account"] == "acct"
+
+
+def test_a_key_file_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke(["connect", "hubspot", "-n", "x", "--jwt-key", str(tmp_path / "missing.pem")])
+    assert result.code == 2
+    assert "--jwt-key" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- exit codes: decided in cli/exits.py from outcomes and errors --------------------------------
+def test_every_outcome_has_its_documented_exit_code() -> None:
+    from crmsync.cli.exits import for_outcome
+    from crmsync.errors import AuthError, RetriableError, UsageError
+    from crmsync.sync.run import Outcome
+
+    assert [for_outcome(o) for o in Outcome if o is not Outcome.FAILED] == [0, 1, 75, 130, 75]
+    failed = [for_outcome(Outcome.FAILED, e) for e in (UsageError("u"), AuthError("a"), RetriableError("r"))]
+    assert failed == [2, 3, 75]
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "code"),
+    [
+        (["ok", "ok"], 0),
+        (["ok", "partial"], 1),
+        (["busy", "ok"], 75),  # a busy connection's 75 counts when nothing else failed
+        (["busy", "partial"], 1),
+        (["retriable", "auth"], 3),  # a failure that needs a person wins over a temporary one
+        (["retriable", "ok"], 75),
+    ],
+)
+def test_a_pull_of_several_connections_exits_by_its_worst_lasting_failure(outcomes: list[str], code: int) -> None:
+    from crmsync.cli.exits import for_results
+    from crmsync.errors import AuthError, LockHeldError, RetriableError
+    from crmsync.sync.pull import ConnectionResult
+    from crmsync.sync.run import Outcome
+
+    def result(kind: str) -> ConnectionResult:
+        r = ConnectionResult("c", "hubspot", "pull")
+        if kind in ("ok", "partial"):
+            r.outcome = Outcome(kind)
+        elif kind == "busy":
+            r.outcome, r.failure = Outcome.BUSY, LockHeldError("held")
+        else:
+            r.outcome, r.failure = Outcome.FAILED, RetriableError("down") if kind == "retriable" else AuthError("no")
+        return r
+
+    assert for_results([result(k) for k in outcomes]) == code
+
+
+def test_no_command_module_imports_the_cli_package() -> None:
+    """Commands import cli.output/options/state/exits: the package (which imports them all) never."""
+    import ast
+
+    cli_dir = Path(__file__).parents[1] / "crmsync" / "cli"
+    offenders = []
+    for path in sorted(cli_dir.glob("*.py")):
+        if path.name in ("__init__.py", "app.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("crmsync.cli", "crmsync.cli.app"):
+                offenders.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.Import) and any(a.name in ("crmsync.cli", "crmsync.cli.app") for a in node.names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []

@@ -12,7 +12,7 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from crmsync.cli import GLOBAL_OPTIONS, app, hoist_global_options
+from crmsync.cli.app import GLOBAL_OPTIONS, app, hoist_global_options
 from crmsync.emulators.hubspot import HubSpotEmulator
 from tests.e2e import cli_env, hubspot_app, run_cli
 from tests.test_hubspot_e2e import outcome_lines

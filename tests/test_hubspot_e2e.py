@@ -56,7 +56,7 @@ def _contacts_pulled_once(emulator: HubSpotEmulator, server: Any, home: Path, *,
     emulator.seed(contacts=10)
     app = hubspot_app(server.url, emulator.private_app_token)
     first = pull(app, objects=["contacts"])[0]
-    assert first.exit_code == 0 and first.objects[0].read == 10
+    assert first.outcome == "ok" and first.objects[0].read == 10
     return app
 
 
@@ -78,7 +78,7 @@ def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpot
             properties_fn=lambda _j, i=i: {"email": f"late{i}@example.com", "firstname": f"L{i}"},
         )
     second = pull(app, objects=["contacts"])[0]
-    assert second.exit_code == 0, second.error
+    assert second.outcome == "ok", second.error
     assert app.store.count_records("hs")["contacts"]["stored"] == 28_010
 
     live = {r["id"]: r for r in emulator.records("contacts")}
@@ -88,7 +88,7 @@ def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpot
     gone = list(live)[7]
     emulator.archive("contacts", gone)
     third = pull(app, objects=["contacts"])[0]
-    assert third.exit_code == 0, third.error
+    assert third.outcome == "ok", third.error
     rows = app.store.records("hs", "contacts")
     assert len(rows) == len({r.remote_id for r in rows}) == 28_010
     by_id = {r.remote_id: r for r in rows}
@@ -114,7 +114,7 @@ def test_a_walk_past_the_cap_reads_each_record_once_even_with_ties_across_it(
         )
     emulator.keep_log = True
     result = pull(app, objects=["contacts"])[0]
-    assert result.exit_code == 0, result.error
+    assert result.outcome == "ok", result.error
     assert result.objects[0].read == 10_500  # every new record, none twice
     assert app.store.count_records("hs")["contacts"]["stored"] == 10_510
     searches = [path for _, path, _ in emulator.stats.log if path.endswith("/search")]
@@ -179,7 +179,7 @@ def test_access_token_expiring_mid_pull_is_refreshed(home: Path) -> None:
         assert conn.settings["auth"] == "oauth"
         secret_before = app.secrets.get("oauth")
         result = pull(app, objects=["contacts"])[0]
-        assert result.exit_code == 0, result.error
+        assert result.outcome == "ok", result.error
         assert result.objects[0].read == 450
         assert seen["n"] >= 3
         secret_after = app.secrets.get("oauth")
@@ -195,7 +195,7 @@ def test_provider_traffic_validates_against_the_official_specs(tmp_path: Path) -
     transport = spec.wrap(emulator)
     app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda name: transport)
     results = pull(app)
-    assert all(r.exit_code == 0 for r in results)
+    assert all(r.outcome == "ok" for r in results)
     src = tmp_path / "o.jsonl"
     src.write_text(outcome_lines(150, company_every=3, deal_every=5))
     lines = src.read_text().splitlines()
@@ -206,7 +206,7 @@ def test_provider_traffic_validates_against_the_official_specs(tmp_path: Path) -
     summary = push(app, source=str(src), connection="hs")
     assert summary.created == 150 and summary.failed == 0
     again = pull(app)
-    assert all(r.exit_code == 0 for r in again)
+    assert all(r.outcome == "ok" for r in again)
     assert transport.problems == [], transport.problems[:5]
     assert transport.checked > 30  # type: ignore[attr-defined]
     # What no official spec covers: account info, dispositions, private-app token info, v4 batch reads.
@@ -464,7 +464,7 @@ def test_rate_limited_portal_is_paced_without_unrecovered_429s(home: Path) -> No
         write_config(home, "hs", rate_limit=200)
         app = hubspot_app(server.url, emulator.private_app_token)
         result = pull(app, objects=["contacts"])[0]
-        assert result.exit_code == 0 and result.objects[0].read == 600
+        assert result.outcome == "ok" and result.objects[0].read == 600
         assert result.rate_limited <= 2  # the bucket keeps us under the limit; any 429 is retried
     finally:
         server.stop()
@@ -604,7 +604,7 @@ def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order
     emulator.faults = Faults(latency_ms=60)
     emulator.stats.concurrent_peak = 0
     result = pull(app, objects=["contacts"])[0]
-    assert result.exit_code == 0, result.error
+    assert result.outcome == "ok", result.error
     assert emulator.stats.concurrent_peak >= 3  # one walk, several of its pages in flight
     assert app.store.count_records("hs")["contacts"]["stored"] == 1_510
     cursor = app.store.cursor("hs", "contacts")
@@ -623,7 +623,7 @@ def test_the_look_back_re_reads_only_what_the_last_search_could_have_missed(
 
     def read() -> int:
         result = pull(app, objects=["contacts"])[0]
-        assert result.exit_code == 0, result.error
+        assert result.outcome == "ok", result.error
         return result.objects[0].read
 
     assert read() == 2  # the first run lists everything
@@ -651,7 +651,7 @@ def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_a
     emulator.keep_log = True
     emulator.stats.log.clear()
     result = pull(app, objects=["contacts"])[0]
-    assert result.exit_code == 0, result.error
+    assert result.outcome == "ok", result.error
     paths = [path for _, path, _ in emulator.stats.log]
     searches = [i for i, path in enumerate(paths) if path.endswith("/search")]
     listed = [i for i, path in enumerate(paths) if path == "/crm/v3/objects/contacts"]

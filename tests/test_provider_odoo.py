@@ -135,7 +135,7 @@ def test_expired_key_mid_run_is_an_auth_failure(setup: tuple[OdooEmulator, App])
     emu, app = setup
     emu.key_expired = True
     result = pull(app, objects=["contacts"])[0]
-    assert result.exit_code == 3 and "API key" in (result.error or "")
+    assert result.failure.exit_code == 3 and "API key" in (result.error or "")
 
 
 # -- pull -----------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_pull_maps_partners_deals_and_associations(setup: tuple[OdooEmulator, Ap
     emu.bulk_create("crm.lead", 1, vals_fn=lambda i: {"name": "Just a lead", "type": "lead"})
     settle(emu)
     results = pull(app)
-    assert all(r.exit_code == 0 for r in results), [r.error for r in results]
+    assert all(r.outcome == "ok" for r in results), [r.error for r in results]
     store = app.store
     contact = store.record("odoo", "contacts", str(ann))
     assert contact is not None
@@ -203,7 +203,7 @@ def test_pull_3000_same_second_plus_long_transaction_across_pulls(setup: tuple[O
     )
     settle(emu)
     first = pull(app, objects=["contacts"])[0]
-    assert first.exit_code == 0, first.error
+    assert first.outcome == "ok", first.error
     assert first.objects[0].pages >= 15  # pages of 200
     stored = {r.remote_id for r in app.store.records("odoo", "contacts")}
     assert set(map(str, bulk)) <= stored and not stored & set(map(str, slow.ids))
@@ -229,12 +229,12 @@ def test_pull_3000_same_second_plus_long_transaction_across_pulls(setup: tuple[O
     app._providers.clear()
     settle(emu)
     second = pull(app, objects=["contacts"])[0]
-    assert second.exit_code == 0, second.error
+    assert second.outcome == "ok", second.error
     for rid in bulk[::450]:
         emu.edit("res.partner", rid, {"name": "Edited Twice"})
     settle(emu)
     third = pull(app, objects=["contacts"])[0]
-    assert third.exit_code == 0, third.error
+    assert third.outcome == "ok", third.error
 
     rows = app.store.records("odoo", "contacts")
     assert len(rows) == len({r.remote_id for r in rows})  # exactly once
@@ -334,8 +334,8 @@ def _window_killed_at(kill_at: int) -> bool:
     _orders(app, emu, meddle)
     stopped = pull_stopped_before_page(app, kill_at, ["contacts"])
     settle(emu)
-    assert pull(app, objects=["contacts"])[0].exit_code == 0
-    assert pull(app, objects=["contacts", "companies"], reconcile=True)[0].exit_code == 0
+    assert pull(app, objects=["contacts"])[0].outcome == "ok"
+    assert pull(app, objects=["contacts", "companies"], reconcile=True)[0].outcome == "ok"
     live = {str(r["id"]) for r in emu.records("res.partner") if not r["is_company"] and r["active"]}
     stored = {r.remote_id: r for r in app.store.records("odoo", "contacts") if not r.archived}
     assert set(stored) == live, kill_at
@@ -358,7 +358,7 @@ def test_reconcile_finds_deleted_partners(setup: tuple[OdooEmulator, App]) -> No
     pull(app, objects=["contacts"])
     emu.delete("res.partner", ids[2])
     result = pull(app, objects=["contacts"], reconcile=True)[0]
-    assert result.exit_code == 0 and result.reconciled == 1
+    assert result.outcome == "ok" and result.reconciled == 1
     assert app.store.record("odoo", "contacts", str(ids[2])).archived  # type: ignore[union-attr]
 
 
@@ -422,7 +422,7 @@ def test_push_companies_deals_tasks_and_pull_the_calls_back(setup: tuple[OdooEmu
 
     settle(emu)
     result = pull(app, objects=["calls"])[0]
-    assert result.exit_code == 0, result.error
+    assert result.outcome == "ok", result.error
     calls = app.store.records("odoo", "calls")
     assert len(calls) == 60  # the follow-up tasks are not calls
     one = next(c for c in calls if c.properties["outcome_id"] == "o-3")
@@ -718,6 +718,6 @@ def test_a_note_with_markup_goes_in_as_text_and_comes_back_the_same(setup: tuple
     [message] = [m for m in emu.records("mail.message") if "[crmsync:n-1]" in (m["body"] or "")]
     assert "<script>" not in message["body"] and "&lt;b&gt;not&lt;/b&gt;" in message["body"]
     settle(emu)
-    assert pull(app, objects=["calls"])[0].exit_code == 0
+    assert pull(app, objects=["calls"])[0].outcome == "ok"
     [call] = app.store.records("odoo", "calls")
     assert call.properties["notes"] == note and call.properties["title"] == "Call with Ann"

@@ -125,7 +125,7 @@ def test_connect_eu_sends_every_api_call_to_the_returned_api_domain(tmp_path: Pa
 
     app = zoho_app(eu, httpx.MockTransport(route), dc="eu")
     assert app.connection("z").settings["api_base_url"] == "https://eu-tenant.zohoapis.test/crm/v8"
-    assert pull(app, objects=["contacts"])[0].exit_code == 0
+    assert pull(app, objects=["contacts"])[0].outcome == "ok"
     src = tmp_path / "o.jsonl"
     src.write_text(outcome_lines(3))
     assert push(app, source=str(src), connection="z").created == 3
@@ -196,7 +196,7 @@ def test_pull_5000_contacts_with_a_shared_timestamp_then_deletions() -> None:
     spread = [emu.bulk_create("Contacts", 1, modified_time=T0 - timedelta(minutes=i))[0] for i in range(1, 2501)]
     app = zoho_app(emu)
     first = pull(app, objects=["contacts", "companies"])[0]
-    assert first.exit_code == 0, first.error
+    assert first.outcome == "ok", first.error
     rows = app.store.records("z", "contacts")
     assert len(rows) == len({r.remote_id for r in rows}) == 5000
     by_id = {r.remote_id: r for r in rows}
@@ -214,7 +214,7 @@ def test_pull_5000_contacts_with_a_shared_timestamp_then_deletions() -> None:
     fresh = emu.create("Contacts", {"Last_Name": "Newcomer", "Email": "new@example.com"})
     before = emu.stats.requests
     second = pull(app, objects=["contacts"])[0]
-    assert second.exit_code == 0, second.error
+    assert second.outcome == "ok", second.error
     assert emu.stats.requests - before <= 3  # one COQL page and the deletions, not another walk
     rows = app.store.records("z", "contacts")
     assert len(rows) == len({r.remote_id for r in rows}) == 5001
@@ -322,7 +322,7 @@ def _walk_killed_at(kill_at: int) -> bool:
     emu._dispatch = meddle  # type: ignore[method-assign]
     stopped = pull_stopped_before_page(app, kill_at, ["contacts"])
     for _ in range(2):  # the rerun, then one that finds nothing new
-        assert pull(app, objects=["contacts"])[0].exit_code == 0
+        assert pull(app, objects=["contacts"])[0].outcome == "ok"
     live = {r["id"] for r in emu.records("Contacts")}
     stored = {r.remote_id: r for r in app.store.records("z", "contacts")}
     assert {rid for rid, r in stored.items() if not r.archived} == live, kill_at
@@ -640,14 +640,14 @@ def test_provider_traffic_validates_against_the_official_specs(checker: SpecChec
     emu = ZohoEmulator(seed=4, contacts=40, accounts=8, deals=10)
     transport: CheckedTransport = checker.wrap(emu)
     app = zoho_app(emu, transport)
-    assert all(r.exit_code == 0 for r in pull(app))
+    assert all(r.outcome == "ok" for r in pull(app))
     src = tmp_path / "o.jsonl"
     src.write_text(outcome_lines(30, company_every=3, deal_every=5))
     summary = push(app, source=str(src), connection="z")
     assert (summary.created, summary.failed) == (30, 0)
     for rid in [r["id"] for r in emu.records("Contacts")][:3]:
         emu.delete("Contacts", rid)
-    assert all(r.exit_code == 0 for r in pull(app))
+    assert all(r.outcome == "ok" for r in pull(app))
     provider = provider_of(app)
     provider.fetch("contacts", [r["id"] for r in emu.records("Contacts")][:5], fields=["Email"])
     list(provider.list_ids("deals"))

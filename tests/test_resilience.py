@@ -150,7 +150,7 @@ def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp
         from crmsync.sync.pull import backfill
 
         done = backfill(ref, connection="hs", objects=["contacts"])
-        assert done.exit_code == 0 and done.objects[0].read == 20_000
+        assert done.outcome == "ok" and done.objects[0].read == 20_000
         reference_cursor = ref.store.cursor("hs", "contacts")
         ref.close()
 

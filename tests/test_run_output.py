@@ -22,9 +22,9 @@ import crmsync
 from crmsync.app import App
 from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
-from crmsync.sync.pull import backfill, pull
+from crmsync.sync.pull import pull
 from crmsync.sync.push import push
-from tests.e2e import cli_env, hubspot_app, pull_stopped_before_page, run_cli, write_config
+from tests.e2e import cli_env, hubspot_app, run_cli, write_config
 from tests.test_hubspot_e2e import outcome_lines
 
 CSV_HEADER = "id,occurred_at,contact.email,contact.first_name,disposition,duration_seconds\n"
@@ -328,6 +328,8 @@ def test_pull_pulls_every_free_connection_and_reports_the_busy_one(two_portals: 
     by_name = {r["connection"]: r for r in result.json()["results"]}
     assert by_name["a"]["objects"]["contacts"]["read"] == 3 and not by_name["a"]["busy"]
     assert by_name["b"]["busy"] and by_name["b"]["objects"] == {}
+    assert (by_name["a"]["exit_code"], by_name["b"]["exit_code"]) == (0, 75)  # --json keeps each one's exit code
+    assert list(by_name["b"])[list(by_name["b"]).index("error") + 1] == "exit_code"  # where it always was
     assert text.code == 75 and "crmsync: b: connection 'b' is busy" in text.stderr
     assert only_b.code == 75 and only_b.stderr.startswith("crmsync: error: connection 'b' is busy")
     assert [r[:2] for r in _runs(home)] == [("pull", "ok"), ("pull", "ok")]  # a, twice; b never started
@@ -372,29 +374,6 @@ def test_status_check_is_unhealthy_after_a_failed_pull(hubspot: Any) -> None:
     assert check.code == 1
     assert [p["kind"] for p in check.json()["problems"]] == ["failed_run"]
     assert "the last pull" in check.json()["problems"][0]["message"]
-
-
-def test_an_interrupted_pull_or_backfill_is_logged_as_interrupted(home: Path) -> None:
-    emulator = HubSpotEmulator(seed=9)
-    emulator.seed(contacts=250)
-    app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda name: emulator.transport())
-    try:
-        assert pull_stopped_before_page(app, 1, ["contacts"])
-        apply = app.store.apply_page
-        app.store.apply_page = _interrupt  # type: ignore[method-assign]
-        with pytest.raises(KeyboardInterrupt):
-            backfill(app, objects=["contacts"])
-        app.store.apply_page = apply  # type: ignore[method-assign]
-        assert [(r.command, r.status) for r in reversed(app.store.runs("hs"))] == [
-            ("pull", "interrupted"),
-            ("backfill", "interrupted"),
-        ]
-    finally:
-        app.close()
-
-
-def _interrupt(*args: Any, **kwargs: Any) -> Any:
-    raise KeyboardInterrupt
 
 
 def test_a_dry_run_conflict_the_outcome_wins_is_an_update_with_the_disagreement_named(home: Path) -> None:

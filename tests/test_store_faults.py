@@ -360,5 +360,5 @@ def test_a_store_filling_up_mid_pull_stops_the_pull_with_75_not_a_partial_1(
     except StoreFullError:
         pass  # the run log could not be closed either: the same fault, raised
     else:
-        assert result.exit_code == 75 and "store full" in (result.error or ""), result
+        assert result.failure.exit_code == 75 and "store full" in (result.error or ""), result
     app.close()

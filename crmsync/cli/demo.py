@@ -12,7 +12,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, emit_json, info
+    from crmsync.cli.output import emit_json, info
+    from crmsync.cli.state import STATE
 
     @app.command()
     def demo(

@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from crmsync.cli import STATE, add_row, console, emit_json, split_objects, table
-from crmsync.errors import ExitCode, UsageError
+from crmsync.cli.exits import problems_found
+from crmsync.cli.options import split_objects
+from crmsync.cli.output import add_row, console, emit_json, table
+from crmsync.cli.state import STATE
+from crmsync.errors import UsageError
 
 if TYPE_CHECKING:
     from crmsync.sync import mapping_ops as ops
@@ -239,7 +242,7 @@ def register(app: typer.Typer) -> None:
         elif not (STATE.quiet and result.ok):
             render_check(result)
         if not result.ok:
-            raise typer.Exit(ExitCode.PARTIAL)
+            problems_found()
 
     @map_app.command("preview")
     def preview_cmd(
@@ -278,6 +281,6 @@ def register(app: typer.Typer) -> None:
             else:
                 render_preview(item)
         if invalid:
-            raise typer.Exit(ExitCode.PARTIAL)
+            problems_found()
 
     app.add_typer(map_app, name="map")

@@ -7,7 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from crmsync.errors import ExitCode
+from crmsync.cli.exits import finish, for_health
+from crmsync.cli.options import parse_when, split_objects
+from crmsync.cli.output import add_row, console, emit_json, table
+from crmsync.cli.state import STATE
 
 
 def describe_cursor(cursor: dict[str, Any] | None) -> str:
@@ -35,7 +38,6 @@ def render_status(doc: dict[str, Any]) -> None:
     """The dashboard: one block per connection, readable at 80 columns."""
     from rich.markup import escape
 
-    from crmsync.cli import add_row, console, table
     from crmsync.timeutil import human_age
 
     out = console()
@@ -83,8 +85,6 @@ def render_status(doc: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, emit_json
-
     @app.command()
     def status(
         connection: Annotated[
@@ -131,8 +131,7 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.write(p.message + "\n")
             if not problems and not STATE.quiet:
                 sys.stdout.write("healthy\n")
-        if problems:
-            raise typer.Exit(ExitCode.AUTH if any(p.auth for p in problems) else ExitCode.PARTIAL)
+        finish(for_health(p.auth for p in problems))
 
     @app.command("log")
     def log_cmd(
@@ -146,7 +145,6 @@ def register(app: typer.Typer) -> None:
 
         Example: crmsync log -c prod --object contact --record 12345 --since 30d
         """
-        from crmsync.cli import add_row, console, parse_when, split_objects, table
 
         app_ = STATE.app()
         if connection:
@@ -158,7 +156,7 @@ def register(app: typer.Typer) -> None:
                 connection=connection, obj=objects[0] if objects else None, remote_id=record, since=when, limit=limit
             )
             runs = {r.id: r for r in app_.store.runs(connection, since=when, limit=1000)}
-            rows = []
+            rows: list[dict[str, Any]] = []
             for ch in changes:
                 run = runs.get(ch.run_id) if ch.run_id else None
                 rows.append(

@@ -30,7 +30,8 @@ def _read_secret(prompt: str) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, add_row, console, emit_json, info, table
+    from crmsync.cli.output import add_row, console, emit_json, info, table
+    from crmsync.cli.state import STATE
 
     webhook_app = typer.Typer(help="Receive CRM webhooks and apply them on pull.", no_args_is_help=True)
     app.add_typer(webhook_app, name="webhook")

@@ -18,6 +18,9 @@ from typing import Annotated, Any
 
 import typer
 
+from crmsync.cli.options import split_objects
+from crmsync.cli.output import emit_json, info
+from crmsync.cli.state import STATE
 from crmsync.errors import ConfigError, RetriableError, UsageError
 
 JOB_NAMES = ("pull", "push", "backfill")
@@ -45,8 +48,6 @@ def masked(url: str) -> str:
 
 def _worker_env(app_: Any, redis_url: str | None) -> dict[str, str]:
     """The environment workers and the queue client see: the CLI's --db/--config/--redis-url included."""
-    from crmsync.cli import STATE
-
     env = dict(os.environ)
     if STATE.db:
         env["CRMSYNC_DB"] = STATE.db
@@ -86,8 +87,6 @@ def cron_expression(every: str) -> str:
 def _cron_command(app_: Any, cfg: Any) -> tuple[list[str], list[str]]:
     """The crmsync command line that finds this store and queue from cron's empty environment, and
     what it still cannot carry (a URL with a password stays out of the crontab)."""
-    from crmsync.cli import STATE
-
     beside = Path(sys.executable).with_name("crmsync")
     exe = str(beside) if beside.exists() else shutil.which("crmsync")
     words = [shlex.quote(exe)] if exe else [shlex.quote(sys.executable), "-m", "crmsync"]
@@ -112,8 +111,6 @@ def _cron_command(app_: Any, cfg: Any) -> tuple[list[str], list[str]]:
 
 
 def register(app: typer.Typer) -> None:
-    from crmsync.cli import STATE, emit_json, info
-
     @app.command()
     def worker(
         processes: Annotated[int, typer.Option("--processes", "-p", min=1, help="Worker processes.")] = 2,
@@ -178,7 +175,6 @@ def register(app: typer.Typer) -> None:
 
         Example (crontab, every 5 minutes): */5 * * * * crmsync --quiet enqueue pull
         """
-        from crmsync.cli import split_objects
         from crmsync.timeutil import parse_age
 
         if job not in JOB_NAMES:
@@ -196,12 +192,13 @@ def register(app: typer.Typer) -> None:
             os.environ["CRMSYNC_REDIS_URL"] = env["CRMSYNC_REDIS_URL"]
         from crmsync.worker import JOBS, broker_url
 
-        actor = JOBS[job]
+        actor: Any = JOBS[job]  # a Dramatiq actor (typed loosely by Dramatiq)
         queued: list[dict[str, Any]] = []
         args_list: list[tuple[Any, ...]] = []
         for name in names:
             if job == "backfill":
-                args_list.extend((name, obj) for obj in (split_objects(objects) or [None]))
+                wanted: list[str | None] = [*(split_objects(objects) or ())] or [None]
+                args_list.extend((name, obj) for obj in wanted)
             else:
                 args_list.append((name,))
         try:

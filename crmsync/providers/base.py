@@ -201,6 +201,9 @@ class Provider(ABC):
 
     name: ClassVar[str]
     label: ClassVar[str]
+    #: Keys of ``ConnectContext.options`` that ``connect`` reads; ``crmsync connect`` refuses the
+    #: others in one line (exit 2). None accepts any.
+    connect_options: ClassVar[frozenset[str] | None] = None
     #: Object types this provider can pull.
     objects: ClassVar[tuple[str, ...]] = ("contacts", "companies", "deals", "calls")
     #: Records per batch write.

@@ -32,6 +32,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CONNECT_TIMEOUT = httpx.Timeout(30.0, connect=4.0)
 CONNECT_DEADLINE = 8.0
 CONNECT_ATTEMPTS = 2
+#: Connect options every provider accepts (how the secret is read is not the provider's business).
+_ANY_PROVIDER = frozenset({"token_stdin"})
+#: Option keys whose command-line flag is not ``--`` + the key with dashes.
+_FLAGS = {"db": "--db-name"}
 #: Keys of a secret document that ``io.secret`` answers with when the secret comes from the env.
 _PROMPTED_KEYS = ("token", "api_key", "password", "client_secret")
 
@@ -114,6 +118,7 @@ def connect(
     if not NAME_RE.match(name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 63)")
     cls = get_provider(provider)
+    _check_options(cls.label, cls.connect_options, options)
     base_url = check_base_url(base_url)
     from_env = given_secret(app, name)
     storage: Storage = "file" if insecure_storage else "env" if from_env is not None else "keyring"
@@ -174,6 +179,16 @@ def connect(
         if storage != "env":
             app.secrets.delete(name)
         raise
+
+
+def _check_options(label: str, accepted: frozenset[str] | None, options: dict[str, Any]) -> None:
+    """Refuse, in one line, options the provider would silently ignore."""
+    if accepted is None:
+        return
+    unused = [k for k in options if k not in accepted and k not in _ANY_PROVIDER]
+    if unused:
+        flags = ", ".join(_FLAGS.get(k, "--" + k.replace("_", "-")) for k in unused)
+        raise UsageError(f"{label} does not use {flags}; see crmsync connect --help")
 
 
 def _before_token_request(request: httpx.Request, storage: Storage, name: str, hosts: list[str]) -> None:

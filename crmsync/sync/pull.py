@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from crmsync.errors import AuthError, CrmsyncError, ExitCode, LockHeldError, RetriableError, StoreError
+from crmsync.errors import AuthError, CrmsyncError, LockHeldError, RetriableError, StoreError
 from crmsync.providers.base import Page, Provider, RemoteRecord, match_key, run_ahead
 from crmsync.store import ApplyCounts, Canonical, Store
+from crmsync.sync.run import Outcome, Run, run
 
 if TYPE_CHECKING:
     from crmsync.app import App
@@ -69,10 +69,16 @@ class ConnectionResult:
     rate_limited: int = 0
     duration: float = 0.0
     error: str | None = None
-    exit_code: int = 0
     events_applied: int = 0
     reconciled: int = 0
-    busy: bool = False  # another run held the connection's lock: nothing was pulled
+    outcome: Outcome = Outcome.OK
+    #: The error that stopped the run (its message is ``error``); the CLI turns it into the exit code.
+    failure: CrmsyncError | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Another run held the connection's lock: nothing was pulled."""
+        return self.outcome is Outcome.BUSY
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,7 +93,7 @@ class ConnectionResult:
             "events_applied": self.events_applied,
             "reconciled": self.reconciled,
             "error": self.error,
-            "exit_code": self.exit_code,
+            "outcome": self.outcome.value,
             "busy": self.busy,
         }
 
@@ -202,23 +208,14 @@ def pull(
             )
         except LockHeldError as exc:
             busy.append(exc)
-            result = ConnectionResult(conn.name, conn.provider, "pull", error=str(exc), exit_code=exc.exit_code)
-            result.busy = True
+            result = ConnectionResult(conn.name, conn.provider, "pull", error=str(exc), outcome=Outcome.BUSY)
+            result.failure = exc
         results.append(result)
     if len(busy) == len(results) == 1:
         raise busy[0]
     if len(busy) == len(results):
         raise LockHeldError("every connection is busy: " + "; ".join(e.message for e in busy), hint=busy[0].hint)
     return results
-
-
-def exit_code(results: Sequence[ConnectionResult]) -> int:
-    """A pull's exit code: a failure's that needs a person (1, 2, 3) wins over a temporary one (75),
-    and a busy connection's 75 counts only when nothing else failed."""
-    codes = {r.exit_code for r in results if r.exit_code and not r.busy}
-    if lasting := codes - {ExitCode.TEMPFAIL}:
-        return max(lasting)
-    return ExitCode.TEMPFAIL if codes or any(r.busy for r in results) else ExitCode.OK
 
 
 def backfill(
@@ -247,54 +244,30 @@ def backfill(
 def _run(
     app: App, conn: CrmConnection, command: str, *, lock_timeout: float | None, body: Callable[..., None]
 ) -> ConnectionResult:
-    """Lock, open a run log row, run the body, and record how it ended (metrics included)."""
+    """One pull or backfill of a connection through the shared run lifecycle (``sync.run``)."""
     res = ConnectionResult(connection=conn.name, provider=conn.provider, command=command)
-    started = time.monotonic()
-    with app.run_lock(conn.name, timeout=lock_timeout):
-        provider = app.provider(conn)
-        before = provider.http.stats.as_dict()
-        mapping = app.mapping(conn)
-        app.store.record_mapping(conn.name, str(mapping.path) if mapping.path else None, mapping.hash)
-        run_id = app.store.start_run(conn.name, command, mapping_hash=mapping.hash)
-        status, error = "ok", None
-        try:
-            body(res, provider, mapping, run_id)
-            if any(o.error for o in res.objects):
-                status = "partial"
-                res.exit_code = max(res.exit_code, ExitCode.PARTIAL)
-        except RetriableError as exc:
-            status, error = "failed", str(exc)
-            res.exit_code = ExitCode.TEMPFAIL
-        except AuthError as exc:
-            status, error = "failed", str(exc)
-            res.exit_code = ExitCode.AUTH
-            app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
-        except KeyboardInterrupt:
-            status, error = "interrupted", "interrupted"
-            raise
-        except CrmsyncError as exc:
-            status, error = "failed", str(exc)
-            res.exit_code = exc.exit_code
-        finally:
-            res.duration = time.monotonic() - started
-            stats = provider.http.stats.since(before)
-            res.requests, res.retries, res.rate_limited = stats["requests"], stats["retries"], stats["rate_limited"]
-            res.error = res.error or error
-            counts = {
-                o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects
-            }
-            counts["_quota"] = provider.quota()
-            app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
-            if status == "ok":
-                app.store.touch_connection(conn.name, ok=True, auth_state="ok")
-                app.metrics.last_success.labels(conn.name, command).set(time.time())
-            app.metrics.sync_seconds.labels(conn.provider, conn.name, command).observe(res.duration)
-            for o in res.objects:
-                app.metrics.count_records(
-                    conn.name,
-                    o.object,
-                    {k: getattr(o, k) for k in ("created", "updated", "archived", "unchanged", "failed")},
-                )
+
+    def step(r: Run) -> None:
+        body(res, r.provider, r.mapping, r.run_id)
+
+    def settle(r: Run) -> None:
+        if any(o.error for o in res.objects):
+            r.mark(Outcome.PARTIAL)
+        r.counts = {
+            o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects
+        }
+        if r.provider is not None:
+            r.counts["_quota"] = r.provider.quota()
+        r.records = {
+            o.object: {k: getattr(o, k) for k in ("created", "updated", "archived", "unchanged", "failed")}
+            for o in res.objects
+        }
+
+    r = run(app, conn, command, step, lock_timeout=lock_timeout, settle=settle)
+    res.outcome, res.failure = r.outcome, r.failure
+    res.requests, res.retries, res.rate_limited = r.stats["requests"], r.stats["retries"], r.stats["rate_limited"]
+    res.error = res.error or r.error
+    res.duration = r.duration
     return res
 
 

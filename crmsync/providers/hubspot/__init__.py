@@ -178,6 +178,7 @@ def _inline_associations(obj: str, links: dict[str, str]) -> list[dict[str, Any]
 class HubSpotProvider(Provider):
     name = "hubspot"
     label = "HubSpot"
+    connect_options = frozenset({"oauth", "client_id", "no_browser", "scopes"})
     objects = ("contacts", "companies", "deals", "calls")
     batch_size = BATCH
     # Search: the reference's budget of 4 per second (HubSpot documents 4, some portals get 5: set

@@ -282,6 +282,7 @@ class OdooProvider(Provider):
     label = "Odoo"
     reference_shape = "int"  # a many2one field is written as the integer id
     emulator = "crmsync.emulators.odoo"  # no webhook_support: Odoo sends no webhooks crmsync can receive
+    connect_options = frozenset({"db", "user", "transport", "password"})
     objects = ("contacts", "companies", "deals", "calls")
     batch_size = BATCH
     default_rate_limits: dict[str, Any] = {}  # Odoo has none; its workers are the limit

@@ -260,6 +260,7 @@ class ZohoProvider(Provider):
     name = "zoho"
     label = "Zoho CRM"
     reference_shape = "object"  # a lookup field is written as {"id": "…"}
+    connect_options = frozenset({"dc", "client_id", "grant_code", "scopes", "no_browser"})
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     batch_size = BATCH
     #: Zoho counts credits per day and calls in flight, not calls per second.
