@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -53,6 +55,9 @@ from crmsync.providers.pipedrive.budget import COSTS, Budget
 log = logging.getLogger("crmsync.pipedrive")
 
 API = "https://api.pipedrive.com"
+OAUTH = "https://oauth.pipedrive.com"
+#: The loopback port of the OAuth redirect: register ``http://127.0.0.1:8719/callback`` as the app's callback URL.
+REDIRECT_PORT = 8719
 PAGE = 500
 IDS_MAX = 100
 #: A pull's window ends this long before now (late commits; ``lookback_seconds``) and starts this long
@@ -191,17 +196,29 @@ class PipedriveProvider(Provider):
 
     @classmethod
     def connect(cls, ctx: ConnectContext) -> ConnectResult:
+        """An API token (hidden prompt or stdin), or OAuth: the code flow on a loopback redirect.
+
+        Pipedrive documents no PKCE and matches ``redirect_uri`` exactly against the app's
+        registration, so the loopback port is fixed (``redirect_port``, default ``REDIRECT_PORT``;
+        0 against a test server); the token answer's ``api_domain`` (the company's host) becomes
+        the base URL.
+        """
         base_url = (ctx.base_url or API).rstrip("/")
-        settings: dict[str, Any] = {"auth": "api_token"}
-        if ctx.options.get("oauth"):
-            raise UsageError(
-                "Pipedrive OAuth is not supported yet: connect with an API token (Settings > Personal > API)"
-            )
-        token = ctx.io.secret("Pipedrive API token").strip()
-        if not token:
-            raise UsageError("no API token was given")
-        ctx.secrets.set(ctx.name, {"kind": "api_token", "token": token})
-        auth = cls.make_auth(connection=ctx.name, settings=settings, secrets=ctx.secrets, token_client=None)
+        given = ctx.given or {}
+        if ctx.options.get("oauth") or given.get("kind") == "oauth":
+            settings, base_url = cls._oauth_connect(ctx, base_url, given)
+        else:
+            settings = {"auth": "api_token"}
+            token = ctx.io.secret("Pipedrive API token").strip()
+            if not token:
+                raise UsageError("no API token was given")
+            ctx.secrets.set(ctx.name, {"kind": "api_token", "token": token})
+        auth = cls.make_auth(
+            connection=ctx.name,
+            settings=settings,
+            secrets=ctx.secrets,
+            token_client=ctx.token_client() if settings["auth"] == "oauth" else None,
+        )
         provider = cls(
             ProviderContext(
                 connection=ctx.name,
@@ -216,7 +233,54 @@ class PipedriveProvider(Provider):
         finally:
             provider.close()
         settings.update(health.extra)
-        return ConnectResult(base_url=base_url, account_id=health.account, settings=settings, health=health)
+        scopes = settings.pop("scopes", [])
+        return ConnectResult(
+            base_url=base_url, account_id=health.account, scopes=scopes, settings=settings, health=health
+        )
+
+    @classmethod
+    def _oauth_connect(cls, ctx: ConnectContext, base_url: str, given: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """Tokens for an OAuth connection (stored in the secret) and the settings and base URL they give."""
+        from crmsync import oauth
+
+        opts = ctx.options
+        client_id = str(opts.get("client_id") or given.get("client_id") or "")
+        if not client_id:
+            raise UsageError("--oauth needs --client-id (the Pipedrive app's client id)")
+        client_secret = ctx.io.secret("Pipedrive app client secret").strip()
+        if not client_secret:
+            raise UsageError("no client secret was given")
+        # The OAuth server is its own host; a test server (--base-url) serves both.
+        oauth_base = OAUTH if base_url == API else base_url
+        token_url = str(opts.get("token_url") or f"{oauth_base}/oauth/token")
+        if given.get("refresh_token"):
+            # The environment's secret already holds a grant: renew it rather than ask for another.
+            form = {"grant_type": "refresh_token", "refresh_token": str(given["refresh_token"])}
+        else:
+            port = opts.get("redirect_port")
+            grant = oauth.authorize(
+                ctx.io,
+                authorize_url=str(opts.get("authorize_url") or f"{oauth_base}/oauth/authorize"),
+                params={"client_id": client_id},
+                no_browser=bool(opts.get("no_browser")),
+                pkce=False,
+                port=int(port) if port is not None else (REDIRECT_PORT if base_url == API else 0),
+            )
+            form = {"grant_type": "authorization_code", "code": grant.code, "redirect_uri": grant.redirect_uri}
+        with ctx.token_client() as client:
+            tokens = _token_request(client, token_url, {"client_id": client_id, "client_secret": client_secret, **form})
+        api_domain = _api_domain(tokens.get("api_domain"), https=base_url == API) or base_url
+        secret = {
+            "kind": "oauth",
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "access_token": tokens["access_token"],
+            "refresh_token": tokens.get("refresh_token") or form.get("refresh_token", ""),
+            "expires_at": time.time() + float(tokens.get("expires_in") or 3599),
+        }
+        ctx.secrets.set(ctx.name, secret)
+        scopes = sorted(set(str(tokens.get("scope") or "").replace(",", " ").split()))
+        return {"auth": "oauth", "token_url": token_url, "scopes": scopes}, api_domain
 
     def check(self) -> Health:
         me = self._req("GET", "/v1/users/me", "v1").get("data") or {}
@@ -377,7 +441,7 @@ class PipedriveProvider(Provider):
             if end <= start:
                 return
             state = {"since": rec.rfc3339(start), "until": rec.rfc3339(end), "part": 0, "next": None}
-        parts = [(f"/api/v2/{v2}", {})]
+        parts: list[tuple[str, dict[str, str]]] = [(f"/api/v2/{v2}", {})]
         if v2 == "deals":
             # The spec takes one status a request (the docs show a comma-separated list): live deals,
             # then deleted ones (kept 30 days), then archived ones, which plain lists leave out.
@@ -608,6 +672,17 @@ class PipedriveProvider(Provider):
 def _opt(options: Mapping[str, Any], name: str, default: float) -> float:
     value = options.get(name)
     return default if value is None else float(value)
+
+
+def _api_domain(value: Any, *, https: bool) -> str | None:
+    """The token answer's ``api_domain`` as a base URL, or None when it is no http(s) origin (https
+    only against the real service: the tokens must never travel in clear text)."""
+    if not isinstance(value, str):
+        return None
+    parts = urlsplit(value.strip())
+    if parts.scheme not in (("https",) if https else ("http", "https")) or not parts.hostname:
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _token_request(client: httpx.Client, url: str, form: dict[str, str]) -> dict[str, Any]:
