@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from crmsync.errors import AuthError, CrmsyncError, ExitCode, LockHeldError, RetriableError, StoreError
+from crmsync.providers import usage
 from crmsync.providers.base import Page, Provider, RemoteRecord, match_key, run_ahead
 from crmsync.store import ApplyCounts, Canonical, Store
 
@@ -46,6 +47,8 @@ class ObjectResult:
     failed: int = 0
     pages: int = 0
     associations_fixed: int = 0
+    #: Records a reconcile by ids marked vanished; None when this run did not reconcile the object.
+    reconciled: int | None = None
     error: str | None = None
     cursor: dict[str, Any] | None = None
 
@@ -284,6 +287,7 @@ def _run(
                 o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects
             }
             counts["_quota"] = provider.quota()
+            counts.update(usage.recorded(provider))
             app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
             if status == "ok":
                 app.store.touch_connection(conn.name, ok=True, auth_state="ok")
@@ -392,6 +396,7 @@ def _pull_connection(
                 vanished = app.store.mark_missing(conn.name, obj, live, run_id=run_id)
                 with counting:
                     res.reconciled += vanished
+                    out.reconciled = vanished
         except (RetriableError, AuthError, StoreError):
             raise  # the whole connection stops; the cursor stays at the last good page
         except CrmsyncError as exc:

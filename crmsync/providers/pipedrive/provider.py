@@ -51,6 +51,7 @@ from crmsync.providers.pipedrive import budget as budget_mod
 from crmsync.providers.pipedrive import records as rec
 from crmsync.providers.pipedrive import webhook
 from crmsync.providers.pipedrive.budget import COSTS, Budget
+from crmsync.providers.usage import ApiUsage
 
 log = logging.getLogger("crmsync.pipedrive")
 
@@ -658,6 +659,12 @@ class PipedriveProvider(Provider):
             )
 
     # -- housekeeping ------------------------------------------------------------------------
+    def api_usage(self) -> ApiUsage:
+        """This run's tokens against the company's daily budget (plan x seats): Pipedrive states no
+        remaining budget, so the spending is crmsync's own count; the burst window and the API
+        token's writes left today (``x-daily-requests-left``) as the last answer gave them."""
+        return _usage(self.budget, self.http.policy)
+
     def quota(self) -> dict[str, Any]:
         policy = self.http.policy
         out = self.budget.as_dict()
@@ -667,6 +674,24 @@ class PipedriveProvider(Provider):
             if policy.daily_writes_left is not None:
                 out["daily_writes_left"] = policy.daily_writes_left
         return out
+
+
+def _usage(budget: Budget, policy: Any) -> ApiUsage:
+    detail: dict[str, Any] = {"requests": budget.requests}
+    if isinstance(policy, PipedrivePolicy):
+        if policy.burst_limit is not None:
+            detail["burst_limit"], detail["burst_remaining"] = policy.burst_limit, policy.burst_remaining
+        if policy.daily_writes_left is not None:
+            detail["daily_writes_left"] = policy.daily_writes_left
+    return ApiUsage(
+        unit="tokens",
+        window="day",
+        used=budget.spent,
+        limit=budget.daily,
+        scope="run",
+        source=f"{budget.plan} plan x {budget.seats} seat(s)",
+        detail=detail,
+    )
 
 
 def _opt(options: Mapping[str, Any], name: str, default: float) -> float:

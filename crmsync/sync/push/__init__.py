@@ -44,6 +44,7 @@ from sqlmodel import select
 
 from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
 from crmsync.model import CallOutcome, canonical, company_key, contact_key, utcnow
+from crmsync.providers import usage
 from crmsync.providers.base import ItemResult, Outgoing, OutgoingActivity, Provider, match_key
 from crmsync.store import Canonical, CrmConflict, CrmOutbox, encoded, insert_rows, retry_on_conflict, update_rows
 from crmsync.sync.conflicts import Conflict, resolve
@@ -593,7 +594,8 @@ def push(
                         summary.failed or summary.rejected or summary.conflicts or summary.backlog.get("failed")
                     ):
                         status = "partial"
-                    app.store.finish_run(run_id, status=status, counts=_counts(summary), stats=stats, error=error)
+                    counts = _counts(summary) | usage.recorded(provider)
+                    app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
                     _outbox_gauges(app, conn.name)
                     if status == "ok":
                         app.metrics.last_success.labels(conn.name, "push").set(time.time())
