@@ -861,6 +861,8 @@ class PipedriveEmulator(Emulator):
             "*",
         ):
             errors["event_object"] = ["event_object is invalid"]
+        if not str(body.get("name") or "").strip():
+            errors["name"] = ["name is required"]  # required by the current v1 spec
         if errors:
             return json_response({"status": "error", "success": False, "errors": errors}, 400)
         with self.lock:
