@@ -156,3 +156,30 @@ def test_a_redirect_with_another_state_is_refused_and_the_real_one_still_accepte
 )
 def test_api_domain_is_taken_only_as_an_http_origin(value: object, https: bool, expected: str | None) -> None:
     assert _api_domain(value, https=https) == expected
+
+
+def test_an_oauth_secret_in_the_environment_is_renewed_without_a_browser(home: Path) -> None:
+    emulator = PipedriveEmulator(limits=False)
+    server = emulator.serve()
+    try:
+        redirect = "http://127.0.0.1:8719/callback"
+        code = httpx.URL(emulator.authorize(redirect, "s")).params["code"]
+        tokens = httpx.post(
+            f"{server.url}/oauth/token",
+            data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect},
+            auth=(emulator.client_id, emulator.client_secret),
+        ).json()
+        secret = {
+            "kind": "oauth",
+            "client_id": emulator.client_id,
+            "client_secret": emulator.client_secret,
+            "refresh_token": tokens["refresh_token"],
+        }
+        env = cli_env(home, "pd", json.dumps(secret))
+        result = run_cli(["--json", "connect", "pipedrive", "-n", "pd", "--base-url", server.url], env, timeout=60)
+        assert result.code == 0, result.stderr
+        assert json.loads(result.stdout)["account"] == str(emulator.company_id)
+        assert len(emulator.oauth_tokens) == 2  # the code's token, and the one the refresh gave
+        assert "/oauth/authorize" not in result.stderr  # renewed by its refresh token: no browser
+    finally:
+        server.stop()
