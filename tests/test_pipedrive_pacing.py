@@ -25,7 +25,7 @@ def _push_with_spread_transit(home: Path, tmp_path: Path) -> PipedriveEmulator:
     rng = random.Random(7)
 
     def transit(request: httpx.Request) -> httpx.Response:
-        time.sleep(rng.uniform(0, 0.08))  # transit of 0-80 ms: four times the window's margin
+        time.sleep(rng.uniform(0, 0.25))  # transit of 0-250 ms: far more than the window's margin
         return inner.handle_request(request)
 
     app = App(transport=lambda name: httpx.MockTransport(transit))
