@@ -3,15 +3,17 @@
 Facts this file relies on are in shared/reference/pipedrive.md; the ones that shaped it:
 
 * no upsert, no batch writes, no idempotency key, and no custom field on activities: a record is
-  matched by search (email, phone, name) or by crmsync's own custom field (deal key, company domain)
-  and then created or patched one request at a time;
+  matched by search (email, phone, name; persons from the person list where that is cheaper, see
+  ``index.py``) or by crmsync's own custom field (deal key, company domain) and then created or
+  patched one request at a time;
 * a call is a v2 activity (``type: call``, ``done: true``) whose note carries ``[crmsync:<outcome>]``;
   before creating one for a person or deal that existed before this run, and after any reply that
   may have been lost, the person's (or deal's) activities since the call are read and the marker
   looked for: one list request per person, never a second call;
 * every request costs tokens from the company's daily budget and counts in a 2-second burst window
-  (search 10 per 2 s); ``PipedrivePolicy`` reads the headers and ``budget.py`` refuses a run that
-  would not fit;
+  (search 10 per 2 s); ``PipedrivePolicy`` reads the headers, counts each window from the answers
+  and syncs it to ``x-ratelimit-remaining``, ``budget.py`` refuses a run that would not fit, and
+  ``api_usage`` reports the tokens spent;
 * lists page by ``next_cursor`` (``limit`` ≤ 500), ``updated_since`` inclusive and ``updated_until``
   exclusive, whole seconds: pulls re-read a short overlap and stop a minute before now.
 """
