@@ -70,6 +70,17 @@ class Metrics:
             "crm_webhook_events_pending", "Webhook events not yet applied", ["connection"], registry=r
         )
         self.conflicts_open = Gauge("crm_conflicts_open", "Field conflicts kept open", ["connection"], registry=r)
+        usage_labels = ["connection", "unit", "window", "scope"]
+        self.api_used = Gauge(
+            "crm_api_usage_used",
+            "API allowance used (scope run: spent by crmsync today, as counted by it)",
+            usage_labels,
+            registry=r,
+        )
+        self.api_limit = Gauge("crm_api_usage_limit", "API allowance per window", usage_labels, registry=r)
+        self.api_remaining = Gauge(
+            "crm_api_usage_remaining", "API allowance left in the window", usage_labels, registry=r
+        )
         self._lock = threading.Lock()
 
     def observe_request(self, provider: str, connection: str, endpoint: str, status: int, seconds: float) -> None:
@@ -98,8 +109,25 @@ class Metrics:
                 self.records_stored.labels(name, obj, "true").set(o["archived"])
             self.webhook_pending.labels(name).set(c["webhook"]["pending"])
             self.conflicts_open.labels(name).set(c["conflicts_open"])
+            self._set_usage(name, c.get("api_usage"))
         for (name, command), at in last_success.items():
             self.last_success.labels(name, command).set(at)
+
+    def _set_usage(self, name: str, usage: dict[str, Any] | None) -> None:
+        """The last recorded API usage (``sync.status``'s ``api_usage``); a figure the CRM did not give is left out."""
+        if not usage:
+            return
+        labels = (name, str(usage.get("unit")), str(usage.get("window")), str(usage.get("scope")))
+        daily_count = usage.get("scope") == "run" and "used_today" in usage
+        used = usage.get("used_today") if daily_count else usage.get("used")
+        remaining = usage.get("remaining_today") if daily_count else usage.get("remaining")
+        for gauge, value in (
+            (self.api_used, used),
+            (self.api_limit, usage.get("limit")),
+            (self.api_remaining, remaining),
+        ):
+            if isinstance(value, int | float):
+                gauge.labels(*labels).set(value)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

@@ -108,12 +108,17 @@ def authorize(
     no_browser: bool = False,
     timeout: float = 300.0,
     pkce: bool = True,
+    port: int = 0,
 ) -> CodeGrant:
     """Run the code flow; returns the code, the redirect URI used, every returned parameter and
-    the PKCE verifier the token request must carry."""
+    the PKCE verifier the token request must carry. ``port`` 0 takes any free one; a CRM that
+    matches the redirect URI exactly against the app's registration (Pipedrive) needs a fixed one."""
     state = secrets.token_urlsafe(24)
     verifier, challenge = pkce_pair() if pkce else ("", "")
-    server = _Catcher(("127.0.0.1", 0), _handler())
+    try:
+        server = _Catcher(("127.0.0.1", port), _handler())
+    except OSError as exc:
+        raise UsageError(f"cannot listen on 127.0.0.1:{port} for the OAuth redirect: {exc.strerror}") from None
     server.done = threading.Event()
     server.state = state
     redirect_uri = f"http://127.0.0.1:{server.server_address[1]}{CALLBACK_PATH}"

@@ -240,7 +240,7 @@ def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: 
             code = _run_and_kill(
                 ["--quiet", "push", str(src), "-c", "pd"],
                 env,
-                emulator,
+                emulator,  # type: ignore[arg-type]  # only its request count is read
                 after_requests=rng.randint(5, 120),
                 then=rng.uniform(0, 0.1),
             )

@@ -116,6 +116,8 @@ def test_status_json_snapshot() -> None:
                 "last_pull_at": "<time>",
                 "last_pull_age_seconds": "<age>",
                 "cursor": {"mode": "search", "ts": 1764000000000},
+                "last_reconcile_at": None,
+                "last_reconcile_age_seconds": None,
             }
         },
         "outbox": {
@@ -131,6 +133,7 @@ def test_status_json_snapshot() -> None:
         "conflicts_open": 0,
         "last_run": {"command": "pull", "status": "ok", "started_at": "<time>", "finished_at": "<time>", "error": None},
         "rate_limit": {"command": "pull", "requests": 7, "retries": 1, "rate_limited": 1, "finished_at": "<time>"},
+        "api_usage": None,
     }
 
 
@@ -148,7 +151,8 @@ def test_status_plain_snapshot(home: Path) -> None:
     assert lines[4] == "  most common error: Property values were not valid"
     assert lines[5] == "webhook events pending: 1 (oldest 30m)   conflicts open: 0"
     assert lines[6] == "last pull: 7 requests, 1 retries, 1 rate-limited"
-    assert lines[7] == "secret: none"
+    assert lines[7] == "reconciled by ids: never (crmsync pull --reconcile)"
+    assert lines[8] == "secret: none"
     # The store's path is the one line that may be longer: it stays whole, to be pasted.
     assert lines[-1] == f"store: {home / 'crmsync.db'}"
     assert all(len(line) <= 80 for line in lines[:-1])

@@ -38,6 +38,7 @@ def render_status(doc: dict[str, Any]) -> None:
     """The dashboard: one block per connection, readable at 80 columns."""
     from rich.markup import escape
 
+    from crmsync.providers.usage import describe as describe_usage
     from crmsync.timeutil import human_age
 
     out = console()
@@ -75,6 +76,13 @@ def render_status(doc: dict[str, Any]) -> None:
                 f"{rl['rate_limited']} rate-limited" + (f"; quota: {q}" if q else ""),
                 markup=False,
             )
+        if c.get("api_usage"):
+            out.print(describe_usage(c["api_usage"]), markup=False)
+        ages = {obj: o.get("last_reconcile_age_seconds") for obj, o in c["objects"].items()}
+        if any(age is not None for age in ages.values()):
+            out.print("reconciled by ids: " + ", ".join(f"{obj} {human_age(a)}" for obj, a in ages.items()))
+        else:
+            out.print("reconciled by ids: never (crmsync pull --reconcile)")
         secret = auth.get("secret") or {}
         if secret:
             kept = f"{secret['storage']} {secret['where']}" if secret.get("where") else secret["storage"]

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import httpx
 
@@ -168,6 +168,8 @@ class PipedriveEmulator(Emulator):
         self.refresh_tokens: dict[str, str] = {}
         self.auth_codes: dict[str, dict[str, str]] = {}
         self.client_id, self.client_secret = "pd-client", f"pdsecret{secrets.token_hex(8)}"
+        #: The company host the token answer names; None: the origin the token request was sent to.
+        self.api_domain: str | None = None
         self.users = [
             {"id": 1, "name": "Admin", "email": "admin@example.com", "active_flag": True, "is_admin": 1},
             {"id": 2, "name": "Rep One", "email": "rep1@example.com", "active_flag": True, "is_admin": 0},
@@ -301,6 +303,7 @@ class PipedriveEmulator(Emulator):
         r("GET", r"/v1/webhooks", self._webhooks_list, "v1", name="webhooks")
         r("POST", r"/v1/webhooks", self._webhook_create, "v1_write", name="webhooks create")
         r("DELETE", r"/v1/webhooks/(?P<wid>\d+)", self._webhook_delete, "v1_write", name="webhooks delete")
+        self.route("GET", r"/oauth/authorize", self._oauth_authorize, bucket="none", name="oauth authorize")
         self.route("POST", r"/oauth/token", self._oauth_token, bucket="none", name="oauth token")
 
     def _metered_route(
@@ -858,6 +861,8 @@ class PipedriveEmulator(Emulator):
             "*",
         ):
             errors["event_object"] = ["event_object is invalid"]
+        if not str(body.get("name") or "").strip():
+            errors["name"] = ["name is required"]  # required by the current v1 spec
         if errors:
             return json_response({"status": "error", "success": False, "errors": errors}, 400)
         with self.lock:
@@ -968,7 +973,15 @@ class PipedriveEmulator(Emulator):
         """What the consent screen would redirect to: a fresh code bound to redirect_uri."""
         code = secrets.token_urlsafe(12)
         self.auth_codes[code] = {"redirect_uri": redirect_uri, "issued": str(self.now())}
-        return f"{redirect_uri}?code={code}&state={state}"
+        return f"{redirect_uri}?{urlencode({'code': code, 'state': state})}"
+
+    def _oauth_authorize(self, request: httpx.Request) -> httpx.Response:
+        """The consent screen, approved at once: a redirect to redirect_uri with a code and the state."""
+        params = request.url.params
+        redirect = params.get("redirect_uri", "")
+        if params.get("client_id") != self.client_id or not redirect:
+            return json_response({"success": False, "error": "invalid_client", "message": "Unknown client"}, 400)
+        return httpx.Response(302, headers={"Location": self.authorize(redirect, params.get("state", ""))})
 
     def _oauth_token(self, request: httpx.Request) -> httpx.Response:
         form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
@@ -1001,7 +1014,7 @@ class PipedriveEmulator(Emulator):
             ttl = self.faults.token_ttl or 3599.0
             self.oauth_tokens[access] = self.now() + ttl
             self.refresh_tokens[refresh] = access
-        api_domain = f"http://{self.host}"  # tests and the sandbox pass their own base URL
+        api_domain = self.api_domain or f"{request.url.scheme}://{request.url.netloc.decode()}"
         return json_response(
             {
                 "access_token": access,

@@ -7,6 +7,7 @@ read its own headers and bodies (HubSpot's rate-limit headers, Zoho's ``INVALID_
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import email.utils
 import logging
@@ -248,6 +249,27 @@ class SlidingWindow:
         with self.lock:
             if stamp is not None and stamp in self.starts:
                 self.starts.remove(stamp)
+
+    def settle(self) -> None:
+        """Count the calling thread's last turn from now, when its answer came back: the CRM counted
+        the request before answering it, so a window counted from the answers never runs ahead of
+        the CRM's, whatever the transit times (for a CRM whose short window is its bottleneck)."""
+        stamp = getattr(self._mine, "stamp", None)
+        with self.lock:
+            if stamp is None or stamp not in self.starts:
+                return
+            self.starts.remove(stamp)
+            now = time.monotonic()
+            bisect.insort(self.starts, now)
+            self._mine.stamp = now
+
+    def occupy(self, turns: int) -> None:
+        """Count ``turns`` more as taken now: the CRM says its window holds requests this one never
+        sent (an earlier process, another client on the same limit)."""
+        with self.lock:
+            now = time.monotonic()
+            for _ in range(min(max(0, turns), self.requests)):
+                bisect.insort(self.starts, now)
 
 
 class TokenBucket:

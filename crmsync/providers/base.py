@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from crmsync.credentials import SecretStore
     from crmsync.http import Auth, HttpClient, RateLimit
     from crmsync.providers.capabilities import WebhookSupport
+    from crmsync.providers.usage import ApiUsage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -414,6 +415,11 @@ class Provider(ABC):
     def quota(self) -> dict[str, Any]:
         """What the CRM last said about remaining quota (daily calls, credits); {} when unknown."""
         return {}
+
+    def api_usage(self) -> ApiUsage | None:
+        """The API allowance as last seen (``crmsync.providers.usage``); recorded with each run, shown
+        by ``status`` and exported as metrics. None: the CRM states none and crmsync budgets none."""
+        return None
 
     def close(self) -> None:
         self.http.close()

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from crmsync.errors import AuthError, CrmsyncError, LockHeldError, RetriableError, StoreError
+from crmsync.providers import usage
 from crmsync.providers.base import Page, Provider, RemoteRecord, match_key, run_ahead
 from crmsync.store import ApplyCounts, Canonical, Store
 from crmsync.sync.run import Outcome, Run, run
@@ -46,6 +47,8 @@ class ObjectResult:
     failed: int = 0
     pages: int = 0
     associations_fixed: int = 0
+    #: Records a reconcile by ids marked vanished; None when this run did not reconcile the object.
+    reconciled: int | None = None
     error: str | None = None
     cursor: dict[str, Any] | None = None
 
@@ -258,6 +261,7 @@ def _run(
         }
         if r.provider is not None:
             r.counts["_quota"] = r.provider.quota()
+            r.counts.update(usage.recorded(r.provider))
         r.records = {
             o.object: {k: getattr(o, k) for k in ("created", "updated", "archived", "unchanged", "failed")}
             for o in res.objects
@@ -365,6 +369,7 @@ def _pull_connection(
                 vanished = app.store.mark_missing(conn.name, obj, live, run_id=run_id)
                 with counting:
                     res.reconciled += vanished
+                    out.reconciled = vanished
         except (RetriableError, AuthError, StoreError):
             raise  # the whole connection stops; the cursor stays at the last good page
         except CrmsyncError as exc:

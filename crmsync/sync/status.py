@@ -15,6 +15,7 @@ from sqlalchemy import func, true
 from sqlmodel import select
 
 from crmsync.model import utcnow
+from crmsync.providers import usage as api_usage
 from crmsync.store import CrmConflict, CrmOutbox, CrmSyncLog, CrmWebhookEvent
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
     cursors = {c.object: c for c in store.cursors(conn.name) if c.kind == "incremental"}
     runs = store.runs(conn.name, limit=200)
     last_pull: dict[str, datetime] = {}
+    last_reconcile: dict[str, datetime] = {}
     last_run_by_cmd: dict[str, CrmSyncLog] = {}
     for run in runs:
         last_run_by_cmd.setdefault(run.command, run)
@@ -76,6 +78,8 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
                 if obj.startswith("_") or not isinstance(c, dict) or c.get("error"):
                     continue
                 last_pull.setdefault(obj, run.finished_at)
+                if c.get("reconciled") is not None:  # None: this pull did not reconcile by ids
+                    last_reconcile.setdefault(obj, run.finished_at)
     objects: dict[str, Any] = {}
     for obj in sorted(set(counts) | set(cursors) | set(last_pull)):
         cur = cursors.get(obj)
@@ -85,6 +89,8 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
             "last_pull_at": _iso(last_pull.get(obj)),
             "last_pull_age_seconds": _age(last_pull.get(obj), now),
             "cursor": cur.value if cur else None,
+            "last_reconcile_at": _iso(last_reconcile.get(obj)),
+            "last_reconcile_age_seconds": _age(last_reconcile.get(obj), now),
         }
     start_of_day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     with store.session() as s:
@@ -170,6 +176,7 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
         if last
         else None,
         "rate_limit": usage,
+        "api_usage": api_usage.latest(runs, now),
     }
 
 

@@ -53,7 +53,9 @@ class Budget:
 def push_tokens(needs: Mapping[str, int]) -> int:
     """Tokens a push may spend at most (no batch endpoints): each call and task a create (5); each
     person, company and deal a search (20) and a create or update (5); and, per call, one list of its
-    person's activities where the store has no record of sending it (10)."""
+    person's activities where the store has no record of sending it (10). A person may also pay for
+    a quarter page of the person list per key, email and phone (5, ``index.PAGES_PER_KEY``), and one
+    catch-up list per lookup batch (under 1)."""
     calls, tasks = needs.get("calls", 0), needs.get("tasks", 0)
     records = sum(needs.get(obj, 0) for obj in ("contacts", "companies", "deals"))
-    return 5 * calls + 5 * tasks + 25 * records + 10 * calls
+    return 5 * calls + 5 * tasks + 25 * records + 10 * calls + 6 * needs.get("contacts", 0)

@@ -3,15 +3,17 @@
 Facts this file relies on are in shared/reference/pipedrive.md; the ones that shaped it:
 
 * no upsert, no batch writes, no idempotency key, and no custom field on activities: a record is
-  matched by search (email, phone, name) or by crmsync's own custom field (deal key, company domain)
-  and then created or patched one request at a time;
+  matched by search (email, phone, name; persons from the person list where that is cheaper, see
+  ``index.py``) or by crmsync's own custom field (deal key, company domain) and then created or
+  patched one request at a time;
 * a call is a v2 activity (``type: call``, ``done: true``) whose note carries ``[crmsync:<outcome>]``;
   before creating one for a person or deal that existed before this run, and after any reply that
   may have been lost, the person's (or deal's) activities since the call are read and the marker
   looked for: one list request per person, never a second call;
 * every request costs tokens from the company's daily budget and counts in a 2-second burst window
-  (search 10 per 2 s); ``PipedrivePolicy`` reads the headers and ``budget.py`` refuses a run that
-  would not fit;
+  (search 10 per 2 s); ``PipedrivePolicy`` reads the headers, counts each window from the answers
+  and syncs it to ``x-ratelimit-remaining``, ``budget.py`` refuses a run that would not fit, and
+  ``api_usage`` reports the tokens spent;
 * lists page by ``next_cursor`` (``limit`` ≤ 500), ``updated_since`` inclusive and ``updated_until``
   exclusive, whole seconds: pulls re-read a short overlap and stop a minute before now.
 """
@@ -20,15 +22,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from crmsync.credentials import SecretStore, StaticAuth
 from crmsync.errors import AuthError, FatalProviderError, RetriableError, UsageError
-from crmsync.http import RateLimit, ResponsePolicy, UnconfirmedWrite
+from crmsync.http import RateLimit, ResponsePolicy, SlidingWindow, UnconfirmedWrite
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -46,13 +50,17 @@ from crmsync.providers.base import (
     match_key,
 )
 from crmsync.providers.pipedrive import budget as budget_mod
+from crmsync.providers.pipedrive import index, webhook
 from crmsync.providers.pipedrive import records as rec
-from crmsync.providers.pipedrive import webhook
 from crmsync.providers.pipedrive.budget import COSTS, Budget
+from crmsync.providers.usage import ApiUsage
 
 log = logging.getLogger("crmsync.pipedrive")
 
 API = "https://api.pipedrive.com"
+OAUTH = "https://oauth.pipedrive.com"
+#: The loopback port of the OAuth redirect: register ``http://127.0.0.1:8719/callback`` as the app's callback URL.
+REDIRECT_PORT = 8719
 PAGE = 500
 IDS_MAX = 100
 #: A pull's window ends this long before now (late commits; ``lookback_seconds``) and starts this long
@@ -113,7 +121,21 @@ class PipedrivePolicy(ResponsePolicy):
         return response.status_code == 429 and "budget" in str(self._body(response).get("error", "")).lower()
 
     def observe(self, response: httpx.Response, client: Any, bucket: str) -> None:
+        # Pipedrive's 2-second windows are a push's bottleneck, spent to the last turn: counted from
+        # the answers, a turn cannot reach Pipedrive early however its requests' transit times spread.
+        limiter = client.buckets.get(bucket) or client.buckets.get("default")
+        settle = getattr(limiter, "settle", None)
+        if settle is not None:
+            settle()
         h = response.headers
+        if isinstance(limiter, SlidingWindow) and response.status_code != 429:
+            try:
+                stated = int(h.get("x-ratelimit-remaining", ""))
+            except ValueError:
+                stated = None
+            if stated is not None:
+                # Pipedrive counts requests this client did not send (an earlier run, another client).
+                limiter.occupy(limiter.free() - stated)
         try:
             if "x-ratelimit-limit" in h:
                 self.burst_limit = int(h["x-ratelimit-limit"])
@@ -160,6 +182,7 @@ class PipedriveProvider(Provider):
         self._codes: dict[str, dict[str, str]] = {}  # entity -> label -> custom field code
         self._users: dict[str, str] | None = None
         self._lock = threading.Lock()
+        self._persons = index.PersonIndex(lambda params: self._walk("/api/v2/persons", params, None))
 
     # -- requests --------------------------------------------------------------------------------
     def _req(self, method: str, path: str, cost: str, **kwargs: Any) -> dict[str, Any]:
@@ -193,17 +216,29 @@ class PipedriveProvider(Provider):
 
     @classmethod
     def connect(cls, ctx: ConnectContext) -> ConnectResult:
+        """An API token (hidden prompt or stdin), or OAuth: the code flow on a loopback redirect.
+
+        Pipedrive documents no PKCE and matches ``redirect_uri`` exactly against the app's
+        registration, so the loopback port is fixed (``redirect_port``, default ``REDIRECT_PORT``;
+        0 against a test server); the token answer's ``api_domain`` (the company's host) becomes
+        the base URL.
+        """
         base_url = (ctx.base_url or API).rstrip("/")
-        settings: dict[str, Any] = {"auth": "api_token"}
-        if ctx.options.get("oauth"):
-            raise UsageError(
-                "Pipedrive OAuth is not supported yet: connect with an API token (Settings > Personal > API)"
-            )
-        token = ctx.io.secret("Pipedrive API token").strip()
-        if not token:
-            raise UsageError("no API token was given")
-        ctx.secrets.set(ctx.name, {"kind": "api_token", "token": token})
-        auth = cls.make_auth(connection=ctx.name, settings=settings, secrets=ctx.secrets, token_client=None)
+        given = ctx.given or {}
+        if ctx.options.get("oauth") or given.get("kind") == "oauth":
+            settings, base_url = cls._oauth_connect(ctx, base_url, given)
+        else:
+            settings = {"auth": "api_token"}
+            token = ctx.io.secret("Pipedrive API token").strip()
+            if not token:
+                raise UsageError("no API token was given")
+            ctx.secrets.set(ctx.name, {"kind": "api_token", "token": token})
+        auth = cls.make_auth(
+            connection=ctx.name,
+            settings=settings,
+            secrets=ctx.secrets,
+            token_client=ctx.token_client() if settings["auth"] == "oauth" else None,
+        )
         provider = cls(
             ProviderContext(
                 connection=ctx.name,
@@ -218,7 +253,54 @@ class PipedriveProvider(Provider):
         finally:
             provider.close()
         settings.update(health.extra)
-        return ConnectResult(base_url=base_url, account_id=health.account, settings=settings, health=health)
+        scopes = settings.pop("scopes", [])
+        return ConnectResult(
+            base_url=base_url, account_id=health.account, scopes=scopes, settings=settings, health=health
+        )
+
+    @classmethod
+    def _oauth_connect(cls, ctx: ConnectContext, base_url: str, given: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """Tokens for an OAuth connection (stored in the secret) and the settings and base URL they give."""
+        from crmsync import oauth
+
+        opts = ctx.options
+        client_id = str(opts.get("client_id") or given.get("client_id") or "")
+        if not client_id:
+            raise UsageError("--oauth needs --client-id (the Pipedrive app's client id)")
+        client_secret = ctx.io.secret("Pipedrive app client secret").strip()
+        if not client_secret:
+            raise UsageError("no client secret was given")
+        # The OAuth server is its own host; a test server (--base-url) serves both.
+        oauth_base = OAUTH if base_url == API else base_url
+        token_url = str(opts.get("token_url") or f"{oauth_base}/oauth/token")
+        if given.get("refresh_token"):
+            # The environment's secret already holds a grant: renew it rather than ask for another.
+            form = {"grant_type": "refresh_token", "refresh_token": str(given["refresh_token"])}
+        else:
+            port = opts.get("redirect_port")
+            grant = oauth.authorize(
+                ctx.io,
+                authorize_url=str(opts.get("authorize_url") or f"{oauth_base}/oauth/authorize"),
+                params={"client_id": client_id},
+                no_browser=bool(opts.get("no_browser")),
+                pkce=False,
+                port=int(port) if port is not None else (REDIRECT_PORT if base_url == API else 0),
+            )
+            form = {"grant_type": "authorization_code", "code": grant.code, "redirect_uri": grant.redirect_uri}
+        with ctx.token_client() as client:
+            tokens = _token_request(client, token_url, {"client_id": client_id, "client_secret": client_secret, **form})
+        api_domain = _api_domain(tokens.get("api_domain"), https=base_url == API) or base_url
+        secret = {
+            "kind": "oauth",
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "access_token": tokens["access_token"],
+            "refresh_token": tokens.get("refresh_token") or form.get("refresh_token", ""),
+            "expires_at": time.time() + float(tokens.get("expires_in") or 3599),
+        }
+        ctx.secrets.set(ctx.name, secret)
+        scopes = sorted(set(str(tokens.get("scope") or "").replace(",", " ").split()))
+        return {"auth": "oauth", "token_url": token_url, "scopes": scopes}, api_domain
 
     def check(self) -> Health:
         me = self._req("GET", "/v1/users/me", "v1").get("data") or {}
@@ -379,7 +461,7 @@ class PipedriveProvider(Provider):
             if end <= start:
                 return
             state = {"since": rec.rfc3339(start), "until": rec.rfc3339(end), "part": 0, "next": None}
-        parts = [(f"/api/v2/{v2}", {})]
+        parts: list[tuple[str, dict[str, str]]] = [(f"/api/v2/{v2}", {})]
         if v2 == "deals":
             # The spec takes one status a request (the docs show a comma-separated list): live deals,
             # then deleted ones (kept 30 days), then archived ones, which plain lists leave out.
@@ -422,10 +504,25 @@ class PipedriveProvider(Provider):
         return IDS_MAX
 
     def lookup(self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]) -> dict[str, RemoteRecord]:
-        """One exact search per key (search has no IN), then the hits read in one ``ids`` list."""
+        """One exact search per key (search has no IN; persons: the list where cheaper), then the hits
+        read in one ``ids`` list."""
         v2 = rec.OBJ[obj]
         pairs = list({match_key(k): next(iter(k.items())) for k in keys}.items())
-        hits = at_once(lambda pair: (pair[0], self._search_one(v2, *pair[1])), pairs)
+        hits: list[tuple[str, str | None]] = []
+        if v2 == "persons":
+            # The person list, where it is cheaper than searching (index.py); a key it cannot answer
+            # yet is searched for.
+            searched = [pair for pair in pairs if pair[1][0] not in index.KINDS or not pair[1][1]]
+            for kind in index.KINDS:
+                mine = [(key, value) for key, (k, value) in pairs if k == kind and value]
+                if not mine:
+                    continue
+                found, rest = self._persons.find(kind, [value for _, value in mine])
+                hits += [(key, found[value]) for key, value in mine if value in found]
+                left = set(rest)
+                searched += [(key, (kind, value)) for key, value in mine if value in left]
+            pairs = searched
+        hits += at_once(lambda pair: (pair[0], self._search_one(v2, *pair[1])), pairs)
         ids = sorted({rid for _, rid in hits if rid})
         if not ids:
             return {}
@@ -596,6 +693,12 @@ class PipedriveProvider(Provider):
             )
 
     # -- housekeeping ------------------------------------------------------------------------
+    def api_usage(self) -> ApiUsage:
+        """This run's tokens against the company's daily budget (plan x seats): Pipedrive states no
+        remaining budget, so the spending is crmsync's own count; the burst window and the API
+        token's writes left today (``x-daily-requests-left``) as the last answer gave them."""
+        return _usage(self.budget, self.http.policy)
+
     def quota(self) -> dict[str, Any]:
         policy = self.http.policy
         out = self.budget.as_dict()
@@ -607,9 +710,38 @@ class PipedriveProvider(Provider):
         return out
 
 
+def _usage(budget: Budget, policy: Any) -> ApiUsage:
+    detail: dict[str, Any] = {"requests": budget.requests}
+    if isinstance(policy, PipedrivePolicy):
+        if policy.burst_limit is not None:
+            detail["burst_limit"], detail["burst_remaining"] = policy.burst_limit, policy.burst_remaining
+        if policy.daily_writes_left is not None:
+            detail["daily_writes_left"] = policy.daily_writes_left
+    return ApiUsage(
+        unit="tokens",
+        window="day",
+        used=budget.spent,
+        limit=budget.daily,
+        scope="run",
+        source=f"{budget.plan} plan x {budget.seats} seat(s)",
+        detail=detail,
+    )
+
+
 def _opt(options: Mapping[str, Any], name: str, default: float) -> float:
     value = options.get(name)
     return default if value is None else float(value)
+
+
+def _api_domain(value: Any, *, https: bool) -> str | None:
+    """The token answer's ``api_domain`` as a base URL, or None when it is no http(s) origin (https
+    only against the real service: the tokens must never travel in clear text)."""
+    if not isinstance(value, str):
+        return None
+    parts = urlsplit(value.strip())
+    if parts.scheme not in (("https",) if https else ("http", "https")) or not parts.hostname:
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _token_request(client: httpx.Client, url: str, form: dict[str, str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
+from crmsync.providers import usage
 from crmsync.providers.base import Provider
 from crmsync.store.outbox import Outbox
 from crmsync.sync.inputs import read_outcomes
@@ -169,7 +170,8 @@ def _lifecycle(
             stats = work.wrap_up()
             if status == "ok" and summary.has_failures():
                 status = "partial"
-            app.store.finish_run(run_id, status=status, counts=_counts(summary), stats=stats, error=error)
+            counts = _counts(summary) | usage.recorded(work.provider)
+            app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
             _record_metrics(app, conn.name, summary, outbox, ok=status == "ok")
 
 
