@@ -216,6 +216,7 @@ def test_store_migrates_on_postgres_once_even_when_workers_start_together(pg: st
 @pytest.mark.scaleout
 def test_a_pooled_connection_the_server_dropped_is_replaced_not_reported(pg: str) -> None:
     store = Store.open(pg)
+    assert store.is_postgresql
     assert store.connections.all() == []
     admin = create_engine(PG_URL)
     with admin.begin() as c:  # a server restart, or an idle-session timeout

@@ -314,3 +314,27 @@ def test_a_pid_taken_by_a_newer_process_does_not_keep_a_dead_run_alive() -> None
     if Path("/proc/self/stat").exists():  # Linux tells when a process began
         assert process_gone(os.getpid(), datetime(2000, 1, 1, tzinfo=UTC))  # it began after that run
     assert process_gone(2**22 + 12345, None)  # above Linux's pid limit: no such process
+
+
+@pytest.mark.parametrize(
+    ("where", "postgresql"),
+    [
+        ("postgres://u:p@db/crm", True),
+        ("postgresql://u@db/crm", True),
+        ("postgresql+psycopg://u@db/crm", True),
+        ("sqlite:///tmp/postgresql.db", False),
+        ("/srv/postgresql/crmsync.db", False),
+        ("mysql+pymysql://u@db/crm", False),
+        ("not a url://", False),
+    ],
+)
+def test_a_store_is_postgresql_by_its_dialect_not_by_a_prefix_of_its_name(where: str, postgresql: bool) -> None:
+    from crmsync.store import is_postgresql_url
+
+    assert is_postgresql_url(where) is postgresql
+
+
+def test_an_opened_sqlite_store_says_it_is_not_postgresql(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "postgresql.db")
+    assert store.is_postgresql is False
+    store.close()

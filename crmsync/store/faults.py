@@ -80,7 +80,7 @@ def store_fault(exc: BaseException, *, url: str) -> StoreError | None:
 
     The one place where driver errors become exit codes: locked past the wait or out of space -> 75
     (try again later), read-only, unopenable or refused -> 3, damaged -> ``StoreCorruptError`` (3;
-    ``Store`` adds the recovery hint after checking and saving the outbox).
+    ``Database`` adds the recovery hint after checking and saving the outbox).
     """
     orig = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's exception
     try:
