@@ -380,12 +380,12 @@ def test_an_interrupted_pull_or_backfill_is_logged_as_interrupted(home: Path) ->
     app = hubspot_app("http://hubspot.test", emulator.private_app_token, transport=lambda name: emulator.transport())
     try:
         assert pull_stopped_before_page(app, 1, ["contacts"])
-        apply = app.store.apply_page
-        app.store.apply_page = _interrupt  # type: ignore[method-assign]
+        apply = app.store.mirror.apply_page
+        app.store.mirror.apply_page = _interrupt  # type: ignore[method-assign]
         with pytest.raises(KeyboardInterrupt):
             backfill(app, objects=["contacts"])
-        app.store.apply_page = apply  # type: ignore[method-assign]
-        assert [(r.command, r.status) for r in reversed(app.store.runs("hs"))] == [
+        app.store.mirror.apply_page = apply  # type: ignore[method-assign]
+        assert [(r.command, r.status) for r in reversed(app.store.runs.recent("hs"))] == [
             ("pull", "interrupted"),
             ("backfill", "interrupted"),
         ]
@@ -439,7 +439,7 @@ def test_ctrl_c_while_the_input_is_read_queues_nothing_and_says_so(home: Path) -
         summary = push(app, source=str(src), connection="hs", sink=ctrl_c_at_the_bad_line)
         assert (summary.exit_code, summary.interrupted, summary.queued) == (130, True, 0)
         assert summary.error == "interrupted while reading the input: nothing was queued or sent; run the push again"
-        assert [(r.command, r.status) for r in app.store.runs("hs")] == [("push", "interrupted")]
+        assert [(r.command, r.status) for r in app.store.runs.recent("hs")] == [("push", "interrupted")]
         assert emulator.records("calls") == [] and _runs(home) == [("push", "interrupted", "interrupted")]
         again = push(app, source=str(src), connection="hs")
         assert (again.created, again.rejected, again.backlog) == (6, 1, {})

@@ -764,7 +764,7 @@ def main() -> None:
     """Console-script entry point: the one place errors become exit codes."""
     from typer.exceptions import Abort, Exit, TyperException
 
-    from crmsync import tune_gc
+    from crmsync.http.tuning import tune_gc
 
     tune_gc()
     try:

@@ -71,7 +71,7 @@ def apply_pending_events(
                     row.processed_at = now
                     s.add(row)
 
-            app.store.apply_page(
+            app.store.mirror.apply_page(
                 conn.name, obj, records, cursor=None, deleted=deleted, run_id=run_id, before_commit=mark
             )
             consumed += len(evs)

@@ -1,7 +1,7 @@
 """Incremental pull and backfill: cursor -> pages -> canonical records -> store, one page at a time.
 
 Each page is stored together with the cursor that follows it in one transaction
-(``Store.apply_page``), so a crash or kill between pages loses nothing and repeats at most one
+(``Mirror.apply_page``), so a crash or kill between pages loses nothing and repeats at most one
 page. Memory stays flat: one page is in flight at a time.
 
 Backfill is the same walk from the beginning, checkpointed under its own cursor kind so it
@@ -254,8 +254,8 @@ def _run(
         provider = app.provider(conn)
         before = provider.http.stats.as_dict()
         mapping = app.mapping(conn)
-        app.store.record_mapping(conn.name, str(mapping.path) if mapping.path else None, mapping.hash)
-        run_id = app.store.start_run(conn.name, command, mapping_hash=mapping.hash)
+        app.store.connections.record_mapping(conn.name, str(mapping.path) if mapping.path else None, mapping.hash)
+        run_id = app.store.runs.start(conn.name, command, mapping_hash=mapping.hash)
         status, error = "ok", None
         try:
             body(res, provider, mapping, run_id)
@@ -268,7 +268,7 @@ def _run(
         except AuthError as exc:
             status, error = "failed", str(exc)
             res.exit_code = ExitCode.AUTH
-            app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
+            app.store.connections.touch(conn.name, ok=False, auth_state="invalid")
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted"
             raise
@@ -284,9 +284,9 @@ def _run(
                 o.object: {k: v for k, v in o.__dict__.items() if k not in ("object", "cursor")} for o in res.objects
             }
             counts["_quota"] = provider.quota()
-            app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
+            app.store.runs.finish(run_id, status=status, counts=counts, stats=stats, error=error)
             if status == "ok":
-                app.store.touch_connection(conn.name, ok=True, auth_state="ok")
+                app.store.connections.touch(conn.name, ok=True, auth_state="ok")
                 app.metrics.last_success.labels(conn.name, command).set(time.time())
             app.metrics.sync_seconds.labels(conn.provider, conn.name, command).observe(res.duration)
             for o in res.objects:
@@ -323,7 +323,7 @@ def ingest_pages(
         records = [to_canonical(mapping, obj, r, problems) for r in page.records]
         for problem in problems[:5]:
             log.warning("unconvertible value kept raw only: %s", problem)
-        counts = store.apply_page(
+        counts = store.mirror.apply_page(
             connection, obj, records, cursor=page.cursor, cursor_kind=cursor_kind, deleted=page.deleted, run_id=run_id
         )
         yield page, counts, len(records)
@@ -378,7 +378,7 @@ def _pull_connection(
     counting = threading.Lock()  # the objects' walks run in threads of their own
 
     def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:
-        cursor = None if (full or since) else app.store.cursor(conn.name, obj)
+        cursor = None if (full or since) else app.store.mirror.cursor(conn.name, obj)
         try:
             pages = provider.changes(obj, cursor, fields=mapping.provider_fields(obj), since=since)
             _apply_pages(app, conn, mapping, obj, pages, out, run_id, progress=progress, cancel=cancel)
@@ -388,8 +388,10 @@ def _pull_connection(
                     live.update(ids)
                     links = provider.read_associations(obj, ids)
                     if links:
-                        out.associations_fixed += app.store.update_associations(conn.name, obj, links, run_id=run_id)
-                vanished = app.store.mark_missing(conn.name, obj, live, run_id=run_id)
+                        out.associations_fixed += app.store.mirror.update_associations(
+                            conn.name, obj, links, run_id=run_id
+                        )
+                vanished = app.store.mirror.mark_missing(conn.name, obj, live, run_id=run_id)
                 with counting:
                     res.reconciled += vanished
         except (RetriableError, AuthError, StoreError):
@@ -456,7 +458,7 @@ def _backfill_connection(
     progress: Progress | None,
 ) -> None:
     def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:
-        checkpoint = app.store.cursor(conn.name, obj, "backfill")
+        checkpoint = app.store.mirror.cursor(conn.name, obj, "backfill")
         pages = provider.changes(obj, checkpoint, fields=mapping.provider_fields(obj), since=since, until=until)
         try:
             _apply_pages(
@@ -469,14 +471,14 @@ def _backfill_connection(
             return
         if cancel.is_set():
             return
-        final = app.store.cursor(conn.name, obj, "backfill")
+        final = app.store.mirror.cursor(conn.name, obj, "backfill")
         if final is not None and until is None:
             # Seed the incremental cursor and drop the checkpoint in one transaction.
-            app.store.apply_page(
+            app.store.mirror.apply_page(
                 conn.name, obj, [], cursor=final, cursor_kind="incremental", extra_cursors=[("backfill", None)]
             )
         elif final is not None:
-            app.store.set_cursor(conn.name, obj, None, "backfill")
+            app.store.mirror.set_cursor(conn.name, obj, None, "backfill")
         out.cursor = final
 
     _each_object(app, res, _objects(provider, objects), one, meanwhile=mapping.warm)

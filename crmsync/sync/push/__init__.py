@@ -280,7 +280,7 @@ def enqueue(
     objects: set[str] = set()
     with engine.begin() as db:
         if db.dialect.name == "postgresql":
-            from crmsync.scaleout import transaction_lock
+            from crmsync.store.locks import transaction_lock
 
             # Concurrent pushes of one connection queue one after another, so each sees what the
             # other queued (and no unique-key race can fail a whole file).
@@ -495,7 +495,7 @@ def push(
             )
         else:
             with _delivery_lock(app, conn.name, lock_timeout):
-                run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
+                run_id = app.store.runs.start(conn.name, "push", mapping_hash=mapping.hash)
                 status, error = "ok", None
                 # With an input, what was queued before it is a backlog, counted apart from it.
                 earlier = ("pending", "failed") if retry_failed else ("pending",)
@@ -593,7 +593,7 @@ def push(
                         summary.failed or summary.rejected or summary.conflicts or summary.backlog.get("failed")
                     ):
                         status = "partial"
-                    app.store.finish_run(run_id, status=status, counts=_counts(summary), stats=stats, error=error)
+                    app.store.runs.finish(run_id, status=status, counts=_counts(summary), stats=stats, error=error)
                     _outbox_gauges(app, conn.name)
                     if status == "ok":
                         app.metrics.last_success.labels(conn.name, "push").set(time.time())
@@ -776,7 +776,7 @@ def _needs(app: App, conn: str, parsed: dict[str, ParsedOutcome]) -> dict[str, i
 
 def _shared(app: App) -> bool:
     """True when several workers may deliver one connection at once (a PostgreSQL store)."""
-    return app.store.url.startswith("postgresql")
+    return app.store.is_postgresql
 
 
 def _delivery_lock(app: App, conn: str, timeout: float | None) -> contextlib.AbstractContextManager[Any]:
@@ -873,8 +873,8 @@ def plan(
                     k = _entity_key(obj, c)
                     if k:
                         keys[obj].add(k)
-            mirror = {obj: app.store.find_by_keys(conn.name, obj, ks) for obj, ks in keys.items()}
-            links = {obj: app.store.links(conn.name, obj, ks) for obj, ks in keys.items()}
+            mirror = {obj: app.store.mirror.find_by_keys(conn.name, obj, ks) for obj, ks in keys.items()}
+            links = {obj: app.store.mirror.links(conn.name, obj, ks) for obj, ks in keys.items()}
             with app.store.session() as s:
                 outbox = {
                     r.outcome_id: r
@@ -1430,7 +1430,7 @@ def _peek(app: App, conn: str, after_id: int) -> list[_Row]:
 def _claim_owner(app: App, shared: bool) -> contextlib.AbstractContextManager[str]:
     """This run's name on its claims; on PostgreSQL one that dies with the run (see scaleout)."""
     if shared:
-        from crmsync.scaleout import claim_owner
+        from crmsync.store.locks import claim_owner
 
         return claim_owner(app.store)
     return contextlib.nullcontext(f"0:{socket.gethostname()}:{os.getpid()}")
@@ -1449,7 +1449,7 @@ def _claim(app: App, conn: str, after_id: int, owner: str, *, shared: bool, have
     with app.store.session() as s:
         q = select(t.id).where(t.connection == conn, t.state == "pending", t.id > after_id)  # type: ignore[operator]
         if shared:
-            from crmsync.scaleout import dead_owners
+            from crmsync.store.locks import dead_owners
 
             claimed = t.claimed_by.is_not(None)  # type: ignore[union-attr]
             owners = s.exec(select(t.claimed_by).where(t.connection == conn, t.state == "pending", claimed).distinct())
@@ -1542,7 +1542,7 @@ def _entity_step(
     if isinstance(known, Future):
         known = known.result()
     keys = list(by_key)
-    mirror = app.store.find_by_keys(conn.name, obj, keys)
+    mirror = app.store.mirror.find_by_keys(conn.name, obj, keys)
     unknown = [k for k in keys if k not in mirror]
     crm: dict[str, tuple[dict[str, Any], str, datetime | None]] = {
         k: (r.properties, r.remote_id, r.remote_updated_at) for k, r in mirror.items()
@@ -1599,13 +1599,13 @@ def _blind_keys(app: App, conn: CrmConnection, provider: Provider, obj: str, unk
     reports as existing are looked up and merged under the conflict rules (see ``_entity_step``)."""
     if obj not in provider.optimistic_creates or not unknown:
         return set()
-    linked = app.store.links(conn.name, obj, unknown)
+    linked = app.store.mirror.links(conn.name, obj, unknown)
     return {k for k in unknown if k.split(":", 1)[0] in ("email", "key") and k not in linked}
 
 
 def _to_look_up(app: App, conn: CrmConnection, provider: Provider, obj: str, keys: list[str]) -> list[str]:
     """The keys of ``obj`` to ask the CRM for: not in the mirror, not created blind (``_blind_keys``)."""
-    mirror = app.store.find_by_keys(conn.name, obj, keys)
+    mirror = app.store.mirror.find_by_keys(conn.name, obj, keys)
     unknown = [k for k in keys if k not in mirror]
     blind = _blind_keys(app, conn, provider, obj, unknown)
     return [k for k in unknown if k not in blind]
@@ -1683,10 +1683,10 @@ def _lookup(
             found.update(part)
     if found:
         records = {rec.id: to_canonical(mapping, obj, rec) for rec in found.values()}
-        app.store.apply_page(conn.name, obj, list(records.values()), cursor=None, audit=False)
+        app.store.mirror.apply_page(conn.name, obj, list(records.values()), cursor=None, audit=False)
         for k, rec in found.items():
             crm[k] = (records[rec.id].properties, rec.id, rec.updated_at)
-    linked = app.store.links(conn.name, obj, [k for k in keys if k not in found])
+    linked = app.store.mirror.links(conn.name, obj, [k for k in keys if k not in found])
     for k, rid in linked.items():
         crm[k] = ({}, rid, None)
 
@@ -1833,10 +1833,10 @@ def _record_step(
     def write() -> None:
         with app.store.session() as s:
             _save_rows(s, (it.row for its in by_key.values() for it in its))
-            app.store.save_links(conn.name, obj, links, session=s)
+            app.store.mirror.save_links(conn.name, obj, links, session=s)
             for c in conflict_rows:
                 s.add(c)
-            app.store.merge_pushed(s, conn.name, obj, mirror)
+            app.store.mirror.merge_pushed(s, conn.name, obj, mirror)
 
     # Another worker may have just linked or mirrored the same company or contact (PostgreSQL).
     retry_on_conflict(write)
