@@ -417,7 +417,7 @@ def ingest(kits: list[Any], opts: Options, log: Log) -> list[Result]:
     n = opts.size(100_000, 10_000)
     r = Result(scenario="ingest", provider="local", size=n, unit="record")
     with tempfile.TemporaryDirectory(prefix="crmsync-bench-") as tmp:
-        log(f"ingest: {n:,} records through to_canonical + Store.apply_page ...")
+        log(f"ingest: {n:,} records through to_canonical + Mirror.apply_page ...")
         r.extra["load before"] = _load()
         child = run_worker(
             "ingest", {"db": str(Path(tmp) / "ingest.db"), "records": n, "profile": opts.profile("ingest")}

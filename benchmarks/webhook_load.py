@@ -184,7 +184,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="crmsync-webhook-bench-") as tmp:
         home, db = Path(tmp), str(Path(tmp) / "bench.db")
         store = Store.open(db)
-        store.save_connection(CrmConnection(name="bench", provider="hubspot", base_url="http://unused"))
+        store.connections.save(CrmConnection(name="bench", provider="hubspot", base_url="http://unused"))
         proc, url = _start(home, db)
         cpu_before = _cpu_seconds(proc.pid)
         workers: list[subprocess.Popen[str]] = []

@@ -130,7 +130,7 @@ def op_ingest(spec: dict[str, Any]) -> dict[str, Any]:
     store = Store.open(spec["db"])
     mapping = Mapping.load("hubspot")
     n, size = int(spec["records"]), int(spec.get("page", 100))
-    run_id = store.start_run("bench", "pull", mapping_hash=mapping.hash)
+    run_id = store.runs.start("bench", "pull", mapping_hash=mapping.hash)
 
     def one_pass(updated: bool) -> tuple[float, float, dict[str, int]]:
         busy = cpu = 0.0
@@ -219,7 +219,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def main(argv: list[str]) -> int:
-    from crmsync import tune_gc
+    from crmsync.http.tuning import tune_gc
 
     tune_gc()  # as the CLI does: the worker stands in for a `crmsync` process
     op, spec = argv[0], json.loads(argv[1])

@@ -70,11 +70,11 @@ class App:
     @cached_property
     def secrets(self) -> Any:
         from crmsync.credentials import SecretStore, private_dir
-        from crmsync.store import db_url
+        from crmsync.store import is_postgresql_url
 
         _ = self.config  # the config may name the db
         private_dir(self.paths.data_dir)  # before secrets/ and locks/ are made inside it
-        if db_url(self.paths.db).startswith("postgresql"):
+        if is_postgresql_url(self.paths.db):
             # Workers on several hosts: token refreshes are serialised through the shared store.
             from crmsync.scaleout import SharedSecretStore
 
@@ -103,12 +103,12 @@ class App:
     def connection(self, name: str | None) -> CrmConnection:
         """The named connection, or the only one when no name is given."""
         if name:
-            conn = self.store.connection(name)
+            conn = self.store.connections.get(name)
             if conn is None:
-                known = ", ".join(c.name for c in self.store.connections()) or "none"
+                known = ", ".join(c.name for c in self.store.connections.all()) or "none"
                 raise ConfigError(f"no connection named {name!r} (configured: {known})")
             return conn
-        conns = self.store.connections()
+        conns = self.store.connections.all()
         if not conns:
             raise ConfigError("no connection is configured; run `crmsync connect PROVIDER --name NAME` first")
         if len(conns) > 1:
@@ -121,7 +121,7 @@ class App:
         """The named connections, or all of them when none is named."""
         if names:
             return [self.connection(n) for n in names]
-        conns = self.store.connections()
+        conns = self.store.connections.all()
         if not conns:
             raise ConfigError("no connection is configured; run `crmsync connect PROVIDER --name NAME` first")
         return conns
@@ -223,8 +223,8 @@ class App:
         from filelock import FileLock, Timeout
 
         wait = self.config.lock_timeout if timeout is None else timeout
-        if self.store.url.startswith("postgresql"):
-            from crmsync.scaleout import advisory_lock
+        if self.store.is_postgresql:
+            from crmsync.store.locks import advisory_lock
 
             with advisory_lock(self.store, connection, timeout=wait), self.store.waiting(wait):
                 yield

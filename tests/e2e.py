@@ -51,7 +51,7 @@ def pull_stopped_before_page(app: App, page: int, objects: list[str]) -> bool:
     """
     from crmsync.sync.pull import pull
 
-    apply, applied = app.store.apply_page, [0]
+    apply, applied = app.store.mirror.apply_page, [0]
 
     def killed(*args: Any, **kwargs: Any) -> Any:
         if applied[0] == page:
@@ -59,14 +59,14 @@ def pull_stopped_before_page(app: App, page: int, objects: list[str]) -> bool:
         applied[0] += 1
         return apply(*args, **kwargs)
 
-    app.store.apply_page = killed  # type: ignore[method-assign]
+    app.store.mirror.apply_page = killed  # type: ignore[method-assign]
     try:
         pull(app, objects=objects)
         return False
     except KeyboardInterrupt:
         return True
     finally:
-        app.store.apply_page = apply  # type: ignore[method-assign]
+        app.store.mirror.apply_page = apply  # type: ignore[method-assign]
 
 
 def kills_before_every_page(monkeypatch: Any, home: Path, run: Callable[[int], bool]) -> int:

@@ -261,7 +261,7 @@ def test_schedule_prints_lines_that_run_from_crons_empty_environment(home: Path)
     from crmsync.store import CrmConnection
 
     (home / "config.yaml").write_text("redis_url: redis://127.0.0.1:1/0\n")  # a closed port: no queue
-    App().store.save_connection(
+    App().store.connections.save(
         CrmConnection(name="prod", provider="hubspot", account_id="1", base_url="http://x", scopes=[], settings={})
     )
     printed = run_cli(["schedule", "--every", "5m", "-c", "prod"], cli_env(home))

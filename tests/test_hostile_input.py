@@ -307,7 +307,7 @@ def test_a_yaml_alias_bomb_in_a_mapping_file_fails_fast_with_file_and_line(home:
     assert time.monotonic() - started < 2
     assert str(exc.value).startswith(f"{mapping}:") and "YAML aliases expand" in str(exc.value)
     app = App()
-    app.store.save_connection(CrmConnection(name="hs", provider="hubspot", base_url="http://unused"))
+    app.store.connections.save(CrmConnection(name="hs", provider="hubspot", base_url="http://unused"))
     app.close()
     code, err, cpu, rss = _run_measured(["map", "show", "-c", "hs"], cli_env(home))
     assert code == 2, err

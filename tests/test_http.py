@@ -238,7 +238,6 @@ def test_sliding_window_spends_a_whole_window_at_once_and_takes_back_unused_turn
     assert time.monotonic() - t0 >= 1.0
 
 
-
 def test_requests_waiting_for_a_full_window_hold_no_slot_another_limit_could_use() -> None:
     """General requests queued behind a spent 10-second window must not starve searches of slots."""
     import threading
@@ -364,9 +363,7 @@ def test_a_429_our_window_did_not_expect_waits_for_its_oldest_turn_then_a_flat_s
     """No Retry-After: the first surprise 429 widens the margin and waits for a turn; a second one a second."""
     from crmsync.http import SlidingWindow
 
-    script = Script(
-        [(200, {}, {}), (429, {}, {"policyName": "SECONDLY"}), (200, {}, {}), (429, {}, {}), (200, {}, {})]
-    )
+    script = Script([(200, {}, {}), (429, {}, {"policyName": "SECONDLY"}), (200, {}, {}), (429, {}, {}), (200, {}, {})])
     c, slept = client(script, limits={"default": RateLimit(5, 1.0)})
     window = c.buckets["default"]
     assert isinstance(window, SlidingWindow)

@@ -79,7 +79,7 @@ def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpot
         )
     second = pull(app, objects=["contacts"])[0]
     assert second.outcome == "ok", second.error
-    assert app.store.count_records("hs")["contacts"]["stored"] == 28_010
+    assert app.store.mirror.count_records("hs")["contacts"]["stored"] == 28_010
 
     live = {r["id"]: r for r in emulator.records("contacts")}
     edited = list(live)[::1000]
@@ -89,7 +89,7 @@ def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpot
     emulator.archive("contacts", gone)
     third = pull(app, objects=["contacts"])[0]
     assert third.outcome == "ok", third.error
-    rows = app.store.records("hs", "contacts")
+    rows = app.store.mirror.records("hs", "contacts")
     assert len(rows) == len({r.remote_id for r in rows}) == 28_010
     by_id = {r.remote_id: r for r in rows}
     for rid in edited:
@@ -116,7 +116,7 @@ def test_a_walk_past_the_cap_reads_each_record_once_even_with_ties_across_it(
     result = pull(app, objects=["contacts"])[0]
     assert result.outcome == "ok", result.error
     assert result.objects[0].read == 10_500  # every new record, none twice
-    assert app.store.count_records("hs")["contacts"]["stored"] == 10_510
+    assert app.store.mirror.count_records("hs")["contacts"]["stored"] == 10_510
     searches = [path for _, path, _ in emulator.stats.log if path.endswith("/search")]
     assert len(searches) == 53  # ceil(10,500 / 200): the new search holds exactly the rest
 
@@ -244,7 +244,7 @@ def test_mirror_matching_spends_no_lookups_after_a_pull(emulator: HubSpotEmulato
     emulator.seed(contacts=50)
     app = hubspot_app(server.url, emulator.private_app_token)
     pull(app, objects=["contacts"])
-    known = [r for r in app.store.records("hs", "contacts") if r.properties.get("email")][:20]
+    known = [r for r in app.store.mirror.records("hs", "contacts") if r.properties.get("email")][:20]
     lines = []
     for i, r in enumerate(known):
         lines.append(
@@ -381,14 +381,14 @@ def test_two_pulls_leave_the_store_equal_to_the_emulator(emulator: HubSpotEmulat
     pull(app)
     for obj in ("contacts", "companies", "deals"):
         remote = {r["id"]: r for r in emulator.records(obj)}
-        local = {r.remote_id: r for r in app.store.records("hs", obj, archived=False)}
+        local = {r.remote_id: r for r in app.store.mirror.records("hs", obj, archived=False)}
         assert set(local) == set(remote), obj
         mapping = app.mapping(app.connection("hs"))
         for rid in list(remote)[::7]:
             expected = mapping.to_canonical(obj, remote[rid]["properties"])
             assert local[rid].properties == expected, (obj, rid)
-    assert app.store.record("hs", "deals", deals[1]).archived  # type: ignore[union-attr]
-    assert app.store.record("hs", "companies", companies[0]).properties["name"] == "Renamed Co"  # type: ignore[union-attr]
+    assert app.store.mirror.record("hs", "deals", deals[1]).archived  # type: ignore[union-attr]
+    assert app.store.mirror.record("hs", "companies", companies[0]).properties["name"] == "Renamed Co"  # type: ignore[union-attr]
 
 
 def test_reconcile_marks_vanished_records_and_re_reads_links(emulator: HubSpotEmulator, server) -> None:
@@ -406,8 +406,8 @@ def test_reconcile_marks_vanished_records_and_re_reads_links(emulator: HubSpotEm
         store.active.remove(int(victim))
     result = pull(app, objects=["contacts"], reconcile=True)[0]
     assert result.reconciled == 1
-    assert app.store.record("hs", "contacts", victim).archived  # type: ignore[union-attr]
-    assert company in app.store.record("hs", "contacts", contact).associations["companies"]  # type: ignore[union-attr]
+    assert app.store.mirror.record("hs", "contacts", victim).archived  # type: ignore[union-attr]
+    assert company in app.store.mirror.record("hs", "contacts", contact).associations["companies"]  # type: ignore[union-attr]
     assert result.objects[0].associations_fixed >= 1
 
 
@@ -606,8 +606,8 @@ def test_one_objects_search_pages_are_asked_for_side_by_side_and_stored_in_order
     result = pull(app, objects=["contacts"])[0]
     assert result.outcome == "ok", result.error
     assert emulator.stats.concurrent_peak >= 3  # one walk, several of its pages in flight
-    assert app.store.count_records("hs")["contacts"]["stored"] == 1_510
-    cursor = app.store.cursor("hs", "contacts")
+    assert app.store.mirror.count_records("hs")["contacts"]["stored"] == 1_510
+    cursor = app.store.mirror.cursor("hs", "contacts")
     assert cursor is not None and cursor["mode"] == "search"
 
 
@@ -657,8 +657,8 @@ def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_a
     listed = [i for i, path in enumerate(paths) if path == "/crm/v3/objects/contacts"]
     assert len(searches) >= 5 and listed  # a walk of several pages at 2/s, and the archived list
     assert listed[0] < searches[-1]  # read while the walk ran
-    assert all(app.store.record("hs", "contacts", rid).archived for rid in gone)  # type: ignore[union-attr]
-    assert app.store.count_records("hs")["contacts"]["stored"] == 1_010
+    assert all(app.store.mirror.record("hs", "contacts", rid).archived for rid in gone)  # type: ignore[union-attr]
+    assert app.store.mirror.count_records("hs")["contacts"]["stored"] == 1_010
 
 
 def test_lanes_with_few_keys_of_an_object_share_one_lookup_call(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -837,7 +837,7 @@ def test_a_key_looked_up_ahead_and_not_found_is_still_matched_by_its_link(
     app = hubspot_app(server.url, emulator.private_app_token)
     conn = app.connection("hs")
     provider = app.provider(conn)
-    app.store.save_links("hs", "companies", {"domain:linked.example": "901"})
+    app.store.mirror.save_links("hs", "companies", {"domain:linked.example": "901"})
     answer: Future[dict[str, Any]] = Future()
     answer.set_result({})  # the search ahead found neither
     ahead = {"domain:linked.example": answer, "domain:new.example": answer}

@@ -166,7 +166,7 @@ def test_pull_stores_edits_creates_and_deletions_once_over_two_runs(home: Path) 
     by = {o.object: o for o in second.objects}
     assert by["contacts"].created == 1 and by["contacts"].updated == 1
     assert by["deals"].archived == 1
-    stored = {r.remote_id: r for r in app.store.records("pd", "contacts")}
+    stored = {r.remote_id: r for r in app.store.mirror.records("pd", "contacts")}
     assert len(stored) == 31
     time.sleep(1.1)
     third = pull(app, objects=["contacts", "companies", "deals"])[0]

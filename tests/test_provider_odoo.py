@@ -160,18 +160,18 @@ def test_pull_maps_partners_deals_and_associations(setup: tuple[OdooEmulator, Ap
     results = pull(app)
     assert all(r.outcome == "ok" for r in results), [r.error for r in results]
     store = app.store
-    contact = store.record("odoo", "contacts", str(ann))
+    contact = store.mirror.record("odoo", "contacts", str(ann))
     assert contact is not None
     assert contact.properties == {"email": "Ann@Acme.example", "first_name": "Ann", "last_name": "Lee"}
     assert contact.associations == {"companies": [str(acme)]}
-    assert store.record("odoo", "contacts", str(gone)).archived  # type: ignore[union-attr]
-    company = store.record("odoo", "companies", str(acme))
+    assert store.mirror.record("odoo", "contacts", str(gone)).archived  # type: ignore[union-attr]
+    company = store.mirror.record("odoo", "companies", str(acme))
     assert company is not None and company.properties == {"name": "Acme", "domain": "acme.example"}
-    stored_deal = store.record("odoo", "deals", str(deal))
+    stored_deal = store.mirror.record("odoo", "deals", str(deal))
     assert stored_deal is not None
     assert stored_deal.properties == {"name": "Big deal", "amount": 5000, "stage": "Qualified"}
     assert stored_deal.associations == {"contacts": [str(ann)], "companies": [str(acme)]}
-    assert {r.properties["name"] for r in store.records("odoo", "deals")} == {"Big deal"}  # type=lead is not a deal
+    assert {r.properties["name"] for r in store.mirror.records("odoo", "deals")} == {"Big deal"}
 
 
 def test_fields_come_from_fields_get(setup: tuple[OdooEmulator, App]) -> None:
@@ -205,7 +205,7 @@ def test_pull_3000_same_second_plus_long_transaction_across_pulls(setup: tuple[O
     first = pull(app, objects=["contacts"])[0]
     assert first.outcome == "ok", first.error
     assert first.objects[0].pages >= 15  # pages of 200
-    stored = {r.remote_id for r in app.store.records("odoo", "contacts")}
+    stored = {r.remote_id for r in app.store.mirror.records("odoo", "contacts")}
     assert set(map(str, bulk)) <= stored and not stored & set(map(str, slow.ids))
     first_hi = datetime.strptime(first.objects[0].cursor["hi"], "%Y-%m-%d %H:%M:%S")  # type: ignore[index]
     assert slow.write_date < first_hi  # when they commit, the slow rows are already "in the past"
@@ -236,7 +236,7 @@ def test_pull_3000_same_second_plus_long_transaction_across_pulls(setup: tuple[O
     third = pull(app, objects=["contacts"])[0]
     assert third.outcome == "ok", third.error
 
-    rows = app.store.records("odoo", "contacts")
+    rows = app.store.mirror.records("odoo", "contacts")
     assert len(rows) == len({r.remote_id for r in rows})  # exactly once
     live = {r["id"]: r for r in emu.records("res.partner") if not r["is_company"]}
     assert {r.remote_id for r in rows} == {str(i) for i in live}
@@ -288,7 +288,7 @@ def _pages_of(app: App, size: int) -> None:
     conn = app.connection("odoo")
     assert conn is not None
     conn.settings = {**conn.settings, "page_size": size}
-    app.store.save_connection(conn)
+    app.store.connections.save(conn)
     app._providers.clear()
 
 
@@ -337,7 +337,7 @@ def _window_killed_at(kill_at: int) -> bool:
     assert pull(app, objects=["contacts"])[0].outcome == "ok"
     assert pull(app, objects=["contacts", "companies"], reconcile=True)[0].outcome == "ok"
     live = {str(r["id"]) for r in emu.records("res.partner") if not r["is_company"] and r["active"]}
-    stored = {r.remote_id: r for r in app.store.records("odoo", "contacts") if not r.archived}
+    stored = {r.remote_id: r for r in app.store.mirror.records("odoo", "contacts") if not r.archived}
     assert set(stored) == live, kill_at
     assert stored[str(made[4])].properties["last_name"] == "Low"
     assert stored[str(made[57])].properties["last_name"] == "High"
@@ -359,7 +359,7 @@ def test_reconcile_finds_deleted_partners(setup: tuple[OdooEmulator, App]) -> No
     emu.delete("res.partner", ids[2])
     result = pull(app, objects=["contacts"], reconcile=True)[0]
     assert result.outcome == "ok" and result.reconciled == 1
-    assert app.store.record("odoo", "contacts", str(ids[2])).archived  # type: ignore[union-attr]
+    assert app.store.mirror.record("odoo", "contacts", str(ids[2])).archived  # type: ignore[union-attr]
 
 
 # -- push -----------------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def test_push_companies_deals_tasks_and_pull_the_calls_back(setup: tuple[OdooEmu
     settle(emu)
     result = pull(app, objects=["calls"])[0]
     assert result.outcome == "ok", result.error
-    calls = app.store.records("odoo", "calls")
+    calls = app.store.mirror.records("odoo", "calls")
     assert len(calls) == 60  # the follow-up tasks are not calls
     one = next(c for c in calls if c.properties["outcome_id"] == "o-3")
     assert one.properties["notes"] == "call 3" and one.properties["title"].startswith("Call with P N3")
@@ -565,7 +565,7 @@ def test_json2_can_be_asked_for_on_19_and_an_unknown_version_is_asked_again() ->
     assert (conn.settings["transport"], conn.settings["version"]) == ("json2", 19)
     # A connection made by a crmsync that misread /web/version has version 0: it is asked again.
     conn.settings = {**conn.settings, "version": 0}
-    app.store.save_connection(conn)
+    app.store.connections.save(conn)
     fresh = App(transport=lambda _name: emu.transport())
     p = provider(fresh)
     assert p.version == 0 and p._calls_from_messages() is False and p.version == 19
@@ -719,5 +719,5 @@ def test_a_note_with_markup_goes_in_as_text_and_comes_back_the_same(setup: tuple
     assert "<script>" not in message["body"] and "&lt;b&gt;not&lt;/b&gt;" in message["body"]
     settle(emu)
     assert pull(app, objects=["calls"])[0].outcome == "ok"
-    [call] = app.store.records("odoo", "calls")
+    [call] = app.store.mirror.records("odoo", "calls")
     assert call.properties["notes"] == note and call.properties["title"] == "Call with Ann"

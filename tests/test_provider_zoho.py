@@ -197,13 +197,13 @@ def test_pull_5000_contacts_with_a_shared_timestamp_then_deletions() -> None:
     app = zoho_app(emu)
     first = pull(app, objects=["contacts", "companies"])[0]
     assert first.outcome == "ok", first.error
-    rows = app.store.records("z", "contacts")
+    rows = app.store.mirror.records("z", "contacts")
     assert len(rows) == len({r.remote_id for r in rows}) == 5000
     by_id = {r.remote_id: r for r in rows}
     assert by_id[tied[0]].associations == {"companies": [accounts[0]]}
     assert by_id[spread[0]].associations == {"companies": []}
     assert first.objects[0].pages <= 4  # 2,000 rows a call, plus the deletions page
-    cursor = app.store.cursor("z", "contacts")
+    cursor = app.store.mirror.cursor("z", "contacts")
     assert cursor is not None and cursor["ts"] == zoho_time(T0) and cursor["id"] == tied[-1]
 
     gone = [tied[5], spread[7], spread[2499]]
@@ -216,7 +216,7 @@ def test_pull_5000_contacts_with_a_shared_timestamp_then_deletions() -> None:
     second = pull(app, objects=["contacts"])[0]
     assert second.outcome == "ok", second.error
     assert emu.stats.requests - before <= 3  # one COQL page and the deletions, not another walk
-    rows = app.store.records("z", "contacts")
+    rows = app.store.mirror.records("z", "contacts")
     assert len(rows) == len({r.remote_id for r in rows}) == 5001
     by_id = {r.remote_id: r for r in rows}
     assert {rid for rid, r in by_id.items() if r.archived} == set(gone)
@@ -241,7 +241,7 @@ def test_an_old_shared_timestamp_is_not_read_again_but_a_late_write_near_the_bou
     late = emu.bulk_create("Contacts", 1, modified_time=now - timedelta(seconds=10))
     again = pull(app, objects=["contacts"])[0]
     assert again.objects[0].created == 1
-    assert {r.remote_id for r in app.store.records("z", "contacts")} >= {*recent, *late}
+    assert {r.remote_id for r in app.store.mirror.records("z", "contacts")} >= {*recent, *late}
 
 
 def test_cursor_is_resumable_after_any_page() -> None:
@@ -324,7 +324,7 @@ def _walk_killed_at(kill_at: int) -> bool:
     for _ in range(2):  # the rerun, then one that finds nothing new
         assert pull(app, objects=["contacts"])[0].outcome == "ok"
     live = {r["id"] for r in emu.records("Contacts")}
-    stored = {r.remote_id: r for r in app.store.records("z", "contacts")}
+    stored = {r.remote_id: r for r in app.store.mirror.records("z", "contacts")}
     assert {rid for rid, r in stored.items() if not r.archived} == live, kill_at
     assert stored[ids[40]].properties["title"] == "moved up"
     assert stored[ids[2]].properties["title"] == "moved up too"

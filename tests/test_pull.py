@@ -47,7 +47,7 @@ def app(emulator: HubSpotEmulator) -> Iterator[App]:
 
 def _runs(app: App) -> list[tuple[str, str, str | None]]:
     """(command, status, error) of each run of "hs", oldest first."""
-    return [(r.command, r.status, r.error) for r in reversed(app.store.runs("hs"))]
+    return [(r.command, r.status, r.error) for r in reversed(app.store.runs.recent("hs"))]
 
 
 def _metric(app: App, name: str, **labels: str) -> float | None:
@@ -67,13 +67,13 @@ def test_a_pull_stores_every_record_and_the_next_one_only_what_changed(emulator:
     assert second.outcome is Outcome.OK
     (contacts,) = second.objects
     assert (contacts.updated, contacts.created) == (1, 0)
-    assert app.store.record("hs", "contacts", contact).properties["first_name"] == "Renamed"  # type: ignore[union-attr]
+    assert app.store.mirror.record("hs", "contacts", contact).properties["first_name"] == "Renamed"  # type: ignore[union-attr]
     assert [r[:2] for r in _runs(app)] == [("pull", "ok"), ("pull", "ok")]
-    run = app.store.runs("hs")[0]
+    run = app.store.runs.recent("hs")[0]
     assert run.counts["contacts"]["updated"] == 1 and "_quota" in run.counts and run.requests == second.requests
     assert _metric(app, "crm_records_total", connection="hs", object="contacts", action="created") == 40
     assert (_metric(app, "crm_last_success_timestamp_seconds", connection="hs", command="pull") or 0) > 0
-    assert app.store.connection("hs").auth_state == "ok"  # type: ignore[union-attr]
+    assert app.store.connections.get("hs").auth_state == "ok"  # type: ignore[union-attr]
 
 
 def test_an_object_that_fails_makes_the_run_partial_and_the_others_are_stored(
@@ -99,7 +99,7 @@ def test_an_object_that_fails_makes_the_run_partial_and_the_others_are_stored(
     by_obj = {o.object: o for o in result.objects}
     assert by_obj["deals"].error == "deals: 403 this portal may not read deals"
     assert by_obj["contacts"].read == 40 and by_obj["companies"].read == 8
-    assert app.store.cursor("hs", "deals") is None and app.store.cursor("hs", "contacts") is not None
+    assert app.store.mirror.cursor("hs", "deals") is None and app.store.mirror.cursor("hs", "contacts") is not None
     assert [r[:2] for r in _runs(app)] == [("pull", "partial")]
     assert _metric(app, "crm_last_success_timestamp_seconds", connection="hs", command="pull") is None
 
@@ -110,7 +110,7 @@ def test_a_refused_token_fails_the_run_and_marks_the_connection_invalid(emulator
     assert result.outcome is Outcome.FAILED and isinstance(result.failure, AuthError)
     assert result.error == str(result.failure) and for_result(result) == 3
     assert _runs(app) == [("pull", "failed", result.error)]
-    assert app.store.connection("hs").auth_state == "invalid"  # type: ignore[union-attr]
+    assert app.store.connections.get("hs").auth_state == "invalid"  # type: ignore[union-attr]
 
 
 def test_a_crm_down_past_the_deadline_fails_the_run_for_a_retry(
@@ -139,7 +139,7 @@ def test_a_busy_connection_is_skipped_and_the_others_pulled(emulator: HubSpotEmu
     busy = results["other"]
     assert busy.outcome is Outcome.BUSY and busy.busy and busy.objects == [] and for_result(busy) == 75
     assert isinstance(busy.failure, LockHeldError) and "busy" in (busy.error or "")
-    assert app.store.runs("other") == []  # a busy connection's run never started
+    assert app.store.runs.recent("other") == []  # a busy connection's run never started
 
 
 def test_an_interrupted_pull_or_backfill_is_logged_as_interrupted_and_resumes(
@@ -147,19 +147,19 @@ def test_an_interrupted_pull_or_backfill_is_logged_as_interrupted_and_resumes(
 ) -> None:
     emulator.seed(contacts=210)  # more than one page
     assert pull_stopped_before_page(app, 1, ["contacts"])
-    apply = app.store.apply_page
+    apply = app.store.mirror.apply_page
 
     def interrupt(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    app.store.apply_page = interrupt  # type: ignore[method-assign]
+    app.store.mirror.apply_page = interrupt  # type: ignore[method-assign]
     with pytest.raises(KeyboardInterrupt):
         backfill(app, objects=["contacts"])
-    app.store.apply_page = apply  # type: ignore[method-assign]
+    app.store.mirror.apply_page = apply  # type: ignore[method-assign]
     assert [r[:2] for r in _runs(app)] == [("pull", "interrupted"), ("backfill", "interrupted")]
     resumed = pull(app, objects=["contacts"])[0]
     assert resumed.outcome is Outcome.OK
-    assert app.store.count_records("hs")["contacts"]["stored"] == 250
+    assert app.store.mirror.count_records("hs")["contacts"]["stored"] == 250
 
 
 def test_a_backfill_seeds_the_incremental_cursor_and_drops_its_checkpoint(app: App) -> None:
@@ -167,9 +167,9 @@ def test_a_backfill_seeds_the_incremental_cursor_and_drops_its_checkpoint(app: A
     assert result.outcome is Outcome.OK and result.command == "backfill"
     assert [o.read for o in result.objects] == [40, 8]
     for obj in ("contacts", "companies"):
-        assert app.store.cursor("hs", obj) is not None
-        assert app.store.cursor("hs", obj, "backfill") is None
-    assert app.store.cursor("hs", "deals") is None  # not asked for
+        assert app.store.mirror.cursor("hs", obj) is not None
+        assert app.store.mirror.cursor("hs", obj, "backfill") is None
+    assert app.store.mirror.cursor("hs", "deals") is None  # not asked for
     assert [r[:2] for r in _runs(app)] == [("backfill", "ok")]
 
 
@@ -213,7 +213,7 @@ def test_a_run_with_its_own_lock_and_a_late_provider_records_what_settle_judged(
     r = run(app, conn, "push", body, lock=lock(), provider=False, settle=settle)
     assert locks == ["held"] and r.outcome is Outcome.RETRY_LATER and r.stats["requests"] >= 1
     assert [x[:2] for x in _runs(app)] == [("push", "ok")]  # the run log knows no retry_later: its work is done
-    assert app.store.runs("hs")[0].counts == {"calls": {"queued": 2}}
+    assert app.store.runs.recent("hs")[0].counts == {"calls": {"queued": 2}}
     assert _metric(app, "crm_records_total", connection="hs", object="calls", action="failed") == 2
 
 

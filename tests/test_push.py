@@ -349,7 +349,7 @@ def test_small_rounds_deliver_everything_with_progress_per_round(
     assert (summary.created, summary.pending, summary.exit_code) == (7, 0, 0)
     assert seen == [(3, 7), (6, 7), (7, 7)]
     assert len(emu.records("calls")) == 7
-    run = app.store.last_run("hs", "push")
+    run = app.store.runs.last("hs", "push")
     assert run is not None and run.status == "ok"
 
 

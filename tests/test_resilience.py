@@ -151,7 +151,7 @@ def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp
 
         done = backfill(ref, connection="hs", objects=["contacts"])
         assert done.outcome == "ok" and done.objects[0].read == 20_000
-        reference_cursor = ref.store.cursor("hs", "contacts")
+        reference_cursor = ref.store.mirror.cursor("hs", "contacts")
         ref.close()
 
         app = hubspot_app(server.url, emulator.private_app_token)
@@ -174,10 +174,10 @@ def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp
         resumed = last.json()["objects"]["contacts"]["read"]
         assert resumed < 20_000  # it continued from its checkpoint, not from the start
         store = App().store
-        rows = store.records("hs", "contacts")
+        rows = store.mirror.records("hs", "contacts")
         assert len(rows) == len({r.remote_id for r in rows}) == 20_000
-        assert store.cursor("hs", "contacts") == reference_cursor
-        assert store.cursor("hs", "contacts", "backfill") is None
+        assert store.mirror.cursor("hs", "contacts") == reference_cursor
+        assert store.mirror.cursor("hs", "contacts", "backfill") is None
         # and the next pull starts where backfill ended: nothing new, nothing re-created
         nxt = run_cli(["--json", "pull", "-c", "hs", "--object", "contacts"], env)
         assert nxt.code == 0, nxt.stderr

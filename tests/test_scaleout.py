@@ -136,7 +136,7 @@ def outcomes(n: int) -> str:
 def runs(url: str, command: str) -> list[CrmSyncLog]:
     store = Store.open(url)
     try:
-        return [r for r in reversed(store.runs("hs", limit=100)) if r.command == command]
+        return [r for r in reversed(store.runs.recent("hs", limit=100)) if r.command == command]
     finally:
         store.close()
 
@@ -206,34 +206,35 @@ def test_store_migrates_on_postgres_once_even_when_workers_start_together(pg: st
         remote_updated_at=None,
         match_key="email:a@example.com",
     )
-    store.apply_page("hs", "contacts", [rec], cursor={"mode": "search", "ts": 5})
-    assert store.cursor("hs", "contacts") == {"mode": "search", "ts": 5}
-    assert store.record("hs", "contacts", "1").properties["tags"] == ["x", "ü"]  # type: ignore[union-attr]
-    assert store.find_by_keys("hs", "contacts", ["email:a@example.com"])["email:a@example.com"].remote_id == "1"
+    store.mirror.apply_page("hs", "contacts", [rec], cursor={"mode": "search", "ts": 5})
+    assert store.mirror.cursor("hs", "contacts") == {"mode": "search", "ts": 5}
+    assert store.mirror.record("hs", "contacts", "1").properties["tags"] == ["x", "ü"]  # type: ignore[union-attr]
+    assert store.mirror.find_by_keys("hs", "contacts", ["email:a@example.com"])["email:a@example.com"].remote_id == "1"
     store.close()
 
 
 @pytest.mark.scaleout
 def test_a_pooled_connection_the_server_dropped_is_replaced_not_reported(pg: str) -> None:
     store = Store.open(pg)
-    assert store.connections() == []
+    assert store.is_postgresql
+    assert store.connections.all() == []
     admin = create_engine(PG_URL)
     with admin.begin() as c:  # a server restart, or an idle-session timeout
         c.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND usename = current_user"
             )
         )
     admin.dispose()
-    assert store.connections() == []  # the pre-ping saw the dead session and opened another
+    assert store.connections.all() == []  # the pre-ping saw the dead session and opened another
     store.close()
 
 
 @pytest.mark.scaleout
 def test_advisory_lock_excludes_other_processes_and_dies_with_its_holder(pg: str, home: Path) -> None:
     from crmsync.app import App
-    from crmsync.scaleout import advisory_lock
+    from crmsync.store.locks import advisory_lock
 
     store = Store.open(pg)
     holder = subprocess.Popen(
@@ -242,7 +243,7 @@ def test_advisory_lock_excludes_other_processes_and_dies_with_its_holder(pg: str
             "-c",
             textwrap.dedent(f"""
             import sys, time
-            from crmsync.scaleout import advisory_lock
+            from crmsync.store.locks import advisory_lock
             from crmsync.store import Store
             with advisory_lock(Store.open({pg!r}), "hs", 0):
                 print("held", flush=True)
@@ -353,7 +354,7 @@ def test_two_writers_inserting_one_record_both_succeed(pg: str) -> None:
 
     def write(name: str, hook: Any = None) -> None:
         try:
-            store.apply_page("hs", "contacts", [rec(name)], cursor=None, before_commit=hook)
+            store.mirror.apply_page("hs", "contacts", [rec(name)], cursor=None, before_commit=hook)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -380,7 +381,7 @@ def test_two_writers_inserting_one_record_both_succeed(pg: str) -> None:
     first.join()
     second.join()
     assert errors == []
-    assert [r.properties["first_name"] for r in store.records("hs", "contacts")] == ["second"]
+    assert [r.properties["first_name"] for r in store.mirror.records("hs", "contacts")] == ["second"]
     store.close()
 
 
@@ -603,8 +604,8 @@ def test_two_pull_workers_on_one_connection_take_turns(
     assert first.counts["contacts"]["created"] == 1200
     assert second.counts["contacts"]["created"] == 0  # it resumed from the first worker's cursor
     store = Store.open(pg)
-    assert store.count_records("hs")["contacts"]["stored"] == 1200
-    assert store.cursor("hs", "contacts") is not None
+    assert store.mirror.count_records("hs")["contacts"]["stored"] == 1200
+    assert store.mirror.cursor("hs", "contacts") is not None
     store.close()
     assert emulator.stats.rate_limited == 0
 
@@ -630,12 +631,12 @@ def test_apply_page_creates_updates_and_archives_on_postgresql(pg: str) -> None:
             for i in range(5)
         ]
 
-    first = store.apply_page("pgc", "contacts", page(0, day), cursor={"p": 1})
-    second = store.apply_page("pgc", "contacts", page(100, day.replace(day=2)), cursor={"p": 2}, deleted=["3"])
+    first = store.mirror.apply_page("pgc", "contacts", page(0, day), cursor={"p": 1})
+    second = store.mirror.apply_page("pgc", "contacts", page(100, day.replace(day=2)), cursor={"p": 2}, deleted=["3"])
     assert (first.created, second.updated, second.archived) == (5, 5, 1)
-    records = {r.remote_id: r for r in store.records("pgc", "contacts")}
+    records = {r.remote_id: r for r in store.mirror.records("pgc", "contacts")}
     assert records["4"].properties == {"email": "p4@x.example", "n": 104} and records["3"].archived
-    assert store.cursor("pgc", "contacts") == {"p": 2}
+    assert store.mirror.cursor("pgc", "contacts") == {"p": 2}
     store.close()
 
 

@@ -343,7 +343,7 @@ def test_a_failed_connect_leaves_no_secret_behind(isolated: MemoryKeyring, insec
                 )
             assert isolated.entries == {}
             assert not any(app.secrets_dir.glob("*")) if app.secrets_dir.exists() else True
-        assert app.store.connection("x") is None
+        assert app.store.connections.get("x") is None
     finally:
         server.stop()
 
@@ -507,7 +507,7 @@ def test_an_odoo_connect_to_a_wrong_database_leaves_no_secret_behind(
         )
     assert isolated.entries == {}
     assert not app.secrets_dir.exists() or not any(app.secrets_dir.iterdir())
-    assert app.store.connection("o") is None
+    assert app.store.connections.get("o") is None
 
 
 def test_a_data_directory_that_cannot_be_created_is_one_line_exit_3(tmp_path: Path) -> None:

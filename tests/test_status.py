@@ -25,7 +25,7 @@ def prepared_store(app: App) -> None:
 
     FIXED_NOW = utcnow().replace(microsecond=0)
 
-    app.store.save_connection(
+    app.store.connections.save(
         CrmConnection(
             name="prod",
             provider="hubspot",
@@ -36,7 +36,7 @@ def prepared_store(app: App) -> None:
             last_ok_at=FIXED_NOW,
         )
     )
-    app.store.apply_page(
+    app.store.mirror.apply_page(
         "prod",
         "contacts",
         [
@@ -184,7 +184,7 @@ def test_check_webhook_backlog() -> None:
 def test_check_invalid_credentials_exit_3(home: Path) -> None:
     app = App()
     prepared_store(app)
-    app.store.touch_connection("prod", ok=False, auth_state="invalid")
+    app.store.connections.touch("prod", ok=False, auth_state="invalid")
     assert "auth" in _check(app)
     result = run_cli(["status", "--check"], cli_env(home))
     assert result.code == 3 and "credentials invalid" in result.stdout
@@ -331,6 +331,6 @@ def test_retention_prunes_old_audit_rows(days: int) -> None:
                 at=utcnow() - timedelta(days=days + 1),
             )
         )
-    before = len(app.store.changes(connection="prod"))
+    before = len(app.store.mirror.changes(connection="prod"))
     app.store.prune(older_than_days=days)
-    assert len(app.store.changes(connection="prod")) == before - 1
+    assert len(app.store.mirror.changes(connection="prod")) == before - 1

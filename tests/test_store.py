@@ -57,57 +57,53 @@ def test_store_from_a_newer_crmsync_is_refused(tmp_path: Path) -> None:
 
 def test_page_and_cursor_commit_together(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "s.db")
-    store.apply_page("c", "contacts", [rec(1)], cursor={"ts": 1})
+    store.mirror.apply_page("c", "contacts", [rec(1)], cursor={"ts": 1})
 
     def boom(session: object) -> None:
         raise RuntimeError("killed between page write and commit")
 
     with pytest.raises(RuntimeError):
-        store.apply_page("c", "contacts", [rec(2), rec(3)], cursor={"ts": 2}, before_commit=boom)
-    assert store.cursor("c", "contacts") == {"ts": 1}
-    assert {r.remote_id for r in store.records("c", "contacts")} == {"1"}
+        store.mirror.apply_page("c", "contacts", [rec(2), rec(3)], cursor={"ts": 2}, before_commit=boom)
+    assert store.mirror.cursor("c", "contacts") == {"ts": 1}
+    assert {r.remote_id for r in store.mirror.records("c", "contacts")} == {"1"}
 
 
 def test_unchanged_page_writes_nothing_and_older_data_never_rolls_back(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "s.db")
-    first = store.apply_page("c", "contacts", [rec(1, "a")], cursor=None)
-    again = store.apply_page("c", "contacts", [rec(1, "a")], cursor=None)
+    first = store.mirror.apply_page("c", "contacts", [rec(1, "a")], cursor=None)
+    again = store.mirror.apply_page("c", "contacts", [rec(1, "a")], cursor=None)
     assert (first.created, again.unchanged, again.updated) == (1, 1, 0)
     newer = rec(1, "b")
     newer.remote_updated_at = datetime(2026, 2, 1, tzinfo=UTC)
-    assert store.apply_page("c", "contacts", [newer], cursor=None).updated == 1
+    assert store.mirror.apply_page("c", "contacts", [newer], cursor=None).updated == 1
     older = rec(1, "stale")
-    assert store.apply_page("c", "contacts", [older], cursor=None).unchanged == 1
-    assert store.record("c", "contacts", "1").properties["first_name"] == "b"  # type: ignore[union-attr]
+    assert store.mirror.apply_page("c", "contacts", [older], cursor=None).unchanged == 1
+    assert store.mirror.record("c", "contacts", "1").properties["first_name"] == "b"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("json1", [True, False], ids=["json1", "row-by-row"])
-def test_pages_store_the_same_whether_sqlite_has_json_functions_or_not(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, json1: bool
-) -> None:
+def test_pages_store_the_same_whether_sqlite_has_json_functions_or_not(tmp_path: Path, json1: bool) -> None:
     """Stored rows are read as one JSON array where SQLite can make one, row by row otherwise."""
-    import crmsync.store as store_module
-
-    monkeypatch.setattr(store_module, "_JSON1", [json1])
     store = Store.open(tmp_path / "s.db")
+    store.mirror.sqlite_json = json1
     day = datetime(2026, 1, 1, tzinfo=UTC)
     first = [rec(i) for i in range(1, 5)]
     first[0].associations = {"companies": ["7"]}
-    store.apply_page("c", "contacts", first, cursor={"p": 1}, run_id=1)
+    store.mirror.apply_page("c", "contacts", first, cursor={"p": 1}, run_id=1)
     edited, moved, older, same = rec(1, "é"), rec(2), rec(3, "stale"), rec(4)
     edited.remote_updated_at = moved.remote_updated_at = datetime(2026, 2, 1, tzinfo=UTC)
     moved.associations = {"companies": ["8"]}
     older.remote_updated_at = day.replace(year=2025)
-    counts = store.apply_page(
+    counts = store.mirror.apply_page(
         "c", "contacts", [edited, moved, older, same, rec(9)], cursor={"p": 2}, deleted=["4", "404"], run_id=2
     )
     assert (counts.created, counts.updated, counts.unchanged, counts.archived) == (1, 2, 2, 1)
-    rows = {r.remote_id: r for r in store.records("c", "contacts")}
+    rows = {r.remote_id: r for r in store.mirror.records("c", "contacts")}
     assert rows["1"].properties["first_name"] == "é" and rows["1"].associations == {"companies": ["7"]}
     assert rows["2"].associations == {"companies": ["8"]} and rows["3"].properties["first_name"] == "x"
     assert rows["4"].archived and not rows["9"].archived
     assert rows["1"].remote_updated_at == datetime(2026, 2, 1, tzinfo=UTC)
-    changes = {(c.remote_id, c.action): c.changes for c in store.changes(connection="c") if c.run_id == 2}
+    changes = {(c.remote_id, c.action): c.changes for c in store.mirror.changes(connection="c") if c.run_id == 2}
     assert changes == {
         ("1", "updated"): {"first_name": ["x", "é"]},
         ("4", "archived"): {},
@@ -122,8 +118,8 @@ def test_pages_store_the_same_whether_sqlite_has_json_functions_or_not(
     for r in (renamed, twice, again, kept):
         r.remote_updated_at = later
     again.remote_updated_at = later.replace(day=2)
-    assert store.apply_page("c", "contacts", [renamed, twice, again, kept], cursor={"p": 3}).updated == 4
-    rows = {r.remote_id: r for r in store.records("c", "contacts")}
+    assert store.mirror.apply_page("c", "contacts", [renamed, twice, again, kept], cursor={"p": 3}).updated == 4
+    rows = {r.remote_id: r for r in store.mirror.records("c", "contacts")}
     assert (rows["1"].match_key, rows["1"].alt_key) == ("email:new@example.com", "p:1")
     assert (rows["2"].match_key, rows["2"].properties["first_name"]) == ("email:two@example.com", "z")
     assert (rows["3"].match_key, rows["3"].alt_key) == ("email:u3@example.com", None)
@@ -262,7 +258,7 @@ def test_stored_json_text_is_what_json_dumps_gives(value: object) -> None:
     """The encoders built once give json.dumps' own text, sorted or not, and its errors (mixed key types)."""
     import json
 
-    from crmsync import store
+    from crmsync.store import bulk
 
     def outcome(encode: Any, *args: Any, **kwargs: Any) -> str:
         try:
@@ -271,13 +267,13 @@ def test_stored_json_text_is_what_json_dumps_gives(value: object) -> None:
             return f"TypeError: {exc}"
 
     compact = {"default": str, "separators": (",", ":")}
-    assert outcome(store._COMPACT_JSON, value) == outcome(json.dumps, value, **compact)
-    assert outcome(store._SORTED_JSON, value) == outcome(json.dumps, value, sort_keys=True, **compact)
+    assert outcome(bulk.compact_json, value) == outcome(json.dumps, value, **compact)
+    assert outcome(bulk.sorted_json, value) == outcome(json.dumps, value, sort_keys=True, **compact)
 
 
 KILLED_RUN = (
     "import os, sys; from crmsync.store import Store; "
-    "s = Store.open(sys.argv[1]); print(s.start_run(sys.argv[2], 'pull'), flush=True); os.kill(os.getpid(), 9)"
+    "s = Store.open(sys.argv[1]); print(s.runs.start(sys.argv[2], 'pull'), flush=True); os.kill(os.getpid(), 9)"
 )
 
 
@@ -299,13 +295,13 @@ def test_runs_whose_process_died_are_marked_abandoned_by_the_next_run_and_by_sta
         s.add(other)
         s.flush()
         other_id = other.id
-    mine = store.start_run("c", "push")  # the next run of connection c marks its dead runs
-    status = {r.id: r for r in store.runs(limit=10)}
+    mine = store.runs.start("c", "push")  # the next run of connection c marks its dead runs
+    status = {r.id: r for r in store.runs.recent(limit=10)}
     assert status[dead_c].status == "abandoned" and f"pid {status[dead_c].pid} " in (status[dead_c].error or "")
     assert status[dead_d].status == "running"  # another connection's: status marks those
     assert status[mine].status == "running" and status[other_id].status == "running"
-    assert store.abandon_dead_runs() == 1  # what `status` does
-    status = {r.id: r for r in store.runs(limit=10)}
+    assert store.runs.abandon_dead() == 1  # what `status` does
+    status = {r.id: r for r in store.runs.recent(limit=10)}
     assert status[dead_d].status == "abandoned" and status[dead_d].finished_at is not None
     assert status[mine].status == "running" and status[other_id].status == "running"
     store.close()
@@ -318,3 +314,27 @@ def test_a_pid_taken_by_a_newer_process_does_not_keep_a_dead_run_alive() -> None
     if Path("/proc/self/stat").exists():  # Linux tells when a process began
         assert process_gone(os.getpid(), datetime(2000, 1, 1, tzinfo=UTC))  # it began after that run
     assert process_gone(2**22 + 12345, None)  # above Linux's pid limit: no such process
+
+
+@pytest.mark.parametrize(
+    ("where", "postgresql"),
+    [
+        ("postgres://u:p@db/crm", True),
+        ("postgresql://u@db/crm", True),
+        ("postgresql+psycopg://u@db/crm", True),
+        ("sqlite:///tmp/postgresql.db", False),
+        ("/srv/postgresql/crmsync.db", False),
+        ("mysql+pymysql://u@db/crm", False),
+        ("not a url://", False),
+    ],
+)
+def test_a_store_is_postgresql_by_its_dialect_not_by_a_prefix_of_its_name(where: str, postgresql: bool) -> None:
+    from crmsync.store import is_postgresql_url
+
+    assert is_postgresql_url(where) is postgresql
+
+
+def test_an_opened_sqlite_store_says_it_is_not_postgresql(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "postgresql.db")
+    assert store.is_postgresql is False
+    store.close()

@@ -217,7 +217,7 @@ def test_a_full_store_at_the_sqlite_layer_is_store_full(tmp_path: Path) -> None:
                 Canonical(remote_id=f"{page}-{i}", properties={"n": "x" * 500}, raw={}, remote_updated_at=None)
                 for i in range(50)
             ]
-            store.apply_page("c", "contacts", records, cursor={"page": page})
+            store.mirror.apply_page("c", "contacts", records, cursor={"page": page})
     assert caught.value.exit_code == 75
     store.close()
 
@@ -284,20 +284,20 @@ def sqlite_error(kind: type[sqlite3.Error], message: str, code: int) -> Any:
 def test_a_clean_exit_is_recorded_so_the_next_open_skips_the_check_and_a_crash_is_not(
     crm: tuple[HubSpotEmulator, Any], tmp_path: Path
 ) -> None:
-    from crmsync.store import _OpenMarker
+    from crmsync.store.integrity import OpenMarker
 
     db = tmp_path / "s.db"
     env = connected(crm, db)
     assert cli(env, db, "status").code == 0  # the CLI leaves closing the store to the process's end
     state = json.loads((tmp_path / "s.db-crmsync").read_text())
     assert state == {"open": False, "size": db.stat().st_size, "mtime_ns": db.stat().st_mtime_ns}
-    marker = _OpenMarker(db)
+    marker = OpenMarker(db)
     assert marker.enter() is False  # nothing changed since: no quick_check
     marker.leave()
     crash = "import os, sys; from crmsync.store import Store; Store.open(sys.argv[1]); os.kill(os.getpid(), 9)"
     subprocess.run([sys.executable, "-c", crash, str(db)], check=False)
     assert json.loads((tmp_path / "s.db-crmsync").read_text())["open"] is True
-    marker = _OpenMarker(db)
+    marker = OpenMarker(db)
     assert marker.enter() is True  # left open by a crash: checked before use
     marker.leave()
 

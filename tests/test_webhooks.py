@@ -311,8 +311,8 @@ def _metric(app: App, result: str, connection: str = "hs", provider: str = "hubs
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[App]:
     a = App(db=str(tmp_path / "store.db"))
-    a.store.save_connection(CrmConnection(name="hs", provider="hubspot", base_url="http://unused"))
-    a.store.save_connection(CrmConnection(name="zo", provider="zoho", base_url="http://unused"))
+    a.store.connections.save(CrmConnection(name="hs", provider="hubspot", base_url="http://unused"))
+    a.store.connections.save(CrmConnection(name="zo", provider="zoho", base_url="http://unused"))
     a.secrets.update("hs", webhook_secret=SECRET)
     a.secrets.update(
         "zo", webhook_secret=ZOHO["url_secret"], webhook_token=ZOHO["token"], webhook_channel_id=ZOHO["channel_id"]
@@ -534,9 +534,9 @@ def test_pull_applies_events_and_never_rolls_back(tmp_path: Path) -> None:
         (res,) = pull(app, connections=["hs"])
         assert res.events_applied == 2
         assert emulator.stats.by_route["POST crm.objects.batch.read"] > reads  # fetched by id
-        rec = app.store.record("hs", "contacts", changed)
+        rec = app.store.mirror.record("hs", "contacts", changed)
         assert rec is not None and rec.raw["firstname"] == "Changed"
-        gone = app.store.record("hs", "contacts", deleted)
+        gone = app.store.mirror.record("hs", "contacts", deleted)
         assert gone is not None and gone.archived
         assert list_events(app.store, pending=True) == []
 
@@ -544,7 +544,7 @@ def test_pull_applies_events_and_never_rolls_back(tmp_path: Path) -> None:
         post([hs_event(int(changed), occurred=before_edit, propertyName="firstname", propertyValue="Old")])
         (res,) = pull(app, connections=["hs"])
         assert res.events_applied == 1
-        rec = app.store.record("hs", "contacts", changed)
+        rec = app.store.mirror.record("hs", "contacts", changed)
         assert rec is not None and rec.raw["firstname"] == "Changed"
         assert all(e.processed_at is not None for e in _events(app))
     finally:
@@ -577,7 +577,7 @@ def test_a_deletion_never_archives_a_record_the_crm_still_has(tmp_path: Path) ->
         assert httpx.post(receiver.url + HS_PATH, content=body, headers=signed_headers(body, HS_URI)).status_code == 200
         (res,) = pull(app, connections=["hs"])
         assert res.events_applied == 2
-        rec = app.store.record("hs", "contacts", rid)
+        rec = app.store.mirror.record("hs", "contacts", rid)
         assert rec is not None and not rec.archived
     finally:
         receiver.stop()
@@ -623,9 +623,9 @@ def test_zoho_channel_callbacks_reach_the_store_and_pull(tmp_path: Path) -> None
         }
         (res,) = pull(app, connections=["z"])
         assert res.events_applied == 2
-        rec = app.store.record("z", "contacts", ids[0])
+        rec = app.store.mirror.record("z", "contacts", ids[0])
         assert rec is not None and rec.raw["Last_Name"] == "Webhooked"
-        gone = app.store.record("z", "contacts", ids[1])
+        gone = app.store.mirror.record("z", "contacts", ids[1])
         assert gone is not None and gone.archived
     finally:
         receiver.stop()
@@ -708,7 +708,7 @@ def _start_receiver(home: Path, db: str) -> tuple[subprocess.Popen[str], str]:
 def test_killing_the_receiver_loses_no_acknowledged_event(tmp_path: Path, home: Path) -> None:
     db = str(tmp_path / "kill.db")
     store = Store.open(db)
-    store.save_connection(CrmConnection(name="hs", provider="hubspot", base_url="http://unused"))
+    store.connections.save(CrmConnection(name="hs", provider="hubspot", base_url="http://unused"))
     total, threads = 1200, 4
     acked: set[int] = set()
     lock = threading.Lock()

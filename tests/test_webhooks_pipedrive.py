@@ -106,9 +106,9 @@ def test_subscribe_deliver_store_once_and_pull(
 
         (res,) = pull(app, connections=["pd"])
         assert res.events_applied == 2
-        edited = app.store.record("pd", "contacts", persons[0])
+        edited = app.store.mirror.record("pd", "contacts", persons[0])
         assert edited is not None and edited.raw["last_name"] == "Webhooked"
-        gone = app.store.record("pd", "contacts", persons[1])
+        gone = app.store.mirror.record("pd", "contacts", persons[1])
         assert gone is not None and gone.archived
         assert list_events(app.store, pending=True) == []
     finally:
@@ -120,7 +120,7 @@ def test_subscribe_deliver_store_once_and_pull(
 
 def test_a_failed_delivery_is_retried_and_stored_once(tmp_path: Path, emulator: PipedriveEmulator) -> None:
     app = App(db=str(tmp_path / "retry.db"))
-    app.store.save_connection(CrmConnection(name="pd", provider="pipedrive", base_url="http://unused"))
+    app.store.connections.save(CrmConnection(name="pd", provider="pipedrive", base_url="http://unused"))
     app.secrets.update("pd", webhook_user="crmsync-u", webhook_password="p4ss")
     receiver = WebhookReceiver(app, host="127.0.0.1", port=0).start()
     answers = iter([503])
@@ -177,8 +177,8 @@ def test_basic_credentials_and_payloads() -> None:
 def test_commands_without_the_capability_say_so(tmp_path: Path) -> None:
     db = str(tmp_path / "odoo.db")
     app = App(db=db)
-    app.store.save_connection(CrmConnection(name="od", provider="odoo", base_url="http://unused"))
-    app.store.save_connection(CrmConnection(name="pd", provider="pipedrive", base_url="http://unused"))
+    app.store.connections.save(CrmConnection(name="od", provider="odoo", base_url="http://unused"))
+    app.store.connections.save(CrmConnection(name="pd", provider="pipedrive", base_url="http://unused"))
     app.close()
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "CRMSYNC_HOME": str(tmp_path)}
 

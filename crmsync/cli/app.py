@@ -177,7 +177,7 @@ _mention_global_options(app)
 
 def main() -> None:
     """Console-script entry point (errors become exit codes in cli.exits)."""
-    from crmsync import tune_gc
+    from crmsync.http.tuning import tune_gc
 
     tune_gc()
     run_and_exit(app)

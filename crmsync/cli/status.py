@@ -160,10 +160,10 @@ def register(app: typer.Typer) -> None:
         when = parse_when(since, name="--since")
         objects = split_objects(obj)
         if record or objects:
-            changes = app_.store.changes(
+            changes = app_.store.mirror.changes(
                 connection=connection, obj=objects[0] if objects else None, remote_id=record, since=when, limit=limit
             )
-            runs = {r.id: r for r in app_.store.runs(connection, since=when, limit=1000)}
+            runs = {r.id: r for r in app_.store.runs.recent(connection, since=when, limit=1000)}
             rows: list[dict[str, Any]] = []
             for ch in changes:
                 run = runs.get(ch.run_id) if ch.run_id else None
@@ -188,7 +188,7 @@ def register(app: typer.Typer) -> None:
                 add_row(changed, r["at"], r["object"], r["record"], r["action"], r["command"] or "-", fields)
             console().print(changed)
             return
-        runs_list = app_.store.runs(connection, since=when, limit=limit)
+        runs_list = app_.store.runs.recent(connection, since=when, limit=limit)
         rows = [
             {
                 "id": r.id,

@@ -174,7 +174,7 @@ def connect(
     )
     pending.commit(storage)
     try:
-        return app.store.save_connection(conn)
+        return app.store.connections.save(conn)
     except BaseException:
         if storage != "env":
             app.secrets.delete(name)

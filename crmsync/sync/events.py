@@ -58,7 +58,7 @@ def apply_pending_events(
                 records = [convert(mapping, obj, r) for r in fetched]
                 live = {r.id for r in fetched if not r.archived}
                 deleted = [rid for rid in deleted if rid not in live]
-            app.store.apply_page(
+            app.store.mirror.apply_page(
                 conn.name,
                 obj,
                 records,

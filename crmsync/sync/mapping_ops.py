@@ -501,7 +501,7 @@ def preview_pulled(app: App, connection: str | None, ref: str) -> PulledPreview:
         raise UsageError(f"--pulled {ref!r}: expected OBJECT:ID, e.g. contact:12345")
     obj, remote_id = normalise_object(obj_name), remote_id.strip()
     conn = app.connection(connection)
-    record = app.store.record(conn.name, obj, remote_id)
+    record = app.store.mirror.record(conn.name, obj, remote_id)
     if record is None:
         raise UsageError(
             f"no stored {obj} record {remote_id!r} for connection {conn.name!r}",

@@ -1,7 +1,7 @@
 """Incremental pull and backfill: cursor -> pages -> canonical records -> store, one page at a time.
 
 Each page is stored together with the cursor that follows it in one transaction
-(``Store.apply_page``), so a crash or kill between pages loses nothing and repeats at most one
+(``Mirror.apply_page``), so a crash or kill between pages loses nothing and repeats at most one
 page. Memory stays flat: one page is in flight at a time.
 
 Backfill is the same walk from the beginning, checkpointed under its own cursor kind so it
@@ -300,7 +300,7 @@ def ingest_pages(
         records = [to_canonical(mapping, obj, r, problems) for r in page.records]
         for problem in problems[:5]:
             log.warning("unconvertible value kept raw only: %s", problem)
-        counts = store.apply_page(
+        counts = store.mirror.apply_page(
             connection, obj, records, cursor=page.cursor, cursor_kind=cursor_kind, deleted=page.deleted, run_id=run_id
         )
         yield page, counts, len(records)
@@ -355,7 +355,7 @@ def _pull_connection(
     counting = threading.Lock()  # the objects' walks run in threads of their own
 
     def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:
-        cursor = None if (full or since) else app.store.cursor(conn.name, obj)
+        cursor = None if (full or since) else app.store.mirror.cursor(conn.name, obj)
         try:
             pages = provider.changes(obj, cursor, fields=mapping.provider_fields(obj), since=since)
             _apply_pages(app, conn, mapping, obj, pages, out, run_id, progress=progress, cancel=cancel)
@@ -365,8 +365,10 @@ def _pull_connection(
                     live.update(ids)
                     links = provider.read_associations(obj, ids)
                     if links:
-                        out.associations_fixed += app.store.update_associations(conn.name, obj, links, run_id=run_id)
-                vanished = app.store.mark_missing(conn.name, obj, live, run_id=run_id)
+                        out.associations_fixed += app.store.mirror.update_associations(
+                            conn.name, obj, links, run_id=run_id
+                        )
+                vanished = app.store.mirror.mark_missing(conn.name, obj, live, run_id=run_id)
                 with counting:
                     res.reconciled += vanished
                     out.reconciled = vanished
@@ -434,7 +436,7 @@ def _backfill_connection(
     progress: Progress | None,
 ) -> None:
     def one(obj: str, out: ObjectResult, cancel: threading.Event) -> None:
-        checkpoint = app.store.cursor(conn.name, obj, "backfill")
+        checkpoint = app.store.mirror.cursor(conn.name, obj, "backfill")
         pages = provider.changes(obj, checkpoint, fields=mapping.provider_fields(obj), since=since, until=until)
         try:
             _apply_pages(
@@ -447,14 +449,14 @@ def _backfill_connection(
             return
         if cancel.is_set():
             return
-        final = app.store.cursor(conn.name, obj, "backfill")
+        final = app.store.mirror.cursor(conn.name, obj, "backfill")
         if final is not None and until is None:
             # Seed the incremental cursor and drop the checkpoint in one transaction.
-            app.store.apply_page(
+            app.store.mirror.apply_page(
                 conn.name, obj, [], cursor=final, cursor_kind="incremental", extra_cursors=[("backfill", None)]
             )
         elif final is not None:
-            app.store.set_cursor(conn.name, obj, None, "backfill")
+            app.store.mirror.set_cursor(conn.name, obj, None, "backfill")
         out.cursor = final
 
     _each_object(app, res, _objects(provider, objects), one, meanwhile=mapping.warm)

@@ -102,8 +102,8 @@ def run(
     with lock if lock is not None else app.run_lock(conn.name, timeout=lock_timeout):
         if mapping is None:
             mapping = app.mapping(conn)
-            app.store.record_mapping(conn.name, str(mapping.path) if mapping.path else None, mapping.hash)
-        r = Run(app, conn, command, mapping, app.store.start_run(conn.name, command, mapping_hash=mapping.hash))
+            app.store.connections.record_mapping(conn.name, str(mapping.path) if mapping.path else None, mapping.hash)
+        r = Run(app, conn, command, mapping, app.store.runs.start(conn.name, command, mapping_hash=mapping.hash))
         if provider:
             r.use(app.provider(conn))
         try:
@@ -111,7 +111,7 @@ def run(
         except stops as exc:
             r.outcome, r.failure, r.error = Outcome.FAILED, exc, str(exc)
             if isinstance(exc, AuthError):
-                app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
+                app.store.connections.touch(conn.name, ok=False, auth_state="invalid")
         except KeyboardInterrupt:
             r.outcome, r.error = Outcome.INTERRUPTED, "interrupted"
             if not record_interrupt:
@@ -134,9 +134,9 @@ def _finish(r: Run, started: float, settle: Callable[[Run], None] | None) -> Non
         r.duration = time.monotonic() - started
         if r.provider is not None:
             r.stats = r.provider.http.stats.since(r._before)
-        app.store.finish_run(r.run_id, status=r.outcome.log_status, counts=r.counts, stats=r.stats, error=r.error)
+        app.store.runs.finish(r.run_id, status=r.outcome.log_status, counts=r.counts, stats=r.stats, error=r.error)
         if r.outcome.log_status == "ok":
-            app.store.touch_connection(conn.name, ok=True, auth_state="ok")
+            app.store.connections.touch(conn.name, ok=True, auth_state="ok")
             app.metrics.last_success.labels(conn.name, r.command).set(time.time())
         app.metrics.sync_seconds.labels(conn.provider, conn.name, r.command).observe(r.duration)
         for obj, counts in r.records.items():

@@ -6,17 +6,13 @@
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, true
-from sqlmodel import select
-
 from crmsync.model import utcnow
 from crmsync.providers import usage as api_usage
-from crmsync.store import CrmConflict, CrmOutbox, CrmSyncLog, CrmWebhookEvent
+from crmsync.store import CrmSyncLog
 
 if TYPE_CHECKING:
     from crmsync.app import App
@@ -65,9 +61,9 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
     """The status document of one connection."""
     now = now or utcnow()
     store = app.store
-    counts = store.count_records(conn.name)
-    cursors = {c.object: c for c in store.cursors(conn.name) if c.kind == "incremental"}
-    runs = store.runs(conn.name, limit=200)
+    counts = store.mirror.count_records(conn.name)
+    cursors = {c.object: c for c in store.mirror.cursors(conn.name) if c.kind == "incremental"}
+    runs = store.runs.recent(conn.name, limit=200)
     last_pull: dict[str, datetime] = {}
     last_reconcile: dict[str, datetime] = {}
     last_run_by_cmd: dict[str, CrmSyncLog] = {}
@@ -93,37 +89,8 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
             "last_reconcile_age_seconds": _age(last_reconcile.get(obj), now),
         }
     start_of_day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    with store.session() as s:
-        states = dict(
-            s.exec(
-                select(CrmOutbox.state, func.count()).where(CrmOutbox.connection == conn.name).group_by(CrmOutbox.state)
-            ).all()
-        )  # type: ignore[arg-type]
-        delivered_today = s.exec(
-            select(func.count())
-            .select_from(CrmOutbox)
-            .where(CrmOutbox.connection == conn.name, CrmOutbox.delivered_at >= start_of_day)  # type: ignore[operator]
-        ).one()
-        errors = collections.Counter(
-            (e or "").split(":", 1)[-1].strip()[:120]
-            for e in s.exec(
-                select(CrmOutbox.last_error).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed")
-            )
-        )
-        oldest_failed = s.exec(
-            select(func.min(CrmOutbox.updated_at)).where(CrmOutbox.connection == conn.name, CrmOutbox.state == "failed")
-        ).one()
-        pending_events = s.exec(
-            select(func.count(), func.min(CrmWebhookEvent.received_at)).where(
-                CrmWebhookEvent.connection == conn.name,
-                CrmWebhookEvent.processed_at == None,  # noqa: E711
-            )
-        ).one()
-        conflicts_open = s.exec(
-            select(func.count())
-            .select_from(CrmConflict)
-            .where(CrmConflict.connection == conn.name, CrmConflict.open == true())
-        ).one()
+    outbox = store.overview.outbox(conn.name, since=start_of_day)
+    backlog = store.overview.webhook_backlog(conn.name)
     last = runs[0] if runs else None
     usage = None
     for run in runs:
@@ -153,19 +120,19 @@ def connection_status(app: App, conn: CrmConnection, *, now: datetime | None = N
         },
         "objects": objects,
         "outbox": {
-            "pending": states.get("pending", 0),
-            "failed": states.get("failed", 0),
-            "done": states.get("done", 0),
-            "conflict": states.get("conflict", 0),
-            "delivered_today": int(delivered_today),
-            "top_error": errors.most_common(1)[0][0] if errors else None,
-            "oldest_failed_at": _iso(oldest_failed),
+            "pending": outbox.states.get("pending", 0),
+            "failed": outbox.states.get("failed", 0),
+            "done": outbox.states.get("done", 0),
+            "conflict": outbox.states.get("conflict", 0),
+            "delivered_today": outbox.delivered_since,
+            "top_error": outbox.errors.most_common(1)[0][0] if outbox.errors else None,
+            "oldest_failed_at": _iso(outbox.oldest_failed),
         },
         "webhook": {
-            "pending": int(pending_events[0]),
-            "oldest_pending_age_seconds": _age(pending_events[1], now),
+            "pending": backlog.pending,
+            "oldest_pending_age_seconds": _age(backlog.oldest_received, now),
         },
-        "conflicts_open": int(conflicts_open),
+        "conflicts_open": store.overview.open_conflicts(conn.name),
         "last_run": {
             "command": last.command,
             "status": last.status,
@@ -184,7 +151,7 @@ def gather(app: App, connections: list[str] | None = None) -> dict[str, Any]:
     """The status document: ``{"generated_at", "connections": [...]}``."""
     conns = app.connections(connections)
     app.store.check_writable()  # a locked or full store is what the next pull would meet: say so
-    app.store.abandon_dead_runs()  # a run whose process died shows as abandoned, not running forever
+    app.store.runs.abandon_dead()  # a run whose process died shows as abandoned, not running forever
     now = utcnow()
     return {"generated_at": _iso(now), "connections": [connection_status(app, c, now=now) for c in conns]}
 
@@ -262,14 +229,14 @@ def _live_check(app: App, doc: dict[str, Any]) -> tuple[list[Problem], set[str]]
     for conn in app.connections([c["name"] for c in doc["connections"]]):
         try:
             health = app.provider(conn).check()
-            app.store.touch_connection(conn.name, ok=health.ok, auth_state="ok" if health.ok else None)
+            app.store.connections.touch(conn.name, ok=health.ok, auth_state="ok" if health.ok else None)
             ok.add(conn.name)
             if health.missing_scopes:
                 problems.append(
                     Problem(conn.name, "auth", f"{conn.name}: missing scopes {', '.join(health.missing_scopes)}")
                 )
         except AuthError as exc:
-            app.store.touch_connection(conn.name, ok=False, auth_state="invalid")
+            app.store.connections.touch(conn.name, ok=False, auth_state="invalid")
             problems.append(Problem(conn.name, "auth", f"{conn.name}: {exc}"))
         except CrmsyncError as exc:
             problems.append(Problem(conn.name, "unreachable", f"{conn.name}: {exc}"))
@@ -280,7 +247,7 @@ def _failed_runs(app: App, name: str) -> list[Problem]:
     """The last finished pull and push of a connection, each a problem if it failed (a pull also if
     some object failed): cron's next run may fix it, but until then the data is not flowing."""
     last: dict[str, CrmSyncLog] = {}
-    for run in app.store.runs(name, limit=200):
+    for run in app.store.runs.recent(name, limit=200):
         if run.command in ("pull", "push") and run.finished_at is not None:
             last.setdefault(run.command, run)
     problems = []
@@ -303,7 +270,7 @@ def store_metrics(app: App, metrics: Metrics | None = None) -> Metrics:
     last: dict[tuple[str, str], float] = {}
     for c in doc["connections"]:
         for cmd in ("pull", "push", "backfill"):
-            run = app.store.last_run(c["name"], cmd)
+            run = app.store.runs.last(c["name"], cmd)
             if run and run.finished_at:
                 ts = run.finished_at if run.finished_at.tzinfo else run.finished_at.replace(tzinfo=UTC)
                 last[(c["name"], cmd)] = ts.timestamp()

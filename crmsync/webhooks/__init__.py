@@ -260,7 +260,7 @@ class WebhookReceiver:
 
     # -- connections -------------------------------------------------------------------------------
     def _load_connections(self) -> None:
-        self._providers = {c.name: c.provider for c in self.store.connections()}
+        self._providers = {c.name: c.provider for c in self.store.connections.all()}
         self._providers_loaded = time.monotonic()
 
     def _provider_of(self, connection: str) -> str | None:
@@ -504,6 +504,6 @@ def serve(
 def connections_with_hooks(app: App, names: Iterable[str] | None = None) -> list[tuple[str, str]]:
     """(connection, provider) pairs the receiver has routes for."""
     # With no names, no connection at all is fine: routes appear as connections are added.
-    conns = app.connections(list(names)) if names else app.store.connections()
+    conns = app.connections(list(names)) if names else app.store.connections.all()
     able = capabilities()
     return [(c.name, c.provider) for c in conns if c.provider in able]

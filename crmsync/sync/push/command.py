@@ -145,7 +145,7 @@ def _lifecycle(
     # SQLite: one push per connection (the run lock). PostgreSQL: none; runs claim outbox rows.
     lock = contextlib.nullcontext() if outbox.shared else app.run_lock(conn.name, timeout=lock_timeout)
     with lock:
-        run_id = app.store.start_run(conn.name, "push", mapping_hash=mapping.hash)
+        run_id = app.store.runs.start(conn.name, "push", mapping_hash=mapping.hash)
         status, error = "ok", None
         work.start()
         try:
@@ -171,7 +171,7 @@ def _lifecycle(
             if status == "ok" and summary.has_failures():
                 status = "partial"
             counts = _counts(summary) | usage.recorded(work.provider)
-            app.store.finish_run(run_id, status=status, counts=counts, stats=stats, error=error)
+            app.store.runs.finish(run_id, status=status, counts=counts, stats=stats, error=error)
             _record_metrics(app, conn.name, summary, outbox, ok=status == "ok")
 
 

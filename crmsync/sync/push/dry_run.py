@@ -82,8 +82,8 @@ class _Planner:
             for obj in ENTITY_STEPS:
                 if k := entity_key(obj, c):
                     keys[obj].add(k)
-        self.mirror = {obj: store.find_by_keys(name, obj, ks) for obj, ks in keys.items()}
-        self.links = {obj: store.links(name, obj, ks) for obj, ks in keys.items()}
+        self.mirror = {obj: store.mirror.find_by_keys(name, obj, ks) for obj, ks in keys.items()}
+        self.links = {obj: store.mirror.links(name, obj, ks) for obj, ks in keys.items()}
         outbox = Outbox(store).rows(name, [str(o.id) for _, o in good])
         for p, outcome, c in canon:
             planned = self._outcome(p, outcome, c, outbox.get(str(outcome.id)))

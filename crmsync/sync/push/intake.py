@@ -262,7 +262,7 @@ def enqueue(
     )
     with outbox.transaction() as db:
         if outbox.shared:
-            from crmsync.scaleout import transaction_lock
+            from crmsync.store.locks import transaction_lock
 
             # Concurrent pushes of one connection queue one after another, so each sees what the
             # other queued (and no unique-key race can fail a whole file).

@@ -45,13 +45,13 @@ def blind_keys(app: App, conn: CrmConnection, provider: Provider, obj: str, unkn
     reports as existing are looked up and merged under the conflict rules (see ``entity_step``)."""
     if obj not in provider.optimistic_creates or not unknown:
         return set()
-    linked = app.store.links(conn.name, obj, unknown)
+    linked = app.store.mirror.links(conn.name, obj, unknown)
     return {k for k in unknown if k.split(":", 1)[0] in ("email", "key") and k not in linked}
 
 
 def to_look_up(app: App, conn: CrmConnection, provider: Provider, obj: str, keys: list[str]) -> list[str]:
     """The keys of ``obj`` to ask the CRM for: not in the mirror, not created blind (``blind_keys``)."""
-    mirror = app.store.find_by_keys(conn.name, obj, keys)
+    mirror = app.store.mirror.find_by_keys(conn.name, obj, keys)
     unknown = [k for k in keys if k not in mirror]
     blind = blind_keys(app, conn, provider, obj, unknown)
     return [k for k in unknown if k not in blind]
@@ -104,10 +104,10 @@ def lookup(
             found.update(part)
     if found:
         records = {rec.id: to_canonical(mapping, obj, rec) for rec in found.values()}
-        app.store.apply_page(conn.name, obj, list(records.values()), cursor=None, audit=False)
+        app.store.mirror.apply_page(conn.name, obj, list(records.values()), cursor=None, audit=False)
         for k, rec in found.items():
             crm[k] = (records[rec.id].properties, rec.id, rec.updated_at)
-    linked = app.store.links(conn.name, obj, [k for k in keys if k not in found])
+    linked = app.store.mirror.links(conn.name, obj, [k for k in keys if k not in found])
     for k, rid in linked.items():
         crm[k] = ({}, rid, None)
 

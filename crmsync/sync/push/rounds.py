@@ -120,7 +120,7 @@ class _Rounds:
             return self.outbox.claim(
                 self.conn.name, last_id, owner, limit=s.round_size, lease=s.lease, have=set(self.parsed)
             )
-        from crmsync.scaleout import dead_owners
+        from crmsync.store.locks import dead_owners
 
         return self.outbox.claim(
             self.conn.name,
@@ -209,7 +209,7 @@ class _Rounds:
 def _claim_owner(app: App, shared: bool) -> contextlib.AbstractContextManager[str]:
     """This run's name on its claims; on PostgreSQL one that dies with the run (see scaleout)."""
     if shared:
-        from crmsync.scaleout import claim_owner
+        from crmsync.store.locks import claim_owner
 
         return claim_owner(app.store)
     return contextlib.nullcontext(f"0:{socket.gethostname()}:{os.getpid()}")

@@ -103,7 +103,7 @@ class EntityStep:
     def _match(self, keys: list[str], looked: dict[str, Any]) -> None:
         """What the mirror, the lane's lookups and (for the rest) the CRM know of ``keys``."""
         app, obj = self.app, self.obj
-        mirror = app.store.find_by_keys(self.conn.name, obj, keys)
+        mirror = app.store.mirror.find_by_keys(self.conn.name, obj, keys)
         unknown = [k for k in keys if k not in mirror]
         self.crm = {k: (r.properties, r.remote_id, r.remote_updated_at) for k, r in mirror.items()}
         self.blind = blind_keys(app, self.conn, self.provider, obj, unknown)
@@ -285,10 +285,10 @@ def record_step(
     def write() -> None:
         with app.store.session() as s:
             outbox.save((it.row for its in by_key.values() for it in its), session=s)
-            app.store.save_links(conn.name, obj, links, session=s)
+            app.store.mirror.save_links(conn.name, obj, links, session=s)
             for c in writes.conflicts:
                 s.add(c)
-            app.store.merge_pushed(s, conn.name, obj, mirror)
+            app.store.mirror.merge_pushed(s, conn.name, obj, mirror)
 
     # Another worker may have just linked or mirrored the same company or contact (PostgreSQL).
     retry_on_conflict(write)

@@ -1,0 +1,281 @@
+"""Rate limits: the sliding windows CRMs count by, token buckets, slots in flight, and deferred turns.
+
+A limit is stated as a ``RateLimit`` ("N per window"); a process paces its requests with the
+``SlidingWindow`` it makes, and workers sharing a CRM account with a Redis ``TokenBucket``
+(``crmsync.scaleout``). ``deferring()`` lets requests that nothing waits on yield their turn.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``requests`` in any ``per_seconds`` window (a rolling window, as CRMs count)."""
+
+    requests: int
+    per_seconds: float
+
+    def bucket(self) -> SlidingWindow:
+        """The limiter one process uses: the CRM's own rule, counted the way the CRM counts it."""
+        return SlidingWindow(self.requests, self.per_seconds)
+
+    def token_bucket(self) -> TokenBucket:
+        """The same limit as a token bucket (state shared through Redis, see ``crmsync.scaleout``).
+
+        A burst of c plus a refill of (requests - c) per window can never exceed the window's
+        allowance, whichever window the CRM looks at; it trickles where a sliding window would
+        spend the whole allowance at once.
+        """
+        capacity = max(1, self.requests // 20)
+        return TokenBucket(rate=(self.requests - capacity) / self.per_seconds, capacity=capacity)
+
+
+class Bucket(Protocol):
+    def acquire(self) -> None: ...
+    def pause(self, seconds: float) -> None: ...
+
+
+#: How often a deferring request looks again for a turn that no other request is waiting for.
+DEFER_POLL = 0.005
+_defer = threading.local()
+
+
+def _deferring() -> bool:
+    return getattr(_defer, "on", False)
+
+
+@contextlib.contextmanager
+def deferring() -> Iterator[None]:
+    """Requests made in this block (this thread) take a rate-limit turn only when no other request waits.
+
+    For requests that nothing else waits on (a push's calls and tasks: the leaves of its chains):
+    when a window is spent, the requests that others depend on (companies, contacts, deals) go
+    first as turns free up, so the last window holds leaves that can all go at once, not a chain
+    of round trips.
+    """
+    before = _deferring()
+    _defer.on = True
+    try:
+        yield
+    finally:
+        _defer.on = before
+
+
+class Slots:
+    """At most ``n`` requests in flight; a deferring request (``deferring``) gets a slot only when no
+    other request is waiting for one (a CRM that limits concurrency, Zoho's 5, is then spent first on
+    what the rest of a push depends on)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, n)
+        self.used = 0
+        self.waiting = 0  # requests not deferring that wait for a slot
+        self.cond = threading.Condition()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        low = _deferring()
+        with self.cond:
+            if not low:
+                self.waiting += 1
+            try:
+                while self.used >= self.n or (low and self.waiting):
+                    if not blocking:
+                        return False
+                    self.cond.wait()
+                self.used += 1
+                return True
+            finally:
+                if not low:
+                    self.waiting -= 1
+                    if not self.waiting:
+                        self.cond.notify_all()  # deferring requests may have a free slot now
+
+    def release(self) -> None:
+        with self.cond:
+            if self.used <= 0:
+                raise ValueError("Slots released too many times")
+            self.used -= 1
+            self.cond.notify_all()
+
+
+class SlidingWindow:
+    """At most ``requests`` request starts in any window of ``per_seconds`` (thread-safe).
+
+    This is how CRMs state and count their limits ("100 per rolling 10 s", "5 per second"), so a
+    client pacing by it can spend a window's whole allowance at once and is never early for the
+    next one, where a token bucket's trickle leaves part of every window unused. The window is
+    stretched by a margin, because we count a request when its turn is taken and the CRM when it
+    arrives: JITTER for the spread of transit times, plus SEND for each turn of a window, since a
+    window spent at once leaves as a burst whose last request goes out that much after its turn,
+    while the next window's turns come back one at a time. Neither grows with the window's length
+    (a proportional stretch cost more on long windows). ``pause`` holds every caller back (after a 429).
+    """
+
+    #: Seconds added to every window for the spread of network transit times (and again after
+    #: each 429 it did not cover, see ``overrun``)...
+    JITTER = 0.02
+    #: ...and per turn of the window, for a burst's requests leaving one after another.
+    SEND = 0.0006
+
+    def __init__(self, requests: int, per_seconds: float) -> None:
+        self.requests = max(1, requests)
+        self.per_seconds = per_seconds
+        self.window = per_seconds + self.JITTER + self.SEND * self.requests
+        self._overrun_at = -1e9
+        self.starts: deque[float] = deque()
+        self.not_before = 0.0
+        self.lock = threading.Lock()
+        self._mine = threading.local()  # each thread's last turn, for give_back
+        self.waiting = 0  # callers not deferring (see ``deferring``) that found no turn free
+
+    def acquire(self) -> None:
+        low = _deferring()
+        counted = False
+        try:
+            while (wait := self._take(low)) > 0:
+                if not low and not counted:
+                    with self.lock:
+                        self.waiting += 1
+                    counted = True
+                time.sleep(min(max(wait, 0.001), 1.0))
+        finally:
+            if counted:
+                with self.lock:
+                    self.waiting -= 1
+
+    def try_acquire(self) -> bool:
+        """Take a turn only if one is free now."""
+        return self._take(_deferring()) == 0
+
+    def _take(self, low: bool = False) -> float:
+        """Take a turn if one is free (0.0), else how long until one may be."""
+        with self.lock:
+            now = time.monotonic()
+            while self.starts and now - self.starts[0] >= self.window:
+                self.starts.popleft()
+            yielding = low and self.waiting > 0
+            if not yielding and now >= self.not_before and len(self.starts) < self.requests:
+                self.starts.append(now)
+                self._mine.stamp = now
+                return 0.0
+            wait = self.not_before - now
+            if len(self.starts) >= self.requests:
+                wait = max(wait, self.starts[0] + self.window - now)
+            # A deferring request sleeps until a turn may be free and then looks whether anyone else
+            # still waits for it (not a busy loop while the window is spent).
+            return max(wait, DEFER_POLL if yielding else 1e-6)
+
+    def pause(self, seconds: float) -> None:
+        with self.lock:
+            self.not_before = max(self.not_before, time.monotonic() + seconds)
+
+    #: Longest the margin grows after 429s our own count did not expect.
+    MAX_MARGIN = 0.25
+
+    def overrun(self) -> float:
+        """A 429 without a stated wait: how long to hold every caller back (seconds).
+
+        The CRM counted our requests closer together than we did (transit times spread more than
+        JITTER), so the margin grows by JITTER for the rest of the run, the rejected request's turn
+        is given back (the CRM did not count it), and callers wait twice JITTER for the request the
+        CRM still counts to leave its window. A flat second's pause cost a second each time. A 429
+        for a request sent after that, within two windows, means more than jitter (another client
+        on the same limit): then the flat second, as before. Requests already in flight count as
+        the same 429.
+        """
+        stamp = getattr(self._mine, "stamp", None)
+        self.give_back()  # the CRM did not count the rejected request: nor do we
+        with self.lock:
+            now = time.monotonic()
+            if stamp is not None and stamp <= self._overrun_at:
+                pass  # sent before the last 429 widened the margin: the same event, not a new one
+            elif now - self._overrun_at < 2 * self.window:
+                self._overrun_at = now
+                self.not_before = max(self.not_before, now + 1.0)
+                return 1.0
+            else:
+                self._overrun_at = now
+                self.window = min(self.window + self.JITTER, self.per_seconds + self.MAX_MARGIN)
+            # The request the CRM still counts is one our window let go of just now: it leaves the
+            # CRM's window within the margin just added. (When our own window is spent, its oldest
+            # turn holds the next request back anyway.)
+            wait = 2 * self.JITTER
+            self.not_before = max(self.not_before, now + wait)
+            return wait
+
+    def free(self) -> int:
+        """Turns this window has left now (by our own count)."""
+        with self.lock:
+            now = time.monotonic()
+            return self.requests - sum(1 for start in self.starts if now - start < self.window)
+
+    def give_back(self) -> None:
+        """Return the calling thread's last turn, not used after all."""
+        stamp = getattr(self._mine, "stamp", None)
+        self._mine.stamp = None
+        with self.lock:
+            if stamp is not None and stamp in self.starts:
+                self.starts.remove(stamp)
+
+    def settle(self) -> None:
+        """Count the calling thread's last turn from now, when its answer came back: the CRM counted
+        the request before answering it, so a window counted from the answers never runs ahead of
+        the CRM's, whatever the transit times (for a CRM whose short window is its bottleneck)."""
+        stamp = getattr(self._mine, "stamp", None)
+        with self.lock:
+            if stamp is None or stamp not in self.starts:
+                return
+            self.starts.remove(stamp)
+            now = time.monotonic()
+            bisect.insort(self.starts, now)
+            self._mine.stamp = now
+
+    def occupy(self, turns: int) -> None:
+        """Count ``turns`` more as taken now: the CRM says its window holds requests this one never
+        sent (an earlier process, another client on the same limit)."""
+        with self.lock:
+            now = time.monotonic()
+            for _ in range(min(max(0, turns), self.requests)):
+                bisect.insort(self.starts, now)
+
+
+class TokenBucket:
+    """A thread-safe token bucket; ``pause`` holds every caller back (after a 429)."""
+
+    def __init__(self, *, rate: float, capacity: int) -> None:
+        self.rate, self.capacity = rate, capacity
+        self.tokens = float(capacity)
+        self.updated = time.monotonic()
+        self.not_before = 0.0
+        self.lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if now >= self.not_before and self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                wait = max(self.not_before - now, (1 - self.tokens) / self.rate if self.rate else 1.0)
+            time.sleep(min(max(wait, 0.001), 1.0))
+
+    def pause(self, seconds: float) -> None:
+        with self.lock:
+            self.not_before = max(self.not_before, time.monotonic() + seconds)
+            self.tokens = 0.0
+
+    def give_back(self) -> None:
+        """Return a token taken but not used."""
+        with self.lock:
+            self.tokens = min(self.capacity, self.tokens + 1)
