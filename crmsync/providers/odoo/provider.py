@@ -26,7 +26,7 @@ class OdooProvider(OdooWrites):
     emulator = "crmsync.emulators.odoo"  # no webhook_support: Odoo sends no webhooks crmsync can receive
     objects = ("contacts", "companies", "deals", "calls")
     batch_size = BATCH
-    default_rate_limits: dict[str, Any] = {}  # Odoo has none; its workers are the limit
+    default_rate_limits = {}  # Odoo has none; its workers are the limit
     default_concurrency = 2
     default_base_url = ""
     policy_class = OdooPolicy

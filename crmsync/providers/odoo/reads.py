@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -239,14 +239,15 @@ class OdooReads(OdooSchema):
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"odoo-{obj}") as pool:
             # A new window's size (for progress) is asked alongside its first page, not before it
             # (a resumed window's was told when it began).
-            count = {"domain": domain, "context": context}
-            counted = None if last_id else pool.submit(self._call, model, "search_count", **count)
+            counted = (
+                None if last_id else pool.submit(self._call, model, "search_count", domain=domain, context=context)
+            )
             held: tuple[list[dict[str, Any]], int | None] | None = None
             for rows, mark in walk_both_ends(page, lambda row: int(row["id"]), last_id, pool):
                 if held is not None:  # one page held back: the last one carries the window's end
-                    yield as_page(*held, last=False, total=counted and counted.result())
+                    yield as_page(*held, last=False, total=counted.result() if counted else None)
                 held = (rows, mark)
-            yield as_page(*(held or ([], None)), last=True, total=counted and counted.result())
+            yield as_page(*(held or ([], None)), last=True, total=counted.result() if counted else None)
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         model, _ = self._source(obj)
@@ -279,6 +280,8 @@ class OdooReads(OdooSchema):
         """Records of ``obj`` whose ``kind`` (email, phone, domain, name, key) equals one of ``values``."""
         model, base = self._source(obj)
         found: dict[str, dict[str, Any]] = {}
+        leaves: list[tuple[str, str, Any]]
+        norm: Callable[[Any], str]
         for chunk in chunks(values, BATCH):
             if kind == "email" and obj == "contacts":
                 leaves, field, norm = (

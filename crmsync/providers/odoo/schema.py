@@ -188,7 +188,14 @@ class OdooSchema(OdooRpc):
         raise ItemError(f"no CRM stage named {name!r}; stages: {', '.join(stages)}")
 
     # -- owners ---------------------------------------------------------------------------------
-    def resolve_owners(self, emails: Sequence[str]) -> dict[str, int]:
+    def resolve_owners(self, emails: Sequence[str]) -> dict[str, Any]:
+        """Owner emails -> res.users ids (see ``_user_ids``).
+
+        The ids stay integers, Odoo's many2one values: a string would be read back as an email.
+        """
+        return self._user_ids(emails)
+
+    def _user_ids(self, emails: Sequence[str]) -> dict[str, int]:
         """Owner emails -> res.users ids, matched on login first, then on email; unknown ones are left out.
 
         Batched (one ``search_read`` per 100 emails not seen before) and cached for this provider's
@@ -228,7 +235,7 @@ class OdooSchema(OdooRpc):
             return value
         email = str(value or "").strip().lower()
         if email:
-            uid = self.resolve_owners([email]).get(email)
+            uid = self._user_ids([email]).get(email)
             if uid:
                 return uid
             with self._lock:
@@ -245,4 +252,4 @@ class OdooSchema(OdooRpc):
 
     def _resolve_batch(self, items: Sequence[Outgoing] | Sequence[OutgoingActivity]) -> None:
         """Resolve a batch's owner emails in one look-up before its items are built one by one."""
-        self.resolve_owners([v for i in items if isinstance(v := i.properties.get("user_id"), str)])
+        self._user_ids([v for i in items if isinstance(v := i.properties.get("user_id"), str)])
