@@ -1,6 +1,6 @@
 """Odoo (16 to 19): JSON-RPC ``execute_kw`` or JSON-2, write_date windows, batched creates.
 
-Facts this file relies on are in shared/reference/odoo.md; the ones that shaped it:
+Facts this package relies on are in shared/reference/odoo.md; the ones that shaped it:
 
 * two transports behind one ``_call(model, method, ids, **kwargs)``: JSON-2 (``/json/2``, bearer
   key, HTTP statuses) on 19 and later, JSON-RPC (``/jsonrpc``, the key in the body, errors as
@@ -20,6 +20,15 @@ Facts this file relies on are in shared/reference/odoo.md; the ones that shaped 
   sanitised into HTML (so crmsync sends text as HTML and reads it back as text); an activity
   created without ``user_id`` belongs to nobody (so every one gets an owner: the rep's user from
   ``owner_email``, else the connection's); a JSON-2 call for a missing database is an HTML 404.
+
+One concept per module, each a layer of ``OdooProvider`` that builds on the ones before it:
+``values`` (pure value helpers, the "activity done" message parser), ``rpc`` (faults, response
+policy, the two transports, authentication, the server's version and clock), ``schema`` (fields,
+activity types, stages, owners: per-run caches), ``reads`` (``changes``, ``fetch``, ``list_ids``,
+``lookup``), ``writes`` (upserts, activities, markers) and ``provider`` (the registry's class and the
+connect flow). Mixins in one straight line rather than collaborator objects: every layer shares the
+same ``_call``, caches and lock through ``self``, so the methods moved unchanged, and mypy checks
+each call against the layer below without protocols.
 """
 
 from crmsync.providers.odoo.provider import OdooProvider
