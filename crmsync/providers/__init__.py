@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "hubspot": "crmsync.providers.hubspot:HubSpotProvider",
     "zoho": "crmsync.providers.zoho:ZohoProvider",
-    "odoo": "crmsync.providers.odoo:OdooProvider",
+    "odoo": "crmsync.providers.odoo.provider:OdooProvider",
     "pipedrive": "crmsync.providers.pipedrive:PipedriveProvider",
 }
 #: The CRM `crmsync demo` runs against, through its emulator's sandbox.

@@ -1,0 +1,332 @@
+"""Reading records: write_date windows paged by id (``changes``), ``fetch``, ``list_ids`` and push's ``lookup``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from crmsync.errors import ConfigError, UsageError
+from crmsync.providers.base import (
+    Page,
+    ProviderContext,
+    RemoteRecord,
+    chunks,
+    match_key,
+    walk_both_ends,
+)
+from crmsync.providers.odoo.schema import OdooSchema
+from crmsync.providers.odoo.values import (
+    BATCH,
+    CALL_XMLID,
+    DEAL_KEY_FIELD,
+    MARKER_FIELD,
+    MARKER_HTML_RE,
+    MARKER_RE,
+    TASK_SUFFIX,
+    done_note,
+    done_summary,
+    format_dt,
+    html_text,
+    m2o_id,
+    or_domain,
+    parse_dt,
+    phone_digits,
+    url_host,
+)
+
+PAGE = 200
+LIST_PAGE = 5000
+OVERLAP_SECONDS = 600.0
+SETTLE_SECONDS = 5.0
+
+
+class OdooReads(OdooSchema):
+    """Pull's reads and push's look-ups by key: every search for records of an object lives here."""
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        super().__init__(ctx)
+        settings = ctx.settings
+        options = ctx.options or {}
+        self.overlap = float(options.get("overlap_seconds") or settings.get("overlap_seconds") or OVERLAP_SECONDS)
+        self.settle = float(settings.get("settle_seconds", SETTLE_SECONDS))
+        self.page_size = int(settings.get("page_size") or PAGE)
+
+    def _calls_from_messages(self) -> bool:
+        # Up to 18 a done activity is deleted: only its chatter message is left to read.
+        return self._major() < 19 and not self.ctx.settings.get("calls_from_activities")
+
+    def _source(self, obj: str) -> tuple[str, list[Any]]:
+        """(model, domain) that selects ``obj``'s records."""
+        if obj == "contacts":
+            return "res.partner", [("is_company", "=", False)]
+        if obj == "companies":
+            return "res.partner", [("is_company", "=", True)]
+        if obj == "deals":
+            if not self._has_model("crm.lead"):
+                raise ConfigError(f"the CRM app is not installed on database {self.db!r}: no deals to pull")
+            return "crm.lead", [("type", "=", "opportunity")]
+        if obj in ("calls", "tasks"):
+            call_type = self._activity_types().get(CALL_XMLID)
+            type_leaf = ("activity_type_id", "=", call_type or 0)
+            if obj == "calls" and self._calls_from_messages():
+                # Only the calls crmsync logged: a database's own chatter is not ours to mirror.
+                return "mail.message", [
+                    ("model", "in", ["res.partner", "crm.lead"]),
+                    ("mail_activity_type_id", "=", call_type or 0),
+                    ("body", "ilike", "[crmsync:"),
+                    ("body", "not ilike", f"{TASK_SUFFIX}]"),
+                ]
+            if MARKER_FIELD in self._model_fields("mail.activity"):
+                marker = [(MARKER_FIELD, "!=", False), (MARKER_FIELD, "not ilike", TASK_SUFFIX)]
+            else:
+                marker = [("note", "ilike", "[crmsync:"), ("note", "not ilike", f"{TASK_SUFFIX}]")]
+            if obj == "tasks":
+                return "mail.activity", [("note", "ilike", f"{TASK_SUFFIX}]")]
+            # Follow-up tasks carry markers too (``<outcome>:task``): they are not logged calls.
+            return "mail.activity", [type_leaf, *marker]
+        raise UsageError(f"Odoo cannot pull {obj}")
+
+    def _read_fields(self, obj: str, model: str, fields: Sequence[str]) -> list[str]:
+        """The mapping's fields as Odoo names (pseudo-fields translated), plus what pull itself needs."""
+        wanted: list[str] = []
+        for name in fields:
+            if name == "stage_name":
+                wanted.append("stage_id")
+            elif name == "activity_type_xmlid":
+                wanted.append("mail_activity_type_id" if model == "mail.message" else "activity_type_id")
+            elif name == "crmsync_marker":
+                text_field = "body" if model == "mail.message" else "note"
+                wanted.append(MARKER_FIELD if MARKER_FIELD in self._model_fields(model) else text_field)
+            elif model == "mail.message":
+                wanted.append({"note": "body", "date_deadline": "date"}.get(name, name))
+            else:
+                wanted.append(name)
+        extra = {
+            "res.partner": ["write_date", "active", "parent_id", "is_company"],
+            "crm.lead": ["write_date", "active", "partner_id", "stage_id"],
+            "mail.activity": ["write_date", "res_model", "res_id", "note", "activity_type_id"],
+            "mail.message": ["write_date", "model", "res_id", "body", "date", "mail_activity_type_id"],
+        }[model]
+        names = list(dict.fromkeys([*wanted, *extra]))
+        if model == "mail.message":
+            names = [n for n in names if n not in ("summary",)]
+        return self._available(model, names)
+
+    def _records(self, obj: str, model: str, rows: list[dict[str, Any]]) -> list[RemoteRecord]:
+        partners: dict[int, dict[str, Any]] = {}
+        if model == "crm.lead":
+            ids = sorted({pid for r in rows if (pid := m2o_id(r.get("partner_id")))})
+            if ids:
+                for p in self._call(
+                    "res.partner",
+                    "read",
+                    ids,
+                    fields=["is_company", "parent_id"],
+                    context={"active_test": False},
+                ):
+                    partners[int(p["id"])] = p
+        return [self._record(obj, model, row, partners) for row in rows]
+
+    def _record(
+        self, obj: str, model: str, row: dict[str, Any], partners: Mapping[int, dict[str, Any]] | None = None
+    ) -> RemoteRecord:
+        props = {k: v for k, v in row.items() if k != "id"}
+        assoc: dict[str, list[str]] = {}
+        archived = False
+        if model == "res.partner":
+            archived = row.get("active") is False
+            if obj == "contacts":
+                parent = m2o_id(row.get("parent_id"))
+                assoc["companies"] = [str(parent)] if parent else []
+        elif model == "crm.lead":
+            archived = row.get("active") is False
+            if "stage_id" in row:
+                props["stage_name"] = row["stage_id"][1] if row["stage_id"] else False
+            pid = m2o_id(row.get("partner_id"))
+            partner = (partners or {}).get(pid or 0)
+            assoc = {"contacts": [], "companies": []}
+            if pid and partner is not None:
+                if partner.get("is_company"):
+                    assoc["companies"] = [str(pid)]
+                else:
+                    assoc["contacts"] = [str(pid)]
+                    parent = m2o_id(partner.get("parent_id"))
+                    if parent:
+                        assoc["companies"] = [str(parent)]
+        else:
+            html_field = "body" if model == "mail.message" else "note"
+            text = row.get(html_field) or ""
+            marker = row.get(MARKER_FIELD) or (m.group(1) if (m := MARKER_RE.search(str(text))) else False)
+            props["crmsync_marker"] = marker
+            if isinstance(text, str):
+                note = done_note(text) if model == "mail.message" else text
+                props["note"] = html_text(MARKER_HTML_RE.sub("", note)) or False
+            type_id = m2o_id(row.get("mail_activity_type_id" if model == "mail.message" else "activity_type_id"))
+            if type_id:
+                self._activity_types()
+                props["activity_type_xmlid"] = self._type_xmlids.get(type_id, False)
+            if model == "mail.message":
+                props["date_deadline"] = str(row["date"])[:10] if row.get("date") else False
+                props["summary"] = done_summary(str(text)) or False
+            res_model = row.get("model") if model == "mail.message" else row.get("res_model")
+            res_id = row.get("res_id")
+            if res_id:
+                assoc = {"contacts": [str(res_id)]} if res_model == "res.partner" else {"deals": [str(res_id)]}
+        return RemoteRecord(
+            id=str(row["id"]),
+            properties=props,
+            updated_at=parse_dt(row.get("write_date")),
+            archived=archived,
+            associations=assoc,
+        )
+
+    def changes(
+        self,
+        obj: str,
+        cursor: dict[str, Any] | None,
+        *,
+        fields: Sequence[str],
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[Page]:
+        model, base = self._source(obj)
+        read = self._read_fields(obj, model, fields)
+        server_now = self._server_now()
+        limit_hi = server_now - timedelta(seconds=self.settle)
+        if until is not None:
+            limit_hi = min(limit_hi, until if until.tzinfo else until.replace(tzinfo=UTC))
+        limit_hi = limit_hi.replace(microsecond=0)
+        cur = dict(cursor or {})
+        if "window_hi" in cur:
+            # Resuming inside a window after a crash: same bounds, after the last stored id.
+            lo, hi, last_id = cur.get("window_lo"), str(cur["window_hi"]), int(cur.get("last_id") or 0)
+        else:
+            prev = parse_dt(cur.get("hi"))
+            if prev is not None and prev >= limit_hi:
+                return  # nothing can have settled since the last window ended
+            if prev is not None:
+                lo = format_dt(prev - timedelta(seconds=self.overlap))
+            elif since is not None:
+                lo = format_dt(since.replace(microsecond=0))
+            else:
+                lo = None
+            hi, last_id = format_dt(limit_hi), 0
+        domain = [*base, *([("write_date", ">=", lo)] if lo else []), ("write_date", "<", hi)]
+        context = {"active_test": False}
+
+        def page(low: int, high: int | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
+            rows = self._call(
+                model,
+                "search_read",
+                domain=[*domain, ("id", ">", low), *([("id", "<", high)] if high is not None else [])],
+                fields=read,
+                order="id desc" if desc else "id asc",
+                limit=self.page_size,
+                context=context,
+            )
+            return rows, len(rows) == self.page_size
+
+        def as_page(rows: list[dict[str, Any]], mark: int | None, *, last: bool, total: int | None) -> Page:
+            # Only a complete window moves the cursor to its end; before that, to the lower end's id.
+            if last:
+                cursor: dict[str, Any] | None = {"hi": hi}
+            else:
+                cursor = None if mark is None else {"window_lo": lo, "window_hi": hi, "last_id": mark}
+            return Page(records=self._records(obj, model, rows), cursor=cursor, total=total)
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"odoo-{obj}") as pool:
+            # A new window's size (for progress) is asked alongside its first page, not before it
+            # (a resumed window's was told when it began).
+            counted = (
+                None if last_id else pool.submit(self._call, model, "search_count", domain=domain, context=context)
+            )
+            held: tuple[list[dict[str, Any]], int | None] | None = None
+            for rows, mark in walk_both_ends(page, lambda row: int(row["id"]), last_id, pool):
+                if held is not None:  # one page held back: the last one carries the window's end
+                    yield as_page(*held, last=False, total=counted.result() if counted else None)
+                held = (rows, mark)
+            yield as_page(*(held or ([], None)), last=True, total=counted.result() if counted else None)
+
+    def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
+        model, _ = self._source(obj)
+        read = self._read_fields(obj, model, fields)
+        out: list[RemoteRecord] = []
+        for chunk in chunks([int(i) for i in dict.fromkeys(ids)], BATCH):
+            rows = self._call(model, "read", chunk, fields=read, context={"active_test": False})
+            out.extend(self._records(obj, model, rows))
+        return out
+
+    def list_ids(self, obj: str) -> Iterator[list[str]]:
+        model, base = self._source(obj)
+        last = 0
+        while True:
+            ids = self._call(
+                model,
+                "search",
+                domain=[*base, ("id", ">", last)],
+                order="id asc",
+                limit=LIST_PAGE,
+                context={"active_test": False},
+            )
+            if ids:
+                yield [str(i) for i in ids]
+            if len(ids) < LIST_PAGE:
+                return
+            last = int(ids[-1])
+
+    def _matches(self, obj: str, kind: str, values: list[str], read: list[str]) -> dict[str, dict[str, Any]]:
+        """Records of ``obj`` whose ``kind`` (email, phone, domain, name, key) equals one of ``values``."""
+        model, base = self._source(obj)
+        found: dict[str, dict[str, Any]] = {}
+        leaves: list[tuple[str, str, Any]]
+        norm: Callable[[Any], str]
+        for chunk in chunks(values, BATCH):
+            if kind == "email" and obj == "contacts":
+                leaves, field, norm = (
+                    [("email", "=ilike", v) for v in chunk],
+                    "email",
+                    lambda x: str(x or "").strip().lower(),
+                )
+            elif kind == "phone" and obj == "contacts":
+                leaves, field, norm = [("phone", "in", chunk)], "phone", phone_digits
+            elif kind == "domain" and obj == "companies":
+                leaves, field, norm = [("website", "ilike", v) for v in chunk], "website", url_host
+            elif kind == "name" and obj in ("companies", "contacts"):
+                leaves, field = [("name", "=ilike", v) for v in chunk], "name"
+                norm = lambda x: str(x or "").strip().lower()  # noqa: E731
+            elif kind == "key" and obj == "deals" and DEAL_KEY_FIELD in self._model_fields("crm.lead"):
+                leaves, field, norm = [(DEAL_KEY_FIELD, "in", chunk)], DEAL_KEY_FIELD, lambda x: str(x or "").lower()
+            else:
+                return found
+            rows = self._call(
+                model,
+                "search_read",
+                domain=[*base, *or_domain(leaves)],
+                fields=list(dict.fromkeys([*read, field])),
+                order="id asc",
+            )
+            wanted = set(chunk)
+            for row in rows:
+                value = norm(row.get(field))
+                if value in wanted:
+                    found.setdefault(value, row)  # the oldest record wins when several match
+        return found
+
+    def lookup(self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]) -> dict[str, RemoteRecord]:
+        if obj not in ("contacts", "companies", "deals"):
+            return {}
+        model, _ = self._source(obj)
+        read = self._read_fields(obj, model, fields)
+        by_kind: dict[str, list[str]] = {}
+        for k in keys:
+            name, value = next(iter(k.items()))
+            by_kind.setdefault(name, []).append(str(value).lower() if name != "phone" else phone_digits(value))
+        out: dict[str, RemoteRecord] = {}
+        for kind, values in by_kind.items():
+            rows = self._matches(obj, kind, list(dict.fromkeys(values)), read)
+            # One call for all rows: a deal's linked partners are read in one batch, not per deal.
+            for value, rec in zip(rows, self._records(obj, model, list(rows.values())), strict=True):
+                out[match_key({kind: value})] = rec
+        return out
