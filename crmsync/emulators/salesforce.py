@@ -156,9 +156,10 @@ def err(message: str, code: str, fields: list[str] | None = None) -> dict[str, A
 class Refused(Exception):
     """A write refused with Salesforce's error (status, message, errorCode, fields)."""
 
-    def __init__(self, status: int, message: str, code: str, fields: list[str] | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str, fields: list[str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.fields = status, message, code, fields or []
+        self.extra = extra
 
 
 class SalesforceEmulator(Emulator):
@@ -188,6 +189,7 @@ class SalesforceEmulator(Emulator):
         self.codes: dict[str, dict[str, str]] = {}
         self.data: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in SCHEMA}
         self.deleted_log: list[tuple[str, str, float]] = []  # (sobject, id, when)
+        self.duplicate_emails: set[str] = set()  # a duplicate rule blocks new Contacts with these emails
         self.purged_before = 0.0  # the delete log holds nothing older (tests move it to force a resync)
         self.schema = {s: list(fs) for s, fs in SCHEMA.items()}
         if external_ids:
@@ -271,6 +273,32 @@ class SalesforceEmulator(Emulator):
                             [name],
                         )
             out[name] = value
+        if create and sobject == "Contact" and str(out.get("Email") or "").lower() in self.duplicate_emails:
+            # An active duplicate rule blocking the save ("Use one of these records?").
+            match = next(
+                (
+                    r["Id"]
+                    for r in self.data["Contact"].values()
+                    if str(r.get("Email") or "").lower() == str(out["Email"]).lower()
+                ),
+                None,
+            )
+            result = {
+                "allowSave": False,
+                "duplicateRule": "Standard_Contact_Duplicate_Rule",
+                "duplicateRuleEntityType": "Contact",
+                "errorMessage": "Use one of these records?",
+                "matchResults": [
+                    {
+                        "entityType": "Contact",
+                        "matchEngine": "ExactMatchEngine",
+                        "matchRecords": [{"record": {"Id": match}}] if match else [],
+                        "size": 1,
+                        "success": True,
+                    }
+                ],
+            }
+            raise Refused(400, "Use one of these records?", "DUPLICATES_DETECTED", duplicateResult=result)
         if create:
             missing = [f[0] for f in self.schema[sobject] if f[2] and out.get(f[0]) in (None, "")]
             if missing:

@@ -323,7 +323,8 @@ def register(emu: SalesforceEmulator) -> None:
 
     # -- Collections -------------------------------------------------------------------------------
     def item_error(exc: Refused) -> dict[str, Any]:
-        return {"success": False, "errors": [{"statusCode": exc.code, "message": exc.message, "fields": exc.fields}]}
+        error = {"statusCode": exc.code, "message": exc.message, "fields": exc.fields, **exc.extra}
+        return {"success": False, "errors": [error]}
 
     def collection(request: httpx.Request, op: Any, *, upsert_result: bool = False) -> httpx.Response:
         doc = body_of(request)

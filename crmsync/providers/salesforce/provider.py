@@ -285,7 +285,7 @@ class SalesforceProvider(Provider):
         missing = self.missing_fields(sobjects)
         if missing:
             raise ConfigError(
-                f"Salesforce lacks the External ID fields crmsync needs: {', '.join(missing)} ({rec.FIELD_SPEC} each)",
+                f"Salesforce lacks the External ID fields crmsync needs: {', '.join(missing)} (each {rec.FIELD_SPEC})",
                 hint="an admin creates them in Setup > Object Manager (Task fields under Activity), "
                 "with field-level security for the connected user",
             )
@@ -327,7 +327,8 @@ class SalesforceProvider(Provider):
         }
 
     def prepare_objects(self, objects: Sequence[str]) -> None:
-        self._require_fields(sorted({rec.SOBJECT[o] for o in objects if o in rec.SOBJECT}))
+        # Every missing field at once (four cached describes), so an admin creates them in one go.
+        self._require_fields()
 
     def prepare_push(self) -> None:
         self._require_fields()
@@ -368,8 +369,9 @@ class SalesforceProvider(Provider):
             end = min(until or now, now - self.settle)
             prior = rec.parse_time(state.get("ts"))
             start = (prior - self.overlap) if prior else (since or datetime(1970, 1, 1, tzinfo=UTC))
+            after = str(state.get("id") or "") if prior and not self.overlap else ""
             first = not cursor and since is None
-            state = {"ts": soql.stamp(start), "id": "", "until": soql.stamp(end), "del": state.get("del")}
+            state = {"ts": soql.stamp(start), "id": after, "until": soql.stamp(end), "del": state.get("del")}
             if first:
                 total = next(self._query(soql.count(sobject, until=state["until"], where=where)))[1]
                 if total > self.bulk_threshold:
@@ -380,13 +382,18 @@ class SalesforceProvider(Provider):
         if state.get("bulk"):
             yield from self._bulk_pages(sobject, state)
         else:
-            q = soql.delta(sobject, cols, after=(state["ts"], state["id"]), until=state["until"], where=where)
-            for rows, total in self._query(q):
+            # queryAll: a delete moves SystemModstamp, so the recycle bin's rows arrive in the same keyset walk.
+            q = soql.delta(
+                sobject, [*cols, "IsDeleted"], after=(state["ts"], state["id"]), until=state["until"], where=where
+            )
+            for rows, total in self._query(q, all_rows=True):
                 if rows:
                     last = rec.clean(rows[-1])
                     stamp = rec.parse_time(last.get("SystemModstamp"))
                     state = {**state, "ts": soql.stamp(stamp) if stamp else state["ts"], "id": str(last["Id"])}
-                yield Page([self._record(sobject, r) for r in rows], dict(state), total=total)
+                live = [self._record(sobject, r) for r in rows if not r.get("IsDeleted")]
+                gone = [str(r["Id"]) for r in rows if r.get("IsDeleted")]
+                yield Page(live, dict(state), deleted=gone, total=total)
         yield self._deletions(sobject, state)
 
     def _bulk_pages(self, sobject: str, state: dict[str, Any]) -> Iterator[Page]:
@@ -400,7 +407,11 @@ class SalesforceProvider(Provider):
             yield Page([self._record(sobject, r) for r in rows], dict(state))
 
     def _deletions(self, sobject: str, state: dict[str, Any]) -> Page:
-        """The window's end as the cursor, with what ``getDeleted`` reports since the last run."""
+        """The window's end as the cursor, with what ``getDeleted`` reports since the last run.
+
+        queryAll already brought the deletions still in the recycle bin; the delete log also names
+        records purged from it (emptied bins, hard deletes). It takes whole minutes and 15 days.
+        """
         end = rec.parse_time(state["until"].replace("Z", "+00:00")) or datetime.now(UTC)
         start = rec.parse_time(state.get("del"))
         done = {"ts": state["ts"], "id": state["id"], "del": state.get("del") or soql.stamp(end)}

@@ -1,0 +1,351 @@
+"""Salesforce end to end against its emulator: connect (JWT, web server + PKCE), push exactly once by
+External IDs, pull exact deltas with deletions, Bulk 2.0 backfills, the daily allocation."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from crmsync.app import App
+from crmsync.emulators.base import Faults
+from crmsync.emulators.salesforce import SalesforceEmulator, build_salesforce, connect_line, sandbox
+from crmsync.errors import AuthError, ConfigError
+from crmsync.providers.salesforce import soql
+from crmsync.providers.salesforce.limits import parse_limit_info, push_requests
+from crmsync.sync.connect import connect
+from crmsync.sync.pull import pull
+from crmsync.sync.push import push
+from tests.e2e import ScriptIO, cli_env, pull_stopped_before_page, run_cli, write_config
+from tests.test_hubspot_e2e import outcome_lines
+
+USER = "admin@example.com.sandbox"
+
+
+def _key(emulator: SalesforceEmulator, home: Path) -> Path:
+    path = home / "sf-key.pem"
+    if not path.exists():
+        path.write_text(emulator.generate_certificate())
+        path.chmod(0o600)
+    return path
+
+
+def _app(emulator: SalesforceEmulator, home: Path, *, db: str | None = None, transport: Any = None) -> App:
+    app = App(db=db, transport=transport or (lambda name: emulator.transport()))
+    options = {"client_id": emulator.client_id, "jwt_key": str(_key(emulator, home)), "user": USER}
+    connect(app, provider="salesforce", name="sf", base_url="http://sf.test", options=options, io=ScriptIO())
+    return app
+
+
+def _outcomes(path: Path, n: int, **kw: Any) -> Path:
+    lines = []
+    for i, line in enumerate(outcome_lines(n, **kw).splitlines()):
+        o = json.loads(line)
+        if "deal" in o:
+            o["deal"]["stage"] = "Prospecting"
+        if i % 5 == 0:
+            o["next_step"] = {"type": "call", "due_at": "2026-12-09T09:00:00+00:00", "notes": "call back"}
+        lines.append(json.dumps(o))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _calls(emulator: SalesforceEmulator) -> Counter[str]:
+    return Counter(str(t["crmsync_outcome_id__c"]) for t in emulator.records("Task") if t["TaskSubtype"] == "Call")
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+def test_limit_info_is_read_from_every_shape_salesforce_sends() -> None:
+    parsed = parse_limit_info("api-usage=18/5000;per-app-api-usage=17/250(appName=crmsync)")
+    assert parsed["api-usage"].remaining == 4982 and parsed["per-app-api-usage"].app == "crmsync"
+    assert parse_limit_info(None) == {} and parse_limit_info("api-usage=x/y") == {}
+    assert push_requests({"calls": 1000, "contacts": 1000, "companies": 7, "deals": 250}) == 8 + 10 + 2 + 4 + 5
+
+
+@pytest.mark.parametrize("hostile", ["o'brien@x.org", "a\\' OR Id != '", "x') OR (Name != '"])
+def test_hostile_values_stay_inside_their_soql_literal(hostile: str) -> None:
+    emulator = SalesforceEmulator()
+    emulator.create("Contact", {"LastName": "Victim", "Email": "victim@x.org"})
+    emulator.create("Contact", {"LastName": "OBrien", "Email": "o'brien@x.org"})
+    token = emulator.issue(emulator.users[0])["access_token"]
+    client = httpx.Client(transport=emulator.transport(), base_url="http://sf.test/services/data/v62.0")
+    q = soql.in_list("Contact", ["Email"], "Email", [hostile])
+    doc = client.get("/query", params={"q": q}, headers={"Authorization": f"Bearer {token}"}).json()
+    assert [r["Email"] for r in doc["records"]] == ([hostile] if hostile == "o'brien@x.org" else [])
+
+
+# -- connect --------------------------------------------------------------------------------------
+def test_jwt_connect_uses_the_instance_url_and_a_wrong_key_is_refused(home: Path, tmp_path: Path) -> None:
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    conn = app.store.connection("sf") if hasattr(app.store, "connection") else None
+    assert emulator.stats.by_route["POST oauth token"] == 1 and emulator.stats.by_route["GET versions"] == 1
+    if conn is not None:
+        assert conn.settings["api_base_url"] == "http://sf.test/services/data/v62.0"
+    other = SalesforceEmulator()
+    wrong = tmp_path / "wrong.pem"
+    wrong.write_text(other.generate_certificate())
+    options = {"client_id": emulator.client_id, "jwt_key": str(wrong), "user": USER}
+    with pytest.raises(AuthError, match="invalid_grant|invalid assertion"):
+        connect(
+            App(transport=lambda n: emulator.transport()),
+            provider="salesforce",
+            name="sf2",
+            base_url="http://sf.test",
+            options=options,
+            io=ScriptIO(),
+        )
+
+
+def test_web_server_flow_with_pkce_through_the_loopback_redirect(home: Path) -> None:
+    emulator = SalesforceEmulator()
+    seen: list[str] = []
+
+    def browser(url: str) -> None:
+        seen.append(url)
+        with httpx.Client(transport=emulator.transport()) as sf:
+            location = sf.get(url).headers["location"]
+        httpx.get(location)  # the browser follows the redirect to crmsync's loopback listener
+
+    app = App(transport=lambda name: emulator.transport())
+    connect(
+        app,
+        provider="salesforce",
+        name="sf",
+        base_url="http://sf.test",
+        options={"client_id": emulator.client_id},
+        io=ScriptIO(emulator.client_secret, open_with=browser),
+    )
+    assert "code_challenge=" in seen[0] and "code_challenge_method=S256" in seen[0]
+    src_refresh = emulator.refresh_tokens
+    assert len(src_refresh) == 1
+
+
+def test_an_expired_session_is_renewed_once_and_the_request_retried(home: Path, tmp_path: Path) -> None:
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    emulator.expire_tokens()
+    summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 5)), connection="sf")
+    assert summary.exit_code == 0 and len(_calls(emulator)) == 5
+    assert emulator.stats.by_route["POST oauth token"] == 2  # connect + one renewal
+
+
+def test_a_pinned_version_the_org_does_not_offer_is_named(home: Path) -> None:
+    write_config(home, "sf", api_version="99.0")
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    with pytest.raises(ConfigError, match=r"does not offer API v99.0 \(newest: v65.0\)"):
+        app.provider(app.store.connections()[0]).check()
+
+
+# -- push -----------------------------------------------------------------------------------------
+def test_1000_outcomes_in_few_requests_each_call_linked_and_a_re_push_writes_nothing(
+    home: Path, tmp_path: Path
+) -> None:
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    src = _outcomes(tmp_path / "o.jsonl", 1000, company_every=3, deal_every=4)
+    before = emulator.stats.requests
+    summary = push(app, source=str(src), connection="sf")
+    spent = emulator.stats.requests - before
+    assert summary.exit_code == 0 and summary.created == 1000, summary.as_dict()
+    assert spent <= 60, dict(emulator.stats.by_route)
+    print(f"\n1000 outcomes: {spent} requests {dict(emulator.stats.by_route)}")
+    calls = _calls(emulator)
+    assert len(calls) == 1000 and set(calls.values()) == {1}
+    contacts = {c["Id"]: c for c in emulator.records("Contact")}
+    deals = {d["Id"]: d for d in emulator.records("Opportunity")}
+    assert len(contacts) == 1000 and len(deals) == 250 and len(emulator.records("Account")) == 7
+    for task in emulator.records("Task"):
+        if task["TaskSubtype"] != "Call":
+            continue
+        i = int(task["crmsync_outcome_id__c"].split("-")[1])
+        assert task["Status"] == "Completed" and task["IsClosed"] is True
+        assert contacts[task["WhoId"]]["Email"] == f"person{i}@example.org"
+        assert task["CallDurationInSeconds"] == 60 + i % 100 and task["Description"] == f"call {i}"
+        assert (task.get("WhatId") in deals) == (i % 4 == 0)
+    follow_ups = [t for t in emulator.records("Task") if t["TaskSubtype"] != "Call"]
+    assert len(follow_ups) == 200 and all(not t["IsClosed"] and t["ActivityDate"] == "2026-12-09" for t in follow_ups)
+
+    writes, requests = emulator.stats.writes, emulator.stats.requests
+    again = push(app, source=str(src), connection="sf")
+    assert again.exit_code == 0 and again.created == 0 and emulator.stats.writes == writes
+    assert emulator.stats.requests - requests <= 3
+
+
+def test_a_new_store_creates_no_second_task(home: Path, tmp_path: Path) -> None:
+    emulator = SalesforceEmulator()
+    src = _outcomes(tmp_path / "o.jsonl", 60, company_every=3, deal_every=4)
+    assert push(_app(emulator, home, db=str(tmp_path / "a.db")), source=str(src), connection="sf").exit_code == 0
+    counts = {s: len(emulator.records(s)) for s in ("Contact", "Account", "Opportunity", "Task")}
+    second = push(_app(emulator, home, db=str(tmp_path / "b.db")), source=str(src), connection="sf")
+    assert second.exit_code == 0, second.as_dict()
+    assert {s: len(emulator.records(s)) for s in counts} == counts
+    assert set(_calls(emulator).values()) == {1}
+
+
+def test_lost_replies_and_locked_rows_never_duplicate_a_record_or_a_call(home: Path, tmp_path: Path) -> None:
+    lose = {"n": 0}
+
+    def lost(request: httpx.Request) -> bool:
+        if "/composite/sobjects" in request.url.path and lose["n"] < 6:
+            lose["n"] += 1
+            return True
+        return False
+
+    emulator = SalesforceEmulator(faults=Faults(lose_reply=lost, partial_rate=0.1, seed=4))
+    app = _app(emulator, home)
+    src = _outcomes(tmp_path / "o.jsonl", 300, company_every=3, deal_every=4)
+    for _ in range(5):
+        summary = push(app, source=str(src), connection="sf")
+        if summary.pending == 0 and summary.failed == 0:
+            break
+    assert summary.exit_code == 0, summary.as_dict()
+    assert lose["n"] == 6
+    calls = _calls(emulator)
+    assert len(calls) == 300 and set(calls.values()) == {1}
+    emails = Counter(c["Email"] for c in emulator.records("Contact"))
+    assert len(emails) == 300 and set(emails.values()) == {1}
+
+
+def test_a_duplicate_rule_is_reported_for_its_outcome_only(home: Path, tmp_path: Path) -> None:
+    emulator = SalesforceEmulator()
+    emulator.duplicate_emails.add("person3@example.org")
+    app = _app(emulator, home)
+    summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 6)), connection="sf")
+    assert summary.failed == 1 and len(_calls(emulator)) == 5
+    reason = " ".join(summary.failure_reasons)
+    assert "duplicate rules blocked" in reason and "Standard_Contact_Duplicate_Rule" in reason
+
+
+def test_missing_external_id_fields_are_named_by_push_and_map_check(home: Path, tmp_path: Path) -> None:
+    from crmsync.sync.mapping_ops import check_mapping
+
+    emulator = SalesforceEmulator(external_ids=False)
+    app = _app(emulator, home)
+    expected = "Account.crmsync_key__c, Contact.crmsync_key__c, Opportunity.crmsync_key__c, Task.crmsync_outcome_id__c"
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        push(app, source=str(_outcomes(tmp_path / "o.jsonl", 3)), connection="sf")
+    assert emulator.stats.writes == 0
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        check_mapping(app, "sf")
+
+
+def test_owners_come_from_users_by_email(home: Path, tmp_path: Path) -> None:
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    rows = []
+    for i, owner in enumerate(["rep1@example.com", "REP2@example.com", "nobody@example.com"]):
+        rows.append(
+            json.dumps(
+                {
+                    "id": f"own-{i}",
+                    "occurred_at": "2026-12-01T10:00:00+00:00",
+                    "contact": {"email": f"c{i}@example.org"},
+                    "owner_email": owner,
+                    "disposition": "connected",
+                }
+            )
+        )
+    src = tmp_path / "o.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    assert push(app, source=str(src), connection="sf").exit_code == 0
+    owners = {t["crmsync_outcome_id__c"]: t.get("OwnerId") for t in emulator.records("Task")}
+    assert owners == {"own-0": emulator.users[1], "own-1": emulator.users[2], "own-2": emulator.users[0]}
+
+
+def test_a_push_beyond_the_share_of_the_allocation_left_stops_before_writing(home: Path, tmp_path: Path) -> None:
+    write_config(home, "sf", budget_share=0.5)
+    emulator = SalesforceEmulator(daily_limit=1000)
+    app = _app(emulator, home)
+    emulator.api_used = 990
+    summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 400, company_every=3)), connection="sf")
+    assert summary.exit_code == 75 and emulator.stats.writes == 0
+    assert "may need up to" in (summary.error or "") and "left of the org's 1,000 a day" in (summary.error or "")
+
+
+def test_a_spent_daily_allocation_stops_the_run_with_exit_75(home: Path, tmp_path: Path) -> None:
+    emulator = SalesforceEmulator(daily_limit=1000)
+
+    def spend_it_all(request: httpx.Request) -> bool:
+        if "/composite/sobjects" in request.url.path:
+            emulator.api_used = emulator.daily_limit  # other integrations spent the rest meanwhile
+        return False
+
+    emulator.faults.lose_reply = spend_it_all
+    app = _app(emulator, home)
+    summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 10, company_every=2)), connection="sf")
+    assert summary.exit_code == 75 and "REQUEST_LIMIT_EXCEEDED" in (summary.error or ""), summary.as_dict()
+
+
+# -- pull -----------------------------------------------------------------------------------------
+def test_pull_stores_edits_creates_and_deletions_exactly_once(home: Path) -> None:
+    write_config(home, "sf", lookback_seconds=0, overlap_seconds=0)
+    emulator = build_salesforce(contacts=30, companies=3, deals=4)
+    app = _app(emulator, home)
+    first = pull(app, objects=["contacts", "companies", "deals"])[0]
+    assert first.exit_code == 0
+    assert {o.object: o.created for o in first.objects} == {"contacts": 30, "companies": 3, "deals": 4}
+
+    contacts = emulator.records("Contact")
+    emulator.update("Contact", contacts[1]["Id"], {"FirstName": "Renamed"})
+    emulator.create("Contact", {"LastName": "New", "Email": "new@x.org"})
+    emulator.delete("Opportunity", emulator.records("Opportunity")[0]["Id"])
+    time.sleep(1.1)  # whole seconds: the edits' second must be over before a window can end after it
+    second = pull(app, objects=["contacts", "companies", "deals"])[0]
+    assert second.exit_code == 0
+    by = {o.object: o for o in second.objects}
+    assert by["contacts"].created == 1 and by["contacts"].updated == 1, by["contacts"]
+    assert by["deals"].archived == 1
+    time.sleep(1.1)
+    third = pull(app, objects=["contacts", "companies", "deals"])[0]
+    assert all(o.created == o.updated == o.archived == 0 for o in third.objects)
+
+
+def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crmsync.providers.salesforce import bulk
+
+    monkeypatch.setattr(bulk, "PAGE_ROWS", 1_000)
+    write_config(home, "sf", bulk_threshold=100)
+    emulator = build_salesforce(contacts=5_000, companies=0, deals=0)
+    app = _app(emulator, home)
+    assert pull_stopped_before_page(app, 1, ["contacts"])  # killed after storing the first page
+    assert len(emulator.jobs) == 1
+    read_before = emulator.stats.by_route["GET bulk query results"]
+    done = pull(app, objects=["contacts"])[0]
+    assert done.exit_code == 0
+    assert len(emulator.jobs) == 1  # the same job, its locator the checkpoint
+    stored = app.store.records("sf", "contacts")
+    assert len({r.remote_id for r in stored}) == 5_000 == len(stored)
+    # Resumed at the second page's locator: four pages, not the five of a new start.
+    assert emulator.stats.by_route["GET bulk query results"] - read_before == 4
+    assert emulator.stats.by_route["GET query read"] <= 2  # the COUNT(), then one incremental query at most
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def test_the_sandbox_connect_line_works_as_pasted(home: Path, tmp_path: Path) -> None:
+    """Needs the generic `--jwt-key`/`--username` connect options (engineer cli-run's branch)."""
+    import shlex
+
+    emulator, creds = sandbox(contacts=5, companies=1, deals=1)
+    server = emulator.serve()
+    try:
+        key = tmp_path / "sandbox.pem"
+        key.write_text(creds["jwt_key_pem"])
+        key.chmod(0o600)
+        line = connect_line(server.url, creds, str(key))
+        words = shlex.split(line)
+        assert words[:3] == ["crmsync", "connect", "salesforce"]
+        result = run_cli(words[1:], cli_env(home))
+        assert result.code == 0, result.stderr
+        pulled = run_cli(["--json", "pull", "-c", "sandbox", "--object", "contacts"], cli_env(home))
+        assert pulled.code == 0, pulled.stderr
+    finally:
+        server.stop()
