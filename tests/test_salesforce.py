@@ -349,3 +349,50 @@ def test_the_sandbox_connect_line_works_as_pasted(home: Path, tmp_path: Path) ->
         assert pulled.code == 0, pulled.stderr
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: Path) -> None:
+    import random
+
+    from tests.test_resilience import _run_and_kill
+
+    emulator = SalesforceEmulator(faults=Faults(latency_ms=20, seed=5))
+    server = emulator.serve()
+    try:
+        app = App()
+        options = {"client_id": emulator.client_id, "jwt_key": str(_key(emulator, home)), "user": USER}
+        connect(
+            app,
+            provider="salesforce",
+            name="sf",
+            base_url=server.url,
+            options=options,
+            io=ScriptIO(),
+            insecure_storage=True,
+        )
+        app.close()
+        env = cli_env(home)
+        src = _outcomes(tmp_path / "o.jsonl", 500, company_every=3, deal_every=4)
+        rng = random.Random(29)
+        kills = 0
+        for _ in range(30):
+            code = _run_and_kill(
+                ["--quiet", "push", str(src), "-c", "sf"],
+                env,
+                emulator,  # type: ignore[arg-type]
+                after_requests=rng.randint(1, 12),
+                then=rng.uniform(0, 0.05),
+            )
+            kills += code is None
+        final = run_cli(["--json", "push", str(src), "-c", "sf"], env)
+        assert final.code == 0, final.stderr
+        assert kills >= 10
+        calls = _calls(emulator)
+        assert len(calls) == 500 and set(calls.values()) == {1}
+        emails = Counter(c["Email"] for c in emulator.records("Contact"))
+        assert len(emails) == 500 and set(emails.values()) == {1}
+        assert len(emulator.records("Account")) == 7 and len(emulator.records("Opportunity")) == 125
+        assert len([t for t in emulator.records("Task") if t["TaskSubtype"] != "Call"]) == 100
+    finally:
+        server.stop()
