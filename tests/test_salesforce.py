@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import httpx
 import pytest
@@ -396,3 +398,111 @@ def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: 
         assert len([t for t in emulator.records("Task") if t["TaskSubtype"] != "Call"]) == 100
     finally:
         server.stop()
+
+
+# -- Salesforce's own Postman collection, replayed --------------------------------------------------
+POSTMAN = Path(__file__).resolve().parent / "specs" / "salesforce"
+
+
+#: The collection's requests crmsync sends, with what fills their placeholders (the collection's own
+#: bodies are type templates such as "Boolean"; their method, path, query and form keys are kept).
+REPLAYED = {
+    "auth/jwt_bearer_token_flow.json": 200,
+    "auth/refresh_token.json": 200,
+    "rest/versions.json": 200,
+    "rest/limit.json": 200,
+    "rest/query.json": 200,
+    "rest/queryall.json": 200,
+    "rest/sobject_describe.json": 200,
+    "rest/sobject_get_deleted.json": 200,
+    "rest/sobject_rows.json": 200,
+    "rest/sobject_create.json": 201,
+    "rest/sobject_rows_by_external_id.json": 200,
+    "composite/sobject_collections_create.json": 200,
+    "query/create_job_query.json": 200,
+    "query/get_job_info_query.json": 200,
+    "query/get_job_query_result.json": 200,
+}
+
+
+def test_the_postman_collection_requests_crmsync_uses_are_answered_as_documented() -> None:
+    import jwt
+
+    base = POSTMAN
+    emulator = SalesforceEmulator()
+    pem = emulator.generate_certificate()
+    tokens = emulator.issue(emulator.users[0])
+    account = emulator.create("Account", {"Name": "Acme", "crmsync_key__c": "acme.example"})
+    now = datetime.now(UTC)
+    values: dict[str, str] = {
+        "{{url}}": "http://sf.test",
+        "{{site}}": "",
+        "{{_endpoint}}": "http://sf.test",
+        "{{version}}": "62.0",
+        "{{clientId}}": emulator.client_id,
+        "{{clientSecret}}": emulator.client_secret,
+        "{{_refreshToken}}": tokens["refresh_token"],
+        "<SOBJECT_API_NAME>": "Account",
+        "<RECORD_ID>": account["Id"],
+        "<FIELD_NAME>": "crmsync_key__c",
+        "<FIELD_VALUE>": "acme.example",
+    }
+    client = httpx.Client(transport=emulator.transport())
+    job = ""
+    for name, status in REPLAYED.items():
+        doc = json.loads((base / name).read_text())
+        url = doc["url"]
+        for key, value in {**values, "{{_jobId}}": job}.items():
+            url = url.replace(key, value)
+        url = url.split("?")[0]
+        params = {q["key"]: unquote_plus(q["value"]) for q in doc.get("queryParams") or [] if q.get("value")}
+        if name.endswith("get_deleted.json"):
+            params = {"start": (now - timedelta(hours=1)).isoformat(), "end": now.isoformat()}
+        if name.endswith("query_result.json"):
+            params = {"maxRecords": "100"}
+        headers = {h["key"]: h["value"] for h in doc.get("headerData") or [] if h["key"] != "Authorization"}
+        headers["Authorization"] = f"Bearer {tokens['access_token']}"
+        kwargs: dict[str, Any] = {}
+        if doc.get("dataMode") in ("urlencoded", "params"):
+            form = {d["key"]: d["value"] for d in doc["data"]}
+            for key, value in form.items():
+                for k, v in values.items():
+                    form[key] = form[key].replace(k, v)
+            if form.get("grant_type", "").endswith("jwt-bearer"):
+                claims = {
+                    "iss": emulator.client_id,
+                    "sub": USER,
+                    "aud": "https://login.salesforce.com",
+                    "exp": int(time.time()) + 120,
+                }
+                form["assertion"] = jwt.encode(claims, pem, algorithm="RS256")
+            kwargs["data"] = form
+        elif doc["method"] in ("POST", "PATCH"):
+            raw = doc.get("rawModeData") or ""
+            if name.endswith("collections_create.json"):
+                raw = json.dumps(
+                    {"allOrNone": False, "records": [{"attributes": {"type": "Contact"}, "LastName": "X"}]}
+                )
+            elif name.endswith("create_job_query.json"):
+                raw = json.dumps(
+                    {
+                        "operation": "query",
+                        "query": "SELECT Id, Name FROM Account",
+                        "contentType": "CSV",
+                        "columnDelimiter": "COMMA",
+                        "lineEnding": "LF",
+                    }
+                )
+            kwargs["content"] = raw.encode()
+        response = client.request(doc["method"], url, params=params, headers=headers, **kwargs)
+        assert response.status_code == status, (name, response.status_code, response.text[:300])
+        if response.headers.get("content-type", "").startswith("application/json") and name.startswith(
+            ("rest/q", "rest/s", "comp")
+        ):
+            assert response.headers["sforce-limit-info"].startswith("api-usage=")
+        if name.endswith("create_job_query.json"):
+            job = response.json()["id"]
+        if name.endswith("query_result.json"):
+            assert response.text.splitlines()[0] == "Id,Name" and response.headers["sforce-locator"] == "null"
+        if name == "rest/query.json":
+            assert response.json()["records"][0]["Name"] == "Acme"
