@@ -93,7 +93,7 @@ def test_jwt_connect_uses_the_instance_url_and_a_wrong_key_is_refused(home: Path
     wrong = tmp_path / "wrong.pem"
     wrong.write_text(other.generate_certificate())
     options = {"client_id": emulator.client_id, "jwt_key": str(wrong), "user": USER}
-    with pytest.raises(AuthError, match="invalid_grant|invalid assertion"):
+    with pytest.raises(AuthError, match=r"invalid_grant|invalid assertion"):
         connect(
             App(transport=lambda n: emulator.transport()),
             provider="salesforce",
@@ -465,7 +465,7 @@ def test_the_postman_collection_requests_crmsync_uses_are_answered_as_documented
         kwargs: dict[str, Any] = {}
         if doc.get("dataMode") in ("urlencoded", "params"):
             form = {d["key"]: d["value"] for d in doc["data"]}
-            for key, value in form.items():
+            for key in form:
                 for k, v in values.items():
                     form[key] = form[key].replace(k, v)
             if form.get("grant_type", "").endswith("jwt-bearer"):

@@ -35,7 +35,7 @@ class Loopback(requests.adapters.HTTPAdapter):
 
 
 @pytest.fixture
-def org() -> Iterator[tuple[SalesforceEmulator, Salesforce]]:
+def org() -> Iterator[tuple[SalesforceEmulator, Any]]:
     emulator = SalesforceEmulator()
     pem = emulator.generate_certificate()
     server = emulator.serve()
@@ -48,7 +48,7 @@ def org() -> Iterator[tuple[SalesforceEmulator, Salesforce]]:
         server.stop()
 
 
-def test_jwt_login_create_read_update_delete(org: tuple[SalesforceEmulator, Salesforce]) -> None:
+def test_jwt_login_create_read_update_delete(org: tuple[SalesforceEmulator, Any]) -> None:
     emulator, sf = org
     made = sf.Contact.create({"LastName": "Lovelace", "Email": "ada@example.org"})
     assert made["success"] is True and made["id"].startswith("003")
@@ -62,7 +62,7 @@ def test_jwt_login_create_read_update_delete(org: tuple[SalesforceEmulator, Sale
 
 
 def test_upsert_by_external_id_creates_then_updates_and_several_matches_are_300(
-    org: tuple[SalesforceEmulator, Salesforce],
+    org: tuple[SalesforceEmulator, Any],
 ) -> None:
     emulator, sf = org
     assert sf.Contact.upsert("crmsync_key__c/ada@example.org", {"LastName": "Lovelace"}) == 201
@@ -75,7 +75,7 @@ def test_upsert_by_external_id_creates_then_updates_and_several_matches_are_300(
 
 
 def test_query_all_pages_through_next_records_url_and_bad_soql_is_refused(
-    org: tuple[SalesforceEmulator, Salesforce],
+    org: tuple[SalesforceEmulator, Any],
 ) -> None:
     emulator, sf = org
     emulator.bulk_create("Contact", 4_500, lambda i: {"LastName": f"P{i}", "Email": f"p{i}@x.org"})
@@ -86,7 +86,7 @@ def test_query_all_pages_through_next_records_url_and_bad_soql_is_refused(
         sf.query("SELECT Nope FROM Contact")
 
 
-def test_describe_deleted_updated_and_limits(org: tuple[SalesforceEmulator, Salesforce]) -> None:
+def test_describe_deleted_updated_and_limits(org: tuple[SalesforceEmulator, Any]) -> None:
     emulator, sf = org
     emulator.clock_offset = -600
     rid = sf.Contact.create({"LastName": "Gone"})["id"]
@@ -102,7 +102,7 @@ def test_describe_deleted_updated_and_limits(org: tuple[SalesforceEmulator, Sale
     assert sf.limits()["DailyApiRequests"]["Max"] == 100_000
 
 
-def test_bulk2_query_and_composite_with_references(org: tuple[SalesforceEmulator, Salesforce]) -> None:
+def test_bulk2_query_and_composite_with_references(org: tuple[SalesforceEmulator, Any]) -> None:
     emulator, sf = org
     emulator.bulk_create("Account", 1_200, lambda i: {"Name": f"Co {i}"})
     pages = list(sf.bulk2.Account.query("SELECT Id, Name FROM Account", max_records=500))
@@ -110,10 +110,18 @@ def test_bulk2_query_and_composite_with_references(org: tuple[SalesforceEmulator
     body = {
         "allOrNone": True,
         "compositeRequest": [
-            {"method": "POST", "url": "/services/data/v62.0/sobjects/Account", "referenceId": "acc",
-             "body": {"Name": "Acme"}},
-            {"method": "POST", "url": "/services/data/v62.0/sobjects/Contact", "referenceId": "con",
-             "body": {"LastName": "Doe", "AccountId": "@{acc.id}"}},
+            {
+                "method": "POST",
+                "url": "/services/data/v62.0/sobjects/Account",
+                "referenceId": "acc",
+                "body": {"Name": "Acme"},
+            },
+            {
+                "method": "POST",
+                "url": "/services/data/v62.0/sobjects/Contact",
+                "referenceId": "con",
+                "body": {"LastName": "Doe", "AccountId": "@{acc.id}"},
+            },
         ],
     }
     answer = sf.restful("composite", method="POST", json=body)
