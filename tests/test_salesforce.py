@@ -506,3 +506,37 @@ def test_the_postman_collection_requests_crmsync_uses_are_answered_as_documented
             assert response.text.splitlines()[0] == "Id,Name" and response.headers["sforce-locator"] == "null"
         if name == "rest/query.json":
             assert response.json()["records"][0]["Name"] == "Acme"
+
+
+def test_purged_deletions_come_from_the_delete_log_and_an_old_cursor_means_a_resync(home: Path) -> None:
+    write_config(home, "sf", lookback_seconds=0, overlap_seconds=0)
+    emulator = build_salesforce(contacts=5, companies=0, deals=0)
+    app = _app(emulator, home)
+    assert pull(app, objects=["contacts"])[0].exit_code == 0
+    provider = app.provider(app.store.connections()[0])
+    provider.deleted_every = timedelta(0)  # type: ignore[attr-defined]
+    gone = emulator.records("Contact")[0]["Id"]
+    emulator.clock_offset = -300  # five minutes ago: the log covers whole minutes up to the window's end
+    emulator.delete("Contact", gone)
+    emulator.clock_offset = 0
+    emulator.data["Contact"].pop(gone)  # emptied from the recycle bin: queryAll no longer sees it
+    time.sleep(1.1)
+    page = list(
+        provider.changes(
+            "contacts",
+            {"ts": "2026-01-01T00:00:00Z", "id": "", "del": soql.stamp(datetime.now(UTC) - timedelta(hours=2))},
+            fields=["Email"],
+        )
+    )[-1]
+    assert page.deleted == [gone]
+    emulator.purged_before = emulator.now()  # the log was purged after the cursor: a full resync
+    page = list(
+        provider.changes(
+            "contacts",
+            {"ts": "2026-01-01T00:00:00Z", "id": "", "del": soql.stamp(datetime.now(UTC) - timedelta(hours=2))},
+            fields=["Email"],
+        )
+    )[-1]
+    assert page.deleted == [] and page.cursor is not None and "ts" not in page.cursor
+    old = {"ts": "2026-01-01T00:00:00Z", "id": "", "del": soql.stamp(datetime.now(UTC) - timedelta(days=16))}
+    assert "ts" not in (list(provider.changes("contacts", old, fields=["Email"]))[-1].cursor or {"ts": 1})

@@ -62,6 +62,9 @@ SETTLE = timedelta(minutes=2)
 OVERLAP = timedelta(seconds=60)
 #: getDeleted reaches 15 days back; an older cursor means a full resync.
 DELETED_REACH = timedelta(days=15)
+#: How often the delete log is read: queryAll already brings deletions still in the recycle bin, so
+#: the log (whole minutes, one request per object) is only asked for purged ones, hourly.
+DELETED_EVERY = timedelta(hours=1)
 #: Requests running at once: Salesforce allows 25 long-running (≥ 20 s) calls per org.
 MAX_CONCURRENCY = 25
 LOCK_RETRIES = 4
@@ -105,6 +108,7 @@ class SalesforceProvider(Provider):
         self.settle = timedelta(seconds=_num(options, "lookback_seconds", SETTLE.total_seconds()))
         self.overlap = timedelta(seconds=_num(options, "overlap_seconds", OVERLAP.total_seconds()))
         self.bulk_threshold = int(_num(options, "bulk_threshold", BULK_THRESHOLD))
+        self.deleted_every = DELETED_EVERY
         self.share = float(options.get("budget_share") or 0.5)
         self._describe: dict[str, dict[str, Any]] = {}
         self._users: dict[str, str] | None = None
@@ -415,8 +419,8 @@ class SalesforceProvider(Provider):
         end = rec.parse_time(state["until"].replace("Z", "+00:00")) or datetime.now(UTC)
         start = rec.parse_time(state.get("del"))
         done = {"ts": state["ts"], "id": state["id"], "del": state.get("del") or soql.stamp(end)}
-        if start is None or end - start < timedelta(minutes=1):
-            return Page([], done)  # a first run has nothing to delete; the API takes whole minutes
+        if start is None or end - start < self.deleted_every:
+            return Page([], done)  # a first run has nothing to delete; queryAll brought the recent ones
         if end - start > DELETED_REACH:
             log.warning("salesforce %s: the last pull is older than getDeleted's 15 days: full resync", sobject)
             return Page([], {"del": soql.stamp(end)})
