@@ -66,6 +66,8 @@ class ConnectionSettings(_Model):
     #: Salesforce: the pinned REST API version and the record count above which a first pull uses Bulk API 2.0.
     api_version: str | None = Field(default=None, pattern=r"^\d{2,3}\.0$")
     bulk_threshold: int | None = Field(default=None, ge=0)
+    #: Salesforce: a person pushed without a company becomes a Contact (default) or a Lead.
+    unknown_person: str | None = Field(default=None, pattern=r"^(contact|lead)$")
 
 
 class WebhookSettings(_Model):

@@ -540,3 +540,21 @@ def test_purged_deletions_come_from_the_delete_log_and_an_old_cursor_means_a_res
     assert page.deleted == [] and page.cursor is not None and "ts" not in page.cursor
     old = {"ts": "2026-01-01T00:00:00Z", "id": "", "del": soql.stamp(datetime.now(UTC) - timedelta(days=16))}
     assert "ts" not in (list(provider.changes("contacts", old, fields=["Email"]))[-1].cursor or {"ts": 1})
+
+
+def test_the_lead_rule_makes_people_without_a_company_leads_and_links_their_calls(home: Path, tmp_path: Path) -> None:
+    write_config(home, "sf", unknown_person="lead")
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    src = _outcomes(tmp_path / "o.jsonl", 12, company_every=3, deal_every=4)
+    summary = push(app, source=str(src), connection="sf")
+    assert summary.exit_code == 0, summary.as_dict()
+    leads = {r["Id"]: r for r in emulator.records("Lead")}
+    contacts = {r["Id"]: r for r in emulator.records("Contact")}
+    assert len(contacts) == 4 and len(leads) == 8  # every third came with a company
+    assert all(r["Company"] == "[not provided]" for r in leads.values())
+    for task in emulator.records("Task"):
+        if task["WhoId"] in leads:
+            assert not task.get("WhatId")  # a Task on a Lead has no WhatId
+    again = push(_app(emulator, home, db=str(tmp_path / "b.db")), source=str(src), connection="sf")
+    assert again.exit_code == 0 and len(emulator.records("Lead")) == 8 and len(_calls(emulator)) == 12

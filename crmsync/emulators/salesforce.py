@@ -114,9 +114,15 @@ SCHEMA: dict[str, list[_F]] = {
         ("Name", "string", False, False, {}),
     ],
     "Lead": [
+        ("FirstName", "string", False, True, {}),
         ("LastName", "string", True, True, {}),
         ("Company", "string", True, True, {}),
         ("Email", "email", False, True, {}),
+        ("Phone", "phone", False, True, {}),
+        ("Title", "string", False, True, {}),
+        ("OwnerId", "reference", False, True, {}),
+        ("IsConverted", "boolean", False, False, {"readonly": True}),
+        ("ConvertedContactId", "reference", False, False, {"readonly": True}),
     ],
     "OpportunityContactRole": [
         ("OpportunityId", "reference", True, False, {}),
@@ -130,6 +136,7 @@ EXTERNAL = {
     "Contact": "crmsync_key__c",
     "Opportunity": "crmsync_key__c",
     "Task": "crmsync_outcome_id__c",
+    "Lead": "crmsync_key__c",
 }
 CLOSED = {"Completed"}
 
@@ -226,6 +233,8 @@ class SalesforceEmulator(Emulator):
             "IsDeleted": False,
             **body,
         }
+        if sobject == "Lead":
+            record.setdefault("IsConverted", False)
         if sobject == "Task":
             record.setdefault("Status", "Not Started")
             record.setdefault("TaskSubtype", "Task")
@@ -273,6 +282,13 @@ class SalesforceEmulator(Emulator):
                             [name],
                         )
             out[name] = value
+        if sobject == "Task" and str(out.get("WhoId") or "").startswith("00Q") and out.get("WhatId"):
+            raise Refused(
+                400,
+                "Related To ID: id value of incorrect type: a Task on a Lead has no WhatId",
+                "FIELD_INTEGRITY_EXCEPTION",
+                ["WhatId"],
+            )
         if create and sobject == "Contact" and str(out.get("Email") or "").lower() in self.duplicate_emails:
             # An active duplicate rule blocking the save ("Use one of these records?").
             match = next(

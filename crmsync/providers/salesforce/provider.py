@@ -109,6 +109,8 @@ class SalesforceProvider(Provider):
         self.overlap = timedelta(seconds=_num(options, "overlap_seconds", OVERLAP.total_seconds()))
         self.bulk_threshold = int(_num(options, "bulk_threshold", BULK_THRESHOLD))
         self.deleted_every = DELETED_EVERY
+        #: ``unknown_person: lead``: a person pushed without a company becomes a Lead, not a Contact.
+        self.leads = str(options.get("unknown_person") or settings.get("unknown_person") or "contact") == "lead"
         self.share = float(options.get("budget_share") or 0.5)
         self._describe: dict[str, dict[str, Any]] = {}
         self._users: dict[str, str] | None = None
@@ -275,11 +277,12 @@ class SalesforceProvider(Provider):
 
     def missing_fields(self, sobjects: Sequence[str] | None = None) -> list[str]:
         """``Obj.field`` for each External ID field crmsync needs that the org lacks (or has without External ID)."""
-        wanted = [s for s in rec.NEEDED if sobjects is None or s in sobjects]
+        needed = {**rec.NEEDED, **({"Lead": rec.KEY_FIELD} if self.leads else {})}
+        wanted = [s for s in needed if sobjects is None or s in sobjects]
         docs = at_once(self.describe, wanted)
         out = []
         for sobject, doc in zip(wanted, docs, strict=True):
-            field = rec.NEEDED[sobject]
+            field = needed[sobject]
             found = next((f for f in doc.get("fields") or [] if f.get("name") == field), None)
             if found is None or not found.get("externalId"):
                 out.append(f"{sobject}.{field}")
@@ -468,8 +471,17 @@ class SalesforceProvider(Provider):
 
     # -- push: lookups ---------------------------------------------------------------------------
     def lookup(self, obj: str, keys: Sequence[dict[str, str]], *, fields: Sequence[str]) -> dict[str, RemoteRecord]:
-        """One SOQL per batch: crmsync's key or the natural field (Email, Website) among the values."""
-        sobject = rec.SOBJECT[obj]
+        """One SOQL per batch: crmsync's key or the natural field (Email, Website) among the values.
+
+        Under the Lead rule, people are looked for among Leads not yet converted too; a Contact wins.
+        """
+        found = self._lookup(rec.SOBJECT[obj], keys, fields)
+        if obj == "contacts" and self.leads:
+            for key, record in self._lookup("Lead", keys, fields).items():
+                found.setdefault(key, record)
+        return found
+
+    def _lookup(self, sobject: str, keys: Sequence[dict[str, str]], fields: Sequence[str]) -> dict[str, RemoteRecord]:
         by_value: dict[str, list[str]] = {}
         natural: dict[str, set[str]] = {}
         for k in keys:
@@ -484,6 +496,8 @@ class SalesforceProvider(Provider):
             return {}
         extra = " OR ".join(f"{c} IN ({', '.join(soql.quote(v) for v in sorted(vs))})" for c, vs in natural.items())
         q = soql.in_list(sobject, self._fields(sobject, fields), rec.KEY_FIELD, sorted(by_value), extra=extra)
+        if sobject == "Lead":
+            q = q.replace(" WHERE ", " WHERE IsConverted = false AND (", 1) + ")"
         out: dict[str, RemoteRecord] = {}
         rows = sorted(self._rows(q), key=lambda r: str(r.get("Id")))  # ties go to the oldest id
         for row in rows:
@@ -501,16 +515,23 @@ class SalesforceProvider(Provider):
     # -- push: records ---------------------------------------------------------------------------
     def upsert(self, obj: str, items: Sequence[Outgoing]) -> list[ItemResult]:
         """Known records by Id (Collections update), the others by External ID (Collections upsert)."""
-        sobject = rec.SOBJECT[obj]
-        known = [i for i in items if i.remote_id]
-        new = [i for i in items if not i.remote_id]
-        jobs: list[tuple[str, list[Outgoing]]] = []
-        jobs += [("update", part) for part in chunks(known, COLLECTION_MAX)]
-        jobs += [("upsert", part) for part in chunks(new, COLLECTION_MAX)]
+        groups: dict[tuple[str, str], list[Outgoing]] = {}
+        for item in items:
+            sobject = self._sobject_for(obj, item)
+            groups.setdefault((sobject, "update" if item.remote_id else "upsert"), []).append(item)
+        jobs = [(s, mode, part) for (s, mode), group in groups.items() for part in chunks(group, COLLECTION_MAX)]
         results: dict[str, ItemResult] = {}
-        for part in at_once(lambda job: self._write(sobject, *job), jobs):
+        for part in at_once(lambda job: self._write(*job), jobs):
             results.update({r.ref: r for r in part})
         return [results[i.ref] for i in items]
+
+    def _sobject_for(self, obj: str, item: Outgoing) -> str:
+        """Contact, or Lead for a person with no company under the ``unknown_person: lead`` rule."""
+        if obj != "contacts":
+            return rec.SOBJECT[obj]
+        if item.remote_id:
+            return "Lead" if str(item.remote_id).startswith(rec.LEAD_PREFIX) else "Contact"
+        return "Lead" if self.leads and not item.associations.get("companies") else "Contact"
 
     def _write(self, sobject: str, mode: str, items: list[Outgoing]) -> list[ItemResult]:
         def body(item: Outgoing) -> dict[str, Any]:

@@ -26,11 +26,17 @@ FIELD_SPEC = "Text(255), External ID, Unique"
 LOOKUP_FIELD = {
     ("Contact", "email"): "Email",
     ("Contact", "phone"): "Phone",
+    ("Lead", "email"): "Email",
+    ("Lead", "phone"): "Phone",
     ("Account", "domain"): "Website",
     ("Account", "name"): "Name",
 }
+LEAD_PREFIX = "00Q"
+#: What a Lead's required Company says when the person came without one (Salesforce's own web-to-lead value).
+NO_COMPANY = "[not provided]"
 #: Fields the provider reads for links and keys on every record.
 LINK_FIELDS = {
+    "Lead": [KEY_FIELD],
     "Contact": ["AccountId", KEY_FIELD],
     "Account": [KEY_FIELD],
     "Opportunity": ["AccountId", KEY_FIELD],
@@ -73,7 +79,7 @@ def links(sobject: str, raw: dict[str, Any]) -> dict[str, list[str]]:
         out["companies"] = [str(raw["AccountId"])]
     if sobject == "Task":
         who, what = raw.get("WhoId"), raw.get("WhatId")
-        if who and str(who).startswith("003"):
+        if who and str(who).startswith(("003", LEAD_PREFIX)):
             out["contacts"] = [str(who)]
         if what and str(what).startswith("006"):
             out["deals"] = [str(what)]
@@ -93,7 +99,9 @@ def record_body(sobject: str, props: dict[str, Any], links_to: dict[str, str], *
     out = {k: v for k, v in props.items() if v is not None or not create}
     if sobject in ("Contact", "Opportunity") and links_to.get("companies"):
         out["AccountId"] = links_to["companies"]
-    if create and sobject == "Contact" and not out.get("LastName"):
+    if create and sobject == "Lead" and not out.get("Company"):
+        out["Company"] = NO_COMPANY
+    if create and sobject in ("Contact", "Lead") and not out.get("LastName"):
         email = str(out.get("Email") or "")
         out["LastName"] = email.split("@")[0] if email else str(out.get("Phone") or "Unknown")
     if create and sobject == "Account" and not out.get("Name"):
@@ -127,6 +135,8 @@ def task_body(kind: str, props: dict[str, Any], marker: str, links_to: dict[str,
             out.pop("CallDurationInSeconds")
     if links_to.get("contacts"):
         out["WhoId"] = links_to["contacts"]
+    if str(out.get("WhoId") or "").startswith(LEAD_PREFIX):
+        return out  # a Task on a Lead takes no WhatId
     if links_to.get("deals"):
         out["WhatId"] = links_to["deals"]
     elif links_to.get("companies"):
