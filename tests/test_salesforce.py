@@ -558,3 +558,18 @@ def test_the_lead_rule_makes_people_without_a_company_leads_and_links_their_call
             assert not task.get("WhatId")  # a Task on a Lead has no WhatId
     again = push(_app(emulator, home, db=str(tmp_path / "b.db")), source=str(src), connection="sf")
     assert again.exit_code == 0 and len(emulator.records("Lead")) == 8 and len(_calls(emulator)) == 12
+
+
+def test_map_check_reads_describe_and_the_default_mapping_fits(home: Path) -> None:
+    from crmsync.sync.mapping_ops import check_mapping
+
+    write_config(home, "sf", concurrency=64)
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    result = check_mapping(app, "sf")
+    assert [p.message for p in result.problems] == []
+    assert emulator.stats.by_route["GET describe"] == 4  # four sObjects, described once each
+    provider = app.provider(app.store.connections()[0])
+    stage = next(f for f in provider.fields("deals") if f.name == "StageName")
+    assert stage.required and stage.options and "Closed Won" in stage.options
+    assert provider.http.concurrency == 25  # Salesforce's long-running request limit
