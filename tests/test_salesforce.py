@@ -573,3 +573,30 @@ def test_map_check_reads_describe_and_the_default_mapping_fits(home: Path) -> No
     stage = next(f for f in provider.fields("deals") if f.name == "StageName")
     assert stage.required and stage.options and "Closed Won" in stage.options
     assert provider.http.concurrency == 25  # Salesforce's long-running request limit
+
+
+def test_the_cli_pulls_and_says_in_one_line_that_salesforce_has_no_webhooks(home: Path) -> None:
+    emulator = build_salesforce(contacts=20, companies=2, deals=2)
+    server = emulator.serve()
+    try:
+        options = {"client_id": emulator.client_id, "jwt_key": str(_key(emulator, home)), "user": USER}
+        app = App()
+        connect(
+            app,
+            provider="salesforce",
+            name="sf",
+            base_url=server.url,
+            options=options,
+            io=ScriptIO(),
+            insecure_storage=True,
+        )
+        app.close()
+        env = cli_env(home)
+        pulled = run_cli(["--json", "pull", "-c", "sf"], env)
+        assert pulled.code == 0, pulled.stderr
+        assert "20" in pulled.stdout
+        hook = run_cli(["webhook", "secret", "-c", "sf"], env, stdin="x\n")
+        assert hook.code == 2 and len(hook.stderr.strip().splitlines()) == 1 and "salesforce" in hook.stderr
+        assert "Traceback" not in hook.stderr
+    finally:
+        server.stop()
