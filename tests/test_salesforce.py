@@ -189,6 +189,10 @@ def test_a_new_store_creates_no_second_task(home: Path, tmp_path: Path) -> None:
     assert second.exit_code == 0, second.as_dict()
     assert {s: len(emulator.records(s)) for s in counts} == counts
     assert set(_calls(emulator).values()) == {1}
+    write_config(home, "sf", lookback_seconds=0)
+    time.sleep(1.1)
+    pulled = pull(_app(emulator, home, db=str(tmp_path / "c.db")), objects=["calls", "tasks"])[0]
+    assert pulled.exit_code == 0 and {o.object: o.read for o in pulled.objects} == {"calls": 60, "tasks": 12}
 
 
 def test_lost_replies_and_locked_rows_never_duplicate_a_record_or_a_call(home: Path, tmp_path: Path) -> None:
@@ -328,6 +332,22 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
     assert len({r.remote_id for r in stored}) == 5_000 == len(stored)
     # Resumed at the second page's locator: four pages, not the five of a new start.
     assert emulator.stats.by_route["GET bulk query results"] - read_before == 4
+
+    # A job purged before the run resumed (seven days) is started again, not an error.
+    write_config(home, "sf", bulk_threshold=100)
+    other = App(db=str(home / "other.db"), transport=lambda name: emulator.transport())
+    connect(
+        other,
+        provider="salesforce",
+        name="sf",
+        base_url="http://sf.test",
+        io=ScriptIO(),
+        options={"client_id": emulator.client_id, "jwt_key": str(_key(emulator, home)), "user": USER},
+    )
+    assert pull_stopped_before_page(other, 1, ["contacts"])
+    emulator.jobs.clear()
+    assert pull(other, objects=["contacts"])[0].exit_code == 0
+    assert len(other.store.records("sf", "contacts")) == 5_000
     assert emulator.stats.by_route["GET query read"] <= 2  # the COUNT(), then one incremental query at most
 
 

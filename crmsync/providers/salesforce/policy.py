@@ -1,4 +1,4 @@
-"""How Salesforce's answers are sorted: its error envelope, its limits, what a retry can fix."""
+"""How Salesforce's answers are sorted: its error envelope, its limits, what a retry can fix, per-record results."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 
 from crmsync.http import ResponsePolicy
+from crmsync.providers.base import ItemResult
 from crmsync.providers.salesforce.limits import ApiUsage
 
 #: Error codes a later attempt may get past (lock contention, a busy org, a query that timed out).
@@ -70,3 +71,37 @@ class SalesforcePolicy(ResponsePolicy):
             for e in errors[:3]
         )
         return message[:500], str(errors[0].get("errorCode") or "") or None
+
+
+def item_result(ref: str, answer: Any, created_default: bool) -> ItemResult:
+    """One Collections answer (``{id, success, errors, created}``) as an ItemResult."""
+    if not isinstance(answer, dict):
+        return ItemResult(ref, False, error="malformed answer", retriable=True)
+    if answer.get("success"):
+        created = answer.get("created")
+        return ItemResult(
+            ref, True, remote_id=str(answer.get("id")), created=created_default if created is None else bool(created)
+        )
+    errors = [e for e in answer.get("errors") or [] if isinstance(e, dict)]
+    codes = {str(e.get("statusCode") or e.get("errorCode")) for e in errors}
+    message = "; ".join(f"{e.get('statusCode')}: {e.get('message')}" for e in errors) or "refused"
+    if "DUPLICATE_VALUE" in codes:
+        # A unique External ID already held: "... duplicates value on record with id: 00T..."
+        text = " ".join(str(e.get("message") or "") for e in errors)
+        rid = text.rsplit("id:", 1)[1].strip().split()[0] if "id:" in text else None
+        return ItemResult(ref, False, remote_id=rid, exists=True, error=message)
+    if "DUPLICATES_DETECTED" in codes:
+        matches = [
+            str(r.get("record", {}).get("Id") if isinstance(r.get("record"), dict) else r)
+            for e in errors
+            for m in (e.get("duplicateResult") or {}).get("matchResults") or []
+            for r in m.get("matchRecords") or []
+        ]
+        rule = next(
+            ((e.get("duplicateResult") or {}).get("duplicateRule") for e in errors if e.get("duplicateResult")), None
+        )
+        detail = f" (rule {rule}; matches {', '.join(matches)})" if rule or matches else ""
+        return ItemResult(
+            ref, False, error=f"Salesforce's duplicate rules blocked this record{detail}", retriable=False
+        )
+    return ItemResult(ref, False, error=message, retriable=bool(codes & RETRIABLE_CODES))

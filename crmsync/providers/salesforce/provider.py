@@ -50,7 +50,7 @@ from crmsync.providers.salesforce import auth as sfauth
 from crmsync.providers.salesforce import bulk, soql
 from crmsync.providers.salesforce import records as rec
 from crmsync.providers.salesforce.limits import COLLECTION_MAX, push_requests
-from crmsync.providers.salesforce.policy import RETRIABLE_CODES, SalesforcePolicy
+from crmsync.providers.salesforce.policy import SalesforcePolicy, item_result
 
 log = logging.getLogger("crmsync.salesforce")
 
@@ -387,7 +387,7 @@ class SalesforceProvider(Provider):
                     )
                     state["locator"] = None
         if state.get("bulk"):
-            yield from self._bulk_pages(sobject, state)
+            yield from self._bulk_pages(sobject, state, cols, where)
         else:
             # queryAll: a delete moves SystemModstamp, so the recycle bin's rows arrive in the same keyset walk.
             q = soql.delta(
@@ -403,9 +403,18 @@ class SalesforceProvider(Provider):
                 yield Page(live, dict(state), deleted=gone, total=total)
         yield self._deletions(sobject, state)
 
-    def _bulk_pages(self, sobject: str, state: dict[str, Any]) -> Iterator[Page]:
+    def _bulk_pages(self, sobject: str, state: dict[str, Any], cols: list[str], where: str) -> Iterator[Page]:
         job = str(state["bulk"])
-        bulk.wait_for(self._raw, job)
+        try:
+            bulk.wait_for(self._raw, job)
+        except FatalProviderError as exc:
+            if exc.status != 404:
+                raise
+            # Finished jobs are purged after seven days: a run resumed later starts the window again.
+            log.warning("salesforce %s: Bulk job %s is gone; starting a new one", sobject, job)
+            job = bulk.create_job(self._raw, soql.window(sobject, cols, until=state["until"], where=where))
+            state = {**state, "bulk": job, "locator": None}
+            bulk.wait_for(self._raw, job)
         for rows, nxt in bulk.pages(self._raw, job, state.get("locator")):
             if nxt is None:
                 state = {"ts": state["until"], "id": "", "until": state["until"], "del": state.get("del")}
@@ -565,7 +574,7 @@ class SalesforceProvider(Provider):
                 break
             locked = []
             for item, answer in zip(todo, answers or [], strict=False):
-                result = _item_result(item.ref, answer, created_default)
+                result = item_result(item.ref, answer, created_default)
                 if not result.ok and result.retriable and attempt < LOCK_RETRIES:
                     locked.append(item)
                 else:
@@ -654,40 +663,6 @@ class SalesforceProvider(Provider):
 
     def quota(self) -> dict[str, Any]:
         return self.api_usage()
-
-
-def _item_result(ref: str, answer: Any, created_default: bool) -> ItemResult:
-    """One Collections answer (``{id, success, errors, created}``) as an ItemResult."""
-    if not isinstance(answer, dict):
-        return ItemResult(ref, False, error="malformed answer", retriable=True)
-    if answer.get("success"):
-        created = answer.get("created")
-        return ItemResult(
-            ref, True, remote_id=str(answer.get("id")), created=created_default if created is None else bool(created)
-        )
-    errors = [e for e in answer.get("errors") or [] if isinstance(e, dict)]
-    codes = {str(e.get("statusCode") or e.get("errorCode")) for e in errors}
-    message = "; ".join(f"{e.get('statusCode')}: {e.get('message')}" for e in errors) or "refused"
-    if "DUPLICATE_VALUE" in codes:
-        # A unique External ID already held: "... duplicates value on record with id: 00T..."
-        text = " ".join(str(e.get("message") or "") for e in errors)
-        rid = text.rsplit("id:", 1)[1].strip().split()[0] if "id:" in text else None
-        return ItemResult(ref, False, remote_id=rid, exists=True, error=message)
-    if "DUPLICATES_DETECTED" in codes:
-        matches = [
-            str(r.get("record", {}).get("Id") if isinstance(r.get("record"), dict) else r)
-            for e in errors
-            for m in (e.get("duplicateResult") or {}).get("matchResults") or []
-            for r in m.get("matchRecords") or []
-        ]
-        rule = next(
-            ((e.get("duplicateResult") or {}).get("duplicateRule") for e in errors if e.get("duplicateResult")), None
-        )
-        detail = f" (rule {rule}; matches {', '.join(matches)})" if rule or matches else ""
-        return ItemResult(
-            ref, False, error=f"Salesforce's duplicate rules blocked this record{detail}", retriable=False
-        )
-    return ItemResult(ref, False, error=message, retriable=bool(codes & RETRIABLE_CODES))
 
 
 def _identity(url: str) -> tuple[str | None, str | None]:
