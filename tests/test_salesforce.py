@@ -69,6 +69,33 @@ def test_limit_info_is_read_from_every_shape_salesforce_sends() -> None:
     assert push_requests({"calls": 1000, "contacts": 1000, "companies": 7, "deals": 250}) == 8 + 10 + 2 + 4 + 5
 
 
+def test_long_keys_are_looked_up_in_queries_that_fit_a_uri(home: Path, tmp_path: Path) -> None:
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    rows = [
+        json.dumps(
+            {
+                "id": f"long-{i}",
+                "occurred_at": "2026-12-01T10:00:00+00:00",
+                "disposition": "connected",
+                "contact": {"email": f"{'x' * 60}.{i}@{'example' * 3}.org"},
+            }
+        )
+        for i in range(200)
+    ]
+    src = tmp_path / "o.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    longest = {"n": 0}
+
+    def measure(request: httpx.Request) -> bool:
+        longest["n"] = max(longest["n"], len(str(request.url)))
+        return False
+
+    emulator.faults.lose_reply = measure
+    assert push(app, source=str(src), connection="sf").exit_code == 0
+    assert len(_calls(emulator)) == 200 and 8_000 < longest["n"] < 16_384
+
+
 @pytest.mark.parametrize("hostile", ["o'brien@x.org", "a\\' OR Id != '", "x') OR (Name != '"])
 def test_hostile_values_stay_inside_their_soql_literal(hostile: str) -> None:
     emulator = SalesforceEmulator()

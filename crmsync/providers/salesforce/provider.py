@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote as urlquote
 from urllib.parse import urlsplit
 
 import httpx
@@ -69,6 +70,8 @@ DELETED_EVERY = timedelta(hours=1)
 MAX_CONCURRENCY = 25
 LOCK_RETRIES = 4
 IDS_PER_QUERY = 200
+#: Longest encoded SOQL a lookup sends in a GET (Salesforce refuses URIs above 16,384 characters).
+QUERY_URL_CHARS = 12_000
 FIELD_TYPES = {
     "string": "string",
     "textarea": "text",
@@ -507,6 +510,13 @@ class SalesforceProvider(Provider):
         q = soql.in_list(sobject, self._fields(sobject, fields), rec.KEY_FIELD, sorted(by_value), extra=extra)
         if sobject == "Lead":
             q = q.replace(" WHERE ", " WHERE IsConverted = false AND (", 1) + ")"
+        if len(urlquote(q)) > QUERY_URL_CHARS and len(keys) > 1:
+            # A GET's URI is limited: long keys (emails) take two smaller queries instead.
+            half = len(keys) // 2
+            first = self._lookup(sobject, keys[:half], fields)
+            for key, record in self._lookup(sobject, keys[half:], fields).items():
+                first.setdefault(key, record)
+            return first
         out: dict[str, RemoteRecord] = {}
         rows = sorted(self._rows(q), key=lambda r: str(r.get("Id")))  # ties go to the oldest id
         for row in rows:
