@@ -383,13 +383,11 @@ def test_the_sandbox_connect_line_works_as_pasted(home: Path, tmp_path: Path) ->
     """Needs the generic `--jwt-key`/`--username` connect options (engineer cli-run's branch)."""
     import shlex
 
-    emulator, creds = sandbox(contacts=5, companies=1, deals=1)
+    emulator, creds = sandbox(contacts=5, companies=1, deals=1, key_dir=str(tmp_path))
+    assert oct(Path(creds["jwt_key"]).stat().st_mode & 0o777) == "0o600"
     server = emulator.serve()
     try:
-        key = tmp_path / "sandbox.pem"
-        key.write_text(creds["jwt_key_pem"])
-        key.chmod(0o600)
-        line = connect_line(server.url, creds, str(key))
+        line = connect_line(server.url, creds)
         words = shlex.split(line)
         assert words[:3] == ["crmsync", "connect", "salesforce"]
         result = run_cli(words[1:], cli_env(home))

@@ -590,20 +590,32 @@ def build_salesforce(
 
 
 def sandbox(
-    *, seed: int = 0, contacts: int = 100, companies: int = 25, deals: int = 10, faults: Faults | None = None
+    *,
+    seed: int = 0,
+    contacts: int = 100,
+    companies: int = 25,
+    deals: int = 10,
+    faults: Faults | None = None,
+    key_dir: str | None = None,
 ) -> tuple[SalesforceEmulator, dict[str, str]]:
-    """The sandbox's emulator and the credentials a connection needs (the JWT key PEM, made up)."""
+    """The sandbox's emulator and what a connection needs: the app's consumer key, the user, and the
+    path of a fresh JWT signing key (0600, in ``key_dir`` or a new temporary directory)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
     emu = build_salesforce(seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
-    return emu, {
-        "client_id": emu.client_id,
-        "username": "admin@example.com.sandbox",
-        "jwt_key_pem": emu.generate_certificate(),
-    }
+    folder = Path(key_dir or tempfile.mkdtemp(prefix="crmsync-sf-sandbox-"))
+    key = folder / "salesforce-sandbox.pem"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(emu.generate_certificate())
+    return emu, {"client_id": emu.client_id, "username": "admin@example.com.sandbox", "jwt_key": str(key)}
 
 
-def connect_line(url: str, creds: dict[str, str], key_file: str, *, name: str = "sandbox") -> str:
-    """The shell line connecting crmsync to the sandbox through the JWT bearer flow (no browser, no secret
-    on the command line: the key is a file, written 0600 by the caller)."""
+def connect_line(url: str, creds: dict[str, str], *, name: str = "sandbox") -> str:
+    """The shell line connecting crmsync to the sandbox by the JWT bearer flow: no browser, and no
+    secret on the command line (the signing key is the file ``sandbox`` wrote)."""
     import shlex
 
     q = shlex.quote
@@ -618,7 +630,7 @@ def connect_line(url: str, creds: dict[str, str], key_file: str, *, name: str = 
         "--client-id",
         q(creds["client_id"]),
         "--jwt-key",
-        q(key_file),
+        q(creds["jwt_key"]),
         "--username",
         q(creds["username"]),
         "--insecure-storage",
