@@ -151,8 +151,61 @@ def test_web_server_flow_with_pkce_through_the_loopback_redirect(home: Path) -> 
         io=ScriptIO(emulator.client_secret, open_with=browser),
     )
     assert "code_challenge=" in seen[0] and "code_challenge_method=S256" in seen[0]
-    src_refresh = emulator.refresh_tokens
-    assert len(src_refresh) == 1
+    assert len(emulator.refresh_tokens) == 1
+    emulator.expire_tokens()  # the session timed out: the refresh token renews it, once
+    summary = push(app, source=str(_outcomes(home / "o.jsonl", 3)), connection="sf")
+    assert summary.exit_code == 0 and len(_calls(emulator)) == 3
+    assert emulator.stats.by_route["POST oauth token"] == 2
+
+
+def test_a_code_without_its_pkce_verifier_is_refused() -> None:
+    emulator = SalesforceEmulator()
+    with httpx.Client(transport=emulator.transport(), base_url="http://sf.test") as sf:
+        params = {
+            "response_type": "code",
+            "client_id": emulator.client_id,
+            "redirect_uri": "http://127.0.0.1:1/cb",
+            "code_challenge": "x" * 43,
+            "code_challenge_method": "S256",
+            "state": "s",
+        }
+        location = sf.get("/services/oauth2/authorize", params=params).headers["location"]
+        code = dict(httpx.URL(location).params)["code"]
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "client_id": emulator.client_id,
+            "client_secret": emulator.client_secret,
+            "redirect_uri": "http://127.0.0.1:1/cb",
+        }
+        answer = sf.post("/services/oauth2/token", data=form)
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize(
+    "q",
+    [
+        "SELECT FROM Contact",
+        "SELECT Id FROM Nope",
+        "SELECT Id FROM Contact WHERE Email = ",
+        "SELECT Id FROM Contact WHERE Email IN ('a'",
+        "DELETE FROM Contact",
+        "SELECT Id, Bogus FROM Contact",
+    ],
+)
+def test_malformed_soql_gets_the_real_error_envelope(q: str) -> None:
+    emulator = SalesforceEmulator()
+    token = emulator.issue(emulator.users[0])["access_token"]
+    with httpx.Client(transport=emulator.transport(), base_url="http://sf.test/services/data/v62.0") as sf:
+        answer = sf.get("/query", params={"q": q}, headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code in (400, 404)
+    [error] = answer.json()
+    assert set(error) == {"message", "errorCode", "fields"} and error["errorCode"] in (
+        "MALFORMED_QUERY",
+        "INVALID_FIELD",
+        "NOT_FOUND",
+        "INVALID_TYPE",
+    )
 
 
 def test_an_expired_session_is_renewed_once_and_the_request_retried(home: Path, tmp_path: Path) -> None:
