@@ -80,6 +80,8 @@ def register(emu: SalesforceEmulator) -> None:
 
     def run_query(q: str, *, all_rows: bool) -> tuple[str, list[dict[str, Any]], Any]:
         query = parse(q, getter)
+        if not any(s.lower() == query.sobject.lower() for s in emu.data):
+            raise Refused(400, f"sObject type '{query.sobject}' is not supported.", "INVALID_TYPE")
         sobject = sobject_or_404(query.sobject)
         known = emu.fields_of(sobject)
         for name in [*query.fields, *(o[0] for o in query.order)]:
