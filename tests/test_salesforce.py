@@ -694,3 +694,27 @@ def test_the_cli_pulls_and_says_in_one_line_that_salesforce_has_no_webhooks(home
         assert "Traceback" not in hook.stderr
     finally:
         server.stop()
+
+
+def test_a_rest_pull_pages_by_next_records_url_and_resumes_at_its_keyset_after_a_kill(home: Path) -> None:
+    write_config(home, "sf", bulk_threshold=100_000, lookback_seconds=0)
+    emulator = build_salesforce(contacts=4_500, companies=0, deals=0)  # one second: ties broken by Id
+    app = _app(emulator, home)
+    assert pull_stopped_before_page(app, 1, ["contacts"])
+    done = pull(app, objects=["contacts"])[0]
+    assert done.exit_code == 0
+    stored = app.store.records("sf", "contacts")
+    assert len({r.remote_id for r in stored}) == 4_500 == len(stored)
+    assert emulator.stats.by_route["GET query more read"] >= 1 and not emulator.jobs
+
+
+def test_opportunity_contact_roles_are_read_as_deal_associations(home: Path) -> None:
+    emulator = SalesforceEmulator()
+    app = _app(emulator, home)
+    deal = emulator.create("Opportunity", {"Name": "D", "StageName": "Prospecting", "CloseDate": "2027-01-01"})
+    people = [emulator.create("Contact", {"LastName": f"C{i}"})["Id"] for i in range(2)]
+    for person in people:
+        emulator.create("OpportunityContactRole", {"OpportunityId": deal["Id"], "ContactId": person})
+    provider = app.provider(app.store.connections()[0])
+    assert provider.read_associations("deals", [deal["Id"]]) == {deal["Id"]: {"contacts": people}}
+    assert provider.read_associations("contacts", people) == {}
