@@ -394,9 +394,9 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
 ) -> None:
     from crmsync.providers.salesforce import bulk
 
-    monkeypatch.setattr(bulk, "PAGE_ROWS", 1_000)
+    monkeypatch.setattr(bulk, "PAGE_ROWS", 600)
     write_config(home, "sf", bulk_threshold=100)
-    emulator = build_salesforce(contacts=5_000, companies=0, deals=0)
+    emulator = build_salesforce(contacts=3_000, companies=0, deals=0)
     app = _app(emulator, home)
     assert pull_stopped_before_page(app, 1, ["contacts"])  # killed after storing the first page
     assert len(emulator.jobs) == 1
@@ -405,7 +405,7 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
     assert done.exit_code == 0
     assert len(emulator.jobs) == 1  # the same job, its locator the checkpoint
     stored = app.store.records("sf", "contacts")
-    assert len({r.remote_id for r in stored}) == 5_000 == len(stored)
+    assert len({r.remote_id for r in stored}) == 3_000 == len(stored)
     # Resumed at the second page's locator: four pages, not the five of a new start.
     assert emulator.stats.by_route["GET bulk query results"] - read_before == 4
 
@@ -423,7 +423,7 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
     assert pull_stopped_before_page(other, 1, ["contacts"])
     emulator.jobs.clear()
     assert pull(other, objects=["contacts"])[0].exit_code == 0
-    assert len(other.store.records("sf", "contacts")) == 5_000
+    assert len(other.store.records("sf", "contacts")) == 3_000
     assert emulator.stats.by_route["GET query read"] <= 2  # the COUNT(), then one incremental query at most
 
 
