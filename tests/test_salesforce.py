@@ -718,3 +718,18 @@ def test_opportunity_contact_roles_are_read_as_deal_associations(home: Path) -> 
     provider = app.provider(app.store.connections()[0])
     assert provider.read_associations("deals", [deal["Id"]]) == {deal["Id"]: {"contacts": people}}
     assert provider.read_associations("contacts", people) == {}
+
+
+@pytest.mark.parametrize(
+    ("given", "host"),
+    [
+        (None, "https://login.salesforce.com"),
+        ("test", "https://test.salesforce.com"),
+        ("acme", "https://acme.my.salesforce.com"),
+        ("acme--uat.sandbox.my.salesforce.com", "https://acme--uat.sandbox.my.salesforce.com"),
+    ],
+)
+def test_login_hosts(given: str | None, host: str) -> None:
+    from crmsync.providers.salesforce.auth import login_host
+
+    assert login_host(given) == host

@@ -85,12 +85,14 @@ def jwt_assertion(*, private_key: str, client_id: str, username: str, audience: 
 
 def jwt_grant(client: httpx.Client, secret: Mapping[str, Any]) -> dict[str, Any]:
     host = str(secret.get("login_host") or LOGIN_HOSTS["login"])
-    # The audience is the production or sandbox login URL, also for a My Domain token endpoint.
-    audience = (
-        LOGIN_HOSTS["test"]
-        if host == LOGIN_HOSTS["test"]
-        else (host if host.startswith("http://") else LOGIN_HOSTS["login"])
-    )
+    # The audience is the production or sandbox login URL, also for a My Domain token endpoint
+    # (sandbox My Domains end in .sandbox.my.salesforce.com); an emulator on plain http is its own.
+    if host.startswith("http://"):
+        audience = host
+    elif host == LOGIN_HOSTS["test"] or ".sandbox.my.salesforce.com" in host:
+        audience = LOGIN_HOSTS["test"]
+    else:
+        audience = LOGIN_HOSTS["login"]
     assertion = jwt_assertion(
         private_key=str(secret.get("private_key") or ""),
         client_id=str(secret.get("client_id") or ""),
