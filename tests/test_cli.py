@@ -64,9 +64,9 @@ def test_pull_without_a_connection_exits_3_with_one_line(home: Path) -> None:
 
 
 def test_unknown_provider_names_the_valid_ones(home: Path) -> None:
-    result = run_cli(["connect", "salesforce", "--name", "x", "--token-stdin"], cli_env(home), stdin="t\n")
+    result = run_cli(["connect", "nosuchcrm", "--name", "x", "--token-stdin"], cli_env(home), stdin="t\n")
     assert result.code == 2
-    assert "hubspot, odoo, pipedrive, zoho" in result.stderr
+    assert "hubspot, odoo, pipedrive, salesforce, zoho" in result.stderr
 
 
 def test_config_errors_name_key_path_and_line(tmp_path: Path) -> None:
