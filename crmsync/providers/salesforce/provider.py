@@ -116,6 +116,7 @@ class SalesforceProvider(Provider):
         self.leads = str(options.get("unknown_person") or settings.get("unknown_person") or "contact") == "lead"
         self.share = float(options.get("budget_share") or 0.5)
         self._describe: dict[str, dict[str, Any]] = {}
+        self._describing: dict[str, threading.Lock] = {}
         self._users: dict[str, str] | None = None
         self._lock = threading.Lock()
         if self.http.concurrency > MAX_CONCURRENCY:
@@ -270,13 +271,14 @@ class SalesforceProvider(Provider):
 
     # -- schema ----------------------------------------------------------------------------------
     def describe(self, sobject: str) -> dict[str, Any]:
+        """An sObject's describe, read once per run (threads asking together wait for the one request)."""
         with self._lock:
-            if sobject in self._describe:
-                return self._describe[sobject]
-        doc = self._json("GET", f"/sobjects/{sobject}/describe", endpoint="/sobjects/{obj}/describe") or {}
-        with self._lock:
-            self._describe[sobject] = doc
-        return doc
+            gate = self._describing.setdefault(sobject, threading.Lock())
+        with gate:
+            if sobject not in self._describe:
+                doc = self._json("GET", f"/sobjects/{sobject}/describe", endpoint="/sobjects/{obj}/describe")
+                self._describe[sobject] = doc or {}
+            return self._describe[sobject]
 
     def missing_fields(self, sobjects: Sequence[str] | None = None) -> list[str]:
         """``Obj.field`` for each External ID field crmsync needs that the org lacks (or has without External ID)."""
@@ -496,6 +498,7 @@ class SalesforceProvider(Provider):
     def _lookup(self, sobject: str, keys: Sequence[dict[str, str]], fields: Sequence[str]) -> dict[str, RemoteRecord]:
         by_value: dict[str, list[str]] = {}
         natural: dict[str, set[str]] = {}
+        keyed: set[str] = set()
         for k in keys:
             kind, value = next(iter(k.items()))
             if not value:
@@ -504,10 +507,16 @@ class SalesforceProvider(Provider):
             column = rec.LOOKUP_FIELD.get((sobject, kind))
             if column:
                 natural.setdefault(column, set()).add(str(value))
+            if kind != "email":
+                # An email is its own key and crmsync writes it to Email too (SOQL's = ignores case):
+                # asking for it twice would only lengthen the URI. The upsert by key is the safety net.
+                keyed.add(rec.key_value(k))
         if not by_value:
             return {}
-        extra = " OR ".join(f"{c} IN ({', '.join(soql.quote(v) for v in sorted(vs))})" for c, vs in natural.items())
-        q = soql.in_list(sobject, self._fields(sobject, fields), rec.KEY_FIELD, sorted(by_value), extra=extra)
+        clauses = [f"{c} IN ({', '.join(soql.quote(v) for v in sorted(vs))})" for c, vs in natural.items()]
+        if keyed:
+            clauses.insert(0, f"{rec.KEY_FIELD} IN ({', '.join(soql.quote(v) for v in sorted(keyed))})")
+        q = f"SELECT {soql.field_list(self._fields(sobject, fields))} FROM {sobject} WHERE {' OR '.join(clauses)}"
         if sobject == "Lead":
             q = q.replace(" WHERE ", " WHERE IsConverted = false AND (", 1) + ")"
         if len(urlquote(q)) > QUERY_URL_CHARS and len(keys) > 1:
