@@ -63,6 +63,11 @@ class ConnectionSettings(_Model):
     seats: int | None = Field(default=None, gt=0)
     #: Pipedrive: the share of the daily token budget one push may plan to spend (default 0.5).
     budget_share: float | None = Field(default=None, gt=0, le=1)
+    #: Salesforce: the pinned REST API version and the record count above which a first pull uses Bulk API 2.0.
+    api_version: str | None = Field(default=None, pattern=r"^\d{2,3}\.0$")
+    bulk_threshold: int | None = Field(default=None, ge=0)
+    #: Salesforce: a person pushed without a company becomes a Contact (default) or a Lead.
+    unknown_person: str | None = Field(default=None, pattern=r"^(contact|lead)$")
 
 
 class WebhookSettings(_Model):

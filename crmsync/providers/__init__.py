@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "zoho": "crmsync.providers.zoho:ZohoProvider",
     "odoo": "crmsync.providers.odoo.provider:OdooProvider",
     "pipedrive": "crmsync.providers.pipedrive:PipedriveProvider",
+    "salesforce": "crmsync.providers.salesforce:SalesforceProvider",
 }
 #: The CRM `crmsync demo` runs against, through its emulator's sandbox.
 DEMO = "hubspot"
