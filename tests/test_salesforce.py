@@ -16,7 +16,7 @@ import pytest
 
 from crmsync.app import App
 from crmsync.emulators.base import Faults
-from crmsync.emulators.salesforce import SalesforceEmulator, build_salesforce, connect_line, sandbox
+from crmsync.emulators.salesforce import SalesforceEmulator, build_salesforce
 from crmsync.errors import AuthError, ConfigError
 from crmsync.providers.salesforce import soql
 from crmsync.providers.salesforce.limits import parse_limit_info, push_requests
@@ -268,7 +268,7 @@ def test_a_new_store_creates_no_second_task(home: Path, tmp_path: Path) -> None:
     write_config(home, "sf", lookback_seconds=0)
     time.sleep(1.1)
     pulled = pull(_app(emulator, home, db=str(tmp_path / "c.db")), objects=["calls", "tasks"])[0]
-    assert pulled.exit_code == 0 and {o.object: o.read for o in pulled.objects} == {"calls": 60, "tasks": 12}
+    assert pulled.outcome == "ok" and {o.object: o.read for o in pulled.objects} == {"calls": 60, "tasks": 12}
 
 
 def test_lost_replies_and_locked_rows_never_duplicate_a_record_or_a_call(home: Path, tmp_path: Path) -> None:
@@ -371,7 +371,7 @@ def test_pull_stores_edits_creates_and_deletions_exactly_once(home: Path) -> Non
     emulator = build_salesforce(contacts=30, companies=3, deals=4)
     app = _app(emulator, home)
     first = pull(app, objects=["contacts", "companies", "deals"])[0]
-    assert first.exit_code == 0
+    assert first.outcome == "ok"
     assert {o.object: o.created for o in first.objects} == {"contacts": 30, "companies": 3, "deals": 4}
 
     contacts = emulator.records("Contact")
@@ -380,7 +380,7 @@ def test_pull_stores_edits_creates_and_deletions_exactly_once(home: Path) -> Non
     emulator.delete("Opportunity", emulator.records("Opportunity")[0]["Id"])
     time.sleep(1.1)  # whole seconds: the edits' second must be over before a window can end after it
     second = pull(app, objects=["contacts", "companies", "deals"])[0]
-    assert second.exit_code == 0
+    assert second.outcome == "ok"
     by = {o.object: o for o in second.objects}
     assert by["contacts"].created == 1 and by["contacts"].updated == 1, by["contacts"]
     assert by["deals"].archived == 1
@@ -402,7 +402,7 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
     assert len(emulator.jobs) == 1
     read_before = emulator.stats.by_route["GET bulk query results"]
     done = pull(app, objects=["contacts"])[0]
-    assert done.exit_code == 0
+    assert done.outcome == "ok"
     assert len(emulator.jobs) == 1  # the same job, its locator the checkpoint
     stored = app.store.mirror.records("sf", "contacts")
     assert len({r.remote_id for r in stored}) == 3_000 == len(stored)
@@ -422,22 +422,24 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
     )
     assert pull_stopped_before_page(other, 1, ["contacts"])
     emulator.jobs.clear()
-    assert pull(other, objects=["contacts"])[0].exit_code == 0
+    assert pull(other, objects=["contacts"])[0].outcome == "ok"
     assert len(other.store.mirror.records("sf", "contacts")) == 3_000
     assert emulator.stats.by_route["GET query read"] <= 2  # the COUNT(), then one incremental query at most
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def test_the_sandbox_connect_line_works_as_pasted(home: Path, tmp_path: Path) -> None:
-    """Needs the generic `--jwt-key`/`--username` connect options (engineer cli-run's branch)."""
+def test_the_sandbox_connect_line_works_as_pasted(home: Path) -> None:
     import shlex
 
-    emulator, creds = sandbox(contacts=5, companies=1, deals=1, key_dir=str(tmp_path))
-    assert oct(Path(creds["jwt_key"]).stat().st_mode & 0o777) == "0o600"
-    server = emulator.serve()
+    from crmsync.cli.sandbox import make_sandbox
+    from crmsync.emulators.sandbox import SandboxOptions
+
+    name, box = make_sandbox("salesforce", SandboxOptions(contacts=5, companies=1, deals=1))
+    assert name == "salesforce" and box.secret is None  # the JWT key file is the credential
+    assert oct(Path(box.options["jwt_key"]).stat().st_mode & 0o777) == "0o600"
+    server = box.serve()
     try:
-        line = connect_line(server.url, creds)
-        words = shlex.split(line)
+        words = shlex.split(box.connect_command(name, server.url))
         assert words[:3] == ["crmsync", "connect", "salesforce"]
         result = run_cli(words[1:], cli_env(home))
         assert result.code == 0, result.stderr
@@ -606,7 +608,7 @@ def test_purged_deletions_come_from_the_delete_log_and_an_old_cursor_means_a_res
     write_config(home, "sf", lookback_seconds=0, overlap_seconds=0)
     emulator = build_salesforce(contacts=5, companies=0, deals=0)
     app = _app(emulator, home)
-    assert pull(app, objects=["contacts"])[0].exit_code == 0
+    assert pull(app, objects=["contacts"])[0].outcome == "ok"
     provider = app.provider(app.store.connections.all()[0])
     provider.deleted_every = timedelta(0)  # type: ignore[attr-defined]
     gone = emulator.records("Contact")[0]["Id"]
@@ -690,7 +692,7 @@ def test_the_cli_pulls_and_says_in_one_line_that_salesforce_has_no_webhooks(home
         assert pulled.code == 0, pulled.stderr
         assert "20" in pulled.stdout
         hook = run_cli(["webhook", "secret", "-c", "sf"], env, stdin="x\n")
-        assert hook.code == 2 and len(hook.stderr.strip().splitlines()) == 1 and "salesforce" in hook.stderr
+        assert hook.code == 2 and len(hook.stderr.strip().splitlines()) == 1 and "Salesforce" in hook.stderr
         assert "Traceback" not in hook.stderr
     finally:
         server.stop()
@@ -702,7 +704,7 @@ def test_a_rest_pull_pages_by_next_records_url_and_resumes_at_its_keyset_after_a
     app = _app(emulator, home)
     assert pull_stopped_before_page(app, 1, ["contacts"])
     done = pull(app, objects=["contacts"])[0]
-    assert done.exit_code == 0
+    assert done.outcome == "ok"
     stored = app.store.mirror.records("sf", "contacts")
     assert len({r.remote_id for r in stored}) == 4_500 == len(stored)
     assert emulator.stats.by_route["GET query more read"] >= 1 and not emulator.jobs

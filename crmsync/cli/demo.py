@@ -72,7 +72,12 @@ def run_demo(
         try:
             log(f"demo: {get_provider(provider).label} emulator on {server.url} with {contacts} contacts")
             conn = connect(
-                app, provider=provider, name="demo", base_url=server.url, options=box.options, io=StaticIO(box.secret)
+                app,
+                provider=provider,
+                name="demo",
+                base_url=server.url,
+                options=box.options,
+                io=StaticIO(box.secret or ""),
             )
             pulled = pull(app, connections=[conn.name])
             source = outcomes or str(resources.files("crmsync") / "data" / "demo_outcomes.jsonl")

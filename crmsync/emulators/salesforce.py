@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlencode
 import httpx
 
 from crmsync.emulators.base import Emulator, Faults, json_response
+from crmsync.emulators.sandbox import Sandbox, SandboxOptions
 
 VERSIONS = ("58.0", "59.0", "60.0", "61.0", "62.0", "63.0", "64.0", "65.0")
 PREFIX = {
@@ -589,53 +590,26 @@ def build_salesforce(
     return emu
 
 
-def sandbox(
-    *,
-    seed: int = 0,
-    contacts: int = 100,
-    companies: int = 25,
-    deals: int = 10,
-    faults: Faults | None = None,
-    key_dir: str | None = None,
-) -> tuple[SalesforceEmulator, dict[str, str]]:
-    """The sandbox's emulator and what a connection needs: the app's consumer key, the user, and the
-    path of a fresh JWT signing key (0600, in ``key_dir`` or a new temporary directory)."""
+def sandbox(options: SandboxOptions) -> Sandbox:
+    """A seeded org for `crmsync sandbox serve`: crmsync connects by the JWT bearer flow, so no secret
+    is piped; the signing key is written to a fresh 0600 file whose path the connect line names."""
     import os
     import tempfile
     from pathlib import Path
 
-    emu = build_salesforce(seed=seed, contacts=contacts, companies=companies, deals=deals, faults=faults)
-    folder = Path(key_dir or tempfile.mkdtemp(prefix="crmsync-sf-sandbox-"))
-    key = folder / "salesforce-sandbox.pem"
+    emu = build_salesforce(
+        seed=options.seed,
+        contacts=options.contacts,
+        companies=options.companies,
+        deals=options.deals,
+        faults=options.faults,
+    )
+    key = Path(tempfile.mkdtemp(prefix="crmsync-sf-sandbox-")) / "salesforce-sandbox.pem"
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(emu.generate_certificate())
-    return emu, {"client_id": emu.client_id, "username": "admin@example.com.sandbox", "jwt_key": str(key)}
-
-
-def connect_line(url: str, creds: dict[str, str], *, name: str = "sandbox") -> str:
-    """The shell line connecting crmsync to the sandbox by the JWT bearer flow: no browser, and no
-    secret on the command line (the signing key is the file ``sandbox`` wrote)."""
-    import shlex
-
-    q = shlex.quote
-    words = [
-        "crmsync",
-        "connect",
-        "salesforce",
-        "--name",
-        q(name),
-        "--base-url",
-        q(url),
-        "--client-id",
-        q(creds["client_id"]),
-        "--jwt-key",
-        q(creds["jwt_key"]),
-        "--username",
-        q(creds["username"]),
-        "--insecure-storage",
-    ]
-    return " ".join(words)
+    login = {"client_id": emu.client_id, "user": "admin@example.com.sandbox", "jwt_key": str(key)}
+    return Sandbox(emu, secret=None, credentials=dict(login), options=login)
 
 
 def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:

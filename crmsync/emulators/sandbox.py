@@ -15,7 +15,16 @@ if TYPE_CHECKING:
     from crmsync.emulators.base import Emulator, Faults, LoopbackServer
 
 #: `crmsync connect` option key (as ``sync.connect`` takes it) -> its command-line flag.
-FLAGS = {"client_id": "--client-id", "grant_code": "--grant-code", "db": "--db-name", "user": "--user"}
+FLAGS = {
+    "client_id": "--client-id",
+    "grant_code": "--grant-code",
+    "db": "--db-name",
+    "user": "--user",
+    "jwt_key": "--jwt-key",
+    "login_host": "--login-host",
+    "tenant": "--tenant",
+    "certificate": "--certificate",
+}
 
 
 @dataclass
@@ -34,8 +43,9 @@ class Sandbox:
     """A seeded emulator and the (made-up) credentials a connection to it needs."""
 
     emulator: Emulator
-    #: What `crmsync connect --token-stdin` reads (a token, client secret or API key).
-    secret: str
+    #: What `crmsync connect --token-stdin` reads (a token, client secret or API key); None when the
+    #: connection signs with a key file instead (named in ``options``).
+    secret: str | None
     #: Printed as ``key=value`` lines after the base URL.
     credentials: dict[str, str]
     #: Other `crmsync connect` options, by key (see ``FLAGS``).
@@ -49,6 +59,8 @@ class Sandbox:
         q = shlex.quote
         options = [word for key, value in self.options.items() for word in (FLAGS[key], q(value))]
         # The sandbox's credentials are made up, so a file keeps them where no OS keyring exists.
-        words = ["crmsync", "connect", provider, "--name", q(name), "--base-url", q(url), *options, "--token-stdin"]
-        words.append("--insecure-storage")
+        words = ["crmsync", "connect", provider, "--name", q(name), "--base-url", q(url), *options]
+        if self.secret is None:
+            return " ".join([*words, "--insecure-storage"])
+        words += ["--token-stdin", "--insecure-storage"]
         return f"printf '%s\\n' {q(self.secret)} | {' '.join(words)}"

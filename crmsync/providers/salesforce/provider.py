@@ -52,6 +52,7 @@ from crmsync.providers.salesforce import bulk, soql
 from crmsync.providers.salesforce import records as rec
 from crmsync.providers.salesforce.limits import COLLECTION_MAX, push_requests
 from crmsync.providers.salesforce.policy import SalesforcePolicy, item_result
+from crmsync.providers.usage import ApiUsage
 
 log = logging.getLogger("crmsync.salesforce")
 
@@ -96,6 +97,7 @@ FIELD_TYPES = {
 class SalesforceProvider(Provider):
     name = "salesforce"
     label = "Salesforce"
+    emulator = "crmsync.emulators.salesforce"  # no webhook_support: Change Data Capture needs gRPC streaming
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     batch_size = COLLECTION_MAX
     default_concurrency = 8
@@ -657,17 +659,32 @@ class SalesforceProvider(Provider):
         return str(user) if user else None
 
     # -- limits ----------------------------------------------------------------------------------
-    def api_usage(self) -> dict[str, Any]:
+    def _usage(self) -> dict[str, Any]:
         """The daily allocation as the last answer stated it: ``{used, limit, remaining, …}``; {} before any."""
         policy = self.http.policy
         return policy.usage.as_dict() if isinstance(policy, SalesforcePolicy) else {}
 
+    def api_usage(self) -> ApiUsage | None:
+        usage = self._usage()
+        if "limit" not in usage:
+            return None
+        extra = {"per_app": usage["per_app"]} if "per_app" in usage else {}
+        return ApiUsage(
+            "requests",
+            "24h",
+            used=usage["used"],
+            limit=usage["limit"],
+            remaining=usage["remaining"],
+            source="Sforce-Limit-Info",
+            detail=extra,
+        )
+
     def check_budget(self, needs: Mapping[str, int]) -> None:
         """Refuse a push whose requests could pass ``budget_share`` of the allocation left today."""
-        usage = self.api_usage()
+        usage = self._usage()
         if not usage:
             self._json("GET", "/limits")  # any answer carries Sforce-Limit-Info
-            usage = self.api_usage()
+            usage = self._usage()
         if not usage:
             return
         wanted, allowed = push_requests(needs), int(usage["remaining"] * self.share)
@@ -681,7 +698,7 @@ class SalesforceProvider(Provider):
             )
 
     def quota(self) -> dict[str, Any]:
-        return self.api_usage()
+        return self._usage()
 
 
 def _identity(url: str) -> tuple[str | None, str | None]:
