@@ -48,7 +48,6 @@ def connect(
         typer.Option(
             "--jwt-key",
             help="Private key file (PEM) for a JWT bearer flow.",
-            exists=True,
             dir_okay=False,
             resolve_path=True,
         ),
@@ -62,7 +61,6 @@ def connect(
         typer.Option(
             "--certificate",
             help="Client certificate file (PEM) for certificate credentials.",
-            exists=True,
             dir_okay=False,
             resolve_path=True,
         ),

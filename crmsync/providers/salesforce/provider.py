@@ -98,6 +98,7 @@ class SalesforceProvider(Provider):
     name = "salesforce"
     label = "Salesforce"
     emulator = "crmsync.emulators.salesforce"  # no webhook_support: Change Data Capture needs gRPC streaming
+    connect_options = frozenset({"oauth", "client_id", "no_browser", "jwt_key", "login_host", "user"})
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     batch_size = COLLECTION_MAX
     default_concurrency = 8
