@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "zoho": "crmsync.providers.zoho:ZohoProvider",
     "odoo": "crmsync.providers.odoo:OdooProvider",
     "pipedrive": "crmsync.providers.pipedrive:PipedriveProvider",
+    "dynamics": "crmsync.providers.dynamics:DynamicsProvider",
 }
 
 
