@@ -203,6 +203,7 @@ class DynamicsEmulator(Emulator):
         self.tombstones: list[tuple[int, str, str, float]] = []  # (version, logical, id, when)
         self.expired_tokens: set[str] = set()
         self.tokens: dict[str, tuple[float, str]] = {}  # access token -> (expiry, systemuserid)
+        self.audiences: dict[str, str] = {}  # access token -> the environment's host it is for
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> systemuserid
         self.codes: dict[str, dict[str, str]] = {}
         self._user_windows: dict[str, _SlidingWindow] = {}
@@ -246,6 +247,7 @@ class DynamicsEmulator(Emulator):
             name="oidc token",
         )
         r("POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token", self._token, bucket="none", name="oauth token")
+        r("GET", r"/common/discovery/instance", self._instance, bucket="none", name="oidc instance")
         r("GET", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/authorize", self._authorize, bucket="none", name="oauth authorize")
         r("GET", rf"{API}/WhoAmI(?:\(\))?", self._whoami, name="whoami")
         r("POST", rf"{API}/\$batch", self._batch, name="batch")
@@ -334,6 +336,23 @@ class DynamicsEmulator(Emulator):
             }
         )
 
+    def _instance(self, request: httpx.Request) -> httpx.Response:
+        """Entra's instance discovery (msal asks it for the aliases of a host before using its token cache)."""
+        host = request.headers.get("host") or ""
+        return json_response(
+            {
+                "tenant_discovery_endpoint": f"https://{host}/common/v2.0/.well-known/openid-configuration",
+                "api-version": "1.1",
+                "metadata": [
+                    {
+                        "preferred_network": "login.microsoftonline.com",
+                        "preferred_cache": "login.windows.net",
+                        "aliases": ["login.microsoftonline.com", "login.windows.net", "login.microsoft.com", "sts.windows.net"],
+                    }
+                ],
+            }
+        )
+
     def _aad_error(self, status: int, error: str, code: int, text: str) -> httpx.Response:
         return json_response(
             {
@@ -347,14 +366,20 @@ class DynamicsEmulator(Emulator):
             status,
         )
 
-    def _resource_ok(self, request: httpx.Request, scopes: list[str], suffix: str) -> bool:
-        host = request.headers.get("host") or ""
-        return any(s.endswith(suffix) and urlsplit(s).netloc == host for s in scopes)
+    @staticmethod
+    def _audience(scopes: list[str], *suffixes: str) -> str | None:
+        """The environment (host) a token is asked for: ``https://org.crm.dynamics.com/.default``."""
+        for scope in scopes:
+            parts = urlsplit(scope)
+            if parts.scheme in ("http", "https") and parts.netloc and scope.endswith(suffixes):
+                return parts.netloc
+        return None
 
-    def _issue(self, user: str, *, refresh: bool = False, client_info: bool = False) -> dict[str, Any]:
+    def _issue(self, user: str, audience: str, *, refresh: bool = False, client_info: bool = False) -> dict[str, Any]:
         token = f"eyJ0eXAiOiJKV1QifQ.{secrets.token_urlsafe(32)}.sig"
         ttl = self.faults.token_ttl if self.faults.token_ttl is not None else 3599
         self.tokens[token] = (self.now() + ttl, user)
+        self.audiences[token] = audience
         out: dict[str, Any] = {
             "token_type": "Bearer",
             "expires_in": int(ttl),
@@ -415,14 +440,15 @@ class DynamicsEmulator(Emulator):
             problem = self._client_ok(request, form)
             if problem:
                 return self._aad_error(401, "invalid_client", int(problem[6:13]), problem.split(": ", 1)[1])
-            if not self._resource_ok(request, scopes, "/.default"):
+            audience = self._audience(scopes, "/.default")
+            if audience is None:
                 return self._aad_error(
                     400,
                     "invalid_scope",
                     1002012,
                     "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
                 )
-            return json_response(self._issue(self.app_user))
+            return json_response(self._issue(self.app_user, audience))
         if form.get("client_id") != self.client_id:
             return self._aad_error(
                 400, "unauthorized_client", 700016, "Application with identifier was not found in the directory."
@@ -445,7 +471,10 @@ class DynamicsEmulator(Emulator):
                     501481,
                     "The Code_Verifier does not match the code_challenge supplied in the authorization request.",
                 )
-            out = self._issue(self.person, refresh=True, client_info=True)
+            audience = self._audience(scopes, "/user_impersonation", "/.default")
+            if audience is None:
+                return self._aad_error(400, "invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid.")
+            out = self._issue(self.person, audience, refresh=True, client_info=True)
             out["scope"] = grant_doc["scope"]
             out["id_token"] = self._id_token(request, form.get("client_id", ""))
             return json_response(out)
@@ -453,7 +482,10 @@ class DynamicsEmulator(Emulator):
             user = self.refresh_tokens.get(form.get("refresh_token", ""))
             if user is None:
                 return self._aad_error(400, "invalid_grant", 700082, "The refresh token has expired due to inactivity.")
-            return json_response(self._issue(user, refresh=True, client_info=True))
+            audience = self._audience(scopes, "/user_impersonation", "/.default")
+            if audience is None:
+                return self._aad_error(400, "invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid.")
+            return json_response(self._issue(user, audience, refresh=True, client_info=True))
         return self._aad_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
 
     def _id_token(self, request: httpx.Request, client_id: str) -> str:
@@ -524,7 +556,8 @@ class DynamicsEmulator(Emulator):
             return None
         header = request.headers.get("authorization", "")
         entry = self.tokens.get(header[7:].strip()) if header.lower().startswith("bearer ") else None
-        if entry is None or entry[0] <= self.now():
+        audience = self.audiences.get(header[7:].strip())
+        if entry is None or entry[0] <= self.now() or audience != (request.headers.get("host") or ""):
             response = self.error_response(401, "", code="")
             response.headers["WWW-Authenticate"] = (
                 f"Bearer authorization_uri=https://login.microsoftonline.com/{self.tenant}/oauth2/authorize"
