@@ -234,8 +234,9 @@ class DynamicsEmulator(Emulator):
         from cryptography.hazmat.primitives.serialization import Encoding
 
         cert = x509.load_pem_x509_certificate(pem.encode())
-        x5t = _b64url(hashlib.sha1(cert.public_bytes(Encoding.DER)).digest())
-        self.certificates[x5t] = cert.public_key()
+        der = cert.public_bytes(Encoding.DER)
+        for digest in (hashlib.sha1(der).digest(), hashlib.sha256(der).digest()):  # x5t and x5t#S256
+            self.certificates[_b64url(digest)] = cert.public_key()
 
     def _register(self) -> None:
         r = self.route
@@ -417,7 +418,8 @@ class DynamicsEmulator(Emulator):
 
             try:
                 header = jwt.get_unverified_header(assertion)
-                key = self.certificates.get(str(header.get("x5t") or ""))
+                thumbprint = str(header.get("x5t#S256") or header.get("x5t") or "").rstrip("=")
+                key = self.certificates.get(thumbprint)
                 if key is None:
                     return "AADSTS700027: The certificate with identifier used to sign the client assertion is not registered on application."
                 claims = jwt.decode(assertion, key, algorithms=["RS256", "PS256"], options={"verify_aud": False})
@@ -439,7 +441,7 @@ class DynamicsEmulator(Emulator):
         if grant == "client_credentials":
             problem = self._client_ok(request, form)
             if problem:
-                return self._aad_error(401, "invalid_client", int(problem[6:13]), problem.split(": ", 1)[1])
+                return self._aad_error(401, "invalid_client", int(problem[6:].split(":")[0]), problem.split(": ", 1)[1])
             audience = self._audience(scopes, "/.default")
             if audience is None:
                 return self._aad_error(

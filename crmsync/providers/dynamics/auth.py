@@ -48,6 +48,9 @@ class MsalHttp:
         return self.client.get(self._url(url), params=params, headers=headers)
 
     def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None, **_: Any) -> httpx.Response:
+        if isinstance(data, dict):
+            # requests form-encodes bytes as their text (a signed assertion is bytes); httpx would not.
+            data = {k: v.decode() if isinstance(v, bytes) else v for k, v in data.items()}
         return self.client.post(self._url(url), params=params, data=data, headers=headers)
 
     def close(self) -> None:

@@ -486,14 +486,14 @@ class DynamicsProvider(Provider):
             retriable = isinstance(exc, RetriableError)
             return [ItemResult(i.ref, False, error=str(exc), retriable=retriable) for i in items]
         out = []
-        for item, rid, parts in zip(items, ids, answers, strict=True):
+        for item, known, parts in zip(items, ids, answers, strict=True):
             answer = parts[0] if parts else None
             if answer is None:
                 out.append(ItemResult(item.ref, False, error="no answer in the $batch", retriable=True))
             elif answer.ok:
-                created = answer.status == 201 or (rid is None)
+                created = answer.status == 201 or (known is None)
                 found = odata.GUID_RE.findall(answer.headers.get("odata-entityid", ""))
-                remote: str | None = rid or (found[-1].lower() if found else None)
+                remote = known or (found[-1].lower() if found else None)
                 if isinstance(answer.body, dict) and answer.body.get(table.key):
                     remote = str(answer.body[table.key]).lower()
                 out.append(ItemResult(item.ref, True, remote_id=remote, created=created and not item.remote_id))

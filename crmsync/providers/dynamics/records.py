@@ -52,7 +52,7 @@ ALWAYS = {
     "tasks": ["modifiedon", "_regardingobjectid_value", "_ownerid_value", "statecode"],
 }
 PSEUDO = {"duration_seconds": "actualdurationminutes", "direction": "directioncode", "ownerid": "_ownerid_value"}
-REGARDING = ("deals", "companies", "contacts")  # the record a call is about, most specific first
+REGARDING = ("deals", "contacts", "companies")  # what a call is about: its deal, else the person called
 NAV = {"deals": "opportunity", "companies": "account", "contacts": "contact"}
 
 
