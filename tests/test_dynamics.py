@@ -448,7 +448,7 @@ def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: 
     from tests.e2e import cli_env, run_cli
     from tests.test_resilience import _run_and_kill
 
-    emulator = DynamicsEmulator(faults=Faults(latency_ms=20, seed=5))
+    emulator = DynamicsEmulator(faults=Faults(latency_ms=5, seed=5))
     server = emulator.serve()
     try:
         app = App()
