@@ -745,6 +745,15 @@ class DynamicsEmulator(Emulator):
         self.version += 1
         self.tombstones.append((self.version, logical, rid, self.now()))
 
+    def _check_select(self, logical: str, select: list[str] | None) -> None:
+        cols = self._columns(logical)
+        for name in select or []:
+            base = name[1:-6] if name.startswith("_") and name.endswith("_value") else name
+            if base not in cols or (base == name and cols[name][0] in ("Lookup", "Customer", "Owner")):
+                raise DataverseError(
+                    400, "0x80060888", f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{logical}'."
+                )
+
     def _project(
         self, logical: str, row: dict[str, Any], select: list[str] | None, annotations: bool
     ) -> dict[str, Any]:
@@ -832,6 +841,7 @@ class DynamicsEmulator(Emulator):
             return httpx.Response(304)
         select = [s for s in self._params(request).get("$select", "").split(",") if s] or None
         annotations = "include-annotations" in request.headers.get("prefer", "")
+        self._check_select(logical, select)
         return json_response(
             self._project(logical, row, select, annotations), headers={"OData-Version": "4.0", "ETag": etag}
         )
@@ -879,6 +889,7 @@ class DynamicsEmulator(Emulator):
         annotations = "odata.include-annotations" in prefer
         select = [s for s in params.get("$select", "").split(",") if s] or None
         origin = f"{self._origin(request)}{API}/{es}"
+        self._check_select(logical, select)
         if "$skiptoken" in params:
             return self._next_page(request, params["$skiptoken"], size)
         headers = {"OData-Version": "4.0"}
@@ -972,7 +983,7 @@ class DynamicsEmulator(Emulator):
     def _next_page(self, request: httpx.Request, skiptoken: str, size: int) -> httpx.Response:
         cookie = unquote(skiptoken)
         token = cookie.split('pagingcookie="', 1)[-1].split('"', 1)[0]
-        entry = self._pages.pop(token, None)
+        entry = self._pages.get(token)  # a paging cookie stays valid: a resumed reader may send it again
         if entry is None:
             raise DataverseError(400, "0x80048d19", "The paging cookie is not valid or has expired.")
         rows, _, meta = entry

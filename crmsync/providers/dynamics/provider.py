@@ -317,6 +317,15 @@ class DynamicsProvider(Provider):
                 return column
         return None
 
+    def _select(self, obj: str, fields: list[str]) -> list[str]:
+        """``$select`` columns the table has (Dataverse refuses the whole query for one unknown column)."""
+        columns = self._definition(obj)["columns"]
+
+        def known(col: str) -> bool:
+            return col in columns or (col.startswith("_") and col.endswith("_value") and col[1:-6] in columns)
+
+        return [c for c in rec.select(obj, fields) if known(c)]
+
     # -- pull ------------------------------------------------------------------------------------
     def changes(
         self,
@@ -338,7 +347,7 @@ class DynamicsProvider(Provider):
         table = rec.TABLES[obj]
         state = cursor or {}
         url = state.get("next") or state.get("delta") if state.get("mode") == "delta" else None
-        baseline = f"{table.entity_set}?$select={','.join(rec.select(obj, fields))}"
+        baseline = f"{table.entity_set}?$select={','.join(self._select(obj, fields))}"
         headers = {"Prefer": odata.prefer(maxpagesize=PAGE, track_changes=True, annotations=True)}
         if url is None:
             url = baseline
@@ -377,7 +386,7 @@ class DynamicsProvider(Provider):
         state = cursor or {}
         low = state.get("since") or (rec.utc_text(since) if since else None)
         after = state.get("after")
-        cols = ",".join(rec.select(obj, fields))
+        cols = ",".join(self._select(obj, fields))
         headers = {"Prefer": odata.prefer(maxpagesize=PAGE, annotations=True)}
         while True:
             clauses = []
@@ -399,7 +408,7 @@ class DynamicsProvider(Provider):
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         table = rec.TABLES[obj]
-        cols = ",".join(rec.select(obj, list(fields)))
+        cols = ",".join(self._select(obj, list(fields)))
         out = []
         for chunk in chunks(list(dict.fromkeys(ids)), IDS_MAX):
             params = {"$select": cols, "$filter": odata.any_of(table.key, chunk)}
@@ -425,7 +434,7 @@ class DynamicsProvider(Provider):
             if value:
                 by_kind.setdefault(kind, {})[str(value)] = match_key(k)
         out: dict[str, RemoteRecord] = {}
-        cols = rec.select(obj, list(fields))
+        cols = self._select(obj, list(fields))
         for kind, values in by_kind.items():
             if obj == "deals" and kind == "key":
                 ids = {derived_id("deals", v): mk for v, mk in values.items()}
