@@ -3,11 +3,11 @@ change-tracking pulls, service protection limits, metadata for `map check`."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from crmsync.providers.dynamics.records import minutes
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
 from crmsync.sync.push import push
-from tests.e2e import ScriptIO, write_config
+from tests.e2e import ScriptIO
 from tests.test_hubspot_e2e import outcome_lines
 
 ORG = "https://contoso.crm4.dynamics.com"
@@ -61,7 +61,7 @@ def _calls(emulator: DynamicsEmulator) -> Counter[str]:
 
 
 def _assert_calls_logged(emulator: DynamicsEmulator, n: int, *, deal_every: int = 0) -> None:
-    """n phone calls, one per outcome, closed as Made, with the rep's and the contact's parties and what they are about."""
+    """n phone calls, one per outcome, closed as Made, with the caller and the contact as parties."""
     calls = _calls(emulator)
     assert len(calls) == n and set(calls.values()) == {1}
     contacts = {c["emailaddress1"]: c["contactid"] for c in emulator.records("contacts")}
@@ -267,7 +267,7 @@ def test_a_429_burst_is_waited_out_exactly_as_retry_after_says(home: Path, tmp_p
     assert summary.exit_code == 0 and summary.created == 5
     log = emulator.throttle_log
     assert [kind for _, kind in log[:3]] == ["429", "429", "ok"]
-    for (t0, _), (t1, _) in zip(log, log[1:3], strict=False):
+    for (t0, _), (t1, _) in itertools.pairwise(log[:3]):
         assert 1.0 <= t1 - t0 < 1.6, log  # never early (it prolongs throttling), not much later either
 
 
@@ -409,7 +409,9 @@ def test_connect_as_a_person_uses_the_code_flow_with_pkce_on_a_loopback_redirect
 
         app = App()
         options = {"tenant": f"{server.url}/{emulator.tenant}", "client_id": emulator.client_id, "oauth": True}
-        conn = connect(app, provider="dynamics", name="me", base_url=server.url, options=options, io=ScriptIO("", browser))
+        conn = connect(
+            app, provider="dynamics", name="me", base_url=server.url, options=options, io=ScriptIO("", browser)
+        )
         assert conn.settings["auth"] == "authorization_code" and conn.settings["user_id"] == emulator.person
         assert "code_challenge_method=S256" in seen[0] and "user_impersonation" in seen[0]
         secret = app.secrets.get("me") or {}
@@ -456,10 +458,17 @@ def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: 
     try:
         app = App()
         options = {"tenant": f"{server.url}/{emulator.tenant}", "client_id": emulator.client_id}
-        connect(app, provider="dynamics", name="dy", base_url=server.url, options=options, io=ScriptIO(emulator.client_secret))
+        connect(
+            app,
+            provider="dynamics",
+            name="dy",
+            base_url=server.url,
+            options=options,
+            io=ScriptIO(emulator.client_secret),
+        )
         app.close()
-        env = cli_env(home, "dy", json.dumps({"kind": "client_secret", "tenant": options["tenant"],
-                                             "client_id": emulator.client_id, "client_secret": emulator.client_secret}))  # fmt: skip
+        secret = {"kind": "client_secret", "client_secret": emulator.client_secret, **options}
+        env = cli_env(home, "dy", json.dumps(secret))
         src = _outcomes(tmp_path / "o.jsonl", 500, company_every=3, deal_every=4)
         rng = random.Random(30)
         kills = 0
@@ -510,6 +519,3 @@ def _certificate() -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     return key_pem + cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-_ = time

@@ -128,7 +128,9 @@ def test_the_sdk_upserts_by_an_alternate_key(client: Any, emulator: DynamicsEmul
 
     item = UpsertItem(alternate_key={"emailaddress1": "k@x.org"}, record={"lastname": "First"})
     client.records.upsert("contact", [item])
-    client.records.upsert("contact", [UpsertItem(alternate_key={"emailaddress1": "k@x.org"}, record={"lastname": "Second"})])
+    client.records.upsert(
+        "contact", [UpsertItem(alternate_key={"emailaddress1": "k@x.org"}, record={"lastname": "Second"})]
+    )
     rows = emulator.records("contacts")
     assert len(rows) == 1 and rows[0]["lastname"] == "Second" and rows[0]["emailaddress1"] == "k@x.org"
 

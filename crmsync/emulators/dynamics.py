@@ -348,7 +348,12 @@ class DynamicsEmulator(Emulator):
                     {
                         "preferred_network": "login.microsoftonline.com",
                         "preferred_cache": "login.windows.net",
-                        "aliases": ["login.microsoftonline.com", "login.windows.net", "login.microsoft.com", "sts.windows.net"],
+                        "aliases": [
+                            "login.microsoftonline.com",
+                            "login.windows.net",
+                            "login.microsoft.com",
+                            "sts.windows.net",
+                        ],
                     }
                 ],
             }
@@ -421,7 +426,10 @@ class DynamicsEmulator(Emulator):
                 thumbprint = str(header.get("x5t#S256") or header.get("x5t") or "").rstrip("=")
                 key = self.certificates.get(thumbprint)
                 if key is None:
-                    return "AADSTS700027: The certificate with identifier used to sign the client assertion is not registered on application."
+                    return (
+                        "AADSTS700027: The certificate with identifier used to sign the client assertion is "
+                        "not registered on application."
+                    )
                 claims = jwt.decode(assertion, key, algorithms=["RS256", "PS256"], options={"verify_aud": False})
             except jwt.PyJWTError as exc:
                 return f"AADSTS700027: Client assertion failed signature validation. ({exc})"
@@ -430,7 +438,10 @@ class DynamicsEmulator(Emulator):
                 if claims.get("iss") == self.client_id == claims.get("sub")
                 else "AADSTS700023: Client assertion issuer mismatch."
             )
-        return "AADSTS7000218: The request body must contain the following parameter: 'client_assertion' or 'client_secret'."
+        return (
+            "AADSTS7000218: The request body must contain the following parameter: 'client_assertion' or "
+            "'client_secret'."
+        )
 
     def _token(self, request: httpx.Request, tenant: str) -> httpx.Response:
         if tenant != self.tenant:
@@ -448,7 +459,8 @@ class DynamicsEmulator(Emulator):
                     400,
                     "invalid_scope",
                     1002012,
-                    "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
+                    "The provided value for scope is not valid. Client credential flows must have a "
+                    "scope value with /.default suffixed to the resource identifier (application ID URI).",
                 )
             return json_response(self._issue(self.app_user, audience))
         if form.get("client_id") != self.client_id:
@@ -475,7 +487,9 @@ class DynamicsEmulator(Emulator):
                 )
             audience = self._audience(scopes, "/user_impersonation", "/.default")
             if audience is None:
-                return self._aad_error(400, "invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid.")
+                return self._aad_error(
+                    400, "invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid."
+                )
             out = self._issue(self.person, audience, refresh=True, client_info=True)
             out["scope"] = grant_doc["scope"]
             out["id_token"] = self._id_token(request, form.get("client_id", ""))
@@ -486,7 +500,9 @@ class DynamicsEmulator(Emulator):
                 return self._aad_error(400, "invalid_grant", 700082, "The refresh token has expired due to inactivity.")
             audience = self._audience(scopes, "/user_impersonation", "/.default")
             if audience is None:
-                return self._aad_error(400, "invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid.")
+                return self._aad_error(
+                    400, "invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid."
+                )
             return json_response(self._issue(user, audience, refresh=True, client_info=True))
         return self._aad_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
 
@@ -515,7 +531,8 @@ class DynamicsEmulator(Emulator):
                 400,
                 "invalid_request",
                 50011,
-                "The redirect URI specified in the request does not match the redirect URIs configured for the application.",
+                "The redirect URI specified in the request does not match the redirect URIs configured "
+                "for the application.",
             )
         if q.get("code_challenge") and q.get("code_challenge_method") != "S256":
             return self._aad_error(400, "invalid_request", 501491, "Invalid code_challenge_method.")
@@ -548,7 +565,10 @@ class DynamicsEmulator(Emulator):
             code, message = "0x80072326", f"Number of concurrent requests exceeded the limit of {self.concurrent}."
         else:
             code = "0x80072322"
-            message = f"Number of requests exceeded the limit of {self.limits[0]} over time window of {int(self.limits[1])} seconds."
+            message = (
+                f"Number of requests exceeded the limit of {self.limits[0]} over time window of "
+                f"{int(self.limits[1])} seconds."
+            )
         response = self.error_response(429, message, code=code)
         response.headers["Retry-After"] = str(seconds)
         return response
@@ -614,7 +634,9 @@ class DynamicsEmulator(Emulator):
             raise DataverseError(
                 400,
                 "0x80060888",
-                f"The key in the request URI is not valid for resource 'Microsoft.Dynamics.CRM.{logical}'. Make sure to specify the correct number of key properties, and that the key properties are named correctly.",
+                "The key in the request URI is not valid for resource "
+                f"'Microsoft.Dynamics.CRM.{logical}'. Make sure to specify the correct number of key "
+                "properties, and that the key properties are named correctly.",
             )
         col, value = next(iter(seg.items()))
         for rid, row in self.tables[logical].items():
@@ -630,7 +652,10 @@ class DynamicsEmulator(Emulator):
             raise DataverseError(
                 400,
                 "0x80048d19",
-                f"Error identified in Payload provided by the user for Entity :'', For more information on this error please follow this help link https://go.microsoft.com/fwlink/?linkid=2195293 ----> InnerException : Microsoft.OData.ODataException: The URI '{value}' is not valid.",
+                "Error identified in Payload provided by the user for Entity :'', For more information "
+                "on this error please follow this help link "
+                "https://go.microsoft.com/fwlink/?linkid=2195293 ----> InnerException : "
+                f"Microsoft.OData.ODataException: The URI '{value}' is not valid.",
             )
         logical = SETS[es][0]
         rid = self._resolve(logical, rest[:-1])
@@ -651,16 +676,20 @@ class DynamicsEmulator(Emulator):
                     raise DataverseError(
                         400,
                         "0x80060888",
-                        f"An undeclared property '{nav}' which only has property annotations in the payload but no property value was found in the payload. In OData, only declared navigation properties and declared named streams can be represented as properties without values.",
+                        f"An undeclared property '{nav}' which only has property annotations in the "
+                        "payload but no property value was found in the payload. In OData, only declared "
+                        "navigation properties and declared named streams can be represented as "
+                        "properties without values.",
                     )
                 if column == "regardingobjectid" and not nav.endswith(f"_{logical}"):
                     raise DataverseError(
                         400,
                         "0x80060888",
-                        f"An undeclared property '{nav}' which only has property annotations in the payload but no property value was found in the payload.",
+                        f"An undeclared property '{nav}' which only has property annotations in the "
+                        "payload but no property value was found in the payload.",
                     )
                 kind, rid = self._bind(str(value))
-                if target and kind != target or kind not in TARGETS[column]:
+                if (target and kind != target) or kind not in TARGETS[column]:
                     raise DataverseError(
                         400, "0x80040203", f"Invalid type for entity id {rid} of type {kind} for {column}."
                     )
@@ -687,20 +716,24 @@ class DynamicsEmulator(Emulator):
                 raise DataverseError(
                     400,
                     "0x80060888",
-                    f"The property '{name}' does not exist on type 'Microsoft.Dynamics.CRM.{logical}'. Make sure to only use property names that are defined by the type or mark the type as open type.",
+                    f"The property '{name}' does not exist on type 'Microsoft.Dynamics.CRM.{logical}'. "
+                    "Make sure to only use property names that are defined by the type or mark the type "
+                    "as open type.",
                 )
             if name in ("statecode",) and creating:
                 raise DataverseError(
                     400,
                     "0x80043b09",
-                    f"The entity cannot be created with the specified value for statecode: {value}. Use a second request to set the state.",
+                    f"The entity cannot be created with the specified value for statecode: {value}. Use a "
+                    "second request to set the state.",
                 )
             kind, length = cols[name]
             if length and isinstance(value, str) and len(value) > length:
                 raise DataverseError(
                     400,
                     "0x80044331",
-                    f"A validation error occurred. The length of the '{name}' attribute of the '{logical}' entity exceeded the maximum allowed length of '{length}'.",
+                    f"A validation error occurred. The length of the '{name}' attribute of the "
+                    f"'{logical}' entity exceeded the maximum allowed length of '{length}'.",
                 )
             if kind == "Integer" and value is not None and not isinstance(value, int):
                 raise DataverseError(
@@ -751,13 +784,15 @@ class DynamicsEmulator(Emulator):
             base = name[1:-6] if name.startswith("_") and name.endswith("_value") else name
             if base not in cols or (base == name and cols[name][0] in ("Lookup", "Customer", "Owner")):
                 raise DataverseError(
-                    400, "0x80060888", f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{logical}'."
+                    400,
+                    "0x80060888",
+                    f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{logical}'.",
                 )
 
     def _project(
         self, logical: str, row: dict[str, Any], select: list[str] | None, annotations: bool
     ) -> dict[str, Any]:
-        es, key = LOGICAL[logical]
+        key = LOGICAL[logical][1]
         out: dict[str, Any] = {"@odata.etag": f'W/"{row.get("versionnumber", 0)}"'}
         names = select or [k for k in row if not k.endswith("@type") and k != "parties"]
         for name in dict.fromkeys([*names, key]):
@@ -785,7 +820,7 @@ class DynamicsEmulator(Emulator):
             raise DataverseError(404, "0x80060888", f"Resource not found for the segment '{es}'.")
         return SETS[es]
 
-    def _guard(handler: Any) -> Any:  # noqa: N805
+    def _guard(handler: Any) -> Any:
         def wrapped(self: DynamicsEmulator, request: httpx.Request, **kw: str) -> httpx.Response:
             try:
                 return handler(self, request, **kw)  # type: ignore[no-any-return]
@@ -1156,7 +1191,7 @@ class DynamicsEmulator(Emulator):
             if wanted and kind != wanted:
                 continue
             doc: dict[str, Any] = {
-                "@odata.type": f"#Microsoft.Dynamics.CRM.{kind if kind != 'Uniqueidentifier' else 'UniqueIdentifier'}AttributeMetadata",
+                "@odata.type": f"#Microsoft.Dynamics.CRM.{kind.replace('Uniqueid', 'UniqueId')}AttributeMetadata",
                 "LogicalName": name,
                 "SchemaName": name,
                 "AttributeType": kind,
