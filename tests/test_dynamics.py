@@ -282,6 +282,20 @@ def test_the_emulator_enforces_the_request_window_with_retry_after_and_the_docum
     assert refused.json()["error"]["code"] == "0x80072322"
 
 
+def test_the_emulator_refuses_requests_over_the_concurrency_cap_at_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    emulator = DynamicsEmulator(concurrent=2, faults=Faults(latency_ms=300))
+    token = emulator._issue(emulator.app_user, "org.test")["access_token"]
+    client = httpx.Client(transport=emulator.transport(), base_url="https://org.test/api/data/v9.2")
+    client.headers["Authorization"] = f"Bearer {token}"
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.get("WhoAmI"), range(4)))
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(refused) == 2 and all(a.json()["error"]["code"] == "0x80072326" for a in refused)
+    assert all(int(a.headers["Retry-After"]) >= 1 for a in refused)
+
+
 def test_create_only_update_and_key_urls_answer_as_the_web_api_does() -> None:
     emulator = DynamicsEmulator(keys={"contact": ["emailaddress1"]})
     token = emulator._issue(emulator.app_user, "org.test")["access_token"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import email
 import hashlib
 import json
 import math
@@ -1030,30 +1031,21 @@ class DynamicsEmulator(Emulator):
     # -- $batch ----------------------------------------------------------------------------------
     @_guard
     def _batch(self, request: httpx.Request) -> httpx.Response:
-        from crmsync.providers.dynamics import batch as mp  # the multipart grammar, shared with the client
-
-        boundary = mp.boundary_of(request.headers.get("content-type", ""))
-        if not boundary:
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/mixed") or "boundary=" not in content_type:
             raise DataverseError(
                 400, "0x80048d19", "The content type of a $batch request must be multipart/mixed with a boundary."
             )
         go_on = "odata.continue-on-error" in self._prefer(request)
-        parts = mp.split(request.content.decode(), boundary)
+        # Read with the standard library's MIME parser, not the client's own multipart code.
+        doc = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + request.content)
         groups: list[list[str] | str] = []
-        count = 0
-        for part in parts:
-            headers, rest = mp.headers_and_rest(part)
-            inner = (
-                mp.boundary_of(headers.get("content-type", ""))
-                if "multipart" in headers.get("content-type", "")
-                else None
-            )
-            if inner:
-                groups.append(mp.split(rest, inner))
-                count += len(groups[-1])
+        for part in doc.get_payload() if doc.is_multipart() else []:
+            if part.is_multipart():
+                groups.append([_payload(p) for p in part.get_payload()])
             else:
-                groups.append(part)
-                count += 1
+                groups.append(_payload(part))
+        count = sum(len(g) if isinstance(g, list) else 1 for g in groups)
         if count > MAX_BATCH:
             raise DataverseError(
                 400, "0x80060888", f"The number of requests in batch exceeded the limit of {MAX_BATCH}."
@@ -1097,13 +1089,11 @@ class DynamicsEmulator(Emulator):
         )
 
     def _inner(self, outer: httpx.Request, part: str) -> httpx.Response:
-        from crmsync.providers.dynamics import batch as mp
-
-        _, http = mp.headers_and_rest(part)
-        line, _, rest = http.lstrip("\n").partition("\n")
+        line, _, rest = part.replace("\r\n", "\n").lstrip("\n").partition("\n")
         method, _, target = line.partition(" ")
         target = target.rsplit(" HTTP/", 1)[0]
-        headers, body = mp.headers_and_rest(rest)
+        head, _, body = rest.partition("\n\n")
+        headers = {k.strip(): v.strip() for k, _, v in (h.partition(":") for h in head.split("\n")) if k.strip()}
         if target.startswith("http"):
             target = target.split("://", 1)[1].partition("/")[2]  # the path: the part runs where the batch was sent
         elif not target.lstrip("/").startswith(API.lstrip("/")):
@@ -1223,6 +1213,12 @@ class DynamicsEmulator(Emulator):
                 "value": out,
             }
         )
+
+
+def _payload(part: Any) -> str:
+    """The HTTP request an ``application/http`` part carries."""
+    raw = part.get_payload(decode=True)
+    return raw.decode("utf-8") if isinstance(raw, bytes) else str(part.get_payload())
 
 
 def _http_part(response: httpx.Response) -> str:
