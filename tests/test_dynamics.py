@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from crmsync.app import App
+from crmsync.cli.status import describe_cursor
 from crmsync.emulators.base import Faults
 from crmsync.emulators.dynamics import DynamicsEmulator, build_dynamics, connect_line
 from crmsync.errors import AuthError
@@ -26,6 +27,7 @@ from crmsync.providers.dynamics.records import minutes
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
 from crmsync.sync.push import push
+from crmsync.sync.status import connection_status
 from tests.e2e import ScriptIO
 from tests.test_hubspot_e2e import outcome_lines
 
@@ -251,9 +253,9 @@ def test_a_table_without_change_tracking_is_polled_by_modifiedon(home: Path) -> 
     emulator.clock_offset = 0
     first = pull(app, objects=["companies"])[0]
     assert first.exit_code == 0 and first.objects[0].created == 12
-    cursor = app.store.cursor("dy", "companies") if hasattr(app.store, "cursor") else None
-    if cursor is not None:
-        assert cursor.get("mode") == "keyset"
+    status = connection_status(app, app.store.connection("dy"))
+    assert status["objects"]["companies"]["cursor"]["mode"] == "keyset"
+    assert describe_cursor(status["objects"]["companies"]["cursor"]).startswith("mode=keyset")
     emulator.update("accounts", emulator.records("accounts")[3]["accountid"], {"name": "Renamed"})
     second = pull(app, objects=["companies"])[0]
     assert second.objects[0].updated == 1 and second.objects[0].created == 0
@@ -533,3 +535,80 @@ def _certificate() -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     return key_pem + cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _context(**over: Any) -> bytes:
+    doc: dict[str, Any] = {
+        "BusinessUnitId": "eb1167b3-67a9-c378-7c65-c1e582e2e662",
+        "CorrelationId": "0ab4f0d0-2d13-4a9e-a7e4-5a2f3a5d1c11",
+        "Depth": 1,
+        "InitiatingUserId": "f70cd320-643e-460f-8fd5-7e3967c43d51",
+        "InputParameters": [
+            {
+                "key": "Target",
+                "value": {
+                    "__type": "Entity:http://schemas.microsoft.com/xrm/2011/Contracts",
+                    "Attributes": [
+                        {"key": "firstname", "value": "Ada"},
+                        {
+                            "key": "parentcustomerid",
+                            "value": {
+                                "__type": "EntityReference:http://schemas.microsoft.com/xrm/2011/Contracts",
+                                "Id": "4941DB0C-4127-5599-B4F0-49DE79B11ADE",
+                                "LogicalName": "account",
+                                "Name": "Acme",
+                            },
+                        },
+                        {
+                            "key": "statecode",
+                            "value": {
+                                "__type": "OptionSetValue:http://schemas.microsoft.com/xrm/2011/Contracts",
+                                "Value": 0,
+                            },
+                        },
+                    ],
+                    "Id": "d37debd2-6908-54e4-8bc9-6a22711310eb",
+                    "LogicalName": "contact",
+                },
+            }
+        ],
+        "MessageName": "Update",
+        "OperationCreatedOn": "/Date(1764583200000)/",
+        "PrimaryEntityId": "D37DEBD2-6908-54E4-8BC9-6A22711310EB",
+        "PrimaryEntityName": "contact",
+        "Stage": 40,
+    }
+    doc.update(over)
+    return json.dumps(doc).encode()
+
+
+def test_a_webhook_body_becomes_one_change_and_hostile_ones_are_refused_in_one_line() -> None:
+    from crmsync.providers.dynamics.webhook import parse
+
+    change = parse(_context())
+    assert change is not None and (change.object, change.action) == ("contacts", "updated")
+    assert change.id == "d37debd2-6908-54e4-8bc9-6a22711310eb"
+    assert change.attributes == {
+        "firstname": "Ada",
+        "parentcustomerid": "4941db0c-4127-5599-b4f0-49de79b11ade",
+        "statecode": 0,
+    }
+    assert change.at is not None and change.at.isoformat() == "2025-12-01T10:00:00+00:00"
+    assert parse(_context(PrimaryEntityName="invoice")) is None and parse(_context(MessageName="Assign")) is None
+    for bad in (b"", b"[]", b"{", b"\xff", _context(PrimaryEntityId="1 or 1=1"), b'{"PrimaryEntityName": 3}'):
+        with pytest.raises(ValueError) as info:
+            parse(bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="larger"):
+        parse(b" " * (256 * 1024 + 1))
+
+
+def test_the_webhook_key_is_compared_in_full_and_an_empty_key_admits_nothing() -> None:
+    from crmsync.providers.dynamics.webhook import key_ok
+
+    assert key_ok("s3cret", query={"code": "s3cret"}, headers={})
+    assert not key_ok("s3cret", query={"code": "s3cre"}, headers={})
+    assert not key_ok("s3cret", query={"code": "s3cretX"}, headers={})
+    assert not key_ok("", query={"code": ""}, headers={})
+    assert key_ok("k", query={}, headers={"X-Crmsync-Key": "k"}, header="x-crmsync-key")
+    assert not key_ok("k", query={"code": "k"}, headers={"X-Crmsync-Key": "no"}, header="x-crmsync-key")

@@ -337,7 +337,8 @@ class DynamicsProvider(Provider):
         until: datetime | None = None,
     ) -> Iterator[Page]:
         """Change tracking where the table has it (cursor ``{"mode": "delta", "delta"|"next": url}``),
-        else ``modifiedon`` keyset polling (cursor ``{"mode": "keyset", "since", "after"}``)."""
+        else ``modifiedon`` keyset polling (cursor ``{"mode": "keyset", "since", "last_id"}``), which
+        ``status`` shows as the cursor's mode."""
         if self._definition(obj)["tracked"]:
             yield from self._delta(obj, cursor, list(fields))
         else:
@@ -385,7 +386,7 @@ class DynamicsProvider(Provider):
         table = rec.TABLES[obj]
         state = cursor or {}
         low = state.get("since") or (rec.utc_text(since) if since else None)
-        after = state.get("after")
+        after = state.get("last_id")
         cols = ",".join(self._select(obj, fields))
         headers = {"Prefer": odata.prefer(maxpagesize=PAGE, annotations=True)}
         while True:
@@ -402,8 +403,12 @@ class DynamicsProvider(Provider):
             rows = list(body.get("value") or [])
             if rows:
                 low, after = rows[-1].get("modifiedon"), rows[-1].get(table.key)
-            yield Page([rec.record(obj, r) for r in rows], {"mode": "keyset", "since": low, "after": after})
-            if not body.get("@odata.nextLink"):
+            more = bool(body.get("@odata.nextLink"))
+            # modifiedon has whole seconds: the next run reads the last second again (from its start, not
+            # after the last id), so a row saved later in that second with a smaller id is not skipped.
+            cursor = {"mode": "keyset", "since": low, "last_id": after if more else None}
+            yield Page([rec.record(obj, r) for r in rows], cursor)
+            if not more:
                 return
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
