@@ -117,6 +117,9 @@ def test_1000_outcomes_log_1000_closed_calls_in_few_batches_and_a_re_push_writes
     print(f"\n1000 outcomes: {requests} requests ({emulator.stats.by_route['POST batch']} $batch)")
     assert emulator.stats.rate_limited == 0
 
+    quota = app.provider(app.store.connection("dy")).quota()
+    assert quota["throttled"] == 0 and 5000 < quota["burst_remaining"] < 6000  # what status can show
+
     writes = emulator.stats.writes
     again = push(app, source=str(src), connection="dy")
     assert again.exit_code == 0 and again.created == 0

@@ -611,7 +611,13 @@ class DynamicsEmulator(Emulator):
                 with self.lock:
                     self.stats.requests += 1
                 return self.rate_limited_response("concurrency", 1.0)
-            return super().__call__(request)
+            response = super().__call__(request)
+            window = self._user_windows.get(user)
+            if window is not None:
+                # Debug headers of the service protection limits (reference §8): requests left in the window.
+                left = self.limits[0] - window.used(time.monotonic(), self.limits[1])
+                response.headers["x-ms-ratelimit-burst-remaining-xrm-requests"] = str(max(0, left))
+            return response
         finally:
             with self._flight_lock:
                 self._user_flight[user] -= 1
