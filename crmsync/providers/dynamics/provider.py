@@ -82,8 +82,9 @@ class DynamicsProvider(Provider):
     name = "dynamics"
     label = "Microsoft Dynamics 365 Sales"
     objects = ("contacts", "companies", "deals", "calls", "tasks")
-    #: Activities per ``$batch``: a call is two operations (create, close), under the 1,000 a batch holds.
-    batch_size = 250
+    #: Records or activities per ``$batch`` (a call is two operations: create, close), far under the 1,000
+    #: a batch holds, so one slow or lost batch leaves few calls in doubt.
+    batch_size = 100
     # The service protection limit per user (6,000 requests per 300 s); 52 at once is the cap, and
     # the docs advise far fewer per web server.
     default_rate_limits = {"default": RateLimit(6000, 300.0)}
