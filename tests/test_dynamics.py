@@ -448,6 +448,18 @@ def test_connect_as_a_person_uses_the_code_flow_with_pkce_on_a_loopback_redirect
         server.stop()
 
 
+def test_a_persons_tokens_given_in_the_environment_are_renewed_not_re_authorised(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator = DynamicsEmulator()
+    refresh = emulator._issue(emulator.person, "contoso.crm4.dynamics.com", refresh=True)["refresh_token"]
+    doc = {"kind": "authorization_code", "tenant": emulator.tenant, "client_id": emulator.client_id}
+    monkeypatch.setenv("CRMSYNC_SECRET_ME", json.dumps({**doc, "refresh_token": refresh}))
+    app = App(transport=lambda _: emulator.transport())
+    conn = connect(app, provider="dynamics", name="me", base_url=ORG, options={}, io=ScriptIO(""))
+    assert conn.settings["user_id"] == emulator.person and not emulator.codes  # no authorisation was started
+
+
 def test_the_sandbox_connect_line_works_as_pasted(home: Path) -> None:
     from tests.e2e import cli_env
 

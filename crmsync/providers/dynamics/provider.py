@@ -154,7 +154,12 @@ class DynamicsProvider(Provider):
         _, plain = entra.authority(tenant)
         http = entra.MsalHttp(ctx.token_client(), plain)
         secret: dict[str, Any] = {"tenant": tenant, "client_id": client_id}
-        if ctx.options.get("oauth"):
+        given = ctx.given or {}
+        if given.get("kind") == "authorization_code" and given.get("refresh_token"):
+            # A person's tokens given in the environment are renewed with the refresh token, not re-authorised.
+            secret.update({k: v for k, v in given.items() if k in ("kind", "refresh_token", "access_token")})
+            secret["expires_at"] = float(given.get("expires_at") or 0)
+        elif ctx.options.get("oauth"):
             secret["kind"] = "authorization_code"
             scope = entra.scope_of(base_url, delegated=True)
             grant = authorize(
