@@ -1169,8 +1169,12 @@ class DynamicsEmulator(Emulator):
         doc = self._entity_doc(self._logical_of(ref))
         params = self._params(request)
         select = [s for s in params.get("$select", "").split(",") if s]
-        keep = set(select) | {"MetadataId"} | ({"Keys"} if "Keys" in params.get("$expand", "") else set())
-        return json_response({k: v for k, v in doc.items() if not select or k in keep})
+        expand = params.get("$expand", "")
+        keep = set(select) | {"MetadataId"} | ({"Keys"} if "Keys" in expand else set())
+        out = {k: v for k, v in doc.items() if not select or k in keep}
+        if "Attributes" in expand:
+            out["Attributes"] = [{"LogicalName": name} for name in self._columns(doc["LogicalName"])]
+        return json_response(out)
 
     @_guard
     def _attributes(self, request: httpx.Request, ref: str, cast: str | None = None) -> httpx.Response:

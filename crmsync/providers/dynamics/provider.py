@@ -236,11 +236,12 @@ class DynamicsProvider(Provider):
             if obj in self._meta:
                 return self._meta[obj]
         logical = rec.TABLES[obj].logical
+        # One request: the table's flags with its keys and its columns' names expanded.
         doc = self._get(
             f"EntityDefinitions(LogicalName='{logical}')",
             params={
                 "$select": "LogicalName,ChangeTrackingEnabled",
-                "$expand": "Keys($select=KeyAttributes,EntityKeyIndexStatus)",
+                "$expand": "Keys($select=KeyAttributes,EntityKeyIndexStatus),Attributes($select=LogicalName)",
             },
         )
         keys = [
@@ -248,13 +249,7 @@ class DynamicsProvider(Provider):
             for k in doc.get("Keys") or []
             if k.get("EntityKeyIndexStatus") == "Active"
         ]
-        columns = {
-            str(a.get("LogicalName"))
-            for a in self._get(
-                f"EntityDefinitions(LogicalName='{logical}')/Attributes", params={"$select": "LogicalName"}
-            ).get("value")
-            or []
-        }
+        columns = {str(a.get("LogicalName")) for a in doc.get("Attributes") or []}
         meta = {"tracked": bool(doc.get("ChangeTrackingEnabled")), "keys": keys, "columns": columns}
         with self._lock:
             self._meta[obj] = meta
