@@ -462,6 +462,25 @@ def test_a_persons_tokens_given_in_the_environment_are_renewed_not_re_authorised
     assert conn.settings["user_id"] == emulator.person and not emulator.codes  # no authorisation was started
 
 
+def test_the_cli_connects_with_the_secret_in_the_environment_and_refuses_a_wrong_one_in_one_line(home: Path) -> None:
+    from tests.e2e import cli_env, run_cli
+
+    emulator = DynamicsEmulator()
+    server = emulator.serve()
+    try:
+        doc = {"kind": "client_secret", "tenant": f"{server.url}/{emulator.tenant}", "client_id": emulator.client_id}
+        args = ["connect", "dynamics", "--name", "dy", "--base-url", server.url, "--client-id", emulator.client_id]
+        wrong = run_cli(args, cli_env(home, "dy", json.dumps({**doc, "client_secret": "nope"})), timeout=120)
+        assert wrong.code == 3 and "AADSTS7000215" in wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) <= 2 and "Traceback" not in wrong.stderr  # message + hint
+        good = run_cli(args, cli_env(home, "dy", json.dumps({**doc, "client_secret": emulator.client_secret})))
+        assert good.code == 0, good.stderr
+        no_tenant = run_cli(args, cli_env(home, "dy", json.dumps({"client_secret": "x"})), timeout=120)
+        assert no_tenant.code == 2 and "--tenant" in no_tenant.stderr and "Traceback" not in no_tenant.stderr
+    finally:
+        server.stop()
+
+
 def test_the_sandbox_connect_line_works_as_pasted(home: Path) -> None:
     from tests.e2e import cli_env
 
