@@ -475,7 +475,7 @@ class DynamicsEmulator(EntraEndpoints, Emulator):
             if name in ("statecode",) and creating:
                 raise DataverseError(
                     400,
-                    "0x80043b09",
+                    "0x80040203",
                     f"The entity cannot be created with the specified value for statecode: {value}. Use a "
                     "second request to set the state.",
                 )
@@ -724,7 +724,8 @@ class DynamicsEmulator(EntraEndpoints, Emulator):
             raise DataverseError(400, "0x80048d19", "The delta token is not valid.") from None
         expired = any(since < int(e[1:]) for e in self.expired_tokens) or self.now() - issued > self.expire_days * 86400
         if expired:
-            raise DataverseError(400, "0x80044352", EXPIRED)
+            # The status and code of this answer are not documented (reference §6): the message is what clients match.
+            raise DataverseError(400, "", EXPIRED)
         changed = sorted(
             (r for r in self.tables[logical].values() if r.get("versionnumber", 0) > since),
             key=lambda r: r["versionnumber"],

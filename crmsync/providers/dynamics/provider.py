@@ -356,7 +356,8 @@ class DynamicsProvider(Provider):
         while url:
             try:
                 body = self._get(url, headers=headers)
-            except FatalProviderError as exc:
+            except (FatalProviderError, RetriableError) as exc:
+                # Matched by its message: the status Dataverse answers it with is not documented.
                 if odata.EXPIRED_DELTA not in str(exc).lower() or url == baseline:
                     raise
                 log.warning(
