@@ -9,16 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import msal
 import pytest
+import requests
+from azure.core.credentials import AccessToken
+from PowerPlatform.Dataverse import client as dataverse
+from requests.adapters import BaseAdapter
 
-msal = pytest.importorskip("msal")
-dataverse = pytest.importorskip("PowerPlatform.Dataverse.client")
-requests = pytest.importorskip("requests")
-
-from azure.core.credentials import AccessToken  # noqa: E402
-from requests.adapters import BaseAdapter  # noqa: E402
-
-from crmsync.emulators.dynamics import DynamicsEmulator  # noqa: E402
+from crmsync.emulators.dynamics import DynamicsEmulator
 
 ORG = "https://sdk.crm4.dynamics.com"
 
