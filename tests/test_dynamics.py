@@ -305,6 +305,18 @@ def test_the_emulator_refuses_requests_over_the_concurrency_cap_at_once() -> Non
     assert all(int(a.headers["Retry-After"]) >= 1 for a in refused)
 
 
+def test_a_configured_concurrency_at_the_service_limit_is_refused(home: Path) -> None:
+    from crmsync.errors import ConfigError
+    from tests.e2e import write_config
+
+    emulator = DynamicsEmulator()
+    app = _app(emulator)
+    write_config(home, "dy", concurrency=52)
+    app = App(transport=lambda _: emulator.transport())
+    with pytest.raises(ConfigError, match="limit of 52"):
+        app.provider(app.store.connection("dy"))
+
+
 def test_create_only_update_and_key_urls_answer_as_the_web_api_does() -> None:
     emulator = DynamicsEmulator(keys={"contact": ["emailaddress1"]})
     token = emulator._issue(emulator.app_user, "org.test")["access_token"]

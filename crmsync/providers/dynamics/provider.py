@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from crmsync.credentials import SecretStore
-from crmsync.errors import AuthError, FatalProviderError, RetriableError, UsageError
+from crmsync.errors import AuthError, ConfigError, FatalProviderError, RetriableError, UsageError
 from crmsync.http import RateLimit, UnconfirmedWrite
 from crmsync.oauth import authorize
 from crmsync.providers.base import (
@@ -56,6 +56,8 @@ log = logging.getLogger("crmsync.dynamics")
 
 #: Rows per pull page (``odata.maxpagesize``; Dataverse's own maximum is 5,000).
 PAGE = 1000
+#: Dataverse's service protection limit on requests in flight per user.
+MAX_CONCURRENT = 52
 #: Ids per ``$filter`` lookup: the URL stays far below the 32 KB a GET may carry.
 IDS_MAX = 50
 FIELD_TYPES = {
@@ -94,6 +96,12 @@ class DynamicsProvider(Provider):
 
     def __init__(self, ctx: ProviderContext) -> None:
         super().__init__(ctx)
+        if self.http.concurrency >= MAX_CONCURRENT:
+            raise ConfigError(
+                f"concurrency {self.http.concurrency} would reach Dataverse's limit of {MAX_CONCURRENT} concurrent "
+                "requests per user, which answers the excess with 429",
+                hint="set concurrency below it in config.yaml (the default is 8)",
+            )
         self._users: dict[str, str] | None = None
         self._meta: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
