@@ -23,12 +23,17 @@ def test_the_sandbox_of_every_provider_connects_with_what_it_prints(tmp_path: Pa
     line = box.connect_command(registered, "http://127.0.0.1:9")
     if box.secret is not None:
         assert box.secret not in line.split("|", 1)[1]  # piped on stdin, never an argument
-    assert all(value in line for value in box.options.values())
+    assert all(value in line for value in box.connect_options("http://127.0.0.1:9").values())
     server = box.serve()
     app = App(db=str(tmp_path / "s.db"))
     try:
         conn = connect(
-            app, provider=registered, name="s", base_url=server.url, options=box.options, io=StaticIO(box.secret or "")
+            app,
+            provider=registered,
+            name="s",
+            base_url=server.url,
+            options=box.connect_options(server.url),
+            io=StaticIO(box.secret or ""),
         )
         (result,) = pull(app, connections=[conn.name], objects=["contacts"])
         assert result.error is None and sum(o.read for o in result.objects) >= 3

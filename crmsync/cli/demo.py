@@ -76,7 +76,7 @@ def run_demo(
                 provider=provider,
                 name="demo",
                 base_url=server.url,
-                options=box.options,
+                options=box.connect_options(server.url),
                 io=StaticIO(box.secret or ""),
             )
             pulled = pull(app, connections=[conn.name])

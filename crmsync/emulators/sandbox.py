@@ -48,8 +48,13 @@ class Sandbox:
     secret: str | None
     #: Printed as ``key=value`` lines after the base URL.
     credentials: dict[str, str]
-    #: Other `crmsync connect` options, by key (see ``FLAGS``).
+    #: Other `crmsync connect` options, by key (see ``FLAGS``); ``{url}`` in a value stands for the
+    #: base URL the sandbox is served at (an emulator that is also the login authority).
     options: dict[str, str] = field(default_factory=dict)
+
+    def connect_options(self, url: str) -> dict[str, str]:
+        """The `connect` options for a sandbox served at ``url``."""
+        return {key: value.replace("{url}", url) for key, value in self.options.items()}
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> LoopbackServer:
         return self.emulator.serve(host, port)
@@ -57,7 +62,7 @@ class Sandbox:
     def connect_command(self, provider: str, url: str, *, name: str = "sandbox") -> str:
         """The shell line that connects crmsync to this sandbox: the secret goes through stdin."""
         q = shlex.quote
-        options = [word for key, value in self.options.items() for word in (FLAGS[key], q(value))]
+        options = [word for key, value in self.connect_options(url).items() for word in (FLAGS[key], q(value))]
         # The sandbox's credentials are made up, so a file keeps them where no OS keyring exists.
         words = ["crmsync", "connect", provider, "--name", q(name), "--base-url", q(url), *options]
         if self.secret is None:

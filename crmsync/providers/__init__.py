@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "odoo": "crmsync.providers.odoo.provider:OdooProvider",
     "pipedrive": "crmsync.providers.pipedrive:PipedriveProvider",
     "salesforce": "crmsync.providers.salesforce:SalesforceProvider",
+    "dynamics": "crmsync.providers.dynamics:DynamicsProvider",
 }
 #: The CRM `crmsync demo` runs against, through its emulator's sandbox.
 DEMO = "hubspot"
