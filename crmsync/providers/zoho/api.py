@@ -61,7 +61,7 @@ class ZohoPolicy(ResponsePolicy):
             return response.text[:300], None
         code = body.get("code")
         message = str(body.get("message") or code or "")
-        details = body.get("details") if isinstance(body.get("details"), dict) else {}
+        details: dict[str, Any] = found if isinstance(found := body.get("details"), dict) else {}
         if code == "OAUTH_SCOPE_MISMATCH":
             try:
                 request: httpx.Request | None = response.request

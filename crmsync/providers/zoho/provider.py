@@ -27,7 +27,7 @@ class ZohoProvider(ZohoChannels):
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     batch_size = BATCH
     #: Zoho counts credits per day and calls in flight, not calls per second.
-    default_rate_limits: dict[str, RateLimit] = {}
+    default_rate_limits = dict[str, RateLimit]()
     default_concurrency = 5
     unique_markers = frozenset({"calls", "tasks"})  # prepare_objects checks crmsync_outcome_id exists, unique
     webhook_support = "crmsync.providers.zoho.webhook:ZohoWebhooks"

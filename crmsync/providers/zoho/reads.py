@@ -281,7 +281,7 @@ class ZohoReads(ZohoSchema):
             if kind == "domain":
                 # Website holds a URL: match by substring, then compare the bare domains here.
                 conds = [f"{field} like {quote('%' + v + '%')}" for v in dict.fromkeys(values)]
-                queries = [(_nest("or", c), []) for c in chunks(conds, COQL_CRITERIA)]
+                queries: list[tuple[str, list[str]]] = [(_nest("or", c), []) for c in chunks(conds, COQL_CRITERIA)]
             else:
                 per_query = COQL_IN * COQL_CRITERIA
                 queries = [(_in_groups(field, c), c) for c in chunks(list(dict.fromkeys(values)), per_query)]

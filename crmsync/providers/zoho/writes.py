@@ -152,7 +152,7 @@ class ZohoWrites(ZohoReads):
 
     @staticmethod
     def _item_result(ref: str, raw: dict[str, Any], *, created: bool | None, may_exist: bool) -> ItemResult:
-        details = raw.get("details") if isinstance(raw.get("details"), dict) else {}
+        details: dict[str, Any] = found if isinstance(found := raw.get("details"), dict) else {}
         if raw.get("status") == "success" and details.get("id"):
             is_new = raw.get("action") == "insert" if "action" in raw else bool(created)
             return ItemResult(ref, True, remote_id=str(details["id"]), created=is_new)
