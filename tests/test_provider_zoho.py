@@ -278,7 +278,7 @@ def _coql_queries(emu: ZohoEmulator) -> list[str]:
 @pytest.mark.parametrize("n", [0, 1, 10, 11, 19, 20, 21, 30, 40, 41, 67])
 def test_a_backlog_is_walked_from_both_ends_each_record_once(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pages of 10: past the first page the walk also reads downwards, and the two ends meet exactly."""
-    monkeypatch.setattr("crmsync.providers.zoho.COQL_ROWS", 10)
+    monkeypatch.setattr("crmsync.providers.zoho.reads.COQL_ROWS", 10)
     emu = ZohoEmulator()
     ids = [rid for k in range(n) for rid in emu.bulk_create("Deals", 1, modified_time=T0 + timedelta(seconds=k // 4))]
     provider = provider_of(zoho_app(emu))
@@ -335,7 +335,7 @@ def _walk_killed_at(kill_at: int) -> bool:
 def test_a_walk_from_both_ends_with_writes_during_it_and_a_kill_at_any_page(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("crmsync.providers.zoho.COQL_ROWS", 10)
+    monkeypatch.setattr("crmsync.providers.zoho.reads.COQL_ROWS", 10)
     kill_at = kills_before_every_page(monkeypatch, tmp_path, _walk_killed_at)
     assert kill_at >= 9  # 74 records in pages of 10 read from two ends, and the deletions
 
@@ -362,7 +362,7 @@ def test_fetch_list_ids_and_selects_wider_than_the_column_limit(monkeypatch: pyt
     assert {r.id for r in got} == set(ids[:5]) and all(r.properties["Email"] for r in got)
     assert [i for batch in provider.list_ids("contacts") for i in batch] == sorted(ids, key=int)
     # Past the 50-column limit the first columns drive the keyset query and the rest are joined by id.
-    monkeypatch.setattr("crmsync.providers.zoho.COQL_COLUMNS", 4)
+    monkeypatch.setattr("crmsync.providers.zoho.reads.COQL_COLUMNS", 4)
     fields = ["Email", "First_Name", "Last_Name", "Phone", "Title", "Mobile", "Lead_Source"]
     records = [r for p in provider.changes("contacts", None, fields=fields) for r in p.records]
     assert len(records) == 30
@@ -371,7 +371,7 @@ def test_fetch_list_ids_and_selects_wider_than_the_column_limit(monkeypatch: pyt
         assert {f: rec.properties.get(f) for f in fields} == {f: by_id[rec.id][f] for f in fields}
         assert rec.associations["companies"] == [by_id[rec.id]["Account_Name"]["id"]]
     # In pages of 10, read from both ends: the upper end's pages are joined by id the same way.
-    monkeypatch.setattr("crmsync.providers.zoho.COQL_ROWS", 10)
+    monkeypatch.setattr("crmsync.providers.zoho.reads.COQL_ROWS", 10)
     queries = _coql_queries(emu)
     records = [r for p in provider.changes("contacts", None, fields=fields) for r in p.records]
     assert len(records) == len({r.id for r in records}) == 30 and any("desc" in q for q in queries)
