@@ -85,6 +85,7 @@ class DynamicsProvider(Provider):
     name = "dynamics"
     label = "Microsoft Dynamics 365 Sales"
     emulator = "crmsync.emulators.dynamics"
+    webhook_support = "crmsync.providers.dynamics.webhook:DynamicsWebhooks"
     connect_options = frozenset({"tenant", "client_id", "certificate", "oauth", "no_browser"})
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     #: Records or activities per ``$batch`` (a call is two operations: create, close), far under the 1,000

@@ -1,4 +1,4 @@
-"""Dataverse webhooks: the key check and the ``RemoteExecutionContext`` body, as plain functions.
+"""Dataverse webhooks: the key check and the ``RemoteExecutionContext`` body (``DynamicsWebhooks``).
 
 A webhook is registered with the Plug-in Registration tool (a ``serviceendpoint`` with contract 8 and
 a step per message and table), not through the Web API, and it carries no signature: the registrant
@@ -7,6 +7,10 @@ picks ``WebhookKey`` (sent as ``?code=<key>``), ``HttpHeader`` (headers of their
 time. The body is the JSON form of ``Microsoft.Xrm.Sdk.RemoteExecutionContext``: ``MessageName``,
 ``PrimaryEntityName``, ``PrimaryEntityId``, ``InputParameters`` (``Target``: the entity's
 ``Attributes`` as key/value pairs), ``OperationCreatedOn`` as ``/Date(ms)/``.
+
+Set the key with ``crmsync webhook secret -c NAME`` (read from stdin) and register the endpoint as
+``https://<public url>/hooks/dynamics/NAME`` with authentication ``WebhookKey`` and that key, or
+``HttpHeader`` with the header ``x-crmsync-key``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
+
+from crmsync.errors import UsageError
+from crmsync.providers.capabilities import Event, MalformedEvent, VerificationFailed, WebhookRequest, WebhookSupport
+
+KEY = "webhook_key"
+#: The header a registrant using ``HttpHeader`` authentication sends the key in.
+HEADER = "x-crmsync-key"
+EVENT_TYPES = {"created": "creation", "updated": "update", "deleted": "deletion"}
 
 #: Table -> crmsync object type, for the tables push and pull know.
 OBJECT_OF = {
@@ -98,6 +110,11 @@ def parse(body: bytes) -> Change | None:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ValueError("the body is not JSON") from None
+    return parse_doc(doc)
+
+
+def parse_doc(doc: Any) -> Change | None:
+    """``parse`` for a body already read as JSON (the receiver bounds its nesting first)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("PrimaryEntityName"), str):
         raise ValueError("the body is not a RemoteExecutionContext (no PrimaryEntityName)")
     rid = str(doc.get("PrimaryEntityId") or "").lower()
@@ -118,3 +135,49 @@ def parse(body: bytes) -> Change | None:
         at=parse_date(doc.get("OperationCreatedOn")),
         depth=depth if isinstance(depth, int) else 1,
     )
+
+
+class DynamicsWebhooks(WebhookSupport):
+    """Dataverse service endpoints: a per-connection key, checked before the body is read."""
+
+    secret_keys: ClassVar[tuple[str, ...]] = (KEY,)
+    hidden_keys: ClassVar[tuple[str, ...]] = (KEY,)
+    secret_prompt: ClassVar[str | None] = "webhook key (the one registered on the service endpoint)"
+
+    def check_before_body(self, secret: Mapping[str, str], request: WebhookRequest) -> None:
+        query = {k: v[0] for k, v in request.query.items() if v}
+        header = HEADER if HEADER in request.headers else None
+        if not key_ok(secret.get(KEY, ""), query=query, headers=request.headers, header=header):
+            raise VerificationFailed("webhook key missing or wrong (?code= or x-crmsync-key)")
+
+    def verify(self, secret: Mapping[str, str], request: WebhookRequest, body: bytes) -> None:
+        self.check_before_body(secret, request)
+
+    def events(self, doc: Any) -> list[Event]:
+        try:
+            change = parse_doc(doc)
+        except ValueError as exc:
+            raise MalformedEvent(str(exc)) from None
+        if change is None:
+            return []
+        # Dataverse retries a delivery with the same OperationId: it is the event's identity.
+        operation = str(doc.get("OperationId") or doc.get("RequestId") or "")
+        stamp = change.at.isoformat() if change.at else ""
+        return [
+            Event(
+                dedupe_key=f"{operation or stamp}:{change.object}:{change.id}:{change.action}",
+                object=change.object,
+                remote_id=change.id,
+                event_type=EVENT_TYPES[change.action],
+                occurred_at=change.at,
+                payload={"message": doc.get("MessageName"), "depth": change.depth},
+            )
+        ]
+
+    def hook_query(self, secret: Mapping[str, str], *, reveal: bool) -> str:
+        return ""  # the key is given to the service endpoint as its WebhookKey, not in our URL
+
+    def accept_secret(self, value: str, existing: Mapping[str, Any], *, channel_id: str | None) -> dict[str, str]:
+        if len(value) < 16:
+            raise UsageError("the webhook key must have at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return {KEY: value}
