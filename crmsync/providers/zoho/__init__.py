@@ -234,7 +234,7 @@ class ZohoPolicy(ResponsePolicy):
             return response.text[:300], None
         code = body.get("code")
         message = str(body.get("message") or code or "")
-        details = body.get("details") if isinstance(body.get("details"), dict) else {}
+        details: dict[str, Any] = found if isinstance(found := body.get("details"), dict) else {}
         if code == "OAUTH_SCOPE_MISMATCH":
             try:
                 request: httpx.Request | None = response.request
@@ -264,7 +264,7 @@ class ZohoProvider(Provider):
     objects = ("contacts", "companies", "deals", "calls", "tasks")
     batch_size = BATCH
     #: Zoho counts credits per day and calls in flight, not calls per second.
-    default_rate_limits: dict[str, RateLimit] = {}
+    default_rate_limits = dict[str, RateLimit]()
     default_concurrency = 5
     unique_markers = frozenset({"calls", "tasks"})  # prepare_objects checks crmsync_outcome_id exists, unique
     webhook_support = "crmsync.providers.zoho.webhook:ZohoWebhooks"
@@ -752,7 +752,7 @@ class ZohoProvider(Provider):
             if kind == "domain":
                 # Website holds a URL: match by substring, then compare the bare domains here.
                 conds = [f"{field} like {quote('%' + v + '%')}" for v in dict.fromkeys(values)]
-                queries = [(_nest("or", c), []) for c in chunks(conds, COQL_CRITERIA)]
+                queries: list[tuple[str, list[str]]] = [(_nest("or", c), []) for c in chunks(conds, COQL_CRITERIA)]
             else:
                 per_query = COQL_IN * COQL_CRITERIA
                 queries = [(_in_groups(field, c), c) for c in chunks(list(dict.fromkeys(values)), per_query)]
@@ -951,7 +951,7 @@ class ZohoProvider(Provider):
 
     @staticmethod
     def _item_result(ref: str, raw: dict[str, Any], *, created: bool | None, may_exist: bool) -> ItemResult:
-        details = raw.get("details") if isinstance(raw.get("details"), dict) else {}
+        details: dict[str, Any] = found if isinstance(found := raw.get("details"), dict) else {}
         if raw.get("status") == "success" and details.get("id"):
             is_new = raw.get("action") == "insert" if "action" in raw else bool(created)
             return ItemResult(ref, True, remote_id=str(details["id"]), created=is_new)
