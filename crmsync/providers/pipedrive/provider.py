@@ -157,7 +157,7 @@ class PipedrivePolicy(ResponsePolicy):
 class PipedriveProvider(Provider):
     name = "pipedrive"
     label = "Pipedrive"
-    connect_options = frozenset({"oauth"})  # refused with its own, clearer line
+    connect_options = frozenset({"oauth", "client_id", "no_browser"})
     objects = ("contacts", "companies", "deals", "calls")
     batch_size = 50  # records one upsert call gets; each is still one request
     # The Lite plan's API-token burst (20 per 2 s) and search's 10 per 2 s; a bigger plan sets
