@@ -112,8 +112,8 @@ class MemoryKeyring(KeyringBackend):
     Not viable, so keyring's discovery never selects it; use it with ``keyring.set_keyring``.
     """
 
-    priority = 0  # type: ignore[assignment]
-    viable = False  # type: ignore[assignment]
+    priority = 0
+    viable = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -50,8 +50,10 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     for pattern in _PATTERNS:
-        keep_prefix = bool(pattern.groups)
-        text = pattern.sub(lambda m, keep=keep_prefix: ((m.group(1) or "") if keep else "") + MASK, text)
+        if pattern.groups:
+            text = pattern.sub(lambda m: (m.group(1) or "") + MASK, text)
+        else:
+            text = pattern.sub(lambda m: MASK, text)
     return text
 
 

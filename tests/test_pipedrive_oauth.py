@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from crmsync.emulators.pipedrive import PipedriveEmulator
-from crmsync.providers.pipedrive.provider import _api_domain
+from crmsync.providers.pipedrive.auth import api_domain
 from tests.e2e import cli_env, run_cli
 
 
@@ -155,7 +155,7 @@ def test_a_redirect_with_another_state_is_refused_and_the_real_one_still_accepte
     ],
 )
 def test_api_domain_is_taken_only_as_an_http_origin(value: object, https: bool, expected: str | None) -> None:
-    assert _api_domain(value, https=https) == expected
+    assert api_domain(value, https=https) == expected
 
 
 def test_an_oauth_secret_in_the_environment_is_renewed_without_a_browser(home: Path) -> None:

@@ -13,11 +13,11 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from crmsync import __version__
 from crmsync.cli import connect, demo, mapcmd, sandbox, status, sync, webhook, worker
 from crmsync.cli.exits import EXIT_CODES, done
 from crmsync.cli.exits import run as run_and_exit
 from crmsync.cli.state import STATE, Globals
+from crmsync.version import __version__
 
 # Options of the root group that may also follow the subcommand, as users of gh and kubectl type them.
 GLOBAL_OPTIONS = ("--json", "--quiet", "-q", "--verbose", "-v", "--config", "--db", "--log-format")

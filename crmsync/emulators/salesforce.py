@@ -21,22 +21,20 @@ Built from the reference (``shared/reference/salesforce.md``), Salesforce's Post
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
-import io
 import itertools
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlencode
 
 import httpx
 
 from crmsync.emulators.base import Emulator, Faults, json_response
+from crmsync.emulators.salesforce_routes import register
+from crmsync.emulators.salesforce_wire import Refused, err
 from crmsync.emulators.sandbox import Sandbox, SandboxOptions
 
-VERSIONS = ("58.0", "59.0", "60.0", "61.0", "62.0", "63.0", "64.0", "65.0")
 PREFIX = {
     "Account": "001",
     "Contact": "003",
@@ -140,34 +138,6 @@ EXTERNAL = {
     "Lead": "crmsync_key__c",
 }
 CLOSED = {"Completed"}
-
-
-def sf_time(ts: float) -> str:
-    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
-
-
-def parse_time(value: str) -> float | None:
-    text = value.strip().replace("Z", "+00:00")
-    if len(text) > 5 and text[-5] in "+-" and text[-3] != ":":
-        text = text[:-2] + ":" + text[-2:]
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
-def err(message: str, code: str, fields: list[str] | None = None) -> dict[str, Any]:
-    return {"message": message, "errorCode": code, "fields": fields or []}
-
-
-class Refused(Exception):
-    """A write refused with Salesforce's error (status, message, errorCode, fields)."""
-
-    def __init__(self, status: int, message: str, code: str, fields: list[str] | None = None, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.fields = status, message, code, fields or []
-        self.extra = extra
 
 
 class SalesforceEmulator(Emulator):
@@ -543,9 +513,7 @@ class SalesforceEmulator(Emulator):
 
     # -- routes --------------------------------------------------------------------------------
     def _register(self) -> None:
-        from crmsync.emulators import salesforce_routes
-
-        salesforce_routes.register(self)
+        register(self)
 
 
 def build_salesforce(
@@ -610,12 +578,3 @@ def sandbox(options: SandboxOptions) -> Sandbox:
         out.write(emu.generate_certificate())
     login = {"client_id": emu.client_id, "user": "admin@example.com.sandbox", "jwt_key": str(key)}
     return Sandbox(emu, secret=None, credentials=dict(login), options=login)
-
-
-def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(fields)
-    for row in rows:
-        writer.writerow(["" if row.get(f) is None else row.get(f) for f in fields])
-    return out.getvalue()

@@ -12,6 +12,7 @@ import httpx
 
 from crmsync.emulators.base import json_response, request_json
 from crmsync.emulators.salesforce_soql import SoqlError, comparable, parse
+from crmsync.emulators.salesforce_wire import VERSIONS, Refused, err, parse_time, sf_time, to_csv
 
 if TYPE_CHECKING:
     from crmsync.emulators.salesforce import SalesforceEmulator
@@ -27,8 +28,6 @@ _REF = re.compile(r"@\{([A-Za-z0-9_]+)\.([A-Za-z0-9_.\[\]]+)\}")
 
 
 def register(emu: SalesforceEmulator) -> None:
-    from crmsync.emulators.salesforce import VERSIONS, Refused, _csv, err, parse_time, sf_time
-
     def versioned(handler: Any) -> Any:
         def wrapped(request: httpx.Request, ver: str, **kw: str) -> httpx.Response:
             if ver not in VERSIONS:
@@ -598,7 +597,7 @@ def register(emu: SalesforceEmulator) -> None:
             "Sforce-Locator": base64.b64encode(str(nxt).encode()).decode() if nxt < len(found["_ids"]) else "null",
             "Sforce-Limit-Info": f"api-usage={emu.api_used}/{emu.daily_limit}",
         }
-        return httpx.Response(200, content=_csv(rows, fields).encode(), headers=headers)
+        return httpx.Response(200, content=to_csv(rows, fields).encode(), headers=headers)
 
     def job_delete(request: httpx.Request, ver: str, jid: str) -> httpx.Response:
         job(jid)

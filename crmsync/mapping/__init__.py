@@ -4,7 +4,8 @@ The engine reads and writes CRM data only through a ``Mapping``: no CRM field na
 else in ``crmsync/sync``. Each provider ships a default (``crmsync/mappings/<provider>.yaml``, printed
 by ``crmsync map init``); a connection may point at its own copy. The file format and every transform
 are described for users in docs/mapping.md. Inside: ``fields`` (the canonical vocabulary),
-``values`` and ``phone`` (value parsing), ``transforms`` (the transform library), ``rules`` (building,
+``values`` and ``phone`` (value parsing), ``step`` (the ``Transform`` base), ``transforms`` and
+``dates`` (the transform library), ``rules`` (building,
 validating and applying rules: ``Mapping``), ``check`` (``map check``), ``edit`` (``map set``/``unset``
 text edits) and ``defaults`` (the bundled files).
 """
@@ -16,7 +17,8 @@ from crmsync.mapping.defaults import default_text, has_default
 from crmsync.mapping.edit import set_rule, unset_rule
 from crmsync.mapping.fields import CANONICAL_FIELDS, ENUMS
 from crmsync.mapping.rules import DIRECTIONS, FieldRule, Mapping, RuleRow, dump_rules
-from crmsync.mapping.transforms import TRANSFORMS, Transform, TransformError
+from crmsync.mapping.step import Transform, TransformError
+from crmsync.mapping.transforms import TRANSFORMS
 
 __all__ = [
     "CANONICAL_FIELDS",

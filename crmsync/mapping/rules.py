@@ -20,17 +20,8 @@ from crmsync.errors import MappingError
 from crmsync.mapping.defaults import default_text
 from crmsync.mapping.fields import CANONICAL_FIELDS, OBJECT_OF, object_type, suggest
 from crmsync.mapping.phone import phonenumbers_module, region_known
-from crmsync.mapping.transforms import (
-    E164,
-    TRANSFORMS,
-    Constant,
-    Default,
-    Template,
-    Transform,
-    TransformContext,
-    TransformError,
-    ValueMap,
-)
+from crmsync.mapping.step import Transform, TransformContext, TransformError
+from crmsync.mapping.transforms import E164, TRANSFORMS, Constant, Default, Template, ValueMap
 from crmsync.mapping.values import MISSING, NOARG, BadValue
 from crmsync.providers.base import OBJECTS, SECTION
 from crmsync.yamlio import KeyPath, YamlDoc, parse_yaml

@@ -2,7 +2,8 @@
 
 A ``Transform`` turns a canonical value into the CRM's form on push and undoes that on pull; a rule
 chains them left to right on push, right to left on pull. ``TRANSFORMS`` names them as mapping files
-do. The user-facing reference of every transform is docs/mapping.md.
+do. The base class is in ``step.py``, the date and time transforms in ``dates.py``. The user-facing
+reference of every transform is docs/mapping.md.
 """
 
 from __future__ import annotations
@@ -10,93 +11,27 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, tzinfo
-from typing import Any, ClassVar
+from typing import Any
 
-from crmsync.errors import CrmsyncError, MappingError
+from crmsync.errors import CrmsyncError
+from crmsync.mapping.dates import Date, DateTime
 from crmsync.mapping.fields import CANONICAL_FIELDS, ENUMS, suggest
 from crmsync.mapping.phone import region_known, to_e164
+from crmsync.mapping.step import Transform
 from crmsync.mapping.values import (
-    DIGITS,
     MISSING,
     NOARG,
     SCALAR,
     BadValue,
     as_bool,
-    as_date,
-    as_datetime,
     as_fraction,
     as_text,
-    canonical_datetime,
-    datetime_to_epoch,
     domain_of,
-    epoch_to_datetime,
     from_fraction,
     is_empty,
     parse_number,
-    zone_named,
 )
 from crmsync.providers import get_provider, provider_names
-
-
-class TransformError(MappingError):
-    """A value could not be converted by a rule (push or pull); names the rule and the value."""
-
-    def __init__(self, message: str, *, obj: str = "", canonical: str = "", field: str = "") -> None:
-        super().__init__(message)
-        self.obj, self.canonical, self.field = obj, canonical, field
-
-
-@dataclass
-class TransformContext:
-    """What a transform may need to know about the rule it sits in."""
-
-    obj: str
-    canonical: str
-    default_region: str
-
-
-class Transform:
-    """One step of a rule. ``push`` goes canonical -> CRM, ``pull`` undoes it."""
-
-    name: ClassVar[str] = ""
-    #: no | optional | required
-    takes: ClassVar[str] = "no"
-    #: False for push-only transforms (template, constant): a pulled field may not use them.
-    invertible: ClassVar[bool] = True
-    #: True when two rules may write the same CRM field through this transform (fullname).
-    shares_field: ClassVar[bool] = False
-
-    def __init__(self, arg: Any, ctx: TransformContext) -> None:
-        self.arg = arg
-        self.ctx = ctx
-        self.setup(arg)
-
-    def setup(self, arg: Any) -> None:
-        """Validate the argument (raise BadValue)."""
-
-    @property
-    def spec(self) -> Any:
-        """The transform as written in YAML."""
-        return self.name if self.arg is NOARG else {self.name: self.arg}
-
-    def push(self, value: Any, record: dict[str, Any]) -> Any:
-        """Canonical value -> CRM value. Missing and ``""`` pass through unless overridden."""
-        if is_empty(value):
-            return value
-        return self.push_value(value, record)
-
-    def push_value(self, value: Any, record: dict[str, Any]) -> Any:
-        return value
-
-    def pull(self, value: Any) -> Any:
-        """CRM value -> canonical value (never called with MISSING)."""
-        return value
-
-    def out_kind(self, kind: str) -> str:
-        """The kind of value this step produces from a ``kind`` input (for ``map check``)."""
-        return kind
 
 
 class Lower(Transform):
@@ -140,156 +75,6 @@ class E164(Transform):
 
     def pull(self, value: Any) -> Any:
         return to_e164(value, self.region)
-
-
-_TIME_DIRECTIVES = re.compile(r"%[-#]?[HIMSfpTXcrRsz]")
-
-
-class DateTime(Transform):
-    name = "datetime"
-    takes = "optional"
-
-    def setup(self, arg: Any) -> None:
-        opts: dict[str, Any] = {} if arg is NOARG or arg is None else arg
-        if isinstance(opts, str):
-            opts = {"format": opts}
-        if not isinstance(opts, dict):
-            raise BadValue("datetime takes {format: iso|epoch_ms|epoch_s|'<strftime>', tz: <zone>, naive: bool}")
-        unknown = set(opts) - {"format", "tz", "naive", "precision"}
-        if unknown:
-            raise BadValue(f"unknown datetime option(s): {', '.join(sorted(map(str, unknown)))}")
-        self.format = opts.get("format", "iso")
-        if not isinstance(self.format, str) or not self.format:
-            raise BadValue("format must be iso, epoch_ms, epoch_s or a strftime pattern")
-        if self.format not in ("iso", "epoch_ms", "epoch_s") and "%" not in self.format:
-            raise BadValue(f"unknown format {self.format!r} (iso, epoch_ms, epoch_s or a strftime pattern)")
-        self.tz: tzinfo | None = zone_named(opts["tz"]) if opts.get("tz") is not None else None
-        self.naive = opts.get("naive", False)
-        if not isinstance(self.naive, bool):
-            raise BadValue("naive must be true or false")
-        self.precision = opts.get("precision", "us")
-        if self.precision not in ("s", "ms", "us"):
-            raise BadValue("precision must be s, ms or us")
-        if "%" in self.format:
-            sample = datetime(2001, 2, 3, 4, 5, 6, 7008, tzinfo=UTC)
-            try:
-                datetime.strptime(sample.strftime(self.format), self.format)
-            except ValueError:
-                raise BadValue(f"format {self.format!r} cannot be read back") from None
-
-    @property
-    def _zone(self) -> tzinfo:
-        return self.tz or UTC
-
-    def push_value(self, value: Any, record: dict[str, Any]) -> Any:
-        dt = as_datetime(value)
-        if self.format == "epoch_ms":
-            return datetime_to_epoch(dt, "ms")
-        if self.format == "epoch_s":
-            return datetime_to_epoch(dt, "s")
-        if self.format == "iso":
-            local = dt.astimezone(self.tz) if self.tz else dt
-            if self.naive:
-                local = local.replace(tzinfo=None)
-            return local.isoformat(timespec={"s": "seconds", "ms": "milliseconds", "us": "auto"}[self.precision])
-        return dt.astimezone(self._zone).strftime(self.format)
-
-    def pull(self, value: Any) -> Any:
-        dt: datetime
-        if isinstance(value, datetime):
-            dt = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            dt = epoch_to_datetime(value, "s" if self.format == "epoch_s" else "ms")
-        elif isinstance(value, str):
-            text = value.strip()
-            if DIGITS.match(text):
-                dt = epoch_to_datetime(text, "s" if self.format == "epoch_s" else "ms")
-            elif "%" in self.format:
-                try:
-                    dt = datetime.strptime(text, self.format)
-                except ValueError:
-                    dt = self._iso(text, value)
-            else:
-                dt = self._iso(text, value)
-        else:
-            raise BadValue(f"{value!r} is not a datetime")
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=self._zone)
-        if self.tz is not None:
-            dt = dt.astimezone(self.tz)
-        return canonical_datetime(dt)
-
-    @staticmethod
-    def _iso(text: str, value: Any) -> datetime:
-        try:
-            return datetime.fromisoformat(text)
-        except ValueError:
-            raise BadValue(f"{value!r} is not a datetime") from None
-
-    def out_kind(self, kind: str) -> str:
-        if self.format in ("epoch_ms", "epoch_s"):
-            return "number"
-        if "%" in self.format and not _TIME_DIRECTIVES.search(self.format):
-            return "date"
-        return "datetime"
-
-
-class Date(Transform):
-    name = "date"
-    takes = "optional"
-
-    def setup(self, arg: Any) -> None:
-        opts: Any = {} if arg is NOARG or arg is None else arg
-        if isinstance(opts, str):
-            opts = {"format": opts}
-        if not isinstance(opts, dict) or set(opts) - {"format"}:
-            raise BadValue("date takes {format: iso|'<strftime>'}")
-        self.format = opts.get("format", "iso")
-        if not isinstance(self.format, str) or (self.format != "iso" and "%" not in self.format):
-            raise BadValue(f"unknown date format {self.format!r} (iso or a strftime pattern such as '%d/%m/%Y')")
-        if self.format != "iso":
-            sample = date(2001, 2, 3)
-            try:
-                back = datetime.strptime(sample.strftime(self.format), self.format).date()
-            except ValueError:
-                raise BadValue(f"format {self.format!r} cannot be read back") from None
-            if back != sample:
-                raise BadValue(f"format {self.format!r} loses part of the date")
-
-    def push_value(self, value: Any, record: dict[str, Any]) -> Any:
-        d = as_date(value)
-        return d.isoformat() if self.format == "iso" else d.strftime(self.format)
-
-    def pull(self, value: Any) -> Any:
-        if isinstance(value, datetime):
-            return (value.astimezone(UTC) if value.tzinfo else value).date().isoformat()
-        if isinstance(value, date):
-            return value.isoformat()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return epoch_to_datetime(value, "ms").date().isoformat()
-        if not isinstance(value, str):
-            raise BadValue(f"{value!r} is not a date")
-        text = value.strip()
-        if self.format != "iso":
-            try:
-                return datetime.strptime(text, self.format).date().isoformat()
-            except ValueError:
-                pass
-        if DIGITS.match(text):
-            return epoch_to_datetime(text, "ms").date().isoformat()
-        try:
-            return date.fromisoformat(text).isoformat()
-        except ValueError:
-            pass
-        try:
-            dt = datetime.fromisoformat(text)
-        except ValueError:
-            raise BadValue(f"{value!r} is not a date") from None
-        # Date-only CRM fields come back as midnight UTC: the UTC date is the stored one.
-        return (dt.astimezone(UTC) if dt.tzinfo else dt).date().isoformat()
-
-    def out_kind(self, kind: str) -> str:
-        return "date"
 
 
 class ValueMap(Transform):

@@ -37,4 +37,4 @@ def get_provider(name: str) -> type[Provider]:
         cls = getattr(importlib.import_module(module), attr)
     except ModuleNotFoundError as exc:
         raise UsageError(f"provider {name!r} is not available in this build ({exc.name})") from None
-    return cls  # type: ignore[no-any-return]
+    return cls

@@ -911,8 +911,8 @@ class HubSpotProvider(Provider):
         if plain:
             # No unique key guards these: a create whose answer was lost is looked up, not re-sent. The
             # spec requires `associations` on every create input; the links go in one v4 batch (flush).
-            inputs = [{"properties": i.properties, "associations": [], "objectWriteTraceId": i.ref} for i in plain]
-            results.update(self._batch(obj, "create", inputs, plain, created=True, replay=False))
+            creating = [{"properties": i.properties, "associations": [], "objectWriteTraceId": i.ref} for i in plain]
+            results.update(self._batch(obj, "create", creating, plain, created=True, replay=False))
         self._associate(
             obj,
             [
@@ -1110,7 +1110,7 @@ class HubSpotProvider(Provider):
 
     def create_activities(self, obj: str, items: Sequence[OutgoingActivity]) -> list[ItemResult]:
         self.prepare_objects([obj])
-        inputs = []
+        inputs: list[dict[str, Any]] = []
         for item in items:
             inputs.append(
                 {

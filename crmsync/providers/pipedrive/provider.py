@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -50,17 +48,14 @@ from crmsync.providers.base import (
     match_key,
 )
 from crmsync.providers.pipedrive import budget as budget_mod
-from crmsync.providers.pipedrive import index, webhook
+from crmsync.providers.pipedrive import index
 from crmsync.providers.pipedrive import records as rec
+from crmsync.providers.pipedrive.auth import API, oauth_connect, token_request
 from crmsync.providers.pipedrive.budget import COSTS, Budget
 from crmsync.providers.usage import ApiUsage
 
 log = logging.getLogger("crmsync.pipedrive")
 
-API = "https://api.pipedrive.com"
-OAUTH = "https://oauth.pipedrive.com"
-#: The loopback port of the OAuth redirect: register ``http://127.0.0.1:8719/callback`` as the app's callback URL.
-REDIRECT_PORT = 8719
 PAGE = 500
 IDS_MAX = 100
 #: A pull's window ends this long before now (late commits; ``lookback_seconds``) and starts this long
@@ -210,23 +205,17 @@ class PipedriveProvider(Provider):
             connection=connection,
             token_client=token_client,
             token_url=str(settings.get("token_url") or "https://oauth.pipedrive.com/oauth/token"),
-            token_request=_token_request,
+            token_request=token_request,
             scheme="Bearer",
         )
 
     @classmethod
     def connect(cls, ctx: ConnectContext) -> ConnectResult:
-        """An API token (hidden prompt or stdin), or OAuth: the code flow on a loopback redirect.
-
-        Pipedrive documents no PKCE and matches ``redirect_uri`` exactly against the app's
-        registration, so the loopback port is fixed (``redirect_port``, default ``REDIRECT_PORT``;
-        0 against a test server); the token answer's ``api_domain`` (the company's host) becomes
-        the base URL.
-        """
+        """An API token (hidden prompt or stdin), or OAuth: the code flow on a loopback redirect (``auth.py``)."""
         base_url = (ctx.base_url or API).rstrip("/")
         given = ctx.given or {}
         if ctx.options.get("oauth") or given.get("kind") == "oauth":
-            settings, base_url = cls._oauth_connect(ctx, base_url, given)
+            settings, base_url = oauth_connect(ctx, base_url, given)
         else:
             settings = {"auth": "api_token"}
             token = ctx.io.secret("Pipedrive API token").strip()
@@ -257,50 +246,6 @@ class PipedriveProvider(Provider):
         return ConnectResult(
             base_url=base_url, account_id=health.account, scopes=scopes, settings=settings, health=health
         )
-
-    @classmethod
-    def _oauth_connect(cls, ctx: ConnectContext, base_url: str, given: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-        """Tokens for an OAuth connection (stored in the secret) and the settings and base URL they give."""
-        from crmsync import oauth
-
-        opts = ctx.options
-        client_id = str(opts.get("client_id") or given.get("client_id") or "")
-        if not client_id:
-            raise UsageError("--oauth needs --client-id (the Pipedrive app's client id)")
-        client_secret = ctx.io.secret("Pipedrive app client secret").strip()
-        if not client_secret:
-            raise UsageError("no client secret was given")
-        # The OAuth server is its own host; a test server (--base-url) serves both.
-        oauth_base = OAUTH if base_url == API else base_url
-        token_url = str(opts.get("token_url") or f"{oauth_base}/oauth/token")
-        if given.get("refresh_token"):
-            # The environment's secret already holds a grant: renew it rather than ask for another.
-            form = {"grant_type": "refresh_token", "refresh_token": str(given["refresh_token"])}
-        else:
-            port = opts.get("redirect_port")
-            grant = oauth.authorize(
-                ctx.io,
-                authorize_url=str(opts.get("authorize_url") or f"{oauth_base}/oauth/authorize"),
-                params={"client_id": client_id},
-                no_browser=bool(opts.get("no_browser")),
-                pkce=False,
-                port=int(port) if port is not None else (REDIRECT_PORT if base_url == API else 0),
-            )
-            form = {"grant_type": "authorization_code", "code": grant.code, "redirect_uri": grant.redirect_uri}
-        with ctx.token_client() as client:
-            tokens = _token_request(client, token_url, {"client_id": client_id, "client_secret": client_secret, **form})
-        api_domain = _api_domain(tokens.get("api_domain"), https=base_url == API) or base_url
-        secret = {
-            "kind": "oauth",
-            "client_id": client_id,
-            "client_secret": client_secret,
-            "access_token": tokens["access_token"],
-            "refresh_token": tokens.get("refresh_token") or form.get("refresh_token", ""),
-            "expires_at": time.time() + float(tokens.get("expires_in") or 3599),
-        }
-        ctx.secrets.set(ctx.name, secret)
-        scopes = sorted(set(str(tokens.get("scope") or "").replace(",", " ").split()))
-        return {"auth": "oauth", "token_url": token_url, "scopes": scopes}, api_domain
 
     def check(self) -> Health:
         me = self._req("GET", "/v1/users/me", "v1").get("data") or {}
@@ -652,8 +597,8 @@ class PipedriveProvider(Provider):
         return out
 
     # -- webhooks ----------------------------------------------------------------------------
-    def subscribe_webhooks(self, url: str, user: str, password: str) -> list[dict[str, Any]]:
-        """One v2.0 webhook per synced entity to ``url``, with these Basic credentials.
+    def subscribe_webhooks(self, url: str, user: str, password: str, entities: Sequence[str]) -> list[dict[str, Any]]:
+        """One v2.0 webhook per entity to ``url``, with these Basic credentials.
 
         Existing webhooks to the same URL are deleted first (Pipedrive never shows their password,
         and registering twice would deliver every event twice).
@@ -663,7 +608,7 @@ class PipedriveProvider(Provider):
             if hook.get("subscription_url") == url:
                 self._req("DELETE", f"/v1/webhooks/{hook['id']}", "v1", endpoint="/v1/webhooks/{id}")
         made = []
-        for entity in webhook.SUBSCRIBE:
+        for entity in entities:
             body = {
                 "subscription_url": url,
                 "event_action": "*",
@@ -731,26 +676,3 @@ def _usage(budget: Budget, policy: Any) -> ApiUsage:
 def _opt(options: Mapping[str, Any], name: str, default: float) -> float:
     value = options.get(name)
     return default if value is None else float(value)
-
-
-def _api_domain(value: Any, *, https: bool) -> str | None:
-    """The token answer's ``api_domain`` as a base URL, or None when it is no http(s) origin (https
-    only against the real service: the tokens must never travel in clear text)."""
-    if not isinstance(value, str):
-        return None
-    parts = urlsplit(value.strip())
-    if parts.scheme not in (("https",) if https else ("http", "https")) or not parts.hostname:
-        return None
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _token_request(client: httpx.Client, url: str, form: dict[str, str]) -> dict[str, Any]:
-    """Pipedrive's token endpoint: client credentials in a Basic header, the grant in the form."""
-    client_id, client_secret = form.pop("client_id", ""), form.pop("client_secret", "")
-    response = client.post(url, data=form, auth=(client_id, client_secret))
-    if response.status_code != 200:
-        raise AuthError(f"Pipedrive refused the token request: HTTP {response.status_code} {response.text[:200]}")
-    body = response.json()
-    if not isinstance(body, dict) or "access_token" not in body:
-        raise AuthError("Pipedrive's token answer holds no access token")
-    return body

@@ -23,6 +23,7 @@ from crmsync.providers.capabilities import (
     WebhookRequest,
     WebhookSupport,
 )
+from crmsync.providers.pipedrive.provider import PipedriveProvider
 
 if TYPE_CHECKING:
     from crmsync.providers.base import Provider
@@ -118,11 +119,9 @@ class PipedriveWebhooks(WebhookSupport):
         self, provider: Provider, secret: Mapping[str, str], hook_url: str, *, renew_within: timedelta
     ) -> dict[str, Any]:
         """Create the webhooks (any to the same URL are replaced: Pipedrive never shows their password)."""
-        from crmsync.providers.pipedrive.provider import PipedriveProvider
-
         if not isinstance(provider, PipedriveProvider):
             raise TypeError(f"Pipedrive webhooks need a Pipedrive provider, not {type(provider).__name__}")
-        made = provider.subscribe_webhooks(hook_url, secret[USER_KEY], secret[PASSWORD_KEY])
+        made = provider.subscribe_webhooks(hook_url, secret[USER_KEY], secret[PASSWORD_KEY], SUBSCRIBE)
         ids = [str(h.get("id")) for h in made]
         return {
             "webhooks": ids,

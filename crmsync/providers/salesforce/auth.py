@@ -13,11 +13,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from crmsync import oauth
 from crmsync.credentials import SecretStore
 from crmsync.errors import AuthError, UsageError
+from crmsync.providers.base import ConnectContext
 
 LOGIN_HOSTS = {"login": "https://login.salesforce.com", "test": "https://test.salesforce.com"}
 TOKEN_PATH = "/services/oauth2/token"
@@ -150,3 +153,63 @@ class SalesforceSession:
             self.store.save_refreshed(self.connection, updated)
             self._secret = updated
             return True
+
+
+def grant(ctx: ConnectContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new connection's secret and token answer: the JWT bearer flow with ``--jwt-key``, else the web-server flow
+    (or a refresh, when the environment's secret already holds a grant)."""
+    opts, given = ctx.options, ctx.given or {}
+    host = login_host(opts.get("login_host") or given.get("login_host") or ctx.base_url)
+    client_id = str(opts.get("client_id") or given.get("client_id") or "")
+    if not client_id:
+        raise UsageError("Salesforce needs --client-id (the connected app's consumer key)")
+    jwt_key = opts.get("jwt_key")
+    if jwt_key or given.get("kind") == "jwt":
+        username = str(opts.get("user") or opts.get("username") or given.get("username") or "")
+        if not username:
+            raise UsageError("the JWT bearer flow needs --username (the Salesforce user to act as)")
+        key = read_private_key(str(jwt_key)) if jwt_key else str(given.get("private_key") or "")
+        secret: dict[str, Any] = {
+            "kind": "jwt",
+            "client_id": client_id,
+            "username": username,
+            "private_key": key,
+            "login_host": host,
+        }
+        tokens = jwt_grant(ctx.token_client(), secret)
+    else:
+        client_secret = ctx.io.secret("Salesforce connected app consumer secret (empty for none)").strip()
+        secret = {"kind": "oauth", "client_id": client_id, "client_secret": client_secret, "login_host": host}
+        if given.get("refresh_token"):
+            # The environment's secret already holds a grant: renew it rather than ask for another.
+            secret["refresh_token"] = str(given["refresh_token"])
+            tokens = refresh_grant(ctx.token_client(), secret)
+        else:
+            code = oauth.authorize(
+                ctx.io,
+                authorize_url=host + AUTHORIZE_PATH,
+                params={"response_type": "code", "client_id": client_id, "scope": SCOPES},
+                no_browser=bool(opts.get("no_browser")),
+            )
+            form = {
+                "grant_type": "authorization_code",
+                "code": code.code,
+                "client_id": client_id,
+                "redirect_uri": code.redirect_uri,
+                "code_verifier": code.code_verifier,
+            }
+            if client_secret:
+                form["client_secret"] = client_secret
+            tokens = token_request(ctx.token_client(), host + TOKEN_PATH, form)
+    secret.update(access_token=tokens["access_token"], instance_url=tokens["instance_url"])
+    if tokens.get("refresh_token"):
+        secret["refresh_token"] = tokens["refresh_token"]
+    return secret, tokens
+
+
+def identity(url: str) -> tuple[str | None, str | None]:
+    """Org and user ids from the token's ``id`` URL (``…/id/<orgId>/<userId>``)."""
+    parts = [p for p in urlsplit(url).path.split("/") if p]
+    if len(parts) >= 3 and parts[-3] == "id":
+        return parts[-2], parts[-1]
+    return None, None

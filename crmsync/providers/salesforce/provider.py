@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from crmsync.credentials import SecretStore
-from crmsync.errors import ConfigError, FatalProviderError, RetriableError, UsageError
+from crmsync.errors import ConfigError, FatalProviderError, RetriableError
 from crmsync.http import Slots, UnconfirmedWrite
 from crmsync.providers.base import (
     ConnectContext,
@@ -163,57 +163,11 @@ class SalesforceProvider(Provider):
 
     @classmethod
     def connect(cls, ctx: ConnectContext) -> ConnectResult:
-        from crmsync import oauth
-
-        opts, given = ctx.options, ctx.given or {}
-        host = sfauth.login_host(opts.get("login_host") or given.get("login_host") or ctx.base_url)
-        client_id = str(opts.get("client_id") or given.get("client_id") or "")
-        if not client_id:
-            raise UsageError("Salesforce needs --client-id (the connected app's consumer key)")
-        jwt_key = opts.get("jwt_key")
-        if jwt_key or given.get("kind") == "jwt":
-            username = str(opts.get("user") or opts.get("username") or given.get("username") or "")
-            if not username:
-                raise UsageError("the JWT bearer flow needs --username (the Salesforce user to act as)")
-            key = sfauth.read_private_key(str(jwt_key)) if jwt_key else str(given.get("private_key") or "")
-            secret: dict[str, Any] = {
-                "kind": "jwt",
-                "client_id": client_id,
-                "username": username,
-                "private_key": key,
-                "login_host": host,
-            }
-            tokens = sfauth.jwt_grant(ctx.token_client(), secret)
-        else:
-            client_secret = ctx.io.secret("Salesforce connected app consumer secret (empty for none)").strip()
-            secret = {"kind": "oauth", "client_id": client_id, "client_secret": client_secret, "login_host": host}
-            if given.get("refresh_token"):
-                # The environment's secret already holds a grant: renew it rather than ask for another.
-                secret["refresh_token"] = str(given["refresh_token"])
-                tokens = sfauth.refresh_grant(ctx.token_client(), secret)
-            else:
-                grant = oauth.authorize(
-                    ctx.io,
-                    authorize_url=host + sfauth.AUTHORIZE_PATH,
-                    params={"response_type": "code", "client_id": client_id, "scope": sfauth.SCOPES},
-                    no_browser=bool(opts.get("no_browser")),
-                )
-                form = {
-                    "grant_type": "authorization_code",
-                    "code": grant.code,
-                    "client_id": client_id,
-                    "redirect_uri": grant.redirect_uri,
-                    "code_verifier": grant.code_verifier,
-                }
-                if client_secret:
-                    form["client_secret"] = client_secret
-                tokens = sfauth.token_request(ctx.token_client(), host + sfauth.TOKEN_PATH, form)
-        secret.update(access_token=tokens["access_token"], instance_url=tokens["instance_url"])
-        if tokens.get("refresh_token"):
-            secret["refresh_token"] = tokens["refresh_token"]
+        secret, tokens = sfauth.grant(ctx)
         ctx.secrets.set(ctx.name, secret)
+        host, opts = secret["login_host"], ctx.options
         instance = str(tokens["instance_url"]).rstrip("/")
-        org_id, user_id = _identity(str(tokens.get("id") or ""))
+        org_id, user_id = sfauth.identity(str(tokens.get("id") or ""))
         version = str(opts.get("api_version") or API_VERSION)
         settings: dict[str, Any] = {
             "auth": secret["kind"],
@@ -700,14 +654,6 @@ class SalesforceProvider(Provider):
 
     def quota(self) -> dict[str, Any]:
         return self._usage()
-
-
-def _identity(url: str) -> tuple[str | None, str | None]:
-    """Org and user ids from the token's ``id`` URL (``…/id/<orgId>/<userId>``)."""
-    parts = [p for p in urlsplit(url).path.split("/") if p]
-    if len(parts) >= 3 and parts[-3] == "id":
-        return parts[-2], parts[-1]
-    return None, None
 
 
 def _origin(url: str) -> str:
