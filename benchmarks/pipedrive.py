@@ -26,6 +26,7 @@ def run(n: int, company: int, rate_limit: int) -> dict[str, Any]:
     os.environ["CRMSYNC_HOME"] = str(home)
     _memory_keyring()
     from crmsync.app import App
+    from crmsync.cli.exits import for_push
     from crmsync.emulators.pipedrive import PipedriveEmulator
     from crmsync.providers.pipedrive.records import marker_of
     from crmsync.sync.connect import connect
@@ -64,7 +65,7 @@ def run(n: int, company: int, rate_limit: int) -> dict[str, Any]:
     return {
         "outcomes": n,
         "company_persons": company,
-        "exit_code": summary.exit_code,
+        "exit_code": int(for_push(summary)),
         "requests": emu.stats.requests - requests_before,
         "tokens": emu.tokens_used - tokens_before,
         "seconds": round(seconds, 1),

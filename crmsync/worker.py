@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("crmsync workers need the worker extra: pip install 'crmsync[worker]'") from exc
 
 from crmsync.app import App
-from crmsync.errors import AuthError, ConfigError, ExitCode, LockHeldError, StoreError, UsageError
+from crmsync.errors import AuthError, ConfigError, CrmsyncError, ExitCode, LockHeldError, StoreError, UsageError
 from crmsync.sync.pull import ConnectionResult
 from crmsync.sync.push import PushSummary
 from crmsync.sync.run import Outcome
@@ -115,23 +115,21 @@ class JobRejected(Exception):
 NOT_RETRIED = (JobRejected, AuthError, ConfigError, UsageError)
 
 
-def _settle(what: str, exit_code: int, error: str | None) -> None:
-    """Turn a run's exit code into the job's fate: done, retried later, or failed for good."""
-    if exit_code in (ExitCode.OK, ExitCode.PARTIAL):
+def _settle(what: str, outcome: Outcome, failure: CrmsyncError | None, error: str | None) -> None:
+    """Turn how a run ended into the job's fate: done, retried later, or failed for good."""
+    if outcome in (Outcome.OK, Outcome.PARTIAL):
         # Per-record failures stay in the outbox and the run log; running the job again won't fix them.
         return
-    if exit_code == ExitCode.TEMPFAIL:
-        raise JobFailed(f"{what}: {error}")
-    raise JobRejected(f"{what}: {error}")
+    # Work left queued after temporary errors, a busy connection or an error that may pass: a later try.
+    temporary = outcome in (Outcome.RETRY_LATER, Outcome.BUSY) or (
+        failure is not None and failure.exit_code == ExitCode.TEMPFAIL
+    )
+    raise (JobFailed if temporary else JobRejected)(f"{what}: {error}")
 
 
 def _settle_run(what: str, result: ConnectionResult) -> None:
-    """A pull's or backfill's outcome as the job's fate (the same rule as ``_settle``)."""
-    if result.outcome in (Outcome.OK, Outcome.PARTIAL):
-        return
-    failure = result.failure
-    temporary = result.outcome is Outcome.BUSY or (failure is not None and failure.exit_code == ExitCode.TEMPFAIL)
-    raise (JobFailed if temporary else JobRejected)(f"{what}: {result.error}")
+    """A pull's or backfill's outcome as the job's fate."""
+    _settle(what, result.outcome, result.failure, result.error)
 
 
 @contextlib.contextmanager
@@ -243,7 +241,7 @@ def crm_push_outcomes_job(connection: str) -> None:
     with _store_faults(f"push {connection}"):
         summary = push_outcomes(connection)
     if summary is not None:
-        _settle(f"push {connection}", summary.exit_code, summary.error)
+        _settle(f"push {connection}", summary.outcome, summary.failure, summary.error)
 
 
 @dramatiq.actor(queue_name=QUEUE, max_retries=20, time_limit=24 * 3600_000, throws=NOT_RETRIED)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from crmsync.cli.exits import for_push
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.emulators.zoho import ZohoEmulator
 from crmsync.providers.base import Provider
@@ -126,7 +127,7 @@ def test_hubspot_strict_owners_fails_the_outcome_before_anything_of_it_is_writte
     src = tmp_path / "o.jsonl"
     src.write_text(outcomes([REPS[1], "Gone@Example.com"]))
     summary = push(app, source=str(src), connection="hs", strict_owners=True)
-    assert (summary.created, summary.failed, summary.owners_defaulted, summary.exit_code) == (1, 1, 0, 1)
+    assert (summary.created, summary.failed, summary.owners_defaulted, for_push(summary)) == (1, 1, 0, 1)
     assert [c["properties"]["email"] for c in emu.records("contacts")] == ["o0@example.org"]
     assert len(emu.records("calls")) == 1 and len(emu.records("deals")) == 1
     from crmsync.sync.push import receipt
@@ -308,7 +309,7 @@ def test_without_the_owners_scope_a_push_naming_no_rep_still_goes_ahead(tmp_path
     src = tmp_path / "o.jsonl"
     src.write_text(outcomes([None, None]))
     summary = push(app, source=str(src), connection="hs")
-    assert (summary.created, summary.failed, summary.exit_code) == (2, 0, 0), summary
+    assert (summary.created, summary.failed, for_push(summary)) == (2, 0, 0), summary
     assert hubspot_owners_of(hubspot_api(emu), "calls") == {"o-0": None, "o-1": None}
 
 
@@ -319,12 +320,12 @@ def test_zoho_without_the_users_scope_pushes_unnamed_reps_and_refuses_named_ones
     src = tmp_path / "o.jsonl"
     src.write_text(outcomes([None], stage="Qualification"))
     summary = push(app, source=str(src), connection="z")
-    assert (summary.created, summary.failed, summary.exit_code) == (1, 0, 0), summary
+    assert (summary.created, summary.failed, for_push(summary)) == (1, 0, 0), summary
     assert zoho_owners_of(emu, "Calls") == {"o-0": emu.current_user["id"]}  # Zoho's own default owner
     named = tmp_path / "named.jsonl"
     named.write_text(outcomes(["aburrows1@zylkr.com"], prefix="n", stage="Qualification"))
     refused = push(app, source=str(named), connection="z")
-    assert refused.exit_code == 3 and "ZohoCRM.users.READ" in (refused.error or ""), refused
+    assert for_push(refused) == 3 and "ZohoCRM.users.READ" in (refused.error or ""), refused
 
 
 def test_hubspot_oauth_connection_owns_unnamed_calls_as_the_user_who_granted_it(tmp_path: Path) -> None:

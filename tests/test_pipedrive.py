@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from crmsync.app import App
+from crmsync.cli.exits import for_push
 from crmsync.emulators.base import Faults
 from crmsync.emulators.pipedrive import PipedriveEmulator
 from crmsync.providers.pipedrive.records import duration_seconds, duration_text, marker_of
@@ -80,7 +81,7 @@ def test_push_logs_each_call_once_with_its_person_and_a_re_push_writes_nothing(h
     app = _app(emulator, recorder=recorder)
     src = _outcomes(tmp_path / "o.jsonl", 60, company_every=3, deal_every=4)
     summary = push(app, source=str(src), connection="pd")
-    assert summary.exit_code == 0 and summary.created == 60, summary.as_dict()
+    assert for_push(summary) == 0 and summary.created == 60, summary.as_dict()
 
     calls = _calls(emulator)
     assert len(calls) == 60 and set(calls.values()) == {1}
@@ -101,7 +102,7 @@ def test_push_logs_each_call_once_with_its_person_and_a_re_push_writes_nothing(h
 
     writes = emulator.stats.writes
     again = push(app, source=str(src), connection="pd")
-    assert again.exit_code == 0 and again.created == 0
+    assert for_push(again) == 0 and again.created == 0
     assert emulator.stats.writes == writes
 
 
@@ -110,11 +111,11 @@ def test_a_new_store_finds_the_calls_already_logged_and_logs_none_again(home: Pa
     emulator = PipedriveEmulator(plan="growth")
     src = _outcomes(tmp_path / "o.jsonl", 40, company_every=3, deal_every=4)
     first = push(_app(emulator, db=str(tmp_path / "first.db")), source=str(src), connection="pd")
-    assert first.exit_code == 0
+    assert for_push(first) == 0
     counts = {obj: len(emulator.records(obj)) for obj in ("persons", "organizations", "deals", "activities")}
 
     second = push(_app(emulator, db=str(tmp_path / "second.db")), source=str(src), connection="pd")
-    assert second.exit_code == 0, second.as_dict()
+    assert for_push(second) == 0, second.as_dict()
     assert {obj: len(emulator.records(obj)) for obj in counts} == counts
     assert set(_calls(emulator).values()) == {1}
 
@@ -135,7 +136,7 @@ def test_lost_replies_never_duplicate_a_record_or_a_call(home: Path, tmp_path: P
         summary = push(app, source=str(src), connection="pd")
         if summary.pending == 0 and summary.failed == 0:
             break
-    assert summary.exit_code == 0, summary.as_dict()
+    assert for_push(summary) == 0, summary.as_dict()
     assert emulator.stats.dropped > 20  # replies really were lost
     calls = _calls(emulator)
     assert len(calls) == 120 and set(calls.values()) == {1}
@@ -178,7 +179,7 @@ def test_a_spent_daily_budget_stops_the_push_with_exit_75(home: Path, tmp_path: 
     app = _app(emulator)
     emulator.tokens_used = emulator.daily_budget - 30
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 10)), connection="pd")
-    assert summary.exit_code == 75 and "budget" in (summary.error or "").lower()
+    assert for_push(summary) == 75 and "budget" in (summary.error or "").lower()
 
 
 @pytest.mark.parametrize("query", [{"api_token": "x"}, {}])
@@ -203,14 +204,14 @@ def test_every_request_and_answer_of_a_push_and_pull_fits_the_official_specs(hom
     assert (
         push(
             app, source=str(_outcomes(tmp_path / "o.jsonl", 12, company_every=3, deal_every=4)), connection="pd"
-        ).exit_code
-        == 0
+        ).outcome
+        == "ok"
     )
     assert (
         push(
             app, source=str(_outcomes(tmp_path / "o2.jsonl", 12, prefix="p", company_every=2)), connection="pd"
-        ).exit_code
-        == 0
+        ).outcome
+        == "ok"
     )
     assert pull(app, objects=["contacts", "companies", "deals", "calls"])[0].outcome == "ok"
     assert checked.problems == [], "\n".join(checked.problems[:10])
@@ -264,7 +265,7 @@ def test_a_push_that_cannot_fit_the_budget_stops_before_its_first_write(home: Pa
     app = _app(emulator)
     writes = emulator.stats.writes
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 10)), connection="pd")
-    assert summary.exit_code == 75
+    assert for_push(summary) == 75
     assert "may need up to" in (summary.error or "") and "may use 300" in (summary.error or "")
     assert emulator.stats.writes == writes  # nothing was sent
 
@@ -287,7 +288,7 @@ def test_calls_and_follow_ups_are_owned_by_the_rep_or_the_connection_user(home: 
     src = tmp_path / "o.jsonl"
     src.write_text("\n".join(lines) + "\n")
     summary = push(app, source=str(src), connection="pd")
-    assert summary.exit_code == 0, summary.as_dict()
+    assert for_push(summary) == 0, summary.as_dict()
     owners = {marker_of(a["note"]): a["owner_id"] for a in emulator.records("activities")}
     assert owners == {
         "own-0": 2,

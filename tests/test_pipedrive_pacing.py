@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from crmsync.app import App
+from crmsync.cli.exits import for_push
 from crmsync.emulators.pipedrive import PipedriveEmulator
 from crmsync.http import SlidingWindow
 from crmsync.sync.connect import connect
@@ -33,7 +34,7 @@ def _push_with_spread_transit(home: Path, tmp_path: Path) -> PipedriveEmulator:
         app, provider="pipedrive", name="pd", base_url="http://pd.test", options={}, io=ScriptIO(emulator.api_token)
     )
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 80)), connection="pd")
-    assert summary.exit_code == 0 and summary.created == 80, summary.as_dict()
+    assert for_push(summary) == 0 and summary.created == 80, summary.as_dict()
     return emulator
 
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from crmsync.app import App
+from crmsync.cli.exits import for_push
 from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.errors import UsageError
@@ -150,9 +151,9 @@ def test_enqueue_of_a_changed_outcome_is_a_conflict_and_with_update_queued_again
     changed = write(tmp_path, [outcome(1, notes="changed")], "c.jsonl")
     got: list[Receipt] = []
     conflict = push(app, source=str(changed), connection="hs", sink=got.append)
-    assert (conflict.conflicts, conflict.exit_code) == (1, 1) and got[0].status == "conflict"
+    assert (conflict.conflicts, for_push(conflict)) == (1, 1) and got[0].status == "conflict"
     updated = push(app, source=str(changed), connection="hs", update=True)
-    assert (updated.updated, updated.exit_code) == (1, 0)
+    assert (updated.updated, for_push(updated)) == (1, 0)
     assert receipt(app, "hs", "o-1").status == "updated"
 
 
@@ -346,7 +347,7 @@ def test_small_rounds_deliver_everything_with_progress_per_round(
         progress=lambda d, t: seen.append((d, t)),
         settings=PushSettings(round_size=3),
     )
-    assert (summary.created, summary.pending, summary.exit_code) == (7, 0, 0)
+    assert (summary.created, summary.pending, for_push(summary)) == (7, 0, 0)
     assert seen == [(3, 7), (6, 7), (7, 7)]
     assert len(emu.records("calls")) == 7
     run = app.store.runs.last("hs", "push")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from crmsync.cli.exits import for_push
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.errors import InputError
 from crmsync.sync.inputs import read_outcomes
@@ -95,7 +96,7 @@ def test_default_mode_sends_valid_lines_and_writes_rejects(app, tmp_path: Path) 
     )
     rejects = tmp_path / "rejects.jsonl"
     summary = push(app, source=str(src), connection="hs", rejects=rejects)
-    assert (summary.created, summary.rejected, summary.exit_code) == (2, 1, 1)
+    assert (summary.created, summary.rejected, for_push(summary)) == (2, 1, 1)
     rej = [json.loads(x) for x in rejects.read_text().splitlines()]
     assert rej[0]["line"] == 2 and "contact.email" in rej[0]["error"] and '"id": "b"' in rej[0]["record"]
 
@@ -136,7 +137,7 @@ def test_changed_content_is_a_conflict_unless_update(app, tmp_path: Path) -> Non
     call_id = receipt(app, "hs", "u1").remote_ids["calls"]
     src.write_text(line(id="u1", notes="second") + "\n")
     conflict = push(app, source=str(src), connection="hs")
-    assert conflict.conflicts == 1 and conflict.exit_code == 1
+    assert conflict.conflicts == 1 and for_push(conflict) == 1
     assert app.emulator.get("calls", call_id)["properties"]["hs_call_body"] == "first"
     updated = push(app, source=str(src), connection="hs", update=True)
     assert updated.updated == 1
@@ -187,7 +188,7 @@ def test_failed_items_stay_and_retry_failed_resends_them(app, tmp_path: Path) ->
     app.emulator.faults.partial_rate = 1.0
     src.write_text(line(id="f1") + "\n")
     first = push(app, source=str(src), connection="hs")
-    assert first.failed == 1 and first.exit_code == 1
+    assert first.failed == 1 and for_push(first) == 1
     assert receipt(app, "hs", "f1").status == "failed"
     app.emulator.faults.partial_rate = 0.0
     again = push(app, source=None, connection="hs", retry_failed=True)
@@ -211,10 +212,10 @@ def test_items_left_queued_after_temporary_errors_exit_75_and_go_out_next_run(ap
         first = push(app, source=str(src), connection="hs")
     finally:
         HubSpotProvider.create_activities = original  # type: ignore[method-assign]
-    assert (first.exit_code, first.requeued, first.created) == (75, 1, 0)
+    assert (for_push(first), first.requeued, first.created) == (75, 1, 0)
     assert receipt(app, "hs", "t1").status == "queued"
     second = push(app, source=None, connection="hs", retry_failed=True)
-    assert second.created == 1 and second.exit_code == 0
+    assert second.created == 1 and for_push(second) == 0
     assert len(app.emulator.records("calls")) == 1
 
 

@@ -20,6 +20,7 @@ import pytest
 
 import crmsync
 from crmsync.app import App
+from crmsync.cli.exits import for_push
 from crmsync.emulators.base import Faults
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.sync.pull import pull
@@ -416,7 +417,7 @@ def test_ctrl_c_while_the_input_is_read_queues_nothing_and_says_so(home: Path) -
                 raise KeyboardInterrupt
 
         summary = push(app, source=str(src), connection="hs", sink=ctrl_c_at_the_bad_line)
-        assert (summary.exit_code, summary.interrupted, summary.queued) == (130, True, 0)
+        assert (for_push(summary), summary.interrupted, summary.queued) == (130, True, 0)
         assert summary.error == "interrupted while reading the input: nothing was queued or sent; run the push again"
         assert [(r.command, r.status) for r in app.store.runs.recent("hs")] == [("push", "interrupted")]
         assert emulator.records("calls") == [] and _runs(home) == [("push", "interrupted", "interrupted")]

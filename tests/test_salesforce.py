@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from crmsync.app import App
+from crmsync.cli.exits import for_push
 from crmsync.emulators.base import Faults
 from crmsync.emulators.salesforce import SalesforceEmulator, build_salesforce
 from crmsync.errors import AuthError, ConfigError
@@ -92,7 +93,7 @@ def test_long_keys_are_looked_up_in_queries_that_fit_a_uri(home: Path, tmp_path:
         return False
 
     emulator.faults.lose_reply = measure
-    assert push(app, source=str(src), connection="sf").exit_code == 0
+    assert push(app, source=str(src), connection="sf").outcome == "ok"
     assert len(_calls(emulator)) == 200 and 8_000 < longest["n"] < 16_384
 
 
@@ -154,7 +155,7 @@ def test_web_server_flow_with_pkce_through_the_loopback_redirect(home: Path) -> 
     assert len(emulator.refresh_tokens) == 1
     emulator.expire_tokens()  # the session timed out: the refresh token renews it, once
     summary = push(app, source=str(_outcomes(home / "o.jsonl", 3)), connection="sf")
-    assert summary.exit_code == 0 and len(_calls(emulator)) == 3
+    assert for_push(summary) == 0 and len(_calls(emulator)) == 3
     assert emulator.stats.by_route["POST oauth token"] == 2
 
 
@@ -209,7 +210,7 @@ def test_an_expired_session_is_renewed_once_and_the_request_retried(home: Path, 
     app = _app(emulator, home)
     emulator.expire_tokens()
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 5)), connection="sf")
-    assert summary.exit_code == 0 and len(_calls(emulator)) == 5
+    assert for_push(summary) == 0 and len(_calls(emulator)) == 5
     assert emulator.stats.by_route["POST oauth token"] == 2  # connect + one renewal
 
 
@@ -231,7 +232,7 @@ def test_1000_outcomes_in_few_requests_each_call_linked_and_a_re_push_writes_not
     before = emulator.stats.requests
     summary = push(app, source=str(src), connection="sf")
     spent = emulator.stats.requests - before
-    assert summary.exit_code == 0 and summary.created == 1000, summary.as_dict()
+    assert for_push(summary) == 0 and summary.created == 1000, summary.as_dict()
     assert spent <= 60, dict(emulator.stats.by_route)
     print(f"\n1000 outcomes: {spent} requests {dict(emulator.stats.by_route)}")
     calls = _calls(emulator)
@@ -252,17 +253,17 @@ def test_1000_outcomes_in_few_requests_each_call_linked_and_a_re_push_writes_not
 
     writes, requests = emulator.stats.writes, emulator.stats.requests
     again = push(app, source=str(src), connection="sf")
-    assert again.exit_code == 0 and again.created == 0 and emulator.stats.writes == writes
+    assert for_push(again) == 0 and again.created == 0 and emulator.stats.writes == writes
     assert emulator.stats.requests - requests <= 3
 
 
 def test_a_new_store_creates_no_second_task(home: Path, tmp_path: Path) -> None:
     emulator = SalesforceEmulator()
     src = _outcomes(tmp_path / "o.jsonl", 60, company_every=3, deal_every=4)
-    assert push(_app(emulator, home, db=str(tmp_path / "a.db")), source=str(src), connection="sf").exit_code == 0
+    assert push(_app(emulator, home, db=str(tmp_path / "a.db")), source=str(src), connection="sf").outcome == "ok"
     counts = {s: len(emulator.records(s)) for s in ("Contact", "Account", "Opportunity", "Task")}
     second = push(_app(emulator, home, db=str(tmp_path / "b.db")), source=str(src), connection="sf")
-    assert second.exit_code == 0, second.as_dict()
+    assert for_push(second) == 0, second.as_dict()
     assert {s: len(emulator.records(s)) for s in counts} == counts
     assert set(_calls(emulator).values()) == {1}
     write_config(home, "sf", lookback_seconds=0)
@@ -287,7 +288,7 @@ def test_lost_replies_and_locked_rows_never_duplicate_a_record_or_a_call(home: P
         summary = push(app, source=str(src), connection="sf")
         if summary.pending == 0 and summary.failed == 0:
             break
-    assert summary.exit_code == 0, summary.as_dict()
+    assert for_push(summary) == 0, summary.as_dict()
     assert lose["n"] == 6
     calls = _calls(emulator)
     assert len(calls) == 300 and set(calls.values()) == {1}
@@ -336,7 +337,7 @@ def test_owners_come_from_users_by_email(home: Path, tmp_path: Path) -> None:
         )
     src = tmp_path / "o.jsonl"
     src.write_text("\n".join(rows) + "\n")
-    assert push(app, source=str(src), connection="sf").exit_code == 0
+    assert push(app, source=str(src), connection="sf").outcome == "ok"
     owners = {t["crmsync_outcome_id__c"]: t.get("OwnerId") for t in emulator.records("Task")}
     assert owners == {"own-0": emulator.users[1], "own-1": emulator.users[2], "own-2": emulator.users[0]}
 
@@ -347,7 +348,7 @@ def test_a_push_beyond_the_share_of_the_allocation_left_stops_before_writing(hom
     app = _app(emulator, home)
     emulator.api_used = 990
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 400, company_every=3)), connection="sf")
-    assert summary.exit_code == 75 and emulator.stats.writes == 0
+    assert for_push(summary) == 75 and emulator.stats.writes == 0
     assert "may need up to" in (summary.error or "") and "left of the org's 1,000 a day" in (summary.error or "")
 
 
@@ -362,7 +363,7 @@ def test_a_spent_daily_allocation_stops_the_run_with_exit_75(home: Path, tmp_pat
     emulator.faults.lose_reply = spend_it_all
     app = _app(emulator, home)
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 10, company_every=2)), connection="sf")
-    assert summary.exit_code == 75 and "REQUEST_LIMIT_EXCEEDED" in (summary.error or ""), summary.as_dict()
+    assert for_push(summary) == 75 and "REQUEST_LIMIT_EXCEEDED" in (summary.error or ""), summary.as_dict()
 
 
 # -- pull -----------------------------------------------------------------------------------------
@@ -644,7 +645,7 @@ def test_the_lead_rule_makes_people_without_a_company_leads_and_links_their_call
     app = _app(emulator, home)
     src = _outcomes(tmp_path / "o.jsonl", 12, company_every=3, deal_every=4)
     summary = push(app, source=str(src), connection="sf")
-    assert summary.exit_code == 0, summary.as_dict()
+    assert for_push(summary) == 0, summary.as_dict()
     leads = {r["Id"]: r for r in emulator.records("Lead")}
     contacts = {r["Id"]: r for r in emulator.records("Contact")}
     assert len(contacts) == 4 and len(leads) == 8  # every third came with a company
@@ -653,7 +654,7 @@ def test_the_lead_rule_makes_people_without_a_company_leads_and_links_their_call
         if task["WhoId"] in leads:
             assert not task.get("WhatId")  # a Task on a Lead has no WhatId
     again = push(_app(emulator, home, db=str(tmp_path / "b.db")), source=str(src), connection="sf")
-    assert again.exit_code == 0 and len(emulator.records("Lead")) == 8 and len(_calls(emulator)) == 12
+    assert for_push(again) == 0 and len(emulator.records("Lead")) == 8 and len(_calls(emulator)) == 12
 
 
 def test_map_check_reads_describe_and_the_default_mapping_fits(home: Path) -> None:

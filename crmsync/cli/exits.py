@@ -20,6 +20,7 @@ from crmsync.sync.run import Outcome
 
 if TYPE_CHECKING:
     from crmsync.sync.pull import ConnectionResult
+    from crmsync.sync.push import PushSummary
 
 EXIT_CODES = """Exit codes: 0 success · 1 partial failure (some records failed, the rest done) ·
 2 usage or bad input · 3 authentication/configuration, or a store that is read-only, unopenable or corrupt ·
@@ -49,6 +50,10 @@ def for_outcome(outcome: Outcome, failure: CrmsyncError | None = None) -> ExitCo
 
 def for_result(result: ConnectionResult) -> ExitCode:
     return for_outcome(result.outcome, result.failure)
+
+
+def for_push(summary: PushSummary) -> ExitCode:
+    return for_outcome(summary.outcome, summary.failure)
 
 
 def for_results(results: Sequence[ConnectionResult]) -> ExitCode:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from crmsync.cli.exits import finish, for_receipt, for_result, for_results
+from crmsync.cli.exits import finish, for_push, for_receipt, for_result, for_results
 from crmsync.cli.options import ConnOpt, ConnsOpt, LockOpt, MetricsOpt, parse_when, split_objects
 from crmsync.cli.output import (
     add_row,
@@ -240,15 +240,26 @@ def push(
             prog.stop()
         if not dry_run:
             _write_metrics(a, metrics_file)
+    code = for_push(summary)
     if STATE.json:
-        emit_json({"summary": summary.as_dict()})
+        emit_json({"summary": _push_json(summary, code)})
     else:
         if not STATE.quiet:
             _render_push(summary)
         _push_reasons(summary, rejects)
     if summary.error:
         error_line(summary.error)
-    finish(summary.exit_code)  # push decides it until it returns an Outcome (sync.run)
+    finish(code)
+
+
+def _push_json(s: PushSummary, code: int) -> dict[str, Any]:
+    """A push's summary for --json, with the exit code it ends in (after ``error``, where scripts read it)."""
+    out: dict[str, Any] = {}
+    for key, value in s.as_dict().items():
+        out[key] = value
+        if key == "error":
+            out["exit_code"] = int(code)
+    return out
 
 
 def _render_push(s: PushSummary) -> None:

@@ -70,6 +70,10 @@ class Run:
         self.provider, self._before = provider, before if before is not None else provider.http.stats.as_dict()
         return provider
 
+    def request_stats(self) -> dict[str, int]:
+        """The HTTP statistics of this run so far (what ``stats`` holds once the run is finished)."""
+        return self.provider.http.stats.since(self._before) if self.provider is not None else {}
+
     def mark(self, outcome: Outcome) -> None:
         """Mark a run that is still OK as PARTIAL or RETRY_LATER (the first mark stands)."""
         if self.outcome is Outcome.OK:
@@ -132,8 +136,7 @@ def _finish(r: Run, started: float, settle: Callable[[Run], None] | None) -> Non
             settle(r)
     finally:
         r.duration = time.monotonic() - started
-        if r.provider is not None:
-            r.stats = r.provider.http.stats.since(r._before)
+        r.stats = r.request_stats()
         app.store.runs.finish(r.run_id, status=r.outcome.log_status, counts=r.counts, stats=r.stats, error=r.error)
         if r.outcome.log_status == "ok":
             app.store.connections.touch(conn.name, ok=True, auth_state="ok")

@@ -1,7 +1,8 @@
 """``push``: validate, queue and deliver outcomes in one run (or plan them, with ``dry_run``).
 
-The run's lifecycle (lock, run log, errors, metrics) is ``_lifecycle``; what the run does is
-``_PushRun``. The summary still carries an exit code, which the CLI passes on.
+The run's lifecycle (lock, run log, errors, metrics) is the shared ``crmsync.sync.run``; what the
+run does, and how it is judged, is ``_PushRun``. The summary ends in an ``Outcome``, never an exit
+code: the CLI decides those.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from crmsync.errors import AuthError, ExitCode, InputError, RetriableError, UsageError
+from crmsync.errors import AuthError, InputError, RetriableError, UsageError
 from crmsync.providers import usage
-from crmsync.providers.base import Provider
 from crmsync.store.outbox import Outbox
 from crmsync.sync.inputs import read_outcomes
 from crmsync.sync.push.dry_run import dry_run as plan_dry_run
@@ -25,6 +25,7 @@ from crmsync.sync.push.owners import Owners
 from crmsync.sync.push.receipts import PushSummary, ReceiptSink, Tally
 from crmsync.sync.push.rounds import deliver
 from crmsync.sync.push.settings import DEFAULT, PushSettings
+from crmsync.sync.run import Outcome, Run, run
 
 if TYPE_CHECKING:
     from crmsync.app import App
@@ -56,7 +57,9 @@ def push(
     """Validate, queue and deliver outcomes; ``source`` None delivers what is already queued.
 
     ``connection`` is the connection's name (None: the only one). ``strict_owners``: an
-    ``owner_email`` the CRM has no user for fails its outcome (see ``Owners``).
+    ``owner_email`` the CRM has no user for fails its outcome (see ``Owners``). The summary
+    ends in an ``Outcome`` (and the error that stopped the run, if one did): the CLI turns it
+    into the exit code.
     """
     conn = app.connection(connection)
     summary = PushSummary(connection=conn.name, provider=conn.provider, dry_run=dry_run)
@@ -71,18 +74,23 @@ def push(
         if dry_run:
             if path is None:
                 raise UsageError("--dry-run needs an input file (or - for stdin)")
-            plan_dry_run(
-                app,
-                conn,
-                mapping,
-                read_outcomes(path, fmt, delimiter=delimiter),
-                summary,
-                sink=Tally(summary, sink),
-                rejects=rejects,
-                update=update,
-                retry_failed=retry_failed,
-                settings=settings,
-            )
+            try:
+                plan_dry_run(
+                    app,
+                    conn,
+                    mapping,
+                    read_outcomes(path, fmt, delimiter=delimiter),
+                    summary,
+                    sink=Tally(summary, sink),
+                    rejects=rejects,
+                    update=update,
+                    retry_failed=retry_failed,
+                    settings=settings,
+                )
+            finally:
+                app.metrics.sync_seconds.labels(conn.provider, conn.name, "push").observe(time.monotonic() - started)
+            if summary.has_failures():
+                summary.outcome = Outcome.PARTIAL
         else:
             work = _PushRun(
                 app,
@@ -100,12 +108,26 @@ def push(
                 strict_owners=strict_owners,
                 settings=settings,
             )
-            _lifecycle(app, conn, mapping, summary, work, lock_timeout=lock_timeout)
+            # SQLite: one push per connection (the run lock). PostgreSQL: none; runs claim outbox rows.
+            r = run(
+                app,
+                conn,
+                "push",
+                work.run,
+                lock_timeout=lock_timeout,
+                lock=contextlib.nullcontext() if work.outbox.shared else None,
+                mapping=mapping,
+                provider=False,
+                stops=(RetriableError, AuthError),
+                # Ctrl-C: every step taken is committed and the claims are handed back (deliver),
+                # so the run ends as interrupted and a re-run delivers the rest once.
+                record_interrupt=True,
+                settle=work.settle,
+            )
+            summary.outcome, summary.failure = r.outcome, r.failure
     finally:
         cleanup()
         summary.duration = time.monotonic() - started
-        app.metrics.sync_seconds.labels(conn.provider, conn.name, "push").observe(summary.duration)
-    _set_exit_code(summary)
     return summary
 
 
@@ -118,79 +140,30 @@ def _refuse_invalid(path: str, fmt: str, delimiter: str | None) -> None:
         raise InputError(f"{len(errors)} of {n} records are invalid; nothing was queued (--strict):\n  {shown}{more}")
 
 
-def _set_exit_code(summary: PushSummary) -> None:
-    """The exit code a push's outcome maps to (kept on the summary until the CLI decides it)."""
-    if not summary.exit_code and summary.has_failures():
-        summary.exit_code = ExitCode.PARTIAL
-    if not summary.exit_code and (summary.requeued or summary.backlog.get("queued")) and not summary.dry_run:
-        # Items left queued after retriable errors (5xx/429 per item): a later run delivers them.
-        summary.exit_code = ExitCode.TEMPFAIL
-        summary.error = summary.error or (
-            f"{summary.requeued + summary.backlog.get('queued', 0)} outcome(s) still queued after temporary errors;"
-            " run push again"
+def _judge(r: Run, summary: PushSummary) -> None:
+    """How a push that was not stopped ended: partial when outcomes failed, else retry-later when
+    some stay queued after temporary errors (5xx/429 per item), which a later run delivers."""
+    if summary.has_failures():
+        r.mark(Outcome.PARTIAL)
+    still_queued = summary.requeued + summary.backlog.get("queued", 0)
+    if still_queued:
+        r.mark(Outcome.RETRY_LATER)
+    if r.outcome is Outcome.RETRY_LATER:
+        summary.error = (
+            summary.error or f"{still_queued} outcome(s) still queued after temporary errors; run push again"
         )
 
 
-def _lifecycle(
-    app: App,
-    conn: CrmConnection,
-    mapping: Mapping,
-    summary: PushSummary,
-    work: _PushRun,
-    *,
-    lock_timeout: float | None,
-) -> None:
-    """One push run: lock, run log, the work, its errors, the run's status, gauges and metrics."""
-    outbox = Outbox(app.store)
-    # SQLite: one push per connection (the run lock). PostgreSQL: none; runs claim outbox rows.
-    lock = contextlib.nullcontext() if outbox.shared else app.run_lock(conn.name, timeout=lock_timeout)
-    with lock:
-        run_id = app.store.runs.start(conn.name, "push", mapping_hash=mapping.hash)
-        status, error = "ok", None
-        work.start()
-        try:
-            work.run()
-        except (RetriableError, AuthError) as exc:
-            status, error = "failed", str(exc)
-            summary.error, summary.exit_code = str(exc), exc.exit_code
-            with contextlib.suppress(Exception):  # what a re-run will deliver (deliver stopped short)
-                summary.pending = outbox.count_pending(conn.name)
-        except InputError:
-            status = "failed"
-            raise
-        except KeyboardInterrupt:
-            # Ctrl-C: every step taken is committed and the claims are handed back (deliver),
-            # so the run ends here as interrupted and a re-run delivers the rest once.
-            status = error = "interrupted"
-            summary.interrupted, summary.exit_code = True, ExitCode.INTERRUPTED
-        except Exception as exc:  # the CRM refused the run, or a bug: logged as failed either way
-            status, error = "failed", str(exc)
-            raise
-        finally:
-            stats = work.wrap_up()
-            if status == "ok" and summary.has_failures():
-                status = "partial"
-            counts = _counts(summary) | usage.recorded(work.provider)
-            app.store.runs.finish(run_id, status=status, counts=counts, stats=stats, error=error)
-            _record_metrics(app, conn.name, summary, outbox, ok=status == "ok")
-
-
-def _record_metrics(app: App, connection_name: str, summary: PushSummary, outbox: Outbox, *, ok: bool) -> None:
-    counts = outbox.state_counts(connection_name)
-    for state in ("pending", "done", "failed", "conflict"):
-        app.metrics.outbox.labels(connection_name, state).set(counts.get(state, 0))
-    if ok:
-        app.metrics.last_success.labels(connection_name, "push").set(time.time())
-    app.metrics.count_records(
-        connection_name,
-        "calls",
-        {  # what the run did, the backlog's outcomes included
+def _records(summary: PushSummary) -> dict[str, dict[str, int]]:
+    """What the run did to calls for the metrics, the backlog's outcomes included."""
+    return {
+        "calls": {
             "created": summary.created + summary.backlog.get("created", 0),
             "updated": summary.updated + summary.backlog.get("updated", 0),
             "failed": summary.failed + summary.backlog.get("failed", 0),
             "rejected": summary.rejected,
-        },
-    )
+        }
+    }
 
 
 class _PushRun:
@@ -221,13 +194,16 @@ class _PushRun:
         self.outbox = Outbox(app.store)
         self.tally = Tally(summary, sink)
         self.queued = path is None  # this input's outcomes are in the outbox (enqueue committed)
-        self.provider: Provider | None = None
-        self.before: dict[str, int] = {}
         self.warm: Warmup | None = None
         self.ahead: Prefetch | None = None
 
-    def start(self) -> None:
-        """Under the run's lock: what was queued before the input is a backlog; look-ahead starts."""
+    def run(self, r: Run) -> None:
+        """The run's body, under its lock: queue the input (if any), then deliver what is queued."""
+        self._start()
+        self._deliver(r)
+
+    def _start(self) -> None:
+        """What was queued before the input is a backlog; look-ahead starts."""
         app, conn = self.app, self.conn
         if self.path is None:
             return
@@ -239,15 +215,15 @@ class _PushRun:
         if app.store.concurrent_writers and not self.outbox.shared:
             self.ahead = Prefetch(app, conn, self.mapping, self.warm.provider_future, settings=self.settings)
 
-    def run(self) -> None:
+    def _deliver(self, r: Run) -> None:
         app, conn, summary = self.app, self.conn, self.summary
         parsed: dict[str, ParsedOutcome] = {}
         if self.path is not None:
             self._enqueue(self.path, parsed)
         if self.retry_failed:
             self.outbox.reset_failed(conn.name)
-        provider = self.provider = self.warm.provider() if self.warm else app.provider(conn)
-        self.before = self.warm.before if self.warm else provider.http.stats.as_dict()
+        # The warm-up built the provider ahead of the run: its requests count from then.
+        provider = r.use(self.warm.provider(), before=self.warm.before) if self.warm else r.use(app.provider(conn))
         provider.check_budget(_needs(self.outbox.count_pending(conn.name), parsed))
         deliver(
             app,
@@ -294,25 +270,35 @@ class _PushRun:
         if self.summary.read == 0:
             raise InputError(f"{'<stdin>' if path == '-' else path}: no outcomes found (empty input)")
 
-    def wrap_up(self) -> dict[str, int]:
-        """After the run, however it ended: counts settled, look-ahead stopped; the run's request stats."""
-        summary = self.summary
+    def settle(self, r: Run) -> None:
+        """After the run, however it ended: counts settled, look-ahead stopped, the outcome judged,
+        what the run log and the metrics keep."""
+        summary, conn = self.summary, self.conn
         self.tally.split_backlog()
-        if summary.interrupted:
-            if not self.queued:
+        summary.interrupted = r.outcome is Outcome.INTERRUPTED
+        if r.failure is not None:
+            summary.error = str(r.failure)
+        if summary.interrupted or r.failure is not None:
+            if summary.interrupted and not self.queued:
                 summary.queued = 0  # enqueue's one transaction was rolled back
-            with contextlib.suppress(Exception):
-                summary.pending = self.outbox.count_pending(self.conn.name)
+            with contextlib.suppress(Exception):  # what a re-run will deliver (deliver stopped short)
+                summary.pending = self.outbox.count_pending(conn.name)
+        if summary.interrupted:
             summary.error = _interrupted(summary, queued=self.queued)
         if self.ahead is not None:
             self.ahead.close()
         if self.warm is not None:
             self.warm.close()
-        stats = self.provider.http.stats.since(self.before) if self.provider else {}
+        stats = r.request_stats()
         summary.requests = stats.get("requests", 0)
         summary.retries = stats.get("retries", 0)
         summary.rate_limited = stats.get("rate_limited", 0)
-        return stats
+        _judge(r, summary)
+        r.counts = _counts(summary) | usage.recorded(r.provider)
+        r.records = _records(summary)
+        states = self.outbox.state_counts(conn.name)
+        for state in ("pending", "done", "failed", "conflict"):
+            self.app.metrics.outbox.labels(conn.name, state).set(states.get(state, 0))
 
 
 def _interrupted(s: PushSummary, *, queued: bool) -> str:

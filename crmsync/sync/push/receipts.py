@@ -8,9 +8,10 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from crmsync.errors import UsageError
+from crmsync.errors import CrmsyncError, UsageError
 from crmsync.store.outbox import Outbox
 from crmsync.sync.push.items import public_steps
+from crmsync.sync.run import Outcome
 
 if TYPE_CHECKING:
     from crmsync.app import App
@@ -62,7 +63,9 @@ class PushSummary:
     writes: int = 0
     duration: float = 0.0
     error: str | None = None
-    exit_code: int = 0
+    #: How the run ended; with ``failure``, the error that stopped it (the CLI maps both to the exit code).
+    outcome: Outcome = Outcome.OK
+    failure: CrmsyncError | None = field(default=None, repr=False)
     dry_run: bool = False
     plan_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     interrupted: bool = False
@@ -77,6 +80,8 @@ class PushSummary:
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        d.pop("failure")  # its message is ``error``
+        d["outcome"] = self.outcome.value
         d["duration_seconds"] = round(d.pop("duration"), 3)
         if not self.dry_run:
             d.pop("plan_counts")
