@@ -232,7 +232,7 @@ def pull(kits: list[Any], opts: Options, log: Log) -> list[Result]:
                 emu_cpu = time.process_time() - cpu0
                 runs = child.data["runs"]
                 _fill_network(r, child, runs, emu, emu_cpu)
-                r.failed = 0 if runs[-1]["exit_code"] == 0 else 1
+                r.failed = 0 if runs[-1]["outcome"] == "ok" else 1
                 read = {o: v["read"] for o, v in runs[-1]["objects"].items()}
                 r.extra["read (last run)"] = read
                 r.extra["requests by object (emulator)"] = dict(kit.requests_by_object(emu))
@@ -297,7 +297,7 @@ def backfill(kits: list[Any], opts: Options, log: Log) -> list[Result]:
                 emu_cpu = time.process_time() - cpu0
                 runs = child.data["runs"]
                 _fill_network(r, child, runs, emu, emu_cpu)
-                r.failed = 0 if runs[-1]["exit_code"] == 0 else 1
+                r.failed = 0 if runs[-1]["outcome"] == "ok" else 1
                 r.extra["read (all runs)"] = sum(v["read"] for x in runs for v in x["objects"].values())
                 r.extra["emulator limits"] = kit.limits_text(raised=True)
                 _bound(r, kit.backfill_bound(n, opts.latency))
@@ -351,7 +351,7 @@ def backfill_1m(kits: list[Any], opts: Options, log: Log) -> list[Result]:
             emu_cpu = time.process_time() - cpu0
             runs = child.data["runs"]
             _fill_network(r, child, runs, emu, emu_cpu)
-            r.failed = 0 if runs[-1]["exit_code"] == 0 else 1
+            r.failed = 0 if runs[-1]["outcome"] == "ok" else 1
             r.extra["read (all runs)"] = sum(v["read"] for x in runs for v in x["objects"].values())
             r.extra["store size MB"] = round(sum(p.stat().st_size for p in home.glob("crmsync.db*")) / 1e6, 1)
         finally:

@@ -84,7 +84,7 @@ def op_pull(spec: dict[str, Any]) -> dict[str, Any]:
         while True:
             result = pull(app, connections=[spec["connection"]], objects=spec.get("objects"))[0]
             runs.append(result.as_dict())
-            if result.exit_code == 0 or len(runs) >= spec.get("max_runs", 5):
+            if result.outcome == "ok" or len(runs) >= spec.get("max_runs", 5):
                 return {"runs": runs}
 
     try:
@@ -105,7 +105,7 @@ def op_backfill(spec: dict[str, Any]) -> dict[str, Any]:
         while True:
             result = backfill(app, connection=spec["connection"], objects=spec.get("objects"))
             runs.append(result.as_dict())
-            if result.exit_code == 0 or len(runs) >= spec.get("max_runs", 8):
+            if result.outcome == "ok" or len(runs) >= spec.get("max_runs", 8):
                 return {"runs": runs}
 
     try:

@@ -106,7 +106,7 @@ def test_1000_outcomes_log_1000_closed_calls_in_few_batches_and_a_re_push_writes
     src = _outcomes(tmp_path / "o.jsonl", 1000, company_every=3, deal_every=4)
     before = emulator.stats.requests
     summary = push(app, source=str(src), connection="dy")
-    assert summary.exit_code == 0 and summary.created == 1000, summary.as_dict()
+    assert summary.outcome == "ok" and summary.created == 1000, summary.as_dict()
     requests = emulator.stats.requests - before
     _assert_calls_logged(emulator, 1000, deal_every=4)
     tasks = emulator.records("tasks")
@@ -126,18 +126,18 @@ def test_1000_outcomes_log_1000_closed_calls_in_few_batches_and_a_re_push_writes
 
     writes = emulator.stats.writes
     again = push(app, source=str(src), connection="dy")
-    assert again.exit_code == 0 and again.created == 0
+    assert again.outcome == "ok" and again.created == 0
     assert emulator.stats.writes == writes
 
 
 def test_a_new_store_finds_the_calls_already_logged_and_logs_none_again(home: Path, tmp_path: Path) -> None:
     emulator = DynamicsEmulator()
     src = _outcomes(tmp_path / "o.jsonl", 60, company_every=3, deal_every=4)
-    assert push(_app(emulator, db=str(tmp_path / "first.db")), source=str(src), connection="dy").exit_code == 0
+    assert push(_app(emulator, db=str(tmp_path / "first.db")), source=str(src), connection="dy").outcome == "ok"
     counts = {es: len(emulator.records(es)) for es in ("contacts", "accounts", "opportunities", "phonecalls", "tasks")}
 
     second = push(_app(emulator, db=str(tmp_path / "second.db")), source=str(src), connection="dy")
-    assert second.exit_code == 0, second.as_dict()
+    assert second.outcome == "ok", second.as_dict()
     assert second.created == 0 and second.already == 60
     assert {es: len(emulator.records(es)) for es in counts} == counts
     _assert_calls_logged(emulator, 60, deal_every=4)
@@ -158,7 +158,7 @@ def test_lost_replies_never_duplicate_a_record_or_leave_a_call_open(home: Path, 
         summary = push(app, source=str(src), connection="dy")
         if summary.pending == 0 and summary.failed == 0:
             break
-    assert summary.exit_code == 0, summary.as_dict()
+    assert summary.outcome == "ok", summary.as_dict()
     assert emulator.stats.dropped > 5
     _assert_calls_logged(emulator, 120, deal_every=4)
     emails = Counter(c["emailaddress1"] for c in emulator.records("contacts"))
@@ -172,7 +172,7 @@ def test_alternate_keys_create_contacts_without_a_lookup_first(home: Path, tmp_p
     app = _app(emulator)
     existing = emulator.create("contacts", {"emailaddress1": "person3@example.org", "lastname": "Kept"})
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 10)), connection="dy")
-    assert summary.exit_code == 0, summary.as_dict()
+    assert summary.outcome == "ok", summary.as_dict()
     emails = Counter(c["emailaddress1"] for c in emulator.records("contacts"))
     assert len(emails) == 10 and set(emails.values()) == {1}
     contact_lookups = [p for m, p, _ in emulator.stats.log if m == "GET" and p.endswith("/contacts")]
@@ -184,8 +184,8 @@ def test_alternate_keys_create_contacts_without_a_lookup_first(home: Path, tmp_p
 def test_without_the_crmsync_column_calls_are_still_logged_once_by_their_id(home: Path, tmp_path: Path) -> None:
     emulator = DynamicsEmulator(marker_column=False)
     src = _outcomes(tmp_path / "o.jsonl", 15)
-    assert push(_app(emulator, db=str(tmp_path / "a.db")), source=str(src), connection="dy").exit_code == 0
-    assert push(_app(emulator, db=str(tmp_path / "b.db")), source=str(src), connection="dy").exit_code == 0
+    assert push(_app(emulator, db=str(tmp_path / "a.db")), source=str(src), connection="dy").outcome == "ok"
+    assert push(_app(emulator, db=str(tmp_path / "b.db")), source=str(src), connection="dy").outcome == "ok"
     ids = [c["activityid"] for c in emulator.records("phonecalls")]
     assert sorted(ids) == sorted(derived_id("calls", f"o-{i}") for i in range(15))
     # The pull leaves the missing column out of $select (Dataverse refuses a query naming one).
@@ -273,7 +273,7 @@ def test_a_429_burst_is_waited_out_exactly_as_retry_after_says(home: Path, tmp_p
     app = _app(emulator)
     emulator.throttle(1.0, count=2)
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 5)), connection="dy")
-    assert summary.exit_code == 0 and summary.created == 5
+    assert summary.outcome == "ok" and summary.created == 5
     log = emulator.throttle_log
     assert [kind for _, kind in log[:3]] == ["429", "429", "ok"]
     for (t0, _), (t1, _) in itertools.pairwise(log[:3]):
@@ -396,7 +396,7 @@ def test_calls_are_owned_by_the_rep_or_the_connection_user(home: Path, tmp_path:
     src = tmp_path / "o.jsonl"
     src.write_text("\n".join(lines) + "\n")
     summary = push(app, source=str(src), connection="dy")
-    assert summary.exit_code == 0, summary.as_dict()
+    assert summary.outcome == "ok", summary.as_dict()
     owners = {c["crmsync_outcomeid"]: c["_ownerid_value"] for c in emulator.records("phonecalls")}
     assert owners == {"own-0": emulator.reps[0], "own-1": emulator.reps[1], "own-2": emulator.app_user}
     sender = {c["crmsync_outcomeid"]: c["parties"][0]["partyid"] for c in emulator.records("phonecalls")}
