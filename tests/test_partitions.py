@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,3 +136,77 @@ def test_extra_keys_and_hostile_cursors() -> None:
     assert c == {"parts": {"a": {"at": 5, "done": False}}, "mode": "partitioned"}
     pages = list(interleave({"a": _range_reader(0, 3, 2)}, {"parts": {"zz": {"at": 1}}}, extra={"mode": "p"}))
     assert _ids(pages) == [0, 1, 2] and all(p.cursor and p.cursor["mode"] == "p" for p in pages)
+
+
+# -- HubSpot: a first walk split into the list chain and hs_object_id ranges over search ---------------
+
+
+def _hubspot(n: int, latency_ms: float = 0.0) -> Any:
+    from crmsync.emulators.base import Faults
+    from crmsync.emulators.hubspot import HubSpotEmulator
+
+    emulator = HubSpotEmulator(seed=5, faults=Faults(latency_ms=latency_ms, seed=5))
+    emulator.bulk_create(
+        "contacts",
+        n,
+        modified_at=time.time() - 3600,
+        properties_fn=lambda i: {"email": f"c{i}@example.com", "firstname": f"F{i}"},
+    )
+    return emulator
+
+
+def _search_calls(emulator: Any) -> int:
+    return sum(n for route, n in emulator.stats.by_route.items() if "search" in route)
+
+
+def _list_calls(emulator: Any) -> int:
+    return sum(n for route, n in emulator.stats.by_route.items() if route.startswith("GET") and "search" not in route)
+
+
+def test_hubspot_backfill_reads_list_and_search_ranges_each_record_once(home: Path, tmp_path: Path) -> None:
+    from crmsync.sync.pull import backfill
+    from tests.e2e import hubspot_app, write_config
+
+    emulator = _hubspot(12_345)
+    server = emulator.serve()
+    try:
+        write_config(home, "hs", rate_limit=100000, search_rate_limit=1000)
+        app = hubspot_app(server.url, emulator.private_app_token)
+        done = backfill(app, connection="hs", objects=["contacts"])
+        assert done.exit_code == 0 and done.objects[0].read == 12_345
+        rows = app.store.records("hs", "contacts")
+        assert len(rows) == len({r.remote_id for r in rows}) == 12_345
+        assert _search_calls(emulator) > 2  # the ranges really went through search ...
+        assert _list_calls(emulator) > 1  # ... beside the list walk
+        cursor = app.store.cursor("hs", "contacts")
+        assert cursor is not None and cursor["mode"] == "search" and cursor["ts"] <= time.time() * 1000
+        assert app.store.cursor("hs", "contacts", "backfill") is None
+        app.close()
+    finally:
+        server.stop()
+
+
+def test_hubspot_partitioned_walk_resumes_each_range_from_a_stored_cursor(home: Path) -> None:
+    from crmsync.providers.base import Page as P
+
+    emulator = _hubspot(5_000)
+    server = emulator.serve()
+    try:
+        from tests.e2e import hubspot_app, write_config
+
+        write_config(home, "hs", rate_limit=100000, search_rate_limit=1000)
+        app = hubspot_app(server.url, emulator.private_app_token)
+        provider = app.provider(app.connection("hs"))
+        gen = provider.changes("contacts", None, fields=["email"])
+        first: list[P] = [next(gen) for _ in range(6)]
+        gen.close()
+        cursor = first[-1].cursor
+        assert cursor is not None and cursor["mode"] == "partitioned"
+        ids = [r.id for p in first for r in p.records]
+        rest = list(provider.changes("contacts", cursor, fields=["email"]))
+        ids += [r.id for p in rest for r in p.records]
+        assert sorted(ids, key=int) == sorted({*ids}, key=int) and len(ids) == 5_000
+        assert rest[-1].cursor is not None and rest[-1].cursor["mode"] == "search"
+        app.close()
+    finally:
+        server.stop()

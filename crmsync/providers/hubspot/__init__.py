@@ -14,6 +14,7 @@ Facts this file relies on are in shared/reference/hubspot.md; the ones that shap
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ import httpx
 from crmsync.credentials import SecretStore, StaticAuth
 from crmsync.errors import AuthError, FatalProviderError, UsageError
 from crmsync.http import RateLimit, ResponsePolicy, UnconfirmedWrite
+from crmsync.providers import partitions
 from crmsync.providers.base import (
     ConnectContext,
     ConnectResult,
@@ -52,6 +54,8 @@ SEARCH_CAP = 10_000
 SEARCH_PAGE = 200
 SEARCH_AHEAD = 3  # search pages of one walk asked for at once (offset paging allows it)
 IN_MAX = 100  # values in one IN / NOT_IN search filter
+PARTITION_MIN = 2_000  # records below which a first walk stays one list chain (planning costs searches)
+SEARCH_PARTITIONS = 2  # hs_object_id ranges read through search beside the list walk
 LIST_PAGE = 100
 BATCH = 100
 MARKER = "crmsync_outcome_id"
@@ -527,14 +531,21 @@ class HubSpotProvider(Provider):
         return self.http.get(f"/crm/v3/objects/{obj}", params=params, endpoint="/crm/v3/objects/{type}").json()
 
     def _search(
-        self, obj: str, groups: list[list[dict[str, Any]]], sort: str, fields: Sequence[str], after: int
+        self,
+        obj: str,
+        groups: list[list[dict[str, Any]]],
+        sort: str,
+        fields: Sequence[str],
+        after: int,
+        *,
+        limit: int = SEARCH_PAGE,
     ) -> dict[str, Any]:
         """One search page; ``groups`` are filter groups (ANDed filters, the groups ORed)."""
         body = {
             "filterGroups": [{"filters": filters} for filters in groups],
             "sorts": [sort],
             "properties": list(fields),
-            "limit": SEARCH_PAGE,
+            "limit": limit,
             "after": str(after),
         }
         return self.http.post(
@@ -563,6 +574,11 @@ class HubSpotProvider(Provider):
         cursor = dict(cursor or {})
         if not cursor and since is not None:
             cursor = {"mode": "search", "ts": to_ms(since), "archived_ts": to_ms(since), "after_ts": False}
+        if cursor.get("mode") == "partitioned" or (cursor.get("mode") is None and not self._marker_filter(obj)):
+            plan = cursor if cursor.get("mode") == "partitioned" else self._plan_partitions(obj, run_start)
+            if plan is not None:
+                yield from self._partitioned(obj, plan, fields)
+                return
         if cursor.get("mode") in (None, "list") and not self._marker_filter(obj):
             yield from self._list_phase(obj, cursor, fields, run_start)
             return
@@ -581,6 +597,111 @@ class HubSpotProvider(Provider):
             yield from self._archived_phase(obj, last, fields, first=first)
         finally:
             ahead.shutdown(wait=False, cancel_futures=True)
+
+    def _plan_partitions(self, obj: str, run_start: int) -> dict[str, Any] | None:
+        """Split a first walk's id space: the list chain reads the lowest ids, search the rest.
+
+        Two one-record searches (lowest and highest ``hs_object_id``, side by side) tell the span
+        and the count; below PARTITION_MIN records the plain list walk is cheaper. The list walk
+        takes the share its chain of pages of 100 keeps up with; SEARCH_PARTITIONS ranges of
+        search pages of 200 share the rest, so both the general and the search budget are spent.
+        """
+
+        def edge(sort: str) -> dict[str, Any]:
+            return self._search(obj, [], sort, ["hs_object_id"], 0, limit=1)
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"plan-{obj}") as pool:
+            low_f, high_f = pool.submit(edge, "hs_object_id"), pool.submit(edge, "-hs_object_id")
+            low, high = low_f.result(), high_f.result()
+        total = int(high.get("total") or 0)
+        if total < PARTITION_MIN or not low.get("results") or not high.get("results"):
+            return None
+        lo, hi = int(low["results"][0]["id"]), int(high["results"][0]["id"])
+        span = hi - lo + 1
+        share = span // (SEARCH_PARTITIONS + 1)
+        bounds = [lo + share * (i + 1) for i in range(SEARCH_PARTITIONS)] + [hi + 1]
+        ranges = [[bounds[i], bounds[i + 1] - 1] for i in range(SEARCH_PARTITIONS)]
+        return {"mode": "partitioned", "started": run_start, "list_below": bounds[0], "ranges": ranges, "total": total}
+
+    def _partitioned(self, obj: str, plan: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
+        """The list walk below ``list_below`` and each search range side by side (``partitions``).
+
+        Each page carries every partition's position as of the pages handed over so far, so a kill
+        resumes each range after its last stored page; the ranges are disjoint, so no record is
+        read twice. Records created or changed after the walk began (and any the search index had
+        not caught up with) are the next pull's: the hand-over cursor starts at the walk's start,
+        without the list's "listed" flag, so that pull looks back for index lag as every search does.
+        """
+        started = int(plan["started"])
+        below = int(plan["list_below"])
+        ranges = [(int(a), int(b)) for a, b in plan["ranges"]]
+        extra = {k: plan[k] for k in ("mode", "started", "list_below", "ranges", "total")}
+        parts: dict[str, partitions.PartitionFn] = {"list": functools.partial(self._list_below, obj, fields, below)}
+        for i, (a, b) in enumerate(ranges):
+            parts[f"search{i}"] = functools.partial(self._id_range, obj, fields, a, b)
+        total = int(plan.get("total") or 0) or None
+        final: dict[str, Any] | None = plan
+        for page in partitions.interleave(parts, plan, name=f"partition-{obj}", extra=extra):
+            page.total = total
+            yield page
+            final = page.cursor
+        states = partitions.parse(final)
+        newest = max([0, *(int((s["at"] or {}).get("newest", 0)) for s in states.values())])
+        # The newest modification read, never later than the start: derived from the data, so a
+        # resumed walk hands over at the same point as an uninterrupted one.
+        handover = min(started, newest) if newest else started
+        yield Page(records=[], cursor={"mode": "search", "ts": handover, "archived_ts": handover})
+
+    def _list_below(self, obj: str, fields: Sequence[str], below: int, at: Any) -> Iterator[Page]:
+        """The list walk from its start (or the ``after`` it stopped at) up to id ``below``."""
+        after = (at or {}).get("after")
+        newest = int((at or {}).get("newest", 0))
+        prop = modified_prop(obj)
+        while True:
+            body = self._list(obj, fields, after=after)
+            raws = body.get("results", [])
+            records = [self._record(obj, r) for r in raws if int(r["id"]) < below]
+            newest = max([newest, *(_prop_ms(r, prop) or 0 for r in records)])
+            after = ((body.get("paging") or {}).get("next") or {}).get("after")
+            if len(records) < len(raws) or not after:
+                if records:
+                    yield Page(records=records, cursor={"after": after, "newest": newest})
+                return
+            yield Page(records=records, cursor={"after": after, "newest": newest})
+
+    def _id_range(self, obj: str, fields: Sequence[str], lo: int, hi: int, at: Any) -> Iterator[Page]:
+        """Ids ``lo``..``hi`` through search, keyset-paged by id (so the 10,000-result cap never binds).
+
+        Each search needs only the previous page's last id, so it goes out while that page's
+        associations are read: the range's chain is one round trip per page, not two.
+        """
+        last = int(at["last"]) if at else lo - 1
+        newest = int((at or {}).get("newest", 0))
+        prop = modified_prop(obj)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"assoc-{obj}")
+        pending: tuple[Future[list[RemoteRecord]], dict[str, Any]] | None = None
+        try:
+            while True:
+                filters = [
+                    {"propertyName": "hs_object_id", "operator": "GT", "value": str(last)},
+                    {"propertyName": "hs_object_id", "operator": "LTE", "value": str(hi)},
+                ]
+                body = self._search(obj, [filters], "hs_object_id", fields, 0)
+                raws = body.get("results", [])
+                if pending is not None:
+                    yield Page(records=pending[0].result(), cursor=pending[1])
+                    pending = None
+                if not raws:
+                    return
+                records = [self._record(obj, r) for r in raws]
+                last = max(int(r.id) for r in records)
+                newest = max([newest, *(_prop_ms(r, prop) or 0 for r in records)])
+                pending = (pool.submit(self._with_associations, obj, records), {"last": last, "newest": newest})
+                if not ((body.get("paging") or {}).get("next") or {}).get("after"):
+                    yield Page(records=pending[0].result(), cursor=pending[1])
+                    return
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _list_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str], run_start: int) -> Iterator[Page]:
         """First run: the list endpoint has no 10k cap. Then hand over to search.
