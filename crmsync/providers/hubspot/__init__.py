@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -55,7 +56,7 @@ SEARCH_PAGE = 200
 SEARCH_AHEAD = 3  # search pages of one walk asked for at once (offset paging allows it)
 IN_MAX = 100  # values in one IN / NOT_IN search filter
 PARTITION_MIN = 2_000  # records below which a first walk stays one list chain (planning costs searches)
-SEARCH_PARTITIONS = 2  # hs_object_id ranges read through search beside the list walk
+MAX_SEARCH_RANGES = 8  # hs_object_id ranges read through search beside the list walk, at most
 LIST_PAGE = 100
 BATCH = 100
 MARKER = "crmsync_outcome_id"
@@ -201,6 +202,10 @@ class HubSpotProvider(Provider):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.lookback_ms = int(1000 * (ctx.options.get("lookback_seconds") or 30.0))
+        general = ctx.options.get("rate_limit")
+        # Requests per second each budget allows, as configured: how a first walk splits its ids.
+        self._general_rps = float(general) / 10.0 if general else self.default_rate_limits["default"].requests / 10.0
+        self._search_rps = float(ctx.options.get("search_rate_limit") or self.default_rate_limits["search"].requests)
         self._dispositions: dict[str, str] | None = None
         self._ensured: set[str] = set()
         self._props: dict[str, dict[str, dict[str, Any]]] = {}
@@ -599,29 +604,39 @@ class HubSpotProvider(Provider):
             ahead.shutdown(wait=False, cancel_futures=True)
 
     def _plan_partitions(self, obj: str, run_start: int) -> dict[str, Any] | None:
-        """Split a first walk's id space: the list chain reads the lowest ids, search the rest.
+        """Split a first walk's id space: the list chain reads the lowest ids, search ranges the rest.
 
-        Two one-record searches (lowest and highest ``hs_object_id``, side by side) tell the span
-        and the count; below PARTITION_MIN records the plain list walk is cheaper. The list walk
-        takes the share its chain of pages of 100 keeps up with; SEARCH_PARTITIONS ranges of
-        search pages of 200 share the rest, so both the general and the search budget are spent.
+        Two one-record searches (lowest and highest ``hs_object_id``, side by side) tell the span,
+        the count and the round trip; below PARTITION_MIN records the plain list walk is cheaper.
+        Each side gets the share of ids it reads in the same time: the list is one chain of pages of
+        100 on the general budget (less the association reads that search pages need); the search
+        ranges, enough of them to keep the search budget busy, read pages of 200.
         """
 
         def edge(sort: str) -> dict[str, Any]:
             return self._search(obj, [], sort, ["hs_object_id"], 0, limit=1)
 
+        began = time.monotonic()
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"plan-{obj}") as pool:
             low_f, high_f = pool.submit(edge, "hs_object_id"), pool.submit(edge, "-hs_object_id")
             low, high = low_f.result(), high_f.result()
+        rtt = min(max(time.monotonic() - began, 0.01), 2.0)
         total = int(high.get("total") or 0)
         if total < PARTITION_MIN or not low.get("results") or not high.get("results"):
             return None
         lo, hi = int(low["results"][0]["id"]), int(high["results"][0]["id"])
+        ranges_n = min(MAX_SEARCH_RANGES, max(1, math.ceil(self._search_rps * rtt) + 1))
+        search_rate = min(ranges_n / rtt, self._search_rps)  # search pages per second
+        assoc_rate = search_rate if PULL_ASSOCIATIONS.get(obj) else 0.0
+        list_rate = max(0.1, min(1 / rtt, self._general_rps - assoc_rate))  # list pages per second
+        list_share = (LIST_PAGE * list_rate) / (LIST_PAGE * list_rate + SEARCH_PAGE * search_rate)
         span = hi - lo + 1
-        share = span // (SEARCH_PARTITIONS + 1)
-        bounds = [lo + share * (i + 1) for i in range(SEARCH_PARTITIONS)] + [hi + 1]
-        ranges = [[bounds[i], bounds[i + 1] - 1] for i in range(SEARCH_PARTITIONS)]
-        return {"mode": "partitioned", "started": run_start, "list_below": bounds[0], "ranges": ranges, "total": total}
+        below = lo + max(1, round(span * list_share))
+        step = max(1, math.ceil((hi + 1 - below) / ranges_n))
+        ranges = [[a, min(a + step - 1, hi)] for a in range(below, hi + 1, step)]
+        if not ranges:
+            return None
+        return {"mode": "partitioned", "started": run_start, "list_below": below, "ranges": ranges, "total": total}
 
     def _partitioned(self, obj: str, plan: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
         """The list walk below ``list_below`` and each search range side by side (``partitions``).
