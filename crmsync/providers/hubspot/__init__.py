@@ -56,6 +56,7 @@ SEARCH_PAGE = 200
 SEARCH_AHEAD = 3  # search pages of one walk asked for at once (offset paging allows it)
 IN_MAX = 100  # values in one IN / NOT_IN search filter
 PARTITION_MIN = 2_000  # records below which a first walk stays one list chain (planning costs searches)
+ASSOC_BATCH = 1_000  # ids in one v4 association batch read
 MAX_SEARCH_RANGES = 8  # hs_object_id ranges read through search beside the list walk, at most
 LIST_PAGE = 100
 BATCH = 100
@@ -627,7 +628,7 @@ class HubSpotProvider(Provider):
         lo, hi = int(low["results"][0]["id"]), int(high["results"][0]["id"])
         ranges_n = min(MAX_SEARCH_RANGES, max(1, math.ceil(self._search_rps * rtt) + 1))
         search_rate = min(ranges_n / rtt, self._search_rps)  # search pages per second
-        assoc_rate = search_rate if PULL_ASSOCIATIONS.get(obj) else 0.0
+        assoc_rate = search_rate * SEARCH_PAGE / ASSOC_BATCH * len(PULL_ASSOCIATIONS.get(obj, []))
         list_rate = max(0.1, min(1 / rtt, self._general_rps - assoc_rate))  # list pages per second
         list_share = (LIST_PAGE * list_rate) / (LIST_PAGE * list_rate + SEARCH_PAGE * search_rate)
         span = hi - lo + 1
@@ -687,14 +688,16 @@ class HubSpotProvider(Provider):
     def _id_range(self, obj: str, fields: Sequence[str], lo: int, hi: int, at: Any) -> Iterator[Page]:
         """Ids ``lo``..``hi`` through search, keyset-paged by id (so the 10,000-result cap never binds).
 
-        Each search needs only the previous page's last id, so it goes out while that page's
-        associations are read: the range's chain is one round trip per page, not two.
+        Each search needs only the previous page's last id, so the searches form the range's only
+        chain; the associations of up to ASSOC_BATCH ids (five pages) are read in one request
+        beside it, which leaves the general budget to the list walk.
         """
         last = int(at["last"]) if at else lo - 1
         newest = int((at or {}).get("newest", 0))
         prop = modified_prop(obj)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"assoc-{obj}")
         pending: tuple[Future[list[RemoteRecord]], dict[str, Any]] | None = None
+        batch: list[RemoteRecord] = []
         try:
             while True:
                 filters = [
@@ -702,19 +705,22 @@ class HubSpotProvider(Provider):
                     {"propertyName": "hs_object_id", "operator": "LTE", "value": str(hi)},
                 ]
                 body = self._search(obj, [filters], "hs_object_id", fields, 0)
-                raws = body.get("results", [])
-                if pending is not None:
+                records = [self._record(obj, r) for r in body.get("results", [])]
+                if records:
+                    last = max(int(r.id) for r in records)
+                    newest = max([newest, *(_prop_ms(r, prop) or 0 for r in records)])
+                    batch.extend(records)
+                end = not records or not ((body.get("paging") or {}).get("next") or {}).get("after")
+                if pending is not None and (pending[0].done() or (batch and (end or len(batch) >= ASSOC_BATCH))):
                     yield Page(records=pending[0].result(), cursor=pending[1])
                     pending = None
-                if not raws:
-                    return
-                records = [self._record(obj, r) for r in raws]
-                last = max(int(r.id) for r in records)
-                newest = max([newest, *(_prop_ms(r, prop) or 0 for r in records)])
-                pending = (pool.submit(self._with_associations, obj, records), {"last": last, "newest": newest})
-                if not ((body.get("paging") or {}).get("next") or {}).get("after"):
-                    yield Page(records=pending[0].result(), cursor=pending[1])
-                    return
+                if batch and (end or len(batch) >= ASSOC_BATCH):
+                    pending = (pool.submit(self._with_associations, obj, batch), {"last": last, "newest": newest})
+                    batch = []
+                if end:
+                    break
+            if pending is not None:
+                yield Page(records=pending[0].result(), cursor=pending[1])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
