@@ -210,3 +210,42 @@ def test_hubspot_partitioned_walk_resumes_each_range_from_a_stored_cursor(home: 
         app.close()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_hubspot_partitioned_backfill_killed_then_resumed_stores_every_record_once(home: Path) -> None:
+    import json
+
+    from crmsync.app import App
+    from tests.e2e import cli_env, hubspot_app, run_cli, write_config
+    from tests.test_resilience import _run_and_kill
+
+    emulator = _hubspot(8_000, latency_ms=20)
+    server = emulator.serve()
+    try:
+        write_config(home, "hs", rate_limit=100000, search_rate_limit=1000)
+        hubspot_app(server.url, emulator.private_app_token).close()
+        env = cli_env(home, "hs", emulator.private_app_token)
+        args = ["--quiet", "backfill", "-c", "hs", "--object", "contacts"]
+        killed_mid_partition = 0
+        for after in (12, 20, 30):
+            code = _run_and_kill(args, env, emulator, after_requests=after, then=0.05)
+            app = App(env={"CRMSYNC_HOME": str(home)})
+            checkpoint = app.store.cursor("hs", "contacts", "backfill")
+            app.close()
+            if code is None and checkpoint and checkpoint.get("mode") == "partitioned":
+                killed_mid_partition += 1
+        assert killed_mid_partition >= 2
+        last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
+        assert last.code == 0, last.stderr
+        assert last.json()["objects"]["contacts"]["read"] < 8_000  # each range went on from its checkpoint
+        app = App(env={"CRMSYNC_HOME": str(home)})
+        rows = app.store.records("hs", "contacts")
+        assert len(rows) == len({r.remote_id for r in rows}) == 8_000
+        assert app.store.cursor("hs", "contacts", "backfill") is None
+        app.close()
+        nxt = run_cli(["--json", "pull", "-c", "hs", "--object", "contacts"], env)
+        assert nxt.code == 0, nxt.stderr
+        assert json.loads(nxt.stdout)["results"][0]["objects"]["contacts"]["created"] == 0
+    finally:
+        server.stop()
