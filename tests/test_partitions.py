@@ -249,3 +249,29 @@ def test_hubspot_partitioned_backfill_killed_then_resumed_stores_every_record_on
         assert json.loads(nxt.stdout)["results"][0]["objects"]["contacts"]["created"] == 0
     finally:
         server.stop()
+
+
+def test_hubspot_records_the_search_index_had_not_caught_up_with_are_read_by_the_next_pull(home: Path) -> None:
+    from crmsync.sync.pull import backfill, pull
+    from tests.e2e import hubspot_app, write_config
+
+    emulator = _hubspot(4_000)
+    # Written just before the walk: the search index has not caught up with them yet.
+    fresh = emulator.bulk_create("contacts", 300, modified_at=time.time() - 1, properties_fn=lambda i: {})
+    emulator.search_lag_ms = 3_000
+    server = emulator.serve()
+    try:
+        write_config(home, "hs", rate_limit=100000, search_rate_limit=1000, lookback_seconds=5)
+        app = hubspot_app(server.url, emulator.private_app_token)
+        done = backfill(app, connection="hs", objects=["contacts"])
+        assert done.exit_code == 0
+        stored = {r.remote_id for r in app.store.records("hs", "contacts")}
+        assert not set(fresh) <= stored  # the search ranges could not see them (so this test can fail)
+        time.sleep(3.1)
+        result = pull(app, connections=["hs"], objects=["contacts"])[0]
+        assert result.exit_code == 0
+        rows = app.store.records("hs", "contacts")
+        assert len(rows) == len({r.remote_id for r in rows}) == 4_300
+        app.close()
+    finally:
+        server.stop()

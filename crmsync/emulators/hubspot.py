@@ -581,6 +581,9 @@ class HubSpotEmulator(Emulator):
         self._next_id = 100
         self._links: dict[tuple[str, int], dict[str, dict[int, set[int]]]] = {}
         self._search_cache: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
+        #: Search's index lag (reference §3: "Indexing lags a few seconds"); 0 by default so other
+        #: tests see writes at once. A record written less than this long ago is not yet found.
+        self.search_lag_ms = 0.0
         self._tokens: dict[str, _Token] = {}
         self._refresh_tokens: dict[str, _Refresh] = {}
         self._codes: dict[str, tuple[str, str, list[str], float]] = {}  # code -> client, redirect, scopes, exp
@@ -1408,13 +1411,14 @@ class HubSpotEmulator(Emulator):
         query = str(body.get("query") or "")
         key = (o.name, json.dumps(groups, sort_keys=True), json.dumps(sorts[:1]), query)
         store = self._stores[o.name]
-        cached = self._search_cache.get((*key, store.version))
+        cached = None if self.search_lag_ms else self._search_cache.get((*key, store.version))
         if cached is None:
             try:
                 cached = self._run_search(o, groups, sorts, query)
             except _ItemError as e:
                 return self._item_error_response(e)
-            self._search_cache[(*key, store.version)] = cached
+            if not self.search_lag_ms:  # a lagging index changes with the clock, not only with writes
+                self._search_cache[(*key, store.version)] = cached
             while len(self._search_cache) > 16:
                 self._search_cache.popitem(last=False)
         else:
@@ -1434,8 +1438,11 @@ class HubSpotEmulator(Emulator):
         predicates = [[self._compile_filter(o, f) for f in (g or {}).get("filters") or []] for g in groups]
         text = query.lower().split()
         matched: list[_Record] = []
+        indexed_before = self._now_ms() - self.search_lag_ms
         for rid in store.active:
             rec = store.records[rid]
+            if self.search_lag_ms and rec.updated > indexed_before:
+                continue  # not indexed yet (its older version is not kept: missing, not stale)
             if predicates and not any(all(p(rec) for p in group) for group in predicates):
                 continue
             if text and not self._text_match(o, rec, text):
