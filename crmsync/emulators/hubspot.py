@@ -1439,7 +1439,7 @@ class HubSpotEmulator(Emulator):
         text = query.lower().split()
         matched: list[_Record] = []
         indexed_before = self._now_ms() - self.search_lag_ms
-        for rid in store.active:
+        for rid in self._id_candidates(store, groups):
             rec = store.records[rid]
             if self.search_lag_ms and rec.updated > indexed_before:
                 continue  # not indexed yet (its older version is not kept: missing, not stale)
@@ -1460,6 +1460,29 @@ class HubSpotEmulator(Emulator):
             have.sort(key=lambda p: p[0], reverse=descending)
             return [rid for _, rid in have] + [rid for v, rid in present if v is None]
         return [r.id for r in matched]
+
+    @staticmethod
+    def _id_candidates(store: _Store, groups: list[Any]) -> list[int]:
+        """The active ids a one-group search bounded on ``hs_object_id`` can match (as an index would).
+
+        Only narrows: every candidate still goes through the filters, so the answer is unchanged.
+        """
+        if len(groups) != 1:
+            return store.active
+        lo, hi = 0, len(store.active)
+        for f in (groups[0] or {}).get("filters") or []:
+            if not isinstance(f, dict) or f.get("propertyName") != "hs_object_id":
+                continue
+            try:
+                value = int(str(f.get("value")))
+            except ValueError:
+                continue
+            op = f.get("operator")
+            if op in ("GT", "GTE"):
+                lo = max(lo, bisect.bisect_left(store.active, value + (op == "GT")))
+            elif op in ("LT", "LTE"):
+                hi = min(hi, bisect.bisect_right(store.active, value - (op == "LT")))
+        return store.active if (lo, hi) == (0, len(store.active)) else store.active[lo:hi]
 
     def _text_match(self, o: ObjectType, rec: _Record, words: list[str]) -> bool:
         hay = " ".join(rec.props.get(p, "") for p in o.text_props).lower()
