@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -55,7 +55,7 @@ def interleave(
     depth: int = 4,
     name: str = "partition",
     extra: Mapping[str, Any] | None = None,
-) -> Iterator[Page]:
+) -> Generator[Page, None, None]:
     """Pages of every partition as they arrive, each with the composite cursor as of that page.
 
     One thread per unfinished partition; at most ``depth`` pages wait in a shared bounded queue, so

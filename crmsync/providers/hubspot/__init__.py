@@ -5,7 +5,9 @@ Facts this file relies on are in shared/reference/hubspot.md; the ones that shap
 * search returns at most 10,000 results per query (HTTP 400 beyond) and 200 per page, and lags
   the writes by a few seconds: pull re-anchors its window before the cap, slices a timestamp
   that more than 10,000 records share by ``hs_object_id``, and looks back a little;
-* search has its own 5/s limit, the rest 100 requests per rolling 10 s (private apps, Free/Starter);
+* search has its own 5/s limit, the rest 100 requests per rolling 10 s (private apps, Free/Starter):
+  a first walk (backfill, first pull) reads the lowest ids down the list chain and the rest as
+  ``hs_object_id`` ranges over search side by side (``providers.partitions``), spending both;
 * batch endpoints take 100 inputs and answer 207 with per-input errors;
 * calls and tasks carry ``crmsync_outcome_id``, a unique property created on first push, so a call
   whose reply was lost is read back by that id (batch read by idProperty, strongly consistent)
