@@ -275,3 +275,31 @@ def test_hubspot_records_the_search_index_had_not_caught_up_with_are_read_by_the
         app.close()
     finally:
         server.stop()
+
+
+def test_hubspot_emulator_id_bounded_search_answers_as_the_scan_does() -> None:
+    import httpx
+
+    emulator = _hubspot(600)
+    emulator.archive("contacts", "150")
+    client = httpx.Client(
+        transport=emulator.transport(),
+        base_url="https://api.hubapi.com",
+        headers={"Authorization": f"Bearer {emulator.private_app_token}"},
+    )
+
+    def ids(filters: list[dict[str, Any]], sort: str, after: int = 0) -> tuple[int, list[str]]:
+        body = {"filterGroups": [{"filters": filters}], "sorts": [sort], "limit": 200, "after": str(after)}
+        out = client.post("/crm/v3/objects/contacts/search", json=body).json()
+        return out["total"], [r["id"] for r in out["results"]]
+
+    bounds = [
+        {"propertyName": "hs_object_id", "operator": "GT", "value": "120"},
+        {"propertyName": "hs_object_id", "operator": "LTE", "value": "400"},
+    ]
+    scanned = [*bounds, {"propertyName": "email", "operator": "HAS_PROPERTY"}]  # forces the scan
+    for sort in ("hs_object_id", "-hs_object_id"):
+        for after in (0, 200):
+            assert ids(bounds, sort, after) == ids(scanned, sort, after)
+    total, first = ids(bounds, "hs_object_id")
+    assert total == 279 and first[0] == "121" and "150" not in first  # archived records never appear

@@ -1435,6 +1435,9 @@ class HubSpotEmulator(Emulator):
 
     def _run_search(self, o: ObjectType, groups: list[Any], sorts: list[Any], query: str) -> list[int]:
         store = self._stores[o.name]
+        by_id = self._id_range_only(store, groups, sorts, query)
+        if by_id is not None:
+            return by_id
         predicates = [[self._compile_filter(o, f) for f in (g or {}).get("filters") or []] for g in groups]
         text = query.lower().split()
         matched: list[_Record] = []
@@ -1460,6 +1463,28 @@ class HubSpotEmulator(Emulator):
             have.sort(key=lambda p: p[0], reverse=descending)
             return [rid for _, rid in have] + [rid for v, rid in present if v is None]
         return [r.id for r in matched]
+
+    def _id_range_only(self, store: _Store, groups: list[Any], sorts: list[Any], query: str) -> list[int] | None:
+        """A search bounded on nothing but ``hs_object_id`` and sorted by it: the sorted id index itself.
+
+        The same answer the scan gives, without touching each record (a real search is indexed).
+        """
+        if query or self.search_lag_ms or len(groups) > 1:
+            return None
+        filters = ((groups[0] or {}).get("filters") or []) if groups else []
+        for f in filters:
+            if not (
+                isinstance(f, dict)
+                and f.get("propertyName") == "hs_object_id"
+                and f.get("operator") in ("GT", "GTE", "LT", "LTE")
+                and re.fullmatch(r"-?\d+", str(f.get("value")))
+            ):
+                return None
+        name, descending = _parse_sort(sorts[0]) if sorts else ("hs_object_id", False)
+        if name != "hs_object_id":
+            return None
+        ids = self._id_candidates(store, groups)
+        return ids[::-1] if descending else list(ids)
 
     @staticmethod
     def _id_candidates(store: _Store, groups: list[Any]) -> list[int]:
