@@ -209,6 +209,9 @@ class HubSpotProvider(Provider):
         # Requests per second each budget allows, as configured: how a first walk splits its ids.
         self._general_rps = float(general) / 10.0 if general else self.default_rate_limits["default"].requests / 10.0
         self._search_rps = float(ctx.options.get("search_rate_limit") or self.default_rate_limits["search"].requests)
+        # Association reads gathered over five search pages save general requests, at the cost of
+        # holding those pages: worth it only where the general budget cannot also carry the list chain.
+        self._assoc_batch = ASSOC_BATCH if self._general_rps < self._search_rps + 10 else SEARCH_PAGE
         self._dispositions: dict[str, str] | None = None
         self._ensured: set[str] = set()
         self._props: dict[str, dict[str, dict[str, Any]]] = {}
@@ -630,7 +633,7 @@ class HubSpotProvider(Provider):
         lo, hi = int(low["results"][0]["id"]), int(high["results"][0]["id"])
         ranges_n = min(MAX_SEARCH_RANGES, max(1, math.ceil(self._search_rps * rtt) + 1))
         search_rate = min(ranges_n / rtt, self._search_rps)  # search pages per second
-        assoc_rate = search_rate * SEARCH_PAGE / ASSOC_BATCH * len(PULL_ASSOCIATIONS.get(obj, []))
+        assoc_rate = search_rate * SEARCH_PAGE / self._assoc_batch * len(PULL_ASSOCIATIONS.get(obj, []))
         list_rate = max(0.1, min(1 / rtt, self._general_rps - assoc_rate))  # list pages per second
         list_share = (LIST_PAGE * list_rate) / (LIST_PAGE * list_rate + SEARCH_PAGE * search_rate)
         span = hi - lo + 1
@@ -659,7 +662,7 @@ class HubSpotProvider(Provider):
             parts[f"search{i}"] = functools.partial(self._id_range, obj, fields, a, b)
         total = int(plan.get("total") or 0) or None
         final: dict[str, Any] | None = plan
-        for page in partitions.interleave(parts, plan, name=f"partition-{obj}", extra=extra):
+        for page in partitions.interleave(parts, plan, depth=2, name=f"partition-{obj}", extra=extra):
             page.total = total
             yield page
             final = page.cursor
@@ -713,10 +716,10 @@ class HubSpotProvider(Provider):
                     newest = max([newest, *(_prop_ms(r, prop) or 0 for r in records)])
                     batch.extend(records)
                 end = not records or not ((body.get("paging") or {}).get("next") or {}).get("after")
-                if pending is not None and (pending[0].done() or (batch and (end or len(batch) >= ASSOC_BATCH))):
+                if pending is not None and (pending[0].done() or (batch and (end or len(batch) >= self._assoc_batch))):
                     yield Page(records=pending[0].result(), cursor=pending[1])
                     pending = None
-                if batch and (end or len(batch) >= ASSOC_BATCH):
+                if batch and (end or len(batch) >= self._assoc_batch):
                     pending = (pool.submit(self._with_associations, obj, batch), {"last": last, "newest": newest})
                     batch = []
                 if end:
