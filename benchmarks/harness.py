@@ -439,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=int, default=None, help="records/outcomes/events per scenario instead of the default sizes"
     )
+    parser.add_argument(
+        "--account-limits",
+        action="store_true",
+        help="backfill at the emulated account's own limits (HubSpot 100/10 s + search 5/s) instead of raised ones",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
         "--save", metavar="FILE", default=None, help="also write the results as JSON to FILE (after every scenario)"
@@ -465,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_dir=Path(args.profile) if args.profile else None,
         single=args.scenario != "all",
         toy=args.size,
+        account_limits=args.account_limits,
     )
 
     def log(message: str) -> None:

@@ -313,6 +313,28 @@ class HubSpotKit(Kit):
             {"default": default, "search": search}, limits=self.limits, latency=latency, chain=2, formula=text
         )
 
+    def backfill_honest_bound(self, n: int, latency: float, *, raised: bool) -> Bound:
+        """The best split of N between list pages of 100 (general) and search pages of 200 (search bucket,
+        plus one association batch read of 1,000 ids on the general bucket), from an empty window."""
+        limits = self.raised_limits if raised else self.limits
+        best: Bound | None = None
+        for search in range(math.ceil(n / 200) + 1):
+            rest = max(0, n - 200 * search)
+            pages = math.ceil(rest / 100)
+            general = pages + math.ceil(min(n, 200 * search) / 1000)
+            b = lower_bound({"default": general, "search": search}, limits=limits, latency=latency, chain=max(1, pages))
+            if best is None or b.seconds < best.seconds:
+                best = b
+        assert best is not None
+        g, s = best.requests["default"], best.requests["search"]
+        text = (
+            f"honest: N split between list pages of 100 (a chain: each `after` from the previous reply) and "
+            f"search pages of 200 (+1 association read per 1,000 searched ids) to finish together: {g} general at "
+            f"{limits['default'][0]}/10 s from an empty window, {s} search at {limits['search'][0]}/s, "
+            f"max(list chain x latency, windows + latency)"
+        )
+        return Bound(requests=best.requests, seconds=best.seconds, formula=text)
+
     def backfill_bound(self, n: int, latency: float) -> Bound:
         """The list endpoint's pages of 100 form a chain: each ``after`` comes from the previous reply."""
         pages = math.ceil(n / 100)

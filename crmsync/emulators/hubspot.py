@@ -581,6 +581,9 @@ class HubSpotEmulator(Emulator):
         self._next_id = 100
         self._links: dict[tuple[str, int], dict[str, dict[int, set[int]]]] = {}
         self._search_cache: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
+        #: Search's index lag (reference §3: "Indexing lags a few seconds"); 0 by default so other
+        #: tests see writes at once. A record written less than this long ago is not yet found.
+        self.search_lag_ms = 0.0
         self._tokens: dict[str, _Token] = {}
         self._refresh_tokens: dict[str, _Refresh] = {}
         self._codes: dict[str, tuple[str, str, list[str], float]] = {}  # code -> client, redirect, scopes, exp
@@ -1408,13 +1411,14 @@ class HubSpotEmulator(Emulator):
         query = str(body.get("query") or "")
         key = (o.name, json.dumps(groups, sort_keys=True), json.dumps(sorts[:1]), query)
         store = self._stores[o.name]
-        cached = self._search_cache.get((*key, store.version))
+        cached = None if self.search_lag_ms else self._search_cache.get((*key, store.version))
         if cached is None:
             try:
                 cached = self._run_search(o, groups, sorts, query)
             except _ItemError as e:
                 return self._item_error_response(e)
-            self._search_cache[(*key, store.version)] = cached
+            if not self.search_lag_ms:  # a lagging index changes with the clock, not only with writes
+                self._search_cache[(*key, store.version)] = cached
             while len(self._search_cache) > 16:
                 self._search_cache.popitem(last=False)
         else:
@@ -1431,11 +1435,17 @@ class HubSpotEmulator(Emulator):
 
     def _run_search(self, o: ObjectType, groups: list[Any], sorts: list[Any], query: str) -> list[int]:
         store = self._stores[o.name]
+        by_id = self._id_range_only(store, groups, sorts, query)
+        if by_id is not None:
+            return by_id
         predicates = [[self._compile_filter(o, f) for f in (g or {}).get("filters") or []] for g in groups]
         text = query.lower().split()
         matched: list[_Record] = []
-        for rid in store.active:
+        indexed_before = self._now_ms() - self.search_lag_ms
+        for rid in self._id_candidates(store, groups):
             rec = store.records[rid]
+            if self.search_lag_ms and rec.updated > indexed_before:
+                continue  # not indexed yet (its older version is not kept: missing, not stale)
             if predicates and not any(all(p(rec) for p in group) for group in predicates):
                 continue
             if text and not self._text_match(o, rec, text):
@@ -1453,6 +1463,51 @@ class HubSpotEmulator(Emulator):
             have.sort(key=lambda p: p[0], reverse=descending)
             return [rid for _, rid in have] + [rid for v, rid in present if v is None]
         return [r.id for r in matched]
+
+    def _id_range_only(self, store: _Store, groups: list[Any], sorts: list[Any], query: str) -> list[int] | None:
+        """A search bounded on nothing but ``hs_object_id`` and sorted by it: the sorted id index itself.
+
+        The same answer the scan gives, without touching each record (a real search is indexed).
+        """
+        if query or self.search_lag_ms or len(groups) > 1:
+            return None
+        filters = ((groups[0] or {}).get("filters") or []) if groups else []
+        for f in filters:
+            if not (
+                isinstance(f, dict)
+                and f.get("propertyName") == "hs_object_id"
+                and f.get("operator") in ("GT", "GTE", "LT", "LTE")
+                and re.fullmatch(r"-?\d+", str(f.get("value")))
+            ):
+                return None
+        name, descending = _parse_sort(sorts[0]) if sorts else ("hs_object_id", False)
+        if name != "hs_object_id":
+            return None
+        ids = self._id_candidates(store, groups)
+        return ids[::-1] if descending else list(ids)
+
+    @staticmethod
+    def _id_candidates(store: _Store, groups: list[Any]) -> list[int]:
+        """The active ids a one-group search bounded on ``hs_object_id`` can match (as an index would).
+
+        Only narrows: every candidate still goes through the filters, so the answer is unchanged.
+        """
+        if len(groups) != 1:
+            return store.active
+        lo, hi = 0, len(store.active)
+        for f in (groups[0] or {}).get("filters") or []:
+            if not isinstance(f, dict) or f.get("propertyName") != "hs_object_id":
+                continue
+            try:
+                value = int(str(f.get("value")))
+            except ValueError:
+                continue
+            op = f.get("operator")
+            if op in ("GT", "GTE"):
+                lo = max(lo, bisect.bisect_left(store.active, value + (op == "GT")))
+            elif op in ("LT", "LTE"):
+                hi = min(hi, bisect.bisect_right(store.active, value - (op == "LT")))
+        return store.active if (lo, hi) == (0, len(store.active)) else store.active[lo:hi]
 
     def _text_match(self, o: ObjectType, rec: _Record, words: list[str]) -> bool:
         hay = " ".join(rec.props.get(p, "") for p in o.text_props).lower()
