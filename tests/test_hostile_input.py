@@ -285,10 +285,10 @@ def _run_measured(args: list[str], env: dict[str, str]) -> tuple[int, str, float
 def test_a_yaml_alias_bomb_in_config_fails_fast_with_file_and_line(home: Path) -> None:
     config = home / "config.yaml"
     config.write_text(alias_bomb("default_region: US"))
-    started = time.monotonic()
+    started = time.process_time()  # CPU, not wall time: an expanded bomb burns CPU, a loaded box only waits
     with pytest.raises(ConfigError) as exc:
         load_config(config)
-    assert time.monotonic() - started < 2
+    assert time.process_time() - started < 2
     assert str(exc.value).startswith(f"{config}:") and "YAML aliases expand" in str(exc.value)
     code, err, cpu, rss = _run_measured(["status"], cli_env(home))
     assert code == 3, err
@@ -301,10 +301,10 @@ def test_a_yaml_alias_bomb_in_a_mapping_file_fails_fast_with_file_and_line(home:
     mapping = home / "mappings" / "hs.yaml"
     mapping.parent.mkdir()
     mapping.write_text(alias_bomb("version: 1"))
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(MappingError) as exc:
         Mapping.load("hubspot", mapping)
-    assert time.monotonic() - started < 2
+    assert time.process_time() - started < 2
     assert str(exc.value).startswith(f"{mapping}:") and "YAML aliases expand" in str(exc.value)
     app = App()
     app.store.connections.save(CrmConnection(name="hs", provider="hubspot", base_url="http://unused"))
