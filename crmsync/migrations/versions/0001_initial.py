@@ -124,9 +124,7 @@ def upgrade() -> None:
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(
-        "ix_change_record", "crm_record_change", ["connection", "object", "remote_id"], unique=False
-    )
+    op.create_index("ix_change_record", "crm_record_change", ["connection", "object", "remote_id"], unique=False)
     op.create_index(op.f("ix_crm_record_change_at"), "crm_record_change", ["at"], unique=False)
     op.create_index(op.f("ix_crm_record_change_run_id"), "crm_record_change", ["run_id"], unique=False)
     op.create_table(
