@@ -60,6 +60,7 @@ def _contacts_pulled_once(emulator: HubSpotEmulator, server: Any, home: Path, *,
     return app
 
 
+@pytest.mark.slow
 def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpotEmulator, server, home: Path) -> None:
     app = _contacts_pulled_once(emulator, server, home, search_rate_limit=1000)
 
@@ -121,6 +122,7 @@ def test_a_walk_past_the_cap_reads_each_record_once_even_with_ties_across_it(
     assert len(searches) == 53  # ceil(10,500 / 200): the new search holds exactly the rest
 
 
+@pytest.mark.slow
 def test_push_1000_outcomes_costs_at_most_40_requests_and_never_twice(
     emulator: HubSpotEmulator, server, home: Path, tmp_path: Path
 ) -> None:
@@ -470,6 +472,7 @@ def test_rate_limited_portal_is_paced_without_unrecovered_429s(home: Path) -> No
         server.stop()
 
 
+@pytest.mark.slow
 def test_lanes_share_no_record_and_run_together_without_duplicates(
     emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

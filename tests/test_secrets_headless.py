@@ -138,6 +138,7 @@ def test_connect_without_a_keyring_exits_3_and_spends_no_grant_code(
     assert run(["status"], env).code == 3  # and no connection was recorded
 
 
+@pytest.mark.slow
 def test_insecure_storage_connects_and_later_processes_find_the_secret(
     tmp_path: Path, zoho: tuple[ZohoEmulator, str]
 ) -> None:
@@ -198,6 +199,7 @@ def test_insecure_storage_connects_and_later_processes_find_the_secret(
                 assert value.encode() not in content, path
 
 
+@pytest.mark.slow
 def test_secret_in_the_environment_serves_connect_and_pull_with_nothing_stored(tmp_path: Path) -> None:
     emulator = HubSpotEmulator(seed=3, contacts=5)
     server = emulator.serve()
@@ -254,6 +256,7 @@ def test_connect_from_the_environment_never_spends_a_code_it_cannot_keep(
     assert "access_token" in exchange(url, emu, code)
 
 
+@pytest.mark.slow
 def test_an_oauth_secret_in_the_environment_is_renewed_at_connect_not_reauthorised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoho: tuple[ZohoEmulator, str]
 ) -> None:

@@ -221,6 +221,7 @@ def test_check_unreachable_exits_1(home: Path) -> None:
 TOKEN = "pat-na1-7a7a7a7a-1b1b-4c2c-8d3d-9e9e9e9e9e9e"
 
 
+@pytest.mark.slow
 def test_metrics_file_after_pull_and_push_and_no_secret_anywhere(home: Path, tmp_path: Path) -> None:
     emulator = HubSpotEmulator(seed=4, contacts=40, companies=10, deals=5, private_app_token=TOKEN)
     server = emulator.serve()
