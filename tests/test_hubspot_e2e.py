@@ -637,6 +637,7 @@ def test_the_look_back_re_reads_only_what_the_last_search_could_have_missed(
     assert read() == 2  # both again: written within the look-back of that run's start
 
 
+@pytest.mark.slow
 def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_applied(
     emulator: HubSpotEmulator, server, home: Path
 ) -> None:

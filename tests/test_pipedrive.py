@@ -146,6 +146,7 @@ def test_lost_replies_never_duplicate_a_record_or_a_call(home: Path, tmp_path: P
     assert len(emulator.records("organizations")) == 7 and len(emulator.records("deals")) == 30
 
 
+@pytest.mark.slow
 def test_pull_stores_edits_creates_and_deletions_once_over_two_runs(home: Path) -> None:
     write_config(home, "pd", lookback_seconds=0)
     emulator = PipedriveEmulator(plan="growth")

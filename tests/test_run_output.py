@@ -82,6 +82,7 @@ def test_a_push_with_three_bad_csv_rows_says_why_on_stderr(hubspot: Any, tmp_pat
     assert len(emulator.records("calls")) == 2
 
 
+@pytest.mark.slow
 def test_past_the_first_five_rejects_the_rest_are_counted_and_rejects_file_named(hubspot: Any, tmp_path: Path) -> None:
     _, env = hubspot
     src = tmp_path / "calls.csv"

@@ -367,6 +367,7 @@ def test_a_spent_daily_allocation_stops_the_run_with_exit_75(home: Path, tmp_pat
 
 
 # -- pull -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pull_stores_edits_creates_and_deletions_exactly_once(home: Path) -> None:
     write_config(home, "sf", lookback_seconds=0, overlap_seconds=0)
     emulator = build_salesforce(contacts=30, companies=3, deals=4)

@@ -225,6 +225,7 @@ def test_secret_in_the_environment_serves_connect_and_pull_with_nothing_stored(t
         server.stop()
 
 
+@pytest.mark.slow
 def test_refreshed_tokens_from_the_environment_last_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoho: tuple[ZohoEmulator, str]
 ) -> None:
@@ -290,6 +291,7 @@ def test_an_oauth_secret_in_the_environment_is_renewed_at_connect_not_reauthoris
         server.stop()
 
 
+@pytest.mark.slow
 def test_demo_runs_in_an_empty_home_without_a_keyring_daemon(tmp_path: Path) -> None:
     env = headless_env(tmp_path)
     result = run(["demo", "--contacts", "20"], env, timeout=300)
@@ -522,6 +524,7 @@ def test_a_data_directory_that_cannot_be_created_is_one_line_exit_3(tmp_path: Pa
     assert str(blocker / "data") in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_two_runs_refreshing_a_file_secret_at_once_refresh_it_once(
     tmp_path: Path, zoho: tuple[ZohoEmulator, str]
 ) -> None:

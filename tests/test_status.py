@@ -190,6 +190,7 @@ def test_check_invalid_credentials_exit_3(home: Path) -> None:
     assert result.code == 3 and "credentials invalid" in result.stdout
 
 
+@pytest.mark.slow
 def test_check_healthy_exits_0_and_live_calls_the_provider(home: Path) -> None:
     emulator = HubSpotEmulator(seed=2, contacts=5)
     server = emulator.serve()
@@ -295,6 +296,7 @@ def test_metrics_file_after_pull_and_push_and_no_secret_anywhere(home: Path, tmp
         server.stop()
 
 
+@pytest.mark.slow
 def test_log_lists_runs_and_record_changes(home: Path) -> None:
     emulator = HubSpotEmulator(seed=6, contacts=5)
     server = emulator.serve()
