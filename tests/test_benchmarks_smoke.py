@@ -6,10 +6,13 @@ the naive baseline and the report keep working as the code under them changes.
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import scenarios
 from benchmarks.harness import render
 
 
+@pytest.mark.slow
 def test_push_scenario_at_toy_size_reports_every_figure() -> None:
     opts = scenarios.Options(quick=True, latency=0.0, error_rate=0.0, toy=12)
     [result] = scenarios.push(scenarios.pick_providers("hubspot"), opts, lambda _message: None)

@@ -137,6 +137,7 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path, monkeypatch: pytest.
     )
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_in_an_empty_home(tmp_path: Path) -> None:
     home = tmp_path / "empty-home"
     home.mkdir()
@@ -228,6 +229,7 @@ def shell_env(home: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("provider", ["hubspot", "zoho", "odoo", "pipedrive"])
+@pytest.mark.slow
 def test_sandbox_serve_prints_a_connect_line_that_works_when_pasted(home: Path, provider: str) -> None:
     env = shell_env(home)
     server = subprocess.Popen(
@@ -257,6 +259,7 @@ def test_sandbox_serve_prints_a_connect_line_that_works_when_pasted(home: Path, 
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_schedule_prints_lines_that_run_from_crons_empty_environment(home: Path) -> None:
     from crmsync.store import CrmConnection
 

@@ -731,6 +731,7 @@ def test_seeding_is_deterministic_and_realistic() -> None:
         assert len(one.associations("deals", deal["id"], "companies")) == 1
 
 
+@pytest.mark.slow
 def test_bulk_create_25000_then_walk_them_with_search(hub: Hub) -> None:
     stamp = 1_750_000_000.0
     started = time.perf_counter()
@@ -889,6 +890,7 @@ def test_seed_phones_stay_unique_past_a_hundred_thousand() -> None:
     assert all(len(p.replace(" ", "")) == 13 and p.startswith("+1 ") for p in phones[::997])
 
 
+@pytest.mark.slow
 def test_sandbox_serves_more_contacts_than_the_old_phone_pool(tmp_path: Path) -> None:
     """`sandbox serve hubspot --contacts 100500` once never printed its URL (the seeder looped for ever)."""
     import os

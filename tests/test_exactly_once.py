@@ -300,6 +300,7 @@ def _remove_store(home: Path) -> None:
 
 # -- 1. the CRM, not the store, says what was logged ------------------------------------------------
 @pytest.mark.parametrize("which", [*CRMS, *WITH_FIELD])
+@pytest.mark.slow
 def test_a_push_from_a_new_store_logs_nothing_twice(which: str, home: Path, tmp_path: Path) -> None:
     crm = CRMS.get(which) or WITH_FIELD[which]
     emu = crm.make(None)
@@ -340,6 +341,7 @@ def _push_in_process(crm: Crm, emu: Emulator, src: Path, home: Path) -> Any:
 
 @pytest.mark.parametrize("status", [0, 502], ids=["dropped", "502-after-write"])
 @pytest.mark.parametrize("which", list(CRMS))
+@pytest.mark.slow
 def test_lost_answers_at_every_kind_of_write_end_in_one_run_exactly_once(
     which: str, status: int, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -112,6 +112,7 @@ def connected(home: Path) -> Iterator[tuple[HubSpotEmulator, dict[str, str]]]:
         server.stop()
 
 
+@pytest.mark.slow
 def test_status_push_pull_and_map_with_options_after_the_subcommand(
     connected: tuple[HubSpotEmulator, dict[str, str]], home: Path, tmp_path: Path
 ) -> None:

@@ -239,6 +239,7 @@ def test_cli_reads_semicolon_csv_as_excel_writes_it(
     assert [float(a) for a in amounts] == [1234.5]
 
 
+@pytest.mark.slow
 def test_cli_delimiter_option_reads_a_tab_file_whatever_its_name(
     served: tuple[HubSpotEmulator, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -61,6 +61,7 @@ def _contacts_pulled_once(emulator: HubSpotEmulator, server: Any, home: Path, *,
     return app
 
 
+@pytest.mark.slow
 def test_pull_past_the_10k_search_cap_stores_every_record_once(emulator: HubSpotEmulator, server, home: Path) -> None:
     app = _contacts_pulled_once(emulator, server, home, search_rate_limit=1000)
 
@@ -122,6 +123,7 @@ def test_a_walk_past_the_cap_reads_each_record_once_even_with_ties_across_it(
     assert len(searches) == 53  # ceil(10,500 / 200): the new search holds exactly the rest
 
 
+@pytest.mark.slow
 def test_push_1000_outcomes_costs_at_most_40_requests_and_never_twice(
     emulator: HubSpotEmulator, server, home: Path, tmp_path: Path
 ) -> None:
@@ -471,6 +473,7 @@ def test_rate_limited_portal_is_paced_without_unrecovered_429s(home: Path) -> No
         server.stop()
 
 
+@pytest.mark.slow
 def test_lanes_share_no_record_and_run_together_without_duplicates(
     emulator: HubSpotEmulator, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -635,6 +638,7 @@ def test_the_look_back_re_reads_only_what_the_last_search_could_have_missed(
     assert read() == 2  # both again: written within the look-back of that run's start
 
 
+@pytest.mark.slow
 def test_the_archived_list_is_read_while_the_search_walk_runs_and_archives_are_applied(
     emulator: HubSpotEmulator, server, home: Path
 ) -> None:

@@ -70,6 +70,7 @@ def test_secret_round_trip_through_gnome_keyring(tmp_path: Path) -> None:
     reason="needs gnome-keyring and dbus-run-session "
     "(apt-get install gnome-keyring dbus-daemon dbus-user-session; .ci/run installs them)",
 )
+@pytest.mark.slow
 def test_cli_connect_keeps_the_token_in_gnome_keyring_and_a_failed_connect_keeps_nothing(tmp_path: Path) -> None:
     from crmsync.emulators.hubspot import HubSpotEmulator
 

@@ -182,6 +182,7 @@ def test_push_without_the_owners_scope_exits_3_naming_it(tmp_path: Path, home: P
     assert len(errors) == 1 and "crm.objects.owners.read" in errors[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_strict_owners_reports_the_failure_and_exits_1(tmp_path: Path, home: Path) -> None:
     emu = HubSpotEmulator(seed=11)
     server = emu.serve()

@@ -74,6 +74,7 @@ def test_durations_round_trip_as_minutes() -> None:
     assert duration_seconds("01:20") == 4800 and duration_seconds("01:00:00") == 3600 and duration_seconds("x") is None
 
 
+@pytest.mark.slow
 def test_push_logs_each_call_once_with_its_person_and_a_re_push_writes_nothing(home: Path, tmp_path: Path) -> None:
     write_config(home, "pd", rate_limit=40)  # the Growth plan's burst, as a user on it configures
     emulator = PipedriveEmulator(plan="growth")
@@ -106,6 +107,7 @@ def test_push_logs_each_call_once_with_its_person_and_a_re_push_writes_nothing(h
     assert emulator.stats.writes == writes
 
 
+@pytest.mark.slow
 def test_a_new_store_finds_the_calls_already_logged_and_logs_none_again(home: Path, tmp_path: Path) -> None:
     write_config(home, "pd", rate_limit=40)
     emulator = PipedriveEmulator(plan="growth")
@@ -145,6 +147,7 @@ def test_lost_replies_never_duplicate_a_record_or_a_call(home: Path, tmp_path: P
     assert len(emulator.records("organizations")) == 7 and len(emulator.records("deals")) == 30
 
 
+@pytest.mark.slow
 def test_pull_stores_edits_creates_and_deletions_once_over_two_runs(home: Path) -> None:
     write_config(home, "pd", lookback_seconds=0)
     emulator = PipedriveEmulator(plan="growth")
@@ -192,6 +195,7 @@ def test_the_emulator_refuses_a_token_in_the_query_string(query: dict[str, str])
     assert client.get("/v1/users/me", params=params).status_code == 401
 
 
+@pytest.mark.slow
 def test_every_request_and_answer_of_a_push_and_pull_fits_the_official_specs(home: Path, tmp_path: Path) -> None:
     from tests.openapi_check import SpecCheck
 

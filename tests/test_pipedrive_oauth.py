@@ -158,6 +158,7 @@ def test_api_domain_is_taken_only_as_an_http_origin(value: object, https: bool, 
     assert api_domain(value, https=https) == expected
 
 
+@pytest.mark.slow
 def test_an_oauth_secret_in_the_environment_is_renewed_without_a_browser(home: Path) -> None:
     emulator = PipedriveEmulator(limits=False)
     server = emulator.serve()

@@ -38,11 +38,13 @@ def _push_with_spread_transit(home: Path, tmp_path: Path) -> PipedriveEmulator:
     return emulator
 
 
+@pytest.mark.slow
 def test_windows_counted_from_the_answers_meet_no_429(home: Path, tmp_path: Path) -> None:
     emulator = _push_with_spread_transit(home, tmp_path)
     assert emulator.stats.rate_limited == 0
 
 
+@pytest.mark.slow
 def test_windows_counted_from_the_turns_would_meet_429s(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

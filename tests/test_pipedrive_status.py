@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from crmsync.emulators.pipedrive import PipedriveEmulator
 from crmsync.metrics import Metrics
 from crmsync.providers.usage import ApiUsage, describe, latest, recorded
@@ -22,6 +24,7 @@ def _gauge(text: str, name: str, connection: str) -> float:
     return float(m.group(1))
 
 
+@pytest.mark.slow
 def test_status_and_metrics_show_the_budget_spent_and_the_last_reconcile(home: Path, tmp_path: Path) -> None:
     write_config(home, "pd", lookback_seconds=0, rate_limit=40, plan="growth", seats=3)
     emulator = PipedriveEmulator(plan="growth", seats=3)

@@ -188,6 +188,7 @@ def test_fields_come_from_fields_get(setup: tuple[OdooEmulator, App]) -> None:
     assert {"summary", "note", "date_deadline", "activity_type_xmlid", "crmsync_marker"} <= call_fields
 
 
+@pytest.mark.slow
 def test_pull_3000_same_second_plus_long_transaction_across_pulls(setup: tuple[OdooEmulator, App]) -> None:
     """The issue's check: nothing skipped, nothing stored twice, latest values win."""
     emu, app = setup
@@ -519,6 +520,7 @@ def test_marker_field_is_used_when_the_database_has_it(setup: tuple[OdooEmulator
 
 
 # -- the CLI end to end, on loopback ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_pull_and_push_against_a_loopback_odoo(home: Path, tmp_path: Path) -> None:
     emu = OdooEmulator(version=19, partners=40, companies=5, leads=10)
     with emu.serve() as server:
@@ -587,6 +589,7 @@ def test_pulled_calls_keep_notes_title_and_date_from_the_recorded_19_messages(
 
 
 @pytest.mark.parametrize(("transport", "version"), SETUPS)
+@pytest.mark.slow
 def test_a_missing_database_exits_3_with_one_clear_line(
     home: Path, tmp_path: Path, transport: str, version: int
 ) -> None:
@@ -605,6 +608,7 @@ def test_a_missing_database_exits_3_with_one_clear_line(
             assert "<" not in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_status_live_reflects_the_credentials_as_they_are_now(home: Path) -> None:
     emu = OdooEmulator(version=19)
     with emu.serve() as server:

@@ -667,6 +667,7 @@ def test_coql_text_helpers() -> None:
     assert zoho_time(datetime(2025, 6, 1, 10, 0, 0, 999, tzinfo=UTC)) == "2025-06-01T10:00:00+00:00"
 
 
+@pytest.mark.slow
 def test_cli_pull_and_push_end_to_end(home: Path, tmp_path: Path) -> None:
     emu = ZohoEmulator(contacts=12)
     with emu.serve() as server:

@@ -9,10 +9,11 @@ import contextlib
 import json
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +36,20 @@ def _run_and_kill(
     requests; None if it was killed, else its exit code. Timed by progress, not by the clock, so a slow or
     loaded machine still kills mid-work rather than before the first request."""
     start = emulator.stats.requests
+    return _run_and_kill_when(args, env, lambda: emulator.stats.requests - start >= after_requests, then=then)
+
+
+def _run_and_kill_when(
+    args: list[str], env: dict[str, str], progressed: Callable[[], bool], *, then: float
+) -> int | None:
+    """Start the CLI and SIGKILL it ``then`` seconds after ``progressed()`` turns true; None if it was
+    killed, else its exit code."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "crmsync", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 120
-        while emulator.stats.requests - start < after_requests and time.monotonic() < deadline:
+        while not progressed() and time.monotonic() < deadline:
             if proc.poll() is not None:
                 return proc.returncode
             time.sleep(0.005)
@@ -49,6 +58,16 @@ def _run_and_kill(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return None
+
+
+def _stored(db: Path, connection: str, obj: str) -> int:
+    """Mirror rows committed so far, read from a second connection while the CLI writes."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+            query = "select count(*) from crm_record where connection = ? and object = ?"
+            return int(conn.execute(query, (connection, obj)).fetchone()[0])
+    except sqlite3.OperationalError:  # busy for a moment, or not created yet
+        return 0
 
 
 @contextlib.contextmanager
@@ -159,12 +178,15 @@ def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp
         env = cli_env(home, "hs", emulator.private_app_token)
         rng = random.Random(7)
         kills = 0
+        db = home / "crmsync.db"
         for _ in range(10):
-            code = _run_and_kill(
+            # Killed once this run has committed 1-20 more pages (read from the store), so every kill
+            # lands after real work however slow the machine, then at a random instant within 0.2 s.
+            target = _stored(db, "hs", "contacts") + rng.randint(1, 20) * 100
+            code = _run_and_kill_when(
                 ["--quiet", "backfill", "-c", "hs", "--object", "contacts"],
                 env,
-                emulator,
-                after_requests=rng.randint(3, 25),
+                lambda: _stored(db, "hs", "contacts") >= target,  # noqa: B023 - called within this iteration
                 then=rng.uniform(0.0, 0.2),
             )
             kills += code is None

@@ -83,6 +83,7 @@ def test_a_push_with_three_bad_csv_rows_says_why_on_stderr(hubspot: Any, tmp_pat
     assert len(emulator.records("calls")) == 2
 
 
+@pytest.mark.slow
 def test_past_the_first_five_rejects_the_rest_are_counted_and_rejects_file_named(hubspot: Any, tmp_path: Path) -> None:
     _, env = hubspot
     src = tmp_path / "calls.csv"
@@ -97,6 +98,7 @@ def test_past_the_first_five_rejects_the_rest_are_counted_and_rejects_file_named
     assert len(kept.read_text().splitlines()) == 8
 
 
+@pytest.mark.slow
 def test_failed_deliveries_print_the_crms_reason_and_conflicts_point_at_update(
     hubspot: Any, home: Path, tmp_path: Path
 ) -> None:
@@ -128,6 +130,7 @@ def test_failed_deliveries_print_the_crms_reason_and_conflicts_point_at_update(
     )
 
 
+@pytest.mark.slow
 def test_a_backlog_from_an_earlier_run_is_reported_apart_from_this_inputs_counts(hubspot: Any, tmp_path: Path) -> None:
     emulator, env = hubspot
     first = tmp_path / "monday.jsonl"
@@ -150,6 +153,7 @@ def test_a_backlog_from_an_earlier_run_is_reported_apart_from_this_inputs_counts
     assert len(emulator.records("calls")) == 7
 
 
+@pytest.mark.slow
 def test_the_backlog_line_in_the_default_output(hubspot: Any, tmp_path: Path) -> None:
     emulator, env = hubspot
     first = tmp_path / "a.jsonl"
@@ -166,6 +170,7 @@ def test_the_backlog_line_in_the_default_output(hubspot: Any, tmp_path: Path) ->
 
 
 # -- dry run --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dry_run_shows_a_conflict_where_the_push_reports_one(hubspot: Any, tmp_path: Path) -> None:
     emulator, env = hubspot
     emulator.bulk_create("contacts", 1, properties_fn=lambda i: {"email": "ada@example.org", "firstname": "Augusta"})
@@ -319,6 +324,7 @@ def _locked_by_another_process(connection: str, env: dict[str, str]) -> Iterator
         holder.wait()
 
 
+@pytest.mark.slow
 def test_pull_pulls_every_free_connection_and_reports_the_busy_one(two_portals: Any, home: Path) -> None:
     _, _, env = two_portals
     with _locked_by_another_process("b", env):
@@ -336,6 +342,7 @@ def test_pull_pulls_every_free_connection_and_reports_the_busy_one(two_portals: 
     assert [r[:2] for r in _runs(home)] == [("pull", "ok"), ("pull", "ok")]  # a, twice; b never started
 
 
+@pytest.mark.slow
 def test_a_real_failure_elsewhere_wins_over_the_busy_connections_75(two_portals: Any, home: Path) -> None:
     _, _, env = two_portals
     env = {**env, "CRMSYNC_SECRET_A": "pat-na1-00000000-0000-0000-0000-000000000000"}  # a token the CRM refuses
@@ -347,6 +354,7 @@ def test_a_real_failure_elsewhere_wins_over_the_busy_connections_75(two_portals:
     assert both.code == 75 and both.stderr.startswith("crmsync: error: every connection is busy")
 
 
+@pytest.mark.slow
 def test_status_check_is_unhealthy_after_a_failed_push(hubspot: Any, home: Path, tmp_path: Path) -> None:
     emulator, env = hubspot
     emulator.seed(contacts=2)
@@ -366,6 +374,7 @@ def test_status_check_is_unhealthy_after_a_failed_push(hubspot: Any, home: Path,
     assert run_cli(["status", "--check"], env).code == 0
 
 
+@pytest.mark.slow
 def test_status_check_is_unhealthy_after_a_failed_pull(hubspot: Any) -> None:
     emulator, env = hubspot
     assert run_cli(["--quiet", "pull"], env).code == 0

@@ -272,6 +272,7 @@ def test_a_new_store_creates_no_second_task(home: Path, tmp_path: Path) -> None:
     assert pulled.outcome == "ok" and {o.object: o.read for o in pulled.objects} == {"calls": 60, "tasks": 12}
 
 
+@pytest.mark.slow
 def test_lost_replies_and_locked_rows_never_duplicate_a_record_or_a_call(home: Path, tmp_path: Path) -> None:
     lose = {"n": 0}
 
@@ -367,6 +368,7 @@ def test_a_spent_daily_allocation_stops_the_run_with_exit_75(home: Path, tmp_pat
 
 
 # -- pull -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pull_stores_edits_creates_and_deletions_exactly_once(home: Path) -> None:
     write_config(home, "sf", lookback_seconds=0, overlap_seconds=0)
     emulator = build_salesforce(contacts=30, companies=3, deals=4)
@@ -429,6 +431,7 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
 
 
 # -- CLI ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_sandbox_connect_line_works_as_pasted(home: Path) -> None:
     import shlex
 
@@ -672,6 +675,7 @@ def test_map_check_reads_describe_and_the_default_mapping_fits(home: Path) -> No
     assert provider.http.concurrency == 25  # Salesforce's long-running request limit
 
 
+@pytest.mark.slow
 def test_the_cli_pulls_and_says_in_one_line_that_salesforce_has_no_webhooks(home: Path) -> None:
     emulator = build_salesforce(contacts=20, companies=2, deals=2)
     server = emulator.serve()

@@ -102,6 +102,7 @@ def test_describe_deleted_updated_and_limits(org: tuple[SalesforceEmulator, Any]
     assert sf.limits()["DailyApiRequests"]["Max"] == 100_000
 
 
+@pytest.mark.slow
 def test_bulk2_query_and_composite_with_references(org: tuple[SalesforceEmulator, Any]) -> None:
     emulator, sf = org
     emulator.bulk_create("Account", 1_200, lambda i: {"Name": f"Co {i}"})

@@ -403,6 +403,7 @@ def test_redis_bucket_is_one_bucket_for_every_process(redis_url: str) -> None:
 
 
 @pytest.mark.scaleout
+@pytest.mark.slow
 def test_three_processes_share_one_portal_limit(
     pg: str, redis_url: str, server: tuple[HubSpotEmulator, Any], home: Path, tmp_path: Path
 ) -> None:
@@ -439,6 +440,7 @@ def test_three_processes_share_one_portal_limit(
 
 # -- workers end to end ----------------------------------------------------------------------------
 @pytest.mark.scaleout
+@pytest.mark.slow
 def test_two_dramatiq_workers_push_2000_outcomes_exactly_once_within_the_rate_limit(
     pg: str, redis_url: str, server: tuple[HubSpotEmulator, Any], home: Path, tmp_path: Path
 ) -> None:
@@ -541,6 +543,7 @@ def _slow_push_queued(
 
 
 @pytest.mark.scaleout
+@pytest.mark.slow
 def test_a_killed_push_worker_hands_its_claims_over_at_once(
     pg: str, redis_url: str, server: tuple[HubSpotEmulator, Any], home: Path, tmp_path: Path
 ) -> None:
@@ -573,6 +576,7 @@ def test_a_killed_push_worker_hands_its_claims_over_at_once(
 
 
 @pytest.mark.scaleout
+@pytest.mark.slow
 def test_two_pull_workers_on_one_connection_take_turns(
     pg: str, redis_url: str, server: tuple[HubSpotEmulator, Any], home: Path
 ) -> None:
@@ -641,6 +645,7 @@ def test_apply_page_creates_updates_and_archives_on_postgresql(pg: str) -> None:
 
 
 @pytest.mark.scaleout
+@pytest.mark.slow
 def test_a_job_whose_worker_is_killed_completes_on_the_other_worker_within_a_minute(
     pg: str, redis_url: str, server: tuple[HubSpotEmulator, Any], home: Path, tmp_path: Path
 ) -> None:

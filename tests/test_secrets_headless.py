@@ -138,6 +138,7 @@ def test_connect_without_a_keyring_exits_3_and_spends_no_grant_code(
     assert run(["status"], env).code == 3  # and no connection was recorded
 
 
+@pytest.mark.slow
 def test_insecure_storage_connects_and_later_processes_find_the_secret(
     tmp_path: Path, zoho: tuple[ZohoEmulator, str]
 ) -> None:
@@ -198,6 +199,7 @@ def test_insecure_storage_connects_and_later_processes_find_the_secret(
                 assert value.encode() not in content, path
 
 
+@pytest.mark.slow
 def test_secret_in_the_environment_serves_connect_and_pull_with_nothing_stored(tmp_path: Path) -> None:
     emulator = HubSpotEmulator(seed=3, contacts=5)
     server = emulator.serve()
@@ -223,6 +225,7 @@ def test_secret_in_the_environment_serves_connect_and_pull_with_nothing_stored(t
         server.stop()
 
 
+@pytest.mark.slow
 def test_refreshed_tokens_from_the_environment_last_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoho: tuple[ZohoEmulator, str]
 ) -> None:
@@ -254,6 +257,7 @@ def test_connect_from_the_environment_never_spends_a_code_it_cannot_keep(
     assert "access_token" in exchange(url, emu, code)
 
 
+@pytest.mark.slow
 def test_an_oauth_secret_in_the_environment_is_renewed_at_connect_not_reauthorised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zoho: tuple[ZohoEmulator, str]
 ) -> None:
@@ -287,6 +291,7 @@ def test_an_oauth_secret_in_the_environment_is_renewed_at_connect_not_reauthoris
         server.stop()
 
 
+@pytest.mark.slow
 def test_demo_runs_in_an_empty_home_without_a_keyring_daemon(tmp_path: Path) -> None:
     env = headless_env(tmp_path)
     result = run(["demo", "--contacts", "20"], env, timeout=300)
@@ -519,6 +524,7 @@ def test_a_data_directory_that_cannot_be_created_is_one_line_exit_3(tmp_path: Pa
     assert str(blocker / "data") in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_two_runs_refreshing_a_file_secret_at_once_refresh_it_once(
     tmp_path: Path, zoho: tuple[ZohoEmulator, str]
 ) -> None:

@@ -190,6 +190,7 @@ def test_check_invalid_credentials_exit_3(home: Path) -> None:
     assert result.code == 3 and "credentials invalid" in result.stdout
 
 
+@pytest.mark.slow
 def test_check_healthy_exits_0_and_live_calls_the_provider(home: Path) -> None:
     emulator = HubSpotEmulator(seed=2, contacts=5)
     server = emulator.serve()
@@ -221,6 +222,7 @@ def test_check_unreachable_exits_1(home: Path) -> None:
 TOKEN = "pat-na1-7a7a7a7a-1b1b-4c2c-8d3d-9e9e9e9e9e9e"
 
 
+@pytest.mark.slow
 def test_metrics_file_after_pull_and_push_and_no_secret_anywhere(home: Path, tmp_path: Path) -> None:
     emulator = HubSpotEmulator(seed=4, contacts=40, companies=10, deals=5, private_app_token=TOKEN)
     server = emulator.serve()
@@ -294,6 +296,7 @@ def test_metrics_file_after_pull_and_push_and_no_secret_anywhere(home: Path, tmp
         server.stop()
 
 
+@pytest.mark.slow
 def test_log_lists_runs_and_record_changes(home: Path) -> None:
     emulator = HubSpotEmulator(seed=6, contacts=5)
     server = emulator.serve()

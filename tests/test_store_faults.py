@@ -102,6 +102,7 @@ LOCKER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("mode", ["writer", "whole-file"])
+@pytest.mark.slow
 def test_a_locked_store_exits_75_store_busy_within_the_lock_timeout(
     crm: tuple[HubSpotEmulator, Any], tmp_path: Path, mode: str
 ) -> None:
@@ -150,6 +151,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.slow
 def test_a_read_only_store_exits_3_naming_the_path(
     crm: tuple[HubSpotEmulator, Any], tmpfs: Path, tmp_path: Path
 ) -> None:
@@ -179,6 +181,7 @@ def test_a_read_only_directory_exits_3_naming_the_path(crm: tuple[HubSpotEmulato
         subprocess.run(["chattr", "-i", str(tmpfs / "data")], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_exits_75_with_the_path_and_free_space(
     crm: tuple[HubSpotEmulator, Any], tmpfs: Path, tmp_path: Path
 ) -> None:
@@ -239,6 +242,7 @@ def queued(crm: tuple[HubSpotEmulator, Any], db: Path, src: Path) -> dict[str, s
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.slow
 def test_a_corrupt_store_exits_3_saving_the_queue_and_saying_how_to_rebuild(
     crm: tuple[HubSpotEmulator, Any], tmp_path: Path, damage: str
 ) -> None:

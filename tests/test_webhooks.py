@@ -858,6 +858,7 @@ def _slow_socket(url: str, first: bytes = b"POST /hooks/hubspot/hs HTTP/1.1\r\n"
     return sock
 
 
+@pytest.mark.slow
 def test_200_slow_connections_stay_within_the_thread_cap_and_healthz_still_answers(app: App) -> None:
     # The deadline outlasts opening 200 connections even on a loaded machine, so the pool stays full.
     r = WebhookReceiver(app, host="127.0.0.1", port=0, request_deadline=6).start()

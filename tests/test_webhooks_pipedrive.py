@@ -174,6 +174,7 @@ def test_basic_credentials_and_payloads() -> None:
     assert len(made[PASSWORD_KEY]) >= 32
 
 
+@pytest.mark.slow
 def test_commands_without_the_capability_say_so(tmp_path: Path) -> None:
     db = str(tmp_path / "odoo.db")
     app = App(db=db)
