@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 #: Every provider crmsync ships. A new CRM is one file plus one line here.
 REGISTRY: dict[str, str] = {
-    "hubspot": "crmsync.providers.hubspot:HubSpotProvider",
+    "hubspot": "crmsync.providers.hubspot.provider:HubSpotProvider",
     "zoho": "crmsync.providers.zoho.provider:ZohoProvider",
     "odoo": "crmsync.providers.odoo.provider:OdooProvider",
     "pipedrive": "crmsync.providers.pipedrive:PipedriveProvider",
