@@ -262,6 +262,20 @@ def alias_bomb(top: str = "") -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
+#: Runs crmsync and, at exit, writes this process's own peak RSS (VmHWM, kB) as the last stderr line.
+#: The child's rusage cannot say it: on Linux a process's ru_maxrss starts from its parent's RSS at
+#: fork and survives exec, and the parent here is a pytest that has grown over the whole suite.
+_MEASURED = (
+    "import atexit, re, runpy, sys\n"
+    "def peak():\n"
+    "    text = open('/proc/self/status').read()\n"
+    "    sys.stderr.write('\\nVmHWM ' + re.search(r'VmHWM:\\s+(\\d+)', text).group(1) + '\\n')\n"
+    "atexit.register(peak)\n"
+    "sys.argv = ['crmsync', *sys.argv[1:]]\n"
+    "runpy.run_module('crmsync', run_name='__main__')\n"
+)
+
+
 def _run_measured(args: list[str], env: dict[str, str]) -> tuple[int, str, float, int]:
     """(exit code, stderr, CPU seconds, peak RSS in MiB) of one crmsync subprocess, killed after a minute.
 
@@ -269,18 +283,19 @@ def _run_measured(args: list[str], env: dict[str, str]) -> tuple[int, str, float
     """
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "crmsync", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
+            [sys.executable, "-c", _MEASURED, *args], env=env, stdout=subprocess.DEVNULL, stderr=err
         )
         killer = threading.Timer(60, proc.kill)
         killer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU, not every child's
         finally:
             killer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
+        text, _, peak = err.read().decode().rstrip("\n").rpartition("\nVmHWM ")
         cpu = usage.ru_utime + usage.ru_stime
-        return proc.returncode, err.read().decode(), cpu, usage.ru_maxrss // 1024
+        return proc.returncode, text, cpu, int(peak) // 1024
 
 
 def test_a_yaml_alias_bomb_in_config_fails_fast_with_file_and_line(home: Path) -> None:

@@ -173,14 +173,14 @@ def test_hubspot_backfill_reads_list_and_search_ranges_each_record_once(home: Pa
         write_config(home, "hs", rate_limit=100000, search_rate_limit=1000)
         app = hubspot_app(server.url, emulator.private_app_token)
         done = backfill(app, connection="hs", objects=["contacts"])
-        assert done.exit_code == 0 and done.objects[0].read == 12_345
-        rows = app.store.records("hs", "contacts")
+        assert done.outcome == "ok" and done.objects[0].read == 12_345
+        rows = app.store.mirror.records("hs", "contacts")
         assert len(rows) == len({r.remote_id for r in rows}) == 12_345
         assert _search_calls(emulator) > 2  # the ranges really went through search ...
         assert _list_calls(emulator) > 1  # ... beside the list walk
-        cursor = app.store.cursor("hs", "contacts")
+        cursor = app.store.mirror.cursor("hs", "contacts")
         assert cursor is not None and cursor["mode"] == "search" and cursor["ts"] <= time.time() * 1000
-        assert app.store.cursor("hs", "contacts", "backfill") is None
+        assert app.store.mirror.cursor("hs", "contacts", "backfill") is None
         app.close()
     finally:
         server.stop()
@@ -231,7 +231,7 @@ def test_hubspot_partitioned_backfill_killed_then_resumed_stores_every_record_on
         for after in (12, 20, 30):
             code = _run_and_kill(args, env, emulator, after_requests=after, then=0.05)
             app = App(env={"CRMSYNC_HOME": str(home)})
-            checkpoint = app.store.cursor("hs", "contacts", "backfill")
+            checkpoint = app.store.mirror.cursor("hs", "contacts", "backfill")
             app.close()
             if code is None and checkpoint and checkpoint.get("mode") == "partitioned":
                 killed_mid_partition += 1
@@ -240,9 +240,9 @@ def test_hubspot_partitioned_backfill_killed_then_resumed_stores_every_record_on
         assert last.code == 0, last.stderr
         assert last.json()["objects"]["contacts"]["read"] < 8_000  # each range went on from its checkpoint
         app = App(env={"CRMSYNC_HOME": str(home)})
-        rows = app.store.records("hs", "contacts")
+        rows = app.store.mirror.records("hs", "contacts")
         assert len(rows) == len({r.remote_id for r in rows}) == 8_000
-        assert app.store.cursor("hs", "contacts", "backfill") is None
+        assert app.store.mirror.cursor("hs", "contacts", "backfill") is None
         app.close()
         nxt = run_cli(["--json", "pull", "-c", "hs", "--object", "contacts"], env)
         assert nxt.code == 0, nxt.stderr
@@ -264,13 +264,13 @@ def test_hubspot_records_the_search_index_had_not_caught_up_with_are_read_by_the
         write_config(home, "hs", rate_limit=100000, search_rate_limit=1000, lookback_seconds=5)
         app = hubspot_app(server.url, emulator.private_app_token)
         done = backfill(app, connection="hs", objects=["contacts"])
-        assert done.exit_code == 0
-        stored = {r.remote_id for r in app.store.records("hs", "contacts")}
+        assert done.outcome == "ok"
+        stored = {r.remote_id for r in app.store.mirror.records("hs", "contacts")}
         assert not set(fresh) <= stored  # the search ranges could not see them (so this test can fail)
         time.sleep(3.1)
         result = pull(app, connections=["hs"], objects=["contacts"])[0]
-        assert result.exit_code == 0
-        rows = app.store.records("hs", "contacts")
+        assert result.outcome == "ok"
+        rows = app.store.mirror.records("hs", "contacts")
         assert len(rows) == len({r.remote_id for r in rows}) == 4_300
         app.close()
     finally:
