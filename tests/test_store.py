@@ -171,10 +171,10 @@ def test_run_lock_exits_tempfail_naming_the_holder(tmp_path: Path) -> None:
     )
 )
 def test_record_keys_of_contacts_are_contact_key_spelled_out(props: dict[str, str]) -> None:
-    """pull.record_keys inlines contact_key()/match_key() for speed; the keys must not drift."""
+    """records.record_keys inlines contact_key()/match_key() for speed; the keys must not drift."""
     from crmsync.model import contact_key
     from crmsync.providers.base import match_key
-    from crmsync.sync.pull import record_keys
+    from crmsync.sync.records import record_keys
 
     primary = contact_key(props)
     phone = contact_key({"phone": props["phone"]}) if props.get("phone") else None

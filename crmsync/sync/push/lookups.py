@@ -11,8 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from crmsync.sync.pull import to_canonical
 from crmsync.sync.push.items import Item, item_key
+from crmsync.sync.records import to_canonical
 
 if TYPE_CHECKING:
     from crmsync.app import App

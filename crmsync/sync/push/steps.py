@@ -17,10 +17,10 @@ from crmsync.providers.base import ItemResult, Outgoing
 from crmsync.store import Canonical, CrmConflict, retry_on_conflict
 from crmsync.store.outbox import Outbox
 from crmsync.sync.conflicts import Conflict, Rules, resolve
-from crmsync.sync.pull import record_keys
 from crmsync.sync.push.items import Item
 from crmsync.sync.push.lookups import InCrm, batches, blind_keys, group_by_key, lookup
 from crmsync.sync.push.receipts import PushSummary
+from crmsync.sync.records import record_keys
 
 if TYPE_CHECKING:
     from crmsync.app import App
