@@ -268,6 +268,7 @@ def test_a_table_without_change_tracking_is_polled_by_modifiedon(home: Path) -> 
     assert second.objects[0].updated == 1 and second.objects[0].created == 0
 
 
+@pytest.mark.slow
 def test_a_429_burst_is_waited_out_exactly_as_retry_after_says(home: Path, tmp_path: Path) -> None:
     emulator = DynamicsEmulator()
     app = _app(emulator)
@@ -474,6 +475,7 @@ def test_a_persons_tokens_given_in_the_environment_are_renewed_not_re_authorised
     assert conn.settings["user_id"] == emulator.person and not emulator.codes  # no authorisation was started
 
 
+@pytest.mark.slow
 def test_the_cli_connects_with_the_secret_in_the_environment_and_refuses_a_wrong_one_in_one_line(home: Path) -> None:
     from tests.e2e import cli_env, run_cli
 
@@ -493,6 +495,7 @@ def test_the_cli_connects_with_the_secret_in_the_environment_and_refuses_a_wrong
         server.stop()
 
 
+@pytest.mark.slow
 def test_the_sandbox_connect_line_works_as_pasted(home: Path) -> None:
     from crmsync.cli.sandbox import make_sandbox
     from crmsync.emulators.sandbox import SandboxOptions

@@ -251,6 +251,7 @@ def test_hubspot_partitioned_backfill_killed_then_resumed_stores_every_record_on
         server.stop()
 
 
+@pytest.mark.slow
 def test_hubspot_records_the_search_index_had_not_caught_up_with_are_read_by_the_next_pull(home: Path) -> None:
     from crmsync.sync.pull import backfill, pull
     from tests.e2e import hubspot_app, write_config
