@@ -15,6 +15,7 @@ from crmsync.app import App
 from crmsync.cli.exits import for_push
 from crmsync.emulators.base import Faults
 from crmsync.emulators.pipedrive import PipedriveEmulator
+from crmsync.errors import RetriableError
 from crmsync.providers.pipedrive.records import duration_seconds, duration_text, marker_of
 from crmsync.sync.connect import connect
 from crmsync.sync.pull import pull
@@ -271,6 +272,32 @@ def test_a_push_that_cannot_fit_the_budget_stops_before_its_first_write(home: Pa
     summary = push(app, source=str(_outcomes(tmp_path / "o.jsonl", 10)), connection="pd")
     assert for_push(summary) == 75
     assert "may need up to" in (summary.error or "") and "may use 300" in (summary.error or "")
+    assert emulator.stats.writes == writes  # nothing was sent
+
+
+def test_the_budget_left_today_is_the_plans_less_what_crmsyncs_runs_spent(home: Path, tmp_path: Path) -> None:
+    """A push that fits the plan's share but not what is left after today's runs stops before writing."""
+    write_config(home, "pd", plan="lite", seats=1, budget_share=0.5)  # 15,000 tokens may be used
+    emulator = PipedriveEmulator(plan="lite", seats=1)
+    app = _app(emulator)
+    first = push(app, source=str(_outcomes(tmp_path / "a.jsonl", 10)), connection="pd")
+    assert for_push(first) == 0
+    spent = app.store.runs.recent("pd", limit=1)[0].counts["_api_usage"]["used"]
+    assert spent > 0
+    provider = app.provider(app.connection("pd"))
+    provider.check_budget({"calls": 10}, spent_today=0)  # fits the whole day's share
+    with pytest.raises(RetriableError, match=r"left today .* crmsync spent 29,990 today"):
+        provider.check_budget({"calls": 10}, spent_today=29_990)
+    writes = emulator.stats.writes
+    app.store.runs.finish(
+        app.store.runs.start("pd", "push", mapping_hash=None),
+        status="ok",
+        counts={"_api_usage": {"unit": "tokens", "window": "day", "scope": "run", "used": 29_900}},
+        stats={},
+        error=None,
+    )
+    summary = push(app, source=str(_outcomes(tmp_path / "b.jsonl", 10, prefix="b")), connection="pd")
+    assert for_push(summary) == 75 and "left today" in (summary.error or "")
     assert emulator.stats.writes == writes  # nothing was sent
 
 

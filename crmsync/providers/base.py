@@ -401,11 +401,13 @@ class Provider(ABC):
         not finished (Odoo: not yet marked done) is finished here.
         """
 
-    def check_budget(self, needs: Mapping[str, int]) -> None:
+    def check_budget(self, needs: Mapping[str, int], *, spent_today: int = 0) -> None:
         """Refuse a push that cannot fit in what the CRM allows today, before its first write.
 
         ``needs`` counts the records the push may write per object type (``calls`` is the number of
-        outcomes). The default has nothing to check: rate limits are waited out, not budgeted.
+        outcomes). ``spent_today`` is what this connection's runs recorded today in the unit of
+        ``api_usage()``, for a CRM that states no remaining figure of its own. The default has
+        nothing to check: rate limits are waited out, not budgeted.
 
         Raises:
             RetriableError: the push would spend more than its configured share of the day's budget.

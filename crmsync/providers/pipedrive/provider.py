@@ -621,20 +621,25 @@ class PipedriveProvider(Provider):
             made.append(self._req("POST", "/v1/webhooks", "v1", json=body).get("data") or {})
         return made
 
-    def check_budget(self, needs: Mapping[str, int]) -> None:
-        """Refuse a push whose token cost could pass ``budget_share`` of the company's daily budget.
+    def check_budget(self, needs: Mapping[str, int], *, spent_today: int = 0) -> None:
+        """Refuse a push whose token cost could pass ``budget_share`` of what is left of the company's
+        daily budget.
 
-        Pipedrive states no remaining budget, so the cost is an upper bound (every person, company
-        and deal searched and written) against the share of the budget the plan and seats give.
+        Pipedrive states no remaining budget, so what is left is the plan's budget less the tokens
+        crmsync's own runs spent today (``spent_today``), and the cost is an upper bound (every
+        person, company and deal searched and written).
         """
         tokens = budget_mod.push_tokens(needs)
-        allowed = int(self.budget.daily * self.budget.share)
+        left = max(0, self.budget.daily - spent_today)
+        allowed = int(left * self.budget.share)
         if tokens > allowed:
             raise RetriableError(
                 f"this push may need up to {tokens:,} Pipedrive tokens and may use {allowed:,} "
-                f"({self.budget.share:.0%} of the {self.budget.daily:,} a day of the {self.budget.plan} plan "
-                f"with {self.budget.seats} seat(s)); nothing was sent",
-                hint="push fewer outcomes at once, or raise budget_share (or plan/seats) in config.yaml",
+                f"({self.budget.share:.0%} of the {left:,} left today of the {self.budget.daily:,} a day of the "
+                f"{self.budget.plan} plan with {self.budget.seats} seat(s); crmsync spent {spent_today:,} today); "
+                "nothing was sent",
+                hint="push fewer outcomes at once, wait for tomorrow's budget, or raise budget_share "
+                "(or plan/seats) in config.yaml",
             )
 
     # -- housekeeping ------------------------------------------------------------------------

@@ -634,8 +634,9 @@ class SalesforceProvider(Provider):
             detail=extra,
         )
 
-    def check_budget(self, needs: Mapping[str, int]) -> None:
-        """Refuse a push whose requests could pass ``budget_share`` of the allocation left today."""
+    def check_budget(self, needs: Mapping[str, int], *, spent_today: int = 0) -> None:
+        """Refuse a push whose requests could pass ``budget_share`` of the allocation left today
+        (Salesforce states what is left, so crmsync's own count is not needed)."""
         usage = self._usage()
         if not usage:
             self._json("GET", "/limits")  # any answer carries Sforce-Limit-Info

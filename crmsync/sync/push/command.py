@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from crmsync.errors import AuthError, InputError, RetriableError, UsageError
+from crmsync.model import utcnow
 from crmsync.providers import usage
 from crmsync.store.outbox import Outbox
 from crmsync.sync.inputs import read_outcomes
@@ -224,7 +225,10 @@ class _PushRun:
             self.outbox.reset_failed(conn.name)
         # The warm-up built the provider ahead of the run: its requests count from then.
         provider = r.use(self.warm.provider(), before=self.warm.before) if self.warm else r.use(app.provider(conn))
-        provider.check_budget(_needs(self.outbox.count_pending(conn.name), parsed))
+        spent = usage.latest(app.store.runs.recent(conn.name, limit=200), utcnow()) or {}
+        provider.check_budget(
+            _needs(self.outbox.count_pending(conn.name), parsed), spent_today=int(spent.get("used_today") or 0)
+        )
         deliver(
             app,
             conn,
