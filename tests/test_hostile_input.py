@@ -200,6 +200,7 @@ def _pushed(emulator: HubSpotEmulator) -> list[str]:
     return sorted(c["properties"]["crmsync_outcome_id"] for c in emulator.records("calls"))
 
 
+@pytest.mark.slow
 def test_cli_unclosed_quote_names_the_line_and_strict_queues_nothing(
     served: tuple[HubSpotEmulator, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -218,6 +219,7 @@ def test_cli_unclosed_quote_names_the_line_and_strict_queues_nothing(
     assert rejected["line"] == 3 and "unclosed quote" in rejected["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("excel", [True, False], ids=["bom-crlf", "plain"])
 def test_cli_reads_semicolon_csv_as_excel_writes_it(
     served: tuple[HubSpotEmulator, dict[str, str]], tmp_path: Path, excel: bool

@@ -158,6 +158,7 @@ def test_401_that_refresh_does_not_fix_fails_cleanly() -> None:
     assert auth.refreshes == 1 and len(seen) == 2
 
 
+@pytest.mark.slow
 def test_token_bucket_never_exceeds_the_window() -> None:
     bucket = RateLimit(20, 1.0).bucket()
     stamps = []

@@ -414,6 +414,7 @@ def test_reconcile_marks_vanished_records_and_re_reads_links(emulator: HubSpotEm
     assert result.objects[0].associations_fixed >= 1
 
 
+@pytest.mark.slow
 def test_oauth_without_a_browser_takes_the_pasted_redirect(home: Path) -> None:
     emulator = HubSpotEmulator(seed=1, contacts=3)
     server = emulator.serve()

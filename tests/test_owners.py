@@ -166,6 +166,7 @@ def test_hubspot_owners_are_read_in_pages_once_per_run(tmp_path: Path) -> None:
     assert len([p for _, p, _ in emu.stats.log if p.startswith("/crm/v3/owners")]) == 2
 
 
+@pytest.mark.slow
 def test_push_without_the_owners_scope_exits_3_naming_it(tmp_path: Path, home: Path) -> None:
     scopes = [s for s in HubSpotEmulator().private_app_scopes if s != "crm.objects.owners.read"]
     emu = HubSpotEmulator(seed=10, scopes=scopes)

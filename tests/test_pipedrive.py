@@ -275,6 +275,7 @@ def test_a_push_that_cannot_fit_the_budget_stops_before_its_first_write(home: Pa
     assert emulator.stats.writes == writes  # nothing was sent
 
 
+@pytest.mark.slow
 def test_the_budget_left_today_is_the_plans_less_what_crmsyncs_runs_spent(home: Path, tmp_path: Path) -> None:
     """A push that fits the plan's share but not what is left after today's runs stops before writing."""
     write_config(home, "pd", plan="lite", seats=1, budget_share=0.5)  # 15,000 tokens may be used

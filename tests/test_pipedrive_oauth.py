@@ -50,6 +50,7 @@ def _connect_by_browser(env: dict[str, str], base_url: str, client_id: str, clie
     return proc.returncode, out, "".join(seen) + err
 
 
+@pytest.mark.slow
 def test_oauth_connect_through_the_cli_uses_api_domain_and_refreshes(home: Path) -> None:
     emulator = PipedriveEmulator(limits=False)
     server = emulator.serve()
@@ -76,6 +77,7 @@ def test_oauth_connect_through_the_cli_uses_api_domain_and_refreshes(home: Path)
         server.stop()
 
 
+@pytest.mark.slow
 def test_oauth_connect_with_a_wrong_client_secret_fails_in_one_line(home: Path) -> None:
     emulator = PipedriveEmulator(limits=False)
     server = emulator.serve()
@@ -108,6 +110,7 @@ def test_oauth_connect_without_a_client_id_is_a_usage_error(home: Path) -> None:
     assert result.code == 2 and "--client-id" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_redirect_with_another_state_is_refused_and_the_real_one_still_accepted(home: Path) -> None:
     emulator = PipedriveEmulator(limits=False)
     server = emulator.serve()

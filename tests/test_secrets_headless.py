@@ -121,6 +121,7 @@ def test_the_memory_keyring_is_never_selected_by_keyring_itself() -> None:
     assert all(type(k) is not MemoryKeyring for k in keyring.backend.get_all_keyring())
 
 
+@pytest.mark.slow
 def test_connect_without_a_keyring_exits_3_and_spends_no_grant_code(
     tmp_path: Path, zoho: tuple[ZohoEmulator, str]
 ) -> None:
@@ -312,6 +313,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_a_refused_connection_fails_fast_naming_the_host(tmp_path: Path) -> None:
     port = closed_port()
     env = headless_env(tmp_path)

@@ -917,6 +917,7 @@ def _trickle(sock: socket.socket, data: bytes, every: float = 0.1) -> tuple[floa
         return elapsed, b""
 
 
+@pytest.mark.slow
 def test_a_trickling_request_is_cut_at_the_deadline_not_kept_alive_by_each_byte(app: App) -> None:
     r = WebhookReceiver(app, host="127.0.0.1", port=0, request_deadline=1.0).start()
     try:
@@ -964,6 +965,7 @@ def test_the_handler_refuses_metrics_by_its_client_address(
         assert theirs.recv(64).startswith(b"HTTP/1.1 " + status)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
 def test_serve_warns_when_bound_beyond_loopback(tmp_path: Path, home: Path, host: str, warned: bool) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRMSYNC_SECRET")}
