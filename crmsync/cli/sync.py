@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -25,8 +26,11 @@ from crmsync.cli.output import (
 from crmsync.cli.state import STATE
 from crmsync.errors import CrmsyncError, UsageError
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
     from crmsync.app import App
+    from crmsync.cli.output import PullProgress
     from crmsync.sync.pull import ConnectionResult
     from crmsync.sync.push import PushSummary
 
@@ -84,11 +88,10 @@ def pull(
     from crmsync.sync.pull import pull as do_pull
 
     a = STATE.app()
-    prog, update = pull_progress()
-    try:
-        if prog:
-            prog.start()
-        results = do_pull(
+    results = _walk(
+        a,
+        metrics_file,
+        lambda update: do_pull(
             a,
             connections=connection,
             objects=split_objects(objects),
@@ -97,19 +100,10 @@ def pull(
             reconcile=reconcile,
             lock_timeout=lock_timeout,
             progress=update,
-        )
-    finally:
-        if prog:
-            prog.stop()
-        _write_metrics(a, metrics_file)
+        ),
+    )
     _prune(a)
-    if STATE.json:
-        emit_json({"results": [_result_json(r) for r in results]})
-    elif not STATE.quiet:
-        render_pull(results)
-    for r in results:
-        if r.error and not STATE.json:
-            error_line(f"{r.connection}: {r.error}")
+    _show(results, {"results": [_result_json(r) for r in results]})
     finish(for_results(results))
 
 
@@ -130,11 +124,10 @@ def backfill(
     from crmsync.sync.pull import backfill as do_backfill
 
     a = STATE.app()
-    prog, update = pull_progress()
-    try:
-        if prog:
-            prog.start()
-        result = do_backfill(
+    result = _walk(
+        a,
+        metrics_file,
+        lambda update: do_backfill(
             a,
             connection=connection,
             objects=split_objects(objects),
@@ -142,18 +135,35 @@ def backfill(
             until=parse_when(until, name="--until"),
             lock_timeout=lock_timeout,
             progress=update,
-        )
+        ),
+    )
+    _show([result], _result_json(result))
+    finish(for_result(result))
+
+
+def _walk(a: App, metrics_file: Path | None, call: Callable[[PullProgress | None], T]) -> T:
+    """Run a pull or backfill under the progress display (a TTY only), then write the metrics file."""
+    prog, update = pull_progress()
+    try:
+        if prog:
+            prog.start()
+        return call(update)
     finally:
         if prog:
             prog.stop()
         _write_metrics(a, metrics_file)
+
+
+def _show(results: list[ConnectionResult], doc: dict[str, Any]) -> None:
+    """``doc`` with --json; else the results table (unless --quiet) and one stderr line per failed connection."""
     if STATE.json:
-        emit_json(_result_json(result))
-    elif not STATE.quiet:
-        render_pull([result])
-    if result.error and not STATE.json:
-        error_line(f"{result.connection}: {result.error}")
-    finish(for_result(result))
+        emit_json(doc)
+        return
+    if not STATE.quiet:
+        render_pull(results)
+    for r in results:
+        if r.error:
+            error_line(f"{r.connection}: {r.error}")
 
 
 def push(
