@@ -10,6 +10,7 @@ only if it is not there, within the run (``confirm_rounds`` times at most).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from crmsync.http import deferring
@@ -19,7 +20,7 @@ from crmsync.store.outbox import Outbox
 from crmsync.sync.push.items import ENTITY_STEPS, Item
 from crmsync.sync.push.lookups import batches
 from crmsync.sync.push.receipts import PushSummary
-from crmsync.sync.push.steps import parallel
+from crmsync.sync.push.steps import LaneStep, parallel
 
 if TYPE_CHECKING:
     from crmsync.app import App
@@ -28,24 +29,15 @@ if TYPE_CHECKING:
     from crmsync.store import CrmConnection
 
 
-class ActivityStep:
+@dataclass(eq=False)
+class ActivityStep(LaneStep):
     """One activity type (calls or tasks) of a lane; ``run`` takes the step (see the module docstring)."""
 
-    def __init__(
-        self,
-        app: App,
-        conn: CrmConnection,
-        provider: Provider,
-        mapping: Mapping,
-        obj: str,
-        summary: PushSummary,
-        *,
-        confirm_rounds: int,
-    ) -> None:
-        self.app, self.conn, self.provider, self.mapping, self.obj = app, conn, provider, mapping, obj
-        self.summary, self.confirm_rounds = summary, confirm_rounds
-        self.outbox = Outbox(app.store)
-        self.results: dict[str, ItemResult] = {}
+    outbox: Outbox = field(init=False)
+    results: dict[str, ItemResult] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.app.store)
 
     def marker(self, it: Item) -> str:
         """The idempotency marker of an outcome's call (its id) or task."""

@@ -59,25 +59,27 @@ def parallel(
         return [r for rs in pool.map(fn, parts) for r in rs]
 
 
-class EntityStep:
+@dataclass(eq=False)
+class LaneStep:
+    """What every step of a lane works with: the run's app, connection, provider and mapping, the
+    object type it writes, the run's summary and how often a lost answer is looked up again."""
+
+    app: App
+    conn: CrmConnection
+    provider: Provider
+    mapping: Mapping
+    obj: str
+    summary: PushSummary
+    confirm_rounds: int = field(kw_only=True)
+
+
+@dataclass(eq=False)
+class EntityStep(LaneStep):
     """One entity type for a lane (see the module docstring); ``run`` takes the step."""
 
-    def __init__(
-        self,
-        app: App,
-        conn: CrmConnection,
-        provider: Provider,
-        mapping: Mapping,
-        obj: str,
-        summary: PushSummary,
-        *,
-        confirm_rounds: int,
-    ) -> None:
-        self.app, self.conn, self.provider, self.mapping, self.obj = app, conn, provider, mapping, obj
-        self.summary, self.confirm_rounds = summary, confirm_rounds
-        self.rules: Rules = {}
-        self.crm: dict[str, InCrm] = {}
-        self.blind: set[str] = set()
+    rules: Rules = field(init=False, default_factory=dict)
+    crm: dict[str, InCrm] = field(init=False, default_factory=dict)
+    blind: set[str] = field(init=False, default_factory=set)
 
     def run(self, items: list[Item], known: LookedUp | None = None) -> None:
         """``known`` holds the lane's keys already looked up in the CRM (see ``LaneLookups``), or
