@@ -179,22 +179,27 @@ def test_backfill_killed_10_times_ends_like_an_uninterrupted_run(home: Path, tmp
         rng = random.Random(7)
         kills = 0
         db = home / "crmsync.db"
-        for _ in range(10):
-            # Killed once this run has committed 1-20 more pages (read from the store), so every kill
-            # lands after real work however slow the machine, then at a random instant within 0.2 s.
-            target = _stored(db, "hs", "contacts") + rng.randint(1, 20) * 100
+        while kills < 10 and _stored(db, "hs", "contacts") < 12_000:
+            # Killed once this run has committed 1-10 more pages (read from the store), so every kill
+            # lands after real work however slow the machine, then at a random instant within 0.05 s;
+            # no kill starts past 12,000 stored, so the walk is still under way when the last run begins.
+            target = _stored(db, "hs", "contacts") + rng.randint(1, 10) * 100
             code = _run_and_kill_when(
                 ["--quiet", "backfill", "-c", "hs", "--object", "contacts"],
                 env,
                 lambda: _stored(db, "hs", "contacts") >= target,  # noqa: B023 - called within this iteration
-                then=rng.uniform(0.0, 0.2),
+                then=rng.uniform(0.0, 0.05),
             )
-            kills += code is None
+            assert code is None, f"the backfill ended (exit {code}) before it was killed"
+            kills += 1
+        assert kills >= 5
+        checkpoint = App().store.mirror.cursor("hs", "contacts", "backfill")
+        assert checkpoint is not None and checkpoint["mode"] == "partitioned"
+        stored = _stored(db, "hs", "contacts")
         last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
         assert last.code == 0, last.stderr
-        assert kills >= 5
-        resumed = last.json()["objects"]["contacts"]["read"]
-        assert resumed < 20_000  # it continued from its checkpoint, not from the start
+        # Each partition continued after its last stored page: nothing stored was read again.
+        assert last.json()["objects"]["contacts"]["read"] == 20_000 - stored
         store = App().store
         rows = store.mirror.records("hs", "contacts")
         assert len(rows) == len({r.remote_id for r in rows}) == 20_000
