@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from benchmarks.bounds import HS_ASSOC_TARGETS, hubspot_pull_bound, partitioned_bound
 from benchmarks.harness import Bound, lower_bound
 
 _KEYRING_READY = False
@@ -71,6 +72,29 @@ class Kit:
     deal_stage: ClassVar[str | None] = None
     #: Initial records per object for the pull scenario, as a share of its number of changes.
     pull_initial: ClassVar[dict[str, float]] = {"contacts": 1.0, "companies": 0.25, "deals": 0.25}
+    #: False: the scenarios run no naive baseline for this CRM (none is written for it).
+    naive: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        #: Records per object in the CRM when the pull starts (set by the pull scenario).
+        self.totals: dict[str, int] = {}
+
+    # -- bounds: the honest one (the best any client could do under the CRM's documented limits,
+    # from process start) is required; the pattern one (crmsync's own way of reading) is optional.
+    def push_bound(self, counts: dict[str, int], latency: float) -> Bound:
+        raise NotImplementedError
+
+    def pull_bound(self, changes: dict[str, int], latency: float) -> Bound:
+        raise NotImplementedError
+
+    def backfill_bound(self, n: int, latency: float, *, raised: bool = True) -> Bound:
+        raise NotImplementedError
+
+    def pull_pattern(self, changes: dict[str, int], latency: float) -> Bound | None:
+        return None
+
+    def backfill_pattern(self, n: int, latency: float, *, raised: bool = True) -> Bound | None:
+        return None
 
     @property
     def missing(self) -> str | None:
@@ -172,7 +196,6 @@ def change_plan(n: int) -> tuple[dict[str, int], int]:
 
 
 # -- HubSpot -----------------------------------------------------------------------------------------
-HS_ASSOC_TARGETS = {"contacts": 1, "companies": 0, "deals": 2}
 
 
 class HubSpotKit(Kit):
@@ -298,6 +321,11 @@ class HubSpotKit(Kit):
         )
 
     def pull_bound(self, changes: dict[str, int], latency: float) -> Bound:
+        """Honest: changes split between search pages of 200 (search bucket) and list pages of 100 over
+        the densest objects (the general bucket; a list reads unchanged records too), from an empty window."""
+        return hubspot_pull_bound(changes, self.totals or changes, limits=self.limits, latency=latency)
+
+    def pull_pattern(self, changes: dict[str, int], latency: float) -> Bound | None:
         """Search pages of 200 (offset paging, so parallel up to 5/s), association reads of 1,000, one archived list."""
         objs = {o: n for o, n in changes.items() if not o.startswith("_")}
         search = sum(max(1, math.ceil(n / 200)) for n in objs.values())
@@ -313,7 +341,7 @@ class HubSpotKit(Kit):
             {"default": default, "search": search}, limits=self.limits, latency=latency, chain=2, formula=text
         )
 
-    def backfill_honest_bound(self, n: int, latency: float, *, raised: bool) -> Bound:
+    def backfill_bound(self, n: int, latency: float, *, raised: bool = True) -> Bound:
         """The best split of N between list pages of 100 (general) and search pages of 200 (search bucket,
         plus one association batch read of 1,000 ids on the general bucket), from an empty window."""
         limits = self.raised_limits if raised else self.limits
@@ -335,7 +363,7 @@ class HubSpotKit(Kit):
         )
         return Bound(requests=best.requests, seconds=best.seconds, formula=text)
 
-    def backfill_bound(self, n: int, latency: float) -> Bound:
+    def backfill_pattern(self, n: int, latency: float, *, raised: bool = True) -> Bound | None:
         """The list endpoint's pages of 100 form a chain: each ``after`` comes from the previous reply."""
         pages = math.ceil(n / 100)
         text = (
@@ -452,6 +480,14 @@ class ZohoKit(Kit):
         )
 
     def pull_bound(self, changes: dict[str, int], latency: float) -> Bound:
+        """Honest: every object's COQL pages of 2,000 in id ranges side by side, one /deleted each."""
+        objs = {o: n for o, n in changes.items() if not o.startswith("_")}
+        pages = {o: max(1, math.ceil(n / 2000)) for o, n in objs.items()}
+        return partitioned_bound(
+            pages, len(objs), concurrency=self.server_concurrency or 1, latency=latency, what="COQL pages of 2,000"
+        )
+
+    def pull_pattern(self, changes: dict[str, int], latency: float) -> Bound | None:
         """COQL keyset pages of 2,000 (a walk per object from both ends, objects in parallel), one /deleted each."""
         objs = {o: n for o, n in changes.items() if not o.startswith("_")}
         pages = {o: max(1, math.ceil(n / 2000)) for o, n in objs.items()}
@@ -471,7 +507,13 @@ class ZohoKit(Kit):
             formula=text,
         )
 
-    def backfill_bound(self, n: int, latency: float) -> Bound:
+    def backfill_bound(self, n: int, latency: float, *, raised: bool = True) -> Bound:
+        """Honest: COQL pages of 2,000 in id ranges side by side, one /deleted alongside."""
+        conc = (self.raised_concurrency if raised else self.server_concurrency) or 1
+        pages = {"contacts": math.ceil(n / 2000)}
+        return partitioned_bound(pages, 1, concurrency=conc, latency=latency, what="COQL pages of 2,000")
+
+    def backfill_pattern(self, n: int, latency: float, *, raised: bool = True) -> Bound | None:
         pages = math.ceil(n / 2000)
         chain = walk_chain(pages)
         text = (
@@ -482,7 +524,7 @@ class ZohoKit(Kit):
             {"default": pages + 1},
             limits={},
             latency=latency,
-            concurrency=self.raised_concurrency,
+            concurrency=(self.raised_concurrency if raised else self.server_concurrency),
             chain=chain,
             formula=text,
         )
@@ -503,6 +545,9 @@ ODOO_MODELS = {"contacts": "res.partner", "companies": "res.partner", "deals": "
 #: Odoo has no rate limit; its workers are the limit. The bound assumes a 2-core server run with the
 #: deployment docs' rule of thumb, (2 x CPUs) + 1 = 5 workers (the emulator does not enforce it).
 ODOO_WORKERS = 5
+#: Odoo caps no page size; one huge read holds a worker for its whole length, so the bound (like
+#: crmsync) reads pages of 200 and lets the workers' number bound the parallelism.
+_ODOO_PAGES = "search_read pages of 200 by id (Odoo caps no page size; a huge page holds one worker throughout)"
 
 
 class OdooKit(Kit):
@@ -625,6 +670,13 @@ class OdooKit(Kit):
         )
 
     def pull_bound(self, changes: dict[str, int], latency: float) -> Bound:
+        """Honest (pages of 200 assumed, see ODOO_WORKERS): id ranges side by side on every worker."""
+        objs = {o: n for o, n in changes.items() if not o.startswith("_")}
+        pages = {o: math.ceil((n + 1) / 200) for o, n in objs.items()}
+        b = partitioned_bound(pages, 2 * len(objs), concurrency=ODOO_WORKERS, latency=latency, what=_ODOO_PAGES)
+        return Bound(b.requests, b.seconds + latency, b.formula + " + the clock read first")
+
+    def pull_pattern(self, changes: dict[str, int], latency: float) -> Bound | None:
         objs = {o: n for o, n in changes.items() if not o.startswith("_")}
         pages = {o: math.ceil((n + 1) / 200) for o, n in objs.items()}
         total = sum(pages.values()) + 2 * len(objs)
@@ -638,7 +690,13 @@ class OdooKit(Kit):
             {"default": total}, limits={}, latency=latency, concurrency=ODOO_WORKERS, chain=chain, formula=text
         )
 
-    def backfill_bound(self, n: int, latency: float) -> Bound:
+    def backfill_bound(self, n: int, latency: float, *, raised: bool = True) -> Bound:
+        """Honest (pages of 200 assumed): id ranges side by side on every worker, a count alongside."""
+        pages = {"contacts": math.ceil((n + 1) / 200)}
+        b = partitioned_bound(pages, 1, concurrency=ODOO_WORKERS, latency=latency, what=_ODOO_PAGES)
+        return Bound(b.requests, b.seconds + latency, b.formula + " + the clock read first")
+
+    def backfill_pattern(self, n: int, latency: float, *, raised: bool = True) -> Bound | None:
         pages = math.ceil((n + 1) / 200)
         chain = 1 + walk_chain(pages)
         text = (

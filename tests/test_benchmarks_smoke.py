@@ -20,6 +20,7 @@ def test_push_scenario_at_toy_size_reports_every_figure() -> None:
     report = result.as_dict()
     for key in (
         "wall",
+        "wall_start",
         "bound",
         "ratio",
         "requests",
@@ -34,7 +35,8 @@ def test_push_scenario_at_toy_size_reports_every_figure() -> None:
         assert report[key] is not None, key
     assert report["size"] == 12 and report["failed"] == 0
     assert report["extra"]["calls in the CRM"] == 12
-    assert {t["name"] for t in report["targets"]} >= {"ratio", "unrecovered failures"}
+    assert {t["name"] for t in report["targets"]} >= {"honest ratio", "429s", "unrecovered failures"}
     lines: list[str] = []
     render([result], out=lines.append)
     assert lines[0].split()[:3] == ["scenario", "provider", "size"]
+    assert report["wall_start"] >= report["wall"]  # from process start: imports included
