@@ -461,6 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="backfill at the emulated account's own limits (HubSpot 100/10 s + search 5/s) instead of raised ones",
     )
+    parser.add_argument(
+        "--lifted",
+        action="store_true",
+        help="backfill with every limit lifted (emulator and crmsync): where the client's CPU binds",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
         "--save", metavar="FILE", default=None, help="also write the results as JSON to FILE (after every scenario)"
@@ -488,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         single=args.scenario != "all",
         toy=args.size,
         account_limits=args.account_limits,
+        lifted=args.lifted,
     )
 
     def log(message: str) -> None:

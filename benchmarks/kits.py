@@ -140,15 +140,22 @@ class Kit:
         doc = {"connections": {self.conn: settings}} if settings else {}
         (home / "config.yaml").write_text(yaml.safe_dump(doc))
 
-    def arm(self, emu: Any, opts: Any, *, raised: bool = False) -> None:
-        """Switch on the realistic faults (``raised``: the higher limits), fresh counters, empty rate windows."""
+    def arm(self, emu: Any, opts: Any, *, raised: bool = False, lifted: bool = False) -> None:
+        """Switch on the realistic faults (``raised``: the higher limits), fresh counters, empty rate windows.
+
+        ``lifted``: every limit so high it never binds, and stated so (a CRM that reports a limit in
+        its headers while not enforcing it would make crmsync hold back for nothing).
+        """
         from crmsync.emulators.base import Faults, Stats
 
+        limits = dict(self.raised_limits if raised else self.limits)
+        if lifted:
+            limits = {bucket: (1_000_000_000, window) for bucket, (_n, window) in {**self.limits, **limits}.items()}
         emu.faults = Faults(
             latency_ms=opts.latency * 1000.0,
-            rate_limits=dict(self.raised_limits if raised else self.limits),
+            rate_limits=limits,
             error_rate=opts.error_rate,
-            max_concurrent=(self.raised_concurrency if raised else self.server_concurrency) or 0,
+            max_concurrent=0 if lifted else (self.raised_concurrency if raised else self.server_concurrency) or 0,
             seed=7,
         )
         emu.rng = random.Random(7)

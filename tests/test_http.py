@@ -426,3 +426,35 @@ def test_answers_are_read_in_pieces_of_up_to_a_mebibyte() -> None:
 
     HttpClient(provider="x", connection="y", base_url="http://127.0.0.1:1").close()
     assert http11.HTTP11Connection.READ_NUM_BYTES >= READ_BYTES == 1 << 20
+
+
+def test_hubspot_reads_retry_a_500_and_writes_that_must_not_repeat_do_not() -> None:
+    """HubSpot's occasional 500 passes on the next try: a read (or an upsert by key) is sent again; a
+    create without a key is not (the 500 may have come after it was done)."""
+    from crmsync.http.client import UnconfirmedWrite
+    from crmsync.providers.hubspot import HubSpotPolicy
+
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.method)
+        if len(sent) % 2:
+            return httpx.Response(500, json={"status": "error", "message": "internal error"})
+        return httpx.Response(200, json={"results": []})
+
+    client = HttpClient(
+        provider="hubspot",
+        connection="hs",
+        base_url="http://hs.test",
+        policy=HubSpotPolicy(),
+        transport=httpx.MockTransport(answer),
+        sleep=lambda _s: None,
+    )
+    try:
+        assert client.post("/crm/v3/objects/contacts/search", json={}).status_code == 200
+        assert sent == ["POST", "POST"]
+        with pytest.raises(UnconfirmedWrite):
+            client.post("/crm/v3/objects/calls/batch/create", json={}, replay=False)
+        assert len(sent) == 3
+    finally:
+        client.close()
