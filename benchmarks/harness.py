@@ -13,10 +13,12 @@ ratio = bound / wall time, so 1.0 is perfect.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,8 +86,24 @@ with open(out, "w") as f:
 """
 
 
-def run_process(cmd: Sequence[str], *, env: dict[str, str], timeout: float = 7200.0) -> Child:
-    """Run a command through the launcher; return its output, wall time, peak RSS and CPU seconds."""
+def _kill_command(launcher: int) -> None:
+    """SIGKILL the command the launcher runs (not the launcher, which still reports its usage)."""
+    try:
+        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    except OSError:
+        return
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def run_process(
+    cmd: Sequence[str], *, env: dict[str, str], timeout: float = 7200.0, kill_after: float | None = None
+) -> Child:
+    """Run a command through the launcher; return its output, wall time, peak RSS and CPU seconds.
+
+    ``kill_after``: SIGKILL the command that many seconds in (its exit code is then -9).
+    """
     with (
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
@@ -102,10 +120,15 @@ def run_process(cmd: Sequence[str], *, env: dict[str, str], timeout: float = 720
         )
         killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, 9))
         killer.start()
+        sigkill = threading.Timer(kill_after, _kill_command, args=(proc.pid,)) if kill_after is not None else None
+        if sigkill is not None:
+            sigkill.start()
         try:
             proc.wait()
         finally:
             killer.cancel()
+            if sigkill is not None:
+                sigkill.cancel()
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
@@ -132,12 +155,19 @@ def run_process(cmd: Sequence[str], *, env: dict[str, str], timeout: float = 720
     )
 
 
-def run_worker(op: str, spec: dict[str, Any], *, env: dict[str, str] | None = None, timeout: float = 7200.0) -> Child:
-    """Run one ``benchmarks.worker`` operation in a child; raise with its stderr when it crashed."""
-    child = run_process(
-        [sys.executable, "-m", "benchmarks.worker", op, json.dumps(spec)], env=env or child_env(), timeout=timeout
-    )
-    if not child.data:
+def run_worker(
+    op: str,
+    spec: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 7200.0,
+    kill_after: float | None = None,
+) -> Child:
+    """Run one ``benchmarks.worker`` operation in a child; raise with its stderr when it crashed
+    (unless it was killed on purpose: ``kill_after`` seconds in)."""
+    cmd = [sys.executable, "-m", "benchmarks.worker", op, json.dumps(spec)]
+    child = run_process(cmd, env=env or child_env(), timeout=timeout, kill_after=kill_after)
+    if not child.data and not (kill_after is not None and child.code == -signal.SIGKILL):
         raise RuntimeError(f"worker {op} failed (exit {child.code}):\n{child.stderr}")
     return child
 
@@ -462,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="backfill at the emulated account's own limits (HubSpot 100/10 s + search 5/s) instead of raised ones",
     )
     parser.add_argument(
+        "--kills", type=int, default=3, help="SIGKILLs of the backfill-1m run before the run that finishes (default 3)"
+    )
+    parser.add_argument(
         "--lifted",
         action="store_true",
         help="backfill with every limit lifted (emulator and crmsync): where the client's CPU binds",
@@ -494,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         toy=args.size,
         account_limits=args.account_limits,
         lifted=args.lifted,
+        kills=args.kills,
     )
 
     def log(message: str) -> None:
