@@ -511,13 +511,20 @@ class PipedriveEmulator(Emulator):
             rec["update_time"] = iso(self.now())
             self._emit("delete", obj, None, previous)
 
-    def bulk_create(self, obj: str, n: int, body_fn: Callable[[int], dict[str, Any]]) -> None:
-        """Seed n records quickly, without webhooks (sandbox and benchmarks)."""
+    def bulk_create(
+        self, obj: str, n: int, body_fn: Callable[[int], dict[str, Any]], *, at: float | None = None
+    ) -> list[int]:
+        """Seed n records quickly, without webhooks (sandbox and benchmarks); ``at``: their add/update time."""
+        ids: list[int] = []
         with self.lock:
             for i in range(n):
                 rec = self._blank(obj, self._new_id(obj))
                 self._apply(obj, rec, body_fn(i))
+                if at is not None:
+                    rec["add_time"] = rec["update_time"] = iso(at)
                 self.data[obj][rec["id"]] = rec
+                ids.append(rec["id"])
+        return ids
 
     def _creator(self, obj: str) -> Callable[..., httpx.Response]:
         def handle(request: httpx.Request) -> httpx.Response:
