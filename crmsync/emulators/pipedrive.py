@@ -640,9 +640,10 @@ class PipedriveEmulator(Emulator):
                     continue
                 if done is not None and rec.get("done") != (done in ("true", "1")):
                     continue
-                ts = parse_iso(rec["update_time"]) or 0.0
-                if (since is not None and ts < since) or (until is not None and ts >= until):
-                    continue
+                if since is not None or until is not None:  # parsed only when asked: a list is read per page
+                    ts = parse_iso(rec["update_time"]) or 0.0
+                    if (since is not None and ts < since) or (until is not None and ts >= until):
+                        continue
                 rows.append(rec)
             key = (lambda r: (r.get(sort_by) or "", r["id"])) if sort_by != "id" else (lambda r: (r["id"], r["id"]))
             rows.sort(key=key, reverse=direction == "desc")
