@@ -20,6 +20,7 @@ rate-limit documentation (reference: ``shared/reference/pipedrive.md``):
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import secrets
 import threading
@@ -621,43 +622,74 @@ class PipedriveEmulator(Emulator):
         statuses = set(q.get("status", "open,won,lost").split(",")) if obj == "deals" else None
         filters = {k: int(q[k]) for k in ("owner_id", "org_id", "person_id", "deal_id") if q.get(k, "").isdigit()}
         done = q.get("done")
+
+        def keep(rec: dict[str, Any]) -> bool:
+            if ids is not None and rec["id"] not in ids:
+                return False
+            if obj == "deals":
+                assert statuses is not None
+                if bool(rec.get("is_archived")) != archived:
+                    return False
+                if rec["is_deleted"] and "deleted" not in statuses:
+                    return False
+                if not rec["is_deleted"] and rec["status"] not in statuses:
+                    return False
+            elif rec["is_deleted"]:
+                return False
+            if any(self._linked(obj, rec, k) != v for k, v in filters.items()):
+                return False
+            if done is not None and rec.get("done") != (done in ("true", "1")):
+                return False
+            if since is not None or until is not None:  # parsed only when asked: a list is read per page
+                ts = parse_iso(rec["update_time"]) or 0.0
+                if (since is not None and ts < since) or (until is not None and ts >= until):
+                    return False
+            return True
+
         with self.lock:
-            rows = []
-            for rec in self.data[obj].values():
-                if ids is not None and rec["id"] not in ids:
-                    continue
-                if obj == "deals":
-                    assert statuses is not None
-                    if bool(rec.get("is_archived")) != archived:
-                        continue
-                    if rec["is_deleted"] and "deleted" not in statuses:
-                        continue
-                    if not rec["is_deleted"] and rec["status"] not in statuses:
-                        continue
-                elif rec["is_deleted"]:
-                    continue
-                if any(self._linked(obj, rec, k) != v for k, v in filters.items()):
-                    continue
-                if done is not None and rec.get("done") != (done in ("true", "1")):
-                    continue
-                if since is not None or until is not None:  # parsed only when asked: a list is read per page
-                    ts = parse_iso(rec["update_time"]) or 0.0
-                    if (since is not None and ts < since) or (until is not None and ts >= until):
-                        continue
-                rows.append(rec)
-            key = (lambda r: (r.get(sort_by) or "", r["id"])) if sort_by != "id" else (lambda r: (r["id"], r["id"]))
+            if sort_by == "id":
+                return self._id_page(obj, keep, limit, direction, after)
+            rows = [rec for rec in self.data[obj].values() if keep(rec)]
+            key = lambda r: (r.get(sort_by) or "", r["id"])  # noqa: E731
             rows.sort(key=key, reverse=direction == "desc")
             if after is not None:
-                mark = (after.get("fieldValue") or "", after["id"]) if sort_by != "id" else (after["id"], after["id"])
+                mark = (after.get("fieldValue") or "", after["id"])
                 rows = [r for r in rows if (key(r) > mark if direction == "asc" else key(r) < mark)]
             page = rows[:limit]
             nxt = None
             if len(rows) > limit:
                 last = page[-1]
-                nxt = encode_cursor(
-                    sort_by, last.get(sort_by) if sort_by != "id" else last["id"], direction, last["id"]
-                )
+                nxt = encode_cursor(sort_by, last.get(sort_by), direction, last["id"])
             return self._page([dict(r) for r in page], nxt)
+
+    def _id_page(
+        self,
+        obj: str,
+        keep: Callable[[dict[str, Any]], bool],
+        limit: int,
+        direction: str,
+        after: dict[str, Any] | None,
+    ) -> httpx.Response:
+        """A page by id from the cursor on: the keyset is walked from its position, not scanned whole."""
+        table = self.data[obj]
+        keys = sorted(table)
+        if direction == "asc":
+            at = bisect.bisect_right(keys, after["id"]) if after is not None else 0
+            order = range(at, len(keys))
+        else:
+            at = bisect.bisect_left(keys, after["id"]) if after is not None else len(keys)
+            order = range(at - 1, -1, -1)
+        page: list[dict[str, Any]] = []
+        more = False
+        for i in order:
+            rec = table[keys[i]]
+            if keep(rec):
+                if len(page) == limit:
+                    more = True
+                    break
+                page.append(rec)
+        nxt = encode_cursor("id", page[-1]["id"], direction, page[-1]["id"]) if more else None
+        return self._page([dict(r) for r in page], nxt)
 
     @staticmethod
     def _linked(obj: str, rec: dict[str, Any], key: str) -> Any:
