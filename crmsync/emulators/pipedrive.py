@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import math
 import secrets
 import threading
 import time
@@ -127,6 +128,11 @@ def parse_iso(value: str) -> float | None:
         return None
 
 
+def _order(rec: dict[str, Any], field: str) -> tuple[Any, int]:
+    """A record's place in a list sorted by ``field`` (ties by id; an empty value sorts first)."""
+    return (rec.get(field) or "", rec["id"])
+
+
 def encode_cursor(field: str, value: Any, direction: str, last_id: int) -> str:
     raw = json.dumps({"field": field, "fieldValue": value, "sortDirection": direction, "id": last_id})
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
@@ -187,6 +193,8 @@ class PipedriveEmulator(Emulator):
         self.tokens_used = 0
         self.writes_today = 0
         self._burst: dict[tuple[str, str], _SlidingWindow] = {}
+        self._changes = 0  # bumped by every write: a kept list answer is valid while it stands
+        self._sorted: dict[tuple[Any, ...], tuple[int, list[dict[str, Any]], list[tuple[Any, int]]]] = {}
         self._timers: list[threading.Timer] = []
         self._register()
 
@@ -407,6 +415,7 @@ class PipedriveEmulator(Emulator):
         return None
 
     def _apply(self, obj: str, rec: dict[str, Any], body: dict[str, Any]) -> None:
+        self._changes += 1
         for key, value in body.items():
             if key == "custom_fields":
                 rec.setdefault("custom_fields", {}).update(value)
@@ -506,6 +515,7 @@ class PipedriveEmulator(Emulator):
         with self.lock:
             rec = self.data[obj][rid]
             previous = dict(rec)
+            self._changes += 1
             rec["is_deleted"] = True
             if obj == "deals":
                 rec["status"] = "deleted"
@@ -640,26 +650,33 @@ class PipedriveEmulator(Emulator):
                 return False
             if done is not None and rec.get("done") != (done in ("true", "1")):
                 return False
-            if since is not None or until is not None:  # parsed only when asked: a list is read per page
-                ts = parse_iso(rec["update_time"]) or 0.0
-                if (since is not None and ts < since) or (until is not None and ts >= until):
-                    return False
-            return True
+            # update_time is always iso()'s fixed form, so comparing text is comparing whole seconds.
+            stamp = rec["update_time"]
+            return (low is None or stamp >= low) and (high is None or stamp < high)
+
+        low = iso(math.ceil(since)) if since is not None else None
+        high = iso(math.ceil(until)) if until is not None else None
 
         with self.lock:
             if sort_by == "id":
                 return self._id_page(obj, keep, limit, direction, after)
-            rows = [rec for rec in self.data[obj].values() if keep(rec)]
-            key = lambda r: (r.get(sort_by) or "", r["id"])  # noqa: E731
-            rows.sort(key=key, reverse=direction == "desc")
-            if after is not None:
-                mark = (after.get("fieldValue") or "", after["id"])
-                rows = [r for r in rows if (key(r) > mark if direction == "asc" else key(r) < mark)]
-            page = rows[:limit]
-            nxt = None
-            if len(rows) > limit:
-                last = page[-1]
-                nxt = encode_cursor(sort_by, last.get(sort_by), direction, last["id"])
+            # A walk asks the same question page after page: while no record changed, the sorted answer
+            # is kept and each page found by the cursor's position in it.
+            query = (obj, archived, tuple(sorted((k, v) for k, v in q.multi_items() if k not in ("cursor", "limit"))))
+            cached = self._sorted.get(query)
+            if cached is None or cached[0] != self._changes:
+                rows = sorted((rec for rec in self.data[obj].values() if keep(rec)), key=lambda r: _order(r, sort_by))
+                cached = (self._changes, rows, [_order(r, sort_by) for r in rows])
+                self._sorted = {query: cached}
+            _, rows, keys = cached
+            mark = (after.get("fieldValue") or "", after["id"]) if after is not None else None
+            if direction == "asc":
+                start = bisect.bisect_right(keys, mark) if mark is not None else 0
+                page, more = rows[start : start + limit], start + limit < len(rows)
+            else:
+                end = bisect.bisect_left(keys, mark) if mark is not None else len(rows)
+                page, more = rows[max(0, end - limit) : end][::-1], end > limit
+            nxt = encode_cursor(sort_by, page[-1].get(sort_by), direction, page[-1]["id"]) if more else None
             return self._page([dict(r) for r in page], nxt)
 
     def _id_page(
