@@ -359,9 +359,9 @@ class SalesforceKit(Kit):
         pages = max(1, math.ceil(n / SF_PAGE))
         text = (
             f"fewest round trips of: {pages} SOQL pages of {SF_PAGE:,} from both ends ({walk_chain(pages)}), Bulk API "
-            f"2.0 query (create, poll once, one result page: maxRecords has no documented maximum: 3), getUpdated "
-            f"over the last 30 days (<= {SF_GETUPDATED:,} ids) with a SOQL for older rows alongside, then Collections "
-            f"retrieves of {SF_RETRIEVE:,} ids at once (2) -> {how}, {requests} requests: {chain} x latency (no rate "
+            "2.0 query (create, poll once, one result page when maxRecords >= N, for which no maximum is documented: "
+            f"3), getUpdated over the last 30 days (<= {SF_GETUPDATED:,} ids) with a SOQL for older rows alongside, "
+            f"then Collections retrieves of {SF_RETRIEVE:,} ids at once (2) -> {how}, {requests} requests: {chain} x latency (no rate "
             f"limit; {SF_DAILY[0]:,} / 24 h does not bind)"
         )
         return lower_bound(
