@@ -361,8 +361,8 @@ class SalesforceKit(Kit):
             f"fewest round trips of: {pages} SOQL pages of {SF_PAGE:,} from both ends ({walk_chain(pages)}), Bulk API "
             "2.0 query (create, poll once, one result page when maxRecords >= N, for which no maximum is documented: "
             f"3), getUpdated over the last 30 days (<= {SF_GETUPDATED:,} ids) with a SOQL for older rows alongside, "
-            f"then Collections retrieves of {SF_RETRIEVE:,} ids at once (2) -> {how}, {requests} requests: {chain} x latency (no rate "
-            f"limit; {SF_DAILY[0]:,} / 24 h does not bind)"
+            f"then Collections retrieves of {SF_RETRIEVE:,} ids at once (2) -> {how}, {requests} requests: "
+            f"{chain} x latency (no rate limit; {SF_DAILY[0]:,} / 24 h does not bind)"
         )
         return lower_bound(
             {"default": requests}, limits=_lim({"default": SF_DAILY}), latency=latency, chain=chain, formula=text
