@@ -20,7 +20,9 @@ rate-limit documentation (reference: ``shared/reference/pipedrive.md``):
 from __future__ import annotations
 
 import base64
+import bisect
 import json
+import math
 import secrets
 import threading
 import time
@@ -126,6 +128,11 @@ def parse_iso(value: str) -> float | None:
         return None
 
 
+def _order(rec: dict[str, Any], field: str) -> tuple[Any, int]:
+    """A record's place in a list sorted by ``field`` (ties by id; an empty value sorts first)."""
+    return (rec.get(field) or "", rec["id"])
+
+
 def encode_cursor(field: str, value: Any, direction: str, last_id: int) -> str:
     raw = json.dumps({"field": field, "fieldValue": value, "sortDirection": direction, "id": last_id})
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
@@ -186,6 +193,8 @@ class PipedriveEmulator(Emulator):
         self.tokens_used = 0
         self.writes_today = 0
         self._burst: dict[tuple[str, str], _SlidingWindow] = {}
+        self._changes = 0  # bumped by every write: a kept list answer is valid while it stands
+        self._sorted: dict[tuple[Any, ...], tuple[int, list[dict[str, Any]], list[tuple[Any, int]]]] = {}
         self._timers: list[threading.Timer] = []
         self._register()
 
@@ -406,6 +415,7 @@ class PipedriveEmulator(Emulator):
         return None
 
     def _apply(self, obj: str, rec: dict[str, Any], body: dict[str, Any]) -> None:
+        self._changes += 1
         for key, value in body.items():
             if key == "custom_fields":
                 rec.setdefault("custom_fields", {}).update(value)
@@ -505,19 +515,27 @@ class PipedriveEmulator(Emulator):
         with self.lock:
             rec = self.data[obj][rid]
             previous = dict(rec)
+            self._changes += 1
             rec["is_deleted"] = True
             if obj == "deals":
                 rec["status"] = "deleted"
             rec["update_time"] = iso(self.now())
             self._emit("delete", obj, None, previous)
 
-    def bulk_create(self, obj: str, n: int, body_fn: Callable[[int], dict[str, Any]]) -> None:
-        """Seed n records quickly, without webhooks (sandbox and benchmarks)."""
+    def bulk_create(
+        self, obj: str, n: int, body_fn: Callable[[int], dict[str, Any]], *, at: float | None = None
+    ) -> list[int]:
+        """Seed n records quickly, without webhooks (sandbox and benchmarks); ``at``: their add/update time."""
+        ids: list[int] = []
         with self.lock:
             for i in range(n):
                 rec = self._blank(obj, self._new_id(obj))
                 self._apply(obj, rec, body_fn(i))
+                if at is not None:
+                    rec["add_time"] = rec["update_time"] = iso(at)
                 self.data[obj][rec["id"]] = rec
+                ids.append(rec["id"])
+        return ids
 
     def _creator(self, obj: str) -> Callable[..., httpx.Response]:
         def handle(request: httpx.Request) -> httpx.Response:
@@ -614,42 +632,81 @@ class PipedriveEmulator(Emulator):
         statuses = set(q.get("status", "open,won,lost").split(",")) if obj == "deals" else None
         filters = {k: int(q[k]) for k in ("owner_id", "org_id", "person_id", "deal_id") if q.get(k, "").isdigit()}
         done = q.get("done")
+
+        def keep(rec: dict[str, Any]) -> bool:
+            if ids is not None and rec["id"] not in ids:
+                return False
+            if obj == "deals":
+                assert statuses is not None
+                if bool(rec.get("is_archived")) != archived:
+                    return False
+                if rec["is_deleted"] and "deleted" not in statuses:
+                    return False
+                if not rec["is_deleted"] and rec["status"] not in statuses:
+                    return False
+            elif rec["is_deleted"]:
+                return False
+            if any(self._linked(obj, rec, k) != v for k, v in filters.items()):
+                return False
+            if done is not None and rec.get("done") != (done in ("true", "1")):
+                return False
+            # update_time is always iso()'s fixed form, so comparing text is comparing whole seconds.
+            stamp = rec["update_time"]
+            return (low is None or stamp >= low) and (high is None or stamp < high)
+
+        low = iso(math.ceil(since)) if since is not None else None
+        high = iso(math.ceil(until)) if until is not None else None
+
         with self.lock:
-            rows = []
-            for rec in self.data[obj].values():
-                if ids is not None and rec["id"] not in ids:
-                    continue
-                if obj == "deals":
-                    assert statuses is not None
-                    if bool(rec.get("is_archived")) != archived:
-                        continue
-                    if rec["is_deleted"] and "deleted" not in statuses:
-                        continue
-                    if not rec["is_deleted"] and rec["status"] not in statuses:
-                        continue
-                elif rec["is_deleted"]:
-                    continue
-                if any(self._linked(obj, rec, k) != v for k, v in filters.items()):
-                    continue
-                if done is not None and rec.get("done") != (done in ("true", "1")):
-                    continue
-                ts = parse_iso(rec["update_time"]) or 0.0
-                if (since is not None and ts < since) or (until is not None and ts >= until):
-                    continue
-                rows.append(rec)
-            key = (lambda r: (r.get(sort_by) or "", r["id"])) if sort_by != "id" else (lambda r: (r["id"], r["id"]))
-            rows.sort(key=key, reverse=direction == "desc")
-            if after is not None:
-                mark = (after.get("fieldValue") or "", after["id"]) if sort_by != "id" else (after["id"], after["id"])
-                rows = [r for r in rows if (key(r) > mark if direction == "asc" else key(r) < mark)]
-            page = rows[:limit]
-            nxt = None
-            if len(rows) > limit:
-                last = page[-1]
-                nxt = encode_cursor(
-                    sort_by, last.get(sort_by) if sort_by != "id" else last["id"], direction, last["id"]
-                )
+            if sort_by == "id":
+                return self._id_page(obj, keep, limit, direction, after)
+            # A walk asks the same question page after page: while no record changed, the sorted answer
+            # is kept and each page found by the cursor's position in it.
+            query = (obj, archived, tuple(sorted((k, v) for k, v in q.multi_items() if k not in ("cursor", "limit"))))
+            cached = self._sorted.get(query)
+            if cached is None or cached[0] != self._changes:
+                rows = sorted((rec for rec in self.data[obj].values() if keep(rec)), key=lambda r: _order(r, sort_by))
+                cached = (self._changes, rows, [_order(r, sort_by) for r in rows])
+                self._sorted = {query: cached}
+            _, rows, keys = cached
+            mark = (after.get("fieldValue") or "", after["id"]) if after is not None else None
+            if direction == "asc":
+                start = bisect.bisect_right(keys, mark) if mark is not None else 0
+                page, more = rows[start : start + limit], start + limit < len(rows)
+            else:
+                end = bisect.bisect_left(keys, mark) if mark is not None else len(rows)
+                page, more = rows[max(0, end - limit) : end][::-1], end > limit
+            nxt = encode_cursor(sort_by, page[-1].get(sort_by), direction, page[-1]["id"]) if more else None
             return self._page([dict(r) for r in page], nxt)
+
+    def _id_page(
+        self,
+        obj: str,
+        keep: Callable[[dict[str, Any]], bool],
+        limit: int,
+        direction: str,
+        after: dict[str, Any] | None,
+    ) -> httpx.Response:
+        """A page by id from the cursor on: the keyset is walked from its position, not scanned whole."""
+        table = self.data[obj]
+        keys = sorted(table)
+        if direction == "asc":
+            at = bisect.bisect_right(keys, after["id"]) if after is not None else 0
+            order = range(at, len(keys))
+        else:
+            at = bisect.bisect_left(keys, after["id"]) if after is not None else len(keys)
+            order = range(at - 1, -1, -1)
+        page: list[dict[str, Any]] = []
+        more = False
+        for i in order:
+            rec = table[keys[i]]
+            if keep(rec):
+                if len(page) == limit:
+                    more = True
+                    break
+                page.append(rec)
+        nxt = encode_cursor("id", page[-1]["id"], direction, page[-1]["id"]) if more else None
+        return self._page([dict(r) for r in page], nxt)
 
     @staticmethod
     def _linked(obj: str, rec: dict[str, Any], key: str) -> Any:

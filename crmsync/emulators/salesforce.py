@@ -174,6 +174,9 @@ class SalesforceEmulator(Emulator):
             for sobject, name in EXTERNAL.items():
                 self.schema[sobject].append((name, "string", False, True, {"external": True}))
         self._ids = itertools.count(1)
+        #: (sObject, External ID field) -> lower-cased value -> ids that held it: a unique index's lookup instead
+        #: of a scan of every record per write (candidates are re-checked, so stale entries do no harm).
+        self._ext: dict[tuple[str, str], dict[str, set[str]]] = {}
         self.cursors: dict[str, list[str]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.users = [
@@ -212,7 +215,21 @@ class SalesforceEmulator(Emulator):
             record.setdefault("Priority", "Normal")
             record["IsClosed"] = record["Status"] in CLOSED
         self.data[sobject][record["Id"]] = record
+        self._index(sobject, record)
         return record
+
+    def _index(self, sobject: str, record: dict[str, Any]) -> None:
+        for name, _, _, _, extra in self.schema.get(sobject, ()):
+            value = record.get(name)
+            if extra.get("external") and value not in (None, ""):
+                self._ext.setdefault((sobject, name), {}).setdefault(str(value).lower(), set()).add(record["Id"])
+
+    def holders(self, sobject: str, name: str, value: Any) -> list[dict[str, Any]]:
+        """Records (deleted ones too) whose External ID field ``name`` equals ``value`` ignoring case, oldest first."""
+        wanted = str(value).lower()
+        table = self.data[sobject]
+        found = (table.get(i) for i in sorted(self._ext.get((sobject, name), {}).get(wanted, ())))
+        return [r for r in found if r is not None and str(r.get(name) or "").lower() == wanted]
 
     def records(self, sobject: str, *, deleted: bool = False) -> list[dict[str, Any]]:
         return [dict(r) for r in self.data[sobject].values() if deleted or not r["IsDeleted"]]
@@ -244,7 +261,7 @@ class SalesforceEmulator(Emulator):
                     400, f"{name}: value not of required type: {value}", "INVALID_TYPE_ON_FIELD_IN_RECORD", [name]
                 )
             if extra.get("external") and value not in (None, ""):
-                for other in self.data[sobject].values():
+                for other in self.holders(sobject, name, value):
                     if other["Id"] != current and not other["IsDeleted"] and other.get(name) == value:
                         raise Refused(
                             400,
@@ -303,6 +320,7 @@ class SalesforceEmulator(Emulator):
         with self.lock:
             record = self._live(sobject, rid)
             record.update(self._check(sobject, body, create=False, current=rid))
+            self._index(sobject, record)
             now = int(self.now())
             record["SystemModstamp"] = record["LastModifiedDate"] = now
             if sobject == "Task":
@@ -322,10 +340,12 @@ class SalesforceEmulator(Emulator):
             raise Refused(404, "The requested resource does not exist", "NOT_FOUND")
         return record
 
-    def bulk_create(self, sobject: str, n: int, body_fn: Callable[[int], dict[str, Any]]) -> list[str]:
-        """Seed ``n`` records fast (no validation)."""
+    def bulk_create(
+        self, sobject: str, n: int, body_fn: Callable[[int], dict[str, Any]], *, when: float | None = None
+    ) -> list[str]:
+        """Seed ``n`` records fast (no validation); ``when``: their created and modified time (default now)."""
         with self.lock:
-            return [self._insert(sobject, body_fn(i))["Id"] for i in range(n)]
+            return [self._insert(sobject, body_fn(i), when=when)["Id"] for i in range(n)]
 
     def sobject_of(self, rid: str) -> str | None:
         for sobject, prefix in PREFIX.items():
@@ -343,11 +363,7 @@ class SalesforceEmulator(Emulator):
                 raise Refused(
                     404, f"Provided external ID field does not exist or is not accessible: {ext}", "NOT_FOUND"
                 )
-            matches = [
-                r
-                for r in self.data[sobject].values()
-                if not r["IsDeleted"] and str(r.get(spec[0]) or "").lower() == str(value).lower()
-            ]
+            matches = [r for r in self.holders(sobject, spec[0], value) if not r["IsDeleted"]]
             ext = spec[0]
         if len(matches) > 1:
             return 300, {"matches": [m["Id"] for m in matches]}
