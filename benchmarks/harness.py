@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--provider",
         default=None,
-        help="hubspot, zoho, odoo or a comma-separated list (default: every provider that is available)",
+        help="hubspot, zoho, odoo, pipedrive, salesforce, dynamics or a comma-separated list (default: all)",
     )
     parser.add_argument(
         "--latency-ms", type=float, default=150.0, help="how long each emulated answer takes (network and server)"

@@ -74,6 +74,8 @@ class Kit:
     pull_initial: ClassVar[dict[str, float]] = {"contacts": 1.0, "companies": 0.25, "deals": 0.25}
     #: False: the scenarios run no naive baseline for this CRM (none is written for it).
     naive: ClassVar[bool] = True
+    #: Outcomes pushed in a full and a quick run.
+    push_sizes: ClassVar[tuple[int, int]] = (10_000, 1_000)
 
     def __init__(self) -> None:
         #: Records per object in the CRM when the pull starts (set by the pull scenario).

@@ -55,6 +55,8 @@ class PipedriveKit(Kit):
     base_config: ClassVar[dict[str, Any]] = {"rate_limit": PD_GROWTH, "plan": "growth", "seats": 3}
     raised_config = {"rate_limit": PD_ULTIMATE, "plan": "ultimate"}
     naive: ClassVar[bool] = False
+    # No batch writes: 10,000 outcomes would take 23 minutes at the Growth plan's burst alone.
+    push_sizes: ClassVar[tuple[int, int]] = (1_000, 200)
     settle = 1.0
 
     def emulator(self) -> Any:
@@ -184,9 +186,6 @@ class PipedriveKit(Kit):
             f"2 s x floor(({pages}-1)/{burst}) + latency"
         )
         return lower_bound({"default": pages}, limits=_lim(limits), latency=latency, chain=chain, formula=text)
-
-    def backfill_honest_bound(self, n: int, latency: float, *, raised: bool) -> Bound:
-        return self.backfill_bound(n, latency, raised=raised)
 
 
 # -- Salesforce ----------------------------------------------------------------------------------
@@ -368,9 +367,6 @@ class SalesforceKit(Kit):
             {"default": requests}, limits=_lim({"default": SF_DAILY}), latency=latency, chain=chain, formula=text
         )
 
-    def backfill_honest_bound(self, n: int, latency: float, *, raised: bool) -> Bound:
-        return self.backfill_bound(n, latency, raised=raised)
-
 
 # -- Dynamics 365 ----------------------------------------------------------------------------------
 DY_SETS = {"contacts": "contacts", "companies": "accounts", "deals": "opportunities", "calls": "phonecalls"}
@@ -525,9 +521,6 @@ class DynamicsKit(Kit):
             chain=chain,
             formula=text,
         )
-
-    def backfill_honest_bound(self, n: int, latency: float, *, raised: bool) -> Bound:
-        return self.backfill_bound(n, latency, raised=raised)
 
 
 MORE_KITS: dict[str, type[Kit]] = {"pipedrive": PipedriveKit, "salesforce": SalesforceKit, "dynamics": DynamicsKit}

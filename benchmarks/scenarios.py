@@ -60,8 +60,10 @@ class Options:
 
 def pick_providers(value: str | None) -> list[Any]:
     """The kits asked for (default: all that can run here); unknown names are an error."""
-    from benchmarks.kits import KITS
+    from benchmarks.kits import KITS as FIRST
+    from benchmarks.kits_more import MORE_KITS
 
+    KITS = {**FIRST, **MORE_KITS}
     names = [n.strip().lower() for n in value.split(",")] if value else list(KITS)
     unknown = [n for n in names if n not in KITS]
     if unknown:
@@ -136,9 +138,9 @@ def push(kits: list[Any], opts: Options, log: Log) -> list[Result]:
     """Push N new outcomes (every 2nd with a company, every 5th with a deal) through the outbox."""
     from benchmarks.data import write_outcomes
 
-    n = opts.size(10_000, 1_000)
     results = []
     for kit in kits:
+        n = opts.size(*kit.push_sizes)
         if kit.missing:
             results.append(_pending("push", kit, n, "outcome"))
             continue

@@ -428,9 +428,9 @@ def test_answers_are_read_in_pieces_of_up_to_a_mebibyte() -> None:
     assert http11.HTTP11Connection.READ_NUM_BYTES >= READ_BYTES == 1 << 20
 
 
-def test_hubspot_reads_retry_a_500_and_writes_that_must_not_repeat_do_not() -> None:
-    """HubSpot's occasional 500 passes on the next try: a read (or an upsert by key) is sent again; a
-    create without a key is not (the 500 may have come after it was done)."""
+def test_reads_retry_a_500_and_writes_that_must_not_repeat_do_not() -> None:
+    """A CRM's occasional 500 (HubSpot's here) passes on the next try: a read (or an upsert by key) is
+    sent again; a create without a key is not (the 500 may have come after it was done)."""
     from crmsync.http.client import UnconfirmedWrite
     from crmsync.providers.hubspot import HubSpotPolicy
 

@@ -26,7 +26,10 @@ class ResponsePolicy:
         return response.status_code == 401
 
     def is_retriable(self, response: httpx.Response) -> bool:
-        return response.status_code in RETRIABLE_STATUS
+        # A 500 passes on the next try as often as a 502 does (the CRMs' own SDKs retry every 5xx);
+        # a write that must not be sent twice never gets here (``may_have_written`` comes first).
+        # Providers whose 500 is a deterministic error (Odoo's JSON exceptions) override this.
+        return response.status_code in RETRIABLE_STATUS or response.status_code == 500
 
     def retry_after(self, response: httpx.Response) -> float | None:
         """Seconds the server asked us to wait, or None to use our own backoff."""

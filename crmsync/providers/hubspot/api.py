@@ -30,11 +30,6 @@ class HubSpotPolicy(ResponsePolicy):
     def is_auth_expired(self, response: httpx.Response) -> bool:
         return response.status_code == 401
 
-    def is_retriable(self, response: httpx.Response) -> bool:
-        # HubSpot answers an occasional 500 that the next try does not (its Node SDK retries every
-        # 5xx); a write that must not be sent twice never gets here (``may_have_written`` comes first).
-        return response.status_code == 500 or super().is_retriable(response)
-
     def give_up(self, response: httpx.Response) -> bool:
         # The daily quota resets at midnight: no wait inside a run's deadline will fix it.
         return response.status_code == 429 and self._body(response).get("policyName") == "DAILY"
