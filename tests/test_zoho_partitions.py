@@ -50,7 +50,7 @@ def _queries(emu: ZohoEmulator) -> list[str]:
             seen.append(json.loads(request.content)["select_query"])
         return handle(request, *args)
 
-    emu._dispatch = spy  # type: ignore[method-assign]
+    emu._dispatch = spy  # type: ignore[method-assign,assignment]
     return seen
 
 
@@ -127,7 +127,7 @@ def test_changes_during_the_walk_and_deletions_are_found_by_the_next_pull(home: 
             emu.create("Contacts", {"Last_Name": "Newcomer", "Email": "new@example.com"})
         return handle(request, *args)
 
-    emu._dispatch = meddle  # type: ignore[method-assign]
+    emu._dispatch = meddle  # type: ignore[method-assign,assignment]
     first = backfill(app, connection="z", objects=["contacts"])
     assert first.outcome == "ok" and once.locked()
     second = pull(app, objects=["contacts"])[0]

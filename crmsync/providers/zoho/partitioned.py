@@ -38,6 +38,7 @@ from crmsync.providers.zoho.values import (
 )
 
 Key = tuple[datetime, int]  # where a record sits in a walk: (Modified_Time, id)
+_LowKey = tuple[datetime, int | str | None]  # a walk's lower end: a key, or a time with no id yet
 MAX_RANGES = 64  # ranges a stored plan may name (a cursor naming more is not one of ours)
 
 
@@ -62,7 +63,7 @@ def _wire(key: Key) -> list[Any]:
     return [zoho_time(key[0]), key[1]]
 
 
-def band(low: tuple[datetime, int | str | None], high: Key | None, upper: datetime) -> list[str]:
+def band(low: _LowKey, high: Key | None, upper: datetime) -> list[str]:
     """COQL criteria for the keys above ``low``, below ``high`` (None: none) and at most ``upper``."""
     low_ts = quote(zoho_time(low[0]))
     out = [
@@ -95,18 +96,8 @@ class ZohoPartitioned(ZohoSchema):
         return [f"{MARKER} is not null"] if obj in ("calls", "tasks") else []
 
     # -- planning --------------------------------------------------------------------------------
-    def _plan_partitions(
-        self,
-        obj: str,
-        state: Mapping[str, Any],
-        low: Key,
-        high: Key | None,
-        newest: Key,
-        upper: datetime,
-        deletions_read: bool,
-    ) -> dict[str, Any] | None:
-        """The id ranges of the band between a walk's ends, from its lowest and highest id (two
-        one-row queries side by side); None when the band is empty or one range would do."""
+    def _id_edges(self, obj: str, low: _LowKey, high: Key | None, upper: datetime) -> tuple[int, int] | None:
+        """The lowest and highest id in a band (two one-row queries side by side); None if it is empty."""
         where = _nest("and", [*band(low, high, upper), *self._scope(obj)])
 
         def edge(order: str) -> int | None:
@@ -116,11 +107,25 @@ class ZohoPartitioned(ZohoSchema):
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"plan-{obj}") as pool:
             first, last = pool.submit(edge, "asc"), pool.submit(edge, "desc")
             lo, hi = first.result(), last.result()
-        if lo is None or hi is None:
+        return None if lo is None or hi is None else (lo, hi)
+
+    def _plan_partitions(
+        self,
+        obj: str,
+        state: Mapping[str, Any],
+        low: Key,
+        high: Key | None,
+        newest: Key,
+        upper: datetime,
+        deletions_read: bool,
+        edges: tuple[int, int] | None,
+    ) -> dict[str, Any] | None:
+        """Equal id ranges over ``edges`` (the ids of the band, or of a wider one read earlier), two
+        per COQL slot; None when the band was empty."""
+        if edges is None:
             return None
-        count = min(MAX_RANGES, self.coql_slots * RANGES_PER_SLOT, hi - lo + 1)
-        if count < 2:
-            return None
+        lo, hi = edges
+        count = max(1, min(MAX_RANGES, self.coql_slots * RANGES_PER_SLOT, hi - lo + 1))
         step = math.ceil((hi - lo + 1) / count)
         ranges = [[a, min(a + step - 1, hi)] for a in range(lo, hi + 1, step)]
         return {

@@ -143,11 +143,22 @@ class ZohoReads(ZohoPartitioned):
         state["hi"] = zoho_time(upper)
         deleted_ts = state.get("deleted_ts")
 
+        planning = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plan-{obj}")
+        edges: list[Future[tuple[int, int] | None]] = []
+        seen: list[int] = []  # rows each query answered (both ends)
+
         def select(low: _Low, high: _Key | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
             """One page of the keys above ``low`` and below ``high`` (or up to ``upper``), from either end."""
             order = "Modified_Time desc, id desc" if desc else "Modified_Time asc, id asc"
             where = _nest("and", [*band(low, high, upper), *self._scope(obj)])
-            return self._select(obj, columns, where, order, COQL_ROWS)
+            rows, more = self._select(obj, columns, where, order, COQL_ROWS)
+            seen.append(len(rows))
+            if more and rows and not desc and not edges and self.coql_slots > 1:
+                if sum(seen) + 2 * COQL_ROWS >= PARTITION_MIN:
+                    # The next round may reach the threshold: the ids of what is left are asked for
+                    # beside it, so a walk that turns out large splits without waiting for them.
+                    edges.append(planning.submit(self._id_edges, obj, key(rows[-1]), None, upper))
+            return rows, more
 
         def key(row: dict[str, Any]) -> _Key:
             return (parse_ts(row.get("Modified_Time")) or ts, int(row["id"]))
@@ -174,19 +185,20 @@ class ZohoReads(ZohoPartitioned):
                         elif rows:  # a page from the top, in descending order
                             top, high = top or key(rows[0]), key(rows[-1])
                         yield page
+                        if mark is None and read >= PARTITION_MIN and low[1] is not None and edges:
+                            # A round's edge and the ends have not met: the band between them is
+                            # read as id ranges; nothing more is asked for here.
+                            if gone is not None and not told:
+                                told = True
+                                yield None, gone.result()
+                            yield "band", (low, high, top or low, told)
+                            return
                         if gone is None:
                             if n >= 3:
                                 gone = pool.submit(self._deletions, obj, deleted_ts, upper)
                         elif not told and gone.done():
                             told = True
                             yield None, gone.result()
-                        if mark is None and read >= PARTITION_MIN and low[1] is not None:
-                            # A round's edge: the ends have not met. Split the rest, asking nothing more here.
-                            if gone is not None and not told:
-                                told = True
-                                yield None, gone.result()
-                            yield "band", (low, high, top or low, told)
-                            return
                 finally:
                     close = getattr(walk, "close", None)
                     if close is not None:  # no round is asked for after the switch
@@ -197,29 +209,45 @@ class ZohoReads(ZohoPartitioned):
         # Each page's query needs the last row of the one before. A thread of the walk's own asks
         # for the next page as soon as that row is known; building this page's records and a busy
         # consumer happen elsewhere, so the chain of requests waits on nothing but the CRM.
-        for rows, mark in run_ahead(answers(), 2, name=f"coql-{obj}"):
-            if rows is None:
-                ids, newest = mark
-                state = {**state, "deleted_ts": newest}
-                yield Page(records=[], cursor=dict(state), deleted=ids)
-                continue
-            if isinstance(rows, str):  # the band between the ends: read as id ranges side by side
-                low, high, newest, told = mark
-                plan = self._plan_partitions(obj, state, low, high, newest, upper, told)
-                if plan is None:  # nothing between the ends after all
-                    final = {**state, "ts": zoho_time(newest[0]), "id": str(newest[1])}
-                    if not told:
-                        ids, gone_ts = self._deletions(obj, deleted_ts, upper)
-                        yield Page(records=[], cursor={**final, "deleted_ts": gone_ts}, deleted=ids)
-                    else:
-                        yield Page(records=[], cursor=final)
+        try:
+            for rows, mark in run_ahead(answers(), 2, name=f"coql-{obj}"):
+                if rows is None:
+                    ids, newest = mark
+                    state = {**state, "deleted_ts": newest}
+                    yield Page(records=[], cursor=dict(state), deleted=ids)
+                    continue
+                if isinstance(rows, str):  # the band between the ends: read as id ranges side by side
+                    yield from self._split(obj, state, columns, mark, upper, edges[0].result())
                     return
-                yield Page(records=[], cursor=partitions.compose({}, **plan))
-                yield from self._partitioned(obj, plan, columns)
-                return
-            if mark is not None:
-                state = {**state, "ts": zoho_time(mark[0]), "id": str(mark[1])}
-            yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state) if mark else None)
+                if mark is not None:
+                    state = {**state, "ts": zoho_time(mark[0]), "id": str(mark[1])}
+                yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state) if mark else None)
+        finally:
+            planning.shutdown(wait=False, cancel_futures=True)
+
+    def _split(
+        self,
+        obj: str,
+        state: dict[str, Any],
+        columns: list[str],
+        ends: tuple[_Key, _Key | None, _Key, bool],
+        upper: datetime,
+        edges: tuple[int, int] | None,
+    ) -> Iterator[Page]:
+        """The band between a walk's ends read as id ranges; the plan is stored before any range is."""
+        low, high, newest, told = ends
+        plan = self._plan_partitions(obj, state, low, high, newest, upper, told, edges)
+        if plan is not None:
+            yield Page(records=[], cursor=partitions.compose({}, **plan))
+            yield from self._partitioned(obj, plan, columns)
+            return
+        # Nothing was left between the ends when their ids were asked for: the walk is over.
+        final = {**state, "ts": zoho_time(newest[0]), "id": str(newest[1])}
+        if told:
+            yield Page(records=[], cursor=final)
+            return
+        ids, gone_ts = self._deletions(obj, state.get("deleted_ts"), upper)
+        yield Page(records=[], cursor={**final, "deleted_ts": gone_ts}, deleted=ids)
 
     def _deletions(self, obj: str, deleted_ts: str | None, upper: datetime) -> tuple[list[str], str]:
         """Records deleted since the last run (recycle bin and beyond): their ids and the new mark.
