@@ -187,3 +187,33 @@ def test_a_plan_whose_range_positions_are_damaged_rereads_only_those_ranges() ->
     damaged = {**plan, "parts": {"r0": {"at": {"last": -5, "newest": "?"}, "done": False}, "zz": 1}}
     seen = _ids(list(provider.changes("contacts", damaged, fields=FIELDS, until=UNTIL)))
     assert len(seen) == len(set(seen)) and set(seen) <= set(ids)
+
+
+def test_emulator_takes_id_ranges_but_refuses_ranges_on_lookups_as_coql_does() -> None:
+    emu = ZohoEmulator()
+    accounts = emu.bulk_create("Accounts", 2, modified_time=T0)
+    ids = emu.bulk_create("Contacts", 30, modified_time=T0, fields={"Account_Name": accounts[0]})
+    token = emu.issue_token()["access_token"]
+    client = httpx.Client(
+        transport=emu.transport(),
+        base_url="https://www.zohoapis.com/crm/v8",
+        headers={"Authorization": f"Zoho-oauthtoken {token}"},
+    )
+
+    def coql(where: str, order: str = "id asc") -> httpx.Response:
+        return client.post("/coql", json={"select_query": f"select id from Contacts where {where} order by {order}"})
+
+    got = coql(f"(id > {ids[4]} and id <= {ids[9]})").json()
+    assert [r["id"] for r in got["data"]] == ids[5:10] and got["info"]["more_records"] is False
+    # The scan that stops at a range's end answers as the full scan does.
+    scanned = coql(f"((id > {ids[4]} and id <= {ids[9]}) and Last_Name is not null)", "Modified_Time asc, id asc")
+    assert [r["id"] for r in scanned.json()["data"]] == ids[5:10]
+    for where in (
+        f"Account_Name > {accounts[0]}",
+        f"Account_Name.id <= {accounts[1]}",
+        f"Account_Name between {accounts[0]} and {accounts[1]}",
+        "Last_Name between 'a' and 'z'",
+    ):
+        refused = coql(where)
+        assert refused.status_code == 400 and refused.json()["code"] == "INVALID_QUERY", where
+    assert coql(f"Account_Name = {accounts[0]}").status_code == 200

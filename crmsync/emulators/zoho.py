@@ -2675,7 +2675,10 @@ class ZohoEmulator(Emulator):
             start = index.start(bound)
             if (pair := self._coql_pair_bound(q.where, order, upper=False)) is not None:
                 start = max(start, bisect.bisect_right(entries, (pair, _ABOVE)))
-            span = range(start, len(entries))
+            # An upper bound on the first column (an id range's end) stops the scan there, not at
+            # the module's end: the last page of each range would otherwise test every later record.
+            ceiling = self._coql_bound(q.where, first, upper=True)
+            span = range(start, len(entries) if ceiling is None else index.stop(ceiling))
         for i in span:
             rid = entries[i][2]
             if predicate(store[rid]):
@@ -2968,9 +2971,12 @@ class ZohoEmulator(Emulator):
             return value
 
         textual = spec.textual or dt == "picklist"
+        # Lookups compare by record id with =, !=, in, not in and is (not) null only (COQL's
+        # operators by field type); the record's own id is a number and takes ranges.
+        lookup = name != "id" and (name.endswith(".id") or dt in ("lookup", "ownerlookup", "multimodulelookup"))
         if kind == "cmp":
             op, target = node[2], None
-            if op in ("<", ">", "<=", ">=") and textual:
+            if op in ("<", ">", "<=", ">=") and (textual or lookup):
                 raise ApiError(
                     400,
                     "INVALID_QUERY",
@@ -3019,6 +3025,13 @@ class ZohoEmulator(Emulator):
                 return lambda r: (v := get(r)) is not None and not test(v)
             return lambda r: (v := get(r)) is not None and test(v)
         if kind == "between":
+            if textual or lookup:
+                raise ApiError(
+                    400,
+                    "INVALID_QUERY",
+                    "Invalid query formed",
+                    {"reason": "invalid operator found", "column_name": name, "operator": "between"},
+                )
             low, high = conv(node[2], "between"), conv(node[3], "between")
             return lambda r: (v := get(r)) is not None and low <= v <= high
         negate = node[2]
