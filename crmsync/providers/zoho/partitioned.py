@@ -177,15 +177,18 @@ class ZohoPartitioned(ZohoSchema):
         base = dict(plan["base"])
         where = [*band(low, high, upper), *self._scope(obj)]
         parts: dict[str, partitions.PartitionFn] = {}
+        # Pages read but not yet handed over, at most one per COQL slot: more ranges than slots
+        # must not mean more pages in memory.
+        held = threading.BoundedSemaphore(self.coql_slots)
         for i, (a, b) in enumerate(plan["ranges"]):
-            parts[f"r{i}"] = functools.partial(self._id_range, obj, columns, where, a, b, upper)
+            parts[f"r{i}"] = functools.partial(self._id_range, obj, columns, where, a, b, upper, held)
         parts["deleted"] = functools.partial(self._deleted_part, obj, base.get("deleted_ts"), upper)
         start = cursor if cursor is not None else {}
         if plan.get("deletions_read") and not partitions.parse(start).get("deleted"):
             start = partitions.compose({**partitions.parse(start), "deleted": {"at": None, "done": True}})
         extra = {k: plan[k] for k in ("mode", "base", "low", "high", "newest", "upper", "ranges", "deletions_read")}
         final: Mapping[str, Any] | None = start
-        depth = max(2, self.coql_slots)
+        depth = 2
         for page in partitions.interleave(parts, start, depth=depth, name=f"coql-{obj}", extra=extra):
             final = page.cursor
             yield page
@@ -208,7 +211,15 @@ class ZohoPartitioned(ZohoSchema):
         )
 
     def _id_range(
-        self, obj: str, columns: list[str], where: Sequence[str], a: int, b: int, upper: datetime, at: Any
+        self,
+        obj: str,
+        columns: list[str],
+        where: Sequence[str],
+        a: int,
+        b: int,
+        upper: datetime,
+        held: threading.BoundedSemaphore,
+        at: Any,
     ) -> Iterator[Page]:
         """Ids ``a``..``b`` of the band, upwards from where a stored position left them."""
         last = a - 1
@@ -216,17 +227,18 @@ class ZohoPartitioned(ZohoSchema):
         if isinstance(at, Mapping) and type(at.get("last")) is int and a - 1 <= at["last"] <= b:
             last, newest = at["last"], _stored_key(at.get("newest"))
         while last < b:
-            cond = _nest("and", [*where, f"id > {last}", f"id <= {b}"])
-            rows, more = self._select(obj, columns, cond, "id asc", COQL_ROWS)
-            if not rows:
-                return
-            last = int(rows[-1]["id"])
-            top = max(key_of(r, upper) for r in rows)
-            newest = top if newest is None else max(newest, top)
-            yield Page(
-                records=[self._record(obj, r) for r in rows],
-                cursor={"last": last, "newest": _wire(newest)},
-            )
+            with held:  # released once the page is queued (this generator is asked for the next)
+                cond = _nest("and", [*where, f"id > {last}", f"id <= {b}"])
+                rows, more = self._select(obj, columns, cond, "id asc", COQL_ROWS)
+                if not rows:
+                    return
+                last = int(rows[-1]["id"])
+                top = max(key_of(r, upper) for r in rows)
+                newest = top if newest is None else max(newest, top)
+                yield Page(
+                    records=[self._record(obj, r) for r in rows],
+                    cursor={"last": last, "newest": _wire(newest)},
+                )
             if not more:
                 return
 
