@@ -18,7 +18,7 @@ from crmsync.emulators.base import Faults
 from crmsync.emulators.zoho import ZohoEmulator
 from crmsync.providers.base import Page
 from crmsync.sync.pull import backfill, pull
-from tests.e2e import write_config
+from tests.e2e import pull_stopped_before_page, write_config
 from tests.test_provider_zoho import provider_of, zoho_app
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -217,3 +217,24 @@ def test_emulator_takes_id_ranges_but_refuses_ranges_on_lookups_as_coql_does() -
         refused = coql(where)
         assert refused.status_code == 400 and refused.json()["code"] == "INVALID_QUERY", where
     assert coql(f"Account_Name = {accounts[0]}").status_code == 200
+
+
+@pytest.mark.parametrize("kill_at", [5, 9, 14])
+def test_a_pull_killed_mid_split_resumes_each_range_and_stores_every_record_once(
+    kill_at: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CRMSYNC_HOME", str(tmp_path))
+    emu = ZohoEmulator()
+    ids = _seed(emu, 200)
+    app = zoho_app(emu)
+    assert pull_stopped_before_page(app, kill_at, ["contacts"])
+    checkpoint = app.store.mirror.cursor("z", "contacts")
+    assert checkpoint is not None and checkpoint.get("mode") == "partitioned"
+    stored = len(app.store.mirror.records("z", "contacts"))
+    resumed = pull(app, objects=["contacts"])[0]
+    assert resumed.outcome == "ok", resumed.error
+    assert resumed.objects[0].read == len(ids) - stored  # each range went on from its stored page
+    rows = app.store.mirror.records("z", "contacts")
+    assert len(rows) == len({r.remote_id for r in rows}) == len(ids)
+    cursor = app.store.mirror.cursor("z", "contacts")
+    assert cursor is not None and "mode" not in cursor and cursor["id"] in ids
