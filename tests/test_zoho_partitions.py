@@ -144,16 +144,19 @@ def test_changes_during_the_walk_and_deletions_are_found_by_the_next_pull(home: 
     assert third.objects[0].created == 0 and third.objects[0].updated == 0
 
 
-@pytest.mark.parametrize("concurrency", [2, 4])
+@pytest.mark.parametrize("concurrency", [2, 4, 12])
 def test_requests_in_flight_never_exceed_the_configured_concurrency(home: Path, concurrency: int) -> None:
+    """Nor COQL calls Zoho's sub-concurrency of 10, when the configured concurrency is higher."""
     emu = ZohoEmulator()
     _seed(emu, 300)
-    emu.bulk_create("Deals", 200, modified_time=T0)
+    emu.bulk_create("Deals", 300, modified_time=T0)
+    emu.bulk_create("Accounts", 300, modified_time=T0)
     write_config(home, "z", concurrency=concurrency)
     app = zoho_app(emu)
-    emu.faults = Faults(latency_ms=5, max_concurrent=concurrency, seed=1)
-    emu.sub_concurrency = concurrency
-    done = backfill(app, connection="z", objects=["contacts", "deals"])
+    # Long enough answers that more than 10 COQL calls would be in flight if nothing held them back.
+    emu.faults = Faults(latency_ms=40 if concurrency > 10 else 5, max_concurrent=concurrency, seed=1)
+    emu.sub_concurrency = min(concurrency, 10)
+    done = backfill(app, connection="z", objects=["contacts", "deals", "companies"])
     assert done.outcome == "ok"
     assert emu.stats.rate_limited == 0
     assert 1 < emu.stats.concurrent_peak <= concurrency
