@@ -241,3 +241,52 @@ def test_a_pull_killed_mid_split_resumes_each_range_and_stores_every_record_once
     assert len(rows) == len({r.remote_id for r in rows}) == len(ids)
     cursor = app.store.mirror.cursor("z", "contacts")
     assert cursor is not None and "mode" not in cursor and cursor["id"] in ids
+
+
+@pytest.mark.slow
+def test_a_backfill_sigkilled_mid_split_resumes_each_range_and_stores_every_record_once(home: Path) -> None:
+    """The CLI with Zoho's own page size and threshold, SIGKILLed while the ranges are read."""
+    from crmsync.app import App
+    from crmsync.sync.connect import connect
+    from tests.e2e import ScriptIO, cli_env, run_cli
+    from tests.test_resilience import _run_and_kill_when
+
+    n = 16_000
+    emu = ZohoEmulator()
+    emu.bulk_create("Contacts", n, modified_time=T0)
+    queries = _queries(emu)
+    with emu.serve() as server:
+        app = App()
+        options = {"client_id": emu.client_id, "grant_code": emu.grant_code()}
+        connect(app, provider="zoho", name="zk", base_url=server.url, options=options, io=ScriptIO(emu.client_secret))
+        secret = json.dumps(app.secrets.get("zk"))
+        app.close()
+        emu.faults = Faults(latency_ms=30, seed=3)
+        env = cli_env(home, "zk", secret)
+        args = ["--quiet", "backfill", "-c", "zk", "--object", "contacts"]
+        killed_mid_split = 0
+        for _ in range(3):
+            # Killed a moment after two more range pages were asked for: by progress, not the clock.
+            start = sum("id <=" in q for q in queries)
+
+            def progressed(start: int = start) -> bool:
+                return sum("id <=" in q for q in queries) >= start + 2
+
+            code = _run_and_kill_when(args, env, progressed, then=0.3)
+            app = App(env={"CRMSYNC_HOME": str(home)})
+            checkpoint = app.store.mirror.cursor("zk", "contacts", "backfill")
+            app.close()
+            if code is None and checkpoint and checkpoint.get("mode") == "partitioned":
+                killed_mid_split += 1
+        assert killed_mid_split >= 2
+        last = run_cli(["--json", "backfill", "-c", "zk", "--object", "contacts"], env)
+        assert last.code == 0, last.stderr
+        assert last.json()["objects"]["contacts"]["read"] < n  # each range went on from its checkpoint
+        app = App(env={"CRMSYNC_HOME": str(home)})
+        rows = app.store.mirror.records("zk", "contacts")
+        assert len(rows) == len({r.remote_id for r in rows}) == n
+        assert app.store.mirror.cursor("zk", "contacts", "backfill") is None
+        app.close()
+        nxt = run_cli(["--json", "pull", "-c", "zk", "--object", "contacts"], env)
+        assert nxt.code == 0, nxt.stderr
+        assert json.loads(nxt.stdout)["results"][0]["objects"]["contacts"]["created"] == 0
