@@ -249,12 +249,11 @@ def test_a_backfill_sigkilled_mid_split_resumes_each_range_and_stores_every_reco
     from crmsync.app import App
     from crmsync.sync.connect import connect
     from tests.e2e import ScriptIO, cli_env, run_cli
-    from tests.test_resilience import _run_and_kill_when
+    from tests.test_resilience import _run_and_kill_when, _stored
 
     n = 16_000
     emu = ZohoEmulator()
     emu.bulk_create("Contacts", n, modified_time=T0)
-    queries = _queries(emu)
     with emu.serve() as server:
         app = App()
         options = {"client_id": emu.client_id, "grant_code": emu.grant_code()}
@@ -265,14 +264,13 @@ def test_a_backfill_sigkilled_mid_split_resumes_each_range_and_stores_every_reco
         env = cli_env(home, "zk", secret)
         args = ["--quiet", "backfill", "-c", "zk", "--object", "contacts"]
         killed_mid_split = 0
-        for _ in range(3):
-            # Killed a moment after two more range pages were asked for: by progress, not the clock.
-            start = sum("id <=" in q for q in queries)
+        db = home / "crmsync.db"
+        for target in (8_000, 10_000, 12_000):
+            # Killed once a range's page is stored (the plan is stored before any): by progress, not the clock.
+            def progressed(target: int = target) -> bool:
+                return _stored(db, "zk", "contacts") >= target
 
-            def progressed(start: int = start) -> bool:
-                return sum("id <=" in q for q in queries) >= start + 2
-
-            code = _run_and_kill_when(args, env, progressed, then=0.3)
+            code = _run_and_kill_when(args, env, progressed, then=0.05)
             app = App(env={"CRMSYNC_HOME": str(home)})
             checkpoint = app.store.mirror.cursor("zk", "contacts", "backfill")
             app.close()
