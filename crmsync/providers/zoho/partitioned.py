@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+from crmsync.http import deferring
 from crmsync.providers import partitions
 from crmsync.providers.base import Page, ProviderContext
 from crmsync.providers.zoho.schema import ZohoSchema
@@ -101,7 +102,10 @@ class ZohoPartitioned(ZohoSchema):
         where = _nest("and", [*band(low, high, upper), *self._scope(obj)])
 
         def edge(order: str) -> int | None:
-            rows, _ = self._coql(f"select id from {MODULES[obj]} where {where} order by id {order} limit 1", 1)
+            # Asked for beside a round of pages, which may turn out to be the walk's last: they
+            # take a slot only when no page waits for one.
+            with deferring():
+                rows, _ = self._coql(f"select id from {MODULES[obj]} where {where} order by id {order} limit 1", 1)
             return int(rows[0]["id"]) if rows else None
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"plan-{obj}") as pool:
