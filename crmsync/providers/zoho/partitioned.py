@@ -237,11 +237,12 @@ class ZohoPartitioned(ZohoSchema):
                 if not rows:
                     return
                 last = int(rows[-1]["id"])
-                top = max(key_of(r, upper) for r in rows)
-                newest = top if newest is None else max(newest, top)
+                # A row without a time (never, as selected) cannot move the hand-over point.
+                keys = [key_of(r, newest[0] if newest else upper) for r in rows if parse_ts(r.get("Modified_Time"))]
+                newest = max([*keys, *([newest] if newest else [])], default=None)
                 yield Page(
                     records=[self._record(obj, r) for r in rows],
-                    cursor={"last": last, "newest": _wire(newest)},
+                    cursor={"last": last, "newest": _wire(newest) if newest else None},
                 )
             if not more:
                 return
