@@ -2638,10 +2638,10 @@ class ZohoEmulator(Emulator):
         A keyset walk (``Modified_Time >= X ... order by Modified_Time asc, id asc limit 2000``)
         otherwise scans and sorts the whole module per page under the emulator's lock: ~60 ms for
         15,000 records, which a real CRM's index does not spend and the benchmarks would measure
-        as the client's. Only for orders by id and record times, all ascending with a lower bound
-        on the first column in the where clause, or all descending down to id (the same copy read
-        backwards) with an upper bound; the predicate still decides every record, in the same
-        order the scan gives.
+        as the client's. Only for orders by id and record times, all ascending, or all descending
+        down to id (the same copy read backwards); bounds on the first column in the where clause
+        narrow the part read, and the predicate still decides every record, in the same order the
+        scan gives.
         """
         order = q.order or [("id", False)]
         descending = order[0][1]
@@ -2652,9 +2652,9 @@ class ZohoEmulator(Emulator):
         # goes when its target is deleted): the index is kept in step by the record's own writes.
         if any(col not in ("id", "Created_Time", "Modified_Time") for col, _ in order):
             return None
+        # Without a bound the scan starts at the index's end; the predicate still decides every
+        # record (``order by id desc limit 1`` finds a band's highest id without sorting the module).
         bound = self._coql_bound(q.where, first, upper=descending)
-        if bound is None:
-            return None
         ascending = tuple((col, False) for col, _ in order)
         index = self._coql_sorted.get((q.module, ascending))
         if index is None:
@@ -2667,15 +2667,18 @@ class ZohoEmulator(Emulator):
         hits = _Prefix()
         entries = index.entries
         if descending:
-            stop = index.stop(bound)
+            stop = len(entries) if bound is None else index.stop(bound)
             if (pair := self._coql_pair_bound(q.where, order, upper=True)) is not None:
                 stop = min(stop, bisect.bisect_left(entries, (pair,)))
             span = range(stop - 1, -1, -1)
         else:
-            start = index.start(bound)
+            start = 0 if bound is None else index.start(bound)
             if (pair := self._coql_pair_bound(q.where, order, upper=False)) is not None:
                 start = max(start, bisect.bisect_right(entries, (pair, _ABOVE)))
-            span = range(start, len(entries))
+            # An upper bound on the first column (an id range's end) stops the scan there, not at
+            # the module's end: the last page of each range would otherwise test every later record.
+            ceiling = self._coql_bound(q.where, first, upper=True)
+            span = range(start, len(entries) if ceiling is None else index.stop(ceiling))
         for i in span:
             rid = entries[i][2]
             if predicate(store[rid]):
@@ -2968,9 +2971,12 @@ class ZohoEmulator(Emulator):
             return value
 
         textual = spec.textual or dt == "picklist"
+        # Lookups compare by record id with =, !=, in, not in and is (not) null only (COQL's
+        # operators by field type); the record's own id is a number and takes ranges.
+        lookup = name != "id" and (name.endswith(".id") or dt in ("lookup", "ownerlookup", "multimodulelookup"))
         if kind == "cmp":
             op, target = node[2], None
-            if op in ("<", ">", "<=", ">=") and textual:
+            if op in ("<", ">", "<=", ">=") and (textual or lookup):
                 raise ApiError(
                     400,
                     "INVALID_QUERY",
@@ -3019,6 +3025,13 @@ class ZohoEmulator(Emulator):
                 return lambda r: (v := get(r)) is not None and not test(v)
             return lambda r: (v := get(r)) is not None and test(v)
         if kind == "between":
+            if textual or lookup:
+                raise ApiError(
+                    400,
+                    "INVALID_QUERY",
+                    "Invalid query formed",
+                    {"reason": "invalid operator found", "column_name": name, "operator": "between"},
+                )
             low, high = conv(node[2], "between"), conv(node[3], "between")
             return lambda r: (v := get(r)) is not None and low <= v <= high
         negate = node[2]

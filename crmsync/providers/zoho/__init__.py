@@ -10,8 +10,9 @@ Facts this package relies on are in shared/reference/zoho.md; the ones that shap
   pages cost 1 credit per 200 and stop at 100,000 records), no offsets, and a record changed during
   the walk moves behind the cursor instead of shifting a page; Modified_Time has whole seconds, so
   thousands of records share one and the id breaks the tie; a large backlog is walked from both
-  ends (descending from the run's upper bound) to halve the round trips; deletions come from
-  ``/deleted``, asked for alongside the walk;
+  ends (descending from the run's upper bound) to halve the round trips, and once the ends have
+  read three pages without meeting, the band between them is read as id ranges side by side, each
+  range checkpointed; deletions come from ``/deleted``, asked for alongside the walk;
 * writes take 100 records, answer per record in input order (201/200, 207, 400 when all failed) and
   run workflows unless ``trigger`` is ``[]``; upsert matches on ``duplicate_check_fields``;
 * calls and tasks carry ``crmsync_outcome_id``, a unique custom field: a re-sent call is refused with
@@ -22,7 +23,8 @@ Facts this package relies on are in shared/reference/zoho.md; the ones that shap
 One concept per module, each a layer of ``ZohoProvider`` that builds on the ones before it, as in the
 Odoo package: ``values`` (module names, link fields, COQL limits and text, timestamps, response
 bodies), ``auth`` (accounts servers, scopes, the token call), ``api`` (``ZohoPolicy`` and the counted
-requests), ``schema`` (field metadata, the unique fields push needs, the org's users), ``reads``
+requests), ``schema`` (field metadata, the unique fields push needs, the org's users),
+``partitioned`` (a walk's middle split into id ranges, and COQL's sub-concurrency), ``reads``
 (``changes``, ``fetch``, ``list_ids``, ``lookup``: every COQL read of records), ``writes`` (upserts,
 calls and tasks), ``channels`` (notification channels) and ``provider`` (the registry's class and the
 connect flow); ``webhook`` receives what the channels send.

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from crmsync.http import deferring
+from crmsync.providers import partitions
 from crmsync.providers.base import (
     Page,
     ProviderContext,
@@ -18,7 +19,7 @@ from crmsync.providers.base import (
     run_ahead,
     walk_both_ends,
 )
-from crmsync.providers.zoho.schema import ZohoSchema
+from crmsync.providers.zoho.partitioned import ZohoPartitioned, band
 from crmsync.providers.zoho.values import (
     BATCH,
     COQL_COLUMNS,
@@ -30,6 +31,7 @@ from crmsync.providers.zoho.values import (
     LINKS,
     MARKER,
     MODULES,
+    PARTITION_MIN,
     SE_MODULE_OBJECT,
     _in_groups,
     _json,
@@ -46,7 +48,7 @@ _Low = tuple[datetime, int | str | None]  # a walk's lower end: a key, or a time
 PHONE_SEARCHES = 20  # search calls per lookup batch for phones COQL could not match exactly
 
 
-class ZohoReads(ZohoSchema):
+class ZohoReads(ZohoPartitioned):
     """Pull's reads and push's look-ups by key: every query for records of a module lives here."""
 
     def __init__(self, ctx: ProviderContext) -> None:
@@ -99,10 +101,6 @@ class ZohoReads(ZohoSchema):
                     by_id.get(str(r["id"]), {}).update({k: v for k, v in r.items() if k != "id"})
         return rows, more
 
-    def _scope(self, obj: str) -> list[str]:
-        # Only the calls and tasks crmsync logged are pulled (an org's own call log is not ours).
-        return [f"{MARKER} is not null"] if obj in ("calls", "tasks") else []
-
     def changes(
         self,
         obj: str,
@@ -114,6 +112,17 @@ class ZohoReads(ZohoSchema):
     ) -> Iterator[Page]:
         if obj in ("calls", "tasks") and not self._has_field(obj, MARKER):
             return  # crmsync never logged one here: nothing of ours to pull
+        columns = self._columns(obj, fields)
+        if (cursor or {}).get("mode") == "partitioned":
+            assert cursor is not None
+            plan = self._stored_plan(cursor)
+            if plan is not None:
+                yield from self._partitioned(obj, plan, columns, cursor)
+                return
+            # Not a plan of ours (another version, a damaged row): walk again from where it began;
+            # what was stored meanwhile is read again and found unchanged.
+            base = cursor.get("base")
+            cursor = dict(base) if isinstance(base, dict) and parse_ts(base.get("ts")) else None
         upper = (until or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
         state = dict(cursor or {})
         if not state:
@@ -133,56 +142,112 @@ class ZohoReads(ZohoSchema):
                 ts, last_id = min(ts, hi - self.lookback), None
         state["hi"] = zoho_time(upper)
         deleted_ts = state.get("deleted_ts")
-        columns = self._columns(obj, fields)
+
+        planning = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plan-{obj}")
+        edges: list[Future[tuple[int, int] | None]] = []
+        seen: list[int] = []  # rows each query answered (both ends)
 
         def select(low: _Low, high: _Key | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
             """One page of the keys above ``low`` and below ``high`` (or up to ``upper``), from either end."""
-            low_ts, low_id = quote(zoho_time(low[0])), low[1]
-            keyset = [
-                f"Modified_Time >= {low_ts}"
-                if low_id is None
-                else f"(Modified_Time > {low_ts} or (Modified_Time = {low_ts} and id > {int(low_id)}))",
-                f"Modified_Time <= {quote(zoho_time(upper))}",
-            ]
-            if high is not None:
-                high_ts = quote(zoho_time(high[0]))
-                keyset.append(f"(Modified_Time < {high_ts} or (Modified_Time = {high_ts} and id < {high[1]}))")
             order = "Modified_Time desc, id desc" if desc else "Modified_Time asc, id asc"
-            return self._select(obj, columns, _nest("and", [*keyset, *self._scope(obj)]), order, COQL_ROWS)
+            where = _nest("and", [*band(low, high, upper), *self._scope(obj)])
+            rows, more = self._select(obj, columns, where, order, COQL_ROWS)
+            seen.append(len(rows))
+            if more and rows and not desc and not edges and self.coql_slots > 1:
+                if sum(seen) + 2 * COQL_ROWS >= PARTITION_MIN:
+                    # The next round may reach the threshold: the ids of what is left are asked for
+                    # beside it, so a walk that turns out large splits without waiting for them.
+                    edges.append(planning.submit(self._id_edges, obj, key(rows[-1]), None, upper))
+            return rows, more
 
         def key(row: dict[str, Any]) -> _Key:
             return (parse_ts(row.get("Modified_Time")) or ts, int(row["id"]))
 
-        def answers() -> Iterator[tuple[list[dict[str, Any]] | None, Any]]:
-            """Pages of the walk, and the deletions (asked for alongside it) once they are known."""
+        def answers() -> Iterator[tuple[Any, Any]]:
+            """Pages of the walk, the deletions (asked for alongside it) once they are known, and,
+            once the ends have read PARTITION_MIN rows without meeting, the band left between them."""
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"coql-{obj}") as pool:
                 # Asked for once two rounds are in (a page, then one from each end): the rounds where
                 # every object's walk starts and widens take the slots first.
                 gone: Future[tuple[list[str], str]] | None = None
                 told = False
-                for n, page in enumerate(walk_both_ends(select, key, (ts, last_id), pool), 1):
-                    yield page
-                    if gone is None:
-                        if n >= 3:
-                            gone = pool.submit(self._deletions, obj, deleted_ts, upper)
-                    elif not told and gone.done():
-                        told = True
-                        yield None, gone.result()
+                low: _Low = (ts, last_id)
+                high: _Key | None = None
+                top: _Key | None = None
+                read = 0
+                walk = walk_both_ends(select, key, low, pool)
+                try:
+                    for n, page in enumerate(walk, 1):
+                        rows, mark = page
+                        read += len(rows)
+                        if mark is not None:
+                            low = mark
+                        elif rows:  # a page from the top, in descending order
+                            top, high = top or key(rows[0]), key(rows[-1])
+                        yield page
+                        if mark is None and read >= PARTITION_MIN and low[1] is not None and edges:
+                            # A round's edge and the ends have not met: the band between them is
+                            # read as id ranges; nothing more is asked for here.
+                            if gone is not None and not told:
+                                told = True
+                                yield None, gone.result()
+                            yield "band", (low, high, top or low, told)
+                            return
+                        if gone is None:
+                            if n >= 3:
+                                gone = pool.submit(self._deletions, obj, deleted_ts, upper)
+                        elif not told and gone.done():
+                            told = True
+                            yield None, gone.result()
+                finally:
+                    close = getattr(walk, "close", None)
+                    if close is not None:  # no round is asked for after the switch
+                        close()
                 if not told:
                     yield None, (gone or pool.submit(self._deletions, obj, deleted_ts, upper)).result()
 
         # Each page's query needs the last row of the one before. A thread of the walk's own asks
         # for the next page as soon as that row is known; building this page's records and a busy
         # consumer happen elsewhere, so the chain of requests waits on nothing but the CRM.
-        for rows, mark in run_ahead(answers(), 2, name=f"coql-{obj}"):
-            if rows is None:
-                ids, newest = mark
-                state = {**state, "deleted_ts": newest}
-                yield Page(records=[], cursor=dict(state), deleted=ids)
-                continue
-            if mark is not None:
-                state = {**state, "ts": zoho_time(mark[0]), "id": str(mark[1])}
-            yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state) if mark else None)
+        try:
+            for rows, mark in run_ahead(answers(), 2, name=f"coql-{obj}"):
+                if rows is None:
+                    ids, newest = mark
+                    state = {**state, "deleted_ts": newest}
+                    yield Page(records=[], cursor=dict(state), deleted=ids)
+                    continue
+                if isinstance(rows, str):  # the band between the ends: read as id ranges side by side
+                    yield from self._split(obj, state, columns, mark, upper, edges[0].result())
+                    return
+                if mark is not None:
+                    state = {**state, "ts": zoho_time(mark[0]), "id": str(mark[1])}
+                yield Page(records=[self._record(obj, r) for r in rows], cursor=dict(state) if mark else None)
+        finally:
+            planning.shutdown(wait=False, cancel_futures=True)
+
+    def _split(
+        self,
+        obj: str,
+        state: dict[str, Any],
+        columns: list[str],
+        ends: tuple[_Key, _Key | None, _Key, bool],
+        upper: datetime,
+        edges: tuple[int, int] | None,
+    ) -> Iterator[Page]:
+        """The band between a walk's ends read as id ranges; the plan is stored before any range is."""
+        low, high, newest, told = ends
+        plan = self._plan_partitions(obj, state, low, high, newest, upper, told, edges)
+        if plan is not None:
+            yield Page(records=[], cursor=partitions.compose({}, **plan))
+            yield from self._partitioned(obj, plan, columns)
+            return
+        # Nothing was left between the ends when their ids were asked for: the walk is over.
+        final = {**state, "ts": zoho_time(newest[0]), "id": str(newest[1])}
+        if told:
+            yield Page(records=[], cursor=final)
+            return
+        ids, gone_ts = self._deletions(obj, state.get("deleted_ts"), upper)
+        yield Page(records=[], cursor={**final, "deleted_ts": gone_ts}, deleted=ids)
 
     def _deletions(self, obj: str, deleted_ts: str | None, upper: datetime) -> tuple[list[str], str]:
         """Records deleted since the last run (recycle bin and beyond): their ids and the new mark.

@@ -32,6 +32,15 @@ COQL_ROWS = 2000
 COQL_COLUMNS = 50
 COQL_IN = 50  # values per IN (...)
 COQL_CRITERIA = 25
+#: COQL calls in flight at once: Zoho's sub-concurrency for heavy calls, whatever the edition (reference section 4).
+COQL_CONCURRENCY = 10
+#: Rows a walk from both ends has read before the rest is split into id ranges read side by side:
+#: below three pages, walking both ends ends within two round trips, which a plan (one round trip)
+#: plus a round of range pages cannot beat.
+PARTITION_MIN = 3 * COQL_ROWS
+#: Id ranges per COQL slot: more ranges than slots keep every slot busy when the changed records
+#: crowd into part of the id space (an incremental pull's edits, a module's newest records).
+RANGES_PER_SLOT = 2
 
 
 # -- time and COQL text ------------------------------------------------------------------------------
