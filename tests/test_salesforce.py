@@ -411,6 +411,10 @@ def test_a_backfill_above_the_threshold_is_one_bulk_job_resumed_after_a_kill(
     assert len({r.remote_id for r in stored}) == 3_000 == len(stored)
     # Resumed at the second page's locator: four pages, not the five of a new start.
     assert emulator.stats.by_route["GET bulk query results"] - read_before == 4
+    # The Bulk read ends the window: the next pull starts there and reads nothing again.
+    time.sleep(1.1)  # whole seconds: the next window must end after the first one's second
+    again = pull(app, objects=["contacts"])[0]
+    assert again.outcome == "ok" and again.objects[0].read == 0, again.objects[0]
 
     # A job purged before the run resumed (seven days) is started again, not an error.
     write_config(home, "sf", bulk_threshold=100)

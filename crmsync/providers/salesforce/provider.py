@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote as urlquote
@@ -349,7 +349,7 @@ class SalesforceProvider(Provider):
                     )
                     state["locator"] = None
         if state.get("bulk"):
-            yield from self._bulk_pages(sobject, state, cols, where)
+            state = yield from self._bulk_pages(sobject, state, cols, where)
         else:
             # queryAll: a delete moves SystemModstamp, so the recycle bin's rows arrive in the same keyset walk.
             q = soql.delta(
@@ -365,7 +365,11 @@ class SalesforceProvider(Provider):
                 yield Page(live, dict(state), deleted=gone, total=total)
         yield self._deletions(sobject, state)
 
-    def _bulk_pages(self, sobject: str, state: dict[str, Any], cols: list[str], where: str) -> Iterator[Page]:
+    def _bulk_pages(
+        self, sobject: str, state: dict[str, Any], cols: list[str], where: str
+    ) -> Generator[Page, None, dict[str, Any]]:
+        """The Bulk job's result pages, each with the locator as its checkpoint; returns the window's
+        end as the state the deletions page (and so the next pull) starts from."""
         job = str(state["bulk"])
         try:
             bulk.wait_for(self._raw, job)
@@ -383,6 +387,7 @@ class SalesforceProvider(Provider):
             else:
                 state = {**state, "locator": nxt}
             yield Page([self._record(sobject, r) for r in rows], dict(state))
+        return state
 
     def _deletions(self, sobject: str, state: dict[str, Any]) -> Page:
         """The window's end as the cursor, with what ``getDeleted`` reports since the last run.
