@@ -108,6 +108,20 @@ def test_push_logs_each_call_once_with_its_person_and_a_re_push_writes_nothing(h
     assert emulator.stats.writes == writes
 
 
+def test_an_entitys_fields_are_read_once_however_many_threads_ask_at_once(home: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    emulator = PipedriveEmulator(limits=False, faults=Faults(latency_ms=30, seed=3))
+    app = _app(emulator)
+    provider = app.provider(app.store.connections.get("pd"))
+    before = emulator.stats.by_route["GET organizationFields"]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = list(pool.map(lambda _i: provider._custom_codes("organization"), range(8)))
+    assert emulator.stats.by_route["GET organizationFields"] - before == 1
+    assert all(codes == found[0] for codes in found)
+    app.close()
+
+
 @pytest.mark.slow
 def test_a_new_store_finds_the_calls_already_logged_and_logs_none_again(home: Path, tmp_path: Path) -> None:
     write_config(home, "pd", rate_limit=40)

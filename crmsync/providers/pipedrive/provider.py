@@ -177,6 +177,7 @@ class PipedriveProvider(Provider):
         self._codes: dict[str, dict[str, str]] = {}  # entity -> label -> custom field code
         self._users: dict[str, str] | None = None
         self._lock = threading.Lock()
+        self._reading_fields = threading.Lock()  # one read of an entity's fields, however many threads ask
         self._persons = index.PersonIndex(lambda params: self._walk("/api/v2/persons", params, None))
 
     # -- requests --------------------------------------------------------------------------------
@@ -272,21 +273,25 @@ class PipedriveProvider(Provider):
                 return out
 
     def _custom_codes(self, entity: str) -> dict[str, str]:
-        """crmsync's custom fields of an entity: label -> 40-character code (read once per run)."""
-        with self._lock:
-            if entity in self._codes:
-                return dict(self._codes[entity])
-        codes = {
-            str(f["field_name"]): str(f["field_code"])
-            for f in self._field_docs(entity)
-            if f.get("is_custom_field") and str(f.get("field_name")) in rec.CUSTOM
-        }
-        with self._lock:
-            # Merged, not replaced: prepare_objects may have created a field while this read ran.
-            merged = self._codes.setdefault(entity, {})
-            for label, code in codes.items():
-                merged.setdefault(label, code)
-            return dict(merged)
+        """crmsync's custom fields of an entity: label -> 40-character code (read once per run).
+
+        The lookup threads all ask at the start of a push: the first reads, the others wait for it.
+        """
+        with self._reading_fields:
+            with self._lock:
+                if entity in self._codes:
+                    return dict(self._codes[entity])
+            codes = {
+                str(f["field_name"]): str(f["field_code"])
+                for f in self._field_docs(entity)
+                if f.get("is_custom_field") and str(f.get("field_name")) in rec.CUSTOM
+            }
+            with self._lock:
+                # Merged, not replaced: prepare_objects may have created a field while this read ran.
+                merged = self._codes.setdefault(entity, {})
+                for label, code in codes.items():
+                    merged.setdefault(label, code)
+                return dict(merged)
 
     def fields(self, obj: str) -> list[FieldInfo]:
         entity = rec.ENTITY[rec.OBJ[obj]]
