@@ -101,3 +101,13 @@ def test_a_settled_turn_leaves_the_window_one_window_after_its_answer_however_lo
     window.acquire()
     waited = time.monotonic() - answered
     assert 0.2 <= waited < 0.2 + 0.05
+
+
+def test_a_window_not_counted_from_answers_lets_a_turn_go_one_window_and_its_margin_after_it_was_taken() -> None:
+    window = RateLimit(1, 0.2, from_answers=False).bucket()
+    window.acquire()
+    taken = time.monotonic()
+    time.sleep(0.1)
+    window.settle()  # ignored: this window counts from the turns
+    window.acquire()
+    assert 0.2 <= time.monotonic() - taken < 0.2 + 0.05

@@ -19,14 +19,21 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class RateLimit:
-    """At most ``requests`` in any ``per_seconds`` window (a rolling window, as CRMs count)."""
+    """At most ``requests`` in any ``per_seconds`` window (a rolling window, as CRMs count).
+
+    ``from_answers``: a request's turn leaves the window ``per_seconds`` after its answer (exact:
+    never a 429 from our own traffic, at the cost of one round trip per window, a tenth of a
+    one-second window at 100 ms); False: ``per_seconds`` plus a margin after it was sent (for a
+    budget set below the CRM's own limit, where the margin cannot be overrun).
+    """
 
     requests: int
     per_seconds: float
+    from_answers: bool = True
 
     def bucket(self) -> SlidingWindow:
         """The limiter one process uses: the CRM's own rule, counted the way the CRM counts it."""
-        return SlidingWindow(self.requests, self.per_seconds)
+        return SlidingWindow(self.requests, self.per_seconds, from_answers=self.from_answers)
 
     def token_bucket(self) -> TokenBucket:
         """The same limit as a token bucket (state shared through Redis, see ``crmsync.scaleout``).
@@ -132,8 +139,9 @@ class SlidingWindow:
     #: Seconds added to a settled turn's window: only for clocks that tick at slightly different rates.
     SETTLED = 0.005
 
-    def __init__(self, requests: int, per_seconds: float) -> None:
+    def __init__(self, requests: int, per_seconds: float, *, from_answers: bool = True) -> None:
         self.requests = max(1, requests)
+        self.from_answers = from_answers
         self.per_seconds = per_seconds
         self.window = per_seconds + self.JITTER + self.SEND * self.requests
         self.settled_window = per_seconds + self.SETTLED
@@ -244,7 +252,7 @@ class SlidingWindow:
         times. Once per request: a second call does nothing. A turn that left the window while its
         request was still in flight (an answer slower than the window) is counted again from now."""
         end = getattr(self._mine, "stamp", None)
-        if end is None or getattr(self._mine, "settled", True):
+        if end is None or getattr(self._mine, "settled", True) or not self.from_answers:
             return
         with self.lock:
             now = time.monotonic()
