@@ -111,3 +111,21 @@ def test_a_window_not_counted_from_answers_lets_a_turn_go_one_window_and_its_mar
     window.settle()  # ignored: this window counts from the turns
     window.acquire()
     assert 0.2 <= time.monotonic() - taken < 0.2 + 0.05
+
+
+def test_turns_reserved_for_a_next_step_are_left_to_requests_that_do_not_defer() -> None:
+    from crmsync.http import deferring
+
+    window = SlidingWindow(3, 10.0)
+    assert window.try_acquire()
+    window.reserve(2)  # a lane's next step will need two
+    with deferring():
+        assert not window.try_acquire()  # a call may not take them
+    assert window.try_acquire()  # the next step's request may
+    window.reserve(-1)
+    with deferring():
+        assert not window.try_acquire()  # the last turn is still reserved
+    window.reserve(-1)
+    with deferring():
+        assert window.try_acquire()  # none reserved any more
+    assert window.free() == 0

@@ -440,6 +440,8 @@ def test_every_call_is_sent_only_after_the_contact_and_deal_it_links_to_were_wri
             for i in range(60)
         ]
         summary = push(app, source=str(write(tmp_path, rows)), connection="hs", settings=PushSettings(lane_size=7))
+        general = app.provider(app.connection("hs")).http.buckets["default"]
+        assert getattr(general, "reserved", None) == 0  # every lane gave back the turns it kept for its next step
     finally:
         app.close()
     assert (summary.created, summary.failed) == (60, 0), summary

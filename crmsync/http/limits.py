@@ -152,6 +152,14 @@ class SlidingWindow:
         self.lock = threading.Lock()
         self._mine = threading.local()  # each thread's last turn (its end, when taken, settled?)
         self.waiting = 0  # callers not deferring (see ``deferring``) that found no turn free
+        self.reserved = 0  # turns deferring callers leave free for requests about to be sent (``reserve``)
+
+    def reserve(self, turns: int) -> None:
+        """Keep ``turns`` more (fewer, if negative) free of deferring requests: requests that others
+        depend on will ask for them as soon as the answers they wait for are in (a push's next step),
+        and a leaf that took them meanwhile would push that chain into the next window."""
+        with self.lock:
+            self.reserved = max(0, self.reserved + turns)
 
     def acquire(self) -> None:
         low = _deferring()
@@ -178,7 +186,7 @@ class SlidingWindow:
             now = time.monotonic()
             while self.ends and self.ends[0] <= now:
                 self.ends.popleft()
-            yielding = low and self.waiting > 0
+            yielding = low and (self.waiting > 0 or len(self.ends) + self.reserved >= self.requests)
             if not yielding and now >= self.not_before and len(self.ends) < self.requests:
                 end = now + self.window
                 bisect.insort(self.ends, end)
