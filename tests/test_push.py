@@ -389,3 +389,62 @@ def test_entity_key_of_each_object() -> None:
     assert entity_key("companies", canon) == "domain:x.io"
     assert entity_key("deals", canon) == "key:d-1"
     assert entity_key("deals", {"deals": {"name": "no key"}}) is None
+
+
+# -- the order of a push's requests ----------------------------------------------------------------
+def test_every_call_is_sent_only_after_the_contact_and_deal_it_links_to_were_written(tmp_path: Path) -> None:
+    """Lanes run side by side and calls go whenever a turn is free, but never ahead of the records
+    they reference: each call's contact (and deal) id came back in an answer before the call left."""
+    import threading
+    import time
+
+    emu = HubSpotEmulator(seed=7)
+    inner = emu.transport()
+    lock = threading.Lock()
+    written: dict[str, float] = {}  # remote id -> when the answer that holds it came back
+    early: list[str] = []
+    checked: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        path, sent = request.url.path, time.monotonic()
+        if path.endswith(("/calls/batch/create", "/deals/batch/create", "/deals/batch/upsert")):
+            for item in json.loads(request.content).get("inputs", []):
+                for assoc in item.get("associations", []):
+                    target = str(assoc["to"]["id"])
+                    with lock:
+                        checked.append(path)
+                        if written.get(target, sent + 1) > sent:
+                            early.append(f"{path} -> {target}")
+        response = inner.handle_request(request)
+        if request.method == "POST" and "/batch/" in path and not path.endswith(("/search", "/read")):
+            response.read()
+            with lock:
+                for r in response.json().get("results", []):
+                    written.setdefault(str(r["id"]), time.monotonic())
+        return response
+
+    app = hubspot_app(
+        "http://hubspot.test",
+        emu.private_app_token,
+        db=str(tmp_path / "crmsync.db"),  # a file: lanes run on threads of their own
+        transport=lambda _n: httpx.MockTransport(handle),
+    )
+    try:
+        rows = [
+            outcome(
+                i,
+                contact={"email": f"p{i}@example.org"},
+                **({"company": {"name": f"Co {i}", "domain": f"co{i}.example"}} if i % 2 else {}),
+                **({"deal": {"name": f"Deal {i}", "amount": i}} if i % 3 == 0 else {}),
+            )
+            for i in range(60)
+        ]
+        summary = push(app, source=str(write(tmp_path, rows)), connection="hs", settings=PushSettings(lane_size=7))
+        general = app.provider(app.connection("hs")).http.buckets["default"]
+        assert getattr(general, "reserved", None) == 0  # every lane gave back the turns it kept for its next step
+    finally:
+        app.close()
+    assert (summary.created, summary.failed) == (60, 0), summary
+    assert len(emu.records("calls")) == 60
+    assert early == []
+    assert sum(p.endswith("/calls/batch/create") for p in checked) >= 60  # every call links its contact

@@ -291,6 +291,9 @@ class HttpClient:
                     raise _Retry(f"{type(exc).__name__}: {redact(str(exc))}", None) from None
             finally:
                 self.semaphore.release()
+                # Answered or not, the CRM counted the request (if at all) by now: its turn leaves the window from now.
+                if (settle := getattr(limiter, "settle", None)) is not None:
+                    settle()
             kwargs["headers"] = {k: v for k, v in headers.items() if k not in auth_headers}
             self._observe(endpoint, response.status_code, time.monotonic() - t0)
             self.policy.observe(response, self, bucket)

@@ -19,14 +19,21 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class RateLimit:
-    """At most ``requests`` in any ``per_seconds`` window (a rolling window, as CRMs count)."""
+    """At most ``requests`` in any ``per_seconds`` window (a rolling window, as CRMs count).
+
+    ``from_answers``: a request's turn leaves the window ``per_seconds`` after its answer (exact:
+    never a 429 from our own traffic, at the cost of one round trip per window, a tenth of a
+    one-second window at 100 ms); False: ``per_seconds`` plus a margin after it was sent (for a
+    budget set below the CRM's own limit, where the margin cannot be overrun).
+    """
 
     requests: int
     per_seconds: float
+    from_answers: bool = True
 
     def bucket(self) -> SlidingWindow:
         """The limiter one process uses: the CRM's own rule, counted the way the CRM counts it."""
-        return SlidingWindow(self.requests, self.per_seconds)
+        return SlidingWindow(self.requests, self.per_seconds, from_answers=self.from_answers)
 
     def token_bucket(self) -> TokenBucket:
         """The same limit as a token bucket (state shared through Redis, see ``crmsync.scaleout``).
@@ -108,34 +115,51 @@ class Slots:
 
 
 class SlidingWindow:
-    """At most ``requests`` request starts in any window of ``per_seconds`` (thread-safe).
+    """At most ``requests`` requests in any window of ``per_seconds``, as the CRM counts them (thread-safe).
 
     This is how CRMs state and count their limits ("100 per rolling 10 s", "5 per second"), so a
     client pacing by it can spend a window's whole allowance at once and is never early for the
-    next one, where a token bucket's trickle leaves part of every window unused. The window is
-    stretched by a margin, because we count a request when its turn is taken and the CRM when it
-    arrives: JITTER for the spread of transit times, plus SEND for each turn of a window, since a
-    window spent at once leaves as a burst whose last request goes out that much after its turn,
-    while the next window's turns come back one at a time. Neither grows with the window's length
-    (a proportional stretch cost more on long windows). ``pause`` holds every caller back (after a 429).
+    next one, where a token bucket's trickle leaves part of every window unused.
+
+    A request counts from the moment its turn is taken (it is about to be sent) until ``per_seconds``
+    after the CRM counted it. The CRM counts a request when it arrives, which is after it was sent
+    and before its answer came back: so once the answer is in (``settle``), its turn leaves the
+    window ``per_seconds`` after the answer (plus ``SETTLED``), which can never be early whatever
+    the transit times. A turn not settled (its answer not in yet, or a caller that does not settle)
+    leaves ``window`` after it was taken: ``per_seconds`` stretched by a margin for the spread of
+    transit times (JITTER, plus SEND per turn of a window, since a burst's last request leaves that
+    much after its turn). ``pause`` holds every caller back (after a 429).
     """
 
-    #: Seconds added to every window for the spread of network transit times (and again after
-    #: each 429 it did not cover, see ``overrun``)...
+    #: Seconds added to an unsettled turn's window for the spread of network transit times (and
+    #: again after each 429 it did not cover, see ``overrun``)...
     JITTER = 0.02
     #: ...and per turn of the window, for a burst's requests leaving one after another.
     SEND = 0.0006
+    #: Seconds added to a settled turn's window: only for clocks that tick at slightly different rates.
+    SETTLED = 0.005
 
-    def __init__(self, requests: int, per_seconds: float) -> None:
+    def __init__(self, requests: int, per_seconds: float, *, from_answers: bool = True) -> None:
         self.requests = max(1, requests)
+        self.from_answers = from_answers
         self.per_seconds = per_seconds
         self.window = per_seconds + self.JITTER + self.SEND * self.requests
+        self.settled_window = per_seconds + self.SETTLED
         self._overrun_at = -1e9
-        self.starts: deque[float] = deque()
+        #: When each counted turn leaves the window (sorted).
+        self.ends: deque[float] = deque()
         self.not_before = 0.0
         self.lock = threading.Lock()
-        self._mine = threading.local()  # each thread's last turn, for give_back
+        self._mine = threading.local()  # each thread's last turn (its end, when taken, settled?)
         self.waiting = 0  # callers not deferring (see ``deferring``) that found no turn free
+        self.reserved = 0  # turns deferring callers leave free for requests about to be sent (``reserve``)
+
+    def reserve(self, turns: int) -> None:
+        """Keep ``turns`` more (fewer, if negative) free of deferring requests: requests that others
+        depend on will ask for them as soon as the answers they wait for are in (a push's next step),
+        and a leaf that took them meanwhile would push that chain into the next window."""
+        with self.lock:
+            self.reserved = max(0, self.reserved + turns)
 
     def acquire(self) -> None:
         low = _deferring()
@@ -160,16 +184,17 @@ class SlidingWindow:
         """Take a turn if one is free (0.0), else how long until one may be."""
         with self.lock:
             now = time.monotonic()
-            while self.starts and now - self.starts[0] >= self.window:
-                self.starts.popleft()
-            yielding = low and self.waiting > 0
-            if not yielding and now >= self.not_before and len(self.starts) < self.requests:
-                self.starts.append(now)
-                self._mine.stamp = now
+            while self.ends and self.ends[0] <= now:
+                self.ends.popleft()
+            yielding = low and (self.waiting > 0 or len(self.ends) + self.reserved >= self.requests)
+            if not yielding and now >= self.not_before and len(self.ends) < self.requests:
+                end = now + self.window
+                bisect.insort(self.ends, end)
+                self._mine.stamp, self._mine.taken, self._mine.settled = end, now, False
                 return 0.0
             wait = self.not_before - now
-            if len(self.starts) >= self.requests:
-                wait = max(wait, self.starts[0] + self.window - now)
+            if len(self.ends) >= self.requests:
+                wait = max(wait, self.ends[0] - now)
             # A deferring request sleeps until a turn may be free and then looks whether anyone else
             # still waits for it (not a busy loop while the window is spent).
             return max(wait, DEFER_POLL if yielding else 1e-6)
@@ -185,18 +210,18 @@ class SlidingWindow:
         """A 429 without a stated wait: how long to hold every caller back (seconds).
 
         The CRM counted our requests closer together than we did (transit times spread more than
-        JITTER), so the margin grows by JITTER for the rest of the run, the rejected request's turn
-        is given back (the CRM did not count it), and callers wait twice JITTER for the request the
-        CRM still counts to leave its window. A flat second's pause cost a second each time. A 429
-        for a request sent after that, within two windows, means more than jitter (another client
-        on the same limit): then the flat second, as before. Requests already in flight count as
-        the same 429.
+        the margins), so the margins grow by JITTER for the rest of the run, the rejected request's
+        turn is given back (the CRM did not count it), and callers wait twice JITTER for the request
+        the CRM still counts to leave its window. A flat second's pause cost a second each time. A
+        429 for a request sent after that, within two windows, means more than jitter (another
+        client on the same limit): then the flat second, as before. Requests already in flight
+        count as the same 429.
         """
-        stamp = getattr(self._mine, "stamp", None)
+        taken = getattr(self._mine, "taken", None) if getattr(self._mine, "stamp", None) is not None else None
         self.give_back()  # the CRM did not count the rejected request: nor do we
         with self.lock:
             now = time.monotonic()
-            if stamp is not None and stamp <= self._overrun_at:
+            if taken is not None and taken <= self._overrun_at:
                 pass  # sent before the last 429 widened the margin: the same event, not a new one
             elif now - self._overrun_at < 2 * self.window:
                 self._overrun_at = now
@@ -205,6 +230,7 @@ class SlidingWindow:
             else:
                 self._overrun_at = now
                 self.window = min(self.window + self.JITTER, self.per_seconds + self.MAX_MARGIN)
+                self.settled_window = min(self.settled_window + self.JITTER, self.per_seconds + self.MAX_MARGIN)
             # The request the CRM still counts is one our window let go of just now: it leaves the
             # CRM's window within the margin just added. (When our own window is spent, its oldest
             # turn holds the next request back anyway.)
@@ -216,36 +242,41 @@ class SlidingWindow:
         """Turns this window has left now (by our own count)."""
         with self.lock:
             now = time.monotonic()
-            return self.requests - sum(1 for start in self.starts if now - start < self.window)
+            return self.requests - sum(1 for end in self.ends if end > now)
 
     def give_back(self) -> None:
         """Return the calling thread's last turn, not used after all."""
-        stamp = getattr(self._mine, "stamp", None)
+        end = getattr(self._mine, "stamp", None)
         self._mine.stamp = None
         with self.lock:
-            if stamp is not None and stamp in self.starts:
-                self.starts.remove(stamp)
+            if end is not None:
+                with contextlib.suppress(ValueError):
+                    self.ends.remove(end)
 
     def settle(self) -> None:
-        """Count the calling thread's last turn from now, when its answer came back: the CRM counted
-        the request before answering it, so a window counted from the answers never runs ahead of
-        the CRM's, whatever the transit times (for a CRM whose short window is its bottleneck)."""
-        stamp = getattr(self._mine, "stamp", None)
+        """The answer to the calling thread's last request is in: its turn leaves the window
+        ``per_seconds`` (and ``SETTLED``) from now. The CRM counted the request before answering it,
+        so a window counted from the answers never runs ahead of the CRM's, whatever the transit
+        times. Once per request: a second call does nothing. A turn that left the window while its
+        request was still in flight (an answer slower than the window) is counted again from now."""
+        end = getattr(self._mine, "stamp", None)
+        if end is None or getattr(self._mine, "settled", True) or not self.from_answers:
+            return
         with self.lock:
-            if stamp is None or stamp not in self.starts:
-                return
-            self.starts.remove(stamp)
             now = time.monotonic()
-            bisect.insort(self.starts, now)
-            self._mine.stamp = now
+            with contextlib.suppress(ValueError):
+                self.ends.remove(end)
+            settled = now + self.settled_window
+            bisect.insort(self.ends, settled)
+            self._mine.stamp, self._mine.settled = settled, True
 
     def occupy(self, turns: int) -> None:
         """Count ``turns`` more as taken now: the CRM says its window holds requests this one never
         sent (an earlier process, another client on the same limit)."""
         with self.lock:
-            now = time.monotonic()
+            end = time.monotonic() + self.window
             for _ in range(min(max(0, turns), self.requests)):
-                bisect.insort(self.starts, now)
+                bisect.insort(self.ends, end)
 
 
 class TokenBucket:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -197,6 +198,8 @@ class _PushRun:
         self.queued = path is None  # this input's outcomes are in the outbox (enqueue committed)
         self.warm: Warmup | None = None
         self.ahead: Prefetch | None = None
+        #: The owners, their default asked for as soon as an outcome is queued (see ``_on_objects``).
+        self.owners: Future[Owners] | None = None
 
     def run(self, r: Run) -> None:
         """The run's body, under its lock: queue the input (if any), then deliver what is queued."""
@@ -240,14 +243,14 @@ class _PushRun:
             parsed=parsed,
             prepared=self.warm.gates if self.warm else None,
             prefetched=self.ahead.found if self.ahead else None,
-            owners=Owners(provider, strict=self.strict_owners),
+            owners=self.owners.result() if self.owners is not None else Owners(provider, strict=self.strict_owners),
             settings=self.settings,
         )
 
     def _enqueue(self, path: str, parsed: dict[str, ParsedOutcome]) -> None:
         hooks = Hooks(
             parsed_out=parsed,
-            on_objects=self.warm.prepare if self.warm else None,
+            on_objects=self._on_objects if self.warm else None,
             on_queued=self.ahead.add if self.ahead else None,
             on_ids=self.tally.in_input,
         )
@@ -273,6 +276,22 @@ class _PushRun:
             self.ahead.flush()
         if self.summary.read == 0:
             raise InputError(f"{'<stdin>' if path == '-' else path}: no outcomes found (empty input)")
+
+    def _on_objects(self, objects: set[str]) -> None:
+        """Outcomes of these types are queued: prepare the CRM for them, and ask for the connection's
+        own user (the default owner of calls and tasks), whose round trips would otherwise come
+        between the last outcome queued and the first write."""
+        assert self.warm is not None
+        self.warm.prepare(objects)
+        if self.owners is None:
+            warm, strict = self.warm, self.strict_owners
+
+            def owners() -> Owners:
+                made = Owners(warm.provider(), strict=strict)
+                made.start()
+                return made
+
+            self.owners = warm.pool.submit(owners)
 
     def settle(self, r: Run) -> None:
         """After the run, however it ended: counts settled, look-ahead stopped, the outcome judged,

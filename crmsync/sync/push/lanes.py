@@ -8,6 +8,8 @@ closes its outcomes (``settle``) at once, while other lanes still wait for the C
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -197,11 +199,25 @@ def run_lanes(
 
     def lane(part: list[Item], known: dict[str, LookedUp]) -> tuple[PushSummary, list[Receipt]]:
         mine = PushSummary(summary.connection, summary.provider)
-        for obj in ENTITY_STEPS:
-            if stop.is_set():
-                return mine, []
-            entity_step(app, conn, provider, mapping, obj, part, mine, known.get(obj), confirm_rounds=rounds)
-            renew(part)
+        with contextlib.closing(Reserved(provider)) as held:
+            ahead = step_batches(part, provider.batch_size)
+            for j, obj in enumerate(ENTITY_STEPS):
+                if stop.is_set():
+                    return mine, []
+                nxt = next((ahead[o] for o in ENTITY_STEPS[j + 1 :] if ahead[o]), 0)
+                entity_step(
+                    app,
+                    conn,
+                    provider,
+                    mapping,
+                    obj,
+                    part,
+                    mine,
+                    known.get(obj),
+                    confirm_rounds=rounds,
+                    ready=functools.partial(held.set, nxt),
+                )
+                renew(part)
         for obj in ACTIVITY_STEPS:
             if stop.is_set():
                 return mine, []
@@ -229,6 +245,35 @@ def run_lanes(
         for future in futures:
             if not future.cancelled() and future.exception() is None:
                 count(*future.result())
+
+
+def step_batches(lane: list[Item], batch_size: int) -> dict[str, int]:
+    """The write requests each entity step of a lane will send, at most (one per ``batch_size`` records)."""
+    return {obj: -(-len(group_by_key(obj, lane)) // max(1, batch_size)) for obj in ENTITY_STEPS}
+
+
+class Reserved:
+    """Rate-limit turns a lane keeps free of calls and tasks for its next entity step (``set``).
+
+    A lane's next step (contacts after companies, deals after contacts) is ready the moment this
+    step's answers are in; calls and tasks, which nothing waits on, would otherwise take the turns
+    freed meanwhile and push the lane's chain into the next rate window. Held only while the lane's
+    writes are under way (not while it waits for lookups), and released when the lane moves on to
+    its activities or stops. A provider whose client has no such limit reserves nothing.
+    """
+
+    def __init__(self, provider: Provider) -> None:
+        buckets = getattr(getattr(provider, "http", None), "buckets", None) or {}
+        self._reserve: Callable[[int], None] | None = getattr(buckets.get("default"), "reserve", None)
+        self.held = 0
+
+    def set(self, turns: int) -> None:
+        if self._reserve is not None and turns != self.held:
+            self._reserve(turns - self.held)
+            self.held = turns
+
+    def close(self) -> None:
+        self.set(0)
 
 
 def settle(

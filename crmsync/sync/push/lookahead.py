@@ -34,7 +34,7 @@ class Warmup:
 
     def __init__(self, app: App, conn: CrmConnection) -> None:
         _ = app.metrics, app.secrets  # made here, not raced for by the thread below
-        workers = 1 + len(ENTITY_STEPS) + len(ACTIVITY_STEPS)
+        workers = 2 + len(ENTITY_STEPS) + len(ACTIVITY_STEPS)  # the provider, the owners, one per object
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmup")
         self.gates: dict[str, Future[None]] = {}
         self.before: dict[str, int] = {}  # the provider's request counters before any request of this run

@@ -44,6 +44,10 @@ class Owners:
         assert self._default is not None
         return self._default.result()
 
+    def start(self) -> None:
+        """Ask for the connection's own user now, ahead of the first ``apply`` that needs it."""
+        self._ask_default()
+
     def _ask_default(self) -> None:
         """Start reading the connection's own user in a thread of its own (it waits on no one)."""
         if self._default is not None:

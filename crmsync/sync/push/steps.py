@@ -77,6 +77,9 @@ class LaneStep:
 class EntityStep(LaneStep):
     """One entity type for a lane (see the module docstring); ``run`` takes the step."""
 
+    #: Called once the step's lookups are in, just before its writes go (``run_lanes`` reserves
+    #: rate-limit turns for the lane's next step from then on).
+    ready: Callable[[], None] | None = field(default=None, kw_only=True)
     rules: Rules = field(init=False, default_factory=dict)
     crm: dict[str, InCrm] = field(init=False, default_factory=dict)
     blind: set[str] = field(init=False, default_factory=set)
@@ -94,6 +97,8 @@ class EntityStep(LaneStep):
         writes = StepWrites()
         for k, its in by_key.items():
             self._plan(k, its, writes)
+        if self.ready is not None:
+            self.ready()
         results = self._send(writes.outgoing)
         self._confirm(by_key, results, writes)
         if writes.outgoing:
@@ -162,9 +167,10 @@ def entity_step(
     known: LookedUp | None = None,
     *,
     confirm_rounds: int,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Take one entity step of a lane (``EntityStep.run``)."""
-    EntityStep(app, conn, provider, mapping, obj, summary, confirm_rounds=confirm_rounds).run(items, known)
+    EntityStep(app, conn, provider, mapping, obj, summary, confirm_rounds=confirm_rounds, ready=ready).run(items, known)
 
 
 def plan_write(
