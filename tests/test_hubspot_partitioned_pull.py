@@ -1,0 +1,203 @@
+"""HubSpot's large incremental pull: the list walk upwards and a keyset search downwards, meeting.
+
+Small sizes: the thresholds are lowered for the test, the emulator runs in process on loopback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from crmsync.emulators.base import Faults
+from crmsync.emulators.hubspot import HubSpotEmulator
+from crmsync.providers.base import Page
+from crmsync.providers.hubspot import partitioned
+from crmsync.providers.hubspot.values import PULL_MODE
+from crmsync.sync.pull import pull
+from tests.e2e import hubspot_app, write_config
+
+FIELDS = ["email", "firstname"]
+N = 3_000  # contacts before the changes
+
+
+@pytest.fixture
+def portal(home: Any) -> Iterator[tuple[HubSpotEmulator, Any]]:
+    """3,001 contacts pulled once, then edits spread over the whole id space and new contacts."""
+    emulator = HubSpotEmulator(seed=7)
+    ids = emulator.bulk_create(
+        "contacts", N, modified_at=time.time() - 7200, properties_fn=lambda i: {"email": f"c{i}@example.com"}
+    )
+    # The newest record an hour later, so the first pull's cursor (and its look-back) is past the others.
+    emulator.bulk_create("contacts", 1, modified_at=time.time() - 3600, properties_fn=lambda i: {"email": "z@x.io"})
+    server = emulator.serve()
+    write_config(home, "hs", rate_limit=100000, search_rate_limit=1000)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    assert pull(app, objects=["contacts"])[0].objects[0].read == N + 1
+    emulator.ids = ids  # type: ignore[attr-defined]
+    try:
+        yield emulator, app
+    finally:
+        app.close()
+        server.stop()
+
+
+def _change(emulator: HubSpotEmulator, *, every: int = 2, created: int = 300) -> set[str]:
+    """Edit every ``every``-th contact (stamped ten minutes ago, one ms apart) and create some: the changed ids."""
+    ids: list[str] = emulator.ids  # type: ignore[attr-defined]
+    base = time.time() - 600
+    changed = set()
+    for j, rid in enumerate(ids[::every]):
+        emulator.edit("contacts", rid, {"firstname": f"Edited{j}"}, at=base + j / 1000)
+        changed.add(rid)
+    changed |= set(
+        emulator.bulk_create(
+            "contacts", created, modified_at=base + 5, properties_fn=lambda i: {"email": f"new{i}@example.com"}
+        )
+    )
+    return changed
+
+
+def _provider(app: Any) -> Any:
+    return app.provider(app.connection("hs"))
+
+
+def _walk(provider: Any, cursor: Any, stop: int | None = None) -> tuple[list[Page], Any]:
+    """The pages of one pull (the first ``stop`` of them, as a kill after storing them would leave)."""
+    pages: list[Page] = []
+    gen = provider.changes("contacts", cursor, fields=FIELDS)
+    for page in gen:
+        pages.append(page)
+        if stop is not None and len(pages) == stop:
+            gen.close()
+            break
+    last = next((p.cursor for p in reversed(pages) if p.cursor is not None), cursor)
+    return pages, last
+
+
+def _ids(pages: list[Page]) -> list[str]:
+    return [r.id for p in pages for r in p.records if not r.archived]
+
+
+def _routes(emulator: HubSpotEmulator) -> dict[str, int]:
+    return {route: n for route, n in emulator.stats.by_route.items() if n}
+
+
+@pytest.fixture
+def low_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partitioned, "PULL_PARTITION_MIN", 500)
+
+
+def test_a_partitioned_pull_reads_every_change_once_and_ends_where_one_search_walk_does(
+    portal: tuple[HubSpotEmulator, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator, app = portal
+    changed = _change(emulator)
+    provider = _provider(app)
+    cursor = app.store.mirror.cursor("hs", "contacts")
+
+    monkeypatch.setattr(partitioned, "PULL_PARTITION_MIN", 10**9)
+    plain, plain_end = _walk(provider, cursor)
+    assert all(p.cursor is None or p.cursor.get("mode") == "search" for p in plain)
+
+    monkeypatch.setattr(partitioned, "PULL_PARTITION_MIN", 500)
+    emulator.stats.by_route.clear()
+    pages, end = _walk(provider, cursor)
+    ids = _ids(pages)
+    assert len(ids) == len(set(ids)) and set(ids) == set(_ids(plain))  # the newest first-pull record: look-back
+    assert changed <= set(ids) and len(ids) == len(changed) + 1
+    assert any(p.cursor and p.cursor.get("mode") == PULL_MODE for p in pages)
+    routes = _routes(emulator)
+    assert routes.get("GET crm.objects.list", 0) > 2  # the list side read its share ...
+    assert routes.get("POST crm.objects.search", 0) > 2  # ... beside the search side
+    keys = ("mode", "ts", "archived_ts")
+    assert {k: end[k] for k in keys} == {k: plain_end[k] for k in keys}
+
+
+@pytest.mark.parametrize("stop", [2, 5, 9])
+def test_a_pull_stopped_after_some_pages_resumes_every_partition(
+    portal: tuple[HubSpotEmulator, Any], low_thresholds: None, stop: int
+) -> None:
+    emulator, app = portal
+    changed = _change(emulator, every=3)
+    provider = _provider(app)
+    cursor = app.store.mirror.cursor("hs", "contacts")
+    whole, whole_end = _walk(provider, cursor)
+    first, at = _walk(provider, cursor, stop=stop)
+    assert at["mode"] == PULL_MODE
+    rest, end = _walk(provider, at)
+    ids = _ids(first) + _ids(rest)
+    assert len(ids) == len(set(ids)) and set(ids) == set(_ids(whole)) and changed <= set(ids)
+    assert len(_ids(rest)) < len(changed)  # went on from where it stopped
+    assert end["ts"] == whole_end["ts"] and end["archived_ts"] == whole_end["archived_ts"]
+
+
+def test_changes_made_during_the_pull_and_archived_records_are_found(
+    portal: tuple[HubSpotEmulator, Any], low_thresholds: None
+) -> None:
+    emulator, app = portal
+    changed = _change(emulator)
+    ids: list[str] = emulator.ids  # type: ignore[attr-defined]
+    gone, late, early = ids[1], ids[3], ids[0]  # untouched by _change, _change, and edited by it
+    emulator.archive("contacts", gone)
+    provider = _provider(app)
+    pages: list[Page] = []
+    gen = provider.changes("contacts", app.store.mirror.cursor("hs", "contacts"), fields=FIELDS)
+    for page in gen:
+        pages.append(page)
+        if len(pages) == 3:  # while the pull runs, two records change
+            emulator.edit("contacts", late, {"firstname": "Late"})
+            emulator.edit("contacts", early, {"firstname": "Again"})
+    cursor = next(p.cursor for p in reversed(pages) if p.cursor is not None)
+    assert cursor["mode"] == "search"
+    assert gone in {r.id for p in pages for r in p.records if r.archived}
+    assert changed - {early} <= set(_ids(pages))
+    time.sleep(0.01)
+    after, _ = _walk(provider, cursor)
+    seen = {r.id: r.properties.get("firstname") for p in after for r in p.records}
+    assert seen.get(late) == "Late" and seen.get(early) == "Again"
+
+
+@pytest.mark.parametrize("n", [50, 1_998])
+def test_a_small_pull_makes_exactly_the_requests_it_made_before(portal: tuple[HubSpotEmulator, Any], n: int) -> None:
+    emulator, app = portal
+    ids: list[str] = emulator.ids  # type: ignore[attr-defined]
+    base = time.time() - 600
+    for j, rid in enumerate(ids[:n]):
+        emulator.edit("contacts", rid, {"firstname": f"E{j}"}, at=base + j / 1000)
+    emulator.stats.by_route.clear()
+    result = pull(app, objects=["contacts"])[0]
+    assert result.outcome == "ok" and result.objects[0].read == n + 1  # and the first pull's newest: look-back
+    pages = -(-(n + 1) // 200)
+    # Counted on the code before partitioned pulls: one search and one association read per page of
+    # 200, one archived list; no probe of the whole object, no list page.
+    assert _routes(emulator) == {
+        "POST crm.objects.search": pages,
+        "POST crm.associations.batch.read": pages,
+        "GET crm.objects.list": 1,
+    }
+
+
+def test_a_partitioned_pull_stays_within_both_limits(home: Any, low_thresholds: None) -> None:
+    emulator = HubSpotEmulator(seed=9)
+    ids = emulator.bulk_create("contacts", 1_200, modified_at=time.time() - 7200, properties_fn=lambda i: {})
+    base = time.time() - 600
+    for j, rid in enumerate(ids[::2]):
+        emulator.edit("contacts", rid, {"firstname": f"E{j}"}, at=base + j / 1000)
+    server = emulator.serve()
+    try:
+        write_config(home, "hs", rate_limit=30, search_rate_limit=2, lookback_seconds=1)
+        app = hubspot_app(server.url, emulator.private_app_token)
+        cursor = {"mode": "search", "ts": int((base - 60) * 1000), "archived_ts": 0, "hi": int(base * 1000)}
+        emulator.faults = Faults(latency_ms=20, rate_limits={"default": (30, 10.0), "search": (2, 1.0)})
+        emulator.stats.by_route.clear()
+        pages, _ = _walk(_provider(app), cursor)
+        assert any(p.cursor and p.cursor.get("mode") == PULL_MODE for p in pages)
+        assert len(_ids(pages)) == len(set(_ids(pages))) == 600
+        assert emulator.stats.by_route["POST crm.objects.search"] > 4  # more than the search limit allows at once
+        assert emulator.stats.rate_limited == 0
+        app.close()
+    finally:
+        server.stop()
