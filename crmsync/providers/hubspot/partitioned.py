@@ -11,6 +11,7 @@ import functools
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -19,10 +20,12 @@ from crmsync.providers import partitions
 from crmsync.providers.base import Page, RemoteRecord
 from crmsync.providers.hubspot.pages import HubSpotPages
 from crmsync.providers.hubspot.values import (
+    ASSOC_AHEAD,
     LIST_PAGE,
     MAX_SEARCH_RANGES,
     PARTITION_MIN,
     PULL_ASSOCIATIONS,
+    PULL_LIST_TRIAL,
     PULL_MODE,
     PULL_PARTITION_MIN,
     PULL_PARTITION_SHARE,
@@ -200,19 +203,19 @@ class HubSpotPartitioned(HubSpotPages):
 
     # -- a large incremental pull --------------------------------------------------------------
     def _plan_pull(
-        self, obj: str, first: dict[str, Any], *, ts: int, op: str, upper: int, archived_ts: int
+        self, obj: str, first: dict[str, Any], *, rtt: float, ts: int, op: str, upper: int, archived_ts: int
     ) -> dict[str, Any] | None:
         """A partitioned pull's plan when the search walk's first answer shows many changes, else None.
 
-        ``first`` is the walk's own first page (its ``total`` is the change count), so below
-        PULL_PARTITION_MIN nothing is asked that the walk would not ask; above it one search of the
-        whole object (limit 1) tells whether the changes are a large enough share for the list side.
+        ``first`` is the walk's own first page (its ``total`` is the change count) and ``rtt`` its
+        round trip, so the decision asks nothing the walk would not ask. The search side is one
+        keyset chain: where a round trip is so short against the search limit that one chain would
+        leave most of it idle, the offset walk (several pages in flight) stays faster.
         """
         changed = int(first.get("total") or 0)
         if changed < PULL_PARTITION_MIN or not ((first.get("paging") or {}).get("next") or {}).get("after"):
             return None
-        whole = self._search(obj, [], "hs_object_id", ["hs_object_id"], 0, limit=1)
-        if changed < PULL_PARTITION_SHARE * int(whole.get("total") or 0):
+        if rtt * self._search_rps > 2:
             return None
         return {"mode": PULL_MODE, "ts": ts, "op": op, "upper": upper, "archived_ts": archived_ts, "total": changed}
 
@@ -262,6 +265,7 @@ class HubSpotPartitioned(HubSpotPages):
         if at.get("end"):
             return
         after, newest = at.get("after"), int(at.get("newest", 0))
+        pages, read, changed = int(at.get("pages", 0)), int(at.get("read", 0)), int(at.get("changed", 0))
         prop = modified_prop(obj)
         while not frontier.met():
             body = self._list(obj, fields, after=after)
@@ -276,7 +280,11 @@ class HubSpotPartitioned(HubSpotPages):
                     if stamp is not None:
                         records.append(rec)
                         newest = max(newest, stamp)
-            yield Page(records=records, cursor={"after": after, "floor": floor, "newest": newest, "end": end})
+            pages, read, changed = pages + 1, read + len(kept), changed + len(records)
+            # Mostly unchanged records here: the list stops, and the search reads down to its floor.
+            end = end or (pages >= PULL_LIST_TRIAL and changed < PULL_PARTITION_SHARE * read)
+            cursor = {"after": after, "floor": floor, "newest": newest, "end": end}
+            yield Page(records=records, cursor={**cursor, "pages": pages, "read": read, "changed": changed})
             if end:
                 return
 
@@ -312,25 +320,30 @@ class HubSpotPartitioned(HubSpotPages):
         yield from self._associated(obj, pages())
 
     def _associated(self, obj: str, pages: Iterator[tuple[list[RemoteRecord], dict[str, Any], bool]]) -> Iterator[Page]:
-        """Search pages with their associations, read in a thread beside the next searches.
+        """Search pages with their associations, read beside the next searches.
 
-        Up to ``_assoc_batch`` ids go in one association read; a page carries the cursor of the
-        last search whose records it holds, so the cursor never runs ahead of what is stored.
+        Up to ``_assoc_batch`` ids go in one association read, and up to ASSOC_AHEAD reads may wait
+        for the general budget (which the list side may have used up for a while) while the search
+        chain goes on. Pages come out in order, each with the cursor of the last search whose
+        records it holds, so the cursor never runs ahead of what is stored.
         """
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"assoc-{obj}")
-        pending: tuple[Future[list[RemoteRecord]], dict[str, Any]] | None = None
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"assoc-{obj}")
+        pending: deque[tuple[Future[list[RemoteRecord]], dict[str, Any]]] = deque()
         batch: list[RemoteRecord] = []
         try:
             for records, cursor, end in pages:
                 batch.extend(records)
-                full = end or len(batch) >= self._assoc_batch
-                if pending is not None and (full or pending[0].done()):
-                    yield Page(records=pending[0].result(), cursor=pending[1])
-                    pending = None
-                if full:
-                    pending = (pool.submit(self._with_associations, obj, batch), cursor)
+                while pending and pending[0][0].done():
+                    done, at = pending.popleft()
+                    yield Page(records=done.result(), cursor=at)
+                if end or len(batch) >= self._assoc_batch:
+                    while len(pending) >= ASSOC_AHEAD:
+                        done, at = pending.popleft()
+                        yield Page(records=done.result(), cursor=at)
+                    pending.append((pool.submit(self._with_associations, obj, batch), cursor))
                     batch = []
-            if pending is not None:
-                yield Page(records=pending[0].result(), cursor=pending[1])
+            while pending:
+                done, at = pending.popleft()
+                yield Page(records=done.result(), cursor=at)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

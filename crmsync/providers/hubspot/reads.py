@@ -185,8 +185,10 @@ class HubSpotReads(HubSpotPartitioned):
             first = None
             if probe:
                 probe = False
+                began = time.monotonic()
                 first = self._search(obj, groups, prop, fields, 0)
-                plan = self._plan_pull(obj, first, ts=ts, op=op, upper=upper, archived_ts=int(archived_ts))
+                rtt = time.monotonic() - began
+                plan = self._plan_pull(obj, first, rtt=rtt, ts=ts, op=op, upper=upper, archived_ts=int(archived_ts))
                 if plan is not None:
                     yield from self._partitioned_pull(obj, plan, fields)
                     return
