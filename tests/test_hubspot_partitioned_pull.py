@@ -137,6 +137,23 @@ def test_a_pull_stopped_after_some_pages_resumes_every_partition(
     assert end["ts"] == whole_end["ts"] and end["archived_ts"] == whole_end["archived_ts"]
 
 
+def test_a_pull_killed_before_it_stored_a_page_reads_the_plans_first_page_again_by_id(
+    portal: tuple[HubSpotEmulator, Any], low_thresholds: None
+) -> None:
+    emulator, app = portal
+    _change(emulator)
+    provider = _provider(app)
+    cursor = app.store.mirror.cursor("hs", "contacts")
+    whole, whole_end = _walk(provider, cursor)
+    plan = next(p.cursor for p in whole if p.cursor and p.cursor["mode"] == PULL_MODE)
+    assert len(plan["seen"]) == 200  # the walk's first page, kept rather than asked for again
+    emulator.stats.by_route.clear()
+    again, end = _walk(provider, {k: v for k, v in plan.items() if k != "parts"})
+    assert emulator.stats.by_route["POST crm.objects.batch.read"] == 2  # the first page's 200 records, by id
+    ids = _ids(again)
+    assert len(ids) == len(set(ids)) and set(ids) == set(_ids(whole)) and end["ts"] == whole_end["ts"]
+
+
 def test_changes_made_during_the_pull_and_archived_records_are_found(
     portal: tuple[HubSpotEmulator, Any], low_thresholds: None
 ) -> None:

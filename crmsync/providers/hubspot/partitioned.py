@@ -45,9 +45,10 @@ class _Frontier:
     ids the other has not claimed, so the two read disjoint records however their speeds differ.
     """
 
-    def __init__(self, floor: int, ceiling: int | None) -> None:
+    def __init__(self, floor: int, ceiling: int | None, seen: frozenset[str] = frozenset()) -> None:
         self.floor = floor  # the highest id the list walk has covered (-1: none yet)
         self.ceiling = ceiling  # the lowest id the search walk has covered (None: none yet)
+        self.seen = seen  # ids the pull's first page holds: covered, but neither side's to hand over
         self._lock = threading.Lock()
 
     def met(self) -> bool:
@@ -217,27 +218,48 @@ class HubSpotPartitioned(HubSpotPages):
             return None
         if rtt * self._search_rps > 2:
             return None
-        return {"mode": PULL_MODE, "ts": ts, "op": op, "upper": upper, "archived_ts": archived_ts, "total": changed}
+        prop = modified_prop(obj)
+        records = [self._record(obj, r) for r in first.get("results", [])]
+        newest = max([ts, *(min(_prop_ms(r, prop) or ts, upper) for r in records)])
+        return {
+            "mode": PULL_MODE,
+            "ts": ts,
+            "op": op,
+            "upper": upper,
+            "archived_ts": archived_ts,
+            "total": changed,
+            "seen": [r.id for r in records],
+            "seen_newest": newest,
+        }
 
-    def _partitioned_pull(self, obj: str, plan: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
+    def _partitioned_pull(
+        self, obj: str, plan: dict[str, Any], fields: Sequence[str], first: dict[str, Any] | None = None
+    ) -> Iterator[Page]:
         """The list walk upwards and the search walk downwards side by side (``partitions.interleave``).
 
         Neither side is sized in advance: they meet wherever their budgets take them, so both end
         together however the changes spread over the ids and however the budgets are shared with
         other objects' walks. The last page hands over to the cursor the one search walk would have
         reached: the newest modification read (within the window), so a resumed pull ends on it too.
+        The plan's first page (the search walk's, which decided the plan) is a partition of its own:
+        ``first`` is its answer, read again by id only if a resumed pull has not stored it yet.
         """
         window: Window = (int(plan["ts"]), str(plan["op"]), int(plan["upper"]))
-        extra = {k: plan[k] for k in ("mode", "ts", "op", "upper", "archived_ts", "total")}
+        keys = ("mode", "ts", "op", "upper", "archived_ts", "total", "seen", "seen_newest")
+        extra = {k: plan[k] for k in keys if k in plan}
         states = partitions.parse(plan)
         low = (states.get("list") or {}).get("at") or {}
         high = (states.get("search") or {}).get("at") or {}
         ceiling = high.get("ceiling")
-        frontier = _Frontier(int(low.get("floor", -1)), None if ceiling is None else int(ceiling))
+        seen = [str(i) for i in plan.get("seen") or []]
+        frontier = _Frontier(int(low.get("floor", -1)), None if ceiling is None else int(ceiling), frozenset(seen))
         parts: dict[str, partitions.PartitionFn] = {
             "list": functools.partial(self._list_up, obj, fields, window, frontier),
             "search": functools.partial(self._search_down, obj, fields, window, frontier),
         }
+        if seen:
+            newest = int(plan.get("seen_newest") or window[0])
+            parts["first"] = functools.partial(self._first_page, obj, fields, seen, newest, first)
         total = int(plan.get("total") or 0) or None
         final: dict[str, Any] | None = plan
         for page in partitions.interleave(parts, plan, depth=2, name=f"pull-{obj}", extra=extra):
@@ -250,6 +272,18 @@ class HubSpotPartitioned(HubSpotPages):
             cursor={"mode": "search", "archived_ts": plan["archived_ts"], "hi": window[2], "ts": newest},
             total=total,
         )
+
+    def _first_page(
+        self, obj: str, fields: Sequence[str], ids: list[str], newest: int, first: dict[str, Any] | None, at: Any
+    ) -> Iterator[Page]:
+        """The records of the plan's first page, with their associations (by id if the answer is gone)."""
+        if (at or {}).get("end"):
+            return
+        if first is not None:
+            records = self._with_associations(obj, [self._record(obj, r) for r in first.get("results", [])])
+        else:
+            records = self.fetch(obj, ids, fields=fields)
+        yield Page(records=records, cursor={"end": True, "newest": newest})
 
     def _in_window(self, record: RemoteRecord, prop: str, window: Window) -> int | None:
         """The record's modification time if the pull's window holds it (as the search filter would), else None."""
@@ -274,7 +308,7 @@ class HubSpotPartitioned(HubSpotPages):
             kept, floor, end = frontier.claim_low([int(r["id"]) for r in raws], exhausted=not after)
             records = []
             for raw in raws:
-                if int(raw["id"]) in kept:
+                if int(raw["id"]) in kept and str(raw["id"]) not in frontier.seen:
                     rec = self._record(obj, raw)
                     stamp = self._in_window(rec, prop, window)
                     if stamp is not None:
@@ -311,7 +345,9 @@ class HubSpotPartitioned(HubSpotPages):
                 raws = body.get("results", [])
                 more = bool(raws) and bool(((body.get("paging") or {}).get("next") or {}).get("after"))
                 kept, ceiling, end = frontier.claim_high([int(r["id"]) for r in raws], exhausted=not more)
-                records = [self._record(obj, r) for r in raws if int(r["id"]) in kept]
+                records = [
+                    self._record(obj, r) for r in raws if int(r["id"]) in kept and str(r["id"]) not in frontier.seen
+                ]
                 newest = max([newest, *(min(_prop_ms(r, prop) or since, upper) for r in records)])
                 yield records, {"ceiling": ceiling, "newest": newest, "end": end}, end
                 if end:

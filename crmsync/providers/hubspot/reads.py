@@ -190,7 +190,7 @@ class HubSpotReads(HubSpotPartitioned):
                 rtt = time.monotonic() - began
                 plan = self._plan_pull(obj, first, rtt=rtt, ts=ts, op=op, upper=upper, archived_ts=int(archived_ts))
                 if plan is not None:
-                    yield from self._partitioned_pull(obj, plan, fields)
+                    yield from self._partitioned_pull(obj, plan, fields, first)
                     return
             for body, records in self._search_pages(obj, groups, prop, fields, expect=expect, first=first):
                 if not records:
