@@ -133,8 +133,24 @@ def test_a_pull_stopped_after_some_pages_resumes_every_partition(
     rest, end = _walk(provider, at)
     ids = _ids(first) + _ids(rest)
     assert len(ids) == len(set(ids)) and set(ids) == set(_ids(whole)) and changed <= set(ids)
-    assert len(_ids(rest)) < len(changed)  # went on from where it stopped
+    assert len(_ids(rest)) < len(_ids(whole))  # went on from where it stopped
     assert end["ts"] == whole_end["ts"] and end["archived_ts"] == whole_end["archived_ts"]
+
+
+def test_the_list_side_stops_where_it_finds_few_changes_and_the_search_reads_the_rest(
+    portal: tuple[HubSpotEmulator, Any], low_thresholds: None
+) -> None:
+    emulator, app = portal
+    ids: list[str] = emulator.ids  # type: ignore[attr-defined]
+    base = time.time() - 600
+    top = ids[-1_000:]  # only the newest thousand contacts changed: the low ids hold nothing to pull
+    for j, rid in enumerate(top):
+        emulator.edit("contacts", rid, {"firstname": f"E{j}"}, at=base + j / 1000)
+    emulator.stats.by_route.clear()
+    pages, _ = _walk(_provider(app), app.store.mirror.cursor("hs", "contacts"))
+    got = _ids(pages)
+    assert len(got) == len(set(got)) and set(top) <= set(got) and len(got) == len(top) + 1
+    assert emulator.stats.by_route["GET crm.objects.list"] <= partitioned.PULL_LIST_TRIAL + 1  # and the archived
 
 
 def test_a_pull_killed_before_it_stored_a_page_reads_the_plans_first_page_again_by_id(

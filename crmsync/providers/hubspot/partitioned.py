@@ -29,6 +29,7 @@ from crmsync.providers.hubspot.values import (
     PULL_MODE,
     PULL_PARTITION_MIN,
     PULL_PARTITION_SHARE,
+    PULL_RTT_CAP,
     SEARCH_PAGE,
     _prop_ms,
     modified_prop,
@@ -210,13 +211,15 @@ class HubSpotPartitioned(HubSpotPages):
 
         ``first`` is the walk's own first page (its ``total`` is the change count) and ``rtt`` its
         round trip, so the decision asks nothing the walk would not ask. The search side is one
-        keyset chain: where a round trip is so short against the search limit that one chain would
-        leave most of it idle, the offset walk (several pages in flight) stays faster.
+        keyset chain: where the search limit is so high that one chain would leave most of it idle
+        (a raised limit), the offset walk (several pages in flight) stays faster.
         """
         changed = int(first.get("total") or 0)
         if changed < PULL_PARTITION_MIN or not ((first.get("paging") or {}).get("next") or {}).get("after"):
             return None
-        if rtt * self._search_rps > 2:
+        # One chain makes 1/rtt searches a second; it must reach two thirds of the limit. The round
+        # trip counts at most PULL_RTT_CAP, so one slow first answer does not decide it.
+        if min(rtt, PULL_RTT_CAP) * self._search_rps > 1.5:
             return None
         prop = modified_prop(obj)
         records = [self._record(obj, r) for r in first.get("results", [])]
@@ -307,14 +310,17 @@ class HubSpotPartitioned(HubSpotPages):
             after = ((body.get("paging") or {}).get("next") or {}).get("after")
             kept, floor, end = frontier.claim_low([int(r["id"]) for r in raws], exhausted=not after)
             records = []
+            found = 0  # changes in the window, the plan's first page's included (they are changes here too)
             for raw in raws:
-                if int(raw["id"]) in kept and str(raw["id"]) not in frontier.seen:
+                if int(raw["id"]) in kept:
                     rec = self._record(obj, raw)
                     stamp = self._in_window(rec, prop, window)
                     if stamp is not None:
-                        records.append(rec)
-                        newest = max(newest, stamp)
-            pages, read, changed = pages + 1, read + len(kept), changed + len(records)
+                        found += 1
+                        if rec.id not in frontier.seen:
+                            records.append(rec)
+                            newest = max(newest, stamp)
+            pages, read, changed = pages + 1, read + len(kept), changed + found
             # Mostly unchanged records here: the list stops, and the search reads down to its floor.
             end = end or (pages >= PULL_LIST_TRIAL and changed < PULL_PARTITION_SHARE * read)
             cursor = {"after": after, "floor": floor, "newest": newest, "end": end}

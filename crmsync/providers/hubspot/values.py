@@ -26,6 +26,7 @@ PULL_PARTITION_MIN = 2_000
 # page brings, each for a request of the general budget.
 PULL_PARTITION_SHARE = 0.2
 PULL_LIST_TRIAL = 3  # list pages a pull's list side reads before it judges its share
+PULL_RTT_CAP = 0.25  # seconds: the longest round trip a pull's plan believes of its first search
 ASSOC_AHEAD = 4  # association reads a pull's search side may have waiting while it searches on
 PULL_MODE = "search-partitioned"  # the cursor mode of a partitioned incremental pull under way
 ASSOC_BATCH = 1_000  # ids in one v4 association batch read
