@@ -237,3 +237,20 @@ def test_a_partitioned_pull_stays_within_both_limits(home: Any, low_thresholds: 
         app.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        {"mode": PULL_MODE},
+        {"mode": PULL_MODE, "ts": "yesterday", "parts": "junk"},
+        {"mode": PULL_MODE, "ts": 0, "upper": None, "archived_ts": 0, "parts": {"list": 5}},
+    ],
+)
+def test_a_hostile_partitioned_cursor_reads_every_change_again_without_failing(
+    portal: tuple[HubSpotEmulator, Any], cursor: dict[str, Any]
+) -> None:
+    emulator, app = portal
+    changed = _change(emulator, created=0)
+    pages, end = _walk(_provider(app), cursor)
+    assert changed <= set(_ids(pages)) and end["mode"] == "search"

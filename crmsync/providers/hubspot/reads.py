@@ -110,8 +110,11 @@ class HubSpotReads(HubSpotPartitioned):
 
     def _search_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str], run_start: int) -> Iterator[Page]:
         if cursor.get("mode") == PULL_MODE:  # a partitioned pull a kill interrupted: each part resumes
-            yield from self._partitioned_pull(obj, cursor, fields)
-            return
+            if all(isinstance(cursor.get(k), int) for k in ("ts", "upper", "archived_ts")):
+                yield from self._partitioned_pull(obj, cursor, fields)
+                return
+            # Not a plan this code wrote: search again from its start (or from the beginning).
+            cursor = {"mode": "search", "ts": cursor.get("ts") if isinstance(cursor.get("ts"), int) else 0}
         prop = modified_prop(obj)
         base_filters = self._marker_filter(obj)
         ts = int(cursor.get("ts", 0))
