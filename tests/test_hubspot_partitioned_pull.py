@@ -254,3 +254,13 @@ def test_a_hostile_partitioned_cursor_reads_every_change_again_without_failing(
     changed = _change(emulator, created=0)
     pages, end = _walk(_provider(app), cursor)
     assert changed <= set(_ids(pages)) and end["mode"] == "search"
+
+
+def test_a_backfill_list_partition_whose_last_page_was_stored_does_not_start_again(
+    portal: tuple[HubSpotEmulator, Any],
+) -> None:
+    """Killed between storing the list's last page (no ``after`` left) and its end mark: nothing is read again."""
+    emulator, app = portal
+    emulator.stats.by_route.clear()
+    assert list(_provider(app)._list_below("contacts", FIELDS, 10**9, {"after": None, "newest": 5})) == []
+    assert not _routes(emulator)
