@@ -264,3 +264,23 @@ def test_a_backfill_list_partition_whose_last_page_was_stored_does_not_start_aga
     emulator.stats.by_route.clear()
     assert list(_provider(app)._list_below("contacts", FIELDS, 10**9, {"after": None, "newest": 5})) == []
     assert not _routes(emulator)
+
+
+def test_the_engine_stores_a_partitioned_pull_and_the_next_pull_is_small(
+    portal: tuple[HubSpotEmulator, Any], low_thresholds: None
+) -> None:
+    emulator, app = portal
+    changed = _change(emulator)
+    result = pull(app, objects=["contacts"])[0]
+    assert result.outcome == "ok" and result.objects[0].read == len(changed) + 1
+    assert emulator.stats.by_route["GET crm.objects.list"] > 2  # the list side took part
+    stored = {r.remote_id: r for r in app.store.mirror.records("hs", "contacts")}
+    remote = {str(r["id"]): r["properties"].get("firstname") for r in emulator.records("contacts")}
+    assert len(stored) == len(remote) and all(stored[i].raw.get("firstname") == remote[i] for i in changed)
+    cursor = app.store.mirror.cursor("hs", "contacts")
+    assert cursor is not None and cursor["mode"] == "search"
+    again = pull(app, objects=["contacts"])[0]
+    # Only what shares the newest stamp is read again (the look-back), and nothing is new in it.
+    assert (
+        again.outcome == "ok" and again.objects[0].read <= 300 and again.objects[0].unchanged == again.objects[0].read
+    )
