@@ -284,3 +284,21 @@ def test_the_engine_stores_a_partitioned_pull_and_the_next_pull_is_small(
     assert (
         again.outcome == "ok" and again.objects[0].read <= 300 and again.objects[0].unchanged == again.objects[0].read
     )
+
+
+def test_changes_the_search_index_had_not_caught_up_with_are_read_by_the_next_pull(
+    portal: tuple[HubSpotEmulator, Any], low_thresholds: None, home: Any
+) -> None:
+    emulator, app = portal
+    changed = _change(emulator, created=0)
+    fresh = set(emulator.bulk_create("contacts", 300, modified_at=time.time() - 0.5, properties_fn=lambda i: {}))
+    emulator.search_lag_ms = 2_000
+    write_config(home, "hs", rate_limit=100000, search_rate_limit=20, lookback_seconds=5)
+    provider = _provider(app)
+    pages, cursor = _walk(provider, app.store.mirror.cursor("hs", "contacts"))
+    assert any(p.cursor and p.cursor.get("mode") == PULL_MODE for p in pages)
+    first = set(_ids(pages))
+    assert changed <= first and not fresh <= first  # the search side could not see them (so this can fail)
+    time.sleep(2.1)
+    after, _ = _walk(provider, cursor)
+    assert fresh <= first | set(_ids(after))
