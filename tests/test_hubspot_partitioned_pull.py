@@ -302,3 +302,16 @@ def test_changes_the_search_index_had_not_caught_up_with_are_read_by_the_next_pu
     time.sleep(2.1)
     after, _ = _walk(provider, cursor)
     assert fresh <= first | set(_ids(after))
+
+
+def test_a_raised_search_limit_keeps_the_offset_walk(portal: tuple[HubSpotEmulator, Any], low_thresholds: None) -> None:
+    """One keyset chain would leave a limit of 1,000 searches a second idle: several offset pages go at once instead."""
+    emulator, app = portal
+    changed = _change(emulator)
+    partitioned.PULL_RTT_CAP = 0.25  # restored by the fixture's monkeypatch
+    provider = _provider(app)
+    provider._search_rps = 1000.0
+    emulator.stats.by_route.clear()
+    pages, _ = _walk(provider, app.store.mirror.cursor("hs", "contacts"))
+    assert not any(p.cursor and p.cursor.get("mode") == PULL_MODE for p in pages)
+    assert changed <= set(_ids(pages)) and emulator.stats.by_route["GET crm.objects.list"] == 1  # the archived list
