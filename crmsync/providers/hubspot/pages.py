@@ -105,7 +105,14 @@ class HubSpotPages(HubSpotSchema):
         return []
 
     def _search_pages(
-        self, obj: str, groups: list[list[dict[str, Any]]], sort: str, fields: Sequence[str], *, expect: int = 0
+        self,
+        obj: str,
+        groups: list[list[dict[str, Any]]],
+        sort: str,
+        fields: Sequence[str],
+        *,
+        expect: int = 0,
+        first: dict[str, Any] | None = None,
     ) -> Iterator[tuple[dict[str, Any], list[RemoteRecord]]]:
         """A search's pages in order, with their associations, the next SEARCH_AHEAD asked for at once.
 
@@ -114,10 +121,12 @@ class HubSpotPages(HubSpotSchema):
         waits two round trips (search, then associations) per page and leaves the search budget
         idle. Pages past the 10,000 cap are never asked for; the caller re-anchors there.
         ``expect``: the total when the caller knows it, so the first pages go at once too.
+        ``first``: the answer for offset 0 when the caller already asked for it.
         """
+        given = [first] if first is not None else []
 
         def fetch(offset: int) -> tuple[dict[str, Any], list[RemoteRecord]]:
-            body = self._search(obj, groups, sort, fields, offset)
+            body = given.pop() if offset == 0 and given else self._search(obj, groups, sort, fields, offset)
             return body, self._with_associations(obj, [self._record(obj, r) for r in body.get("results", [])])
 
         ahead: deque[tuple[int, Future[tuple[dict[str, Any], list[RemoteRecord]]]]] = deque()

@@ -1,10 +1,17 @@
-"""A first walk split by ``hs_object_id``: the list chain below, search ranges above (``providers.partitions``)."""
+"""Walks split by ``hs_object_id`` (``providers.partitions``).
+
+A first walk: the list chain below, search ranges above, sized to finish together. A large
+incremental pull: the list chain upwards from the lowest id (keeping what changed in the window) and a
+keyset search downwards from the highest (modified-since filter), meeting wherever they meet.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -13,14 +20,62 @@ from crmsync.providers import partitions
 from crmsync.providers.base import Page, RemoteRecord
 from crmsync.providers.hubspot.pages import HubSpotPages
 from crmsync.providers.hubspot.values import (
+    ASSOC_AHEAD,
     LIST_PAGE,
     MAX_SEARCH_RANGES,
     PARTITION_MIN,
     PULL_ASSOCIATIONS,
+    PULL_LIST_TRIAL,
+    PULL_MODE,
+    PULL_PARTITION_MIN,
+    PULL_PARTITION_SHARE,
+    PULL_RTT_CAP,
     SEARCH_PAGE,
     _prop_ms,
     modified_prop,
 )
+
+#: A pull's modification window: (from, "GT" or "GTE" for it, up to and including).
+Window = tuple[int, str, int]
+
+
+class _Frontier:
+    """Where a pull's list walk (upwards) and search walk (downwards) meet, claimed under one lock.
+
+    Ids up to ``floor`` are the list's, ids from ``ceiling`` up the search's; each side keeps only
+    ids the other has not claimed, so the two read disjoint records however their speeds differ.
+    """
+
+    def __init__(self, floor: int, ceiling: int | None, seen: frozenset[str] = frozenset()) -> None:
+        self.floor = floor  # the highest id the list walk has covered (-1: none yet)
+        self.ceiling = ceiling  # the lowest id the search walk has covered (None: none yet)
+        self.seen = seen  # ids the pull's first page holds: covered, but neither side's to hand over
+        self._lock = threading.Lock()
+
+    def met(self) -> bool:
+        with self._lock:
+            return self.ceiling is not None and self.ceiling <= self.floor + 1
+
+    def claim_low(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
+        """A list page's ids (ascending): those below the search's claim, the new floor, whether it ends."""
+        with self._lock:
+            top = self.ceiling
+            kept = {i for i in ids if top is None or i < top}
+            if kept:
+                self.floor = max(self.floor, *kept)
+            if top is not None and len(kept) < len(ids):
+                self.floor = max(self.floor, top - 1)  # the list read every id below the search's claim
+            return kept, self.floor, exhausted or len(kept) < len(ids)
+
+    def claim_high(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
+        """A search page's ids (descending): those above the list's claim, the new ceiling, whether it ends."""
+        with self._lock:
+            kept = {i for i in ids if i > self.floor}
+            end = exhausted or len(kept) < len(ids)
+            # At its end the search has read every change down to the list's floor: it claims all of it.
+            new = self.floor + 1 if end else min(kept)
+            self.ceiling = new if self.ceiling is None else min(self.ceiling, new)
+            return kept, self.ceiling, end
 
 
 class HubSpotPartitioned(HubSpotPages):
@@ -92,6 +147,8 @@ class HubSpotPartitioned(HubSpotPages):
 
     def _list_below(self, obj: str, fields: Sequence[str], below: int, at: Any) -> Iterator[Page]:
         """The list walk from its start (or the ``after`` it stopped at) up to id ``below``."""
+        if at is not None and not at.get("after"):
+            return  # its last page was stored, its end not yet: nothing left to read
         after = (at or {}).get("after")
         newest = int((at or {}).get("newest", 0))
         prop = modified_prop(obj)
@@ -143,5 +200,192 @@ class HubSpotPartitioned(HubSpotPages):
                     break
             if pending is not None:
                 yield Page(records=pending[0].result(), cursor=pending[1])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- a large incremental pull --------------------------------------------------------------
+    def _plan_pull(
+        self, obj: str, first: dict[str, Any], *, rtt: float, ts: int, op: str, upper: int, archived_ts: int
+    ) -> dict[str, Any] | None:
+        """A partitioned pull's plan when the search walk's first answer shows many changes, else None.
+
+        ``first`` is the walk's own first page (its ``total`` is the change count) and ``rtt`` its
+        round trip, so the decision asks nothing the walk would not ask. The search side is one
+        keyset chain: where the search limit is so high that one chain would leave most of it idle
+        (a raised limit), the offset walk (several pages in flight) stays faster.
+        """
+        changed = int(first.get("total") or 0)
+        if changed < PULL_PARTITION_MIN or not ((first.get("paging") or {}).get("next") or {}).get("after"):
+            return None
+        # One chain makes 1/rtt searches a second; it must reach two thirds of the limit. The round
+        # trip counts at most PULL_RTT_CAP, so one slow first answer does not decide it.
+        if min(rtt, PULL_RTT_CAP) * self._search_rps > 1.5:
+            return None
+        prop = modified_prop(obj)
+        records = [self._record(obj, r) for r in first.get("results", [])]
+        newest = max([ts, *(min(_prop_ms(r, prop) or ts, upper) for r in records)])
+        return {
+            "mode": PULL_MODE,
+            "ts": ts,
+            "op": op,
+            "upper": upper,
+            "archived_ts": archived_ts,
+            "total": changed,
+            "seen": [r.id for r in records],
+            "seen_newest": newest,
+        }
+
+    def _partitioned_pull(
+        self, obj: str, plan: dict[str, Any], fields: Sequence[str], first: dict[str, Any] | None = None
+    ) -> Iterator[Page]:
+        """The list walk upwards and the search walk downwards side by side (``partitions.interleave``).
+
+        Neither side is sized in advance: they meet wherever their budgets take them, so both end
+        together however the changes spread over the ids and however the budgets are shared with
+        other objects' walks. The last page hands over to the cursor the one search walk would have
+        reached: the newest modification read (within the window), so a resumed pull ends on it too.
+        The plan's first page (the search walk's, which decided the plan) is a partition of its own:
+        ``first`` is its answer, read again by id only if a resumed pull has not stored it yet.
+        """
+        window: Window = (int(plan["ts"]), str(plan["op"]), int(plan["upper"]))
+        keys = ("mode", "ts", "op", "upper", "archived_ts", "total", "seen", "seen_newest")
+        extra = {k: plan[k] for k in keys if k in plan}
+        states = partitions.parse(plan)
+        low = (states.get("list") or {}).get("at") or {}
+        high = (states.get("search") or {}).get("at") or {}
+        ceiling = high.get("ceiling")
+        seen = [str(i) for i in plan.get("seen") or []]
+        frontier = _Frontier(int(low.get("floor", -1)), None if ceiling is None else int(ceiling), frozenset(seen))
+        parts: dict[str, partitions.PartitionFn] = {
+            "list": functools.partial(self._list_up, obj, fields, window, frontier),
+            "search": functools.partial(self._search_down, obj, fields, window, frontier),
+        }
+        if seen:
+            newest = int(plan.get("seen_newest") or window[0])
+            parts["first"] = functools.partial(self._first_page, obj, fields, seen, newest, first)
+        total = int(plan.get("total") or 0) or None
+        final: dict[str, Any] | None = plan
+        for page in partitions.interleave(parts, plan, depth=2, name=f"pull-{obj}", extra=extra):
+            page.total = total
+            yield page
+            final = page.cursor
+        newest = max([window[0], *(int((s["at"] or {}).get("newest", 0)) for s in partitions.parse(final).values())])
+        yield Page(
+            records=[],
+            cursor={"mode": "search", "archived_ts": plan["archived_ts"], "hi": window[2], "ts": newest},
+            total=total,
+        )
+
+    def _first_page(
+        self, obj: str, fields: Sequence[str], ids: list[str], newest: int, first: dict[str, Any] | None, at: Any
+    ) -> Iterator[Page]:
+        """The records of the plan's first page, with their associations (by id if the answer is gone)."""
+        if (at or {}).get("end"):
+            return
+        if first is not None:
+            records = self._with_associations(obj, [self._record(obj, r) for r in first.get("results", [])])
+        else:
+            records = self.fetch(obj, ids, fields=fields)
+        yield Page(records=records, cursor={"end": True, "newest": newest})
+
+    def _in_window(self, record: RemoteRecord, prop: str, window: Window) -> int | None:
+        """The record's modification time if the pull's window holds it (as the search filter would), else None."""
+        stamp = _prop_ms(record, prop)
+        since, op, upper = window
+        if stamp is None or stamp > upper or stamp < since or (op == "GT" and stamp == since):
+            return None
+        return stamp
+
+    def _list_up(self, obj: str, fields: Sequence[str], window: Window, frontier: _Frontier, at: Any) -> Iterator[Page]:
+        """The list walk from the lowest id up to the search's claim, keeping the records changed in the window."""
+        at = at or {}
+        if at.get("end"):
+            return
+        after, newest = at.get("after"), int(at.get("newest", 0))
+        pages, read, changed = int(at.get("pages", 0)), int(at.get("read", 0)), int(at.get("changed", 0))
+        prop = modified_prop(obj)
+        while not frontier.met():
+            body = self._list(obj, fields, after=after)
+            raws = body.get("results", [])
+            after = ((body.get("paging") or {}).get("next") or {}).get("after")
+            kept, floor, end = frontier.claim_low([int(r["id"]) for r in raws], exhausted=not after)
+            records = []
+            found = 0  # changes in the window, the plan's first page's included (they are changes here too)
+            for raw in raws:
+                if int(raw["id"]) in kept:
+                    rec = self._record(obj, raw)
+                    stamp = self._in_window(rec, prop, window)
+                    if stamp is not None:
+                        found += 1
+                        if rec.id not in frontier.seen:
+                            records.append(rec)
+                            newest = max(newest, stamp)
+            pages, read, changed = pages + 1, read + len(kept), changed + found
+            # Mostly unchanged records here: the list stops, and the search reads down to its floor.
+            end = end or (pages >= PULL_LIST_TRIAL and changed < PULL_PARTITION_SHARE * read)
+            cursor = {"after": after, "floor": floor, "newest": newest, "end": end}
+            yield Page(records=records, cursor={**cursor, "pages": pages, "read": read, "changed": changed})
+            if end:
+                return
+
+    def _search_down(
+        self, obj: str, fields: Sequence[str], window: Window, frontier: _Frontier, at: Any
+    ) -> Iterator[Page]:
+        """The changes in the window, keyset-paged by id downwards (the 10,000-result cap never binds)."""
+        at = at or {}
+        if at.get("end"):
+            return
+        since, op, upper = window
+        prop = modified_prop(obj)
+
+        def pages() -> Iterator[tuple[list[RemoteRecord], dict[str, Any], bool]]:
+            ceiling, newest = at.get("ceiling"), int(at.get("newest", 0))
+            while not frontier.met():
+                filters = [
+                    {"propertyName": prop, "operator": op, "value": str(since)},
+                    {"propertyName": prop, "operator": "LTE", "value": str(upper)},
+                ]
+                if ceiling is not None:
+                    filters.append({"propertyName": "hs_object_id", "operator": "LT", "value": str(ceiling)})
+                body = self._search(obj, [filters], "-hs_object_id", fields, 0)
+                raws = body.get("results", [])
+                more = bool(raws) and bool(((body.get("paging") or {}).get("next") or {}).get("after"))
+                kept, ceiling, end = frontier.claim_high([int(r["id"]) for r in raws], exhausted=not more)
+                records = [
+                    self._record(obj, r) for r in raws if int(r["id"]) in kept and str(r["id"]) not in frontier.seen
+                ]
+                newest = max([newest, *(min(_prop_ms(r, prop) or since, upper) for r in records)])
+                yield records, {"ceiling": ceiling, "newest": newest, "end": end}, end
+                if end:
+                    return
+
+        yield from self._associated(obj, pages())
+
+    def _associated(self, obj: str, pages: Iterator[tuple[list[RemoteRecord], dict[str, Any], bool]]) -> Iterator[Page]:
+        """Search pages with their associations, read beside the next searches.
+
+        Up to ``_assoc_batch`` ids go in one association read, and up to ASSOC_AHEAD reads may wait
+        for the general budget (which the list side may have used up for a while) while the search
+        chain goes on. Pages come out in order, each with the cursor of the last search whose
+        records it holds, so the cursor never runs ahead of what is stored.
+        """
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"assoc-{obj}")
+        pending: deque[tuple[Future[list[RemoteRecord]], dict[str, Any]]] = deque()
+        batch: list[RemoteRecord] = []
+        try:
+            for records, cursor, end in pages:
+                batch.extend(records)
+                while pending and pending[0][0].done():
+                    done, at = pending.popleft()
+                    yield Page(records=done.result(), cursor=at)
+                if end or len(batch) >= self._assoc_batch:
+                    while len(pending) >= ASSOC_AHEAD:
+                        done, at = pending.popleft()
+                        yield Page(records=done.result(), cursor=at)
+                    pending.append((pool.submit(self._with_associations, obj, batch), cursor))
+                    batch = []
+            while pending:
+                done, at = pending.popleft()
+                yield Page(records=done.result(), cursor=at)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,7 @@ from crmsync.providers.hubspot.values import (
     IN_MAX,
     LIST_PAGE,
     MARKER,
+    PULL_MODE,
     SEARCH_CAP,
     SEARCH_PAGE,
     _prop_ms,
@@ -108,6 +109,12 @@ class HubSpotReads(HubSpotPartitioned):
                 return
 
     def _search_phase(self, obj: str, cursor: dict[str, Any], fields: Sequence[str], run_start: int) -> Iterator[Page]:
+        if cursor.get("mode") == PULL_MODE:  # a partitioned pull a kill interrupted: each part resumes
+            if all(isinstance(cursor.get(k), int) for k in ("ts", "upper", "archived_ts")):
+                yield from self._partitioned_pull(obj, cursor, fields)
+                return
+            # Not a plan this code wrote: search again from its start (or from the beginning).
+            cursor = {"mode": "search", "ts": cursor.get("ts") if isinstance(cursor.get("ts"), int) else 0}
         prop = modified_prop(obj)
         base_filters = self._marker_filter(obj)
         ts = int(cursor.get("ts", 0))
@@ -133,6 +140,9 @@ class HubSpotReads(HubSpotPartitioned):
         after_ts = bool(cursor.get("after_ts"))
         expect = 0  # how many results the next search is known to hold (0: unknown)
         seen_at: list[str] = []  # after a re-anchor: ids at ts already read
+        # The walk's own first page tells how many changes wait: a large share of a large object is
+        # read as a partitioned pull instead, and a small pull makes the requests it always made.
+        probe = slice_id is None and not base_filters
         while True:
             if slice_id is not None:
                 # More than 10,000 records share ts: walk that one millisecond by object id.
@@ -175,7 +185,17 @@ class HubSpotReads(HubSpotPartitioned):
                     ]
                 )
             reanchor = False
-            for body, records in self._search_pages(obj, groups, prop, fields, expect=expect):
+            first = None
+            if probe:
+                probe = False
+                began = time.monotonic()
+                first = self._search(obj, groups, prop, fields, 0)
+                rtt = time.monotonic() - began
+                plan = self._plan_pull(obj, first, rtt=rtt, ts=ts, op=op, upper=upper, archived_ts=int(archived_ts))
+                if plan is not None:
+                    yield from self._partitioned_pull(obj, plan, fields, first)
+                    return
+            for body, records in self._search_pages(obj, groups, prop, fields, expect=expect, first=first):
                 if not records:
                     return
                 stamps = [_prop_ms(r, prop) or (to_ms(r.updated_at) if r.updated_at else ts) for r in records]

@@ -17,6 +17,18 @@ SEARCH_PAGE = 200
 SEARCH_AHEAD = 3  # search pages of one walk asked for at once (offset paging allows it)
 IN_MAX = 100  # values in one IN / NOT_IN search filter
 PARTITION_MIN = 2_000  # records below which a first walk stays one list chain (planning costs searches)
+# Changes below which an incremental pull stays one search walk: the decision reads the total off the
+# walk's own first page, so a pull below it makes exactly the requests it always did; above it the
+# walk has 10 or more search pages, against which the plan's one search and discarded page are small.
+PULL_PARTITION_MIN = 2_000
+# The changed share of the records a pull's list side has read below which it stops (the search
+# side then reads down to where it stopped): its pages would carry under a tenth of what a search
+# page brings, each for a request of the general budget.
+PULL_PARTITION_SHARE = 0.2
+PULL_LIST_TRIAL = 3  # list pages a pull's list side reads before it judges its share
+PULL_RTT_CAP = 0.25  # seconds: the longest round trip a pull's plan believes of its first search
+ASSOC_AHEAD = 4  # association reads a pull's search side may have waiting while it searches on
+PULL_MODE = "search-partitioned"  # the cursor mode of a partitioned incremental pull under way
 ASSOC_BATCH = 1_000  # ids in one v4 association batch read
 MAX_SEARCH_RANGES = 8  # hs_object_id ranges read through search beside the list walk, at most
 LIST_PAGE = 100
