@@ -315,3 +315,36 @@ def test_a_raised_search_limit_keeps_the_offset_walk(portal: tuple[HubSpotEmulat
     pages, _ = _walk(provider, app.store.mirror.cursor("hs", "contacts"))
     assert not any(p.cursor and p.cursor.get("mode") == PULL_MODE for p in pages)
     assert changed <= set(_ids(pages)) and emulator.stats.by_route["GET crm.objects.list"] == 1  # the archived list
+
+
+def test_a_record_edited_while_the_search_walk_reads_hides_no_other(home: Any) -> None:
+    """The search walk pages by offset: a record edited after the run began leaves its window, every
+    later record moves one place back, and the one at the page boundary would never be read (its
+    stamp is older than the cursor the walk ends on). The walk notices the window shrink and searches
+    again from the last page's stamp."""
+    import httpx
+
+    emulator = HubSpotEmulator(seed=3)
+    base = time.time() - 3600
+    ids = [
+        emulator.bulk_create("contacts", 1, modified_at=base + i, properties_fn=lambda _i, i=i: {"email": f"{i}@x.io"})[0]
+        for i in range(500)
+    ]
+    inner = emulator.transport()
+    searches: list[int] = []
+
+    class EditAfterFirstPage(httpx.BaseTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            response = inner.handle_request(request)
+            if request.url.path.endswith("/search") and b"lastmodifieddate" in request.content:
+                searches.append(1)
+                if len(searches) == 1:  # a rep edits a record already read, while the walk goes on
+                    emulator.edit("contacts", ids[10], {"firstname": "Edited"}, at=time.time() + 60)
+            return response
+
+    app = hubspot_app("http://hs.test", emulator.private_app_token, transport=lambda _name: EditAfterFirstPage())
+    try:
+        pages, _ = _walk(_provider(app), {"mode": "search", "ts": 1})
+        assert {r.id for p in pages for r in p.records} == set(ids)  # ids[200] was the one hidden
+    finally:
+        app.close()

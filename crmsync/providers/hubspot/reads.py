@@ -26,6 +26,10 @@ from crmsync.providers.hubspot.values import (
     to_ms,
 )
 
+#: Times one walk searches again after its window shrank under it; past that the next pull's look-back
+#: is the safety net (a portal edited faster than it can be read).
+MAX_SHRINKS = 8
+
 
 class HubSpotReads(HubSpotPartitioned):
     """The read path: ``changes`` and the reads by id or key."""
@@ -143,6 +147,8 @@ class HubSpotReads(HubSpotPartitioned):
         # The walk's own first page tells how many changes wait: a large share of a large object is
         # read as a partitioned pull instead, and a small pull makes the requests it always made.
         probe = slice_id is None and not base_filters
+        shrunk = 0  # times the window shrank under the walk (see below)
+        page_ts = ts
         while True:
             if slice_id is not None:
                 # More than 10,000 records share ts: walk that one millisecond by object id.
@@ -195,9 +201,19 @@ class HubSpotReads(HubSpotPartitioned):
                 if plan is not None:
                     yield from self._partitioned_pull(obj, plan, fields, first)
                     return
+            last_total: int | None = None
             for body, records in self._search_pages(obj, groups, prop, fields, expect=expect, first=first):
                 if not records:
                     return
+                total = int(body.get("total") or 0)
+                if last_total is not None and total < last_total and shrunk < MAX_SHRINKS:
+                    # Records left the window while it was read (edited after the run began), so every
+                    # offset past them moved back and a record may sit unread before this page: search
+                    # again from the last page's stamp (what it re-reads is stored unchanged).
+                    shrunk += 1
+                    reanchor, ts, after_ts, expect, seen_at = False, page_ts, False, 0, []
+                    break
+                last_total = total
                 stamps = [_prop_ms(r, prop) or (to_ms(r.updated_at) if r.updated_at else ts) for r in records]
                 page_ts = min(max(max(stamps), ts), upper)
                 yield Page(records=records, cursor=cur(ts=page_ts), total=body.get("total"))
