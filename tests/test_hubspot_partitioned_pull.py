@@ -326,10 +326,8 @@ def test_a_record_edited_while_the_search_walk_reads_hides_no_other(home: Any) -
 
     emulator = HubSpotEmulator(seed=3)
     base = time.time() - 3600
-    ids = [
-        emulator.bulk_create("contacts", 1, modified_at=base + i, properties_fn=lambda _i, i=i: {"email": f"{i}@x.io"})[0]
-        for i in range(500)
-    ]
+    one = emulator.bulk_create
+    ids = [one("contacts", 1, modified_at=base + i, properties_fn=lambda _i, i=i: {"email": f"{i}@x.io"})[0] for i in range(500)]
     inner = emulator.transport()
     searches: list[int] = []
 
