@@ -326,8 +326,10 @@ def test_a_record_edited_while_the_search_walk_reads_hides_no_other(home: Any) -
 
     emulator = HubSpotEmulator(seed=3)
     base = time.time() - 3600
-    one = emulator.bulk_create
-    ids = [one("contacts", 1, modified_at=base + i, properties_fn=lambda _i, i=i: {"email": f"{i}@x.io"})[0] for i in range(500)]
+    ids: list[str] = []
+    for i in range(500):  # one second apart: the search sorts them in this order
+        email = {"email": f"{i}@x.io"}
+        ids += emulator.bulk_create("contacts", 1, modified_at=base + i, properties_fn=lambda _i, e=email: e)
     inner = emulator.transport()
     searches: list[int] = []
 
