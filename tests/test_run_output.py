@@ -54,6 +54,13 @@ def user_env(home: Path, connection: str, secret: str) -> dict[str, str]:
     return {**cli_env(home, connection, secret), "HOME": str(empty)}
 
 
+def _down(emulator: HubSpotEmulator, home: Path) -> None:
+    """The CRM answers every request with a 5xx; crmsync gives up on each after a second, not its
+    default five minutes of retries (these tests are about what it says, not how long it tries)."""
+    write_config(home, "hs", deadline_seconds=1)
+    emulator.faults.error_rate = 1.0
+
+
 def _runs(home: Path) -> list[tuple[str, str, str | None]]:
     """(command, status, error) of every run in the store, oldest first, read as another process would."""
     with contextlib.closing(sqlite3.connect(home / "crmsync.db")) as db:
@@ -131,12 +138,14 @@ def test_failed_deliveries_print_the_crms_reason_and_conflicts_point_at_update(
 
 
 @pytest.mark.slow
-def test_a_backlog_from_an_earlier_run_is_reported_apart_from_this_inputs_counts(hubspot: Any, tmp_path: Path) -> None:
+def test_a_backlog_from_an_earlier_run_is_reported_apart_from_this_inputs_counts(
+    hubspot: Any, home: Path, tmp_path: Path
+) -> None:
     emulator, env = hubspot
     first = tmp_path / "monday.jsonl"
     first.write_text(outcome_lines(4, prefix="mon"))
     # Queued but not delivered: the CRM is down for the whole of Monday's run.
-    emulator.faults.error_rate = 1.0
+    _down(emulator, home)
     down = run_cli(["--json", "push", str(first), "-c", "hs"], env)
     assert down.code != 0 and run_cli(["push", "--status", "mon-0", "-c", "hs"], env).stdout.startswith("mon-0: queued")
     emulator.faults.error_rate = 0.0
@@ -154,11 +163,11 @@ def test_a_backlog_from_an_earlier_run_is_reported_apart_from_this_inputs_counts
 
 
 @pytest.mark.slow
-def test_the_backlog_line_in_the_default_output(hubspot: Any, tmp_path: Path) -> None:
+def test_the_backlog_line_in_the_default_output(hubspot: Any, home: Path, tmp_path: Path) -> None:
     emulator, env = hubspot
     first = tmp_path / "a.jsonl"
     first.write_text(outcome_lines(2, prefix="a"))
-    emulator.faults.error_rate = 1.0
+    _down(emulator, home)
     assert run_cli(["--quiet", "push", str(first), "-c", "hs"], env).code != 0
     emulator.faults.error_rate = 0.0
     second = tmp_path / "b.jsonl"
@@ -363,7 +372,7 @@ def test_status_check_is_unhealthy_after_a_failed_push(hubspot: Any, home: Path,
     assert (healthy.code, healthy.stdout) == (0, "healthy\n")
     src = tmp_path / "o.jsonl"
     src.write_text(outcome_lines(2))
-    emulator.faults.error_rate = 1.0
+    _down(emulator, home)
     assert run_cli(["--quiet", "push", str(src), "-c", "hs"], env).code != 0
     emulator.faults.error_rate = 0.0
     assert _runs(home)[-1][:2] == ("push", "failed")
@@ -375,10 +384,10 @@ def test_status_check_is_unhealthy_after_a_failed_push(hubspot: Any, home: Path,
 
 
 @pytest.mark.slow
-def test_status_check_is_unhealthy_after_a_failed_pull(hubspot: Any) -> None:
+def test_status_check_is_unhealthy_after_a_failed_pull(hubspot: Any, home: Path) -> None:
     emulator, env = hubspot
     assert run_cli(["--quiet", "pull"], env).code == 0
-    emulator.faults.error_rate = 1.0
+    _down(emulator, home)
     assert run_cli(["--quiet", "pull"], env).code != 0
     check = run_cli(["--json", "status", "--check"], env)
     assert check.code == 1
