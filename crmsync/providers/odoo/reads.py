@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from crmsync.providers.base import (
     match_key,
     walk_both_ends,
 )
+from crmsync.providers.odoo import partitioned
 from crmsync.providers.odoo.schema import OdooSchema
 from crmsync.providers.odoo.values import (
     BATCH,
@@ -24,6 +26,7 @@ from crmsync.providers.odoo.values import (
     MARKER_FIELD,
     MARKER_HTML_RE,
     MARKER_RE,
+    PARTITION_MIN,
     TASK_SUFFIX,
     done_note,
     done_summary,
@@ -40,6 +43,9 @@ PAGE = 200
 LIST_PAGE = 5000
 OVERLAP_SECONDS = 600.0
 SETTLE_SECONDS = 5.0
+ACTIVE_TOO = {"active_test": False}  # archived rows are read too: pull mirrors archiving
+
+log = logging.getLogger("crmsync.odoo")
 
 
 class OdooReads(OdooSchema):
@@ -52,6 +58,7 @@ class OdooReads(OdooSchema):
         self.overlap = float(options.get("overlap_seconds") or settings.get("overlap_seconds") or OVERLAP_SECONDS)
         self.settle = float(settings.get("settle_seconds", SETTLE_SECONDS))
         self.page_size = int(settings.get("page_size") or PAGE)
+        self.partition_min = int(settings.get("partition_min") or PARTITION_MIN)
 
     def _calls_from_messages(self) -> bool:
         # Up to 18 a done activity is deleted: only its chatter message is left to read.
@@ -199,6 +206,21 @@ class OdooReads(OdooSchema):
             limit_hi = min(limit_hi, until if until.tzinfo else until.replace(tzinfo=UTC))
         limit_hi = limit_hi.replace(microsecond=0)
         cur = dict(cursor or {})
+        if cur.get("mode") == partitioned.MODE:
+            plan = partitioned.restore(cur)
+            if plan is not None:
+                yield from self._walk_ranges(obj, model, base, read, plan, cur)
+                return
+            # A partitioned cursor crmsync could not have written: its window again from the start
+            # (re-reading is harmless, the store drops unchanged records), or a first walk.
+            log.warning("odoo %s: the stored cursor is not one crmsync wrote; reading its window again", obj)
+            hi_text = cur.get("window_hi")
+            lo_text = cur.get("window_lo")
+            cur = (
+                {"window_lo": lo_text if parse_dt(lo_text) else None, "window_hi": hi_text, "last_id": 0}
+                if isinstance(hi_text, str) and parse_dt(hi_text)
+                else {}
+            )
         if "window_hi" in cur:
             # Resuming inside a window after a crash: same bounds, after the last stored id.
             lo, hi, last_id = cur.get("window_lo"), str(cur["window_hi"]), int(cur.get("last_id") or 0)
@@ -213,8 +235,7 @@ class OdooReads(OdooSchema):
             else:
                 lo = None
             hi, last_id = format_dt(limit_hi), 0
-        domain = [*base, *([("write_date", ">=", lo)] if lo else []), ("write_date", "<", hi)]
-        context = {"active_test": False}
+        domain = self._window(base, lo, hi)
 
         def page(low: int, high: int | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
             rows = self._call(
@@ -224,7 +245,7 @@ class OdooReads(OdooSchema):
                 fields=read,
                 order="id desc" if desc else "id asc",
                 limit=self.page_size,
-                context=context,
+                context=ACTIVE_TOO,
             )
             return rows, len(rows) == self.page_size
 
@@ -237,17 +258,81 @@ class OdooReads(OdooSchema):
             return Page(records=self._records(obj, model, rows), cursor=cursor, total=total)
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"odoo-{obj}") as pool:
-            # A new window's size (for progress) is asked alongside its first page, not before it
-            # (a resumed window's was told when it began).
+            # A new window's size (for progress, and whether to split it) is asked alongside its
+            # first page, not before it (a resumed window's was told when it began).
             counted = (
-                None if last_id else pool.submit(self._call, model, "search_count", domain=domain, context=context)
+                None if last_id else pool.submit(self._call, model, "search_count", domain=domain, context=ACTIVE_TOO)
             )
+            rows0, more0 = page(last_id, None, False)
+            first: tuple[list[dict[str, Any]], bool] | None = (rows0, more0)
+            if counted is not None and more0 and counted.result() > self.partition_min:
+                # A large new window: the rest of it in id ranges read side by side.
+                top = self._call(
+                    model, "search_read", domain=domain, fields=["id"], order="id desc", limit=1, context=ACTIVE_TOO
+                )
+                plan = partitioned.plan(
+                    lo, hi, int(rows0[-1]["id"]), int(top[0]["id"]) if top else 0, self._ranges(), counted.result()
+                )
+                start = partitioned.first_cursor(plan)
+                yield Page(records=self._records(obj, model, rows0), cursor=start, total=plan["total"])
+                yield from self._walk_ranges(obj, model, base, read, plan, start)
+                return
+
+            def once(low: int, high: int | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
+                nonlocal first
+                if first is not None and (low, high, desc) == (last_id, None, False):
+                    taken, first = first, None
+                    return taken
+                return page(low, high, desc)
+
             held: tuple[list[dict[str, Any]], int | None] | None = None
-            for rows, mark in walk_both_ends(page, lambda row: int(row["id"]), last_id, pool):
+            for rows, mark in walk_both_ends(once, lambda row: int(row["id"]), last_id, pool):
                 if held is not None:  # one page held back: the last one carries the window's end
                     yield as_page(*held, last=False, total=counted.result() if counted else None)
                 held = (rows, mark)
             yield as_page(*(held or ([], None)), last=True, total=counted.result() if counted else None)
+
+    @staticmethod
+    def _window(base: list[Any], lo: str | None, hi: str) -> list[Any]:
+        """The domain of the write_date window ``[lo, hi)`` (no lower end on a first walk)."""
+        return [*base, *([("write_date", ">=", lo)] if lo else []), ("write_date", "<", hi)]
+
+    def _ranges(self) -> int:
+        """How many id ranges a large window is read in: the requests crmsync may keep in flight."""
+        return max(1, int(self.http.concurrency))
+
+    def _walk_ranges(
+        self,
+        obj: str,
+        model: str,
+        base: list[Any],
+        read: list[str],
+        plan: dict[str, Any],
+        cursor: dict[str, Any],
+    ) -> Iterator[Page]:
+        """The window's id ranges side by side from ``cursor`` (``partitioned.walk``)."""
+        domain = self._window(base, plan["window_lo"], plan["window_hi"])
+
+        def rows(low: int, high: int) -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = self._call(
+                model,
+                "search_read",
+                domain=[*domain, ("id", ">", low), ("id", "<=", high)],
+                fields=read,
+                order="id asc",
+                limit=self.page_size,
+                context=ACTIVE_TOO,
+            )
+            return found
+
+        yield from partitioned.walk(
+            plan,
+            cursor,
+            read=rows,
+            convert=lambda found: self._records(obj, model, found),
+            page_size=self.page_size,
+            name=f"odoo-{obj}",
+        )
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         model, _ = self._source(obj)

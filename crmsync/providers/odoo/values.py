@@ -17,6 +17,9 @@ CALL_XMLID = "mail.mail_activity_data_call"
 TASK_SUFFIX = ":task"  # the engine marks a follow-up task as "<outcome id>:task"
 TODO_XMLID = "mail.mail_activity_data_todo"
 BATCH = 200  # records per create, read or search call
+#: Records in a new write_date window above which it is read in id ranges side by side: below,
+#: the walk from both ends takes a handful of round trips and splitting would add one of its own.
+PARTITION_MIN = 2_000
 
 #: The Odoo model behind each object type.
 MODELS = {

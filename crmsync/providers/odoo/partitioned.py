@@ -1,0 +1,121 @@
+"""A large write_date window split into id ranges, read side by side (``providers.partitions``).
+
+Odoo has no rate limit: its worker processes are the limit, and crmsync keeps ``concurrency``
+requests in flight (2 by default, so the server's workers still serve its users). A window whose
+count says it is large is cut, above its first page, into that many equal id ranges up to the
+window's highest id; each range is keyset-paged by ``id`` (never ``offset``) with the window's own
+domain (``active_test`` off, so archived rows come too), and every page carries each range's
+position as of the pages stored so far. A kill resumes every range after its last stored page;
+the ranges are disjoint, so nothing is read into the store twice. When every range is done the
+walk ends on ``{"hi": window_hi}``, the cursor an unpartitioned walk of the same window ends on.
+
+The stored plan is ``{"mode": "partitioned", "window_lo", "window_hi", "ranges", "total"}`` plus
+the ranges' states; a resumed run keeps the plan's ranges even if ``concurrency`` changed since.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from crmsync.providers import partitions
+from crmsync.providers.base import Page, RemoteRecord
+from crmsync.providers.odoo.values import parse_dt
+
+__all__ = ["MODE", "plan", "restore", "walk"]
+
+MODE = "partitioned"
+
+#: Reads up to ``limit`` rows of the window with ``low < id <= high``, ascending by id.
+ReadRange = Callable[[int, int], list[dict[str, Any]]]
+#: Rows as records (a deal's partners are read in the same thread, beside the other ranges).
+Convert = Callable[[list[dict[str, Any]]], list[RemoteRecord]]
+
+
+def split(first: int, last: int, k: int) -> list[list[int]]:
+    """``first..last`` (inclusive) as at most ``k`` contiguous ranges of equal width."""
+    if last < first:
+        return []
+    k = max(1, min(k, last - first + 1))
+    step = -(-(last - first + 1) // k)
+    return [[a, min(a + step - 1, last)] for a in range(first, last + 1, step)]
+
+
+def plan(window_lo: str | None, window_hi: str, above: int, top: int, k: int, total: int | None) -> dict[str, Any]:
+    """The plan of a window whose ids up to ``above`` are read: ``k`` ranges up to ``top``."""
+    return {
+        "mode": MODE,
+        "window_lo": window_lo,
+        "window_hi": window_hi,
+        "ranges": split(above + 1, top, k),
+        "total": total,
+    }
+
+
+def restore(cursor: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The plan inside a stored partitioned cursor, or None when it is not one crmsync could have written."""
+    lo, hi, ranges = cursor.get("window_lo"), cursor.get("window_hi"), cursor.get("ranges")
+    if cursor.get("mode") != MODE or not isinstance(hi, str) or parse_dt(hi) is None:
+        return None
+    if lo is not None and (not isinstance(lo, str) or parse_dt(lo) is None):
+        return None
+    if not isinstance(ranges, list) or not all(_is_range(r) for r in ranges):
+        return None
+    total = cursor.get("total")
+    return {
+        "mode": MODE,
+        "window_lo": lo,
+        "window_hi": hi,
+        "ranges": [[int(a), int(b)] for a, b in ranges],
+        "total": total if isinstance(total, int) and not isinstance(total, bool) else None,
+    }
+
+
+def _is_range(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and value[0] <= value[1]
+    )
+
+
+def first_cursor(the_plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The cursor stored with the window's first page: every range still to read from its start."""
+    parts = {f"ids{i}": {"at": None, "done": False} for i in range(len(the_plan["ranges"]))}
+    return partitions.compose(parts, **the_plan)
+
+
+def walk(
+    the_plan: Mapping[str, Any],
+    cursor: Mapping[str, Any] | None,
+    *,
+    read: ReadRange,
+    convert: Convert,
+    page_size: int,
+    name: str,
+) -> Iterator[Page]:
+    """Every range side by side from where ``cursor`` left it, then the window's end."""
+    total = the_plan.get("total")
+    parts: dict[str, partitions.PartitionFn] = {
+        f"ids{i}": functools.partial(_range, read, convert, page_size, a, b)
+        for i, (a, b) in enumerate(the_plan["ranges"])
+    }
+    extra = {k: the_plan[k] for k in ("mode", "window_lo", "window_hi", "ranges", "total")}
+    for page in partitions.interleave(parts, cursor, depth=2, name=name, extra=extra):
+        page.total = total
+        yield page
+    yield Page(records=[], cursor={"hi": the_plan["window_hi"]}, total=total)
+
+
+def _range(read: ReadRange, convert: Convert, page_size: int, a: int, b: int, at: Any) -> Iterator[Page]:
+    """Ids ``a``..``b`` of the window, a page at a time, each page's cursor its last id."""
+    last = int(at["last"]) if isinstance(at, Mapping) and isinstance(at.get("last"), int) else a - 1
+    while last < b:
+        rows = read(last, b)
+        if rows:
+            last = int(rows[-1]["id"])
+            yield Page(records=convert(rows), cursor={"last": last})
+        if len(rows) < page_size:
+            return
