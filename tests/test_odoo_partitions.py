@@ -277,3 +277,32 @@ def test_a_bad_concurrency_is_one_config_error(home: Path, value: str) -> None:
     assert result.code == 3 and "Traceback" not in result.stderr
     problems = [line for line in result.stderr.splitlines() if "concurrency" in line]
     assert len(problems) == 1 and "config.yaml:3" in problems[0], result.stderr
+
+
+@pytest.mark.parametrize("by_ids", [True, False])
+def test_a_pull_of_old_edits_and_new_records_splits_them_evenly_or_by_span(
+    home: Path, monkeypatch: pytest.MonkeyPatch, by_ids: bool
+) -> None:
+    """Edits of the oldest records and new ones on top leave a gap: the ids cut it into equal shares."""
+    emu, app, _spy = make(home, 0, concurrency=2)
+    made = emu.bulk_create("res.partner", 200, write_date=emu._utcnow() - timedelta(hours=2))
+    assert pull(app, objects=["contacts"])[0].outcome == "ok"
+    for rid in made[:90]:
+        emu.edit("res.partner", rid, {"function": "CFO"}, at=emu._utcnow())
+    new = emu.bulk_create("res.partner", 30, write_date=emu._utcnow())
+    emu.clock_offset += 10
+    if not by_ids:
+        monkeypatch.setattr("crmsync.providers.odoo.reads.IDS_PLAN_MAX", 50)
+    p = provider(app)
+    pages = list(p.changes("contacts", app.store.mirror.cursor("odoo", "contacts"), fields=["name", "function"]))
+    ids = [r.id for page in pages for r in page.records]
+    assert len(ids) == len(set(ids)) and set(map(str, [*made[:90], *new])) <= set(ids)
+    ranges = (pages[0].cursor or {})["ranges"]
+    shares = [sum(a <= int(i) <= b for i in ids) for a, b in ranges]
+    # 110 records above the first page: two equal shares from their ids, or two equal id widths
+    # (the gap between the edits and the new records leaves the upper one the smaller share).
+    assert len(ranges) == 2 and sum(shares) == 110
+    widths = [b - a + 1 for a, b in ranges]
+    assert shares == [55, 55] if by_ids else (abs(widths[0] - widths[1]) <= 1 and shares[0] > shares[1])
+    assert set(pages[-1].cursor or {}) == {"hi"}
+    app.close()

@@ -2,12 +2,13 @@
 
 Odoo has no rate limit: its worker processes are the limit, and crmsync keeps ``concurrency``
 requests in flight (2 by default, so the server's workers still serve its users). A window whose
-count says it is large is cut, above its first page, into that many equal id ranges up to the
-window's highest id; each range is keyset-paged by ``id`` (never ``offset``) with the window's own
-domain (``active_test`` off, so archived rows come too), and every page carries each range's
-position as of the pages stored so far. A kill resumes every range after its last stored page;
-the ranges are disjoint, so nothing is read into the store twice. When every range is done the
-walk ends on ``{"hi": window_hi}``, the cursor an unpartitioned walk of the same window ends on.
+count says it is large is cut, above its first page, into that many id ranges (each an equal
+share of the window's ids, or of the id span when the window is huge); each range is keyset-paged
+by ``id`` (never ``offset``) with the window's own domain (``active_test`` off, so archived rows
+come too), and every page carries each range's position as of the pages stored so far. A kill
+resumes every range after its last stored page; the ranges are disjoint, so nothing is read into
+the store twice. When every range is done the walk ends on ``{"hi": window_hi}``, the cursor an
+unpartitioned walk of the same window ends on.
 
 The stored plan is ``{"mode": "partitioned", "window_lo", "window_hi", "ranges", "total"}`` plus
 the ranges' states; a resumed run keeps the plan's ranges even if ``concurrency`` changed since.
@@ -42,15 +43,19 @@ def split(first: int, last: int, k: int) -> list[list[int]]:
     return [[a, min(a + step - 1, last)] for a in range(first, last + 1, step)]
 
 
-def plan(window_lo: str | None, window_hi: str, above: int, top: int, k: int, total: int | None) -> dict[str, Any]:
-    """The plan of a window whose ids up to ``above`` are read: ``k`` ranges up to ``top``."""
-    return {
-        "mode": MODE,
-        "window_lo": window_lo,
-        "window_hi": window_hi,
-        "ranges": split(above + 1, top, k),
-        "total": total,
-    }
+def by_count(above: int, ids: list[int], k: int) -> list[list[int]]:
+    """Ranges covering ``above + 1`` .. the last of ``ids`` (sorted), each holding an equal share of them."""
+    if not ids:
+        return []
+    k = max(1, min(k, len(ids)))
+    starts = [above + 1, *(ids[(len(ids) * i) // k] for i in range(1, k))]
+    ends = [s - 1 for s in starts[1:]] + [ids[-1]]
+    return [[a, b] for a, b in zip(starts, ends, strict=True) if a <= b]
+
+
+def plan(window_lo: str | None, window_hi: str, ranges: list[list[int]], total: int | None) -> dict[str, Any]:
+    """The plan of a window whose first page is read: the ranges above it."""
+    return {"mode": MODE, "window_lo": window_lo, "window_hi": window_hi, "ranges": ranges, "total": total}
 
 
 def restore(cursor: Mapping[str, Any]) -> dict[str, Any] | None:

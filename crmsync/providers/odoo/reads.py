@@ -23,6 +23,7 @@ from crmsync.providers.odoo.values import (
     BATCH,
     CALL_XMLID,
     DEAL_KEY_FIELD,
+    IDS_PLAN_MAX,
     MARKER_FIELD,
     MARKER_HTML_RE,
     MARKER_RE,
@@ -267,12 +268,9 @@ class OdooReads(OdooSchema):
             first: tuple[list[dict[str, Any]], bool] | None = (rows0, more0)
             if counted is not None and more0 and counted.result() > self.partition_min:
                 # A large new window: the rest of it in id ranges read side by side.
-                top = self._call(
-                    model, "search_read", domain=domain, fields=["id"], order="id desc", limit=1, context=ACTIVE_TOO
-                )
-                plan = partitioned.plan(
-                    lo, hi, int(rows0[-1]["id"]), int(top[0]["id"]) if top else 0, self._ranges(), counted.result()
-                )
+                above = int(rows0[-1]["id"])
+                ranges = self._split(model, domain, above, counted.result())
+                plan = partitioned.plan(lo, hi, ranges, counted.result())
                 start = partitioned.first_cursor(plan)
                 yield Page(records=self._records(obj, model, rows0), cursor=start, total=plan["total"])
                 yield from self._walk_ranges(obj, model, base, read, plan, start)
@@ -297,9 +295,22 @@ class OdooReads(OdooSchema):
         """The domain of the write_date window ``[lo, hi)`` (no lower end on a first walk)."""
         return [*base, *([("write_date", ">=", lo)] if lo else []), ("write_date", "<", hi)]
 
-    def _ranges(self) -> int:
-        """How many id ranges a large window is read in: the requests crmsync may keep in flight."""
-        return max(1, int(self.http.concurrency))
+    def _split(self, model: str, domain: list[Any], above: int, count: int) -> list[list[int]]:
+        """The window's ids above ``above`` cut into as many ranges as requests may be in flight.
+
+        Up to IDS_PLAN_MAX records, one ``search`` (ids only) lets each range hold an equal share
+        of the window's records, however they lie (a pull's edits of old records and new ones at
+        the top leave a gap between); above, one id (the highest) cuts the span into equal widths.
+        """
+        k = max(1, int(self.http.concurrency))
+        above_leaf = [*domain, ("id", ">", above)]
+        if count <= IDS_PLAN_MAX:
+            ids = self._call(model, "search", domain=above_leaf, order="id asc", context=ACTIVE_TOO)
+            return partitioned.by_count(above, [int(i) for i in ids], k)
+        top = self._call(
+            model, "search_read", domain=above_leaf, fields=["id"], order="id desc", limit=1, context=ACTIVE_TOO
+        )
+        return partitioned.split(above + 1, int(top[0]["id"]) if top else above, k)
 
     def _walk_ranges(
         self,

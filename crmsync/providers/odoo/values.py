@@ -20,6 +20,9 @@ BATCH = 200  # records per create, read or search call
 #: Records in a new write_date window above which it is read in id ranges side by side: below,
 #: the walk from both ends takes a handful of round trips and splitting would add one of its own.
 PARTITION_MIN = 2_000
+#: Records in a window up to which its ranges are cut from its ids (one ``search``, a few bytes per
+#: id), so each holds an equal share; above, from the highest id alone, in equal widths.
+IDS_PLAN_MAX = 200_000
 
 #: The Odoo model behind each object type.
 MODELS = {
