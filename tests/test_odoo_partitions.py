@@ -292,7 +292,7 @@ def test_a_pull_of_old_edits_and_new_records_splits_them_evenly_or_by_span(
     new = emu.bulk_create("res.partner", 30, write_date=emu._utcnow())
     emu.clock_offset += 10
     if not by_ids:
-        monkeypatch.setattr("crmsync.providers.odoo.reads.IDS_PLAN_MAX", 50)
+        monkeypatch.setattr("crmsync.providers.odoo.reads.IDS_PLAN_MAX", 50)  # a huge window, as far as the split knows
     p = provider(app)
     pages = list(p.changes("contacts", app.store.mirror.cursor("odoo", "contacts"), fields=["name", "function"]))
     ids = [r.id for page in pages for r in page.records]

@@ -259,22 +259,25 @@ class OdooReads(OdooSchema):
             return Page(records=self._records(obj, model, rows), cursor=cursor, total=total)
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"odoo-{obj}") as pool:
-            # A new window's size (for progress, and whether to split it) is asked alongside its
-            # first page, not before it (a resumed window's was told when it began).
-            counted = (
-                None if last_id else pool.submit(self._call, model, "search_count", domain=domain, context=ACTIVE_TOO)
-            )
+            # A new window's ids (its size for progress, whether and where to split it) are asked
+            # alongside its first page, not before it (a resumed window's size was told when it began).
+            listed = None if last_id else pool.submit(self._window_ids, model, domain)
             rows0, more0 = page(last_id, None, False)
             first: tuple[list[dict[str, Any]], bool] | None = (rows0, more0)
-            if counted is not None and more0 and counted.result() > self.partition_min:
+            ids = listed.result() if listed is not None else None
+            listed = None  # up to IDS_PLAN_MAX ids: not kept for the walk
+            total = len(ids) if ids is not None and len(ids) <= IDS_PLAN_MAX else None
+            if ids is not None and more0 and len(ids) > self.partition_min:
                 # A large new window: the rest of it in id ranges read side by side.
                 above = int(rows0[-1]["id"])
-                ranges = self._split(model, domain, above, counted.result())
-                plan = partitioned.plan(lo, hi, ranges, counted.result())
+                ranges, total = self._split(model, domain, above, ids)
+                ids = None
+                plan = partitioned.plan(lo, hi, ranges, total)
                 start = partitioned.first_cursor(plan)
-                yield Page(records=self._records(obj, model, rows0), cursor=start, total=plan["total"])
+                yield Page(records=self._records(obj, model, rows0), cursor=start, total=total)
                 yield from self._walk_ranges(obj, model, base, read, plan, start)
                 return
+            ids = None
 
             def once(low: int, high: int | None, desc: bool) -> tuple[list[dict[str, Any]], bool]:
                 nonlocal first
@@ -286,31 +289,38 @@ class OdooReads(OdooSchema):
             held: tuple[list[dict[str, Any]], int | None] | None = None
             for rows, mark in walk_both_ends(once, lambda row: int(row["id"]), last_id, pool):
                 if held is not None:  # one page held back: the last one carries the window's end
-                    yield as_page(*held, last=False, total=counted.result() if counted else None)
+                    yield as_page(*held, last=False, total=total)
                 held = (rows, mark)
-            yield as_page(*(held or ([], None)), last=True, total=counted.result() if counted else None)
+            yield as_page(*(held or ([], None)), last=True, total=total)
 
     @staticmethod
     def _window(base: list[Any], lo: str | None, hi: str) -> list[Any]:
         """The domain of the write_date window ``[lo, hi)`` (no lower end on a first walk)."""
         return [*base, *([("write_date", ">=", lo)] if lo else []), ("write_date", "<", hi)]
 
-    def _split(self, model: str, domain: list[Any], above: int, count: int) -> list[list[int]]:
-        """The window's ids above ``above`` cut into as many ranges as requests may be in flight.
+    def _window_ids(self, model: str, domain: list[Any]) -> list[int]:
+        """The window's ids in order, up to one more than IDS_PLAN_MAX (then: a huge window)."""
+        ids = self._call(model, "search", domain=domain, order="id asc", limit=IDS_PLAN_MAX + 1, context=ACTIVE_TOO)
+        return [int(i) for i in ids]
 
-        Up to IDS_PLAN_MAX records, one ``search`` (ids only) lets each range hold an equal share
-        of the window's records, however they lie (a pull's edits of old records and new ones at
-        the top leave a gap between); above, one id (the highest) cuts the span into equal widths.
+    def _split(self, model: str, domain: list[Any], above: int, ids: list[int]) -> tuple[list[list[int]], int]:
+        """The window's ids above ``above`` cut into as many ranges as requests may be in flight, and its size.
+
+        Up to IDS_PLAN_MAX records, the window's ids (already read) give each range an equal share
+        of its records, however they lie (a pull's edits of old records and new ones at the top
+        leave a gap between); a huge window's count and highest id, read side by side, cut its
+        span into equal widths.
         """
         k = max(1, int(self.http.concurrency))
-        above_leaf = [*domain, ("id", ">", above)]
-        if count <= IDS_PLAN_MAX:
-            ids = self._call(model, "search", domain=above_leaf, order="id asc", context=ACTIVE_TOO)
-            return partitioned.by_count(above, [int(i) for i in ids], k)
-        top = self._call(
-            model, "search_read", domain=above_leaf, fields=["id"], order="id desc", limit=1, context=ACTIVE_TOO
-        )
-        return partitioned.split(above + 1, int(top[0]["id"]) if top else above, k)
+        if len(ids) <= IDS_PLAN_MAX:
+            return partitioned.by_count(above, [i for i in ids if i > above], k), len(ids)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="odoo-count") as pool:
+            counted = pool.submit(self._call, model, "search_count", domain=domain, context=ACTIVE_TOO)
+            top = self._call(
+                model, "search_read", domain=domain, fields=["id"], order="id desc", limit=1, context=ACTIVE_TOO
+            )
+            count = int(counted.result())
+        return partitioned.split(above + 1, int(top[0]["id"]) if top else above, k), count
 
     def _walk_ranges(
         self,
