@@ -35,6 +35,7 @@ class Spy:
         self.lock = threading.Lock()
         self.now = self.peak = 0
         self.reads: list[dict[str, Any]] = []
+        self.calls: list[tuple[str, dict[str, Any]]] = []  # every ORM call: (method, named arguments)
         self.during: Any = None
 
     def handle(self, request: httpx.Request) -> httpx.Response:
@@ -44,7 +45,11 @@ class Spy:
         try:
             if self.hold:
                 time.sleep(self.hold)  # long enough for requests of other threads to overlap
-            if request.url.path.endswith("/search_read") or b'"search_read"' in request.content:
+            method = _method(request)
+            if method:
+                with self.lock:
+                    self.calls.append((method, _body(request)))
+            if method == "search_read":
                 with self.lock:
                     self.reads.append(_body(request))
                     n = len(self.reads)
@@ -56,6 +61,15 @@ class Spy:
         finally:
             with self.lock:
                 self.now -= 1
+
+
+def _method(request: httpx.Request) -> str | None:
+    """The ORM method a request calls (JSON-2's path, or execute_kw's fifth argument)."""
+    if request.url.path.startswith("/json/2/"):
+        return request.url.path.rsplit("/", 1)[-1]
+    body = json.loads(request.content or b"{}")
+    args = (body.get("params") or {}).get("args") or []
+    return str(args[4]) if body.get("params", {}).get("method") == "execute_kw" and len(args) > 4 else None
 
 
 def _body(request: httpx.Request) -> dict[str, Any]:
@@ -141,7 +155,12 @@ def test_partitioned_backfill_stores_each_record_once_and_hands_over_like_an_unp
     parts = ranged(spy)
     assert len({b["domain"][-1][2] for b in parts}) == 3  # three id ranges, each bounded by its own top
     assert all(b["order"] == "id asc" and b["context"] == {"active_test": False} for b in parts)
-    assert all("offset" not in b for b in spy.reads)
+    # The walk's requests, as recorded from a real Odoo 19: search_read and search (ids) with named
+    # arguments, archived rows included, never an offset.
+    walk = [(m, b) for m, b in spy.calls if m in ("search", "search_read", "search_count")]
+    assert {m for m, _ in walk} == {"search", "search_read"}
+    assert all(set(b) <= {"domain", "fields", "order", "limit", "context"} for _, b in walk)
+    assert all(b["context"] == {"active_test": False} and "offset" not in b for _, b in walk)
     partitioned = app.store.mirror.cursor("odoo", "contacts")
     assert app.store.mirror.cursor("odoo", "contacts", "backfill") is None
 
