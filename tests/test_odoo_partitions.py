@@ -255,6 +255,14 @@ def test_requests_in_flight_never_exceed_the_configured_concurrency(home: Path, 
     app.close()
 
 
+def test_no_more_ranges_than_pages_however_high_the_concurrency(home: Path) -> None:
+    _emu, app, _spy = make(home, 40, concurrency=16)  # 42 records: the first page, then 32 in pages of 10
+    pages = list(provider(app).changes("contacts", None, fields=["name"]))
+    assert len((pages[0].cursor or {})["ranges"]) == 4
+    assert len({r.id for p in pages for r in p.records}) == 40 + OWN
+    app.close()
+
+
 def test_a_small_window_keeps_the_walk_from_both_ends(home: Path) -> None:
     _emu, app, spy = make(home, 18)  # 20 records: not above partition_min
     pages = list(provider(app).changes("contacts", None, fields=["name"]))

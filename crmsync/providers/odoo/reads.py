@@ -313,7 +313,9 @@ class OdooReads(OdooSchema):
         """
         k = max(1, int(self.http.concurrency))
         if len(ids) <= IDS_PLAN_MAX:
-            return partitioned.by_count(above, [i for i in ids if i > above], k), len(ids)
+            rest = [i for i in ids if i > above]
+            # No more ranges than pages: a range of a few records would cost a thread and a request of its own.
+            return partitioned.by_count(above, rest, min(k, -(-len(rest) // self.page_size))), len(ids)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="odoo-count") as pool:
             counted = pool.submit(self._call, model, "search_count", domain=domain, context=ACTIVE_TOO)
             top = self._call(
