@@ -7,6 +7,7 @@ transport. Everything here is lazy, so ``crmsync --help`` never opens the store.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import socket
@@ -134,14 +135,16 @@ class App:
 
         With a Redis URL the limits are shared by every worker calling the same CRM account.
         """
-        from crmsync.http import HttpClient, RateLimit
+        from crmsync.http import HttpClient
 
         settings = self.config.connection(name)
         limits: dict[str, Any] = dict(provider_cls.default_rate_limits)
+        # The user sets how many; how the window is counted stays the provider's choice.
         if settings.rate_limit and "default" in limits:
-            limits["default"] = RateLimit(settings.rate_limit, limits["default"].per_seconds)
+            limits["default"] = dataclasses.replace(limits["default"], requests=settings.rate_limit)
         if settings.search_rate_limit and "search" in limits:
-            limits["search"] = RateLimit(settings.search_rate_limit, 1.0)
+            per_second = {"requests": settings.search_rate_limit, "per_seconds": 1.0}  # as config.yaml states it
+            limits["search"] = dataclasses.replace(limits["search"], **per_second)
         if self.redis_url and limits:
             from crmsync.scaleout import shared_limits
 
