@@ -563,7 +563,9 @@ class OdooKit(Kit):
     name = "odoo"
     conn = "odoo"
     modules = ("crmsync.providers.odoo", "crmsync.emulators.odoo")
-    raised_config = {"concurrency": 4}
+    # A backfill at the server's workers (the user raises `concurrency` for a dedicated server); pulls and
+    # pushes at crmsync's default of 2, which leaves the other workers to the server's users.
+    raised_config = {"concurrency": ODOO_WORKERS}
     settle = 7.0  # pull reads up to the server clock minus 5 s (write_date is a transaction start)
 
     def emulator(self) -> Any:
@@ -706,15 +708,16 @@ class OdooKit(Kit):
         return Bound(b.requests, b.seconds + latency, b.formula + " + the clock read first")
 
     def backfill_pattern(self, n: int, latency: float, *, raised: bool = True) -> Bound | None:
+        """crmsync's walk: a clock read, the field list, the ids beside the first page, then K ranges."""
         pages = math.ceil((n + 1) / 200)
-        chain = 1 + walk_chain(pages)
+        k = int(self.raised_config["concurrency"]) if raised else 2
+        chain = 3 + math.ceil((pages - 1) / k)
         text = (
-            f"ceil((N+1)/200) = {pages} search_read pages by id + a count alongside + a clock read first, the "
-            f"pages read from both ends: 1 + 1 + ceil(({pages} - 1) / 2) = {chain} x latency"
+            f"a clock read, the field list, the first page with the window's ids beside it, then {pages - 1} "
+            f"search_read pages of 200 in {k} id ranges side by side ({k} in flight): 3 + ceil(({pages} - 1) / {k}) "
+            f"= {chain} x latency"
         )
-        return lower_bound(
-            {"default": pages + 2}, limits={}, latency=latency, concurrency=ODOO_WORKERS, chain=chain, formula=text
-        )
+        return lower_bound({"default": pages + 3}, limits={}, latency=latency, chain=chain, formula=text)
 
 
 KITS: dict[str, type[Kit]] = {"hubspot": HubSpotKit, "zoho": ZohoKit, "odoo": OdooKit}
