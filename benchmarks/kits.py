@@ -198,6 +198,11 @@ class Kit:
         raise NotImplementedError
 
 
+def changes_made(plan: dict[str, int], created: int) -> dict[str, int]:
+    """What ``make_changes`` reports: changed records per object (new contacts among them) and ``_created``."""
+    return {**plan, "contacts": plan["contacts"] + created, "_created": created}
+
+
 def change_plan(n: int) -> tuple[dict[str, int], int]:
     """``n`` changes: half contact edits, a fifth each company and deal edits, the rest new contacts."""
     plan = {"contacts": int(n * 0.5), "companies": int(n * 0.2), "deals": int(n * 0.2)}
@@ -303,12 +308,7 @@ class HubSpotKit(Kit):
                 modified_at=next(stamps),
                 properties_fn=lambda _i, j=j: self._props("contacts", first + j),
             )
-        return {
-            "contacts": plan["contacts"] + created,
-            "companies": plan["companies"],
-            "deals": plan["deals"],
-            "_created": created,
-        }
+        return changes_made(plan, created)
 
     def count(self, emu: Any, obj: str) -> int:
         return len(emu.records(obj))
@@ -457,12 +457,7 @@ class ZohoKit(Kit):
         first = len(ids["contacts"])
         for j in range(created):
             emu.bulk_create("Contacts", 1, modified_time=int(next(stamps)), fields=self._fields("contacts", first + j))
-        return {
-            "contacts": plan["contacts"] + created,
-            "companies": plan["companies"],
-            "deals": plan["deals"],
-            "_created": created,
-        }
+        return changes_made(plan, created)
 
     def count(self, emu: Any, obj: str) -> int:
         return len(emu.records(ZOHO_MODULES[obj]))
@@ -655,12 +650,7 @@ class OdooKit(Kit):
                 write_date=self._at(next(stamps)),
                 vals_fn=lambda _i, j=j: self._vals("contacts", first + j),
             )
-        return {
-            "contacts": plan["contacts"] + created,
-            "companies": plan["companies"],
-            "deals": plan["deals"],
-            "_created": created,
-        }
+        return changes_made(plan, created)
 
     def count(self, emu: Any, obj: str) -> int:
         return len(emu.records("mail.activity")) if obj == "calls" else -1

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from benchmarks.harness import Bound, lower_bound
-from benchmarks.kits import _IO, Kit, change_plan, walk_chain
+from benchmarks.kits import _IO, Kit, change_plan, changes_made, walk_chain
 
 
 def _lim(limits: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float] | None]:
@@ -129,12 +129,7 @@ class PipedriveKit(Kit):
         first = len(ids["contacts"])
         for j in range(created):
             emu.bulk_create("persons", 1, lambda _i, j=j: self._body("contacts", first + j), at=next(stamps))
-        return {
-            "contacts": plan["contacts"] + created,
-            "companies": plan["companies"],
-            "deals": plan["deals"],
-            "_created": created,
-        }
+        return changes_made(plan, created)
 
     def count(self, emu: Any, obj: str) -> int:
         if obj == "calls":
@@ -291,12 +286,7 @@ class SalesforceKit(Kit):
         first = len(ids["contacts"])
         for j in range(created):
             emu.bulk_create("Contact", 1, lambda _i, j=j: self._body("contacts", first + j), when=next(stamps))
-        return {
-            "contacts": plan["contacts"] + created,
-            "companies": plan["companies"],
-            "deals": plan["deals"],
-            "_created": created,
-        }
+        return changes_made(plan, created)
 
     def count(self, emu: Any, obj: str) -> int:
         if obj == "calls":
@@ -448,12 +438,7 @@ class DynamicsKit(Kit):
                 emu.update(DY_SETS[obj], rid, change)
         first = len(ids["contacts"])
         emu.bulk_create("contacts", created, lambda j: self._body("contacts", first + j))
-        return {
-            "contacts": plan["contacts"] + created,
-            "companies": plan["companies"],
-            "deals": plan["deals"],
-            "_created": created,
-        }
+        return changes_made(plan, created)
 
     def count(self, emu: Any, obj: str) -> int:
         return len(emu.records(DY_SETS[obj]))
