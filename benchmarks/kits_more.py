@@ -70,11 +70,11 @@ class PipedriveKit(Kit):
 
         connect(app, provider="pipedrive", name=self.conn, base_url=url, options={}, io=_IO(emu.api_token))
 
-    def arm(self, emu: Any, opts: Any, *, raised: bool = False) -> None:
+    def arm(self, emu: Any, opts: Any, *, raised: bool = False, lifted: bool = False) -> None:
         """Pipedrive meters each token itself (per-token burst windows, token costs): its plan is the limit."""
-        super().arm(emu, opts, raised=raised)
+        super().arm(emu, opts, raised=raised, lifted=lifted)
         emu.faults.rate_limits = {}  # the emulator's own per-token windows enforce the plan's burst
-        emu.plan, emu.limits = ("ultimate" if raised else "growth"), True
+        emu.plan, emu.limits = ("ultimate" if raised else "growth"), not lifted
         emu._burst.clear()
         emu.tokens_used = emu.writes_today = 0  # a fresh day's budget
 
@@ -228,8 +228,8 @@ class SalesforceKit(Kit):
         options = {"client_id": emu.client_id, "jwt_key": str(key), "user": SF_USER}
         connect(app, provider="salesforce", name=self.conn, base_url=url, options=options, io=_IO(""))
 
-    def arm(self, emu: Any, opts: Any, *, raised: bool = False) -> None:
-        super().arm(emu, opts, raised=raised)
+    def arm(self, emu: Any, opts: Any, *, raised: bool = False, lifted: bool = False) -> None:
+        super().arm(emu, opts, raised=raised, lifted=lifted)
         emu.api_used = 0  # a fresh 24 hours of allocation
         emu.daily_limit = SF_DAILY[0]
 
@@ -392,11 +392,12 @@ class DynamicsKit(Kit):
         options = {"tenant": f"{url}/{emu.tenant}", "client_id": emu.client_id}
         connect(app, provider="dynamics", name=self.conn, base_url=url, options=options, io=_IO(emu.client_secret))
 
-    def arm(self, emu: Any, opts: Any, *, raised: bool = False) -> None:
+    def arm(self, emu: Any, opts: Any, *, raised: bool = False, lifted: bool = False) -> None:
         """Dataverse counts per user: the emulator's own windows enforce it, not the per-process Faults."""
-        super().arm(emu, opts, raised=raised)
+        super().arm(emu, opts, raised=raised, lifted=lifted)
         emu.faults.rate_limits, emu.faults.max_concurrent = {}, 0
-        emu.limits, emu.concurrent = DY_WINDOW, DY_CONCURRENT
+        if not lifted:
+            emu.limits, emu.concurrent = DY_WINDOW, DY_CONCURRENT
         emu._user_windows.clear()
 
     def object_of(self, path: str) -> str:
