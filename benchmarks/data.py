@@ -59,7 +59,7 @@ def write_outcomes(path: Path, n: int, *, prefix: str = "bench", deal_stage: str
 
 
 def read_outcomes(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as f:
         for line in f:
             if limit is not None and len(out) >= limit:

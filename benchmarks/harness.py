@@ -72,6 +72,7 @@ _LAUNCHER = r"""
 import os, sys, time, json
 out, cmd = sys.argv[1], sys.argv[2:]
 t0 = time.perf_counter()
+os.environ["CRMSYNC_BENCH_T0"] = repr(time.monotonic())  # the worker times its set-up from the fork
 pid = os.fork()
 if pid == 0:
     try:

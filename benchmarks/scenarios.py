@@ -102,6 +102,9 @@ def _fill_network(r: Result, child: Child, runs: list[dict[str, Any]], emu: Any,
     r.extra["emulator requests"] = emu.stats.requests
     r.extra["emulator CPU s"] = round(emu_cpu, 1)
     r.extra["child process s / CPU s"] = f"{child.seconds:.1f} / {child.cpu_seconds:.1f} (imports included)"
+    if "setup_seconds" in child.data:
+        setup = float(child.data["setup_seconds"])
+        r.extra["child set-up / work / exit s"] = f"{setup:.2f} / {r.wall:.2f} / {child.seconds - setup - r.wall:.2f}"
 
 
 def _bound(r: Result, b: Bound, pattern: Bound | None = None) -> None:

@@ -15,5 +15,10 @@ def main() -> None:
         sys.stdout.write(__version__ + "\n")
         return
     from crmsync.cli import main as cli_main
+    from crmsync.exiting import exit_now
 
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as exc:
+        exit_now(exc.code)
+    exit_now(0)
