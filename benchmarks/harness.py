@@ -482,6 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="most outcomes/records the naive baseline really runs (extrapolated per record above it); 0 = no cap",
     )
     parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the naive baselines (crmsync alone, while iterating)"
+    )
+    parser.add_argument(
         "--profile", metavar="DIR", default=None, help="profile each crmsync run with pyinstrument into DIR"
     )
     parser.add_argument(
@@ -523,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         latency=args.latency_ms / 1000.0,
         error_rate=args.error_rate,
         baseline_cap=args.baseline_cap,
+        baseline=not args.no_baseline,
         profile_dir=Path(args.profile) if args.profile else None,
         single=args.scenario != "all",
         toy=args.size,
