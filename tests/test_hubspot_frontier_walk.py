@@ -109,7 +109,7 @@ def test_a_small_first_walk_is_one_list_chain_and_one_search(home: Any) -> None:
         pages, end = _walk(_provider(app), None)
         assert sorted(_ids(pages), key=int) == sorted(set(_ids(pages)), key=int) and len(_ids(pages)) == 450
         assert _calls(emulator, "search") == 1 and _calls(emulator, "list") == 5
-        assert end["mode"] == "search"
+        assert end["mode"] == "search" and end["listed"] is True  # nothing to look back for
     finally:
         app.close()
         server.stop()
@@ -172,3 +172,59 @@ def test_the_engine_backfills_through_the_frontier_and_seeds_the_incremental_cur
     cursor = app.store.mirror.cursor("hs", "contacts")
     assert cursor is not None and cursor["mode"] == "search"
     assert app.store.mirror.cursor("hs", "contacts", "backfill") is None
+
+
+def test_a_search_that_costs_association_reads_waits_while_a_cheaper_one_searches() -> None:
+    from crmsync.providers.hubspot.shares import Shares
+
+    shares = Shares()
+    for obj in ("companies", "contacts", "deals"):
+        shares.start(obj, "list")
+        shares.start(obj, "search")
+    # companies' search pages need no association reads, contacts' one per 1,000 ids, deals' two
+    assert not shares.hold_search("companies")
+    assert shares.hold_search("contacts") and shares.hold_search("deals")
+    shares.stop("companies", "search")
+    assert not shares.hold_search("contacts") and shares.hold_search("deals")
+    shares.stop("deals", "list")  # its list has stopped: its search is all that reads it now
+    assert not shares.hold_search("deals")
+    shares.stop("contacts", "search")
+    assert not any(shares.hold_search(o) for o in ("companies", "contacts", "deals"))
+
+
+def test_objects_pulled_side_by_side_with_held_searches_read_every_change_once(
+    home: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contacts' and companies' partitioned pulls at once (contacts' search waits on companies'): each change once."""
+    from crmsync.sync.pull import pull
+
+    monkeypatch.setattr(partitioned, "PULL_PARTITION_MIN", 300)
+    monkeypatch.setattr(partitioned, "PARTITION_MIN", 5_000)  # the first pull: one list chain per object
+    monkeypatch.setattr(partitioned, "PULL_RTT_CAP", 0.0)
+    emulator = HubSpotEmulator(seed=6)
+    old = time.time() - 7200
+
+    def props(i: int) -> dict[str, str]:
+        return {"email": f"p{i}@x.io", "name": f"P{i}"}
+
+    ids = {o: emulator.bulk_create(o, 1_000, modified_at=old, properties_fn=props) for o in ("contacts", "companies")}
+    server = emulator.serve()
+    write_config(home, "hs", rate_limit=100000, search_rate_limit=5)
+    app = hubspot_app(server.url, emulator.private_app_token)
+    try:
+        assert [r.read for r in pull(app, objects=["contacts", "companies"])[0].objects] == [1_000, 1_000]
+        base = time.time() - 600
+        for o in ("contacts", "companies"):
+            for j, rid in enumerate(ids[o][::2]):
+                emulator.edit(o, rid, {"name" if o == "companies" else "firstname": f"e{j}"}, at=base + j / 1000)
+        emulator.stats.by_route.clear()
+        result = pull(app, objects=["contacts", "companies"])[0]
+        assert result.outcome == "ok"
+        assert [(r.object, r.read, r.created, r.updated) for r in result.objects] == [
+            ("contacts", 500, 0, 500),
+            ("companies", 500, 0, 500),
+        ]
+        assert sum(n for route, n in emulator.stats.by_route.items() if "search" in route) >= 4  # partitioned
+    finally:
+        app.close()
+        server.stop()

@@ -40,6 +40,7 @@ FRONTIER = "frontier"
 #: Searches a second one keyset chain keeps busy at HubSpot's round trip; above it a first walk keeps the
 #: planned split, whose several ranges can use a raised search limit.
 FRONTIER_MAX_RPS = 6.0
+HOLD_POLL = 0.02  # seconds a search side held back for a cheaper object's (``shares``) looks again
 #: A pull's modification window: (from, "GT" or "GTE" for it, up to and including).
 Window = tuple[int, str, int]
 
@@ -55,11 +56,12 @@ class _Frontier:
         self.floor = floor  # the highest id the list walk has covered (-1: none yet)
         self.ceiling = ceiling  # the lowest id the search walk has covered (None: none yet)
         self.seen = seen  # ids the pull's first page holds: covered, but neither side's to hand over
+        self.listed_all = False  # the list walk read up to the last id: nothing is left for search
         self._lock = threading.Lock()
 
     def met(self) -> bool:
         with self._lock:
-            return self.ceiling is not None and self.ceiling <= self.floor + 1
+            return self.listed_all or (self.ceiling is not None and self.ceiling <= self.floor + 1)
 
     def claim_low(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
         """A list page's ids (ascending): those below the search's claim, the new floor, whether it ends."""
@@ -70,6 +72,7 @@ class _Frontier:
                 self.floor = max(self.floor, *kept)
             if top is not None and len(kept) < len(ids):
                 self.floor = max(self.floor, top - 1)  # the list read every id below the search's claim
+            self.listed_all = self.listed_all or (exhausted and top is None)
             return kept, self.floor, exhausted or len(kept) < len(ids)
 
     def claim_high(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
@@ -161,9 +164,14 @@ class HubSpotPartitioned(HubSpotPages):
             page.total = told.get("total") or None
             yield page
             final = page.cursor
-        newest = max([0, *(int((s["at"] or {}).get("newest", 0)) for s in partitions.parse(final).values())])
+        states = partitions.parse(final)
+        newest = max([0, *(int((s["at"] or {}).get("newest", 0)) for s in states.values())])
         handover = min(started, newest) if newest else started
-        yield Page(records=[], cursor={"mode": "search", "ts": handover, "archived_ts": handover})
+        cursor: dict[str, Any] = {"mode": "search", "ts": handover, "archived_ts": handover}
+        if ((states.get("search") or {}).get("at") or {}).get("ceiling") is None:
+            # The list read every record (a small walk): as ``_list_phase`` hands over, nothing to look back for.
+            cursor.update(listed=True, after_ts=bool(newest) and newest < started)
+        yield Page(records=[], cursor=cursor)
 
     def _partitioned(self, obj: str, plan: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
         """The list walk below ``list_below`` and each search range side by side (``partitions``).
@@ -359,6 +367,26 @@ class HubSpotPartitioned(HubSpotPages):
             return
         after, newest = at.get("after"), int(at.get("newest", 0))
         pages, read, changed = int(at.get("pages", 0)), int(at.get("read", 0)), int(at.get("changed", 0))
+        shares = self._shares
+        shares.start(obj, "list")
+        try:
+            yield from self._list_pages(obj, fields, window, frontier, after, newest, pages, read, changed)
+        finally:
+            shares.stop(obj, "list")
+
+    def _list_pages(
+        self,
+        obj: str,
+        fields: Sequence[str],
+        window: Window | None,
+        frontier: _Frontier,
+        after: Any,
+        newest: int,
+        pages: int,
+        read: int,
+        changed: int,
+    ) -> Iterator[Page]:
+        """``_list_up``'s pages, from its position ``after``."""
         prop = modified_prop(obj)
         while not frontier.met():
             body = self._list(obj, fields, after=after)
@@ -405,9 +433,22 @@ class HubSpotPartitioned(HubSpotPages):
         since, op, upper = window if window is not None else (0, "GTE", 0)
         prop = modified_prop(obj)
 
+        shares = self._shares
+
         def pages() -> Iterator[tuple[list[RemoteRecord], dict[str, Any], bool]]:
+            shares.start(obj, "search")
+            try:
+                yield from walk()
+            finally:
+                shares.stop(obj, "search")
+
+        def walk() -> Iterator[tuple[list[RemoteRecord], dict[str, Any], bool]]:
             ceiling, newest = at.get("ceiling"), int(at.get("newest", 0))
             while not frontier.met():
+                while shares.hold_search(obj) and not frontier.met():
+                    time.sleep(HOLD_POLL)  # a search that costs fewer association reads has the turns
+                if frontier.met():
+                    break
                 filters = []
                 if window is not None:
                     filters = [
