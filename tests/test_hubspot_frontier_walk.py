@@ -228,3 +228,47 @@ def test_objects_pulled_side_by_side_with_held_searches_read_every_change_once(
     finally:
         app.close()
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_frontier_backfill_sigkilled_mid_walk_resumes_each_side_and_stores_every_record_once(home: Any) -> None:
+    """The CLI SIGKILLed three times mid-walk (account limits: search 5/s), then run to the end."""
+    from crmsync.app import App
+    from crmsync.emulators.base import Faults
+    from tests.e2e import cli_env, run_cli
+    from tests.test_resilience import _run_and_kill
+
+    n = 6_000
+    emulator = HubSpotEmulator(seed=8, faults=Faults(latency_ms=20, seed=8))
+    stamp = time.time() - 3600
+    emulator.bulk_create("contacts", n, modified_at=stamp, properties_fn=lambda i: {"email": f"k{i}@x.io"})
+    server = emulator.serve()
+    try:
+        write_config(home, "hs", rate_limit=100000, search_rate_limit=5)
+        reference = hubspot_app(server.url, emulator.private_app_token, db=str(home / "reference.db"))
+        assert backfill(reference, connection="hs", objects=["contacts"]).objects[0].read == n
+        expected = reference.store.mirror.cursor("hs", "contacts")
+        reference.close()
+        hubspot_app(server.url, emulator.private_app_token).close()
+        env = cli_env(home, "hs", emulator.private_app_token)
+        args = ["--quiet", "backfill", "-c", "hs", "--object", "contacts"]
+        killed = 0
+        for after in (6, 12, 18):
+            code = _run_and_kill(args, env, emulator, after_requests=after, then=0.05)
+            app = App(env={"CRMSYNC_HOME": str(home)})
+            checkpoint = app.store.mirror.cursor("hs", "contacts", "backfill")
+            app.close()
+            if code is None and checkpoint and checkpoint.get("kind") == partitioned.FRONTIER:
+                killed += 1
+        assert killed >= 2
+        last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
+        assert last.code == 0, last.stderr
+        assert last.json()["objects"]["contacts"]["read"] < n  # each side went on from its checkpoint
+        app = App(env={"CRMSYNC_HOME": str(home)})
+        rows = app.store.mirror.records("hs", "contacts")
+        assert len(rows) == len({r.remote_id for r in rows}) == n
+        assert app.store.mirror.cursor("hs", "contacts") == expected  # where an uninterrupted walk ends
+        assert app.store.mirror.cursor("hs", "contacts", "backfill") is None
+        app.close()
+    finally:
+        server.stop()
