@@ -1,8 +1,11 @@
 """Walks split by ``hs_object_id`` (``providers.partitions``).
 
-A first walk: the list chain below, search ranges above, sized to finish together. A large
+A first walk at a search limit one keyset chain keeps busy: the list chain upwards from the lowest id
+and one keyset search downwards from the highest, meeting wherever they meet (``_frontier_walk``); at a
+raised search limit, the list chain below and search ranges above, sized to finish together. A large
 incremental pull: the list chain upwards from the lowest id (keeping what changed in the window) and a
-keyset search downwards from the highest (modified-since filter), meeting wherever they meet.
+keyset search downwards from the highest (modified-since filter), meeting wherever they meet. Where
+several objects walk at once, their search sides share the search budget as ``shares`` says.
 """
 
 from __future__ import annotations
