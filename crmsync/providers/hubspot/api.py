@@ -10,6 +10,7 @@ import httpx
 from crmsync.errors import AuthError
 from crmsync.http import ResponsePolicy
 from crmsync.providers.base import Provider
+from crmsync.providers.hubspot.shares import Shares
 from crmsync.providers.hubspot.values import ASSOC_BATCH, SEARCH_PAGE
 
 
@@ -105,6 +106,8 @@ class HubSpotApi(Provider):
         self._props: dict[str, dict[str, dict[str, Any]]] = {}
         self._pending_links: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self._lock = threading.Lock()
+        #: How the objects' partitioned walks share the two budgets (``shares``).
+        self._shares = Shares()
         #: The portal's owners, listed once: email -> owner id, and HubSpot user id -> owner id.
         self._owners: tuple[dict[str, str], dict[str, str]] | None = None
         self._owners_lock = threading.Lock()

@@ -1,8 +1,11 @@
 """Walks split by ``hs_object_id`` (``providers.partitions``).
 
-A first walk: the list chain below, search ranges above, sized to finish together. A large
+A first walk at a search limit one keyset chain keeps busy: the list chain upwards from the lowest id
+and one keyset search downwards from the highest, meeting wherever they meet (``_frontier_walk``); at a
+raised search limit, the list chain below and search ranges above, sized to finish together. A large
 incremental pull: the list chain upwards from the lowest id (keeping what changed in the window) and a
-keyset search downwards from the highest (modified-since filter), meeting wherever they meet.
+keyset search downwards from the highest (modified-since filter), meeting wherever they meet. Where
+several objects walk at once, their search sides share the search budget as ``shares`` says.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from crmsync.providers.hubspot.values import (
     modified_prop,
 )
 
+#: The plan kind of a first walk whose list and search sides meet in the middle.
+FRONTIER = "frontier"
+#: Searches a second one keyset chain keeps busy at HubSpot's round trip; above it a first walk keeps the
+#: planned split, whose several ranges can use a raised search limit.
+FRONTIER_MAX_RPS = 6.0
+HOLD_POLL = 0.02  # seconds a search side held back for a cheaper object's (``shares``) looks again
 #: A pull's modification window: (from, "GT" or "GTE" for it, up to and including).
 Window = tuple[int, str, int]
 
@@ -50,11 +59,12 @@ class _Frontier:
         self.floor = floor  # the highest id the list walk has covered (-1: none yet)
         self.ceiling = ceiling  # the lowest id the search walk has covered (None: none yet)
         self.seen = seen  # ids the pull's first page holds: covered, but neither side's to hand over
+        self.listed_all = False  # the list walk read up to the last id: nothing is left for search
         self._lock = threading.Lock()
 
     def met(self) -> bool:
         with self._lock:
-            return self.ceiling is not None and self.ceiling <= self.floor + 1
+            return self.listed_all or (self.ceiling is not None and self.ceiling <= self.floor + 1)
 
     def claim_low(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
         """A list page's ids (ascending): those below the search's claim, the new floor, whether it ends."""
@@ -65,6 +75,7 @@ class _Frontier:
                 self.floor = max(self.floor, *kept)
             if top is not None and len(kept) < len(ids):
                 self.floor = max(self.floor, top - 1)  # the list read every id below the search's claim
+            self.listed_all = self.listed_all or (exhausted and top is None)
             return kept, self.floor, exhausted or len(kept) < len(ids)
 
     def claim_high(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
@@ -115,6 +126,55 @@ class HubSpotPartitioned(HubSpotPages):
         if not ranges:
             return None
         return {"mode": "partitioned", "started": run_start, "list_below": below, "ranges": ranges, "total": total}
+
+    def _plan_walk(self, obj: str, run_start: int) -> dict[str, Any] | None:
+        """A first walk that meets in the middle, where one search chain can take the whole search budget.
+
+        The list chain reads upwards from the lowest id and one keyset search chain downwards from
+        the highest, both from the first moment, until they meet: no planning round trip, and both
+        end together whatever the budgets and round trips turn out to be. A search limit so high
+        that one chain would leave most of it idle keeps the planned split (several ranges).
+        """
+        if self._search_rps > FRONTIER_MAX_RPS:
+            return None
+        return {"mode": "partitioned", "kind": FRONTIER, "started": run_start}
+
+    def _frontier_walk(self, obj: str, plan: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
+        """The list walk upwards and the search walk downwards side by side (``partitions.interleave``).
+
+        The cursor holds each side's position as of the pages stored, so a kill resumes each where
+        its last stored page left it. The hand-over is as ``_partitioned``'s: the newest modification
+        read, never later than the start, so a resumed walk ends on the same cursor.
+        """
+        started = plan.get("started")
+        states = partitions.parse(plan)
+        low = (states.get("list") or {}).get("at") or {}
+        high = (states.get("search") or {}).get("at") or {}
+        floor, ceiling = low.get("floor", -1), high.get("ceiling")
+        if not all(isinstance(v, int) for v in (started, floor, ceiling if ceiling is not None else 0)):
+            # Not a plan this code wrote: walk again from the start (what is stored is read again, unchanged).
+            plan, started, floor, ceiling, states = {}, int(time.time() * 1000), -1, None, {}
+        assert isinstance(started, int) and isinstance(floor, int)
+        frontier = _Frontier(floor, ceiling)
+        told: dict[str, Any] = {}
+        parts: dict[str, partitions.PartitionFn] = {
+            "list": functools.partial(self._list_up, obj, fields, None, frontier),
+            "search": functools.partial(self._search_down, obj, fields, None, frontier, told=told),
+        }
+        extra = {"mode": "partitioned", "kind": FRONTIER, "started": started}
+        final: dict[str, Any] | None = plan
+        for page in partitions.interleave(parts, plan, depth=2, name=f"partition-{obj}", extra=extra):
+            page.total = told.get("total") or None
+            yield page
+            final = page.cursor
+        states = partitions.parse(final)
+        newest = max([0, *(int((s["at"] or {}).get("newest", 0)) for s in states.values())])
+        handover = min(started, newest) if newest else started
+        cursor: dict[str, Any] = {"mode": "search", "ts": handover, "archived_ts": handover}
+        if ((states.get("search") or {}).get("at") or {}).get("ceiling") is None:
+            # The list read every record (a small walk): as ``_list_phase`` hands over, nothing to look back for.
+            cursor.update(listed=True, after_ts=bool(newest) and newest < started)
+        yield Page(records=[], cursor=cursor)
 
     def _partitioned(self, obj: str, plan: dict[str, Any], fields: Sequence[str]) -> Iterator[Page]:
         """The list walk below ``list_below`` and each search range side by side (``partitions``).
@@ -288,21 +348,48 @@ class HubSpotPartitioned(HubSpotPages):
             records = self.fetch(obj, ids, fields=fields)
         yield Page(records=records, cursor={"end": True, "newest": newest})
 
-    def _in_window(self, record: RemoteRecord, prop: str, window: Window) -> int | None:
-        """The record's modification time if the pull's window holds it (as the search filter would), else None."""
+    def _in_window(self, record: RemoteRecord, prop: str, window: Window | None) -> int | None:
+        """The record's modification time if the pull's window holds it (as the search filter would), else None.
+
+        No window (a first walk): every record is kept, its time 0 when it has none.
+        """
         stamp = _prop_ms(record, prop)
+        if window is None:
+            return stamp or 0
         since, op, upper = window
         if stamp is None or stamp > upper or stamp < since or (op == "GT" and stamp == since):
             return None
         return stamp
 
-    def _list_up(self, obj: str, fields: Sequence[str], window: Window, frontier: _Frontier, at: Any) -> Iterator[Page]:
+    def _list_up(
+        self, obj: str, fields: Sequence[str], window: Window | None, frontier: _Frontier, at: Any
+    ) -> Iterator[Page]:
         """The list walk from the lowest id up to the search's claim, keeping the records changed in the window."""
         at = at or {}
         if at.get("end"):
             return
         after, newest = at.get("after"), int(at.get("newest", 0))
         pages, read, changed = int(at.get("pages", 0)), int(at.get("read", 0)), int(at.get("changed", 0))
+        shares = self._shares
+        shares.start(obj, "list")
+        try:
+            yield from self._list_pages(obj, fields, window, frontier, after, newest, pages, read, changed)
+        finally:
+            shares.stop(obj, "list")
+
+    def _list_pages(
+        self,
+        obj: str,
+        fields: Sequence[str],
+        window: Window | None,
+        frontier: _Frontier,
+        after: Any,
+        newest: int,
+        pages: int,
+        read: int,
+        changed: int,
+    ) -> Iterator[Page]:
+        """``_list_up``'s pages, from its position ``after``."""
         prop = modified_prop(obj)
         while not frontier.met():
             body = self._list(obj, fields, after=after)
@@ -329,32 +416,65 @@ class HubSpotPartitioned(HubSpotPages):
                 return
 
     def _search_down(
-        self, obj: str, fields: Sequence[str], window: Window, frontier: _Frontier, at: Any
+        self,
+        obj: str,
+        fields: Sequence[str],
+        window: Window | None,
+        frontier: _Frontier,
+        at: Any,
+        *,
+        told: dict[str, Any] | None = None,
     ) -> Iterator[Page]:
-        """The changes in the window, keyset-paged by id downwards (the 10,000-result cap never binds)."""
+        """The changes in the window, keyset-paged by id downwards (the 10,000-result cap never binds).
+
+        No window (a first walk): every record. ``told`` receives the first answer's ``total``; a
+        first walk of fewer than PARTITION_MIN records leaves them all to the list side.
+        """
         at = at or {}
         if at.get("end"):
             return
-        since, op, upper = window
+        since, op, upper = window if window is not None else (0, "GTE", 0)
         prop = modified_prop(obj)
 
+        shares = self._shares
+
         def pages() -> Iterator[tuple[list[RemoteRecord], dict[str, Any], bool]]:
+            shares.start(obj, "search")
+            try:
+                yield from walk()
+            finally:
+                shares.stop(obj, "search")
+
+        def walk() -> Iterator[tuple[list[RemoteRecord], dict[str, Any], bool]]:
             ceiling, newest = at.get("ceiling"), int(at.get("newest", 0))
             while not frontier.met():
-                filters = [
-                    {"propertyName": prop, "operator": op, "value": str(since)},
-                    {"propertyName": prop, "operator": "LTE", "value": str(upper)},
-                ]
+                while shares.hold_search(obj) and not frontier.met():
+                    time.sleep(HOLD_POLL)  # a search that costs fewer association reads has the turns
+                if frontier.met():
+                    break
+                filters = []
+                if window is not None:
+                    filters = [
+                        {"propertyName": prop, "operator": op, "value": str(since)},
+                        {"propertyName": prop, "operator": "LTE", "value": str(upper)},
+                    ]
                 if ceiling is not None:
                     filters.append({"propertyName": "hs_object_id", "operator": "LT", "value": str(ceiling)})
-                body = self._search(obj, [filters], "-hs_object_id", fields, 0)
+                body = self._search(obj, [filters] if filters else [], "-hs_object_id", fields, 0)
+                if told is not None and "total" not in told:
+                    told["total"] = int(body.get("total") or 0)
+                    if window is None and ceiling is None and told["total"] < PARTITION_MIN:
+                        return  # a small first walk: one list chain reads it, this answer unused
                 raws = body.get("results", [])
                 more = bool(raws) and bool(((body.get("paging") or {}).get("next") or {}).get("after"))
                 kept, ceiling, end = frontier.claim_high([int(r["id"]) for r in raws], exhausted=not more)
                 records = [
                     self._record(obj, r) for r in raws if int(r["id"]) in kept and str(r["id"]) not in frontier.seen
                 ]
-                newest = max([newest, *(min(_prop_ms(r, prop) or since, upper) for r in records)])
+                if window is None:
+                    newest = max([newest, *(_prop_ms(r, prop) or 0 for r in records)])
+                else:
+                    newest = max([newest, *(min(_prop_ms(r, prop) or since, upper) for r in records)])
                 yield records, {"ceiling": ceiling, "newest": newest, "end": end}, end
                 if end:
                     return

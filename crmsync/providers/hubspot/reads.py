@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from crmsync.providers.base import Page, RemoteRecord, chunks, match_key
-from crmsync.providers.hubspot.partitioned import HubSpotPartitioned
+from crmsync.providers.hubspot.partitioned import FRONTIER, HubSpotPartitioned
 from crmsync.providers.hubspot.values import (
     BATCH,
     COMPANY_KEY,
@@ -51,7 +51,14 @@ class HubSpotReads(HubSpotPartitioned):
         if not cursor and since is not None:
             cursor = {"mode": "search", "ts": to_ms(since), "archived_ts": to_ms(since), "after_ts": False}
         if cursor.get("mode") == "partitioned" or (cursor.get("mode") is None and not self._marker_filter(obj)):
-            plan = cursor if cursor.get("mode") == "partitioned" else self._plan_partitions(obj, run_start)
+            plan = (
+                cursor
+                if cursor.get("mode") == "partitioned"
+                else self._plan_walk(obj, run_start) or self._plan_partitions(obj, run_start)
+            )
+            if plan is not None and plan.get("kind") == FRONTIER:
+                yield from self._frontier_walk(obj, plan, fields)
+                return
             if plan is not None:
                 yield from self._partitioned(obj, plan, fields)
                 return
