@@ -43,14 +43,26 @@ def split(first: int, last: int, k: int) -> list[list[int]]:
     return [[a, min(a + step - 1, last)] for a in range(first, last + 1, step)]
 
 
-def by_count(above: int, ids: list[int], k: int) -> list[list[int]]:
-    """Ranges covering ``above + 1`` .. the last of ``ids`` (sorted), each holding an equal share of them."""
+def by_pages(above: int, ids: list[int], k: int, page_size: int) -> list[list[int]]:
+    """Ranges covering ``above + 1`` .. the last of ``ids`` (sorted): ``k`` at most, each whole pages of them.
+
+    The ids' pages are shared out as evenly as they go, and each range ends on its own last id,
+    so no range reads a part-filled page or an empty one to learn it is done: the ranges cost the
+    pages the ids need, however many ranges there are.
+    """
     if not ids:
         return []
-    k = max(1, min(k, len(ids)))
-    starts = [above + 1, *(ids[(len(ids) * i) // k] for i in range(1, k))]
-    ends = [s - 1 for s in starts[1:]] + [ids[-1]]
-    return [[a, b] for a, b in zip(starts, ends, strict=True) if a <= b]
+    size = max(1, page_size)
+    pages = -(-len(ids) // size)
+    r = max(1, min(k, pages))
+    base, extra = divmod(pages, r)
+    out: list[list[int]] = []
+    low, start = above + 1, 0
+    for i in range(r):
+        stop = min(len(ids), start + (base + (1 if i < extra else 0)) * size)
+        out.append([low, ids[stop - 1]])
+        low, start = ids[stop - 1] + 1, stop
+    return out
 
 
 def plan(window_lo: str | None, window_hi: str, ranges: list[list[int]], total: int | None) -> dict[str, Any]:
@@ -108,7 +120,9 @@ def walk(
         for i, (a, b) in enumerate(the_plan["ranges"])
     }
     extra = {k: the_plan[k] for k in ("mode", "window_lo", "window_hi", "ranges", "total")}
-    for page in partitions.interleave(parts, cursor, depth=2, name=name, extra=extra):
+    # Two pages a range may hold while the store takes others: a range never waits for another's page.
+    depth = 2 * max(1, len(parts))
+    for page in partitions.interleave(parts, cursor, depth=depth, name=name, extra=extra):
         page.total = total
         yield page
     yield Page(records=[], cursor={"hi": the_plan["window_hi"]}, total=total)

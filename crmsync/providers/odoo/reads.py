@@ -199,9 +199,10 @@ class OdooReads(OdooSchema):
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> Iterator[Page]:
+        clock = self._server_clock()  # beside the fields and activity types the walk needs first
         model, base = self._source(obj)
         read = self._read_fields(obj, model, fields)
-        server_now = self._server_now()
+        server_now = clock.result()
         limit_hi = server_now - timedelta(seconds=self.settle)
         if until is not None:
             limit_hi = min(limit_hi, until if until.tzinfo else until.replace(tzinfo=UTC))
@@ -314,8 +315,9 @@ class OdooReads(OdooSchema):
         k = max(1, int(self.http.concurrency))
         if len(ids) <= IDS_PLAN_MAX:
             rest = [i for i in ids if i > above]
-            # No more ranges than pages: a range of a few records would cost a thread and a request of its own.
-            return partitioned.by_count(above, rest, min(k, -(-len(rest) // self.page_size))), len(ids)
+            # Twice the ranges of requests in flight: the objects walked beside this one share those
+            # requests, and shorter chains leave a shorter tail when this window is the last to end.
+            return partitioned.by_pages(above, rest, 2 * k, self.page_size), len(ids)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="odoo-count") as pool:
             counted = pool.submit(self._call, model, "search_count", domain=domain, context=ACTIVE_TOO)
             top = self._call(

@@ -78,7 +78,15 @@ class OdooWrites(OdooReads):
                 )
             return
         with self._lock:
-            self._fields.pop(model, None)
+            # Created as asked: known without reading the model's fields again (a round trip before the deals).
+            known = self._fields.get(model)
+            if known is not None:
+                self._fields[model] = {
+                    **known,
+                    name: {"type": "char", "string": label, "required": False, "readonly": False, "manual": True},
+                }
+            else:
+                self._fields.pop(model, None)
 
     def _vals(self, obj: str, item: Outgoing) -> dict[str, Any]:
         """An outgoing item's properties as Odoo values (pseudo-fields and links resolved)."""
@@ -363,7 +371,7 @@ class OdooWrites(OdooReads):
         for marker in failed:
             found.pop(marker, None)
         rest = [m for m in wanted if m not in found]
-        if rest and obj == "calls":
+        if rest and obj == "calls" and self._calls_from_messages():
             # Up to 18 a done activity is gone; its chatter message still carries the marker.
             found.update(self._find_in_messages(rest))
         return found
