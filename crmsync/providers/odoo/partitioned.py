@@ -16,7 +16,11 @@ the ranges' states; a resumed run keeps the plan's ranges even if ``concurrency`
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
+import itertools
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,7 +28,7 @@ from crmsync.providers import partitions
 from crmsync.providers.base import Page, RemoteRecord
 from crmsync.providers.odoo.values import parse_dt
 
-__all__ = ["MODE", "plan", "restore", "walk"]
+__all__ = ["MODE", "Turns", "plan", "restore", "walk"]
 
 MODE = "partitioned"
 
@@ -32,6 +36,39 @@ MODE = "partitioned"
 ReadRange = Callable[[int, int], list[dict[str, Any]]]
 #: Rows as records (a deal's partners are read in the same thread, beside the other ranges).
 Convert = Callable[[list[dict[str, Any]]], list[RemoteRecord]]
+
+
+class Turns:
+    """At most ``k`` range reads at once, across every walk that shares this; the range with the most
+    pages left goes first.
+
+    The HTTP client's slots wake waiters in no order, so without this one range of a window could
+    fall behind the others and be read alone at the end, one round trip at a time, while the
+    server's other workers idle; serving the longest remaining chain first keeps the ranges level.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.free = max(1, k)
+        self._cond = threading.Condition()
+        self._queue: list[tuple[float, int]] = []
+        self._tickets = itertools.count()
+
+    @contextlib.contextmanager
+    def turn(self, pages_left: float) -> Iterator[None]:
+        with self._cond:
+            mine = (-pages_left, next(self._tickets))
+            heapq.heappush(self._queue, mine)
+            while self.free <= 0 or self._queue[0] != mine:
+                self._cond.wait()
+            heapq.heappop(self._queue)
+            self.free -= 1
+            self._cond.notify_all()  # the next in line may have a turn free too
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += 1
+                self._cond.notify_all()
 
 
 def split(first: int, last: int, k: int) -> list[list[int]]:
@@ -112,12 +149,16 @@ def walk(
     convert: Convert,
     page_size: int,
     name: str,
+    turns: Turns | None = None,
 ) -> Iterator[Page]:
-    """Every range side by side from where ``cursor`` left it, then the window's end."""
+    """Every range side by side from where ``cursor`` left it, then the window's end (``turns``: see ``Turns``)."""
     total = the_plan.get("total")
+    ranges = the_plan["ranges"]
+    # A range's pages when it began, from the window's size (equal shares), for its place in ``turns``.
+    pages = max(1.0, (total or page_size * len(ranges)) / max(1, len(ranges)) / max(1, page_size))
     parts: dict[str, partitions.PartitionFn] = {
-        f"ids{i}": functools.partial(_range, read, convert, page_size, a, b)
-        for i, (a, b) in enumerate(the_plan["ranges"])
+        f"ids{i}": functools.partial(_range, read, convert, page_size, a, b, turns=turns, pages=pages)
+        for i, (a, b) in enumerate(ranges)
     }
     extra = {k: the_plan[k] for k in ("mode", "window_lo", "window_hi", "ranges", "total")}
     # Two pages a range may hold while the store takes others: a range never waits for another's page.
@@ -128,11 +169,25 @@ def walk(
     yield Page(records=[], cursor={"hi": the_plan["window_hi"]}, total=total)
 
 
-def _range(read: ReadRange, convert: Convert, page_size: int, a: int, b: int, at: Any) -> Iterator[Page]:
+def _range(
+    read: ReadRange,
+    convert: Convert,
+    page_size: int,
+    a: int,
+    b: int,
+    at: Any,
+    *,
+    turns: Turns | None = None,
+    pages: float = 1.0,
+) -> Iterator[Page]:
     """Ids ``a``..``b`` of the window, a page at a time, each page's cursor its last id."""
     last = int(at["last"]) if isinstance(at, Mapping) and isinstance(at.get("last"), int) else a - 1
     while last < b:
-        rows = read(last, b)
+        if turns is None:
+            rows = read(last, b)
+        else:
+            with turns.turn(pages * (b - last) / max(1, b - a + 1)):  # its share of the span still to read
+                rows = read(last, b)
         if rows:
             last = int(rows[-1]["id"])
             yield Page(records=convert(rows), cursor={"last": last})

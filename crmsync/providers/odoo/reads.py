@@ -60,6 +60,7 @@ class OdooReads(OdooSchema):
         self.settle = float(settings.get("settle_seconds", SETTLE_SECONDS))
         self.page_size = int(settings.get("page_size") or PAGE)
         self.partition_min = int(settings.get("partition_min") or PARTITION_MIN)
+        self._turns: partitioned.Turns | None = None
 
     def _calls_from_messages(self) -> bool:
         # Up to 18 a done activity is deleted: only its chatter message is left to read.
@@ -357,7 +358,16 @@ class OdooReads(OdooSchema):
             convert=lambda found: self._records(obj, model, found),
             page_size=self.page_size,
             name=f"odoo-{obj}",
+            turns=self._range_turns(),
         )
+
+    def _range_turns(self) -> partitioned.Turns:
+        """One ``Turns`` for every walk of this provider: the objects pulled side by side share the workers."""
+        with self._lock:
+            if self._turns is None:
+                # One more than the requests in flight: a turn is held while its answer is parsed too.
+                self._turns = partitioned.Turns(int(self.http.concurrency) + 1)
+            return self._turns
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         model, _ = self._source(obj)
