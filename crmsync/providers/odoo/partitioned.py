@@ -45,30 +45,34 @@ class Turns:
     The HTTP client's slots wake waiters in no order, so without this one range of a window could
     fall behind the others and be read alone at the end, one round trip at a time, while the
     server's other workers idle; serving the longest remaining chain first keeps the ranges level.
+    A turn given back passes straight to the first in line (no herd of waiters woken to re-check).
     """
 
     def __init__(self, k: int) -> None:
         self.free = max(1, k)
-        self._cond = threading.Condition()
-        self._queue: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        self._queue: list[tuple[float, int, threading.Event]] = []
         self._tickets = itertools.count()
 
     @contextlib.contextmanager
     def turn(self, pages_left: float) -> Iterator[None]:
-        with self._cond:
-            mine = (-pages_left, next(self._tickets))
-            heapq.heappush(self._queue, mine)
-            while self.free <= 0 or self._queue[0] != mine:
-                self._cond.wait()
-            heapq.heappop(self._queue)
-            self.free -= 1
-            self._cond.notify_all()  # the next in line may have a turn free too
+        with self._lock:
+            if self.free > 0 and not self._queue:
+                self.free -= 1
+                mine = None
+            else:
+                mine = threading.Event()
+                heapq.heappush(self._queue, (-pages_left, next(self._tickets), mine))
+        if mine is not None:
+            mine.wait()  # set by the turn handed over to this one
         try:
             yield
         finally:
-            with self._cond:
-                self.free += 1
-                self._cond.notify_all()
+            with self._lock:
+                if self._queue:
+                    heapq.heappop(self._queue)[2].set()
+                else:
+                    self.free += 1
 
 
 def split(first: int, last: int, k: int) -> list[list[int]]:
