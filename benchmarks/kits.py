@@ -705,7 +705,7 @@ class OdooKit(Kit):
         k = int(self.raised_config["concurrency"])  # base_config: the workers, raised or not
         chain = 3 + math.ceil((pages - 1) / k)
         text = (
-            f"a clock read beside the field list, the first page with the window's ids beside it, then {pages - 1} "
+            f"a clock read, the field list, the first page with the window's ids beside it, then {pages - 1} "
             f"search_read pages of 200 in {2 * k} id ranges side by side ({k} in flight): "
             f"3 + ceil(({pages} - 1) / {k}) = {chain} x latency"
         )
