@@ -153,7 +153,7 @@ def test_partitioned_backfill_stores_each_record_once_and_hands_over_like_an_unp
     assert done.outcome == "ok" and done.objects[0].read == 95 + OWN
     assert sorted(applied) == sorted(contact_ids(emu))  # every record stored, each exactly once
     parts = ranged(spy)
-    assert len({b["domain"][-1][2] for b in parts}) == 3  # three id ranges, each bounded by its own top
+    assert len({b["domain"][-1][2] for b in parts}) == 6  # 2 x concurrency ranges, each with its own top
     assert all(b["order"] == "id asc" and b["context"] == {"active_test": False} for b in parts)
     # The walk's requests, as recorded from a real Odoo 19: search_read and search (ids) with named
     # arguments, archived rows included, never an offset.
@@ -197,7 +197,7 @@ def test_a_killed_partitioned_backfill_resumes_every_range_reading_only_what_was
         backfill(app, connection="odoo", objects=["contacts"])
     app.store.mirror.apply_page = apply  # type: ignore[method-assign]
     checkpoint = app.store.mirror.cursor("odoo", "contacts", "backfill")
-    assert checkpoint is not None and checkpoint["mode"] == "partitioned" and len(checkpoint["ranges"]) == 3
+    assert checkpoint is not None and checkpoint["mode"] == "partitioned" and len(checkpoint["ranges"]) == 6
     before = set(stored_once(app))
     app.close()
 
@@ -246,7 +246,7 @@ def test_requests_in_flight_never_exceed_the_configured_concurrency(home: Path, 
     pages = provider(app).changes("contacts", None, fields=["name", "email"])
     first = next(pages)
     assert first.cursor is not None and first.cursor["mode"] == "partitioned"
-    assert len(first.cursor["ranges"]) == (concurrency or 2)  # the default stays 2
+    assert len(first.cursor["ranges"]) == 2 * (concurrency or 2)  # twice the requests in flight (the default stays 2)
     rest = list(pages)
     ids = [r.id for p in [first, *rest] for r in p.records]
     assert len(ids) == len(set(ids)) == 150 + OWN
@@ -326,10 +326,14 @@ def test_a_pull_of_old_edits_and_new_records_splits_them_evenly_or_by_span(
     assert len(ids) == len(set(ids)) and set(map(str, [*made[:90], *new])) <= set(ids)
     ranges = (pages[0].cursor or {})["ranges"]
     shares = [sum(a <= int(i) <= b for i in ids) for a, b in ranges]
-    # 110 records above the first page: two equal shares from their ids, or two equal id widths
-    # (the gap between the edits and the new records leaves the upper one the smaller share).
-    assert len(ranges) == 2 and sum(shares) == 110
+    # 110 records above the first page: from their ids, twice the requests in flight in ranges of
+    # whole pages (11 pages of 10: 3, 3, 3 and 2), or two equal id widths (the gap between the edits
+    # and the new records leaves the upper one the smaller share).
+    assert sum(shares) == 110
     widths = [b - a + 1 for a, b in ranges]
-    assert shares == [55, 55] if by_ids else (abs(widths[0] - widths[1]) <= 1 and shares[0] > shares[1])
+    if by_ids:
+        assert shares == [30, 30, 30, 20]
+    else:
+        assert len(ranges) == 2 and abs(widths[0] - widths[1]) <= 1 and shares[0] > shares[1]
     assert set(pages[-1].cursor or {}) == {"hi"}
     app.close()

@@ -16,7 +16,11 @@ the ranges' states; a resumed run keeps the plan's ranges even if ``concurrency`
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
+import itertools
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,7 +28,7 @@ from crmsync.providers import partitions
 from crmsync.providers.base import Page, RemoteRecord
 from crmsync.providers.odoo.values import parse_dt
 
-__all__ = ["MODE", "plan", "restore", "walk"]
+__all__ = ["MODE", "Turns", "plan", "restore", "walk"]
 
 MODE = "partitioned"
 
@@ -32,6 +36,43 @@ MODE = "partitioned"
 ReadRange = Callable[[int, int], list[dict[str, Any]]]
 #: Rows as records (a deal's partners are read in the same thread, beside the other ranges).
 Convert = Callable[[list[dict[str, Any]]], list[RemoteRecord]]
+
+
+class Turns:
+    """At most ``k`` range reads at once, across every walk that shares this; the range with the most
+    pages left goes first.
+
+    The HTTP client's slots wake waiters in no order, so without this one range of a window could
+    fall behind the others and be read alone at the end, one round trip at a time, while the
+    server's other workers idle; serving the longest remaining chain first keeps the ranges level.
+    A turn given back passes straight to the first in line (no herd of waiters woken to re-check).
+    """
+
+    def __init__(self, k: int) -> None:
+        self.free = max(1, k)
+        self._lock = threading.Lock()
+        self._queue: list[tuple[float, int, threading.Event]] = []
+        self._tickets = itertools.count()
+
+    @contextlib.contextmanager
+    def turn(self, pages_left: float) -> Iterator[None]:
+        with self._lock:
+            if self.free > 0 and not self._queue:
+                self.free -= 1
+                mine = None
+            else:
+                mine = threading.Event()
+                heapq.heappush(self._queue, (-pages_left, next(self._tickets), mine))
+        if mine is not None:
+            mine.wait()  # set by the turn handed over to this one
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._queue:
+                    heapq.heappop(self._queue)[2].set()
+                else:
+                    self.free += 1
 
 
 def split(first: int, last: int, k: int) -> list[list[int]]:
@@ -43,14 +84,26 @@ def split(first: int, last: int, k: int) -> list[list[int]]:
     return [[a, min(a + step - 1, last)] for a in range(first, last + 1, step)]
 
 
-def by_count(above: int, ids: list[int], k: int) -> list[list[int]]:
-    """Ranges covering ``above + 1`` .. the last of ``ids`` (sorted), each holding an equal share of them."""
+def by_pages(above: int, ids: list[int], k: int, page_size: int) -> list[list[int]]:
+    """Ranges covering ``above + 1`` .. the last of ``ids`` (sorted): ``k`` at most, each whole pages of them.
+
+    The ids' pages are shared out as evenly as they go, and each range ends on its own last id,
+    so no range reads a part-filled page or an empty one to learn it is done: the ranges cost the
+    pages the ids need, however many ranges there are.
+    """
     if not ids:
         return []
-    k = max(1, min(k, len(ids)))
-    starts = [above + 1, *(ids[(len(ids) * i) // k] for i in range(1, k))]
-    ends = [s - 1 for s in starts[1:]] + [ids[-1]]
-    return [[a, b] for a, b in zip(starts, ends, strict=True) if a <= b]
+    size = max(1, page_size)
+    pages = -(-len(ids) // size)
+    r = max(1, min(k, pages))
+    base, extra = divmod(pages, r)
+    out: list[list[int]] = []
+    low, start = above + 1, 0
+    for i in range(r):
+        stop = min(len(ids), start + (base + (1 if i < extra else 0)) * size)
+        out.append([low, ids[stop - 1]])
+        low, start = ids[stop - 1] + 1, stop
+    return out
 
 
 def plan(window_lo: str | None, window_hi: str, ranges: list[list[int]], total: int | None) -> dict[str, Any]:
@@ -100,25 +153,45 @@ def walk(
     convert: Convert,
     page_size: int,
     name: str,
+    turns: Turns | None = None,
 ) -> Iterator[Page]:
-    """Every range side by side from where ``cursor`` left it, then the window's end."""
+    """Every range side by side from where ``cursor`` left it, then the window's end (``turns``: see ``Turns``)."""
     total = the_plan.get("total")
+    ranges = the_plan["ranges"]
+    # A range's pages when it began, from the window's size (equal shares), for its place in ``turns``.
+    pages = max(1.0, (total or page_size * len(ranges)) / max(1, len(ranges)) / max(1, page_size))
     parts: dict[str, partitions.PartitionFn] = {
-        f"ids{i}": functools.partial(_range, read, convert, page_size, a, b)
-        for i, (a, b) in enumerate(the_plan["ranges"])
+        f"ids{i}": functools.partial(_range, read, convert, page_size, a, b, turns=turns, pages=pages)
+        for i, (a, b) in enumerate(ranges)
     }
     extra = {k: the_plan[k] for k in ("mode", "window_lo", "window_hi", "ranges", "total")}
-    for page in partitions.interleave(parts, cursor, depth=2, name=name, extra=extra):
+    # Two pages a range may hold while the store takes others: a range never waits for another's page.
+    depth = 2 * max(1, len(parts))
+    for page in partitions.interleave(parts, cursor, depth=depth, name=name, extra=extra):
         page.total = total
         yield page
     yield Page(records=[], cursor={"hi": the_plan["window_hi"]}, total=total)
 
 
-def _range(read: ReadRange, convert: Convert, page_size: int, a: int, b: int, at: Any) -> Iterator[Page]:
+def _range(
+    read: ReadRange,
+    convert: Convert,
+    page_size: int,
+    a: int,
+    b: int,
+    at: Any,
+    *,
+    turns: Turns | None = None,
+    pages: float = 1.0,
+) -> Iterator[Page]:
     """Ids ``a``..``b`` of the window, a page at a time, each page's cursor its last id."""
     last = int(at["last"]) if isinstance(at, Mapping) and isinstance(at.get("last"), int) else a - 1
     while last < b:
-        rows = read(last, b)
+        if turns is None:
+            rows = read(last, b)
+        else:
+            with turns.turn(pages * (b - last) / max(1, b - a + 1)):  # its share of the span still to read
+                rows = read(last, b)
         if rows:
             last = int(rows[-1]["id"])
             yield Page(records=convert(rows), cursor={"last": last})

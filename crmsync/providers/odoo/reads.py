@@ -60,6 +60,7 @@ class OdooReads(OdooSchema):
         self.settle = float(settings.get("settle_seconds", SETTLE_SECONDS))
         self.page_size = int(settings.get("page_size") or PAGE)
         self.partition_min = int(settings.get("partition_min") or PARTITION_MIN)
+        self._turns: partitioned.Turns | None = None
 
     def _calls_from_messages(self) -> bool:
         # Up to 18 a done activity is deleted: only its chatter message is left to read.
@@ -199,9 +200,10 @@ class OdooReads(OdooSchema):
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> Iterator[Page]:
+        clock = self._server_clock()  # beside the fields and activity types the walk needs first
         model, base = self._source(obj)
         read = self._read_fields(obj, model, fields)
-        server_now = self._server_now()
+        server_now = clock.result()
         limit_hi = server_now - timedelta(seconds=self.settle)
         if until is not None:
             limit_hi = min(limit_hi, until if until.tzinfo else until.replace(tzinfo=UTC))
@@ -314,8 +316,9 @@ class OdooReads(OdooSchema):
         k = max(1, int(self.http.concurrency))
         if len(ids) <= IDS_PLAN_MAX:
             rest = [i for i in ids if i > above]
-            # No more ranges than pages: a range of a few records would cost a thread and a request of its own.
-            return partitioned.by_count(above, rest, min(k, -(-len(rest) // self.page_size))), len(ids)
+            # Twice the ranges of requests in flight: the objects walked beside this one share those
+            # requests, and shorter chains leave a shorter tail when this window is the last to end.
+            return partitioned.by_pages(above, rest, 2 * k, self.page_size), len(ids)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="odoo-count") as pool:
             counted = pool.submit(self._call, model, "search_count", domain=domain, context=ACTIVE_TOO)
             top = self._call(
@@ -355,7 +358,16 @@ class OdooReads(OdooSchema):
             convert=lambda found: self._records(obj, model, found),
             page_size=self.page_size,
             name=f"odoo-{obj}",
+            turns=self._range_turns(),
         )
+
+    def _range_turns(self) -> partitioned.Turns:
+        """One ``Turns`` for every walk of this provider: the objects pulled side by side share the workers."""
+        with self._lock:
+            if self._turns is None:
+                # One more than the requests in flight: a turn is held while its answer is parsed too.
+                self._turns = partitioned.Turns(int(self.http.concurrency) + 1)
+            return self._turns
 
     def fetch(self, obj: str, ids: Sequence[str], *, fields: Sequence[str]) -> list[RemoteRecord]:
         model, _ = self._source(obj)

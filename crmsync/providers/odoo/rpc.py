@@ -5,7 +5,9 @@ from __future__ import annotations
 import email.utils
 import itertools
 import logging
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -124,6 +126,8 @@ class OdooRpc(Provider):
         register_secret(self._key)
         self._ids = itertools.count(1)
         self._server_time: datetime | None = None
+        self._clock_lock = threading.Lock()
+        self._clock: Future[datetime] | None = None  # the clock read under way (``_server_clock``)
 
     def _note_date(self, response: httpx.Response) -> None:
         value = response.headers.get("Date")
@@ -225,6 +229,25 @@ class OdooRpc(Provider):
         self._server_time = None
         self._version_info()
         return self._server_time or datetime.now(UTC)
+
+    def _server_clock(self) -> Future[datetime]:
+        """``_server_now`` in a thread of its own, so that the caller's other first requests (the
+        fields it reads) go out beside it; callers that ask while a read is under way share it, as
+        its answer is no later than their own would be (an earlier window end is always safe)."""
+        with self._clock_lock:
+            if self._clock is not None and not self._clock.done():
+                return self._clock
+            clock: Future[datetime] = Future()
+            self._clock = clock
+
+        def read() -> None:
+            try:
+                clock.set_result(self._server_now())
+            except BaseException as exc:  # raised to the caller at .result()
+                clock.set_exception(exc)
+
+        threading.Thread(target=read, name="odoo-clock", daemon=True).start()
+        return clock
 
     def _major(self) -> int:
         """The server's major version; asked once when the connection did not record it."""

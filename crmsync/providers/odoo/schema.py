@@ -31,6 +31,8 @@ class OdooSchema(OdooRpc):
         super().__init__(ctx)
         self._lock = threading.RLock()
         self._fields: dict[str, dict[str, dict[str, Any]] | None] = {}
+        #: Models whose fields_get is under way: the lanes and walks that need them too wait for its answer.
+        self._fields_asked: dict[str, threading.Event] = {}
         self._xmlids: dict[str, int] | None = None
         self._type_xmlids: dict[int, str] = {}
         self._model_ids: dict[str, int] = {}
@@ -41,23 +43,38 @@ class OdooSchema(OdooRpc):
         self._warned: set[str] = set()
 
     def _model_fields(self, model: str) -> dict[str, dict[str, Any]]:
-        """fields_get once per run and model; {} when the model does not exist on this database."""
-        with self._lock:
-            if model in self._fields:
-                return self._fields[model] or {}
+        """fields_get once per run and model; {} when the model does not exist on this database.
+
+        Asked once even when several threads need it at the same moment: the others wait for that
+        answer (and ask themselves if it failed).
+        """
+        while True:
+            with self._lock:
+                if model in self._fields:
+                    return self._fields[model] or {}
+                asked = self._fields_asked.get(model)
+                if asked is None:
+                    asked = self._fields_asked[model] = threading.Event()
+                    break
+            asked.wait()
         try:
-            desc = self._call(
-                model,
-                "fields_get",
-                attributes=["type", "string", "required", "readonly", "relation", "selection", "manual"],
-            )
-        except OdooFault as exc:
-            if exc.kind in ("odoo.exceptions.UserError", "werkzeug.exceptions.NotFound"):
-                desc = None
-            else:
-                raise
-        with self._lock:
-            self._fields[model] = desc
+            try:
+                desc = self._call(
+                    model,
+                    "fields_get",
+                    attributes=["type", "string", "required", "readonly", "relation", "selection", "manual"],
+                )
+            except OdooFault as exc:
+                if exc.kind in ("odoo.exceptions.UserError", "werkzeug.exceptions.NotFound"):
+                    desc = None
+                else:
+                    raise
+            with self._lock:
+                self._fields[model] = desc
+        finally:
+            with self._lock:
+                self._fields_asked.pop(model, None)
+            asked.set()
         return desc or {}
 
     def _has_model(self, model: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from collections.abc import Mapping
@@ -43,8 +44,14 @@ def format_dt(value: datetime) -> str:
 def parse_dt(value: Any) -> datetime | None:
     if not value or not isinstance(value, str):
         return None
+    return _parse_second(value[:19])
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_second(text: str) -> datetime | None:
+    # Cached: a page's rows share a handful of write_date seconds, and strptime is slow.
     try:
-        return datetime.strptime(value[:19], DT_FORMAT).replace(tzinfo=UTC)
+        return datetime.strptime(text, DT_FORMAT).replace(tzinfo=UTC)
     except ValueError:
         return None
 

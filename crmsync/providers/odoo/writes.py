@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,7 +79,15 @@ class OdooWrites(OdooReads):
                 )
             return
         with self._lock:
-            self._fields.pop(model, None)
+            # Created as asked: known without reading the model's fields again (a round trip before the deals).
+            known = self._fields.get(model)
+            if known is not None:
+                self._fields[model] = {
+                    **known,
+                    name: {"type": "char", "string": label, "required": False, "readonly": False, "manual": True},
+                }
+            else:
+                self._fields.pop(model, None)
 
     def _vals(self, obj: str, item: Outgoing) -> dict[str, Any]:
         """An outgoing item's properties as Odoo values (pseudo-fields and links resolved)."""
@@ -337,12 +346,14 @@ class OdooWrites(OdooReads):
             *([MARKER_FIELD] if marker_field else []),
         ]
         # An ``in`` on the marker field takes many values a query; each note marker is an ``ilike`` of its own.
-        for chunk in chunks(wanted, LOOKUP_IN if marker_field else LOOKUP_ILIKE):
+        parts = list(chunks(wanted, LOOKUP_IN if marker_field else LOOKUP_ILIKE))
+
+        def search(chunk: list[str]) -> list[dict[str, Any]]:
             if marker_field:
                 domain: list[Any] = [(MARKER_FIELD, "in", chunk)]
             else:
                 domain = or_domain([("note", "ilike", f"[crmsync:{m}]") for m in chunk])
-            rows = self._call(
+            rows: list[dict[str, Any]] = self._call(
                 "mail.activity",
                 "search_read",
                 domain=domain,
@@ -350,6 +361,9 @@ class OdooWrites(OdooReads):
                 order="id asc",
                 context={"active_test": False},
             )
+            return rows
+
+        for chunk, rows in zip(parts, self._side_by_side(search, parts), strict=True):
             for row in rows:
                 marker = row.get(MARKER_FIELD) or next(
                     (m for m in chunk if f"[crmsync:{m}]" in str(row.get("note") or "")), None
@@ -363,16 +377,32 @@ class OdooWrites(OdooReads):
         for marker in failed:
             found.pop(marker, None)
         rest = [m for m in wanted if m not in found]
-        if rest and obj == "calls":
+        if rest and obj == "calls" and self._calls_from_messages():
             # Up to 18 a done activity is gone; its chatter message still carries the marker.
             found.update(self._find_in_messages(rest))
         return found
 
+    def _side_by_side(self, fn: Callable[[list[str]], list[dict[str, Any]]], parts: list[list[str]]) -> list[Any]:
+        """``fn`` of each part, the parts' searches in flight together (none depends on another's answer)."""
+        if len(parts) <= 1:
+            return [fn(part) for part in parts]
+        with ThreadPoolExecutor(
+            max_workers=min(len(parts), int(self.http.concurrency)), thread_name_prefix="odoo"
+        ) as pool:
+            return list(pool.map(fn, parts))
+
     def _find_in_messages(self, markers: Sequence[str], *, any_type: bool = False) -> dict[str, str]:
         found: dict[str, str] = {}
-        for chunk in chunks(list(markers), LOOKUP_ILIKE):
+        parts = list(chunks(list(markers), LOOKUP_ILIKE))
+
+        def search(chunk: list[str]) -> list[dict[str, Any]]:
             domain = or_domain([("body", "ilike", f"[crmsync:{m}]") for m in chunk])
-            rows = self._call("mail.message", "search_read", domain=domain, fields=["body"], order="id asc")
+            rows: list[dict[str, Any]] = self._call(
+                "mail.message", "search_read", domain=domain, fields=["body"], order="id asc"
+            )
+            return rows
+
+        for chunk, rows in zip(parts, self._side_by_side(search, parts), strict=True):
             for row in rows:
                 marker = next((m for m in chunk if f"[crmsync:{m}]" in str(row.get("body") or "")), None)
                 if marker and marker not in found:
