@@ -30,12 +30,8 @@ def tune_gc() -> None:
 
     A sync keeps tens of thousands of records alive (a push round, a pull page's mirror rows), and at
     the default threshold every thread waited while each full collection scanned all of them; crmsync
-    makes little cyclic garbage, so rarer collections cost nothing in memory. At exit everything alive
-    is frozen first: the interpreter's last collections while it tears the modules down then skip
-    it (a process about to end has nothing to reclaim), which made exit several times quicker.
+    makes little cyclic garbage, so rarer collections cost nothing in memory.
     """
-    import atexit
     import gc
 
     gc.set_threshold(50_000, 20, 100)
-    atexit.register(gc.freeze)
