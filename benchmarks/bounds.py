@@ -8,6 +8,7 @@ documented limits, from an empty window at process start".
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from benchmarks.harness import Bound
@@ -28,38 +29,60 @@ def sent_by(t: float, limit: int, window: float, latency: float) -> int:
 
 
 def _hubspot_split(
-    changes: dict[str, int], totals: dict[str, int], t: float, *, general: int, search: int, latency: float
+    changes: dict[str, int],
+    totals: dict[str, int],
+    t: float,
+    *,
+    limits: dict[str, tuple[int, float]],
+    latency: float,
 ) -> tuple[int, int] | None:
-    """(general, search) requests that read every change by ``t``, or None if none can.
+    """(general, search) requests of a split that reads every change with every answer back by ``t``, or None.
 
-    The list walks take the densest objects first (a list page reads unchanged records too), each a
-    chain of at most ``t / latency`` pages; search reads what is left in pages of 200, ranges side by
-    side (no chain), plus one association read per 1,000 searched ids; one archived list per object.
+    Each object's list walk is a chain (``after`` is an opaque token from the previous answer): one
+    page per round trip, from the lowest ids, a page reading unchanged records too (changes taken as
+    spread evenly). Search reads what is left in pages of 200 in id ranges side by side (no chain), plus
+    one association read per 1,000 searched ids, plus one archived list per object. The general bucket
+    is a rolling window from empty: ``limit`` sends in the first window, and after it only as many as
+    were sent a window earlier, where the chains send at most one page per round trip. Whatever is
+    uncertain is granted to the client (every association read counted as sent at once), so this stays
+    a lower bound.
     """
-    chain = int(t / latency) if latency else 10**9
-    budget = general - len(changes)  # the archived lists
-    if budget < 0:
+    (g_limit, g_window), (s_limit, s_window) = limits["default"], limits["search"]
+    last = t - latency  # the last send whose answer is back by t
+    if last < 0:
         return None
-    order = sorted(changes, key=lambda o: changes[o] / max(1, totals.get(o, changes[o])), reverse=True)
-    pages = {o: 0 for o in changes}
-    for o in order:
-        pages[o] = max(0, min(chain, math.ceil(totals.get(o, changes[o]) / LIST_PAGE), budget))
-        budget -= pages[o]
-    for _ in range(len(changes) + 1):  # give list pages back until the association reads fit
-        left = {
-            o: max(0, changes[o] - round(pages[o] * LIST_PAGE * changes[o] / max(1, totals.get(o, changes[o]))))
-            for o in changes
-        }
-        assoc = sum(math.ceil(n / ASSOC_BATCH) * HS_ASSOC_TARGETS.get(o, 0) for o, n in left.items())
-        over = sum(pages.values()) + len(changes) + assoc - general
-        if over <= 0:
-            searches = sum(math.ceil(n / SEARCH_PAGE) for n in left.values())
-            return (sum(pages.values()) + len(changes) + assoc, searches) if searches <= search else None
-        sparsest = next((o for o in reversed(order) if pages[o]), None)
-        if sparsest is None:
-            return None
-        pages[sparsest] = max(0, pages[sparsest] - over)
-    return None
+    searches = sent_by(t, s_limit, s_window, latency)
+    per_chain = int(last / latency) + 1
+    late = int((last - g_window) / latency) + 1 if last >= g_window else 0  # a chain's sends after the window
+    objs = sorted(changes)
+    chains = archived = len(objs)
+    caps = [min(per_chain, math.ceil(totals.get(o, changes[o]) / LIST_PAGE)) for o in objs]
+    # Per object and number of list pages: (search pages, association reads) for the changes left.
+    cost: list[list[tuple[int, int]]] = []
+    for o, cap in zip(objs, caps, strict=True):
+        density = changes[o] / max(1, totals.get(o, changes[o]))
+        left = [max(0, changes[o] - math.floor(p * LIST_PAGE * density)) for p in range(cap + 1)]
+        cost.append(
+            [(math.ceil(n / SEARCH_PAGE), math.ceil(n / ASSOC_BATCH) * HS_ASSOC_TARGETS.get(o, 0)) for n in left]
+        )
+    best: tuple[int, int] | None = None
+    for head in itertools.product(*(range(c + 1) for c in caps[:-1])):
+        search = sum(cost[i][p][0] for i, p in enumerate(head))
+        assoc = sum(cost[i][p][1] for i, p in enumerate(head))
+        # More list pages of the last object only add general requests once search fits: take the fewest.
+        tail = next((p for p in range(caps[-1] + 1) if search + cost[-1][p][0] <= searches), None)
+        if tail is None:
+            continue
+        search, assoc, listed = search + cost[-1][tail][0], assoc + cost[-1][tail][1], sum(head) + tail
+        general = listed + assoc + archived
+        if late == 0:
+            ok = general <= g_limit
+        else:
+            early = min(g_limit, archived + assoc + chains * late)
+            ok = general <= g_limit + early and listed <= g_limit - archived + chains * late
+        if ok and (best is None or general < best[0]):
+            best = (general, search)
+    return best
 
 
 def hubspot_pull_bound(
@@ -68,27 +91,22 @@ def hubspot_pull_bound(
     """The earliest time (to 10 ms) at which some split of the changes between list and search is done."""
     objs = {o: n for o, n in changes.items() if not o.startswith("_") and n}
     (g_limit, g_window), (s_limit, s_window) = limits["default"], limits["search"]
-    t = latency
-    while True:
-        split = _hubspot_split(
-            objs,
-            totals,
-            t,
-            general=sent_by(t, g_limit, g_window, latency),
-            search=sent_by(t, s_limit, s_window, latency),
-            latency=latency,
-        )
-        if split is not None or t > 3600:
-            break
-        t = round(t + 0.01, 2)
-    general, search = split or (0, 0)
+    lo, hi = 1, 360_000  # hundredths of a second: feasibility only grows with time, so halve the interval
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _hubspot_split(objs, totals, mid / 100, limits=limits, latency=latency) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    t = lo / 100
+    general, search = _hubspot_split(objs, totals, t, limits=limits, latency=latency) or (0, 0)
     text = (
         f"honest: each object's changes split between list pages of {LIST_PAGE} (general bucket, "
-        f"{g_limit}/{g_window:g} s; a chain per object; the densest objects first, since a list reads "
-        f"unchanged records too: totals {totals}) and search pages of {SEARCH_PAGE} in id ranges side by side "
+        f"{g_limit}/{g_window:g} s rolling; a chain per object, one page per round trip, changes taken as spread "
+        f"evenly over totals {totals}) and search pages of {SEARCH_PAGE} in id ranges side by side "
         f"(search bucket, {s_limit}/{s_window:g} s) + an association read per {ASSOC_BATCH:,} searched ids + one "
-        f"archived list per object: {general} general and {search} search requests, from an empty window, "
-        f"the earliest t at which every answer is back"
+        f"archived list per object: {general} general and {search} search requests, from an empty window (after "
+        f"the first window, only as many sends as a window earlier), the earliest t at which every answer is back"
     )
     return Bound(requests={"default": general, "search": search}, seconds=t, formula=text)
 

@@ -97,3 +97,18 @@ def _paths(name: str) -> list[str]:
             "/api/data/v9.2/phonecalls",
         ],
     }[name]
+
+
+def test_hubspot_pull_bound_counts_list_walks_as_chains_after_the_first_window() -> None:
+    """The pull scenario needs more than one window of general requests; after the first window only as
+    many sends as a window earlier fit, and each list walk sends one page per round trip (issue 31)."""
+    from benchmarks.kits import HubSpotKit
+
+    kit = HubSpotKit()
+    kit.totals = {"contacts": 22_000, "companies": 5_000, "deals": 5_000}
+    bound = kit.pull_bound({"contacts": 12_000, "companies": 4_000, "deals": 4_000, "_created": 2_000}, 0.15)
+    # A fluid window (100 more at once at 10 s) gave 10.15 s; the chains and the rolling window allow 11.15 s.
+    assert bound.seconds == 11.15
+    assert bound.requests["default"] > 100 and bound.requests["search"] == 60
+    small = kit.pull_bound({"contacts": 4_000, "companies": 1_000, "deals": 1_000}, 0.15)
+    assert small.seconds < 10 and small.requests["default"] <= 100  # one window: no chain limit after it
