@@ -129,3 +129,50 @@ def test_turns_reserved_for_a_next_step_are_left_to_requests_that_do_not_defer()
     with deferring():
         assert window.try_acquire()  # none reserved any more
     assert window.free() == 0
+
+
+def test_an_unsettled_turn_counts_from_when_its_request_left_never_earlier() -> None:
+    window = RateLimit(1, 0.2, from_answers=False).bucket()
+    window.acquire()
+    time.sleep(0.1)  # waiting for a connection, or for the GIL, between the turn and the wire
+    window.departed()
+    left = time.monotonic()
+    window.departed()  # a second call (a redirect, a retry's trace) moves it no earlier
+    window.acquire()
+    assert 0.2 <= time.monotonic() - left < 0.2 + 0.06
+
+
+def test_a_request_on_the_wire_moves_its_turn_to_when_it_left() -> None:
+    """Over a real socket, httpcore's trace hook tells the window when the headers leave."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    calls: list[float] = []
+
+    class Spy(SlidingWindow):
+        def departed(self) -> None:
+            calls.append(time.monotonic())
+            super().departed()
+
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    c = HttpClient(provider="test", connection="c1", base_url=url, limits={"default": RateLimit(5, 1.0)})
+    c.buckets["default"] = Spy(5, 1.0, from_answers=False)
+    try:
+        started = time.monotonic()
+        c.get("/x")
+        c.get("/x")  # the kept-alive connection: the hook again
+    finally:
+        c.close()
+        server.shutdown()
+    assert len(calls) == 2 and calls[0] >= started

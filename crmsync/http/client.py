@@ -6,6 +6,7 @@ provider may subclass; limits and slots in flight are in ``limits``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import ssl
@@ -131,6 +132,13 @@ class _Retry(Exception):
         super().__init__(message)
         self.wait = wait
         self.response = response
+
+
+def _on_trace(departed: Callable[[], None], event: str, info: Any) -> None:
+    """httpcore's trace hook (a documented request extension): the request's turn counts from the
+    moment its headers start on the wire."""
+    if event.endswith("send_request_headers.started"):
+        departed()
 
 
 class HttpClient:
@@ -276,6 +284,8 @@ class HttpClient:
             # when it arrives, and our window counts it when the turn is taken; the closer the two,
             # the smaller the margin the window needs (JITTER).
             request = self.client.build_request(method, url, headers=headers, **kwargs)
+            if (departed := getattr(limiter, "departed", None)) is not None:
+                request.extensions["trace"] = functools.partial(_on_trace, departed)
             self._admit(limiter)
             try:
                 t0 = time.monotonic()

@@ -253,6 +253,24 @@ class SlidingWindow:
                 with contextlib.suppress(ValueError):
                     self.ends.remove(end)
 
+    def departed(self) -> None:
+        """The calling thread's last request is being written to the socket now: an unsettled turn
+        counts from now rather than from when it was taken (only ever later). The time between the
+        two (a free connection, the GIL under load) is then no part of the spread JITTER covers."""
+        end = getattr(self._mine, "stamp", None)
+        if end is None or getattr(self._mine, "settled", True):
+            return
+        with self.lock:
+            moved = time.monotonic() + self.window
+            if moved <= end:
+                return
+            try:
+                self.ends.remove(end)
+            except ValueError:
+                return  # given back meanwhile (a 429)
+            bisect.insort(self.ends, moved)
+            self._mine.stamp = moved
+
     def settle(self) -> None:
         """The answer to the calling thread's last request is in: its turn leaves the window
         ``per_seconds`` (and ``SETTLED``) from now. The CRM counted the request before answering it,
