@@ -133,7 +133,7 @@ class SlidingWindow:
 
     #: Seconds added to an unsettled turn's window for the spread of network transit times (and
     #: again after each 429 it did not cover, see ``overrun``)...
-    JITTER = 0.02
+    JITTER = 0.035
     #: ...and per turn of the window, for a burst's requests leaving one after another.
     SEND = 0.0006
     #: Seconds added to a settled turn's window: only for clocks that tick at slightly different rates.
