@@ -12,6 +12,7 @@ from crmsync.errors import AuthError, UsageError
 from crmsync.http import RateLimit
 from crmsync.providers.base import ConnectContext, ConnectResult, Health
 from crmsync.providers.hubspot.api import HubSpotPolicy, _token_request
+from crmsync.providers.hubspot.schema import _token_user
 from crmsync.providers.hubspot.values import API, AUTHORIZE_URL, BATCH, DEFAULT_OAUTH_SCOPES, REQUIRED_SCOPES
 from crmsync.providers.hubspot.writes import HubSpotWrites
 
@@ -127,6 +128,8 @@ class HubSpotProvider(HubSpotWrites):
                 hint="add them to the private app (or the OAuth app's scopes) and connect again",
             )
         settings["portal_id"] = health.account
+        if provider.token_user is not None:
+            settings["user_id"] = provider.token_user  # the default owner's user, without a request per push
         return ConnectResult(
             base_url=base_url, account_id=health.account, scopes=health.scopes, settings=settings, health=health
         )
@@ -136,6 +139,7 @@ class HubSpotProvider(HubSpotWrites):
         account = str(details.get("portalId", "")) or None
         scopes: list[str] = []
         secret, info = self._token_info()
+        self.token_user = _token_user(secret, info)
         expires_at = None
         if info and (secret.get("kind") != "oauth" or info.get("active")):
             scopes = list(info.get("scopes", []))

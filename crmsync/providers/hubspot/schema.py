@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crmsync.errors import AuthError, FatalProviderError
 from crmsync.providers.base import FieldInfo, at_once
 from crmsync.providers.hubspot.api import HubSpotApi
 from crmsync.providers.hubspot.values import COMPANY_KEY, DEAL_KEY, MARKER, OWNERS_PAGE, log
 
+if TYPE_CHECKING:
+    import httpx
+
+
+#: The property group every portal has per object, for the properties push creates.
+DEFAULT_GROUPS = {
+    "contacts": "contactinformation",
+    "companies": "companyinformation",
+    "deals": "dealinformation",
+    "calls": "callinformation",
+    "tasks": "taskinformation",
+}
+
+
+def _token_user(secret: dict[str, Any], info: dict[str, Any] | None) -> str | None:
+    """The user behind a token, from what HubSpot says of it (``HubSpotApi._token_info``)."""
+    user = info.get("user_id" if secret.get("kind") == "oauth" else "userId") if info else None
+    return None if user is None else str(user)
+
+
+def _group(props: dict[str, dict[str, Any]]) -> str:
+    """A group of the object's own properties (the first one listed)."""
+    return next((str(p["groupName"]) for p in props.values() if p.get("groupName")), "contactinformation")
+
 
 class HubSpotSchema(HubSpotApi):
     """Property metadata (cached per object), the unique properties push needs, and the portal's owners."""
+
+    #: The user behind the token, once ``check`` has asked (``connect`` keeps it as ``user_id``).
+    token_user: str | None = None
 
     # -- schema ----------------------------------------------------------------------------------
     def _properties(self, obj: str) -> dict[str, dict[str, Any]]:
@@ -69,40 +96,62 @@ class HubSpotSchema(HubSpotApi):
         return {"calls": {MARKER}, "tasks": {MARKER}, "deals": {DEAL_KEY}, "companies": {COMPANY_KEY}}.get(obj, set())
 
     def _ensure_property(self, obj: str, name: str, label: str) -> None:
+        """Create a unique property push relies on, unless it is known to exist.
+
+        One request when it is new: the create itself, in the object's default group (the
+        property list is read only when HubSpot refuses that group, or says the name exists).
+        """
         key = f"{obj}.{name}"
         if key in self._ensured:
             return
-        props = self._properties(obj)
-        if name not in props:
-            group = next((p.get("groupName") for p in props.values() if p.get("groupName")), "contactinformation")
-            r = self.http.request(
-                "POST",
-                f"/crm/v3/properties/{obj}",
-                json={
-                    "name": name,
-                    "label": label,
-                    "type": "string",
-                    "fieldType": "text",
-                    "groupName": group,
-                    "hasUniqueValue": True,
-                    "description": "Written by crmsync: its idempotency key.",
-                },
-                endpoint="/crm/v3/properties/{type}",
-                expect=(409,),
-            )
-            if r.status_code == 201:
-                props[name] = r.json()
-            else:
-                # It exists: made by another run, or by this request whose first answer was lost and
-                # whose retry met it. Read it back rather than assume it missing (finds would skip it).
-                with self._lock:
-                    self._props.pop(obj, None)
-                if name not in self._properties(obj):
-                    raise FatalProviderError(
-                        f"HubSpot refused to create property {obj}.{name} ({r.status_code}) yet does not list it",
-                        hint="it may be archived: restore it in Settings > Properties, then push again",
-                    )
+        with self._lock:
+            cached = self._props.get(obj)
+        if cached is not None and name in cached:
+            self._ensured.add(key)
+            return
+        group = _group(cached) if cached is not None else DEFAULT_GROUPS.get(obj, "contactinformation")
+        r = self._create_property(obj, name, label, group)
+        if r.status_code == 400 and cached is None:
+            # Not the portal's group for this object: take one from its property list.
+            props = self._properties(obj)
+            if name in props:
+                self._ensured.add(key)
+                return
+            r = self._create_property(obj, name, label, _group(props))
+        if r.status_code == 201:
+            with self._lock:
+                if (known := self._props.get(obj)) is not None:
+                    known[name] = r.json()
+        elif r.status_code == 409:
+            # It exists: made by another run, or by this request whose first answer was lost and
+            # whose retry met it. Read it back rather than assume it usable (finds would skip it).
+            with self._lock:
+                self._props.pop(obj, None)
+            if name not in self._properties(obj):
+                raise FatalProviderError(
+                    f"HubSpot refused to create property {obj}.{name} ({r.status_code}) yet does not list it",
+                    hint="it may be archived: restore it in Settings > Properties, then push again",
+                )
+        else:
+            raise FatalProviderError(f"HubSpot refused to create property {obj}.{name} ({r.status_code})")
         self._ensured.add(key)
+
+    def _create_property(self, obj: str, name: str, label: str, group: str) -> httpx.Response:
+        return self.http.request(
+            "POST",
+            f"/crm/v3/properties/{obj}",
+            json={
+                "name": name,
+                "label": label,
+                "type": "string",
+                "fieldType": "text",
+                "groupName": group,
+                "hasUniqueValue": True,
+                "description": "Written by crmsync: its idempotency key.",
+            },
+            endpoint="/crm/v3/properties/{type}",
+            expect=(400, 409),
+        )
 
     def prepare_push(self) -> None:
         self._ensure_property("calls", MARKER, "crmsync outcome id")
@@ -164,8 +213,9 @@ class HubSpotSchema(HubSpotApi):
 
     def default_owner(self) -> str | None:
         """The owner id of the user behind the token (the private app's or the OAuth grant's user)."""
-        secret, info = self._token_info()
-        user = info.get("user_id" if secret.get("kind") == "oauth" else "userId") if info else None
+        user = self.ctx.settings.get("user_id")
+        if user is None:
+            user = _token_user(*self._token_info())
         if user is None:
             return None
         try:
