@@ -8,17 +8,21 @@ saves their progress column by column in one bulk UPDATE per step.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Table, func, or_, select, update
+from sqlalchemy import JSON, Connection, Table, func, or_, select, type_coerce, update
+from sqlalchemy.types import NullType
 from sqlmodel import Session, col
 from sqlmodel import select as orm_select
 
 from crmsync.model import utcnow
 from crmsync.store import CrmOutbox, encoded, insert_rows, update_rows
+from crmsync.store.bulk import Encoded, compact_json, sorted_json
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
@@ -96,6 +100,11 @@ class Outbox:
         return self.store.engine.dialect.name == "postgresql"
 
     # -- intake ---------------------------------------------------------------------------------
+    def has_rows(self, db: Connection, connection_name: str) -> bool:
+        """Whether anything was ever queued for this connection (if not, no input id can be queued yet)."""
+        q = select(TABLE.c.id).where(TABLE.c.connection == connection_name).limit(1)
+        return db.execute(q).first() is not None
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One transaction for a whole input: committed when the block ends, rolled back on error."""
@@ -120,12 +129,12 @@ class Outbox:
     def new_row(
         self, connection_name: str, outcome_id: str, digest: str, payload: Any, now: datetime
     ) -> dict[str, Any]:
-        """The columns of a row queued for the first time."""
+        """The columns of a row queued for the first time (``payload`` may be ``Encoded`` already)."""
         return {
             "connection": connection_name,
             "outcome_id": outcome_id,
             "content_hash": digest,
-            "payload": encoded(payload),
+            "payload": payload if isinstance(payload, Encoded) else encoded(payload),
             "state": "pending",
             "steps": {},
             "in_flight": {},
@@ -233,8 +242,13 @@ class Outbox:
             ids = list(s.connection().execute(q).scalars())
             if not ids:
                 return []
-            s.execute(update(TABLE).where(c.id.in_(ids)).values(claimed_by=owner, claimed_at=now))
-            return _read_rows(s, c.id.in_(ids), skip_payload=have)
+            taken: ColumnElement[bool] = c.id.in_(ids)
+            if dead_owners is None:
+                # The same rows as a range (one run per connection: nothing else takes them meanwhile),
+                # not a statement with a parameter per row.
+                taken = (c.connection == connection_name) & (c.state == "pending") & c.id.between(ids[0], ids[-1])
+            s.execute(update(TABLE).where(taken).values(claimed_by=owner, claimed_at=now))
+            return _read_rows(s, taken, skip_payload=have)
 
     def renew(self, ids: Sequence[int], owner: str) -> datetime:
         """Extend the lease of rows still being worked on; the new lease time."""
@@ -260,8 +274,20 @@ class Outbox:
         if session is not None:
             update_rows(session, TABLE, values)
             return
-        with self.store.session() as s:
+        with self.store.write_lock, self.store.session() as s:  # see Database.write_lock
             update_rows(s, TABLE, values)
+
+
+def digest_and_payload(dumped: dict[str, Any]) -> tuple[str, Encoded]:
+    """An outcome's ``content_hash`` (``CallOutcome.content_hash``: sha256 of its sorted JSON without
+    the id) and its payload column, from one encoding of its ``model_dump(mode="json")``."""
+    rest = {k: v for k, v in dumped.items() if k != "id"}
+    text = sorted_json(rest)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if "id" not in dumped:
+        return digest, Encoded(dumped, text)
+    head = '{"id":' + compact_json(dumped["id"])
+    return digest, Encoded(dumped, head + ("," + text[1:] if rest else "}"))
 
 
 def _read_rows(
@@ -269,14 +295,48 @@ def _read_rows(
 ) -> list[OutboxRow]:
     """Rows as ``OutboxRow``s, in id order; payloads only of the outcomes not in ``skip_payload``."""
     c = TABLE.c
-    q = select(*(c[name] for name in ROW_COLUMNS)).where(where).order_by(c.id)
+    db = s.connection()
+    convert = _Converters(db.dialect)
+    q = select(*convert.columns).where(where).order_by(c.id)
     if limit is not None:
         q = q.limit(limit)
-    db = s.connection()
-    rows = [OutboxRow(*r) for r in db.execute(q)]
+    rows = [OutboxRow(*convert.row(r)) for r in db.execute(q)]
     wanted = [r.id for r in rows if r.outcome_id not in skip_payload]
     if wanted:
         payloads = {rid: payload for rid, payload in db.execute(select(c.id, c.payload).where(c.id.in_(wanted)))}
         for r in rows:
             r.payload = payloads.get(r.id, r.payload)
     return rows
+
+
+class _Converters:
+    """A claim's columns read as the driver returns them, each converted by its column type once
+    per distinct value: a round of fresh rows shares its timestamps and empty JSON objects, and the
+    per-row conversions made most of a large claim."""
+
+    def __init__(self, dialect: Any) -> None:
+        self.columns: list[Any] = []
+        self.procs: list[Callable[[Any], Any] | None] = []
+        for name in ROW_COLUMNS:
+            column = TABLE.c[name]
+            proc = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            if proc is None or dialect.name != "sqlite":  # other drivers decode JSON themselves
+                self.columns.append(column)
+                self.procs.append(None)
+                continue
+            self.columns.append(_raw(column))
+            self.procs.append(_json(proc) if isinstance(column.type, JSON) else functools.lru_cache(maxsize=256)(proc))
+
+    def row(self, raw: Sequence[Any]) -> list[Any]:
+        """One row's values, converted."""
+        return [v if proc is None or v is None else proc(v) for v, proc in zip(raw, self.procs, strict=True)]
+
+
+def _raw(column: Any) -> Any:
+    """The column as the driver returns it (no result processing), under its own name."""
+    return type_coerce(column, NullType()).label(column.name)
+
+
+def _json(proc: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A JSON column's conversion; an empty object (most rows) without the parser, a new one each time."""
+    return lambda v: {} if v == "{}" else proc(v)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from crmsync.errors import InputError
 from crmsync.model import CallOutcome, canonical, utcnow
-from crmsync.store.outbox import Outbox, Prior
+from crmsync.store.outbox import Outbox, Prior, digest_and_payload
 from crmsync.sync.inputs import Parsed, read_outcomes
 from crmsync.sync.push.items import ParsedOutcome, public_steps
 from crmsync.sync.push.receipts import PushSummary, Receipt, ReceiptSink
@@ -162,12 +162,14 @@ class _Intake:
         self.settings = settings
         self.seen: dict[str, str] = {}
         self.objects: set[str] = set()
+        #: False when the connection's outbox was empty at the start: no id of the input can be there.
+        self.priors = True
 
     def queue(self, db: Connection, valid: list[tuple[Parsed, CallOutcome]]) -> None:
         ids = [o.id for _, o in valid]
         if self.hooks.on_ids is not None:
             self.hooks.on_ids([i for i in ids if i])
-        existing = self.outbox.priors(db, self.connection_name, ids)
+        existing = self.outbox.priors(db, self.connection_name, ids) if self.priors else {}
         part = _Part()
         now = utcnow()
         for p, outcome in valid:
@@ -184,11 +186,11 @@ class _Intake:
     ) -> None:
         s, oid = self.summary, str(outcome.id)
         dumped = outcome.model_dump(mode="json")
-        digest = outcome.content_hash(dumped)
+        digest, payload = digest_and_payload(dumped)
         kind = verdict(oid, digest, prior, self.seen, update=self.update, retry_failed=self.retry_failed)
         if kind == "new":
             self._keep(oid, outcome, part)
-            part.new_rows.append(self.outbox.new_row(self.connection_name, oid, digest, dumped, now))
+            part.new_rows.append(self.outbox.new_row(self.connection_name, oid, digest, payload, now))
             s.queued += 1
         elif kind == "retry":
             s.queued += 1
@@ -267,5 +269,8 @@ def enqueue(
             # Concurrent pushes of one connection queue one after another, so each sees what the
             # other queued (and no unique-key race can fail a whole file).
             transaction_lock(db, connection_name, "enqueue")
+        else:
+            # One push per connection at a time (the run lock): what is not there now cannot appear.
+            intake.priors = outbox.has_rows(db, connection_name)
         for chunk in chunks(parsed, settings.enqueue_chunk):
             intake.queue(db, valid_outcomes(chunk, summary, rejects, sink))

@@ -11,6 +11,7 @@ import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from crmsync.http import SlidingWindow
 from crmsync.sync.push.items import ACTIVITY_STEPS, ENTITY_STEPS, entity_key
 from crmsync.sync.push.lookups import Prefetched, to_look_up
 from crmsync.sync.push.settings import DEFAULT, PushSettings
@@ -20,6 +21,18 @@ if TYPE_CHECKING:
     from crmsync.mapping import Mapping
     from crmsync.providers.base import Provider
     from crmsync.store import CrmConnection
+
+
+def count_from_answers(provider: Provider) -> None:
+    """Count every rate window's turns until their answers are in, not from when they were sent.
+
+    A window counted from the send (HubSpot's search bucket, for pulls that need all of it) draws a
+    429 whenever a request reaches the CRM later than its turn by more than the margin, as on a
+    busy machine; a push's lookups never need the last fraction of that budget.
+    """
+    for bucket in (getattr(getattr(provider, "http", None), "buckets", None) or {}).values():
+        if isinstance(bucket, SlidingWindow):
+            bucket.from_answers = True
 
 
 class Warmup:
@@ -43,6 +56,7 @@ class Warmup:
     def _make(self, app: App, conn: CrmConnection) -> Provider:
         provider = app.provider(conn)
         self.before = provider.http.stats.as_dict()
+        count_from_answers(provider)
         return provider
 
     def prepare(self, objects: set[str]) -> None:

@@ -291,7 +291,9 @@ def record_step(
     outbox = Outbox(app.store)
 
     def write() -> None:
-        with app.store.session() as s:
+        # One writer at a time in this process, waking the moment the last commits: lanes polling
+        # SQLite's busy handler (growing sleeps) lengthened every chain.
+        with app.store.write_lock, app.store.session() as s:
             outbox.save((it.row for its in by_key.values() for it in its), session=s)
             app.store.mirror.save_links(conn.name, obj, links, session=s)
             for c in writes.conflicts:

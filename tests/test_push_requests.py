@@ -1,0 +1,181 @@
+"""What a HubSpot push asks of the CRM besides its writes, and the outbox's fast paths.
+
+Every request a push sends that is not a write takes a turn of the rate window its writes need,
+so these count them: one request per idempotency property, one for the default owner.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from crmsync.app import App
+from crmsync.emulators.hubspot import HubSpotEmulator
+from crmsync.errors import FatalProviderError
+from crmsync.http import SlidingWindow
+from crmsync.model import CallOutcome
+from crmsync.store.outbox import Outbox, digest_and_payload
+from crmsync.sync.inputs import read_outcomes
+from crmsync.sync.push import PushSummary, enqueue, push
+from crmsync.sync.push.lookahead import count_from_answers
+from tests.e2e import hubspot_app
+
+
+def outcome(i: int, **over: Any) -> dict[str, Any]:
+    o: dict[str, Any] = {
+        "id": f"o-{i}",
+        "occurred_at": "2026-11-20T10:00:00Z",
+        "contact": {"email": f"p{i}@example.org", "last_name": f"N{i}"},
+        "disposition": "connected",
+    }
+    if i % 2 == 0:
+        o["company"] = {"name": f"Co {i}", "domain": f"co{i}.example.com"}
+    if i % 3 == 0:
+        o["deal"] = {"name": f"Deal {i}", "amount": 100 + i}
+    o.update(over)
+    return o
+
+
+def write(tmp_path: Path, rows: list[dict[str, Any]]) -> Path:
+    src = tmp_path / "o.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return src
+
+
+class Recorder:
+    """The emulator's transport, recording each request (and answering some differently)."""
+
+    def __init__(self, emu: HubSpotEmulator) -> None:
+        self.inner = emu.transport()
+        self.seen: list[tuple[str, str]] = []
+        self.answer: dict[tuple[str, str], list[httpx.Response]] = {}
+
+    def __call__(self, _name: str) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        key = (request.method, request.url.path)
+        self.seen.append(key)
+        if self.answer.get(key):
+            return self.answer[key].pop(0)
+        return self.inner.handle_request(request)
+
+    def counts(self) -> Counter[str]:
+        return Counter(f"{m} {p}" for m, p in self.seen)
+
+
+BAD_GROUP = httpx.Response(400, json={"status": "error", "category": "VALIDATION_ERROR", "message": "no such group"})
+
+
+@pytest.fixture
+def emu() -> HubSpotEmulator:
+    return HubSpotEmulator(seed=7)
+
+
+@pytest.fixture
+def rec(emu: HubSpotEmulator) -> Recorder:
+    return Recorder(emu)
+
+
+@pytest.fixture
+def app(emu: HubSpotEmulator, rec: Recorder) -> Iterator[App]:
+    a = hubspot_app("http://hubspot.test", emu.private_app_token, transport=rec)
+    rec.seen.clear()  # what connect asked is not the push's
+    yield a
+    a.close()
+
+
+def test_a_first_push_creates_each_marker_property_in_one_request_and_asks_one_for_the_owner(
+    app: App, rec: Recorder, emu: HubSpotEmulator, tmp_path: Path
+) -> None:
+    summary = push(app, source=str(write(tmp_path, [outcome(i) for i in range(12)])), connection="hs")
+    assert (summary.created, summary.failed) == (12, 0), summary
+    counts = rec.counts()
+    props = {k: v for k, v in counts.items() if "/crm/v3/properties/" in k}
+    assert props == {
+        "POST /crm/v3/properties/calls": 1,
+        "POST /crm/v3/properties/companies": 1,
+        "POST /crm/v3/properties/deals": 1,
+    }
+    # The user behind the token was kept at connect: the owners list alone names the default owner.
+    assert counts["POST /oauth/v2/private-apps/get/access-token-info"] == 0
+    assert counts["GET /crm/v3/owners/"] == 1
+    assert {c["properties"].get("hubspot_owner_id") for c in emu.records("calls")} != {None}
+
+
+def test_a_marker_property_in_a_group_the_portal_lacks_is_made_in_one_it_lists(
+    app: App, rec: Recorder, emu: HubSpotEmulator, tmp_path: Path
+) -> None:
+    rec.answer[("POST", "/crm/v3/properties/calls")] = [BAD_GROUP]
+    summary = push(app, source=str(write(tmp_path, [outcome(1)])), connection="hs")
+    assert (summary.created, summary.failed) == (1, 0), summary
+    calls = [k for k in rec.seen if k[1] == "/crm/v3/properties/calls"]
+    assert calls == [
+        ("POST", "/crm/v3/properties/calls"),
+        ("GET", "/crm/v3/properties/calls"),
+        ("POST", "/crm/v3/properties/calls"),
+    ]
+    assert emu.records("calls")[0]["properties"].get("crmsync_outcome_id") == "o-1"
+
+
+def test_a_marker_property_that_exists_is_read_back_and_a_refusal_of_anything_else_stops_the_push(
+    app: App, rec: Recorder, tmp_path: Path
+) -> None:
+    provider = app.provider(app.connection("hs"))
+    provider.prepare_objects(["calls"])
+    rec.seen.clear()
+    app._providers.clear()  # a later run's provider: nothing cached
+    again = app.provider(app.connection("hs"))
+    again.prepare_objects(["calls"])
+    assert rec.seen == [("POST", "/crm/v3/properties/calls"), ("GET", "/crm/v3/properties/calls")]
+    rec.answer[("POST", "/crm/v3/properties/deals")] = [BAD_GROUP, BAD_GROUP]
+    with pytest.raises(FatalProviderError, match=r"deals\.crmsync_deal_key \(400\)"):
+        again.prepare_objects(["deals"])
+
+
+def test_a_push_counts_its_rate_windows_from_the_answers() -> None:
+    class Http:
+        buckets = {"default": SlidingWindow(100, 10.0), "search": SlidingWindow(5, 1.0, from_answers=False)}
+
+    class Provider:
+        http = Http()
+
+    count_from_answers(Provider())  # type: ignore[arg-type]
+    assert all(b.from_answers for b in Http.buckets.values())
+
+
+def test_the_queued_payload_and_hash_are_the_outcomes_own() -> None:
+    for raw in (outcome(2, notes="ü → “quoted”", custom={"b": 1, "a": 'x"y', "c": None}), outcome(3)):
+        o = CallOutcome.model_validate(raw)
+        dumped = o.model_dump(mode="json")
+        digest, payload = digest_and_payload(dumped)
+        assert digest == o.content_hash()
+        assert json.loads(payload.text) == dumped and payload.value is dumped
+
+
+def test_a_claim_reads_the_rows_as_queued_and_only_this_connections(app: App, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    outbox = Outbox(app.store)
+    for name, n in (("hs", 5), ("other", 3)):
+        summary = PushSummary(name, "hubspot")
+        src = write(tmp_path, [outcome(i, id=f"{name}-{i}") for i in range(n)])
+        enqueue(app, name, read_outcomes(str(src), "auto"), summary, update=False, rejects=None, sink=None)
+    rows = outbox.claim("hs", 0, "me", limit=3, lease=timedelta(minutes=1))
+    assert [r.outcome_id for r in rows] == ["hs-0", "hs-1", "hs-2"]
+    assert all(r.steps == {} and r.in_flight == {} and r.claimed_by == "me" for r in rows)
+    assert rows[0].payload is not None and rows[0].payload["id"] == "hs-0"
+    full = outbox.rows("hs", ["hs-0"])["hs-0"]  # the ORM's reading of the same row
+    assert (rows[0].updated_at, rows[0].claimed_at, rows[0].attempts) == (full.updated_at, full.claimed_at, 0)
+    rows[0].steps["contacts"] = "1"  # a row's JSON is its own, not shared with the next
+    assert rows[1].steps == {}
+    rest = outbox.claim("hs", rows[-1].id, "me", limit=10, lease=timedelta(minutes=1))
+    assert [r.outcome_id for r in rest] == ["hs-3", "hs-4"]
+    assert outbox.state_counts("other") == {"pending": 3}
+    assert outbox.claim("other", 0, "x", limit=10, lease=timedelta(minutes=1))[0].claimed_by == "x"
