@@ -179,3 +179,26 @@ def test_a_claim_reads_the_rows_as_queued_and_only_this_connections(app: App, tm
     assert [r.outcome_id for r in rest] == ["hs-3", "hs-4"]
     assert outbox.state_counts("other") == {"pending": 3}
     assert outbox.claim("other", 0, "x", limit=10, lease=timedelta(minutes=1))[0].claimed_by == "x"
+
+
+def test_a_lane_that_dies_before_its_close_leaves_its_calls_in_flight_and_the_rerun_logs_none_twice(
+    app: App, emu: HubSpotEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last activity step's results are committed with the lane's close: until then the rows'
+    in-flight marks (committed before the send) are what a re-run finds them by."""
+    from crmsync.sync.push import lanes
+
+    def dies(*_a: Any, **_k: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lanes, "settle", dies)
+    src = write(tmp_path, [outcome(i) for i in range(6)])
+    first = push(app, source=str(src), connection="hs")
+    assert first.interrupted and len(emu.records("calls")) == 6
+    rows = Outbox(app.store).rows("hs", [f"o-{i}" for i in range(6)])
+    assert all("calls" in r.in_flight and "calls" not in r.steps for r in rows.values())
+    monkeypatch.undo()
+    again = push(app, source=None, connection="hs")
+    assert (again.failed, again.pending) == (0, 0), again
+    assert len(emu.records("calls")) == 6
+    assert {r.state for r in Outbox(app.store).rows("hs", [f"o-{i}" for i in range(6)]).values()} == {"done"}

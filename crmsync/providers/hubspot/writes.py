@@ -218,7 +218,7 @@ class HubSpotWrites(HubSpotReads):
     def find_activities(
         self, obj: str, markers: Sequence[str], *, context: Sequence[OutgoingActivity] = ()
     ) -> dict[str, str]:
-        if MARKER not in self._properties(obj):
+        if f"{obj}.{MARKER}" not in self._ensured and MARKER not in self._properties(obj):
             return {}
         found: dict[str, str] = {}
         for chunk in chunks(list(dict.fromkeys(markers)), BATCH):

@@ -35,6 +35,8 @@ class ActivityStep(LaneStep):
 
     outbox: Outbox = field(init=False)
     results: dict[str, ItemResult] = field(init=False, default_factory=dict)
+    #: False when the caller commits the rows itself right after (a lane's last step: ``settle``).
+    save: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         self.outbox = Outbox(self.app.store)
@@ -157,7 +159,8 @@ class ActivityStep(LaneStep):
             else:
                 self._failed(it, res)
             it.row.updated_at = now
-        self.outbox.save(it.row for it in need)
+        if self.save:
+            self.outbox.save(it.row for it in need)
 
     def _done(self, it: Item, res: ItemResult, *, updated: bool) -> None:
         obj = self.obj
@@ -200,6 +203,8 @@ def activity_step(
     summary: PushSummary,
     *,
     confirm_rounds: int,
+    save: bool = True,
 ) -> None:
-    """Take one activity step of a lane (``ActivityStep.run``)."""
-    ActivityStep(app, conn, provider, mapping, obj, summary, confirm_rounds=confirm_rounds).run(items)
+    """Take one activity step of a lane (``ActivityStep.run``); ``save=False``: its results are
+    committed by the caller (until then the rows' in-flight marks stand for them)."""
+    ActivityStep(app, conn, provider, mapping, obj, summary, confirm_rounds=confirm_rounds, save=save).run(items)
