@@ -82,16 +82,15 @@ def _validate(obj: Any, name: str, line: int, raw: str) -> Parsed:
 
 def _lines(stream: IO[bytes], name: str) -> Iterator[tuple[int, str | None, str]]:
     """(line number, text or None when not UTF-8, raw text for rejects) with BOM and CRLF removed."""
-    decoder = codecs.getincrementaldecoder("utf-8")
     for number, chunk in enumerate(stream, start=1):
         if number == 1 and chunk.startswith(codecs.BOM_UTF8):
             chunk = chunk[len(codecs.BOM_UTF8) :]
         try:
-            text = decoder().decode(chunk, final=True)
+            text = chunk.decode("utf-8").rstrip("\r\n")  # a whole line: no decoder state to carry
         except UnicodeDecodeError as exc:
             yield number, None, chunk.decode("utf-8", "replace").rstrip("\r\n") + f"\x00{exc.start}"
             continue
-        yield number, text.rstrip("\r\n"), text.rstrip("\r\n")
+        yield number, text, text
 
 
 def read_jsonl(stream: IO[bytes], name: str) -> Iterator[Parsed]:

@@ -98,9 +98,11 @@ class Owners:
             if email not in self._warned:
                 self._warned.add(email)
                 log.warning("owner_email %s is no user of the CRM: the connection's user owns its records", email)
+        chosen = owner
         for obj in self.OWNED:
             if obj in it.canon and (email or obj in ACTIVITY_STEPS):
-                chosen = owner if owner is not None else self.default()
+                if chosen is None:
+                    chosen = self.default()
                 if chosen is None:
                     it.canon[obj].pop("owner_email", None)  # the CRM's own default applies
                 else:
