@@ -212,3 +212,41 @@ def test_a_lane_that_dies_before_its_close_leaves_its_calls_in_flight_and_the_re
     assert (again.failed, again.pending) == (0, 0), again
     assert len(emu.records("calls")) == 6
     assert {r.state for r in Outbox(app.store).rows("hs", [f"o-{i}" for i in range(6)]).values()} == {"done"}
+
+
+def test_a_calls_batch_whose_answer_was_lost_is_confirmed_while_the_lanes_other_batches_are_out(
+    app: App, rec: Recorder, emu: HubSpotEmulator, tmp_path: Path
+) -> None:
+    """Each batch is confirmed as soon as its own answer is in: one left unsure in one rate window
+    is not confirmed only after the lane's last batch (at the end of the push, with a chain after it)."""
+    import time
+
+    create = ("POST", "/crm/v3/objects/calls/batch/create")
+    done: list[tuple[str, str]] = []
+    inner = rec.inner
+    lost: list[str] = []
+
+    class SlowOrLost:
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            key = (request.method, request.url.path)
+            first = key == create and not lost
+            if first:
+                lost.append("the first calls batch")
+            response = inner.handle_request(request)
+            if first:
+                raise httpx.RemoteProtocolError("the answer was lost")  # written, its answer lost
+            if key == create:
+                time.sleep(0.3)  # the lane's other batches answer later
+            done.append(key)
+            return response
+
+    rec.inner = SlowOrLost()  # type: ignore[assignment]
+    rows = [outcome(i) for i in range(1, 251)]
+    for r in rows:  # one lane: no company or deal to wait for
+        r.pop("company", None)
+        r.pop("deal", None)
+    summary = push(app, source=str(write(tmp_path, rows)), connection="hs")
+    assert (summary.created, summary.failed) == (250, 0), summary
+    assert len(emu.records("calls")) == 250
+    read = done.index(("POST", "/crm/v3/objects/calls/batch/read"))
+    assert read < max(i for i, k in enumerate(done) if k == create), done

@@ -95,23 +95,36 @@ class ActivityStep(LaneStep):
                 self.results[it.row.outcome_id] = ItemResult(it.row.outcome_id, True, remote_id=rid, created=ours)
 
     def _create(self, creates: list[Item]) -> None:
-        """Mark in flight (committed), send, and confirm what came back unsure, up to ``confirm_rounds`` times."""
-        obj, provider = self.obj, self.provider
-        for _ in range(self.confirm_rounds):
-            if not creates:
-                break
-            now = utcnow().isoformat()
-            for it in creates:
-                it.row.in_flight = {**it.row.in_flight, obj: now}
-            self.outbox.save(it.row for it in creates)
-            acts = [self.outgoing(it) for it in creates]
-            send = lambda b: _deferred(provider.create_activities, obj, b)  # noqa: E731
-            for sent in parallel(provider, send, batches(acts, provider.batch_size)):
+        """Mark in flight (committed), send, and confirm what came back unsure, up to ``confirm_rounds``
+        times: each batch on its own as soon as its answer is in, so that a batch left unsure in one
+        rate window is not confirmed only after the lane's last batch, at the end of the push."""
+        if creates:
+            self._mark(creates)
+            parallel(self.provider, self._send_batch, batches(creates, self.provider.batch_size))
+
+    def _mark(self, items: list[Item]) -> None:
+        """Mark these rows in flight, committed before their activities are sent."""
+        now = utcnow().isoformat()
+        for it in items:
+            it.row.in_flight = {**it.row.in_flight, self.obj: now}
+        self.outbox.save(it.row for it in items)
+
+    def _send_batch(self, batch: list[Item]) -> list[ItemResult]:
+        """One batch's creates, and its unsure ones confirmed and sent again (``_create``); the
+        results are in ``self.results``."""
+        for n in range(self.confirm_rounds):
+            if n:
+                self._mark(batch)
+            acts = [self.outgoing(it) for it in batch]
+            for sent in _deferred(self.provider.create_activities, self.obj, acts):
                 self.results[sent.ref] = sent
-            unsure = [it for it in creates if _unsure(self.results.get(it.row.outcome_id))]
+            unsure = [it for it in batch if _unsure(self.results.get(it.row.outcome_id))]
             if not unsure:
                 break
-            creates = self._confirm(unsure)
+            batch = self._confirm(unsure)
+            if not batch:
+                break
+        return []
 
     def _confirm(self, unsure: list[Item]) -> list[Item]:
         """Look up the unsure writes by marker; the ones not there, to be sent again."""
