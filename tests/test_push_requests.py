@@ -18,10 +18,12 @@ import pytest
 from crmsync.app import App
 from crmsync.emulators.hubspot import HubSpotEmulator
 from crmsync.errors import FatalProviderError
+from crmsync.http import SlidingWindow
 from crmsync.model import CallOutcome
 from crmsync.store.outbox import Outbox, digest_and_payload
 from crmsync.sync.inputs import read_outcomes
 from crmsync.sync.push import PushSummary, enqueue, push
+from crmsync.sync.push.lookahead import count_from_answers
 from tests.e2e import hubspot_app
 
 
@@ -135,6 +137,27 @@ def test_a_marker_property_that_exists_is_read_back_and_a_refusal_of_anything_el
     rec.answer[("POST", "/crm/v3/properties/deals")] = [BAD_GROUP, BAD_GROUP]
     with pytest.raises(FatalProviderError, match=r"deals\.crmsync_deal_key \(400\)"):
         again.prepare_objects(["deals"])
+
+
+def test_a_push_counts_its_rate_windows_from_the_answers_and_puts_them_back() -> None:
+    class Http:
+        buckets = {"default": SlidingWindow(100, 10.0), "search": SlidingWindow(5, 1.0, from_answers=False)}
+
+    class Provider:
+        http = Http()
+
+    restore = count_from_answers(Provider())  # type: ignore[arg-type]
+    assert all(b.from_answers for b in Http.buckets.values())
+    restore()  # as a pull by the same provider afterwards needs them
+    assert [b.from_answers for b in Http.buckets.values()] == [True, False]
+
+
+def test_a_push_leaves_the_providers_windows_as_it_found_them(app: App, tmp_path: Path) -> None:
+    provider = app.provider(app.connection("hs"))
+    search = provider.http.buckets["search"]
+    assert isinstance(search, SlidingWindow) and not search.from_answers
+    push(app, source=str(write(tmp_path, [outcome(i) for i in range(3)])), connection="hs")
+    assert not search.from_answers
 
 
 def test_the_queued_payload_and_hash_are_the_outcomes_own() -> None:

@@ -22,7 +22,7 @@ from crmsync.sync.inputs import read_outcomes
 from crmsync.sync.push.dry_run import dry_run as plan_dry_run
 from crmsync.sync.push.intake import Hooks, enqueue, spooled, validate_all
 from crmsync.sync.push.items import ParsedOutcome
-from crmsync.sync.push.lookahead import Prefetch, Warmup
+from crmsync.sync.push.lookahead import Prefetch, Warmup, count_from_answers
 from crmsync.sync.push.owners import Owners
 from crmsync.sync.push.receipts import PushSummary, ReceiptSink, Tally
 from crmsync.sync.push.rounds import deliver
@@ -200,6 +200,7 @@ class _PushRun:
         self.ahead: Prefetch | None = None
         #: The owners, their default asked for as soon as an outcome is queued (see ``_on_objects``).
         self.owners: Future[Owners] | None = None
+        self.restore: Callable[[], None] = lambda: None  # the provider's rate windows as they were
 
     def run(self, r: Run) -> None:
         """The run's body, under its lock: queue the input (if any), then deliver what is queued."""
@@ -228,6 +229,7 @@ class _PushRun:
             self.outbox.reset_failed(conn.name)
         # The warm-up built the provider ahead of the run: its requests count from then.
         provider = r.use(self.warm.provider(), before=self.warm.before) if self.warm else r.use(app.provider(conn))
+        self.restore = count_from_answers(provider)
         spent = usage.latest(app.store.runs.recent(conn.name, limit=200), utcnow()) or {}
         provider.check_budget(
             _needs(self.outbox.count_pending(conn.name), parsed), spent_today=int(spent.get("used_today") or 0)
@@ -312,6 +314,7 @@ class _PushRun:
             self.ahead.close()
         if self.warm is not None:
             self.warm.close()
+        self.restore()
         stats = r.request_stats()
         summary.requests = stats.get("requests", 0)
         summary.retries = stats.get("retries", 0)

@@ -8,9 +8,11 @@ done again) when delivery asks for it, as it would have without the head start.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from crmsync.http import SlidingWindow
 from crmsync.sync.push.items import ACTIVITY_STEPS, ENTITY_STEPS, entity_key
 from crmsync.sync.push.lookups import Prefetched, to_look_up
 from crmsync.sync.push.settings import DEFAULT, PushSettings
@@ -20,6 +22,26 @@ if TYPE_CHECKING:
     from crmsync.mapping import Mapping
     from crmsync.providers.base import Provider
     from crmsync.store import CrmConnection
+
+
+def count_from_answers(provider: Provider) -> Callable[[], None]:
+    """Count every rate window's turns until their answers are in, not from when they were sent;
+    returns what puts the windows back as they were (the provider may serve a pull next).
+
+    A window counted from the send (HubSpot's search bucket, for pulls that need all of it) draws a
+    429 whenever a request reaches the CRM later than its turn by more than the margin, as on a
+    busy machine; a push's lookups never need the last fraction of that budget.
+    """
+    buckets = (getattr(getattr(provider, "http", None), "buckets", None) or {}).values()
+    changed = [b for b in buckets if isinstance(b, SlidingWindow) and not b.from_answers]
+    for bucket in changed:
+        bucket.from_answers = True
+
+    def restore() -> None:
+        for bucket in changed:
+            bucket.from_answers = False
+
+    return restore
 
 
 class Warmup:
@@ -38,11 +60,13 @@ class Warmup:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmup")
         self.gates: dict[str, Future[None]] = {}
         self.before: dict[str, int] = {}  # the provider's request counters before any request of this run
+        self.restore: Callable[[], None] = lambda: None  # the provider's rate windows as they were
         self.provider_future = self.pool.submit(self._make, app, conn)
 
     def _make(self, app: App, conn: CrmConnection) -> Provider:
         provider = app.provider(conn)
         self.before = provider.http.stats.as_dict()
+        self.restore = count_from_answers(provider)
         return provider
 
     def prepare(self, objects: set[str]) -> None:
@@ -59,6 +83,7 @@ class Warmup:
     def close(self) -> None:
         # Started requests finish (they are short); nothing not yet started is begun.
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.restore()
 
 
 class Prefetch:
