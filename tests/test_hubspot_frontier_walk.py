@@ -84,6 +84,22 @@ def test_a_first_walk_meets_in_the_middle_and_reads_every_record_once(portal: tu
     assert any(p.total == N for p in pages)
 
 
+def test_a_list_that_meets_the_search_before_its_next_search_leaves_no_searched_record_unread(
+    portal: tuple[HubSpotEmulator, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_hubspot_partitioned_pull import _ListMeetsBetweenSearches
+
+    _, app = portal
+    provider = _provider(app)
+    provider._assoc_batch = 1_000  # HubSpot's default limits: five search pages share one association read
+    monkeypatch.setattr(_ListMeetsBetweenSearches, "waited", [])
+    monkeypatch.setattr(partitioned, "_Frontier", _ListMeetsBetweenSearches)
+    pages, _ = _walk(provider, None)
+    assert _ListMeetsBetweenSearches.waited == [True]  # the list did meet the search while it waited
+    ids = _ids(pages)
+    assert len(ids) == len(set(ids)) == N
+
+
 @pytest.mark.parametrize("stop", [150, 1_200])
 def test_a_walk_stopped_after_some_pages_resumes_each_side_and_ends_on_the_same_cursor(
     portal: tuple[HubSpotEmulator, Any], stop: int

@@ -5,6 +5,8 @@ Small sizes: the thresholds are lowered for the test, the emulator runs in proce
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -82,6 +84,10 @@ def _ids(pages: list[Page]) -> list[str]:
     return [r.id for p in pages for r in p.records if not r.archived]
 
 
+def _same(props: dict[str, str], _i: int) -> dict[str, str]:
+    return props
+
+
 def _routes(emulator: HubSpotEmulator) -> dict[str, int]:
     return {route: n for route, n in emulator.stats.by_route.items() if n}
 
@@ -135,6 +141,63 @@ def test_a_pull_stopped_after_some_pages_resumes_every_partition(
     assert len(ids) == len(set(ids)) and set(ids) == set(_ids(whole)) and changed <= set(ids)
     assert len(_ids(rest)) < len(_ids(whole))  # went on from where it stopped
     assert end["ts"] == whole_end["ts"] and end["archived_ts"] == whole_end["archived_ts"]
+
+
+class _ListMeetsBetweenSearches(partitioned._Frontier):
+    """A frontier whose search side, after its ``wait_after``-th claim, waits until the list side has met it.
+
+    The interleaving a busy machine makes now and then: the search claimed a page (its records not
+    handed on yet, waiting for a batch's association read) and the list reaches its claim before the
+    next search goes out. An event, not a sleep, so the interleaving happens every run.
+    """
+
+    wait_after = 1
+    waited: list[bool] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._claims = 0
+        self._meeting = threading.Event()
+
+    def claim_low(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
+        out = super().claim_low(ids, exhausted=exhausted)
+        if self.met():
+            self._meeting.set()
+        return out
+
+    def claim_high(self, ids: list[int], *, exhausted: bool) -> tuple[set[int], int, bool]:
+        out = super().claim_high(ids, exhausted=exhausted)
+        self._claims += 1
+        if self._claims == self.wait_after and not out[2]:
+            type(self).waited.append(self._meeting.wait(timeout=20))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("assoc_batch", "wait_after"),
+    [
+        (1_000, 1),  # HubSpot's default limits: five search pages share one association read
+        (200, 2),  # a page per read; the second page is one short (the plan's first page holds one of its ids)
+    ],
+)
+def test_a_list_that_meets_the_search_before_its_next_search_leaves_no_searched_record_unread(
+    portal: tuple[HubSpotEmulator, Any],
+    low_thresholds: None,
+    monkeypatch: pytest.MonkeyPatch,
+    assoc_batch: int,
+    wait_after: int,
+) -> None:
+    emulator, app = portal
+    changed = _change(emulator, every=3)
+    provider = _provider(app)
+    provider._assoc_batch = assoc_batch
+    monkeypatch.setattr(_ListMeetsBetweenSearches, "wait_after", wait_after)
+    monkeypatch.setattr(_ListMeetsBetweenSearches, "waited", [])
+    monkeypatch.setattr(partitioned, "_Frontier", _ListMeetsBetweenSearches)
+    pages, _ = _walk(provider, app.store.mirror.cursor("hs", "contacts"))
+    assert _ListMeetsBetweenSearches.waited == [True]  # the list did meet the search while it waited
+    ids = _ids(pages)
+    assert len(ids) == len(set(ids)) and changed <= set(ids)
 
 
 def test_the_list_side_stops_where_it_finds_few_changes_and_the_search_reads_the_rest(
@@ -329,7 +392,7 @@ def test_a_record_edited_while_the_search_walk_reads_hides_no_other(home: Any) -
     ids: list[str] = []
     for i in range(500):  # one second apart: the search sorts them in this order
         email = {"email": f"{i}@x.io"}
-        ids += emulator.bulk_create("contacts", 1, modified_at=base + i, properties_fn=lambda _i, e=email: e)
+        ids += emulator.bulk_create("contacts", 1, modified_at=base + i, properties_fn=functools.partial(_same, email))
     inner = emulator.transport()
     searches: list[int] = []
 

@@ -487,14 +487,18 @@ class HubSpotPartitioned(HubSpotPages):
         Up to ``_assoc_batch`` ids go in one association read, and up to ASSOC_AHEAD reads may wait
         for the general budget (which the list side may have used up for a while) while the search
         chain goes on. Pages come out in order, each with the cursor of the last search whose
-        records it holds, so the cursor never runs ahead of what is stored.
+        records it holds, so the cursor never runs ahead of what is stored. A chain may stop
+        without an end page (the list side met it between two searches): the records it claimed
+        and still holds go out all the same, or no side would read them again.
         """
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"assoc-{obj}")
         pending: deque[tuple[Future[list[RemoteRecord]], dict[str, Any]]] = deque()
         batch: list[RemoteRecord] = []
+        last: dict[str, Any] | None = None  # the cursor of the last search whose records are in ``batch``
         try:
             for records, cursor, end in pages:
                 batch.extend(records)
+                last = cursor
                 while pending and pending[0][0].done():
                     done, at = pending.popleft()
                     yield Page(records=done.result(), cursor=at)
@@ -503,7 +507,9 @@ class HubSpotPartitioned(HubSpotPages):
                         done, at = pending.popleft()
                         yield Page(records=done.result(), cursor=at)
                     pending.append((pool.submit(self._with_associations, obj, batch), cursor))
-                    batch = []
+                    batch, last = [], None
+            if last is not None:  # the chain stopped where the list met it, not on an end page
+                pending.append((pool.submit(self._with_associations, obj, batch), last))
             while pending:
                 done, at = pending.popleft()
                 yield Page(records=done.result(), cursor=at)
