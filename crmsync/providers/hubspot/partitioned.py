@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -87,6 +87,25 @@ class _Frontier:
             new = self.floor + 1 if end else min(kept)
             self.ceiling = new if self.ceiling is None else min(self.ceiling, new)
             return kept, self.ceiling, end
+
+
+def _side_by_side(
+    parts: Mapping[str, partitions.PartitionFn],
+    plan: dict[str, Any],
+    *,
+    name: str,
+    extra: Mapping[str, Any],
+    total: Callable[[], int | None],
+) -> Generator[Page, None, tuple[dict[str, dict[str, Any]], int]]:
+    """The parts' pages side by side (``partitions.interleave``), each with the walk's ``total``; returns
+    the parts' final states and the newest modification any of them read (0: none), for the hand-over."""
+    final: dict[str, Any] | None = plan
+    for page in partitions.interleave(parts, plan, depth=2, name=name, extra=extra):
+        page.total = total()
+        yield page
+        final = page.cursor
+    states = partitions.parse(final)
+    return states, max([0, *(int((s["at"] or {}).get("newest", 0)) for s in states.values())])
 
 
 class HubSpotPartitioned(HubSpotPages):
@@ -162,13 +181,9 @@ class HubSpotPartitioned(HubSpotPages):
             "search": functools.partial(self._search_down, obj, fields, None, frontier, told=told),
         }
         extra = {"mode": "partitioned", "kind": FRONTIER, "started": started}
-        final: dict[str, Any] | None = plan
-        for page in partitions.interleave(parts, plan, depth=2, name=f"partition-{obj}", extra=extra):
-            page.total = told.get("total") or None
-            yield page
-            final = page.cursor
-        states = partitions.parse(final)
-        newest = max([0, *(int((s["at"] or {}).get("newest", 0)) for s in states.values())])
+        states, newest = yield from _side_by_side(
+            parts, plan, name=f"partition-{obj}", extra=extra, total=lambda: told.get("total") or None
+        )
         handover = min(started, newest) if newest else started
         cursor: dict[str, Any] = {"mode": "search", "ts": handover, "archived_ts": handover}
         if ((states.get("search") or {}).get("at") or {}).get("ceiling") is None:
@@ -193,13 +208,7 @@ class HubSpotPartitioned(HubSpotPages):
         for i, (a, b) in enumerate(ranges):
             parts[f"search{i}"] = functools.partial(self._id_range, obj, fields, a, b)
         total = int(plan.get("total") or 0) or None
-        final: dict[str, Any] | None = plan
-        for page in partitions.interleave(parts, plan, depth=2, name=f"partition-{obj}", extra=extra):
-            page.total = total
-            yield page
-            final = page.cursor
-        states = partitions.parse(final)
-        newest = max([0, *(int((s["at"] or {}).get("newest", 0)) for s in states.values())])
+        _, newest = yield from _side_by_side(parts, plan, name=f"partition-{obj}", extra=extra, total=lambda: total)
         # The newest modification read, never later than the start: derived from the data, so a
         # resumed walk hands over at the same point as an uninterrupted one.
         handover = min(started, newest) if newest else started
@@ -324,12 +333,8 @@ class HubSpotPartitioned(HubSpotPages):
             newest = int(plan.get("seen_newest") or window[0])
             parts["first"] = functools.partial(self._first_page, obj, fields, seen, newest, first)
         total = int(plan.get("total") or 0) or None
-        final: dict[str, Any] | None = plan
-        for page in partitions.interleave(parts, plan, depth=2, name=f"pull-{obj}", extra=extra):
-            page.total = total
-            yield page
-            final = page.cursor
-        newest = max([window[0], *(int((s["at"] or {}).get("newest", 0)) for s in partitions.parse(final).values())])
+        _, read = yield from _side_by_side(parts, plan, name=f"pull-{obj}", extra=extra, total=lambda: total)
+        newest = max(window[0], read)
         yield Page(
             records=[],
             cursor={"mode": "search", "archived_ts": plan["archived_ts"], "hi": window[2], "ts": newest},
