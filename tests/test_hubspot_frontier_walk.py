@@ -255,8 +255,8 @@ def test_a_frontier_backfill_sigkilled_mid_walk_resumes_each_side_and_stores_eve
     """The CLI SIGKILLed three times mid-walk (account limits: search 5/s), then run to the end."""
     from crmsync.app import App
     from crmsync.emulators.base import Faults
-    from tests.e2e import cli_env, run_cli
-    from tests.test_resilience import _run_and_kill
+    from tests.e2e import cli_env
+    from tests.test_resilience import _kills_mid_walk, _resumed_backfill_stores_each_once, _run_and_kill
 
     n = 6_000
     emulator = HubSpotEmulator(seed=8, faults=Faults(latency_ms=20, seed=8))
@@ -272,23 +272,14 @@ def test_a_frontier_backfill_sigkilled_mid_walk_resumes_each_side_and_stores_eve
         hubspot_app(server.url, emulator.private_app_token).close()
         env = cli_env(home, "hs", emulator.private_app_token)
         args = ["--quiet", "backfill", "-c", "hs", "--object", "contacts"]
-        killed = 0
-        for after in (6, 12, 18):
-            code = _run_and_kill(args, env, emulator, after_requests=after, then=0.05)
-            app = App(env={"CRMSYNC_HOME": str(home)})
-            checkpoint = app.store.mirror.cursor("hs", "contacts", "backfill")
-            app.close()
-            if code is None and checkpoint and checkpoint.get("kind") == partitioned.FRONTIER:
-                killed += 1
-        assert killed >= 2
-        last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
-        assert last.code == 0, last.stderr
-        assert last.json()["objects"]["contacts"]["read"] < n  # each side went on from its checkpoint
+
+        def kill(after: int) -> int | None:
+            return _run_and_kill(args, env, emulator, after_requests=after, then=0.05)
+
+        assert _kills_mid_walk(kill, (6, 12, 18), home, "hs", lambda c: c.get("kind") == partitioned.FRONTIER) >= 2
+        _resumed_backfill_stores_each_once(env, home, "hs", n)  # each side went on from its checkpoint
         app = App(env={"CRMSYNC_HOME": str(home)})
-        rows = app.store.mirror.records("hs", "contacts")
-        assert len(rows) == len({r.remote_id for r in rows}) == n
         assert app.store.mirror.cursor("hs", "contacts") == expected  # where an uninterrupted walk ends
-        assert app.store.mirror.cursor("hs", "contacts", "backfill") is None
         app.close()
     finally:
         server.stop()

@@ -216,9 +216,8 @@ def test_hubspot_partitioned_walk_resumes_each_range_from_a_stored_cursor(home: 
 def test_hubspot_partitioned_backfill_killed_then_resumed_stores_every_record_once(home: Path) -> None:
     import json
 
-    from crmsync.app import App
     from tests.e2e import cli_env, hubspot_app, run_cli, write_config
-    from tests.test_resilience import _run_and_kill
+    from tests.test_resilience import _kills_mid_walk, _resumed_backfill_stores_each_once, _run_and_kill
 
     emulator = _hubspot(8_000, latency_ms=20)
     server = emulator.serve()
@@ -227,23 +226,12 @@ def test_hubspot_partitioned_backfill_killed_then_resumed_stores_every_record_on
         hubspot_app(server.url, emulator.private_app_token).close()
         env = cli_env(home, "hs", emulator.private_app_token)
         args = ["--quiet", "backfill", "-c", "hs", "--object", "contacts"]
-        killed_mid_partition = 0
-        for after in (12, 20, 30):
-            code = _run_and_kill(args, env, emulator, after_requests=after, then=0.05)
-            app = App(env={"CRMSYNC_HOME": str(home)})
-            checkpoint = app.store.mirror.cursor("hs", "contacts", "backfill")
-            app.close()
-            if code is None and checkpoint and checkpoint.get("mode") == "partitioned":
-                killed_mid_partition += 1
-        assert killed_mid_partition >= 2
-        last = run_cli(["--json", "backfill", "-c", "hs", "--object", "contacts"], env)
-        assert last.code == 0, last.stderr
-        assert last.json()["objects"]["contacts"]["read"] < 8_000  # each range went on from its checkpoint
-        app = App(env={"CRMSYNC_HOME": str(home)})
-        rows = app.store.mirror.records("hs", "contacts")
-        assert len(rows) == len({r.remote_id for r in rows}) == 8_000
-        assert app.store.mirror.cursor("hs", "contacts", "backfill") is None
-        app.close()
+
+        def kill(after: int) -> int | None:
+            return _run_and_kill(args, env, emulator, after_requests=after, then=0.05)
+
+        assert _kills_mid_walk(kill, (12, 20, 30), home, "hs", lambda c: c.get("mode") == "partitioned") >= 2
+        _resumed_backfill_stores_each_once(env, home, "hs", 8_000)  # each range went on from its checkpoint
         nxt = run_cli(["--json", "pull", "-c", "hs", "--object", "contacts"], env)
         assert nxt.code == 0, nxt.stderr
         assert json.loads(nxt.stdout)["results"][0]["objects"]["contacts"]["created"] == 0

@@ -25,27 +25,19 @@ from crmsync.sync.inputs import read_outcomes
 from crmsync.sync.push import PushSummary, enqueue, push
 from crmsync.sync.push.lookahead import count_from_answers
 from tests.e2e import hubspot_app
+from tests.test_push import outcome as base_outcome
+from tests.test_push import write
 
 
 def outcome(i: int, **over: Any) -> dict[str, Any]:
-    o: dict[str, Any] = {
-        "id": f"o-{i}",
-        "occurred_at": "2026-11-20T10:00:00Z",
-        "contact": {"email": f"p{i}@example.org", "last_name": f"N{i}"},
-        "disposition": "connected",
-    }
+    """``tests.test_push.outcome`` with a company on every second and a deal on every third."""
+    o = base_outcome(i)
     if i % 2 == 0:
         o["company"] = {"name": f"Co {i}", "domain": f"co{i}.example.com"}
     if i % 3 == 0:
         o["deal"] = {"name": f"Deal {i}", "amount": 100 + i}
     o.update(over)
     return o
-
-
-def write(tmp_path: Path, rows: list[dict[str, Any]]) -> Path:
-    src = tmp_path / "o.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return src
 
 
 class Recorder:

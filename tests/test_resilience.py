@@ -13,8 +13,9 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import select
@@ -58,6 +59,43 @@ def _run_and_kill_when(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return None
+
+
+def _kills_mid_walk(
+    kill: Callable[[Any], int | None],
+    points: Iterable[Any],
+    home: Path,
+    connection: str,
+    walking: Callable[[dict[str, Any]], bool],
+    obj: str = "contacts",
+) -> int:
+    """``kill(point)`` (a CLI run SIGKILLed at that point, see ``_run_and_kill``) for each point; how many
+    were SIGKILLed while the stored backfill checkpoint was one ``walking`` recognises (the walk under
+    test, not before or after it)."""
+    killed = 0
+    for point in points:
+        code = kill(point)
+        app = App(env={"CRMSYNC_HOME": str(home)})
+        checkpoint = app.store.mirror.cursor(connection, obj, "backfill")
+        app.close()
+        if code is None and checkpoint and walking(checkpoint):
+            killed += 1
+    return killed
+
+
+def _resumed_backfill_stores_each_once(
+    env: dict[str, str], home: Path, connection: str, n: int, obj: str = "contacts"
+) -> None:
+    """The backfill run to its end after the kills: it went on from its checkpoint (read less than all),
+    the store holds each of the ``n`` records once, and the checkpoint is gone."""
+    last = run_cli(["--json", "backfill", "-c", connection, "--object", obj], env)
+    assert last.code == 0, last.stderr
+    assert last.json()["objects"][obj]["read"] < n
+    app = App(env={"CRMSYNC_HOME": str(home)})
+    rows = app.store.mirror.records(connection, obj)
+    assert len(rows) == len({r.remote_id for r in rows}) == n
+    assert app.store.mirror.cursor(connection, obj, "backfill") is None
+    app.close()
 
 
 def _stored(db: Path, connection: str, obj: str) -> int:

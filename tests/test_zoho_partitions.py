@@ -249,7 +249,7 @@ def test_a_backfill_sigkilled_mid_split_resumes_each_range_and_stores_every_reco
     from crmsync.app import App
     from crmsync.sync.connect import connect
     from tests.e2e import ScriptIO, cli_env, run_cli
-    from tests.test_resilience import _run_and_kill_when, _stored
+    from tests.test_resilience import _kills_mid_walk, _resumed_backfill_stores_each_once, _run_and_kill_when, _stored
 
     n = 16_000
     emu = ZohoEmulator()
@@ -263,28 +263,14 @@ def test_a_backfill_sigkilled_mid_split_resumes_each_range_and_stores_every_reco
         emu.faults = Faults(latency_ms=30, seed=3)
         env = cli_env(home, "zk", secret)
         args = ["--quiet", "backfill", "-c", "zk", "--object", "contacts"]
-        killed_mid_split = 0
         db = home / "crmsync.db"
-        for target in (8_000, 10_000, 12_000):
-            # Killed once a range's page is stored (the plan is stored before any): by progress, not the clock.
-            def progressed(target: int = target) -> bool:
-                return _stored(db, "zk", "contacts") >= target
 
-            code = _run_and_kill_when(args, env, progressed, then=0.05)
-            app = App(env={"CRMSYNC_HOME": str(home)})
-            checkpoint = app.store.mirror.cursor("zk", "contacts", "backfill")
-            app.close()
-            if code is None and checkpoint and checkpoint.get("mode") == "partitioned":
-                killed_mid_split += 1
-        assert killed_mid_split >= 2
-        last = run_cli(["--json", "backfill", "-c", "zk", "--object", "contacts"], env)
-        assert last.code == 0, last.stderr
-        assert last.json()["objects"]["contacts"]["read"] < n  # each range went on from its checkpoint
-        app = App(env={"CRMSYNC_HOME": str(home)})
-        rows = app.store.mirror.records("zk", "contacts")
-        assert len(rows) == len({r.remote_id for r in rows}) == n
-        assert app.store.mirror.cursor("zk", "contacts", "backfill") is None
-        app.close()
+        def kill(target: int) -> int | None:
+            # Killed once a range's page is stored (the plan is stored before any): by progress, not the clock.
+            return _run_and_kill_when(args, env, lambda: _stored(db, "zk", "contacts") >= target, then=0.05)
+
+        assert _kills_mid_walk(kill, (8_000, 10_000, 12_000), home, "zk", lambda c: c.get("mode") == "partitioned") >= 2
+        _resumed_backfill_stores_each_once(env, home, "zk", n)  # each range went on from its checkpoint
         nxt = run_cli(["--json", "pull", "-c", "zk", "--object", "contacts"], env)
         assert nxt.code == 0, nxt.stderr
         assert json.loads(nxt.stdout)["results"][0]["objects"]["contacts"]["created"] == 0
