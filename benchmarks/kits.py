@@ -315,14 +315,15 @@ class HubSpotKit(Kit):
 
     # -- lower bounds ------------------------------------------------------------------------------
     def push_bound(self, counts: dict[str, int], latency: float) -> Bound:
-        """Creates of 100 with associations inline, a domain search per 100 companies, 3 idempotency properties."""
+        """Creates of 100 with associations inline, a domain search per 500 companies (5 ORed IN filters of
+        100 values, HubSpot's most), 3 idempotency properties."""
         writes = {o: math.ceil(counts[o] / 100) for o in ("companies", "contacts", "deals", "calls")}
         default = sum(writes.values()) + 3
-        search = math.ceil(counts["companies"] / 100)
+        search = math.ceil(counts["companies"] / 500)
         text = (
             f"default bucket {' + '.join(f'{v} {o}' for o, v in writes.items())} batch creates of 100 "
             f"(associations inline) + 3 idempotency properties = {default} at 100/10 s; search bucket {search} "
-            f"company-domain lookups (IN, 100 values) at 5/s; bound = max(10 s x floor(({default}-1)/100), "
+            f"company-domain lookups (5 IN filters of 100 values) at 5/s; bound = max(10 s x floor(({default}-1)/100), "
             f"1 s x floor(({search}-1)/5), 3 x latency) + latency"
         )
         return lower_bound(

@@ -771,7 +771,7 @@ def test_the_first_rounds_lookups_are_sent_while_the_input_is_queued_and_not_aga
 
     emulator.bulk_create("companies", 5, properties_fn=lambda i: {"name": f"Old {i}", "domain": f"co{i * 40}.example"})
     src = tmp_path / "c.jsonl"
-    src.write_text(_company_outcomes(250))
+    src.write_text(_company_outcomes(1250))
     searched: list[tuple[str, int]] = []
     first = threading.Event()
     lookup = HubSpotProvider.lookup
@@ -788,19 +788,19 @@ def test_the_first_rounds_lookups_are_sent_while_the_input_is_queued_and_not_aga
 
     def slow_input(path: str, fmt: str, delimiter: str | None = None) -> Any:
         for n, parsed in enumerate(read_outcomes(path, fmt, delimiter=delimiter)):
-            if n == 200:  # two full search batches queued so far: the first answer comes before the rest is read
+            if n == 1000:  # two full search batches queued so far: the first answer comes before the rest is read
                 answered_while_queuing.append(first.wait(10.0))
             yield parsed
 
     monkeypatch.setattr(push_command, "read_outcomes", slow_input)
     app = hubspot_app(server.url, emulator.private_app_token)
-    summary = push(app, source=str(src), connection="hs", settings=PushSettings(enqueue_chunk=50))
-    assert (summary.created, summary.failed) == (250, 0)
+    summary = push(app, source=str(src), connection="hs", settings=PushSettings(enqueue_chunk=250))
+    assert (summary.created, summary.failed) == (1250, 0)
     assert answered_while_queuing == [True]
-    assert sorted(n for _, n in searched) == [50, 100, 100]  # 250 domains in batches of 100, each once
+    assert sorted(n for _, n in searched) == [250, 500, 500]  # 1,250 domains in searches of 500, each once
     assert all(name.startswith("prefetch") for name, _ in searched)
     companies = emulator.records("companies")
-    assert len(companies) == 250  # the 5 found were updated, not created again
+    assert len(companies) == 1250  # the 5 found were updated, not created again
     assert {c["properties"]["name"] for c in companies if c["properties"]["domain"] == "co40.example"} == {"Old 1"}
 
 

@@ -19,6 +19,7 @@ from crmsync.providers.hubspot.values import (
     MARKER,
     PULL_MODE,
     SEARCH_CAP,
+    SEARCH_GROUPS,
     SEARCH_PAGE,
     _prop_ms,
     modified_prop,
@@ -336,17 +337,30 @@ class HubSpotReads(HubSpotPartitioned):
                 prop = {"phone": "phone", "domain": "domain", "name": "name"}.get(kind)
                 if prop is None:
                     continue
-                for chunk in chunks(values, IN_MAX):
-                    body = self._search(
-                        obj,
-                        [[{"propertyName": prop, "operator": "IN", "values": chunk}]],
-                        "hs_object_id",
-                        [*props, prop],
-                        0,
-                    )
-                    for raw in body.get("results", []):
+                for chunk in chunks(values, IN_MAX * SEARCH_GROUPS):
+                    for raw in self._searched(obj, prop, chunk, [*props, prop]):
                         rec = self._record(obj, raw)
                         value = str((raw.get("properties") or {}).get(prop) or "").lower()
                         if value:
                             found.setdefault(match_key({kind: value}), rec)
         return found
+
+    def lookup_batch(self, obj: str, kind: str) -> int:
+        # Keys read by a unique property go in one batch read of BATCH; the rest are searched for,
+        # up to SEARCH_GROUPS IN filters in one search.
+        if kind == "email" or (kind == "key" and obj in ("deals", "companies")):
+            return BATCH
+        return IN_MAX * SEARCH_GROUPS
+
+    def _searched(self, obj: str, prop: str, values: Sequence[str], fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The records whose ``prop`` is one of ``values`` (at most IN_MAX * SEARCH_GROUPS), every page:
+        a portal may hold several records with one domain or name, so one page may not be all."""
+        groups = [[{"propertyName": prop, "operator": "IN", "values": part}] for part in chunks(values, IN_MAX)]
+        after = 0
+        while True:
+            body = self._search(obj, groups, "hs_object_id", fields, after)
+            yield from body.get("results", [])
+            nxt = ((body.get("paging") or {}).get("next") or {}).get("after")
+            if not nxt or int(nxt) >= SEARCH_CAP:
+                return
+            after = int(nxt)
