@@ -189,26 +189,36 @@ def company_key(c: dict[str, Any]) -> dict[str, str] | None:
     return None
 
 
-def deal_key(outcome: CallOutcome) -> str:
-    """crmsync's unique key for a deal: the contact's key plus the deal name, hashed."""
+def deal_key(outcome: CallOutcome, contact_dump: dict[str, Any] | None = None) -> str:
+    """crmsync's unique key for a deal: the contact's key plus the deal name, hashed.
+
+    ``contact_dump``: the outcome's contact as ``model_dump`` gives it, when the caller has it.
+    """
     assert outcome.deal is not None
-    contact = contact_key(outcome.contact.model_dump()) or {}
+    contact = contact_key(contact_dump if contact_dump is not None else outcome.contact.model_dump()) or {}
     raw = json.dumps([contact, outcome.deal.name.strip().lower()], sort_keys=True)
     return "d-" + hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def canonical(outcome: CallOutcome) -> dict[str, dict[str, Any]]:
-    """Split an outcome into flat canonical dicts per object type (the mapping's input)."""
+def canonical(outcome: CallOutcome, dumped: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Split an outcome into flat canonical dicts per object type (the mapping's input).
+
+    ``dumped``: the outcome's ``model_dump(mode="json")`` when the caller has it (intake does), so the
+    outcome is serialized once; the contact and company hold only strings, which both modes keep as
+    they are.
+    """
+    if dumped is None:
+        dumped = outcome.model_dump(mode="json")
     out: dict[str, dict[str, Any]] = {}
-    contact = outcome.contact.model_dump(exclude_none=True)
+    contact = _present(dumped["contact"])
     if outcome.owner_email:
         contact["owner_email"] = outcome.owner_email
     out["contacts"] = contact
     if outcome.company:
-        out["companies"] = outcome.company.model_dump(exclude_none=True)
+        out["companies"] = _present(dumped["company"])
     if outcome.deal:
-        deal = outcome.deal.model_dump(mode="json", exclude_none=True)
-        deal["key"] = deal_key(outcome)
+        deal = _present(dumped["deal"])
+        deal["key"] = deal_key(outcome, dumped["contact"])
         if outcome.owner_email:
             deal["owner_email"] = outcome.owner_email
         out["deals"] = deal
@@ -244,6 +254,11 @@ def canonical(outcome: CallOutcome) -> dict[str, dict[str, Any]]:
             task["owner_email"] = outcome.owner_email
         out["tasks"] = task
     return out
+
+
+def _present(values: dict[str, Any]) -> dict[str, Any]:
+    """A dumped model's fields that are set (``exclude_none``)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def utcnow() -> datetime:

@@ -253,7 +253,7 @@ def test_delivery_takes_enqueued_outcomes_parsed(app, tmp_path: Path, monkeypatc
     made = []
     real = canonical
     for module in (intake, items):  # where outcomes are parsed: on the way in, and from a row's payload
-        monkeypatch.setattr(module, "canonical", lambda o: made.append(o.id) or real(o))
+        monkeypatch.setattr(module, "canonical", lambda o, *dumped: made.append(o.id) or real(o, *dumped))
     summary = push(app, source=str(src), connection="hs")
     assert summary.created == 30
     assert sorted(made) == sorted(f"p{i}" for i in range(30))  # once each, in enqueue: no row parsed again

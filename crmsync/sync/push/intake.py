@@ -189,7 +189,7 @@ class _Intake:
         digest, payload = digest_and_payload(dumped)
         kind = verdict(oid, digest, prior, self.seen, update=self.update, retry_failed=self.retry_failed)
         if kind == "new":
-            self._keep(oid, outcome, part)
+            self._keep(oid, outcome, part, dumped)
             part.new_rows.append(self.outbox.new_row(self.connection_name, oid, digest, payload, now))
             s.queued += 1
         elif kind == "retry":
@@ -205,7 +205,7 @@ class _Intake:
             if self.sink and prior is not None and prior.state == "done":
                 self.sink(Receipt(oid, "unchanged", remote_ids=public_steps(prior.steps), line=p.line))
         elif kind == "update" and prior is not None:
-            self._keep(oid, outcome, part)
+            self._keep(oid, outcome, part, dumped)
             previous = public_steps(prior.steps)
             self.outbox.requeue_update(db, prior.id, payload=dumped, digest=digest, previous=previous, now=now)
             s.queued += 1
@@ -214,11 +214,11 @@ class _Intake:
             if self.sink:
                 self.sink(Receipt(oid, "conflict", error=CONFLICT, line=p.line))
 
-    def _keep(self, oid: str, outcome: CallOutcome, part: _Part) -> None:
+    def _keep(self, oid: str, outcome: CallOutcome, part: _Part, dumped: dict[str, Any]) -> None:
         """Hand a queued outcome (as written to its row) to delivery's first round, parsed."""
         parsed_out = self.hooks.parsed_out
         if parsed_out is not None and len(parsed_out) < self.settings.round_size:
-            canon = canonical(outcome)
+            canon = canonical(outcome, dumped)
             parsed_out[oid] = (outcome.occurred_at, canon)
             if canon:
                 part.objects.update(canon)
