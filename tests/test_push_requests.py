@@ -7,6 +7,7 @@ so these count them: one request per idempotency property, one for the default o
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,6 +192,11 @@ def test_a_lane_that_dies_before_its_close_leaves_its_calls_in_flight_and_the_re
     from crmsync.sync.push import lanes
 
     def dies(*_a: Any, **_k: Any) -> Any:
+        # Each lane dies at its close once every lane's calls are logged: a lane that died first
+        # would stop the others before their calls (which lane closes first is timing).
+        deadline = time.monotonic() + 10.0
+        while len(emu.records("calls")) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(lanes, "settle", dies)
