@@ -493,7 +493,8 @@ def test_push_killed_30_times_logs_each_call_exactly_once(home: Path, tmp_path: 
             kills += code is None
         final = run_cli(["--json", "push", str(src), "-c", "sf"], env)
         assert final.code == 0, final.stderr
-        assert kills >= 10
+        # Later runs have less left to do and may end before their kill; how many do is timing.
+        assert kills >= 5
         calls = _calls(emulator)
         assert len(calls) == 500 and set(calls.values()) == {1}
         emails = Counter(c["Email"] for c in emulator.records("Contact"))
