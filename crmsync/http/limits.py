@@ -53,6 +53,8 @@ class Bucket(Protocol):
 
 #: How often a deferring request looks again for a turn that no other request is waiting for.
 DEFER_POLL = 0.005
+#: How often a request held back by a probe looks again whether the probe's answer is in.
+PROBE_POLL = 0.002
 _defer = threading.local()
 
 
@@ -129,6 +131,11 @@ class SlidingWindow:
     leaves ``window`` after it was taken: ``per_seconds`` stretched by a margin for the spread of
     transit times (JITTER, plus SEND per turn of a window, since a burst's last request leaves that
     much after its turn). ``pause`` holds every caller back (after a 429).
+
+    The CRM's own count may hold requests this process never sent (a killed run's, another
+    process's on the same account): ``learn`` takes what an answer says is left and counts the
+    difference as turns of someone else's; ``probe`` makes a fresh window let one request go first
+    and the rest only once its answer has told that count.
     """
 
     #: Seconds added to an unsettled turn's window for the spread of network transit times (and
@@ -153,6 +160,14 @@ class SlidingWindow:
         self._mine = threading.local()  # each thread's last turn (its end, when taken, settled?)
         self.waiting = 0  # callers not deferring (see ``deferring``) that found no turn free
         self.reserved = 0  # turns deferring callers leave free for requests about to be sent (``reserve``)
+        #: When each turn learned from the CRM's count (someone else's) leaves the window; also in ``ends``.
+        self.foreign: deque[float] = deque()
+        self._seq = 0  # turns taken so far: tells which of ours were sent after an answered one
+        self._flying: set[int] = set()  # the turns taken whose answer is not in yet
+        #: ``probe``: "waiting" while the first request's answer is awaited, "sent" once it is out.
+        self._probe: str | None = None
+        self._probe_seq = 0
+        self._probe_at = 0.0
 
     def reserve(self, turns: int) -> None:
         """Keep ``turns`` more (fewer, if negative) free of deferring requests: requests that others
@@ -186,11 +201,23 @@ class SlidingWindow:
             now = time.monotonic()
             while self.ends and self.ends[0] <= now:
                 self.ends.popleft()
+            while self.foreign and self.foreign[0] <= now:
+                self.foreign.popleft()
+            if self._probe == "sent":
+                if now - self._probe_at < self.per_seconds:
+                    return PROBE_POLL  # the first request's answer will tell how full the CRM's window is
+                self._probe = None  # no answer within a window: our own count alone, as without a probe
             yielding = low and (self.waiting > 0 or len(self.ends) + self.reserved >= self.requests)
             if not yielding and now >= self.not_before and len(self.ends) < self.requests:
                 end = now + self.window
                 bisect.insort(self.ends, end)
-                self._mine.stamp, self._mine.taken, self._mine.settled = end, now, False
+                self._flying.discard(getattr(self._mine, "seq", -1))  # this thread's earlier turn, never settled
+                self._mine.flying = len(self._flying)  # sent before it, not answered yet: maybe not counted before it
+                self._seq += 1
+                self._flying.add(self._seq)
+                self._mine.stamp, self._mine.taken, self._mine.settled, self._mine.seq = end, now, False, self._seq
+                if self._probe == "waiting":
+                    self._probe, self._probe_seq, self._probe_at = "sent", self._seq, now
                 return 0.0
             wait = self.not_before - now
             if len(self.ends) >= self.requests:
@@ -252,6 +279,10 @@ class SlidingWindow:
             if end is not None:
                 with contextlib.suppress(ValueError):
                     self.ends.remove(end)
+                seq = getattr(self._mine, "seq", -1)
+                self._flying.discard(seq)
+                if self._probe == "sent" and seq == self._probe_seq:
+                    self._probe = "waiting"  # the probe was not sent after all: the next turn is
 
     def departed(self) -> None:
         """The calling thread's last request is being written to the socket now: an unsettled turn
@@ -278,15 +309,70 @@ class SlidingWindow:
         times. Once per request: a second call does nothing. A turn that left the window while its
         request was still in flight (an answer slower than the window) is counted again from now."""
         end = getattr(self._mine, "stamp", None)
-        if end is None or getattr(self._mine, "settled", True) or not self.from_answers:
+        if end is None or getattr(self._mine, "settled", True):
             return
         with self.lock:
+            self._flying.discard(getattr(self._mine, "seq", -1))
+            if not self.from_answers:
+                return
             now = time.monotonic()
             with contextlib.suppress(ValueError):
                 self.ends.remove(end)
             settled = now + self.settled_window
             bisect.insort(self.ends, settled)
             self._mine.stamp, self._mine.settled = settled, True
+
+    def learn(self, remaining: int, *, counted: bool = True) -> None:
+        """The CRM says ``remaining`` more requests fit in its window, as it counted when it took the
+        calling thread's last request (``counted``: False for a 429, which it did not count).
+
+        Where that is fewer than this window's free turns, the difference is someone else's (a
+        killed run's, another process's): counted as turns ending one interval from now, since when
+        they were made is unknown. Our requests still in flight that were sent after the answered
+        one will take some of what the CRM has left, so they are not taken for someone else's. Each
+        answer states the whole count again, so the turns learned before fall with it, but only as
+        far as a count that took in none of our requests that may have arrived after the answered
+        one allows, and never our own: our own count is the safe one.
+        """
+        with self.lock:
+            now = time.monotonic()
+            while self.ends and self.ends[0] <= now:
+                self.ends.popleft()
+            while self.foreign and self.foreign[0] <= now:
+                self.foreign.popleft()
+            mine = getattr(self._mine, "seq", None)
+            later = sum(1 for seq in self._flying if mine is None or seq > mine)
+            free = self.requests - len(self.ends)
+            if not counted and getattr(self._mine, "stamp", None) is not None:
+                free += 1  # its turn, still held here, is about to be given back
+            more = min(free, free - remaining + later)
+            if more > 0:
+                end = now + self.settled_window
+                for _ in range(more):
+                    self.foreign.append(end)
+                    bisect.insort(self.ends, end)
+                return
+            # Ours that may have reached the CRM after it counted: in flight when this one was sent,
+            # or sent after it (answered since or not).
+            unsure = getattr(self._mine, "flying", 0) + self._seq - (mine or 0)
+            fewer = remaining - free - unsure
+            for _ in range(min(fewer, len(self.foreign))):
+                with contextlib.suppress(ValueError):
+                    self.ends.remove(self.foreign.popleft())
+
+    def probe(self) -> None:
+        """Let the next request go alone and the rest only once its answer is in (``answered``): its
+        answer tells how much of the CRM's window others' requests hold (``learn``)."""
+        with self.lock:
+            if self._probe is None:
+                self._probe = "waiting"
+
+    def answered(self) -> None:
+        """The calling thread's request got its answer (or none will come) and what it told is
+        learned: if it was the probe, the other requests may go."""
+        with self.lock:
+            if self._probe == "sent" and getattr(self._mine, "seq", None) == self._probe_seq:
+                self._probe = None
 
     def occupy(self, turns: int) -> None:
         """Count ``turns`` more as taken now: the CRM says its window holds requests this one never
