@@ -47,7 +47,7 @@ def test_a_count_above_ours_holds_the_next_requests_back() -> None:
         window.acquire()
         window.settle()
     window.learn(65)  # the CRM counted our 5 and 30 more
-    assert len(window.foreign) == 30 and window.free() == 65
+    assert window.foreign_turns == 30 and window.free() == 65
     assert all(window.try_acquire() for _ in range(65))
     assert window.try_acquire() is False  # the 66th would be the CRM's 101st
 
@@ -58,13 +58,13 @@ def test_our_requests_sent_after_the_answered_one_are_not_taken_for_someone_else
     _taken_elsewhere(window, 3)  # sent after it, still in flight: the CRM had not counted them
     window.settle()
     window.learn(99)  # the CRM counted this one only
-    assert not window.foreign and window.free() == 96
+    assert not window.foreign_turns and window.free() == 96
     window.learn(89)  # ... and ten of someone else's
-    assert len(window.foreign) == 10 and window.free() == 86
+    assert window.foreign_turns == 10 and window.free() == 86
     window.learn(89)  # told again: the same ten, not ten more
-    assert len(window.foreign) == 10
+    assert window.foreign_turns == 10
     window.learn(94)  # five of them left the CRM's window
-    assert len(window.foreign) == 5 and window.free() == 91
+    assert window.foreign_turns == 5 and window.free() == 91
 
 
 def test_learning_never_lowers_our_own_count_and_a_429_was_not_counted() -> None:
@@ -73,13 +73,26 @@ def test_learning_never_lowers_our_own_count_and_a_429_was_not_counted() -> None
         window.acquire()
         window.settle()
     window.learn(10)  # the CRM counts none of them (its window began afresh): ours stand
-    assert window.free() == 5 and not window.foreign
+    assert window.free() == 5 and not window.foreign_turns
     window.acquire()
     window.settle()
     window.learn(0, counted=False)  # refused and not counted: its turn will be given back
-    assert len(window.foreign) == 5
+    assert window.foreign_turns == 5
     window.give_back()
     assert window.free() == 0
+
+
+def test_a_crm_stating_a_limit_far_below_ours_is_learned_at_once() -> None:
+    """A budget configured far above the CRM's stated limit: each answer implies a hundred thousand
+    turns of someone else's, learned in one step, not one by one."""
+    window = SlidingWindow(100_000, 10.0)
+    window.acquire()
+    window.settle()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        window.learn(0)
+    assert time.perf_counter() - t0 < 0.1
+    assert window.foreign_turns == 99_999 and window.try_acquire() is False
 
 
 def test_an_answer_without_the_headers_changes_nothing() -> None:
@@ -90,9 +103,9 @@ def test_an_answer_without_the_headers_changes_nothing() -> None:
     HubSpotPolicy().observe(httpx.Response(200), client, "default")
     HubSpotPolicy().observe(httpx.Response(200), client, "search")  # search answers state no count
     HubSpotPolicy().observe(httpx.Response(200, headers={"X-HubSpot-RateLimit-Remaining": "x"}), client, "default")
-    assert window.free() == 99 and not window.foreign
+    assert window.free() == 99 and not window.foreign_turns
     HubSpotPolicy().observe(httpx.Response(200, headers={"X-HubSpot-RateLimit-Remaining": "9"}), client, "default")
-    assert len(window.foreign) == 90
+    assert window.foreign_turns == 90
 
 
 def test_a_probe_goes_alone_and_the_rest_once_its_answer_is_learned() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -116,6 +117,14 @@ class Slots:
             self.cond.notify_all()
 
 
+@dataclass(slots=True)
+class _Learned:
+    """Turns learned from one answer of the CRM's: how many, and when they leave the window."""
+
+    end: float
+    turns: int
+
+
 class SlidingWindow:
     """At most ``requests`` requests in any window of ``per_seconds``, as the CRM counts them (thread-safe).
 
@@ -160,8 +169,11 @@ class SlidingWindow:
         self._mine = threading.local()  # each thread's last turn (its end, when taken, settled?)
         self.waiting = 0  # callers not deferring (see ``deferring``) that found no turn free
         self.reserved = 0  # turns deferring callers leave free for requests about to be sent (``reserve``)
-        #: When each turn learned from the CRM's count (someone else's) leaves the window; also in ``ends``.
-        self.foreign: deque[float] = deque()
+        #: Turns learned from the CRM's count (someone else's): [when they leave the window, how many],
+        #: oldest first, ``foreign_turns`` in all (a batch per answer: a CRM stating a limit far below
+        #: the configured one may imply thousands at once).
+        self.foreign: deque[_Learned] = deque()
+        self.foreign_turns = 0
         self._seq = 0  # turns taken so far: tells which of ours were sent after an answered one
         self._flying: set[int] = set()  # the turns taken whose answer is not in yet
         #: ``probe``: "waiting" while the first request's answer is awaited, "sent" once it is out.
@@ -199,16 +211,14 @@ class SlidingWindow:
         """Take a turn if one is free (0.0), else how long until one may be."""
         with self.lock:
             now = time.monotonic()
-            while self.ends and self.ends[0] <= now:
-                self.ends.popleft()
-            while self.foreign and self.foreign[0] <= now:
-                self.foreign.popleft()
+            self._expire(now)
             if self._probe == "sent":
                 if now - self._probe_at < self.per_seconds:
                     return PROBE_POLL  # the first request's answer will tell how full the CRM's window is
                 self._probe = None  # no answer within a window: our own count alone, as without a probe
-            yielding = low and (self.waiting > 0 or len(self.ends) + self.reserved >= self.requests)
-            if not yielding and now >= self.not_before and len(self.ends) < self.requests:
+            held = len(self.ends) + self.foreign_turns
+            yielding = low and (self.waiting > 0 or held + self.reserved >= self.requests)
+            if not yielding and now >= self.not_before and held < self.requests:
                 end = now + self.window
                 bisect.insort(self.ends, end)
                 self._flying.discard(getattr(self._mine, "seq", -1))  # this thread's earlier turn, never settled
@@ -220,8 +230,9 @@ class SlidingWindow:
                     self._probe, self._probe_seq, self._probe_at = "sent", self._seq, now
                 return 0.0
             wait = self.not_before - now
-            if len(self.ends) >= self.requests:
-                wait = max(wait, self.ends[0] - now)
+            if held >= self.requests:
+                first = min(self.ends[0] if self.ends else math.inf, self.foreign[0].end if self.foreign else math.inf)
+                wait = max(wait, first - now)
             # A deferring request sleeps until a turn may be free and then looks whether anyone else
             # still waits for it (not a busy loop while the window is spent).
             return max(wait, DEFER_POLL if yielding else 1e-6)
@@ -269,7 +280,8 @@ class SlidingWindow:
         """Turns this window has left now (by our own count)."""
         with self.lock:
             now = time.monotonic()
-            return self.requests - sum(1 for end in self.ends if end > now)
+            self._expire(now)
+            return self.requests - len(self.ends) - self.foreign_turns
 
     def give_back(self) -> None:
         """Return the calling thread's last turn, not used after all."""
@@ -336,29 +348,36 @@ class SlidingWindow:
         """
         with self.lock:
             now = time.monotonic()
-            while self.ends and self.ends[0] <= now:
-                self.ends.popleft()
-            while self.foreign and self.foreign[0] <= now:
-                self.foreign.popleft()
+            self._expire(now)
             mine = getattr(self._mine, "seq", None)
             later = sum(1 for seq in self._flying if mine is None or seq > mine)
-            free = self.requests - len(self.ends)
+            free = self.requests - len(self.ends) - self.foreign_turns
             if not counted and getattr(self._mine, "stamp", None) is not None:
                 free += 1  # its turn, still held here, is about to be given back
             more = min(free, free - remaining + later)
             if more > 0:
-                end = now + self.settled_window
-                for _ in range(more):
-                    self.foreign.append(end)
-                    bisect.insort(self.ends, end)
+                self.foreign.append(_Learned(now + self.settled_window, more))
+                self.foreign_turns += more
                 return
             # Ours that may have reached the CRM after it counted: in flight when this one was sent,
             # or sent after it (answered since or not).
             unsure = getattr(self._mine, "flying", 0) + self._seq - (mine or 0)
-            fewer = remaining - free - unsure
-            for _ in range(min(fewer, len(self.foreign))):
-                with contextlib.suppress(ValueError):
-                    self.ends.remove(self.foreign.popleft())
+            fewer = min(remaining - free - unsure, self.foreign_turns)
+            while fewer > 0:  # the soonest to leave go first
+                batch = self.foreign[0]
+                gone = min(fewer, batch.turns)
+                batch.turns -= gone
+                self.foreign_turns -= gone
+                fewer -= gone
+                if not batch.turns:
+                    self.foreign.popleft()
+
+    def _expire(self, now: float) -> None:
+        """Drop the turns that have left the window (the lock held)."""
+        while self.ends and self.ends[0] <= now:
+            self.ends.popleft()
+        while self.foreign and self.foreign[0].end <= now:
+            self.foreign_turns -= self.foreign.popleft().turns
 
     def probe(self) -> None:
         """Let the next request go alone and the rest only once its answer is in (``answered``): its
@@ -370,6 +389,8 @@ class SlidingWindow:
     def answered(self) -> None:
         """The calling thread's request got its answer (or none will come) and what it told is
         learned: if it was the probe, the other requests may go."""
+        if self._probe is None:
+            return  # every answer but a probe's: no lock taken
         with self.lock:
             if self._probe == "sent" and getattr(self._mine, "seq", None) == self._probe_seq:
                 self._probe = None
