@@ -169,9 +169,9 @@ class SlidingWindow:
         self._mine = threading.local()  # each thread's last turn (its end, when taken, settled?)
         self.waiting = 0  # callers not deferring (see ``deferring``) that found no turn free
         self.reserved = 0  # turns deferring callers leave free for requests about to be sent (``reserve``)
-        #: Turns learned from the CRM's count (someone else's): [when they leave the window, how many],
-        #: oldest first, ``foreign_turns`` in all (a batch per answer: a CRM stating a limit far below
-        #: the configured one may imply thousands at once).
+        #: Turns learned from the CRM's count (someone else's), one batch per answer that added some,
+        #: soonest to leave first; ``foreign_turns`` in all (a CRM stating a limit far below the
+        #: configured one may imply thousands at once).
         self.foreign: deque[_Learned] = deque()
         self.foreign_turns = 0
         self._seq = 0  # turns taken so far: tells which of ours were sent after an answered one
