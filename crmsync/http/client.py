@@ -233,6 +233,24 @@ class HttpClient:
             ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def after_quiet(self, seconds: float | None) -> None:
+        """Other requests on this connection (an earlier run's, another process's) ended ``seconds``
+        ago: 0 when some may still be going on, None when there were none.
+
+        They may still hold part of the CRM's window, which a fresh client's windows cannot know
+        until an answer states the CRM's count: so each window whose answers state it (the policy's
+        ``counts_stated``) and that they may still be in lets its first request go alone
+        (``SlidingWindow.probe``). A client that has already sent requests has learned from their
+        answers; windows the CRM stated nothing for, and runs a window or more apart, start at once.
+        """
+        if seconds is None or self.stats.requests:
+            return
+        for name in getattr(self.policy, "counts_stated", ()):
+            window = self.buckets.get(name)
+            probe = getattr(window, "probe", None)
+            if probe is not None and seconds < getattr(window, "per_seconds", 0.0):
+                probe()
+
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", url, **kwargs)
 
@@ -288,25 +306,32 @@ class HttpClient:
                 request.extensions["trace"] = functools.partial(_on_trace, departed)
             self._admit(limiter)
             try:
-                t0 = time.monotonic()
                 try:
-                    response = self.client.send(request)
-                except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                    self._observe(endpoint, 0, time.monotonic() - t0)
-                    unsent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-                    if not replay and not isinstance(exc, unsent):
-                        raise UnconfirmedWrite(
-                            f"{self.provider} {method} {endpoint}: no answer ({type(exc).__name__})"
-                        ) from None
-                    raise _Retry(f"{type(exc).__name__}: {redact(str(exc))}", None) from None
+                    t0 = time.monotonic()
+                    try:
+                        response = self.client.send(request)
+                    except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                        self._observe(endpoint, 0, time.monotonic() - t0)
+                        unsent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+                        if not replay and not isinstance(exc, unsent):
+                            raise UnconfirmedWrite(
+                                f"{self.provider} {method} {endpoint}: no answer ({type(exc).__name__})"
+                            ) from None
+                        raise _Retry(f"{type(exc).__name__}: {redact(str(exc))}", None) from None
+                finally:
+                    self.semaphore.release()
+                    # Answered or not, the CRM counted the request (if at all) by now: its turn
+                    # leaves the window from now.
+                    if (settle := getattr(limiter, "settle", None)) is not None:
+                        settle()
+                self._observe(endpoint, response.status_code, time.monotonic() - t0)
+                self.policy.observe(response, self, bucket)
             finally:
-                self.semaphore.release()
-                # Answered or not, the CRM counted the request (if at all) by now: its turn leaves the window from now.
-                if (settle := getattr(limiter, "settle", None)) is not None:
-                    settle()
+                # What the answer said of the CRM's count is learned (or no answer came): a probe's
+                # window lets the others go.
+                if (answered := getattr(limiter, "answered", None)) is not None:
+                    answered()
             kwargs["headers"] = {k: v for k, v in headers.items() if k not in auth_headers}
-            self._observe(endpoint, response.status_code, time.monotonic() - t0)
-            self.policy.observe(response, self, bucket)
             if response.status_code in expect or (200 <= response.status_code < 300):
                 if not self.policy.is_auth_expired(response):
                     return response

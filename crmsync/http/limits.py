@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -53,6 +54,8 @@ class Bucket(Protocol):
 
 #: How often a deferring request looks again for a turn that no other request is waiting for.
 DEFER_POLL = 0.005
+#: How often a request held back by a probe looks again whether the probe's answer is in.
+PROBE_POLL = 0.002
 _defer = threading.local()
 
 
@@ -114,6 +117,14 @@ class Slots:
             self.cond.notify_all()
 
 
+@dataclass(slots=True)
+class _Learned:
+    """Turns learned from one answer of the CRM's: how many, and when they leave the window."""
+
+    end: float
+    turns: int
+
+
 class SlidingWindow:
     """At most ``requests`` requests in any window of ``per_seconds``, as the CRM counts them (thread-safe).
 
@@ -129,6 +140,11 @@ class SlidingWindow:
     leaves ``window`` after it was taken: ``per_seconds`` stretched by a margin for the spread of
     transit times (JITTER, plus SEND per turn of a window, since a burst's last request leaves that
     much after its turn). ``pause`` holds every caller back (after a 429).
+
+    The CRM's own count may hold requests this process never sent (a killed run's, another
+    process's on the same account): ``learn`` takes what an answer says is left and counts the
+    difference as turns of someone else's; ``probe`` makes a fresh window let one request go first
+    and the rest only once its answer has told that count.
     """
 
     #: Seconds added to an unsettled turn's window for the spread of network transit times (and
@@ -153,6 +169,17 @@ class SlidingWindow:
         self._mine = threading.local()  # each thread's last turn (its end, when taken, settled?)
         self.waiting = 0  # callers not deferring (see ``deferring``) that found no turn free
         self.reserved = 0  # turns deferring callers leave free for requests about to be sent (``reserve``)
+        #: Turns learned from the CRM's count (someone else's), one batch per answer that added some,
+        #: soonest to leave first; ``foreign_turns`` in all (a CRM stating a limit far below the
+        #: configured one may imply thousands at once).
+        self.foreign: deque[_Learned] = deque()
+        self.foreign_turns = 0
+        self._seq = 0  # turns taken so far: tells which of ours were sent after an answered one
+        self._flying: set[int] = set()  # the turns taken whose answer is not in yet
+        #: ``probe``: "waiting" while the first request's answer is awaited, "sent" once it is out.
+        self._probe: str | None = None
+        self._probe_seq = 0
+        self._probe_at = 0.0
 
     def reserve(self, turns: int) -> None:
         """Keep ``turns`` more (fewer, if negative) free of deferring requests: requests that others
@@ -184,17 +211,28 @@ class SlidingWindow:
         """Take a turn if one is free (0.0), else how long until one may be."""
         with self.lock:
             now = time.monotonic()
-            while self.ends and self.ends[0] <= now:
-                self.ends.popleft()
-            yielding = low and (self.waiting > 0 or len(self.ends) + self.reserved >= self.requests)
-            if not yielding and now >= self.not_before and len(self.ends) < self.requests:
+            self._expire(now)
+            if self._probe == "sent":
+                if now - self._probe_at < self.per_seconds:
+                    return PROBE_POLL  # the first request's answer will tell how full the CRM's window is
+                self._probe = None  # no answer within a window: our own count alone, as without a probe
+            held = len(self.ends) + self.foreign_turns
+            yielding = low and (self.waiting > 0 or held + self.reserved >= self.requests)
+            if not yielding and now >= self.not_before and held < self.requests:
                 end = now + self.window
                 bisect.insort(self.ends, end)
-                self._mine.stamp, self._mine.taken, self._mine.settled = end, now, False
+                self._flying.discard(getattr(self._mine, "seq", -1))  # this thread's earlier turn, never settled
+                self._mine.flying = len(self._flying)  # sent before it, not answered yet: maybe not counted before it
+                self._seq += 1
+                self._flying.add(self._seq)
+                self._mine.stamp, self._mine.taken, self._mine.settled, self._mine.seq = end, now, False, self._seq
+                if self._probe == "waiting":
+                    self._probe, self._probe_seq, self._probe_at = "sent", self._seq, now
                 return 0.0
             wait = self.not_before - now
-            if len(self.ends) >= self.requests:
-                wait = max(wait, self.ends[0] - now)
+            if held >= self.requests:
+                first = min(self.ends[0] if self.ends else math.inf, self.foreign[0].end if self.foreign else math.inf)
+                wait = max(wait, first - now)
             # A deferring request sleeps until a turn may be free and then looks whether anyone else
             # still waits for it (not a busy loop while the window is spent).
             return max(wait, DEFER_POLL if yielding else 1e-6)
@@ -242,7 +280,8 @@ class SlidingWindow:
         """Turns this window has left now (by our own count)."""
         with self.lock:
             now = time.monotonic()
-            return self.requests - sum(1 for end in self.ends if end > now)
+            self._expire(now)
+            return self.requests - len(self.ends) - self.foreign_turns
 
     def give_back(self) -> None:
         """Return the calling thread's last turn, not used after all."""
@@ -252,6 +291,10 @@ class SlidingWindow:
             if end is not None:
                 with contextlib.suppress(ValueError):
                     self.ends.remove(end)
+                seq = getattr(self._mine, "seq", -1)
+                self._flying.discard(seq)
+                if self._probe == "sent" and seq == self._probe_seq:
+                    self._probe = "waiting"  # the probe was not sent after all: the next turn is
 
     def departed(self) -> None:
         """The calling thread's last request is being written to the socket now: an unsettled turn
@@ -278,15 +321,79 @@ class SlidingWindow:
         times. Once per request: a second call does nothing. A turn that left the window while its
         request was still in flight (an answer slower than the window) is counted again from now."""
         end = getattr(self._mine, "stamp", None)
-        if end is None or getattr(self._mine, "settled", True) or not self.from_answers:
+        if end is None or getattr(self._mine, "settled", True):
             return
         with self.lock:
+            self._flying.discard(getattr(self._mine, "seq", -1))
+            if not self.from_answers:
+                return
             now = time.monotonic()
             with contextlib.suppress(ValueError):
                 self.ends.remove(end)
             settled = now + self.settled_window
             bisect.insort(self.ends, settled)
             self._mine.stamp, self._mine.settled = settled, True
+
+    def learn(self, remaining: int, *, counted: bool = True) -> None:
+        """The CRM says ``remaining`` more requests fit in its window, as it counted when it took the
+        calling thread's last request (``counted``: False for a 429, which it did not count).
+
+        Where that is fewer than this window's free turns, the difference is someone else's (a
+        killed run's, another process's): counted as turns ending one interval from now, since when
+        they were made is unknown. Our requests still in flight that were sent after the answered
+        one will take some of what the CRM has left, so they are not taken for someone else's. Each
+        answer states the whole count again, so the turns learned before fall with it, but only as
+        far as a count that took in none of our requests that may have arrived after the answered
+        one allows, and never our own: our own count is the safe one.
+        """
+        with self.lock:
+            now = time.monotonic()
+            self._expire(now)
+            mine = getattr(self._mine, "seq", None)
+            later = sum(1 for seq in self._flying if mine is None or seq > mine)
+            free = self.requests - len(self.ends) - self.foreign_turns
+            if not counted and getattr(self._mine, "stamp", None) is not None:
+                free += 1  # its turn, still held here, is about to be given back
+            more = min(free, free - remaining + later)
+            if more > 0:
+                self.foreign.append(_Learned(now + self.settled_window, more))
+                self.foreign_turns += more
+                return
+            # Ours that may have reached the CRM after it counted: in flight when this one was sent,
+            # or sent after it (answered since or not).
+            unsure = getattr(self._mine, "flying", 0) + self._seq - (mine or 0)
+            fewer = min(remaining - free - unsure, self.foreign_turns)
+            while fewer > 0:  # the soonest to leave go first
+                batch = self.foreign[0]
+                gone = min(fewer, batch.turns)
+                batch.turns -= gone
+                self.foreign_turns -= gone
+                fewer -= gone
+                if not batch.turns:
+                    self.foreign.popleft()
+
+    def _expire(self, now: float) -> None:
+        """Drop the turns that have left the window (the lock held)."""
+        while self.ends and self.ends[0] <= now:
+            self.ends.popleft()
+        while self.foreign and self.foreign[0].end <= now:
+            self.foreign_turns -= self.foreign.popleft().turns
+
+    def probe(self) -> None:
+        """Let the next request go alone and the rest only once its answer is in (``answered``): its
+        answer tells how much of the CRM's window others' requests hold (``learn``)."""
+        with self.lock:
+            if self._probe is None:
+                self._probe = "waiting"
+
+    def answered(self) -> None:
+        """The calling thread's request got its answer (or none will come) and what it told is
+        learned: if it was the probe, the other requests may go."""
+        if self._probe is None:
+            return  # every answer but a probe's: no lock taken
+        with self.lock:
+            if self._probe == "sent" and getattr(self._mine, "seq", None) == self._probe_seq:
+                self._probe = None
 
     def occupy(self, turns: int) -> None:
         """Count ``turns`` more as taken now: the CRM says its window holds requests this one never

@@ -21,6 +21,10 @@ RETRIABLE_STATUS = frozenset({429, 502, 503, 504})
 class ResponsePolicy:
     """Sorts responses. Providers subclass it to read their own headers and error bodies."""
 
+    #: The client's buckets whose answers state how many requests the CRM counted in its window
+    #: (``observe`` tells the window, ``SlidingWindow.learn``); only these start with a probe.
+    counts_stated: frozenset[str] = frozenset()
+
     def is_auth_expired(self, response: httpx.Response) -> bool:
         """True when a refresh and one retry may fix the response."""
         return response.status_code == 401

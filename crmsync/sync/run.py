@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,23 @@ class Run:
         """Count this provider's requests from now on, or since ``before`` (a snapshot of its stats
         taken when it was built ahead of the run); a body that builds its provider late calls this."""
         self.provider, self._before = provider, before if before is not None else provider.http.stats.as_dict()
+        after_quiet = getattr(provider.http, "after_quiet", None)
+        if after_quiet is not None and not provider.http.stats.requests:  # a client that has sent learned already
+            after_quiet(self.quiet())
         return provider
+
+    def quiet(self) -> float | None:
+        """Seconds since the connection's other runs last sent a request: 0 when one may still be
+        sending (running, or just found abandoned by a killed process), None when none ever did."""
+        ended = None
+        for row in self.app.store.runs.recent(self.conn.name, limit=5):
+            if row.id == self.run_id or (row.status != "abandoned" and row.finished_at and not row.requests):
+                continue  # this run, or a run that sent nothing
+            if row.finished_at is None:
+                return 0.0
+            when = row.finished_at if row.finished_at.tzinfo else row.finished_at.replace(tzinfo=UTC)
+            ended = when if ended is None else max(ended, when)
+        return None if ended is None else max(0.0, (datetime.now(UTC) - ended).total_seconds())
 
     def request_stats(self) -> dict[str, int]:
         """The HTTP statistics of this run so far (what ``stats`` holds once the run is finished)."""

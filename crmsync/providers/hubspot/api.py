@@ -17,6 +17,9 @@ from crmsync.providers.hubspot.values import ASSOC_BATCH, SEARCH_PAGE
 class HubSpotPolicy(ResponsePolicy):
     """HubSpot's 401/429 semantics and rate-limit headers."""
 
+    # Answers on the ten-secondly limit state the portal's count; search answers state none.
+    counts_stated = frozenset({"default"})
+
     def __init__(self) -> None:
         self.daily_remaining: int | None = None
         self.daily_max: int | None = None
@@ -44,14 +47,16 @@ class HubSpotPolicy(ResponsePolicy):
             except ValueError:
                 pass
         remaining = h.get("X-HubSpot-RateLimit-Remaining")
-        if remaining is not None and remaining.isdigit() and int(remaining) <= 1:
-            # The portal says we are at its edge. If our own window is spent too, that is just us
-            # (and our window already holds the next request back); if it still has turns, another
-            # integration shares the portal's limit, so hold back before the portal answers 429.
-            limiter = client.buckets.get(bucket) or client.buckets.get("default")
-            free = getattr(limiter, "free", None)
-            if limiter is not None and (free is None or free() > int(remaining) + 1):
-                limiter.pause(1.0)
+        if remaining is None or not remaining.isdigit():
+            return
+        limiter = client.buckets.get(bucket) or client.buckets.get("default")
+        learn = getattr(limiter, "learn", None)
+        if learn is not None:
+            # The portal's count holds whatever else spent its limit (a killed run, another
+            # integration): the window counts it too, so the next requests wait instead of a 429.
+            learn(int(remaining), counted=response.status_code != 429)
+        elif limiter is not None and int(remaining) <= 1:
+            limiter.pause(1.0)  # a shared bucket (Redis) cannot learn: hold back before the portal's 429
 
     def error_message(self, response: httpx.Response) -> tuple[str, str | None]:
         body = self._body(response)
