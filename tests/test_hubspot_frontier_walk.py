@@ -17,7 +17,9 @@ from crmsync.providers.hubspot import partitioned
 from crmsync.providers.hubspot.values import _prop_ms
 from crmsync.sync.pull import backfill
 from tests.e2e import hubspot_app, write_config
+from tests.test_hubspot_partitioned_pull import _provider, _walk
 
+# ``_walk`` is the pull tests' (it counts live records): a first walk here meets no archived one.
 FIELDS = ["email", "firstname"]
 N = 1_300  # above PARTITION_MIN (lowered below): the walk is split
 
@@ -41,22 +43,6 @@ def portal(home: Any) -> Iterator[tuple[HubSpotEmulator, Any]]:
     finally:
         app.close()
         server.stop()
-
-
-def _provider(app: Any) -> Any:
-    return app.provider(app.connection("hs"))
-
-
-def _walk(provider: Any, cursor: Any, stop: int | None = None) -> tuple[list[Page], Any]:
-    """One walk's pages (up to the one that brings ``stop`` records, as a kill after storing it would leave)."""
-    pages: list[Page] = []
-    gen = provider.changes("contacts", cursor, fields=FIELDS)
-    for page in gen:
-        pages.append(page)
-        if stop is not None and sum(len(p.records) for p in pages) >= stop:
-            gen.close()
-            break
-    return pages, next((p.cursor for p in reversed(pages) if p.cursor is not None), cursor)
 
 
 def _ids(pages: list[Page]) -> list[str]:
