@@ -70,7 +70,7 @@ class Run:
         taken when it was built ahead of the run); a body that builds its provider late calls this."""
         self.provider, self._before = provider, before if before is not None else provider.http.stats.as_dict()
         after_quiet = getattr(provider.http, "after_quiet", None)
-        if after_quiet is not None and not provider.http.stats.requests:  # a client that has sent learned already
+        if after_quiet is not None:
             after_quiet(self.quiet())
         return provider
 
