@@ -433,14 +433,16 @@ def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(items[i : i + size])
 
 
-def at_once(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """``fn`` over ``items``, each in its own thread (in line for a single one), results in order.
+def at_once(fn: Callable[[T], R], items: Sequence[T], *, most: int | None = None) -> list[R]:
+    """``fn`` over ``items``, each in its own thread (in line for a single one), results in order;
+    ``most``: at most that many threads (the requests a CRM takes in flight).
 
     For a handful of independent requests (one per object type) that would otherwise wait on each other.
     """
     if len(items) <= 1:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="at-once") as pool:
+    workers = len(items) if most is None else max(1, min(len(items), most))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="at-once") as pool:
         return list(pool.map(fn, items))
 
 

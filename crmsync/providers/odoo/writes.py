@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +13,7 @@ from crmsync.providers.base import (
     ItemResult,
     Outgoing,
     OutgoingActivity,
+    at_once,
     chunks,
 )
 from crmsync.providers.odoo.reads import OdooReads
@@ -363,7 +363,7 @@ class OdooWrites(OdooReads):
             )
             return rows
 
-        for chunk, rows in zip(parts, self._side_by_side(search, parts), strict=True):
+        for chunk, rows in zip(parts, at_once(search, parts, most=int(self.http.concurrency)), strict=True):
             for row in rows:
                 marker = row.get(MARKER_FIELD) or next(
                     (m for m in chunk if f"[crmsync:{m}]" in str(row.get("note") or "")), None
@@ -382,15 +382,6 @@ class OdooWrites(OdooReads):
             found.update(self._find_in_messages(rest))
         return found
 
-    def _side_by_side(self, fn: Callable[[list[str]], list[dict[str, Any]]], parts: list[list[str]]) -> list[Any]:
-        """``fn`` of each part, the parts' searches in flight together (none depends on another's answer)."""
-        if len(parts) <= 1:
-            return [fn(part) for part in parts]
-        with ThreadPoolExecutor(
-            max_workers=min(len(parts), int(self.http.concurrency)), thread_name_prefix="odoo"
-        ) as pool:
-            return list(pool.map(fn, parts))
-
     def _find_in_messages(self, markers: Sequence[str], *, any_type: bool = False) -> dict[str, str]:
         found: dict[str, str] = {}
         parts = list(chunks(list(markers), LOOKUP_ILIKE))
@@ -402,7 +393,7 @@ class OdooWrites(OdooReads):
             )
             return rows
 
-        for chunk, rows in zip(parts, self._side_by_side(search, parts), strict=True):
+        for chunk, rows in zip(parts, at_once(search, parts, most=int(self.http.concurrency)), strict=True):
             for row in rows:
                 marker = next((m for m in chunk if f"[crmsync:{m}]" in str(row.get("body") or "")), None)
                 if marker and marker not in found:
